@@ -1,0 +1,2 @@
+//! `vmm`: command line entry point.
+fn main() {}

@@ -1,0 +1,1 @@
+//! The real-guest test rig.
