@@ -1,0 +1,6 @@
+//! `vmm`: a small KVM virtual machine monitor that boots unmodified Linux with PCI, ACPI,
+//! MSI-X and virtio-blk, built to host a guest-visible IOMMU.
+
+pub mod acpi;
+pub mod boot;
+pub mod memory;
