@@ -1,0 +1,312 @@
+#!/usr/bin/env bash
+# Builds the guest images used by nested runs and the real-guest tests, all under .cache/:
+#
+#   .cache/images/vmlinuz       newest Debian linux-image-6.12.*-cloud-amd64-unsigned (bzImage),
+#                               for L1 and L2 alike
+#   .cache/images/l2.cpio.gz    L2 test guest initramfs (busybox, virtio_iommu, virtio_blk,
+#                               virtio_net, VFIO modules; /init runs `run=PATH` from the cmdline)
+#   .cache/images/l1.cpio.gz    L1 host initramfs base (busybox, kvm, kvm_amd, virtio_blk, VFIO;
+#                               /init runs the scenarios appended under /rig/scenarios)
+#   .cache/images/l1-l2.cpio    uncompressed cpio putting the L2 kernel and initramfs at
+#                               /l2/vmlinuz and /l2/initrd inside L1 (appended to l1.cpio.gz)
+#   .cache/images/l1-qemu.cpio  (only with `build.sh qemu`) QEMU with its libraries and firmware,
+#                               for using QEMU as the L2 VMM inside L1
+#
+# Every archive is padded to a multiple of 512 bytes, so archives can be concatenated as they are
+# (the kernel wants an uncompressed cpio to start 4-byte aligned).
+# A second run with unchanged inputs does nothing.
+#
+# usage: guest-images/build.sh [images|qemu|all]     (default: images)
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+CACHE=${RIG_CACHE:-$ROOT/.cache}
+DEBS=$CACHE/debs
+IMAGES=$CACHE/images
+WORK=$CACHE/build
+
+log() { echo "guest-image: $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# Pads FILE with zero bytes to a multiple of 512.
+pad512() {
+    local size pad
+    size=$(stat -c %s "$1")
+    pad=$(((512 - size % 512) % 512))
+    if [ "$pad" -gt 0 ]; then head -c "$pad" /dev/zero >>"$1"; fi
+}
+
+# Writes a newc cpio of directory $1 (owned by root) to $2, padded to 512 bytes.
+make_cpio() {
+    local dir=$1 out=$2
+    (cd "$dir" && find . -mindepth 1 | LC_ALL=C sort | "$BUSYBOX" cpio -o -H newc -R 0:0 2>/dev/null) >"$out.tmp"
+    mv "$out.tmp" "$out"
+}
+
+# Downloads package $1 (exact name) into $DEBS unless a .deb for it is already there.
+fetch_deb() {
+    local pkg=$1 existing
+    existing=$(ls "$DEBS/${pkg}_"*.deb 2>/dev/null | sort -V | tail -n1 || true)
+    if [ -n "$existing" ]; then
+        echo "$existing"
+        return 0
+    fi
+    log "downloading $pkg"
+    (cd "$DEBS" && apt-get download -q "$pkg" 2>&1 | grep -v "unsandboxed" >&2) || die "apt-get download $pkg failed"
+    existing=$(ls "$DEBS/${pkg}_"*.deb 2>/dev/null | sort -V | tail -n1 || true)
+    [ -n "$existing" ] || die "apt-get download $pkg produced no .deb"
+    echo "$existing"
+}
+
+# Newest linux-image-6.12.N+debXX-cloud-amd64-unsigned apt knows about (empty if none).
+newest_kernel_pkg() {
+    apt-cache pkgnames linux-image-6.12. 2>/dev/null |
+        grep -E '^linux-image-6\.12\.[0-9]+\+deb[0-9]+-cloud-amd64-unsigned$' | sort -V | tail -n1
+}
+
+kernel_pkg() {
+    local pkg
+    pkg=$(newest_kernel_pkg)
+    if [ -z "$pkg" ]; then
+        # Offline or not yet configured: a kernel already in the cache is good enough.
+        pkg=$(ls "$DEBS"/linux-image-6.12.*-cloud-amd64-unsigned_*.deb 2>/dev/null |
+            sed 's|.*/||; s|_.*||' | sort -V | tail -n1 || true)
+    fi
+    if [ -z "$pkg" ]; then
+        log "no linux-image-6.12 cloud kernel known to apt: adding bookworm-backports"
+        "$HERE/deps.sh" apt-source >&2
+        pkg=$(newest_kernel_pkg)
+        if [ -z "$pkg" ]; then
+            log "apt-get update"
+            if [ "$(id -u)" = 0 ]; then apt-get update -qq >&2; else sudo apt-get update -qq >&2; fi
+            pkg=$(newest_kernel_pkg)
+        fi
+    fi
+    [ -n "$pkg" ] || die "no linux-image-6.12.*-cloud-amd64-unsigned package available"
+    echo "$pkg"
+}
+
+# ---- module handling -------------------------------------------------------------------------
+
+declare -A MOD_PATH   # module name (with '_') -> .ko.xz path
+declare -A MOD_DONE   # module name -> 1 once emitted
+MOD_ORDER=()          # module names, dependencies first
+
+index_modules() {
+    local f base
+    MOD_PATH=()
+    while IFS= read -r f; do
+        base=${f##*/}
+        base=${base%.ko.xz}
+        base=${base%.ko}
+        MOD_PATH[${base//-/_}]=$f
+    done < <(find "$MODDIR/kernel" -name '*.ko.xz' -o -name '*.ko')
+    [ "${#MOD_PATH[@]}" -gt 0 ] || die "no modules found under $MODDIR"
+}
+
+mod_depends() {
+    local f=$1
+    case "$f" in
+        *.xz) xz -dc "$f" ;;
+        *) cat "$f" ;;
+    esac | tr '\0' '\n' | sed -n 's/^depends=//p' | head -n1 | tr ',' ' '
+}
+
+# Appends module $1 and (first) its dependencies to MOD_ORDER. Modules built into the kernel
+# are skipped silently; an unknown module is an error unless $2 = optional.
+add_module() {
+    local name=${1//-/_} optional=${2:-} dep
+    [ -z "${MOD_DONE[$name]:-}" ] || return 0
+    if [ -z "${MOD_PATH[$name]:-}" ]; then
+        if grep -qE "/${1}\.ko$|/${name}\.ko$" "$MODDIR/modules.builtin" 2>/dev/null; then
+            MOD_DONE[$name]=1
+            return 0
+        fi
+        [ "$optional" = optional ] && { log "module $name not available (optional)"; return 0; }
+        die "module $name not found"
+    fi
+    MOD_DONE[$name]=1
+    for dep in $(mod_depends "${MOD_PATH[$name]}"); do
+        add_module "$dep"
+    done
+    MOD_ORDER+=("$name")
+}
+
+# Installs the modules in MOD_ORDER into $1/lib/modules (decompressed) and writes
+# $1/etc/rig/modules ("name params" per line, load order). $2..: "name=params" overrides.
+install_modules() {
+    local root=$1 name params kv
+    shift
+    mkdir -p "$root/lib/modules" "$root/etc/rig"
+    : >"$root/etc/rig/modules"
+    for name in "${MOD_ORDER[@]}"; do
+        case "${MOD_PATH[$name]}" in
+            *.xz) xz -dc "${MOD_PATH[$name]}" >"$root/lib/modules/$name.ko" ;;
+            *) cp "${MOD_PATH[$name]}" "$root/lib/modules/$name.ko" ;;
+        esac
+        params=
+        for kv in "$@"; do
+            [ "${kv%%=*}" = "$name" ] && params=${kv#*=}
+        done
+        echo "$name $params" >>"$root/etc/rig/modules"
+    done
+}
+
+# A root skeleton with busybox, its applet links and /dev/console.
+make_skeleton() {
+    local root=$1 applet
+    rm -rf "$root"
+    mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,run,etc/rig,lib/modules,root}
+    cp "$BUSYBOX" "$root/bin/busybox"
+    for applet in $("$BUSYBOX" --list); do
+        [ "$applet" = busybox ] && continue
+        ln -sf busybox "$root/bin/$applet"
+    done
+    mknod -m 600 "$root/dev/console" c 5 1
+    mknod -m 666 "$root/dev/null" c 1 3
+}
+
+# ---- QEMU for L1 -----------------------------------------------------------------------------
+
+build_qemu_cpio() {
+    local out=$IMAGES/l1-qemu.cpio root=$WORK/l1-qemu qemu lib f
+    qemu=$(command -v qemu-system-x86_64) || die "qemu-system-x86_64 not installed (make deps)"
+    local stamp
+    stamp=$({ ls -lL "$qemu"; ldd "$qemu"; sha256sum "$0"; } | sha256sum | cut -c1-16)
+    if [ -f "$out" ] && [ "$(cat "$out.stamp" 2>/dev/null)" = "$stamp" ]; then
+        log "l1-qemu.cpio: up to date"
+        return 0
+    fi
+    log "building l1-qemu.cpio from $qemu"
+    rm -rf "$root"
+    mkdir -p "$root/usr/bin" "$root/usr/share/qemu" "$root/usr/share/seabios"
+    cp -L "$qemu" "$root/usr/bin/qemu-system-x86_64"
+    for lib in $(ldd "$qemu" | awk '/=>/ { print $3 } !/=>/ && $1 ~ /^\// { print $1 }'); do
+        mkdir -p "$root$(dirname "$lib")"
+        cp -L "$lib" "$root$lib"
+    done
+    # x86 firmware only: SeaBIOS, option ROMs for the Linux/PVH loaders and NICs.
+    for f in /usr/share/qemu/*; do
+        case "${f##*/}" in
+            bios*.bin | linuxboot*.bin | kvmvapic.bin | multiboot*.bin | pvh.bin | qboot.rom | \
+                efi-*.rom | pxe-*.rom | vgabios*.bin)
+                cp -L "$f" "$root/usr/share/qemu/" ;;
+        esac
+    done
+    cp -rL /usr/share/seabios/. "$root/usr/share/seabios/"
+    make_cpio "$root" "$out"
+    pad512 "$out"
+    echo "$stamp" >"$out.stamp"
+    log "l1-qemu.cpio: $(du -h "$out" | cut -f1)"
+}
+
+# ---- main ------------------------------------------------------------------------------------
+
+build_images() {
+    local t0 kpkg kdeb bbdeb kver stamp
+    t0=$(date +%s)
+    mkdir -p "$DEBS" "$IMAGES" "$WORK"
+    kpkg=$(kernel_pkg)
+    kdeb=$(fetch_deb "$kpkg")
+    bbdeb=$(fetch_deb busybox-static)
+    stamp=$({
+        basename "$kdeb"
+        basename "$bbdeb"
+        cat "$0" "$HERE/l1/init" "$HERE/l2/init" "$HERE/l2/demo.sh"
+    } | sha256sum | cut -c1-16)
+    if [ "$(cat "$IMAGES/stamp" 2>/dev/null)" = "$stamp" ] &&
+        [ -f "$IMAGES/vmlinuz" ] && [ -f "$IMAGES/l2.cpio.gz" ] &&
+        [ -f "$IMAGES/l1.cpio.gz" ] && [ -f "$IMAGES/l1-l2.cpio" ]; then
+        log "up to date ($(cat "$IMAGES/kernel-version"), $(basename "$bbdeb"))"
+        return 0
+    fi
+    log "building images from $(basename "$kdeb") and $(basename "$bbdeb")"
+
+    log "unpacking packages"
+    rm -rf "$WORK/kernel" "$WORK/busybox"
+    dpkg-deb -x "$kdeb" "$WORK/kernel"
+    dpkg-deb -x "$bbdeb" "$WORK/busybox"
+    BUSYBOX=$WORK/busybox/bin/busybox
+    [ -x "$BUSYBOX" ] || die "busybox not found in $bbdeb"
+    kver=$(ls "$WORK/kernel/lib/modules" | head -n1)
+    MODDIR=$WORK/kernel/lib/modules/$kver
+    cp "$WORK/kernel/boot/vmlinuz-$kver" "$IMAGES/vmlinuz.tmp"
+    mv "$IMAGES/vmlinuz.tmp" "$IMAGES/vmlinuz"
+    echo "$kver" >"$IMAGES/kernel-version"
+    log "kernel $kver -> .cache/images/vmlinuz"
+    index_modules
+
+    # L2: virtio_iommu strictly before any virtio driver (VIRTIO_PCI is built in and probes
+    # devices as soon as their driver registers).
+    log "building l2.cpio.gz"
+    MOD_DONE=()
+    MOD_ORDER=()
+    add_module virtio_iommu
+    add_module virtio_blk
+    add_module virtio_net optional
+    add_module vfio
+    add_module vfio_iommu_type1
+    add_module vfio_pci
+    make_skeleton "$WORK/l2root"
+    install_modules "$WORK/l2root" vfio_iommu_type1=allow_unsafe_interrupts=1
+    install -m 755 "$HERE/l2/init" "$WORK/l2root/init"
+    install -m 755 "$HERE/l2/demo.sh" "$WORK/l2root/etc/rig/demo.sh"
+    log "  L2 modules: ${MOD_ORDER[*]}"
+    make_cpio "$WORK/l2root" "$WORK/l2.cpio"
+    gzip -9n <"$WORK/l2.cpio" >"$IMAGES/l2.cpio.gz.tmp"
+    pad512 "$IMAGES/l2.cpio.gz.tmp"
+    mv "$IMAGES/l2.cpio.gz.tmp" "$IMAGES/l2.cpio.gz"
+
+    log "building l1.cpio.gz"
+    MOD_DONE=()
+    MOD_ORDER=()
+    add_module virtio_iommu
+    add_module irqbypass
+    add_module kvm
+    add_module kvm_amd
+    add_module virtio_blk
+    add_module vfio
+    add_module vfio_iommu_type1
+    add_module vfio_pci
+    make_skeleton "$WORK/l1root"
+    install_modules "$WORK/l1root" vfio_iommu_type1=allow_unsafe_interrupts=1
+    install -m 755 "$HERE/l1/init" "$WORK/l1root/init"
+    mkdir -p "$WORK/l1root/rig/scenarios" "$WORK/l1root/l2"
+    log "  L1 modules: ${MOD_ORDER[*]}"
+    make_cpio "$WORK/l1root" "$WORK/l1.cpio"
+    gzip -6n <"$WORK/l1.cpio" >"$IMAGES/l1.cpio.gz.tmp"
+    pad512 "$IMAGES/l1.cpio.gz.tmp"
+    mv "$IMAGES/l1.cpio.gz.tmp" "$IMAGES/l1.cpio.gz"
+
+    log "building l1-l2.cpio (/l2/vmlinuz, /l2/initrd for L1)"
+    rm -rf "$WORK/l1-l2"
+    mkdir -p "$WORK/l1-l2/l2"
+    cp "$IMAGES/vmlinuz" "$WORK/l1-l2/l2/vmlinuz"
+    cp "$IMAGES/l2.cpio.gz" "$WORK/l1-l2/l2/initrd"
+    make_cpio "$WORK/l1-l2" "$IMAGES/l1-l2.cpio.tmp"
+    pad512 "$IMAGES/l1-l2.cpio.tmp"
+    mv "$IMAGES/l1-l2.cpio.tmp" "$IMAGES/l1-l2.cpio"
+
+    cp "$BUSYBOX" "$IMAGES/busybox"
+    rm -f "$WORK/l1.cpio" "$WORK/l2.cpio"
+    echo "$stamp" >"$IMAGES/stamp"
+    log "done in $(($(date +%s) - t0)) s: vmlinuz $(du -h "$IMAGES/vmlinuz" | cut -f1)," \
+        "l2.cpio.gz $(du -h "$IMAGES/l2.cpio.gz" | cut -f1), l1.cpio.gz $(du -h "$IMAGES/l1.cpio.gz" | cut -f1)"
+}
+
+case "${1:-images}" in
+    images) build_images ;;
+    qemu)
+        mkdir -p "$IMAGES" "$WORK"
+        BUSYBOX=$IMAGES/busybox
+        [ -x "$BUSYBOX" ] || build_images
+        build_qemu_cpio
+        ;;
+    all)
+        build_images
+        BUSYBOX=$IMAGES/busybox
+        build_qemu_cpio
+        ;;
+    *) echo "usage: $0 [images|qemu|all]" >&2; exit 2 ;;
+esac
