@@ -4,10 +4,63 @@
 //! The crate knows nothing about KVM. The VMM hands it two small services, [`MsiIrqManager`] and
 //! [`IoEventManager`], and dispatches guest accesses into [`PciBus`].
 
+pub mod bar;
+pub mod bus;
+pub mod config;
 pub mod device;
 pub mod irq;
+pub mod msix;
+pub mod virtio_common;
 pub mod virtio_device;
+pub mod virtio_pci;
 
+pub use bar::AddressAllocator;
+pub use bus::{PciBus, PciWindows, HOST_BRIDGE_DEVICE_ID, HOST_BRIDGE_VENDOR_ID};
+pub use config::{PciConfigSpace, PciHeader};
 pub use device::{BarKind, BarRegion, PciDevice};
 pub use irq::{IoEventManager, MsiIrqManager, MsiMessage, MsiVector};
+pub use msix::MsixConfig;
 pub use virtio_device::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
+pub use virtio_pci::VirtioPciDevice;
+
+/// Errors building the PCI topology (never caused by guest accesses, which are only logged).
+#[derive(Debug, thiserror::Error)]
+pub enum PciError {
+    /// A device described a BAR the config space cannot hold.
+    #[error("invalid BAR {index}: {reason}")]
+    InvalidBar {
+        /// BAR index as given by the device.
+        index: u8,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// No window had room for a BAR.
+    #[error("no room for a {size:#x}-byte {kind:?} BAR")]
+    BarAllocation {
+        /// Requested size.
+        size: u64,
+        /// Requested kind.
+        kind: BarKind,
+    },
+    /// All 31 device numbers of bus 0 are taken.
+    #[error("PCI bus 0 is full")]
+    BusFull,
+    /// The capability list does not fit in the first 256 bytes of config space.
+    #[error("no room for a {0}-byte capability in config space")]
+    CapabilitySpaceFull(usize),
+    /// A capability shorter than its header or with a mask of another length.
+    #[error("malformed capability: {0}")]
+    InvalidCapability(&'static str),
+    /// MSI-X vector count outside 1..=2048 (or what the BAR layout allows).
+    #[error("unsupported MSI-X vector count {0}")]
+    InvalidVectorCount(usize),
+    /// The virtio device type does not map to a PCI device id.
+    #[error("unsupported virtio device type {0}")]
+    InvalidDeviceType(u32),
+    /// The virtio device has no queues or more than the transport supports.
+    #[error("unsupported number of virtio queues {0}")]
+    InvalidQueueCount(usize),
+    /// Creating an eventfd failed.
+    #[error("eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+}
