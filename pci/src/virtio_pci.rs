@@ -405,3 +405,7 @@ impl Drop for VirtioPciDevice {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "virtio_pci_tests.rs"]
+mod tests;
