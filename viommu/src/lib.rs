@@ -1,3 +1,27 @@
 //! The guest-visible IOMMU: the virtio-iommu device model, per-domain mapping tables, the
 //! translation snapshots emulated devices read, and the shadowing engine that installs guest
 //! mappings in the host IOMMU.
+//!
+//! Data flows one way: [`device`] pops a chain, [`request`] parses it, [`domain`] applies the
+//! spec's rules (mirroring into [`host`] mappers), and [`snapshot`] publishes per-endpoint views
+//! that [`translate::TranslatedMemory`] reads lock-free for the devices behind the IOMMU;
+//! misses become [`fault`] events.
+
+pub mod counters;
+pub mod device;
+pub mod domain;
+pub mod fault;
+pub mod host;
+pub mod request;
+pub mod snapshot;
+pub mod spec;
+pub mod translate;
+
+pub use counters::{CounterSnapshot, Counters};
+pub use device::{ConfigError, Viommu, ViommuConfig};
+pub use domain::{DomainError, EndpointHandle, Geometry, Limits, ResvKind, ResvRegion};
+pub use fault::{Fault, FaultRateLimit};
+pub use host::{HostMapError, HostMapper, Prot};
+pub use snapshot::{Access, Mapping};
+pub use spec::Status;
+pub use translate::TranslatedMemory;

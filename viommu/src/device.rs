@@ -1,0 +1,511 @@
+//! The virtio-iommu device (type 23) behind the virtio-pci transport: features, config space,
+//! the request queue (served inline on the vCPU thread that kicked) and the event queue.
+
+use crate::counters::Counters;
+use crate::domain::{DomainError, Domains, EndpointHandle, Geometry, Limits, ResvKind, ResvRegion};
+use crate::fault::{EventQueue, FaultRateLimit, FaultReporter};
+use crate::host::HostMapper;
+use crate::request::{parse, Reply, Request};
+use crate::spec::{
+    IommuConfig, ProbeProperty, ProbeResvMem, Status, CONFIG_BYPASS_OFFSET, EVENT_QUEUE,
+    F_BYPASS_CONFIG, F_DOMAIN_RANGE, F_INPUT_RANGE, F_MAP_UNMAP, F_MMIO, F_PROBE, PROBE_T_RESV_MEM,
+    REQUEST_QUEUE, RESV_MEM_SIZE, RESV_MEM_T_MSI, RESV_MEM_T_RESERVED, TAIL_SIZE,
+    VIRTIO_F_VERSION_1, VIRTIO_ID_IOMMU, X86_MSI_END, X86_MSI_START,
+};
+use pci::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
+use std::sync::Arc;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Largest `probe_size` accepted (the PROBE reply is built in a host buffer of that size).
+pub const MAX_PROBE_SIZE: u32 = 64 * 1024;
+/// Chains served per notification before publishing and completing them.
+const MAX_CHAINS_PER_NOTIFY: usize = 1 << 16;
+
+/// Everything configurable about one virtio-iommu.
+#[derive(Clone, Debug)]
+pub struct ViommuConfig {
+    /// Advertised geometry (page sizes, input range, domain range).
+    pub geometry: Geometry,
+    /// Reserved regions reported by PROBE and refused to MAP. Default: the x86 MSI window.
+    pub reserved_regions: Vec<ResvRegion>,
+    /// Size of the PROBE property area.
+    pub probe_size: u32,
+    /// Initial (and system-reset) value of `config.bypass`.
+    pub bypass: bool,
+    /// Offer VIRTIO_IOMMU_F_MMIO.
+    pub mmio: bool,
+    /// Caps on domains, endpoints and mappings.
+    pub limits: Limits,
+    /// Maximum size of each queue.
+    pub queue_size: u16,
+    /// Rate of faults reaching the guest.
+    pub fault_rate: FaultRateLimit,
+}
+
+impl Default for ViommuConfig {
+    fn default() -> Self {
+        ViommuConfig {
+            geometry: Geometry::default(),
+            reserved_regions: vec![ResvRegion {
+                start: X86_MSI_START,
+                end: X86_MSI_END,
+                kind: ResvKind::Msi,
+            }],
+            probe_size: 512,
+            bypass: true,
+            mmio: true,
+            limits: Limits::default(),
+            queue_size: 256,
+            fault_rate: FaultRateLimit::default(),
+        }
+    }
+}
+
+/// A configuration the device cannot honour.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// `page_size_mask` is 0.
+    #[error("page_size_mask must have at least one bit")]
+    EmptyPageMask,
+    /// Input or domain range with start > end.
+    #[error("empty input or domain range")]
+    EmptyRange,
+    /// A reserved region with start > end, or two that overlap.
+    #[error("reserved region {0:#x}..={1:#x} is empty or overlaps another")]
+    BadReservedRegion(u64, u64),
+    /// More than one MSI region.
+    #[error("at most one MSI reserved region")]
+    TwoMsiRegions,
+    /// The reserved regions do not fit in `probe_size`, or it is too large.
+    #[error("probe_size {0} cannot hold the reserved regions (or exceeds {MAX_PROBE_SIZE})")]
+    ProbeSize(u32),
+    /// Queue size 0 or not a power of two.
+    #[error("queue size {0} must be a power of two")]
+    QueueSize(u16),
+}
+
+impl ViommuConfig {
+    /// Check the configuration.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let g = &self.geometry;
+        if g.page_size_mask == 0 {
+            return Err(ConfigError::EmptyPageMask);
+        }
+        if g.input_start > g.input_end || g.domain_start > g.domain_end {
+            return Err(ConfigError::EmptyRange);
+        }
+        let mut sorted = self.reserved_regions.clone();
+        sorted.sort_by_key(|r| r.start);
+        for (i, r) in sorted.iter().enumerate() {
+            if r.start > r.end || (i > 0 && sorted[i - 1].end >= r.start) {
+                return Err(ConfigError::BadReservedRegion(r.start, r.end));
+            }
+        }
+        if sorted.iter().filter(|r| r.kind == ResvKind::Msi).count() > 1 {
+            return Err(ConfigError::TwoMsiRegions);
+        }
+        let need = sorted.len() * RESV_MEM_SIZE;
+        if self.probe_size > MAX_PROBE_SIZE || (self.probe_size as usize) < need {
+            return Err(ConfigError::ProbeSize(self.probe_size));
+        }
+        if self.queue_size == 0 || !self.queue_size.is_power_of_two() {
+            return Err(ConfigError::QueueSize(self.queue_size));
+        }
+        Ok(())
+    }
+}
+
+struct Active {
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    queue: Queue,
+    interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+/// The virtio-iommu device. The VMM registers the endpoints behind it before handing it to the
+/// transport, and gives each emulated device the returned [`EndpointHandle`].
+pub struct Viommu {
+    config: ViommuConfig,
+    queue_sizes: [u16; 2],
+    domains: Domains,
+    counters: Arc<Counters>,
+    faults: Arc<FaultReporter>,
+    acked: u64,
+    active: Option<Active>,
+    completions: Vec<(u16, u32)>,
+}
+
+fn bit(b: u32) -> u64 {
+    1u64 << b
+}
+
+fn to_queue(max: u16, cfg: &QueueConfig) -> Result<Queue, ActivateError> {
+    let bad = |e: virtio_queue::Error| ActivateError::BadQueue(e.to_string());
+    let mut q = Queue::new(max).map_err(bad)?;
+    q.try_set_size(cfg.size).map_err(bad)?;
+    q.try_set_desc_table_address(cfg.desc_table).map_err(bad)?;
+    q.try_set_avail_ring_address(cfg.avail_ring).map_err(bad)?;
+    q.try_set_used_ring_address(cfg.used_ring).map_err(bad)?;
+    q.set_ready(cfg.ready);
+    Ok(q)
+}
+
+impl Viommu {
+    /// A device with `config` (validated) and no endpoints.
+    pub fn new(config: ViommuConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let counters = Arc::new(Counters::default());
+        let faults = Arc::new(FaultReporter::new(counters.clone(), config.fault_rate));
+        let mut domains = Domains::new(
+            config.geometry,
+            config.limits,
+            config.reserved_regions.clone(),
+            config.bypass,
+            faults.clone(),
+        );
+        domains.set_negotiated(true, config.mmio);
+        Ok(Viommu {
+            queue_sizes: [config.queue_size; 2],
+            config,
+            domains,
+            counters,
+            faults,
+            acked: 0,
+            active: None,
+            completions: Vec::new(),
+        })
+    }
+
+    /// Register an emulated endpoint (PCI BDF `bus << 8 | dev << 3 | fn`).
+    pub fn add_endpoint(&mut self, id: u32) -> Result<EndpointHandle, DomainError> {
+        self.domains.add_endpoint(id, None)
+    }
+
+    /// Register an endpoint whose DMA goes through the host IOMMU `host` (e.g. VFIO); the
+    /// domain layer mirrors its domain's mappings there.
+    pub fn add_host_endpoint(
+        &mut self,
+        id: u32,
+        host: Arc<dyn HostMapper>,
+    ) -> Result<EndpointHandle, DomainError> {
+        self.domains.add_endpoint(id, Some(host))
+    }
+
+    /// The live counters.
+    pub fn counters(&self) -> Arc<Counters> {
+        self.counters.clone()
+    }
+
+    /// The fault reporter shared by all endpoints.
+    pub fn fault_reporter(&self) -> Arc<FaultReporter> {
+        self.faults.clone()
+    }
+
+    /// The domain state (read-only, for tests and debugging).
+    pub fn domains(&self) -> &Domains {
+        &self.domains
+    }
+
+    /// System reset: like a device reset, and `config.bypass` returns to its initial value.
+    pub fn system_reset(&mut self) {
+        self.reset();
+        self.domains.set_bypass(self.config.bypass);
+    }
+
+    fn negotiated(&self, b: u32) -> bool {
+        self.acked & bit(b) != 0
+    }
+
+    fn config_space(&self) -> IommuConfig {
+        let g = &self.config.geometry;
+        IommuConfig {
+            page_size_mask: g.page_size_mask.into(),
+            input_start: g.input_start.into(),
+            input_end: g.input_end.into(),
+            domain_start: g.domain_start.into(),
+            domain_end: g.domain_end.into(),
+            probe_size: self.config.probe_size.into(),
+            bypass: u8::from(self.domains.bypass()),
+            reserved: [0; 3],
+        }
+    }
+
+    /// The PROBE property area for an endpoint: one RESV_MEM per reserved region, zero-filled.
+    fn probe_properties(&self) -> Vec<u8> {
+        let mut out = vec![0u8; self.config.probe_size as usize + TAIL_SIZE];
+        let mut off = 0;
+        for r in self.domains.reserved_regions() {
+            let prop = ProbeResvMem {
+                head: ProbeProperty {
+                    ptype: PROBE_T_RESV_MEM.into(),
+                    length: ((RESV_MEM_SIZE - std::mem::size_of::<ProbeProperty>()) as u16).into(),
+                },
+                subtype: match r.kind {
+                    ResvKind::Msi => RESV_MEM_T_MSI,
+                    ResvKind::Reserved => RESV_MEM_T_RESERVED,
+                },
+                reserved: [0; 3],
+                start: r.start.into(),
+                end: r.end.into(),
+            };
+            // validate() guarantees the properties fit in probe_size.
+            if let Some(dst) = out.get_mut(off..off + RESV_MEM_SIZE) {
+                dst.copy_from_slice(prop.as_slice());
+            }
+            off += RESV_MEM_SIZE;
+        }
+        out
+    }
+
+    /// Execute one parsed request; returns its status (the reply body for PROBE is written by
+    /// the caller).
+    fn execute(&mut self, req: &Request) -> Status {
+        if !req.head_reserved_zero() {
+            return Status::Inval;
+        }
+        match req {
+            Request::Attach(r) => {
+                self.counters.attach();
+                if r.reserved != [0; 4] {
+                    return Status::Inval;
+                }
+                self.domains
+                    .attach(r.domain.into(), r.endpoint.into(), r.flags.into())
+            }
+            Request::Detach(r) => {
+                self.counters.detach();
+                if r.reserved != [0; 8] {
+                    return Status::Inval;
+                }
+                self.domains.detach(r.domain.into(), r.endpoint.into())
+            }
+            Request::Map(r) => {
+                self.counters.map();
+                self.domains.map(
+                    r.domain.into(),
+                    r.virt_start.into(),
+                    r.virt_end.into(),
+                    r.phys_start.into(),
+                    r.flags.into(),
+                )
+            }
+            Request::Unmap(r) => {
+                self.counters.unmap();
+                if r.reserved != [0; 4] {
+                    return Status::Inval;
+                }
+                self.domains
+                    .unmap(r.domain.into(), r.virt_start.into(), r.virt_end.into())
+            }
+            Request::Probe(r) => {
+                self.counters.probe();
+                if r.reserved != [0; 64] {
+                    return Status::Inval;
+                }
+                if !self.domains.has_endpoint(r.endpoint.into()) {
+                    return Status::NoEnt;
+                }
+                Status::Ok
+            }
+        }
+    }
+
+    /// Serve one chain; returns the used length.
+    fn serve(
+        &mut self,
+        head: u16,
+        reply_result: Result<(Request, Reply), crate::request::ParseError>,
+        mem: &GuestMemoryMmap,
+    ) -> u32 {
+        let (req, reply) = match reply_result {
+            Ok(x) => x,
+            Err(e) => {
+                log::warn!("virtio-iommu: malformed request (head {head}): {e}");
+                self.counters.malformed();
+                return 0;
+            }
+        };
+        let status = self.execute(&req);
+        if status != Status::Ok {
+            log::debug!("virtio-iommu: {req:?} -> {status:?}");
+        }
+        self.counters.status(status);
+        let tail = [status as u8, 0, 0, 0];
+        let written = if matches!(req, Request::Probe(_)) {
+            let mut data = if status == Status::Ok {
+                self.probe_properties()
+            } else {
+                vec![0u8; self.config.probe_size as usize + TAIL_SIZE]
+            };
+            let at = data.len() - TAIL_SIZE;
+            data[at..].copy_from_slice(&tail);
+            reply.write(mem, &data).map(|()| data.len())
+        } else {
+            reply.write(mem, &tail).map(|()| TAIL_SIZE)
+        };
+        match written {
+            // Bounded by MAX_PROBE_SIZE + TAIL_SIZE.
+            Ok(n) => n as u32,
+            Err(e) => {
+                log::warn!("virtio-iommu: cannot write reply (head {head}): {e}");
+                0
+            }
+        }
+    }
+
+    /// Pop and serve every available request, publish the resulting views once, then complete
+    /// the chains (an UNMAP completes only after no device can use the old mapping).
+    fn process_requests(&mut self) {
+        let Some(mut active) = self.active.take() else {
+            return;
+        };
+        let mem = active.mem.memory();
+        let probe_size = self.negotiated(F_PROBE).then_some(self.config.probe_size);
+        let mut served = 0usize;
+        let mut completions = std::mem::take(&mut self.completions);
+        loop {
+            completions.clear();
+            while completions.len() < usize::from(active.queue.size()) {
+                let Some(chain) = active.queue.pop_descriptor_chain(&*mem) else {
+                    break;
+                };
+                let head = chain.head_index();
+                let parsed = parse(chain, probe_size);
+                let len = self.serve(head, parsed, &mem);
+                completions.push((head, len));
+            }
+            if completions.is_empty() {
+                break;
+            }
+            self.domains.publish();
+            for &(head, len) in &completions {
+                if let Err(e) = active.queue.add_used(&*mem, head, len) {
+                    log::warn!("virtio-iommu: request queue used ring: {e}");
+                }
+            }
+            served += completions.len();
+            if served >= MAX_CHAINS_PER_NOTIFY {
+                break;
+            }
+        }
+        match active.queue.needs_notification(&*mem) {
+            Ok(true) if served > 0 => active.interrupt.signal_queue(REQUEST_QUEUE),
+            Ok(_) => {}
+            Err(e) => log::warn!("virtio-iommu: request queue notification check: {e}"),
+        }
+        self.completions = completions;
+        drop(mem);
+        self.active = Some(active);
+    }
+}
+
+impl VirtioDevice for Viommu {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_IOMMU
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn device_features(&self) -> u64 {
+        let mut f = bit(VIRTIO_F_VERSION_1)
+            | bit(F_INPUT_RANGE)
+            | bit(F_DOMAIN_RANGE)
+            | bit(F_MAP_UNMAP)
+            | bit(F_PROBE)
+            | bit(F_BYPASS_CONFIG);
+        if self.config.mmio {
+            f |= bit(F_MMIO);
+        }
+        f
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let cfg = self.config_space();
+        let bytes = cfg.as_slice();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| usize::try_from(o).ok())
+                .and_then(|o| bytes.get(o).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Only `bypass` is writable, by a driver that may use it: before activation the
+        // negotiated features are not known yet, after it BYPASS_CONFIG must be acked.
+        let allowed = self.active.is_none() || self.negotiated(F_BYPASS_CONFIG);
+        match (offset, data) {
+            (CONFIG_BYPASS_OFFSET, [v @ (0 | 1)]) if allowed => self.domains.set_bypass(*v == 1),
+            _ => log::warn!(
+                "virtio-iommu: ignored config write at {offset:#x} ({} bytes)",
+                data.len()
+            ),
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        acked_features: u64,
+        queues: Vec<QueueConfig>,
+        _kicks: Vec<EventFd>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 2 {
+            return Err(ActivateError::BadQueue(format!(
+                "{} queues, need 2",
+                queues.len()
+            )));
+        }
+        let req = to_queue(self.queue_sizes[0], &queues[0])?;
+        let evt = to_queue(self.queue_sizes[1], &queues[1])?;
+        {
+            let m = mem.memory();
+            if !req.is_valid(&*m) || !evt.is_valid(&*m) {
+                return Err(ActivateError::BadQueue(
+                    "queue rings outside guest memory or not ready".into(),
+                ));
+            }
+        }
+        self.acked = acked_features & self.device_features();
+        self.domains
+            .set_negotiated(self.negotiated(F_BYPASS_CONFIG), self.negotiated(F_MMIO));
+        self.faults.set_queue(Some(EventQueue {
+            queue: evt,
+            mem: mem.clone(),
+            interrupt: interrupt.clone(),
+        }));
+        self.active = Some(Active {
+            mem,
+            queue: req,
+            interrupt,
+        });
+        log::info!("virtio-iommu: activated, features {:#x}", self.acked);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.faults.set_queue(None);
+        self.acked = 0;
+        self.domains.set_negotiated(true, self.config.mmio);
+        self.domains.reset();
+    }
+
+    fn inline_notify(&self) -> bool {
+        true
+    }
+
+    fn queue_notify(&mut self, queue: u16) {
+        match queue {
+            REQUEST_QUEUE => self.process_requests(),
+            // Event buffers are consumed when faults happen; nothing is queued meanwhile.
+            EVENT_QUEUE => {}
+            q => log::warn!("virtio-iommu: notify for unknown queue {q}"),
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! Fault reporting: devices behind the IOMMU that touch an unmapped IOVA (or lack the right)
+//! raise a fault; it is rate-limited and written to a buffer the driver posted on the event
+//! queue, or dropped cleanly when there is none.
+
+use crate::counters::Counters;
+use crate::snapshot::{Access, Miss};
+use crate::spec::{
+    FaultRecord, EVENT_QUEUE, FAULT_F_ADDRESS, FAULT_F_READ, FAULT_F_WRITE, FAULT_R_DOMAIN,
+    FAULT_R_MAPPING, FAULT_SIZE,
+};
+use pci::VirtioInterrupt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{ByteValued, Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+
+/// One translation fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    /// FAULT_R_* reason.
+    pub reason: u8,
+    /// FAULT_F_* flags.
+    pub flags: u32,
+    /// Endpoint ID.
+    pub endpoint: u32,
+    /// Faulting IOVA.
+    pub address: u64,
+}
+
+impl Fault {
+    /// The fault for a failed translation of `address` by `endpoint`.
+    pub fn from_miss(endpoint: u32, address: u64, access: Access, miss: Miss) -> Self {
+        let reason = match miss {
+            Miss::NoDomain => FAULT_R_DOMAIN,
+            Miss::NoMapping => FAULT_R_MAPPING,
+        };
+        let rw = match access {
+            Access::Read => FAULT_F_READ,
+            Access::Write => FAULT_F_WRITE,
+            Access::ReadWrite => FAULT_F_READ | FAULT_F_WRITE,
+        };
+        Fault {
+            reason,
+            flags: rw | FAULT_F_ADDRESS,
+            endpoint,
+            address,
+        }
+    }
+
+    /// The event-queue record.
+    pub fn record(&self) -> FaultRecord {
+        FaultRecord {
+            reason: self.reason,
+            flags: self.flags.into(),
+            endpoint: self.endpoint.into(),
+            address: self.address.into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Token bucket limiting how many faults reach the guest (and the log).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultRateLimit {
+    /// Faults allowed in a burst.
+    pub burst: u32,
+    /// Sustained faults per second.
+    pub per_second: u32,
+}
+
+impl Default for FaultRateLimit {
+    fn default() -> Self {
+        FaultRateLimit {
+            burst: 32,
+            per_second: 100,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Bucket {
+    limit: FaultRateLimit,
+    tokens: f64,
+    last: Option<Instant>,
+}
+
+impl Bucket {
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let cap = f64::from(self.limit.burst);
+        self.tokens = match self.last {
+            None => cap,
+            Some(t) => (self.tokens
+                + now.duration_since(t).as_secs_f64() * f64::from(self.limit.per_second))
+            .min(cap),
+        };
+        self.last = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The event queue once the driver activated the device.
+pub(crate) struct EventQueue {
+    pub(crate) queue: Queue,
+    pub(crate) mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    pub(crate) interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+struct State {
+    bucket: Bucket,
+    queue: Option<EventQueue>,
+}
+
+/// Receives faults from every endpoint of one IOMMU and delivers them on its event queue.
+pub struct FaultReporter {
+    counters: Arc<Counters>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for FaultReporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultReporter").finish_non_exhaustive()
+    }
+}
+
+impl FaultReporter {
+    /// A reporter with no event queue yet.
+    pub fn new(counters: Arc<Counters>, limit: FaultRateLimit) -> Self {
+        FaultReporter {
+            counters,
+            state: Mutex::new(State {
+                bucket: Bucket {
+                    limit,
+                    tokens: 0.0,
+                    last: None,
+                },
+                queue: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn set_queue(&self, queue: Option<EventQueue>) {
+        self.lock().queue = queue;
+    }
+
+    /// Report `fault`: counted always, then rate-limited, then written to the next event buffer
+    /// (dropped when there is none). Returns whether it reached the guest.
+    pub fn report(&self, fault: Fault) -> bool {
+        self.counters.fault();
+        let mut st = self.lock();
+        if !st.bucket.take() {
+            self.counters.fault_dropped();
+            return false;
+        }
+        log::warn!(
+            "virtio-iommu: fault endpoint {:#x} address {:#x} reason {} flags {:#x}",
+            fault.endpoint,
+            fault.address,
+            fault.reason,
+            fault.flags
+        );
+        let delivered = match st.queue.as_mut() {
+            Some(q) => deliver(q, &fault),
+            None => false,
+        };
+        if delivered {
+            self.counters.fault_delivered();
+        } else {
+            self.counters.fault_dropped();
+        }
+        delivered
+    }
+}
+
+/// Write `fault` to the first usable buffer. Buffers too small or unwritable are returned with
+/// used length 0 (a record is never split across buffers).
+fn deliver(q: &mut EventQueue, fault: &Fault) -> bool {
+    let mem = q.mem.memory();
+    let record = fault.record();
+    let bytes = record.as_slice();
+    let mut delivered = false;
+    // Bounded: each iteration consumes one available buffer.
+    for _ in 0..q.queue.size() {
+        let Some(chain) = q.queue.pop_descriptor_chain(&*mem) else {
+            break;
+        };
+        let head = chain.head_index();
+        let mut written = 0usize;
+        let mut ok = true;
+        for desc in chain {
+            if written == FAULT_SIZE {
+                break;
+            }
+            if !desc.is_write_only() {
+                ok = false;
+                break;
+            }
+            let n = (desc.len() as usize).min(FAULT_SIZE - written);
+            if mem
+                .write_slice(&bytes[written..written + n], desc.addr())
+                .is_err()
+            {
+                ok = false;
+                break;
+            }
+            written += n;
+        }
+        let used = if ok && written == FAULT_SIZE {
+            FAULT_SIZE as u32
+        } else {
+            log::warn!("virtio-iommu: unusable event buffer (head {head}), returned empty");
+            0
+        };
+        if q.queue.add_used(&*mem, head, used).is_err() {
+            log::warn!("virtio-iommu: event queue used ring not writable");
+            break;
+        }
+        if used != 0 {
+            delivered = true;
+            break;
+        }
+    }
+    match q.queue.needs_notification(&*mem) {
+        Ok(true) => q.interrupt.signal_queue(EVENT_QUEUE),
+        Ok(false) => {}
+        Err(e) => log::warn!("virtio-iommu: event queue notification check failed: {e}"),
+    }
+    delivered
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_drops_past_the_burst() {
+        let c = Arc::new(Counters::default());
+        let r = FaultReporter::new(
+            c.clone(),
+            FaultRateLimit {
+                burst: 3,
+                per_second: 0,
+            },
+        );
+        let f = Fault::from_miss(8, 0x1000, Access::Read, Miss::NoMapping);
+        for _ in 0..5 {
+            // No event queue: nothing is delivered, everything is counted.
+            assert!(!r.report(f));
+        }
+        let s = c.snapshot();
+        assert_eq!(s.faults, 5);
+        assert_eq!(s.faults_dropped, 5);
+        assert_eq!(s.faults_delivered, 0);
+    }
+
+    #[test]
+    fn record_layout() {
+        let f = Fault::from_miss(0x10, 0xdead_0000, Access::Write, Miss::NoMapping);
+        let r = f.record();
+        let b = r.as_slice();
+        assert_eq!(b[0], FAULT_R_MAPPING);
+        assert_eq!(&b[1..4], &[0, 0, 0]);
+        assert_eq!(
+            u32::from_le_bytes(b[4..8].try_into().unwrap()),
+            FAULT_F_WRITE | FAULT_F_ADDRESS
+        );
+        assert_eq!(u32::from_le_bytes(b[8..12].try_into().unwrap()), 0x10);
+        assert_eq!(
+            u64::from_le_bytes(b[16..24].try_into().unwrap()),
+            0xdead_0000
+        );
+    }
+}

@@ -1,0 +1,62 @@
+//! The host-mapper hook: where guest mappings of domains with host-backed (VFIO) endpoints are
+//! mirrored into a host IOMMU address space. The domain layer calls it; implementations are the
+//! VFIO engine (next issue) and [`recording::RecordingMapper`] for tests.
+
+pub mod recording;
+
+use crate::spec::Status;
+
+/// Access rights of one host mapping.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Prot {
+    /// Device reads allowed.
+    pub read: bool,
+    /// Device writes allowed.
+    pub write: bool,
+}
+
+impl Prot {
+    /// Read and write.
+    pub const RW: Prot = Prot {
+        read: true,
+        write: true,
+    };
+}
+
+/// Why a host mapper refused an operation.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HostMapError {
+    /// The host ran out of mapping slots or memory (VFIO ENOSPC/ENOMEM).
+    #[error("host IOMMU out of resources")]
+    NoSpace,
+    /// The IOVA lies outside what the host IOMMU can translate.
+    #[error("IOVA outside the host IOMMU's range")]
+    OutOfRange,
+    /// The request conflicts with existing host mappings (overlap, bisecting unmap).
+    #[error("invalid host mapping request")]
+    Invalid,
+    /// Anything else.
+    #[error("host mapper failed: {0}")]
+    Failed(String),
+}
+
+impl HostMapError {
+    /// The request status the guest sees for this failure.
+    pub fn status(&self) -> Status {
+        match self {
+            HostMapError::NoSpace => Status::NoMem,
+            HostMapError::OutOfRange => Status::Range,
+            HostMapError::Invalid => Status::Inval,
+            HostMapError::Failed(_) => Status::DevErr,
+        }
+    }
+}
+
+/// One host address space that mirrors a guest domain. `iova..iova+size` maps to guest-physical
+/// `gpa..gpa+size`; the implementation resolves the GPA to host memory.
+pub trait HostMapper: Send + Sync {
+    /// Install one mapping (never split or coalesced by the caller).
+    fn map(&self, iova: u64, size: u64, gpa: u64, prot: Prot) -> Result<(), HostMapError>;
+    /// Remove exactly one mapping previously installed with the same `iova` and `size`.
+    fn unmap(&self, iova: u64, size: u64) -> Result<(), HostMapError>;
+}
