@@ -374,3 +374,7 @@ impl PciBus {
         true
     }
 }
+
+#[cfg(test)]
+#[path = "bus_tests.rs"]
+mod tests;
