@@ -2,18 +2,19 @@
 
 use super::*;
 
+/// (write?, bar, offset, len) of each BAR access.
+type AccessLog = Arc<Mutex<Vec<(bool, u8, u64, usize)>>>;
+/// (bar, address) of each `bar_assigned` call.
+type AssignLog = Arc<Mutex<Vec<(u8, u64)>>>;
+
 /// A device with a 32-bit, a 64-bit and an I/O BAR that records what reaches it.
 struct TestDevice {
     config: PciConfigSpace,
-    accesses: Arc<Mutex<Vec<(bool, u8, u64, usize)>>>,
-    assigned: Arc<Mutex<Vec<(u8, u64)>>>,
+    accesses: AccessLog,
+    assigned: AssignLog,
 }
 
-fn test_device() -> (
-    SharedDevice,
-    Arc<Mutex<Vec<(bool, u8, u64, usize)>>>,
-    Arc<Mutex<Vec<(u8, u64)>>>,
-) {
+fn test_device() -> (SharedDevice, AccessLog, AssignLog) {
     let mut config = PciConfigSpace::new(&PciHeader {
         vendor_id: 0x1234,
         device_id: 0x11,
