@@ -3,4 +3,10 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod bus;
+pub mod devices;
+pub mod irq;
+pub mod lifecycle;
 pub mod memory;
+pub mod vcpu;
+pub mod vm;
