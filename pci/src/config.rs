@@ -265,6 +265,19 @@ impl PciConfigSpace {
         self.u16_at(o)
     }
 
+    /// Device-side store of `data` at `offset`, ignoring the writable mask (e.g. a register
+    /// the device computes on read). Out-of-range stores are dropped with a log line.
+    pub fn set_bytes(&mut self, offset: u16, data: &[u8]) {
+        let start = usize::from(offset);
+        match self.regs.get_mut(start..start + data.len()) {
+            Some(dst) => dst.copy_from_slice(data),
+            None => warn!(
+                "pci: set_bytes at {offset:#x} size {} out of range",
+                data.len()
+            ),
+        }
+    }
+
     fn bar_slot_used(&self, slot: usize) -> bool {
         self.bars[slot].is_some()
             || (slot > 0 && matches!(self.bars[slot - 1], Some(b) if b.kind == BarKind::Mem64))

@@ -41,6 +41,7 @@ pub const ISR_CONFIG: u8 = 2;
 /// of each queue and of config changes, the ISR byte, and the MSI-X table.
 pub struct VirtioInterruptState {
     isr: AtomicU8,
+    config_generation: AtomicU8,
     config_vector: AtomicU16,
     queue_vectors: Box<[AtomicU16]>,
     msix: Arc<Mutex<MsixConfig>>,
@@ -51,6 +52,7 @@ impl VirtioInterruptState {
     pub fn new(num_queues: usize, msix: Arc<Mutex<MsixConfig>>) -> Self {
         VirtioInterruptState {
             isr: AtomicU8::new(0),
+            config_generation: AtomicU8::new(0),
             config_vector: AtomicU16::new(NO_VECTOR),
             queue_vectors: (0..num_queues).map(|_| AtomicU16::new(NO_VECTOR)).collect(),
             msix,
@@ -94,7 +96,10 @@ impl VirtioInterrupt for VirtioInterruptState {
         }
     }
 
+    /// A configuration change also bumps config_generation, so a driver reading a multi-field
+    /// configuration notices it changed under its feet.
     fn signal_config(&self) {
+        self.config_generation.fetch_add(1, Ordering::AcqRel);
         self.raise(ISR_CONFIG, self.config_vector.load(Ordering::Acquire));
     }
 }
@@ -140,7 +145,6 @@ pub struct CommonConfig {
     driver_feature_select: u32,
     acked_features: u64,
     status: u8,
-    config_generation: u8,
     queue_select: u16,
     queues: Vec<QueueState>,
     num_vectors: u16,
@@ -162,7 +166,6 @@ impl CommonConfig {
             driver_feature_select: 0,
             acked_features: 0,
             status: 0,
-            config_generation: 0,
             queue_select: 0,
             queues: queue_max_sizes
                 .iter()
@@ -199,11 +202,6 @@ impl CommonConfig {
     /// Set DEVICE_NEEDS_RESET (the device failed).
     pub fn set_needs_reset(&mut self) {
         self.status |= status::DEVICE_NEEDS_RESET;
-    }
-
-    /// Announce a change of the device configuration to a driver re-reading it.
-    pub fn bump_config_generation(&mut self) {
-        self.config_generation = self.config_generation.wrapping_add(1);
     }
 
     /// The queues as the driver configured them.
@@ -284,7 +282,7 @@ impl CommonConfig {
         r[0x10..0x12].copy_from_slice(&config_vector.to_le_bytes());
         r[0x12..0x14].copy_from_slice(&(self.queues.len() as u16).to_le_bytes());
         r[0x14] = self.status;
-        r[0x15] = self.config_generation;
+        r[0x15] = self.interrupt.config_generation.load(Ordering::Acquire);
         r[0x16..0x18].copy_from_slice(&self.queue_select.to_le_bytes());
         let sel = usize::from(self.queue_select);
         if let Some(q) = self.queues.get(sel) {

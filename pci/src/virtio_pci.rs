@@ -53,6 +53,9 @@ const CFG_TYPE_COMMON: u8 = 1;
 const CFG_TYPE_NOTIFY: u8 = 2;
 const CFG_TYPE_ISR: u8 = 3;
 const CFG_TYPE_DEVICE: u8 = 4;
+const CFG_TYPE_PCI: u8 = 5;
+/// Offset of pci_cfg_data inside the PCI configuration access capability.
+const PCI_CFG_DATA: u16 = 16;
 
 /// The part of the BAR an access falls in, with the offset inside that part.
 enum Region {
@@ -96,6 +99,7 @@ fn class_of(device_type: u32) -> (u8, u8) {
 pub struct VirtioPciDevice {
     config: PciConfigSpace,
     msix_cap: u16,
+    pci_cfg_cap: u16,
     device: Box<dyn VirtioDevice>,
     inline_notify: bool,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
@@ -165,6 +169,14 @@ impl VirtioPciDevice {
             }
             config.add_capability(&cap, &vec![0; cap.len()])?;
         }
+        // VIRTIO_PCI_CAP_PCI_CFG: a window into the BAR through config space (bar, offset,
+        // length and the 4 data bytes are writable).
+        let mut cap = vec![0u8; 20];
+        cap[..4].copy_from_slice(&[CAP_VENDOR, 0, 20, CFG_TYPE_PCI]);
+        let mut wmask = vec![0u8; 20];
+        wmask[4] = 0xff;
+        wmask[8..20].fill(0xff);
+        let pci_cfg_cap = u16::from(config.add_capability(&cap, &wmask)?);
         let msix = MsixConfig::new(num_queues + 1, msi)?;
         let (cap, wmask) =
             msix.capability(VIRTIO_BAR, MSIX_TABLE_OFFSET as u32, MSIX_PBA_OFFSET as u32);
@@ -187,6 +199,7 @@ impl VirtioPciDevice {
         Ok(VirtioPciDevice {
             config,
             msix_cap,
+            pci_cfg_cap,
             inline_notify: device.inline_notify(),
             device,
             mem,
@@ -273,6 +286,30 @@ impl VirtioPciDevice {
         }
     }
 
+    /// Carry out a BAR access through the PCI configuration access capability.
+    fn pci_cfg_access(&mut self, write: bool) {
+        let c = self.pci_cfg_cap;
+        let mut b = [0u8; 20];
+        for (i, chunk) in b.chunks_exact_mut(4).enumerate() {
+            self.config.read(c + 4 * i as u16, chunk);
+        }
+        let bar = b[4];
+        let offset = u64::from(u32::from_le_bytes([b[8], b[9], b[10], b[11]]));
+        let length = u32::from_le_bytes([b[12], b[13], b[14], b[15]]) as usize;
+        if bar != VIRTIO_BAR || !matches!(length, 1 | 2 | 4) || offset % length as u64 != 0 {
+            debug!("virtio-pci: pci_cfg access to BAR {bar} at {offset:#x} size {length} ignored");
+            return;
+        }
+        let data = &mut b[16..16 + length];
+        if write {
+            self.bar_write(bar, offset, data);
+        } else {
+            self.bar_read(bar, offset, data);
+            let data = b[16..20].to_vec();
+            self.config.set_bytes(c + PCI_CFG_DATA, &data);
+        }
+    }
+
     fn write_common(&mut self, offset: u64, data: &[u8]) {
         match self.common.write(offset, data) {
             CommonAction::None => {}
@@ -323,11 +360,19 @@ impl VirtioPciDevice {
 
 impl PciDevice for VirtioPciDevice {
     fn config_read(&mut self, offset: u16, data: &mut [u8]) {
+        let window = self.pci_cfg_cap + PCI_CFG_DATA;
+        if overlaps(offset, data.len(), window, window + 4) {
+            self.pci_cfg_access(false);
+        }
         self.config.read(offset, data);
     }
 
     fn config_write(&mut self, offset: u16, data: &[u8]) {
         self.config.write(offset, data);
+        let window = self.pci_cfg_cap + PCI_CFG_DATA;
+        if overlaps(offset, data.len(), window, window + 4) {
+            self.pci_cfg_access(true);
+        }
         let control = self.msix_cap + MSIX_CAP_CONTROL;
         if overlaps(offset, data.len(), control, control + 2) {
             let value = self.config.read_u16(control);

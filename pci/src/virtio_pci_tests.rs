@@ -246,11 +246,10 @@ fn identity_and_capabilities() {
             let length = cfg32(d, off + 12);
             assert_eq!(bar, 0);
             seen.push((cfg_type, offset, length));
+            let cap_len = if matches!(cfg_type, 2 | 5) { 20 } else { 16 };
+            assert_eq!((w0 >> 16) & 0xff, cap_len);
             if cfg_type == 2 {
-                assert_eq!((w0 >> 16) & 0xff, 20);
                 assert_eq!(cfg32(d, off + 16), 4);
-            } else {
-                assert_eq!((w0 >> 16) & 0xff, 16);
             }
         } else {
             assert_eq!(id, 0x11);
@@ -267,10 +266,11 @@ fn identity_and_capabilities() {
             (1, 0, 0x38),
             (2, 0x3000, 8),
             (3, 0x1000, 1),
-            (4, 0x2000, 0x1000)
+            (4, 0x2000, 0x1000),
+            (5, 0, 0)
         ]
     );
-    assert_eq!(list.len(), 5);
+    assert_eq!(list.len(), 6);
 }
 
 #[test]
@@ -497,4 +497,45 @@ fn hostile_bar_accesses_do_not_panic() {
     // Still identifies itself and still answers on the common config.
     assert_eq!(cfg32(&mut r.dev, 0), 0x1057_1af4);
     assert_eq!(bar_r(&mut r.dev, 0x12, 2), 2);
+}
+
+#[test]
+fn pci_cfg_capability_window() {
+    let mut r = rig(false);
+    let d = &mut r.dev;
+    let cap = caps(d)
+        .into_iter()
+        .find(|&(off, id)| id == 0x09 && cfg32(d, off) >> 24 == 5)
+        .unwrap()
+        .0;
+    // Read num_queues (2 bytes at 0x12 of the common config) through the window.
+    d.config_write(cap + 4, &[0, 0, 0, 0]);
+    d.config_write(cap + 8, &0x12u32.to_le_bytes());
+    d.config_write(cap + 12, &2u32.to_le_bytes());
+    assert_eq!(cfg32(d, cap + 16) & 0xffff, 2);
+    // Write device_status through the window.
+    d.config_write(cap + 8, &0x14u32.to_le_bytes());
+    d.config_write(cap + 12, &1u32.to_le_bytes());
+    d.config_write(cap + 16, &[1]);
+    assert_eq!(bar_r(d, 0x14, 1), 1);
+    // Bad length, misaligned offset or another BAR: nothing happens.
+    d.config_write(cap + 12, &3u32.to_le_bytes());
+    d.config_write(cap + 16, &[0]);
+    d.config_write(cap + 8, &0x13u32.to_le_bytes());
+    d.config_write(cap + 12, &2u32.to_le_bytes());
+    d.config_write(cap + 16, &[0, 0]);
+    d.config_write(cap + 4, &[2]);
+    d.config_write(cap + 8, &0x14u32.to_le_bytes());
+    d.config_write(cap + 12, &1u32.to_le_bytes());
+    d.config_write(cap + 16, &[0]);
+    assert_eq!(bar_r(d, 0x14, 1), 1);
+}
+
+#[test]
+fn config_change_bumps_generation() {
+    let mut r = rig(false);
+    let g0 = bar_r(&mut r.dev, 0x15, 1);
+    r.dev.interrupt().signal_config();
+    assert_eq!(bar_r(&mut r.dev, 0x15, 1), (g0 + 1) & 0xff);
+    assert_eq!(bar_r(&mut r.dev, ISR_OFFSET, 1), 2);
 }
