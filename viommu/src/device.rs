@@ -389,10 +389,8 @@ impl Viommu {
                 break;
             }
         }
-        match active.queue.needs_notification(&*mem) {
-            Ok(true) if served > 0 => active.interrupt.signal_queue(REQUEST_QUEUE),
-            Ok(_) => {}
-            Err(e) => log::warn!("virtio-iommu: request queue notification check: {e}"),
+        if served > 0 && crate::notify::wants_interrupt(&mut active.queue, &*mem) {
+            active.interrupt.signal_queue(REQUEST_QUEUE);
         }
         self.completions = completions;
         drop(mem);

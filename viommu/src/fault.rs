@@ -229,10 +229,8 @@ fn deliver(q: &mut EventQueue, fault: &Fault) -> bool {
             break;
         }
     }
-    match q.queue.needs_notification(&*mem) {
-        Ok(true) => q.interrupt.signal_queue(EVENT_QUEUE),
-        Ok(false) => {}
-        Err(e) => log::warn!("virtio-iommu: event queue notification check failed: {e}"),
+    if crate::notify::wants_interrupt(&mut q.queue, &*mem) {
+        q.interrupt.signal_queue(EVENT_QUEUE);
     }
     delivered
 }

@@ -12,6 +12,7 @@ pub mod device;
 pub mod domain;
 pub mod fault;
 pub mod host;
+mod notify;
 pub mod request;
 pub mod snapshot;
 pub mod spec;

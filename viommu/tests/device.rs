@@ -1,0 +1,399 @@
+//! The virtio-iommu device driven through real split rings over a GuestMemoryMmap.
+
+mod common;
+
+use common::*;
+use pci::VirtioDevice;
+use std::sync::atomic::Ordering;
+use viommu::spec::{F_BYPASS_CONFIG, F_MMIO, F_PROBE, VIRTIO_F_VERSION_1};
+use viommu::{Limits, ResvKind, ResvRegion, Status, ViommuConfig};
+use vm_memory::Bytes;
+
+const EP: u32 = 0x08; // 00:01.0
+const EP2: u32 = 0x10; // 00:02.0
+
+fn driver() -> Driver {
+    Driver::new(ViommuConfig::default(), &[EP, EP2], None).0
+}
+
+#[test]
+fn features_never_offer_legacy_bypass() {
+    let d = driver();
+    let f = d.dev.device_features();
+    assert_eq!(d.dev.device_type(), 23);
+    assert_eq!(d.dev.queue_max_sizes().len(), 2);
+    for b in [0, 1, 2, 4, 5, 6] {
+        assert_ne!(f & (1 << b), 0, "feature bit {b}");
+    }
+    assert_eq!(f & (1 << 3), 0, "legacy VIRTIO_IOMMU_F_BYPASS");
+    assert_ne!(f & (1 << VIRTIO_F_VERSION_1), 0);
+    assert!(d.dev.inline_notify());
+}
+
+#[test]
+fn attach_map_unmap_detach_happy_path() {
+    let mut d = driver();
+    assert_eq!(d.status(&attach(1, EP, 0)), OK);
+    assert_eq!(d.status(&map(1, 0x10000, 0x1ffff, 0x40000, RW)), OK);
+    assert_eq!(d.status(&unmap(1, 0x10000, 0x1ffff)), OK);
+    assert_eq!(d.status(&detach(1, EP)), OK);
+    let c = d.dev.counters().snapshot();
+    assert_eq!((c.attaches, c.maps, c.unmaps, c.detaches), (1, 1, 1, 1));
+    assert_eq!(c.status(Status::Ok), 4);
+    assert_eq!(c.errors(), 0);
+}
+
+#[test]
+fn every_error_status() {
+    let cfg = ViommuConfig {
+        limits: Limits {
+            max_domains: 2,
+            max_endpoints: 8,
+            max_mappings_per_domain: 2,
+        },
+        ..Default::default()
+    };
+    let (mut d, _) = Driver::new(cfg, &[EP, EP2, 0x18], None);
+    // Unknown endpoint.
+    assert_eq!(d.status(&attach(1, 0x99, 0)), NOENT);
+    assert_eq!(d.status(&detach(1, 0x99)), NOENT);
+    // Unknown domain.
+    assert_eq!(d.status(&map(7, 0, 0xfff, 0, RW)), NOENT);
+    assert_eq!(d.status(&unmap(7, 0, 0xfff)), NOENT);
+    // Reserved bits.
+    let mut a = attach(1, EP, 0);
+    a[1] = 1;
+    assert_eq!(d.status(&a), INVAL, "head reserved");
+    let mut a = attach(1, EP, 0);
+    a[19] = 1;
+    assert_eq!(d.status(&a), INVAL, "attach reserved");
+    assert_eq!(d.status(&attach(1, EP, 2)), INVAL, "unknown attach flag");
+    let mut dt = detach(1, EP);
+    dt[12] = 1;
+    assert_eq!(d.status(&dt), INVAL, "detach reserved");
+    assert_eq!(d.status(&attach(1, EP, 0)), OK);
+    let mut u = unmap(1, 0, 0xfff);
+    u[27] = 1;
+    assert_eq!(d.status(&u), INVAL, "unmap reserved");
+    assert_eq!(d.status(&map(1, 0, 0xfff, 0, 8)), INVAL, "unknown map flag");
+    // Alignment and range.
+    assert_eq!(d.status(&map(1, 0x800, 0x17ff, 0, RW)), RANGE);
+    assert_eq!(d.status(&map(1, 0x1000, 0x1fff, 0x10, RW)), RANGE);
+    assert_eq!(d.status(&map(1, 0x1000, 0x1ffe, 0, RW)), RANGE);
+    assert_eq!(d.status(&map(1, 1 << 48, (1 << 48) + 0xfff, 0, RW)), RANGE);
+    assert_eq!(d.status(&map(1, 0x2000, 0x1fff, 0, RW)), INVAL);
+    // Overlap.
+    assert_eq!(d.status(&map(1, 0x1000, 0x2fff, 0, RW)), OK);
+    assert_eq!(d.status(&map(1, 0x2000, 0x3fff, 0, RW)), INVAL);
+    // Reserved region (MSI window).
+    assert_eq!(d.status(&map(1, 0xfee0_0000, 0xfee0_0fff, 0, RW)), INVAL);
+    // Split.
+    assert_eq!(d.status(&unmap(1, 0x1000, 0x1fff)), RANGE);
+    assert_eq!(d.dev.domains().mappings(1).unwrap().len(), 1);
+    // Mapping cap.
+    assert_eq!(d.status(&map(1, 0x4000, 0x4fff, 0, RW)), OK);
+    assert_eq!(d.status(&map(1, 0x5000, 0x5fff, 0, RW)), NOMEM);
+    // Domain cap.
+    assert_eq!(d.status(&attach(2, EP2, 0)), OK);
+    assert_eq!(d.status(&attach(3, 0x18, 0)), NOMEM);
+    // Bypass domain rules.
+    assert_eq!(d.status(&attach(2, 0x18, 1)), INVAL, "bypass mismatch");
+    assert_eq!(d.status(&detach(2, EP)), INVAL, "not attached there");
+    let c = d.dev.counters().snapshot();
+    assert_eq!(c.status(Status::NoEnt), 4);
+    assert_eq!(c.status(Status::NoMem), 2);
+    assert!(c.status(Status::Range) >= 5);
+}
+
+#[test]
+fn attach_elsewhere_moves_the_endpoint() {
+    let mut d = driver();
+    assert_eq!(d.status(&attach(1, EP, 0)), OK);
+    assert_eq!(d.status(&map(1, 0, 0xfff, 0, RW)), OK);
+    assert_eq!(d.status(&attach(2, EP, 0)), OK);
+    assert_eq!(d.dev.domains().endpoint_domain(EP), Some(Some(2)));
+    // Domain 1 lost its last endpoint: it ceased to exist with its mappings.
+    assert_eq!(d.dev.domains().mappings(1), None);
+    assert_eq!(d.status(&map(1, 0, 0xfff, 0, RW)), NOENT);
+}
+
+#[test]
+fn spec_unmap_examples_through_the_queue() {
+    let mut d = driver();
+    let p = |n: u64| n << 12;
+    assert_eq!(d.status(&attach(1, EP, 0)), OK);
+    assert_eq!(d.status(&unmap(1, p(0), p(5) - 1)), OK);
+    assert_eq!(d.status(&map(1, p(0), p(10) - 1, 0, RW)), OK);
+    assert_eq!(d.status(&unmap(1, p(0), p(5) - 1)), RANGE);
+    assert_eq!(d.dev.domains().mappings(1).unwrap().len(), 1);
+    assert_eq!(d.status(&unmap(1, p(0), p(10) - 1)), OK);
+    assert_eq!(d.status(&map(1, p(0), p(5) - 1, 0, RW)), OK);
+    assert_eq!(d.status(&map(1, p(10), p(15) - 1, 0, RW)), OK);
+    assert_eq!(d.status(&unmap(1, p(0), p(15) - 1)), OK);
+    assert!(d.dev.domains().mappings(1).unwrap().is_empty());
+}
+
+fn resv_le(bytes: &[u8], at: usize) -> (u16, u16, u8, u64, u64) {
+    let b = &bytes[at..at + 24];
+    (
+        u16::from_le_bytes([b[0], b[1]]),
+        u16::from_le_bytes([b[2], b[3]]),
+        b[4],
+        u64::from_le_bytes(b[8..16].try_into().unwrap()),
+        u64::from_le_bytes(b[16..24].try_into().unwrap()),
+    )
+}
+
+#[test]
+fn probe_layout_is_exact() {
+    let cfg = ViommuConfig {
+        reserved_regions: vec![
+            ResvRegion {
+                start: 0xfee0_0000,
+                end: 0xfeef_ffff,
+                kind: ResvKind::Msi,
+            },
+            ResvRegion {
+                start: 0xe000_0000,
+                end: 0xefff_ffff,
+                kind: ResvKind::Reserved,
+            },
+        ],
+        probe_size: 128,
+        ..Default::default()
+    };
+    let (mut d, _) = Driver::new(cfg, &[EP], None);
+    let (len, reply) = d.request(&probe(EP), 128 + 4);
+    assert_eq!(len, 132, "used len == probe_size + tail");
+    assert_eq!(resv_le(&reply, 0), (1, 20, 1, 0xfee0_0000, 0xfeef_ffff));
+    assert_eq!(&reply[5..8], &[0, 0, 0]);
+    assert_eq!(resv_le(&reply, 24), (1, 20, 0, 0xe000_0000, 0xefff_ffff));
+    assert!(
+        reply[48..128].iter().all(|&b| b == 0),
+        "zero-filled remainder"
+    );
+    assert_eq!(&reply[128..], &[0, 0, 0, 0], "tail OK");
+    // Unknown endpoint: NOENT, properties zeroed, still the full length.
+    let (len, reply) = d.request(&probe(0x77), 132);
+    assert_eq!(len, 132);
+    assert!(reply[..128].iter().all(|&b| b == 0));
+    assert_eq!(reply[128], NOENT);
+    // Reserved bytes: INVAL.
+    let mut p = probe(EP);
+    p[40] = 1;
+    let (_, reply) = d.request(&p, 132);
+    assert_eq!(reply[128], INVAL);
+    // Wrong buffer size: not parseable, returned unwritten.
+    let (len, reply) = d.request(&probe(EP), 64);
+    assert_eq!(len, 0);
+    assert!(reply.iter().all(|&b| b == 0xaa));
+    assert_eq!(d.dev.counters().snapshot().probes, 3);
+}
+
+#[test]
+fn probe_without_the_feature_is_not_answered() {
+    let all = Driver::new(ViommuConfig::default(), &[], None)
+        .0
+        .dev
+        .device_features();
+    let (mut d, _) = Driver::new(ViommuConfig::default(), &[EP], Some(all & !(1 << F_PROBE)));
+    let (len, reply) = d.request(&probe(EP), 512 + 4);
+    assert_eq!(len, 0);
+    assert!(reply.iter().all(|&b| b == 0xaa));
+}
+
+#[test]
+fn config_space_reads_and_bypass_writes() {
+    let (mut d, h) = Driver::new(ViommuConfig::default(), &[EP], None);
+    let mut c = [0u8; 40];
+    d.dev.read_config(0, &mut c);
+    assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), !0xfff);
+    assert_eq!(u64::from_le_bytes(c[8..16].try_into().unwrap()), 0);
+    assert_eq!(
+        u64::from_le_bytes(c[16..24].try_into().unwrap()),
+        (1 << 48) - 1
+    );
+    assert_eq!(u32::from_le_bytes(c[24..28].try_into().unwrap()), 0);
+    assert_eq!(u32::from_le_bytes(c[28..32].try_into().unwrap()), u32::MAX);
+    assert_eq!(u32::from_le_bytes(c[32..36].try_into().unwrap()), 512);
+    assert_eq!(c[36], 1, "boot bypass");
+    assert_eq!(&c[37..40], &[0, 0, 0]);
+    // Partial and out-of-range reads.
+    let mut b = [0xffu8; 4];
+    d.dev.read_config(36, &mut b);
+    assert_eq!(b, [1, 0, 0, 0]);
+    d.dev.read_config(60, &mut b);
+    assert_eq!(b, [0; 4]);
+    // Writes: only bypass, only 0/1, only one byte.
+    d.dev.write_config(0, &[0; 8]);
+    d.dev.write_config(36, &[2]);
+    d.dev.write_config(36, &[0, 0]);
+    d.dev.read_config(0, &mut c);
+    assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), !0xfff);
+    assert_eq!(c[36], 1);
+    let ok = |h: &viommu::EndpointHandle| {
+        h.view()
+            .translate(0x1234, viommu::Access::Read)
+            .map(|m| m.gpa_of(0x1234))
+    };
+    assert_eq!(ok(&h[0]), Ok(0x1234), "unattached + bypass=1: identity");
+    d.dev.write_config(36, &[0]);
+    d.dev.read_config(36, &mut b[..1]);
+    assert_eq!(b[0], 0);
+    assert!(ok(&h[0]).is_err(), "unattached + bypass=0: denied");
+    // Device reset keeps the value.
+    d.dev.reset();
+    d.dev.read_config(36, &mut b[..1]);
+    assert_eq!(b[0], 0);
+    // System reset restores it.
+    d.dev.system_reset();
+    d.dev.read_config(36, &mut b[..1]);
+    assert_eq!(b[0], 1);
+}
+
+#[test]
+fn bypass_write_refused_without_the_feature() {
+    let all = Driver::new(ViommuConfig::default(), &[], None)
+        .0
+        .dev
+        .device_features();
+    let (mut d, _) = Driver::new(
+        ViommuConfig::default(),
+        &[EP],
+        Some(all & !(1 << F_BYPASS_CONFIG)),
+    );
+    d.dev.write_config(36, &[0]);
+    let mut b = [0u8; 1];
+    d.dev.read_config(36, &mut b);
+    assert_eq!(b[0], 1);
+    // Without BYPASS_CONFIG the ATTACH bypass flag is unknown.
+    assert_eq!(d.status(&attach(1, EP, 1)), INVAL);
+}
+
+#[test]
+fn mmio_flag_needs_the_feature() {
+    let all = Driver::new(ViommuConfig::default(), &[], None)
+        .0
+        .dev
+        .device_features();
+    let (mut d, _) = Driver::new(ViommuConfig::default(), &[EP], Some(all & !(1 << F_MMIO)));
+    assert_eq!(d.status(&attach(1, EP, 0)), OK);
+    assert_eq!(d.status(&map(1, 0, 0xfff, 0, RW | 4)), INVAL);
+    let mut d = driver();
+    assert_eq!(d.status(&attach(1, EP, 0)), OK);
+    assert_eq!(d.status(&map(1, 0, 0xfff, 0xd000_0000, RW | 4)), OK);
+}
+
+#[test]
+fn malformed_chains_are_returned_unwritten() {
+    let mut d = driver();
+    // Short.
+    let (len, reply) = d.request(&attach(1, EP, 0)[..16], 4);
+    assert_eq!((len, reply.as_slice()), (0, &[0xaa; 4][..]));
+    // Oversized.
+    let mut m = map(1, 0, 0xfff, 0, RW);
+    m.push(0);
+    let (len, reply) = d.request(&m, 4);
+    assert_eq!((len, reply.as_slice()), (0, &[0xaa; 4][..]));
+    // Unknown type.
+    let mut a = attach(1, EP, 0);
+    a[0] = 9;
+    let (len, reply) = d.request(&a, 4);
+    assert_eq!((len, reply.as_slice()), (0, &[0xaa; 4][..]));
+    // Writable part too short / too long.
+    let (len, _) = d.request(&attach(1, EP, 0), 2);
+    assert_eq!(len, 0);
+    let (len, _) = d.request(&attach(1, EP, 0), 8);
+    assert_eq!(len, 0);
+    // Wrong direction: writable before readable.
+    let body = attach(1, EP, 0);
+    let b = d.alloc(body.len(), 0);
+    d.mem
+        .write_slice(&body, vm_memory::GuestAddress(b))
+        .unwrap();
+    let r = d.alloc(4, 0xaa);
+    d.queue_req(&[(r, 4, true), (b, body.len() as u32, false)]);
+    d.kick();
+    assert_eq!(d.used_req()[0].1, 0);
+    assert_eq!(d.read(r, 4), vec![0xaa; 4]);
+    // Descriptor outside guest memory.
+    d.queue_req(&[(MEM_SIZE as u64 + 0x1000, 20, false), (r, 4, true)]);
+    d.kick();
+    assert_eq!(d.used_req()[0].1, 0);
+    // The ATTACH never happened, and the device still works.
+    assert_eq!(d.dev.domains().endpoint_domain(EP), Some(None));
+    assert_eq!(d.dev.counters().snapshot().malformed, 7);
+    assert_eq!(d.status(&attach(1, EP, 0)), OK);
+}
+
+#[test]
+fn request_split_across_descriptors() {
+    let mut d = driver();
+    let body = map(1, 0, 0xfff, 0, RW);
+    assert_eq!(d.status(&attach(1, EP, 0)), OK);
+    let b = d.alloc(body.len(), 0);
+    d.mem
+        .write_slice(&body, vm_memory::GuestAddress(b))
+        .unwrap();
+    let r = d.alloc(4, 0xaa);
+    d.queue_req(&[
+        (b, 4, false),
+        (b + 4, 32, false),
+        (r, 2, true),
+        (r + 2, 2, true),
+    ]);
+    d.kick();
+    assert_eq!(d.used_req()[0].1, 4);
+    assert_eq!(d.read(r, 4), vec![0; 4]);
+}
+
+#[test]
+fn interrupts_honour_suppression() {
+    let mut d = driver();
+    d.set_no_interrupt(true);
+    assert_eq!(d.status(&attach(1, EP, 0)), OK);
+    assert_eq!(d.irq.queue[0].load(Ordering::SeqCst), 0);
+    d.set_no_interrupt(false);
+    assert_eq!(d.status(&detach(1, EP)), OK);
+    assert_eq!(d.irq.queue[0].load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_batch_publishes_once() {
+    let (mut d, h) = Driver::new(ViommuConfig::default(), &[EP], None);
+    assert_eq!(d.status(&attach(1, EP, 0)), OK);
+    let g0 = h[0].view().generation;
+    let mut heads = Vec::new();
+    let mut replies = Vec::new();
+    for i in 0..8u64 {
+        let body = map(1, i << 12, (i << 12) + 0xfff, 0x40_0000 + (i << 12), RW);
+        let b = d.alloc(body.len(), 0);
+        d.mem
+            .write_slice(&body, vm_memory::GuestAddress(b))
+            .unwrap();
+        let r = d.alloc(4, 0xaa);
+        heads.push(d.queue_req(&[(b, body.len() as u32, false), (r, 4, true)]) as u32);
+        replies.push(r);
+    }
+    d.kick();
+    let used = d.used_req();
+    assert_eq!(used.iter().map(|u| u.0).collect::<Vec<_>>(), heads);
+    assert!(used.iter().all(|u| u.1 == 4));
+    assert!(replies.iter().all(|&r| d.read(r, 4) == vec![0; 4]));
+    assert_eq!(h[0].view().generation, g0 + 1, "one publication per batch");
+    assert_eq!(d.dev.domains().mappings(1).unwrap().len(), 8);
+}
+
+#[test]
+fn reset_detaches_everything() {
+    let (mut d, h) = Driver::new(ViommuConfig::default(), &[EP], None);
+    assert_eq!(d.status(&attach(1, EP, 0)), OK);
+    assert_eq!(d.status(&map(1, 0, 0xfff, 0, RW)), OK);
+    d.dev.reset();
+    assert_eq!(d.dev.domains().domain_count(), 0);
+    assert_eq!(d.dev.domains().endpoint_domain(EP), Some(None));
+    // Bypass is still 1: identity again.
+    assert!(h[0].view().translate(0x5000, viommu::Access::Write).is_ok());
+    // Requests before re-activation are ignored without panicking.
+    d.dev.queue_notify(0);
+}
