@@ -1,12 +1,21 @@
 //! `vmm`: a small KVM virtual machine monitor that boots unmodified Linux with PCI, ACPI,
 //! MSI-X and virtio-blk, built to host a guest-visible IOMMU.
+//!
+//! One file per idea: `memory` (layout, e820), `boot` (Linux boot protocol), `acpi` (tables),
+//! `vm` (KVM VM assembly), `vcpu` (registers, run loop), `bus` (exit dispatch), `irq` (GSI
+//! routing, irqfd, ioeventfd), `pci_host` (exits into the `pci` crate), `devices` (serial,
+//! legacy, virtio-blk), `machine` (a bootable Linux machine), `cli` and `logger` for the binary.
 
 pub mod acpi;
 pub mod boot;
 pub mod bus;
+pub mod cli;
 pub mod devices;
 pub mod irq;
 pub mod lifecycle;
+pub mod logger;
+pub mod machine;
 pub mod memory;
+pub mod pci_host;
 pub mod vcpu;
 pub mod vm;

@@ -1,2 +1,37 @@
 //! `vmm`: command line entry point.
-fn main() {}
+
+use std::process::ExitCode;
+
+use vmm::cli::{self, Command};
+use vmm::lifecycle::ExitReason;
+use vmm::machine::Machine;
+
+fn main() -> ExitCode {
+    let (config, level) = match cli::parse(std::env::args().skip(1)) {
+        Ok(Command::Run(c, l)) => (c, l),
+        Ok(Command::Help) => {
+            println!("{}", cli::USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("vmm: {e}\n\n{}", cli::USAGE);
+            return ExitCode::from(2);
+        }
+    };
+    vmm::logger::init(level);
+    let result = Machine::new(config).and_then(Machine::boot);
+    match result {
+        Ok(reason @ ExitReason::Error(_)) => {
+            eprintln!("vmm: guest failed: {reason:?}");
+            ExitCode::from(1)
+        }
+        Ok(reason) => {
+            log::info!("guest stopped: {reason:?}");
+            ExitCode::from(reason.exit_code() as u8)
+        }
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

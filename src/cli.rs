@@ -1,0 +1,161 @@
+//! Command-line parsing for the `vmm` binary.
+
+use std::path::PathBuf;
+
+use log::LevelFilter;
+
+use crate::devices::block::BlockConfig;
+use crate::machine::{MachineConfig, SerialOutput};
+use crate::memory::parse_size;
+
+/// Default kernel command line.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+/// Usage text.
+pub const USAGE: &str = "\
+usage: vmm --kernel BZIMAGE [options]
+  --kernel PATH         Linux bzImage to boot (required)
+  --initramfs PATH      initramfs (cpio, optionally compressed)
+  --cmdline STRING      kernel command line (default: \"console=ttyS0 reboot=k panic=1\")
+  --memory SIZE         guest RAM, e.g. 512M, 2G (default: 512M)
+  --cpus N              number of vCPUs (default: 2)
+  --disk path=FILE[,readonly=on][,iommu=on]
+                        virtio-blk disk backed by a raw file (repeatable)
+  --serial stdout|file=PATH
+                        where COM1 output goes (default: stdout)
+  --log-level LEVEL     off, error, warn, info, debug, trace (default: warn, or RUST_LOG)
+  -h, --help            show this help";
+
+/// Parsed command line.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Boot a machine.
+    Run(MachineConfig, LevelFilter),
+    /// Print help.
+    Help,
+}
+
+/// Parse arguments (without the program name).
+pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String> {
+    let mut kernel = None;
+    let mut initramfs = None;
+    let mut cmdline = DEFAULT_CMDLINE.to_string();
+    let mut memory = 512u64 << 20;
+    let mut cpus = 2u8;
+    let mut disks = Vec::new();
+    let mut serial = SerialOutput::Stdout;
+    let mut level = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(LevelFilter::Warn);
+    let mut it = args.into_iter();
+    while let Some(arg) = it.next() {
+        if arg == "-h" || arg == "--help" {
+            return Ok(Command::Help);
+        }
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        if !name.starts_with("--") {
+            return Err(format!("unexpected argument '{arg}'"));
+        }
+        let mut value = || -> Result<String, String> {
+            match inline.clone() {
+                Some(v) => Ok(v),
+                None => it.next().ok_or(format!("{name} needs a value")),
+            }
+        };
+        match name.as_str() {
+            "--kernel" => kernel = Some(PathBuf::from(value()?)),
+            "--initramfs" => initramfs = Some(PathBuf::from(value()?)),
+            "--cmdline" => cmdline = value()?,
+            "--memory" => {
+                let v = value()?;
+                memory = parse_size(&v).ok_or(format!("--memory: bad size '{v}'"))?;
+            }
+            "--cpus" => {
+                let v = value()?;
+                cpus = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=254).contains(n))
+                    .ok_or(format!("--cpus: expected 1..254, got '{v}'"))?;
+            }
+            "--disk" => disks.push(BlockConfig::parse(&value()?).map_err(|e| format!("--disk: {e}"))?),
+            "--serial" => {
+                let v = value()?;
+                serial = if v == "stdout" {
+                    SerialOutput::Stdout
+                } else if let Some(p) = v.strip_prefix("file=").filter(|p| !p.is_empty()) {
+                    SerialOutput::File(p.into())
+                } else {
+                    return Err(format!("--serial: expected stdout or file=PATH, got '{v}'"));
+                };
+            }
+            "--log-level" => {
+                let v = value()?;
+                level = crate::logger::parse_level(&v).ok_or(format!("--log-level: bad level '{v}'"))?;
+            }
+            _ => return Err(format!("unknown option '{name}'")),
+        }
+    }
+    let kernel = kernel.ok_or("--kernel is required")?;
+    Ok(Command::Run(
+        MachineConfig {
+            kernel,
+            initramfs,
+            cmdline,
+            memory,
+            cpus,
+            disks,
+            serial,
+        },
+        level,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(a: &[&str]) -> Result<Command, String> {
+        parse(a.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn defaults_and_full_set() {
+        let Command::Run(c, _) = p(&["--kernel", "/k"]).unwrap() else { panic!() };
+        assert_eq!(c.memory, 512 << 20);
+        assert_eq!(c.cpus, 2);
+        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(c.serial, SerialOutput::Stdout);
+        let Command::Run(c, l) = p(&[
+            "--kernel=/k", "--initramfs", "/i", "--cmdline", "console=ttyS0 quiet", "--memory", "1G",
+            "--cpus", "4", "--disk", "path=/a", "--disk", "path=/b,readonly=on,iommu=on",
+            "--serial", "file=/tmp/s", "--log-level", "debug",
+        ])
+        .unwrap() else { panic!() };
+        assert_eq!(c.initramfs, Some("/i".into()));
+        assert_eq!(c.cmdline, "console=ttyS0 quiet");
+        assert_eq!(c.memory, 1 << 30);
+        assert_eq!(c.cpus, 4);
+        assert_eq!(c.disks.len(), 2);
+        assert!(c.disks[1].readonly && c.disks[1].iommu);
+        assert_eq!(c.serial, SerialOutput::File("/tmp/s".into()));
+        assert_eq!(l, LevelFilter::Debug);
+    }
+
+    #[test]
+    fn errors_are_clear() {
+        assert!(p(&[]).unwrap_err().contains("--kernel"));
+        assert!(p(&["--kernel"]).unwrap_err().contains("needs a value"));
+        assert!(p(&["--kernel", "k", "--cpus", "0"]).unwrap_err().contains("--cpus"));
+        assert!(p(&["--kernel", "k", "--memory", "lots"]).unwrap_err().contains("--memory"));
+        assert!(p(&["--kernel", "k", "--serial", "tty"]).unwrap_err().contains("--serial"));
+        assert!(p(&["--kernel", "k", "--disk", "ro"]).unwrap_err().contains("--disk"));
+        assert!(p(&["--kernel", "k", "--frobnicate"]).unwrap_err().contains("unknown option"));
+        assert!(p(&["stray"]).unwrap_err().contains("unexpected"));
+        assert_eq!(p(&["--help"]).unwrap(), Command::Help);
+    }
+}

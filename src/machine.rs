@@ -1,0 +1,171 @@
+//! Assembles a bootable Linux machine: VM, legacy devices, PCI bus with virtio-blk disks,
+//! ACPI tables, kernel loading, and running it to completion.
+//!
+//! Extension points for features such as the vIOMMU: [`Machine::pci_bus`] to add PCI devices,
+//! [`Machine::add_acpi_table`] to add a table (e.g. VIOT) before [`Machine::boot`].
+
+use std::io::Write;
+
+use vm_memory::GuestAddressSpace;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use pci::{PciBus, PciWindows, VirtioPciDevice};
+
+use crate::acpi::{self, AcpiConfig};
+use crate::boot::{self, LinuxBoot};
+use crate::devices::block::{Block, BlockConfig};
+use crate::lifecycle::ExitReason;
+use crate::memory::{MMIO32_SIZE, MMIO32_START, PCI_IO_SIZE, PCI_IO_START};
+use crate::pci_host::PciExits;
+use crate::vm::{Vm, VmConfig, VmError};
+
+/// Where the guest's serial output goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialOutput {
+    /// The VMM's stdout.
+    Stdout,
+    /// A file (created or truncated).
+    File(PathBuf),
+}
+
+/// Everything needed to boot a guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MachineConfig {
+    /// bzImage.
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// RAM in bytes.
+    pub memory: u64,
+    /// vCPU count.
+    pub cpus: u8,
+    /// virtio-blk disks, in PCI slot order.
+    pub disks: Vec<BlockConfig>,
+    /// Serial output.
+    pub serial: SerialOutput,
+}
+
+/// Machine errors.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// VM creation or setup failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// A disk could not be opened or attached.
+    #[error("disk {0}: {1}")]
+    Disk(String, String),
+    /// The serial output file could not be created.
+    #[error("serial output {0}: {1}")]
+    Serial(String, std::io::Error),
+    /// ACPI tables could not be written.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    /// Kernel loading failed.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+}
+
+/// A VM with its devices, ready to boot.
+pub struct Machine {
+    /// The VM.
+    pub vm: Vm,
+    pci: Arc<PciBus>,
+    config: MachineConfig,
+    extra_tables: Vec<Vec<u8>>,
+}
+
+impl Machine {
+    /// Create the VM, legacy devices, the PCI bus and the disks.
+    pub fn new(config: MachineConfig) -> Result<Machine, MachineError> {
+        let vm = Vm::new(VmConfig {
+            cpus: config.cpus,
+            memory: config.memory,
+            irqchip: true,
+        })?;
+        let out: Box<dyn Write + Send> = match &config.serial {
+            SerialOutput::Stdout => Box::new(std::io::stdout()),
+            SerialOutput::File(p) => Box::new(
+                std::fs::File::create(p)
+                    .map_err(|e| MachineError::Serial(p.display().to_string(), e))?,
+            ),
+        };
+        vm.add_legacy_devices(out)?;
+        let pci = Arc::new(PciBus::new(PciWindows {
+            mmio32: (MMIO32_START, MMIO32_SIZE),
+            mmio64: vm.layout.mmio64,
+            io: (PCI_IO_START, PCI_IO_SIZE),
+        }));
+        vm.buses.set_fallback(Arc::new(PciExits::new(pci.clone())));
+        let mut m = Machine {
+            vm,
+            pci,
+            config,
+            extra_tables: Vec::new(),
+        };
+        for disk in m.config.disks.clone() {
+            m.add_disk(disk)?;
+        }
+        Ok(m)
+    }
+
+    /// The PCI bus (to add more devices before booting).
+    pub fn pci_bus(&self) -> &Arc<PciBus> {
+        &self.pci
+    }
+
+    /// Add a fully formed ACPI table (header and checksum included) to the XSDT.
+    pub fn add_acpi_table(&mut self, table: Vec<u8>) {
+        self.extra_tables.push(table);
+    }
+
+    /// Attach a virtio-blk disk; returns its PCI device number.
+    pub fn add_disk(&mut self, disk: BlockConfig) -> Result<u8, MachineError> {
+        let name = disk.path.display().to_string();
+        let blk = Block::new(disk).map_err(|e| MachineError::Disk(name.clone(), e.to_string()))?;
+        let dev = VirtioPciDevice::new(
+            Box::new(blk),
+            self.vm.memory.clone(),
+            self.vm.msi_manager()?,
+            self.vm.ioevent_manager(),
+        )
+        .map_err(|e| MachineError::Disk(name.clone(), e.to_string()))?;
+        let slot = self
+            .pci
+            .add_device(Arc::new(Mutex::new(dev)))
+            .map_err(|e| MachineError::Disk(name.clone(), e.to_string()))?;
+        log::info!("disk {name} at PCI 00:{slot:02x}.0");
+        Ok(slot)
+    }
+
+    /// Write ACPI tables, load the kernel, and run all vCPUs until the guest stops.
+    pub fn boot(self) -> Result<ExitReason, MachineError> {
+        let mem = self.vm.memory.memory();
+        let rsdp = acpi::write(
+            &*mem,
+            &AcpiConfig {
+                cpus: self.config.cpus,
+                mmio64: self.vm.layout.mmio64,
+                pci_io: (PCI_IO_START, PCI_IO_SIZE),
+                extra_tables: self.extra_tables.clone(),
+            },
+        )?;
+        let info = boot::load_linux(
+            &mem,
+            &self.vm.layout,
+            &LinuxBoot {
+                kernel: &self.config.kernel,
+                initramfs: self.config.initramfs.as_deref(),
+                cmdline: &self.config.cmdline,
+                rsdp,
+            },
+        )?;
+        drop(mem);
+        let vcpus = self.vm.create_vcpus()?;
+        self.vm.configure_boot_vcpu(&vcpus, &info)?;
+        Ok(self.vm.run(vcpus)?)
+    }
+}
+
