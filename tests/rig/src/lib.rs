@@ -1,1 +1,124 @@
 //! The real-guest test rig.
+//!
+//! A test describes [`Scenario`]s (a VMM command line, the script the L2 guest runs, its disks)
+//! and calls [`run`]. On a host with hardware KVM every scenario's VMM runs on the host; otherwise
+//! the rig boots one L1 Linux under QEMU TCG (nested SVM) and runs all scenarios inside it, one
+//! after another. Either way each scenario yields an [`Outcome`]: the L2 console, the VMM's exit
+//! status and stderr, the guest's `GUEST-EXIT` status.
+//!
+//! Images come from `guest-images/build.sh` (cached in `.cache/images`), the vmm is built
+//! statically for L1; both are (re)built on demand. Environment knobs: see [`RigConfig::from_env`].
+
+mod cpio;
+mod direct;
+mod env;
+mod error;
+mod nested;
+mod scenario;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+pub use cpio::{archive as cpio_archive, CpioFile};
+pub use env::{Mode, RigConfig, STATIC_TARGET};
+pub use error::RigError;
+pub use nested::MAX_DISKS_PER_L1;
+pub use scenario::{parse_guest_exit, tail_lines, Outcome, Program, Scenario, L2_SCRIPT_PATH};
+
+/// Prints a progress line on stderr.
+pub fn progress(msg: &str) {
+    eprintln!("rig: {msg}");
+}
+
+/// Runs `scenarios` with the configuration from the environment; outcomes in the same order.
+pub fn run(scenarios: &[Scenario]) -> Result<Vec<Outcome>, RigError> {
+    run_with(&RigConfig::from_env()?, scenarios)
+}
+
+/// Runs `scenarios` with an explicit configuration; outcomes in the same order.
+pub fn run_with(cfg: &RigConfig, scenarios: &[Scenario]) -> Result<Vec<Outcome>, RigError> {
+    validate(scenarios)?;
+    if scenarios.is_empty() {
+        return Ok(Vec::new());
+    }
+    let t = Instant::now();
+    let with_qemu = cfg.mode == Mode::Nested && scenarios.iter().any(|s| s.program == Program::Qemu);
+    cfg.ensure_images(with_qemu)?;
+    if scenarios.iter().any(|s| s.program == Program::Vmm) {
+        cfg.ensure_vmm()?;
+    }
+    let work = work_dir(cfg)?;
+    progress(&format!(
+        "running {} scenario(s) in {:?} mode (work dir {})",
+        scenarios.len(),
+        cfg.mode,
+        work.display()
+    ));
+    let result = match cfg.mode {
+        Mode::Direct => scenarios
+            .iter()
+            .enumerate()
+            .map(|(i, s)| direct::run_one(cfg, i, s, &work))
+            .collect::<Result<Vec<_>, _>>(),
+        Mode::Nested => {
+            let mut all = Vec::new();
+            let mut res = Ok(());
+            for (n, batch) in nested::batches(scenarios).into_iter().enumerate() {
+                let dir = work.join(format!("l1-{n}"));
+                if let Err(e) = std::fs::create_dir_all(&dir) {
+                    res = Err(RigError::io(format!("creating {}", dir.display()), e));
+                    break;
+                }
+                match nested::run_batch(cfg, batch, &dir) {
+                    Ok(o) => all.extend(o),
+                    Err(e) => {
+                        res = Err(e);
+                        break;
+                    }
+                }
+            }
+            res.map(|()| all)
+        }
+    };
+    match &result {
+        Ok(_) if !cfg.keep => {
+            let _ = std::fs::remove_dir_all(&work);
+        }
+        _ => progress(&format!("work dir kept: {}", work.display())),
+    }
+    progress(&format!("rig run took {:.1} s", t.elapsed().as_secs_f64()));
+    result
+}
+
+fn validate(scenarios: &[Scenario]) -> Result<(), RigError> {
+    let mut names = std::collections::HashSet::new();
+    for s in scenarios {
+        if s.name.is_empty() || s.name.contains(['\n', '\r']) {
+            return Err(RigError::Config(format!("bad scenario name {:?}", s.name)));
+        }
+        if !names.insert(s.name.as_str()) {
+            return Err(RigError::Config(format!("duplicate scenario name '{}'", s.name)));
+        }
+        if s.disks.len() > MAX_DISKS_PER_L1 {
+            return Err(RigError::Config(format!(
+                "scenario '{}' has {} disks, at most {MAX_DISKS_PER_L1} are supported",
+                s.name,
+                s.disks.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn work_dir(cfg: &RigConfig) -> Result<PathBuf, RigError> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let dir = cfg
+        .root
+        .join(".cache/rig")
+        .join(format!("run-{}-{stamp}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| RigError::io(format!("creating {}", dir.display()), e))?;
+    Ok(dir)
+}

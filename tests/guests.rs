@@ -1,0 +1,96 @@
+//! Real-guest scenarios (harness = false): boots Linux guests through the rig, checks what they
+//! saw, prints PASS/FAIL per scenario and exits non-zero on any failure.
+//!
+//!   cargo test --test guests                 # every scenario for our vmm
+//!   cargo test --test guests -- boot cpus    # scenarios whose name contains "boot" or "cpus"
+//!   cargo test --test guests -- qemu-        # the reference scenarios (QEMU as the L2 VMM)
+//!   cargo test --test guests -- --list       # list scenario names
+//!
+//! GUESTS_REFERENCE=1 adds the reference scenarios to an unfiltered run. Rig knobs (RIG_MODE,
+//! RIG_VERBOSE, RIG_KEEP, RIG_VMM, RIG_NO_BUILD): see the rig crate.
+
+#[path = "guests/boot.rs"]
+mod boot;
+#[path = "guests/common.rs"]
+mod common;
+#[path = "guests/selftest.rs"]
+mod selftest;
+
+use std::process::ExitCode;
+
+use common::Case;
+
+fn all_cases() -> Vec<Case> {
+    let mut v = selftest::cases();
+    v.extend(boot::cases());
+    v
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let list = args.iter().any(|a| a == "--list");
+    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+    let reference = std::env::var("GUESTS_REFERENCE").is_ok_and(|v| v == "1");
+
+    let cases: Vec<Case> = all_cases()
+        .into_iter()
+        .filter(|c| {
+            if filters.is_empty() {
+                reference || !c.reference
+            } else {
+                filters.iter().any(|f| c.scenario.name.contains(f.as_str()))
+            }
+        })
+        .collect();
+    if list {
+        for c in &cases {
+            println!("{}: test", c.scenario.name);
+        }
+        return ExitCode::SUCCESS;
+    }
+    if cases.is_empty() {
+        eprintln!("guests: no scenario matches {filters:?}");
+        return ExitCode::FAILURE;
+    }
+
+    let scenarios: Vec<rig::Scenario> = cases.iter().map(|c| c.scenario.clone()).collect();
+    let outcomes = match rig::run(&scenarios) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("guests: rig failed: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let mut failed = Vec::new();
+    for (case, outcome) in cases.iter().zip(&outcomes) {
+        let name = &case.scenario.name;
+        match (case.check)(outcome) {
+            Ok(()) => println!("PASS {name} ({:.1} s)", outcome.duration.as_secs_f64()),
+            Err(why) => {
+                println!("FAIL {name} ({:.1} s): {why}", outcome.duration.as_secs_f64());
+                println!("---- {name}: L2 console (last 40 lines) ----");
+                println!("{}", outcome.serial_tail(40));
+                println!("---- {name}: VMM stderr (last 40 lines) ----");
+                println!("{}", rig::tail_lines(&outcome.vmm_log, 40));
+                println!("---- end of {name} ----");
+                failed.push(name.clone());
+            }
+        }
+    }
+    if outcomes.len() != cases.len() {
+        println!("FAIL: rig returned {} outcomes for {} scenarios", outcomes.len(), cases.len());
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "guests: {} passed, {} failed{}",
+        cases.len() - failed.len(),
+        failed.len(),
+        if failed.is_empty() { String::new() } else { format!(": {}", failed.join(", ")) }
+    );
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

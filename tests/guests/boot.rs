@@ -1,0 +1,157 @@
+//! Core boot scenarios: L2 boots from our vmm with a virtio-blk disk, reads a pattern the host
+//! wrote, writes one back that the host finds in the image file; and a 2-vCPU boot.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use rig::{Outcome, Program, Scenario};
+
+use crate::common::{
+    clean_exit, kernel_log_clean, nonce, scratch_dir, value, Case, KERNEL_ERRORS_SH,
+};
+
+const MIB: usize = 1 << 20;
+const DISK_SIZE: usize = 64 * MIB;
+
+/// Deterministic pseudo-random bytes (xorshift64) from `seed`.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// What `yes LINE | head -c len` produces.
+fn yes_pattern(line: &str, len: usize) -> Vec<u8> {
+    let unit = format!("{line}\n").into_bytes();
+    unit.iter().copied().cycle().take(len).collect()
+}
+
+fn md5_hex(data: &[u8]) -> String {
+    let mut child = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run md5sum");
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A 64 MiB image whose first MiB is `first`, the rest zeros.
+fn make_disk(path: &Path, first: &[u8]) {
+    let mut f = std::fs::File::create(path).expect("create disk image");
+    f.write_all(first).unwrap();
+    f.set_len(DISK_SIZE as u64).unwrap();
+}
+
+fn disk_script(token: &str) -> String {
+    format!(
+        r#"#!/bin/sh
+set -e
+[ -b /dev/vda ] || {{ echo "no /dev/vda"; exit 10; }}
+echo "DISK-SECTORS $(cat /sys/block/vda/size)"
+echo "DISK-MD5 $(dd if=/dev/vda bs=65536 count=16 2>/dev/null | md5sum | cut -d' ' -f1)"
+yes "{token}" | head -c 1048576 | dd of=/dev/vda bs=65536 seek=16 iflag=fullblock conv=fsync 2>/dev/null
+echo 3 >/proc/sys/vm/drop_caches
+echo "DISK2-MD5 $(dd if=/dev/vda bs=65536 skip=16 count=16 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+{KERNEL_ERRORS_SH}
+exit 0
+"#
+    )
+}
+
+fn disk_check(image: PathBuf, first_md5: String, token: String) -> impl Fn(&Outcome) -> Result<(), String> {
+    move |o| {
+        clean_exit(o)?;
+        let sectors = value(&o.serial, "DISK-SECTORS").ok_or("no DISK-SECTORS line")?;
+        if sectors != (DISK_SIZE / 512).to_string() {
+            return Err(format!("guest sees {sectors} sectors, want {}", DISK_SIZE / 512));
+        }
+        let got = value(&o.serial, "DISK-MD5").ok_or("no DISK-MD5 line")?;
+        if got != first_md5 {
+            return Err(format!("guest read first MiB md5 {got}, host wrote {first_md5}"));
+        }
+        let written = yes_pattern(&token, MIB);
+        let got2 = value(&o.serial, "DISK2-MD5").ok_or("no DISK2-MD5 line")?;
+        if got2 != md5_hex(&written) {
+            return Err(format!("guest re-read its second MiB as md5 {got2}"));
+        }
+        let data = std::fs::read(&image).map_err(|e| format!("reading {}: {e}", image.display()))?;
+        if data.len() != DISK_SIZE {
+            return Err(format!("image size changed to {}", data.len()));
+        }
+        if md5_hex(&data[..MIB]) != first_md5 {
+            return Err("first MiB of the image changed".into());
+        }
+        if data[MIB..2 * MIB] != written[..] {
+            let off = data[MIB..2 * MIB]
+                .iter()
+                .zip(&written)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            return Err(format!("second MiB of the image differs from the guest's pattern at +{off:#x}"));
+        }
+        if let Some(off) = data[2 * MIB..].iter().position(|&b| b != 0) {
+            return Err(format!("stray write at {:#x}", 2 * MIB + off));
+        }
+        kernel_log_clean(o)
+    }
+}
+
+fn disk_case(name: &str, program: Program) -> Case {
+    let n = nonce();
+    let seed = u64::from_str_radix(&n[..n.len().min(15)], 16).unwrap_or(0x5eed);
+    let first = pattern(seed, MIB);
+    let image = scratch_dir().join(format!("{name}.img"));
+    make_disk(&image, &first);
+    let token = format!("rig-{n}");
+    let scenario = match program {
+        Program::Vmm => Scenario::vmm(name, disk_script(&token)),
+        Program::Qemu => Scenario::qemu(name, disk_script(&token)),
+    }
+    .disk(&image)
+    .timeout(Duration::from_secs(300));
+    let check = disk_check(image, md5_hex(&first), token);
+    match program {
+        Program::Vmm => Case::new(scenario, check),
+        Program::Qemu => Case::reference(scenario, check),
+    }
+}
+
+const CPUS_SCRIPT: &str = r#"#!/bin/sh
+echo "CPUS-ONLINE $(cat /sys/devices/system/cpu/online)"
+echo "NPROC $(nproc)"
+exit 0
+"#;
+
+fn cpus_check(o: &Outcome) -> Result<(), String> {
+    clean_exit(o)?;
+    match value(&o.serial, "CPUS-ONLINE") {
+        Some("0-1") => Ok(()),
+        other => Err(format!("online CPUs {other:?}, want \"0-1\"")),
+    }
+}
+
+/// `boot-disk`, `cpus2` (our vmm) and their QEMU references.
+pub fn cases() -> Vec<Case> {
+    vec![
+        disk_case("boot-disk", Program::Vmm),
+        Case::new(Scenario::vmm("cpus2", CPUS_SCRIPT).cpus(2), cpus_check),
+        disk_case("qemu-boot-disk", Program::Qemu),
+        Case::reference(Scenario::qemu("qemu-cpus2", CPUS_SCRIPT).cpus(2), cpus_check),
+    ]
+}
+

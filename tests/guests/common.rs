@@ -1,0 +1,106 @@
+//! Shared pieces of the real-guest scenarios: the case type and common checks.
+
+use std::path::PathBuf;
+
+use rig::{Outcome, Scenario};
+
+/// A check of one outcome: `Err(reason)` fails the scenario.
+pub type Check = Box<dyn Fn(&Outcome) -> Result<(), String>>;
+
+/// A scenario and the check its outcome must pass.
+pub struct Case {
+    /// What to run.
+    pub scenario: Scenario,
+    /// What must hold afterwards.
+    pub check: Check,
+    /// Reference cases (QEMU as the L2 VMM) check the rig and the images, not our vmm; they run
+    /// only when a name filter selects them or `GUESTS_REFERENCE=1`.
+    pub reference: bool,
+}
+
+impl Case {
+    /// A case for our vmm.
+    pub fn new(scenario: Scenario, check: impl Fn(&Outcome) -> Result<(), String> + 'static) -> Self {
+        Self { scenario, check: Box::new(check), reference: false }
+    }
+
+    /// A reference case (QEMU as the L2 VMM).
+    pub fn reference(scenario: Scenario, check: impl Fn(&Outcome) -> Result<(), String> + 'static) -> Self {
+        Self { scenario, check: Box::new(check), reference: true }
+    }
+}
+
+/// A value unique to this test run, so that output from an earlier run cannot pass a check.
+pub fn nonce() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{:x}{:x}", t & 0xffff_ffff_ffff, std::process::id())
+}
+
+/// A directory for this run's disk images (under the target directory).
+pub fn scratch_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("guests");
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// The VMM ran to the end: not killed, exit status 0, and the guest script reported 0.
+pub fn clean_exit(o: &Outcome) -> Result<(), String> {
+    if o.timed_out {
+        return Err("timed out".into());
+    }
+    if o.guest_exit != Some(0) {
+        return Err(format!("guest exit {:?}, want Some(0)", o.guest_exit));
+    }
+    if o.vmm_status != Some(0) {
+        return Err(format!("VMM exit status {:?}, want Some(0)", o.vmm_status));
+    }
+    Ok(())
+}
+
+/// The text between the lines `BEGIN` and `END` printed by the guest script.
+pub fn section<'a>(serial: &'a str, begin: &str, end: &str) -> Option<Vec<&'a str>> {
+    let mut lines = serial.lines().skip_while(|l| l.trim() != begin);
+    lines.next()?;
+    let mut out = Vec::new();
+    for l in lines {
+        if l.trim() == end {
+            return Some(out);
+        }
+        out.push(l);
+    }
+    None
+}
+
+/// The value printed by the guest as `KEY value` on a line of its own (last occurrence).
+pub fn value<'a>(serial: &'a str, key: &str) -> Option<&'a str> {
+    serial
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix(key).and_then(|r| r.strip_prefix(' ')))
+        .map(str::trim)
+}
+
+/// Guest script fragment printing the kernel log lines of level err or worse between markers.
+pub const KERNEL_ERRORS_SH: &str = r#"
+echo KERNEL-ERRORS-BEGIN
+dmesg -r | grep -E '^<[0-3]>' || true
+echo KERNEL-ERRORS-END
+"#;
+
+/// The guest's kernel log had no line of level err or worse, and the console no oops.
+pub fn kernel_log_clean(o: &Outcome) -> Result<(), String> {
+    let errors = section(&o.serial, "KERNEL-ERRORS-BEGIN", "KERNEL-ERRORS-END")
+        .ok_or("the kernel error section is missing from the console")?;
+    if !errors.is_empty() {
+        return Err(format!("kernel logged errors:\n{}", errors.join("\n")));
+    }
+    for bad in ["Kernel panic", "Call Trace:", "BUG:", "Oops"] {
+        if o.serial.contains(bad) {
+            return Err(format!("console contains {bad:?}"));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,482 @@
+//! Nested mode: one L1 Linux under QEMU TCG runs every scenario of a batch.
+//!
+//! The host builds an archive appended to L1's initramfs (the vmm, one directory per scenario
+//! under /rig/scenarios, see guest-images/l1/init) and boots L1 with two serial ports: ttyS0 is
+//! L1's console (kept in `l1-console.log`), ttyS1 is the rig channel (QEMU's stdout) on which L1
+//! frames each scenario's output with `@@RIG-*` marker lines.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::cpio::CpioFile;
+use crate::env::RigConfig;
+use crate::error::RigError;
+use crate::progress;
+use crate::scenario::{expand, tail_lines, Outcome, Placeholders, Program, Scenario};
+
+/// Disks one L1 boot gets at most (PCI slots on QEMU's q35 root bus, with room to spare).
+pub const MAX_DISKS_PER_L1: usize = 20;
+
+/// Longest line kept from the rig channel; longer ones are split.
+const MAX_LINE: usize = 64 * 1024;
+/// Most bytes of console or log kept per scenario.
+const MAX_CAPTURE: usize = 16 * 1024 * 1024;
+/// Lines remembered for error messages.
+const TAIL: usize = 30;
+
+/// Splits `scenarios` into batches that each fit one L1 boot, keeping the order.
+pub(crate) fn batches(scenarios: &[Scenario]) -> Vec<&[Scenario]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut disks = 0;
+    for (i, s) in scenarios.iter().enumerate() {
+        if i > start && disks + s.disks.len() > MAX_DISKS_PER_L1 {
+            out.push(&scenarios[start..i]);
+            start = i;
+            disks = 0;
+        }
+        disks += s.disks.len();
+    }
+    if start < scenarios.len() {
+        out.push(&scenarios[start..]);
+    }
+    out
+}
+
+/// Single-quotes `s` for /bin/sh.
+pub(crate) fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+fn disk_serial(idx: usize, disk: usize) -> String {
+    format!("s{idx:03}d{disk}")
+}
+
+/// The archive for L1: the vmm and one directory per scenario.
+fn l1_archive(cfg: &RigConfig, batch: &[Scenario]) -> Result<Vec<u8>, RigError> {
+    let mut files = Vec::new();
+    if batch.iter().any(|s| s.program == Program::Vmm) {
+        let vmm = std::fs::read(&cfg.vmm)
+            .map_err(|e| RigError::io(format!("reading {}", cfg.vmm.display()), e))?;
+        files.push(CpioFile::new("/usr/bin/vmm", 0o755, vmm));
+    }
+    for (idx, s) in batch.iter().enumerate() {
+        let dir = format!("/rig/scenarios/{idx:03}");
+        let initrd = format!("/tmp/rig-{idx:03}.initrd");
+        let ph = Placeholders {
+            kernel: "/l2/vmlinuz".into(),
+            initrd: initrd.clone(),
+            cmdline: s.l2_cmdline(),
+            disks: (0..s.disks.len())
+                .map(|d| format!("/dev/rigdisk/{}", disk_serial(idx, d)))
+                .collect(),
+        };
+        let args = expand(&s.effective_args(), &ph)
+            .map_err(|e| RigError::Config(format!("scenario '{}': {e}", s.name)))?;
+        let program = match s.program {
+            Program::Vmm => "/usr/bin/vmm",
+            Program::Qemu => "/usr/bin/qemu-system-x86_64",
+        };
+        let mut run = String::from("#!/bin/sh\nset -e\n");
+        if !s.l1_setup.trim().is_empty() {
+            run.push_str(&s.l1_setup);
+            run.push('\n');
+        }
+        run.push_str(&format!("cat /l2/initrd ./l2extra.cpio >{initrd}\nexec {program}"));
+        for a in &args {
+            run.push(' ');
+            run.push_str(&shell_quote(a));
+        }
+        run.push('\n');
+        files.push(CpioFile::new(format!("{dir}/run"), 0o755, run));
+        files.push(CpioFile::new(format!("{dir}/name"), 0o644, format!("{}\n", s.name)));
+        files.push(CpioFile::new(
+            format!("{dir}/timeout"),
+            0o644,
+            format!("{}\n", s.timeout.as_secs().max(1)),
+        ));
+        files.push(CpioFile::new(format!("{dir}/l2extra.cpio"), 0o644, s.l2_archive()));
+    }
+    Ok(crate::cpio::archive(&files))
+}
+
+/// Runs one batch in one L1 boot.
+pub(crate) fn run_batch(
+    cfg: &RigConfig,
+    batch: &[Scenario],
+    work: &Path,
+) -> Result<Vec<Outcome>, RigError> {
+    let images = cfg.images();
+    let mut initrd = Vec::new();
+    let mut parts = vec![images.join("l1.cpio.gz"), images.join("l1-l2.cpio")];
+    if batch.iter().any(|s| s.program == Program::Qemu) {
+        parts.push(images.join("l1-qemu.cpio"));
+    }
+    for p in &parts {
+        let mut f = std::fs::File::open(p)
+            .map_err(|e| RigError::io(format!("opening {}", p.display()), e))?;
+        f.read_to_end(&mut initrd)
+            .map_err(|e| RigError::io(format!("reading {}", p.display()), e))?;
+    }
+    initrd.extend_from_slice(&l1_archive(cfg, batch)?);
+    let initrd_path = work.join("l1-initrd");
+    std::fs::write(&initrd_path, &initrd)
+        .map_err(|e| RigError::io(format!("writing {}", initrd_path.display()), e))?;
+
+    let console = work.join("l1-console.log");
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "max"])
+        .args(["-smp", "2", "-m", "3072", "-display", "none", "-monitor", "none"])
+        .args(["-no-reboot", "-nodefaults"])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .args(["-serial", "stdio", "-kernel"])
+        .arg(images.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(&initrd_path)
+        .args(["-append", "console=ttyS0 panic=-1 loglevel=4 rigout=/dev/ttyS1"]);
+    let mut seen_l0: Vec<&Vec<String>> = Vec::new();
+    for (idx, s) in batch.iter().enumerate() {
+        for (d, path) in s.disks.iter().enumerate() {
+            let serial = disk_serial(idx, d);
+            let file = path.canonicalize().map_err(|e| {
+                RigError::io(format!("scenario '{}': disk {}", s.name, path.display()), e)
+            })?;
+            cmd.arg("-drive")
+                .arg(format!(
+                    "file={},if=none,id={serial},format=raw,cache=writeback",
+                    file.display()
+                ))
+                .arg("-device")
+                .arg(format!("virtio-blk-pci,drive={serial},serial={serial}"));
+        }
+        if !s.l0_args.is_empty() && !seen_l0.contains(&&s.l0_args) {
+            seen_l0.push(&s.l0_args);
+            cmd.args(&s.l0_args);
+        }
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+
+    let limit = Duration::from_secs(
+        batch.iter().map(|s| s.timeout.as_secs().max(1) + 5).sum::<u64>() + cfg.l1_allowance_secs,
+    );
+    progress(&format!(
+        "booting L1 under QEMU TCG for {} scenario(s) ({} MiB initramfs, global limit {} s)",
+        batch.len(),
+        initrd.len() >> 20,
+        limit.as_secs()
+    ));
+    let started = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| RigError::io("starting qemu-system-x86_64 (make deps)", e))?;
+    let result = drive(cfg, batch, &mut child, started, limit, &console);
+    let _ = child.kill();
+    let status = child.wait();
+    if let Err(e) = &result {
+        if cfg.verbose {
+            progress(&format!("L0 QEMU: {status:?}; error: {e}"));
+        }
+    }
+    result
+}
+
+/// A message from the reader threads.
+enum Msg {
+    Line(String),
+    Eof,
+    Stderr(String),
+}
+
+fn spawn_line_reader<R: Read + Send + 'static>(r: R, tx: mpsc::Sender<Msg>) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(r);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            // Read up to a newline, in bounded pieces.
+            let n = match (&mut reader).take(MAX_LINE as u64).read_until(b'\n', &mut buf) {
+                Ok(n) => n,
+                Err(_) => 0,
+            };
+            if n == 0 {
+                let _ = tx.send(Msg::Eof);
+                return;
+            }
+            let line = String::from_utf8_lossy(&buf)
+                .trim_end_matches('\n')
+                .replace('\r', "");
+            if tx.send(Msg::Line(line)).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// Per-scenario data as it arrives.
+#[derive(Default)]
+struct Partial {
+    serial: String,
+    stderr: String,
+    status: Option<i32>,
+    timed_out: bool,
+    ms: u64,
+}
+
+fn push_capped(buf: &mut String, line: &str) {
+    if buf.len() + line.len() < MAX_CAPTURE {
+        buf.push_str(line);
+        buf.push('\n');
+    }
+}
+
+/// Parses "key=value" words of a marker line.
+fn field(line: &str, key: &str) -> Option<String> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+        .map(str::to_string)
+}
+
+fn drive(
+    cfg: &RigConfig,
+    batch: &[Scenario],
+    child: &mut Child,
+    started: Instant,
+    limit: Duration,
+    console: &Path,
+) -> Result<Vec<Outcome>, RigError> {
+    let (tx, rx) = mpsc::channel();
+    if let Some(out) = child.stdout.take() {
+        spawn_line_reader(out, tx.clone());
+    }
+    if let Some(err) = child.stderr.take() {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = BufReader::new(err).take(MAX_CAPTURE as u64).read_to_string(&mut s);
+            let _ = tx.send(Msg::Stderr(s));
+        });
+    }
+    drop(tx);
+
+    let name_of = |id: &str| -> String {
+        id.parse::<usize>()
+            .ok()
+            .and_then(|i| batch.get(i))
+            .map(|s| s.name.clone())
+            .unwrap_or_else(|| format!("#{id}"))
+    };
+    let mut partial: HashMap<String, Partial> = HashMap::new();
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
+    let mut tail: VecDeque<String> = VecDeque::new();
+    // (id, in stderr section)
+    let mut current: Option<(String, bool)> = None;
+    let mut running: Option<String> = None;
+    let mut scenario_start = Instant::now();
+    let mut done = false;
+    let mut qemu_stderr = String::new();
+    let deadline = started + limit;
+
+    let last_lines = |tail: &VecDeque<String>| -> String {
+        let t: Vec<&str> = tail.iter().map(String::as_str).collect();
+        let mut s = t.join("\n");
+        if let Ok(c) = std::fs::read_to_string(console) {
+            s.push_str("\n--- L1 console (last lines) ---\n");
+            s.push_str(&tail_lines(&c, 15));
+        }
+        s
+    };
+
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(RigError::Timeout {
+                after: started.elapsed(),
+                running,
+                last_lines: last_lines(&tail),
+            });
+        }
+        let msg = match rx.recv_timeout(deadline - now) {
+            Ok(m) => m,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        let line = match msg {
+            Msg::Line(l) => l,
+            Msg::Stderr(s) => {
+                qemu_stderr = s;
+                continue;
+            }
+            Msg::Eof => break,
+        };
+        if cfg.verbose {
+            eprintln!("L1| {line}");
+        }
+        if tail.len() == TAIL {
+            tail.pop_front();
+        }
+        tail.push_back(line.clone());
+
+        if let Some(rest) = line.strip_prefix("@@RIG-") {
+            let mut words = rest.split_whitespace();
+            let tag = words.next().unwrap_or("");
+            let id = words.next().unwrap_or("").to_string();
+            match tag {
+                "L1-READY" => progress(&format!(
+                    "L1 ready after {:.1} s (L1 uptime {} ms)",
+                    started.elapsed().as_secs_f64(),
+                    field(&line, "ms").unwrap_or_default()
+                )),
+                "BEGIN" => {
+                    let name = name_of(&id);
+                    progress(&format!("[{name}] started"));
+                    scenario_start = Instant::now();
+                    running = Some(name);
+                    partial.insert(id.clone(), Partial::default());
+                    current = Some((id, false));
+                }
+                "END" => {
+                    if let Some(p) = partial.get_mut(&id) {
+                        // L1 prints a newline before the marker: drop the empty line it adds.
+                        if p.serial.ends_with("\n\n") || p.serial == "\n" {
+                            p.serial.pop();
+                        }
+                        p.status = field(&line, "status").and_then(|s| s.parse().ok());
+                        p.timed_out = field(&line, "timedout").as_deref() == Some("1");
+                        p.ms = field(&line, "ms").and_then(|s| s.parse().ok()).unwrap_or(0);
+                    }
+                    current = None;
+                    running = None;
+                }
+                "STDERR-BEGIN" => current = Some((id, true)),
+                "STDERR-END" => {
+                    current = None;
+                    if let (Some(p), Ok(idx)) = (partial.remove(&id), id.parse::<usize>()) {
+                        if let Some(slot) = outcomes.get_mut(idx) {
+                            let mut log = p.stderr;
+                            if log.ends_with("\n\n") || log == "\n" {
+                                log.pop();
+                            }
+                            let o = Outcome::new(
+                                name_of(&id),
+                                p.serial,
+                                if p.timed_out { None } else { p.status },
+                                log,
+                                p.timed_out,
+                                Duration::from_millis(p.ms),
+                            );
+                            progress(&format!(
+                                "[{}] finished in {:.1} s (host {:.1} s): {}vmm status {}, guest exit {}",
+                                o.name,
+                                o.duration.as_secs_f64(),
+                                scenario_start.elapsed().as_secs_f64(),
+                                if o.timed_out { "TIMED OUT, " } else { "" },
+                                o.vmm_status.map_or("none".into(), |s| s.to_string()),
+                                o.guest_exit.map_or("none".into(), |s| s.to_string()),
+                            ));
+                            if o.timed_out {
+                                progress(&format!(
+                                    "[{}] timed out after {} s; last console lines:\n{}",
+                                    o.name,
+                                    batch[idx].timeout.as_secs(),
+                                    o.serial_tail(15)
+                                ));
+                            }
+                            *slot = Some(o);
+                        }
+                    }
+                }
+                "L1-DONE" => {
+                    done = true;
+                    progress(&format!(
+                        "L1 done after {:.1} s",
+                        started.elapsed().as_secs_f64()
+                    ));
+                }
+                _ => {}
+            }
+            continue;
+        }
+        if let Some((id, in_stderr)) = &current {
+            if let Some(p) = partial.get_mut(id) {
+                if *in_stderr {
+                    push_capped(&mut p.stderr, &line);
+                } else {
+                    push_capped(&mut p.serial, &line);
+                }
+            }
+        }
+    }
+
+    // The channel ended: QEMU closed its stdout (it exited).
+    let missing: Vec<String> = batch
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, o)| o.is_none())
+        .map(|(s, _)| s.name.clone())
+        .collect();
+    if !done || !missing.is_empty() {
+        let status = match child.wait() {
+            Ok(s) => s.to_string(),
+            Err(e) => format!("wait failed: {e}"),
+        };
+        let mut last = last_lines(&tail);
+        if !qemu_stderr.trim().is_empty() {
+            last.push_str("\n--- L0 QEMU stderr ---\n");
+            last.push_str(&tail_lines(&qemu_stderr, 15));
+        }
+        if !missing.is_empty() {
+            last.push_str(&format!("\n(no result for: {})", missing.join(", ")));
+        }
+        return Err(RigError::L1Ended {
+            status,
+            running,
+            last_lines: last,
+        });
+    }
+    Ok(outcomes.into_iter().flatten().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_respect_disk_limit_and_order() {
+        let mk = |n: usize, disks: usize| {
+            let mut s = Scenario::vmm(format!("s{n}"), "true");
+            for d in 0..disks {
+                s = s.disk(format!("/d{d}"));
+            }
+            s
+        };
+        let list: Vec<Scenario> = vec![mk(0, 15), mk(1, 5), mk(2, 1), mk(3, 0), mk(4, 25)];
+        let b = batches(&list);
+        let names: Vec<Vec<&str>> = b
+            .iter()
+            .map(|x| x.iter().map(|s| s.name.as_str()).collect())
+            .collect();
+        assert_eq!(names, vec![vec!["s0", "s1"], vec!["s2", "s3"], vec!["s4"]]);
+        assert!(batches(&[]).is_empty());
+    }
+
+    #[test]
+    fn quoting_survives_single_quotes() {
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+    }
+
+    #[test]
+    fn marker_fields() {
+        let l = "@@RIG-END 003 status=1 timedout=0 ms=1234";
+        assert_eq!(field(l, "status").as_deref(), Some("1"));
+        assert_eq!(field(l, "ms").as_deref(), Some("1234"));
+        assert_eq!(field(l, "nope"), None);
+    }
+}

@@ -1,0 +1,393 @@
+//! What a test asks the rig to run, and what it gets back.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::cpio::CpioFile;
+
+/// Which VMM runs the L2 guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Program {
+    /// Our `vmm` binary.
+    Vmm,
+    /// `qemu-system-x86_64` (reference VMM; in nested mode copied into L1).
+    Qemu,
+}
+
+/// Path of the L2 scenario script inside the L2 initramfs.
+pub const L2_SCRIPT_PATH: &str = "/rig/scenario.sh";
+
+/// One real-guest run: a VMM command line, the script L2's /init runs, and the disks it gets.
+///
+/// `vmm_args` may contain placeholders, replaced by the rig with paths valid where the VMM runs
+/// (on the host in direct mode, inside L1 in nested mode):
+/// - `{kernel}`: the L2 kernel (bzImage); `{initrd}`: the L2 initramfs with the script appended;
+/// - `{cmdline}`: the whole L2 kernel command line (console, `run=` and `cmdline_extra`);
+/// - `{disk0}`, `{disk1}`, ...: the scenario's disks, in order.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// Unique name (used in progress lines and PASS/FAIL output).
+    pub name: String,
+    /// The VMM that runs L2.
+    pub program: Program,
+    /// Arguments for the program, with placeholders.
+    pub vmm_args: Vec<String>,
+    /// Shell script (busybox sh) L2 runs after loading its modules; its exit status becomes
+    /// `GUEST-EXIT <status>` on the console.
+    pub l2_script: String,
+    /// Extra files added to the L2 initramfs (programs, data).
+    pub l2_files: Vec<CpioFile>,
+    /// Words appended to the L2 kernel command line.
+    pub cmdline_extra: String,
+    /// Raw disk images on the host; L2 writes land in these files.
+    pub disks: Vec<PathBuf>,
+    /// vCPUs in the default arguments (ignored when `vmm_args` is set).
+    pub cpus: u32,
+    /// Time the VMM may run before it is killed.
+    pub timeout: Duration,
+    /// Shell commands run in L1 (nested mode only) before the VMM starts, e.g. binding a device
+    /// to vfio-pci. A failure fails the scenario (status of the run script).
+    pub l1_setup: String,
+    /// Extra arguments for the L0 QEMU (nested mode only), e.g. an emulated IOMMU for L1.
+    /// Identical lists from several scenarios of one run are added once.
+    pub l0_args: Vec<String>,
+}
+
+impl Scenario {
+    /// A scenario for our `vmm` with its default command line (512 MiB, 1 CPU, serial on stdout,
+    /// every disk as `--disk path={diskN}`).
+    pub fn vmm(name: impl Into<String>, l2_script: impl Into<String>) -> Self {
+        Self::new(name, Program::Vmm, l2_script)
+    }
+
+    /// A scenario for QEMU with a command line equivalent to [`Scenario::vmm`]'s, plus a
+    /// virtio-iommu that every disk sits behind.
+    pub fn qemu(name: impl Into<String>, l2_script: impl Into<String>) -> Self {
+        Self::new(name, Program::Qemu, l2_script)
+    }
+
+    fn new(name: impl Into<String>, program: Program, l2_script: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            program,
+            vmm_args: Vec::new(),
+            l2_script: l2_script.into(),
+            l2_files: Vec::new(),
+            cmdline_extra: String::new(),
+            disks: Vec::new(),
+            cpus: 1,
+            timeout: Duration::from_secs(300),
+            l1_setup: String::new(),
+            l0_args: Vec::new(),
+        }
+    }
+
+    /// Adds a disk (raw image file on the host).
+    pub fn disk(mut self, path: impl Into<PathBuf>) -> Self {
+        self.disks.push(path.into());
+        self
+    }
+
+    /// Sets the timeout.
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// Replaces the program arguments (placeholders allowed). Without this, defaults are
+    /// generated from the number of CPUs and disks when the scenario runs.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.vmm_args = args.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Appends words to the L2 kernel command line.
+    pub fn cmdline_extra(mut self, extra: impl Into<String>) -> Self {
+        self.cmdline_extra = extra.into();
+        self
+    }
+
+    /// Adds a file to the L2 initramfs.
+    pub fn l2_file(mut self, file: CpioFile) -> Self {
+        self.l2_files.push(file);
+        self
+    }
+
+    /// Default arguments for `program` with `cpus` vCPUs and `ndisks` disks.
+    pub fn default_args(program: Program, cpus: u32, ndisks: usize) -> Vec<String> {
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |s: &str| a.push(s.to_string());
+        match program {
+            Program::Vmm => {
+                for s in [
+                    "--kernel",
+                    "{kernel}",
+                    "--initramfs",
+                    "{initrd}",
+                    "--cmdline",
+                    "{cmdline}",
+                    "--memory",
+                    "512M",
+                    "--cpus",
+                    &cpus.to_string(),
+                    "--serial",
+                    "stdout",
+                ] {
+                    push(s);
+                }
+                for i in 0..ndisks {
+                    push("--disk");
+                    push(&format!("path={{disk{i}}}"));
+                }
+            }
+            Program::Qemu => {
+                for s in [
+                    "-machine",
+                    "q35,accel=kvm",
+                    "-cpu",
+                    "host",
+                    "-m",
+                    "512",
+                    "-smp",
+                    &cpus.to_string(),
+                    "-nodefaults",
+                    "-no-reboot",
+                    "-display",
+                    "none",
+                    "-serial",
+                    "stdio",
+                    "-monitor",
+                    "none",
+                    "-kernel",
+                    "{kernel}",
+                    "-initrd",
+                    "{initrd}",
+                    "-append",
+                    "{cmdline}",
+                    "-device",
+                    "virtio-iommu-pci",
+                ] {
+                    push(s);
+                }
+                for i in 0..ndisks {
+                    push("-drive");
+                    push(&format!("file={{disk{i}}},if=none,id=d{i},format=raw"));
+                    push("-device");
+                    push(&format!(
+                        "virtio-blk-pci,drive=d{i},iommu_platform=on,disable-legacy=on"
+                    ));
+                }
+            }
+        }
+        a
+    }
+
+    /// Sets the number of vCPUs of the default arguments.
+    pub fn cpus(mut self, n: u32) -> Self {
+        self.cpus = n;
+        self
+    }
+
+    /// The arguments actually used: `vmm_args`, or the defaults when empty.
+    pub fn effective_args(&self) -> Vec<String> {
+        if self.vmm_args.is_empty() {
+            Self::default_args(self.program, self.cpus, self.disks.len())
+        } else {
+            self.vmm_args.clone()
+        }
+    }
+
+    /// The L2 kernel command line.
+    pub fn l2_cmdline(&self) -> String {
+        let mut c = format!("console=ttyS0 panic=-1 loglevel=4 run={L2_SCRIPT_PATH}");
+        if !self.cmdline_extra.trim().is_empty() {
+            c.push(' ');
+            c.push_str(self.cmdline_extra.trim());
+        }
+        c
+    }
+
+    /// The archive appended to the L2 initramfs: the script and the extra files.
+    pub fn l2_archive(&self) -> Vec<u8> {
+        let mut files = vec![CpioFile::new(
+            L2_SCRIPT_PATH,
+            0o755,
+            self.l2_script.as_bytes().to_vec(),
+        )];
+        files.extend(self.l2_files.iter().cloned());
+        crate::cpio::archive(&files)
+    }
+}
+
+/// Paths the placeholders stand for, where the program runs.
+#[derive(Debug, Clone)]
+pub(crate) struct Placeholders {
+    pub kernel: String,
+    pub initrd: String,
+    pub cmdline: String,
+    pub disks: Vec<String>,
+}
+
+/// Replaces the placeholders in `args`. Unknown `{...}` words and disk indexes out of range are
+/// errors (a typo must not reach the VMM).
+pub(crate) fn expand(args: &[String], p: &Placeholders) -> Result<Vec<String>, String> {
+    args.iter().map(|a| expand_one(a, p)).collect()
+}
+
+fn expand_one(arg: &str, p: &Placeholders) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = arg;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 1..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("unclosed '{{' in argument {arg:?}"))?;
+        let key = &after[..end];
+        let value = match key {
+            "kernel" => p.kernel.clone(),
+            "initrd" => p.initrd.clone(),
+            "cmdline" => p.cmdline.clone(),
+            k if k.starts_with("disk") => {
+                let idx: usize = k[4..]
+                    .parse()
+                    .map_err(|_| format!("bad placeholder {{{k}}} in {arg:?}"))?;
+                p.disks
+                    .get(idx)
+                    .cloned()
+                    .ok_or_else(|| format!("{{{k}}} but the scenario has {} disk(s)", p.disks.len()))?
+            }
+            k => return Err(format!("unknown placeholder {{{k}}} in {arg:?}")),
+        };
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// What one scenario produced.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The scenario's name.
+    pub name: String,
+    /// The L2 console (the VMM's stdout), carriage returns removed.
+    pub serial: String,
+    /// The VMM's exit status; `None` when it was killed (timeout, signal).
+    pub vmm_status: Option<i32>,
+    /// The VMM's stderr.
+    pub vmm_log: String,
+    /// The status from the last `GUEST-EXIT <status>` line on the console, if any.
+    pub guest_exit: Option<i32>,
+    /// Whether the scenario's timeout killed the VMM.
+    pub timed_out: bool,
+    /// Wall time of the VMM run (in L1's clock in nested mode).
+    pub duration: Duration,
+}
+
+impl Outcome {
+    /// Builds an outcome, deriving `guest_exit` from the console text.
+    pub fn new(
+        name: String,
+        serial: String,
+        vmm_status: Option<i32>,
+        vmm_log: String,
+        timed_out: bool,
+        duration: Duration,
+    ) -> Self {
+        let guest_exit = parse_guest_exit(&serial);
+        Self {
+            name,
+            serial,
+            vmm_status,
+            vmm_log,
+            guest_exit,
+            timed_out,
+            duration,
+        }
+    }
+
+    /// The last `n` lines of the console, for error messages.
+    pub fn serial_tail(&self, n: usize) -> String {
+        tail_lines(&self.serial, n)
+    }
+}
+
+/// The status of the last `GUEST-EXIT <n>` line in `serial`.
+pub fn parse_guest_exit(serial: &str) -> Option<i32> {
+    serial.lines().rev().find_map(|l| {
+        let rest = l.trim().strip_prefix("GUEST-EXIT ")?;
+        rest.trim().parse().ok()
+    })
+}
+
+/// The last `n` lines of `text`.
+pub fn tail_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ph() -> Placeholders {
+        Placeholders {
+            kernel: "/l2/vmlinuz".into(),
+            initrd: "/tmp/i".into(),
+            cmdline: "console=ttyS0 run=/x".into(),
+            disks: vec!["/dev/rigdisk/s0d0".into(), "/dev/rigdisk/s0d1".into()],
+        }
+    }
+
+    #[test]
+    fn expands_placeholders() {
+        let args: Vec<String> = ["--kernel", "{kernel}", "--disk", "path={disk1},readonly=on", "{cmdline}"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let e = expand(&args, &ph()).unwrap();
+        assert_eq!(
+            e,
+            ["--kernel", "/l2/vmlinuz", "--disk", "path=/dev/rigdisk/s0d1,readonly=on", "console=ttyS0 run=/x"]
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_and_out_of_range_placeholders() {
+        assert!(expand(&["{kernal}".into()], &ph()).unwrap_err().contains("unknown"));
+        assert!(expand(&["{disk2}".into()], &ph()).unwrap_err().contains("2 disk"));
+        assert!(expand(&["{diskx}".into()], &ph()).is_err());
+        assert!(expand(&["a{kernel".into()], &ph()).unwrap_err().contains("unclosed"));
+    }
+
+    #[test]
+    fn default_vmm_args_name_every_disk() {
+        let s = Scenario::vmm("x", "true").cpus(2).disk("/a").disk("/b");
+        let a = s.effective_args();
+        let joined = a.join(" ");
+        assert!(joined.contains("--cpus 2"), "{joined}");
+        assert!(joined.contains("--disk path={disk0} --disk path={disk1}"), "{joined}");
+        assert!(joined.contains("--cmdline {cmdline}"));
+    }
+
+    #[test]
+    fn guest_exit_takes_the_last_marker() {
+        assert_eq!(parse_guest_exit("a\nGUEST-EXIT 3\nGUEST-EXIT 0\r\nx"), Some(0));
+        assert_eq!(parse_guest_exit("GUEST-EXIT 17"), Some(17));
+        assert_eq!(parse_guest_exit("no marker\nGUEST-EXIT abc"), None);
+    }
+
+    #[test]
+    fn cmdline_has_run_and_extra() {
+        let s = Scenario::vmm("x", "true").cmdline_extra(" iommu.strict=1 ");
+        assert_eq!(
+            s.l2_cmdline(),
+            "console=ttyS0 panic=-1 loglevel=4 run=/rig/scenario.sh iommu.strict=1"
+        );
+    }
+}
