@@ -25,7 +25,9 @@ pub const CONFIG_DATA_PORT: u16 = 0xcfc;
 /// Device numbers on a bus.
 pub const NUM_DEVICE_SLOTS: usize = 32;
 const CONFIG_ADDRESS_ENABLE: u32 = 1 << 31;
-const CONFIG_ADDRESS_MASK: u32 = 0x80ff_fffc;
+/// Enable, bus, device, function, register; bits 27:24 carry register bits 11:8 (the AMD
+/// extension reaching the extended config space).
+const CONFIG_ADDRESS_MASK: u32 = 0x8fff_fffc;
 
 /// The address windows the host bridge forwards to PCI, as (base, size).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -142,11 +144,25 @@ impl PciBus {
     /// Plug `dev` into the first free device number, allocate and program its BARs.
     /// Decoding stays disabled until the guest sets the command register.
     pub fn add_device(&self, dev: SharedDevice) -> Result<u8, PciError> {
+        self.plug(None, dev)
+    }
+
+    /// Plug `dev` at device number `slot` (1..=31), e.g. to keep a topology described in ACPI
+    /// stable. Fails with [`PciError::SlotTaken`] if the number is in use or out of range.
+    pub fn add_device_at(&self, slot: u8, dev: SharedDevice) -> Result<u8, PciError> {
+        self.plug(Some(slot), dev)
+    }
+
+    fn plug(&self, want: Option<u8>, dev: SharedDevice) -> Result<u8, PciError> {
         let mut slots = write(&self.slots);
-        let slot = slots
-            .iter()
-            .position(Option::is_none)
-            .ok_or(PciError::BusFull)?;
+        let slot = match want {
+            Some(s) if slots.get(usize::from(s)).is_some_and(Option::is_none) => usize::from(s),
+            Some(s) => return Err(PciError::SlotTaken(s)),
+            None => slots
+                .iter()
+                .position(Option::is_none)
+                .ok_or(PciError::BusFull)?,
+        };
         {
             let mut guard = lock(&dev);
             let mut alloc = lock(&self.allocators);
@@ -280,7 +296,7 @@ impl PciBus {
             (a >> 16) as u8,
             ((a >> 11) & 0x1f) as u8,
             ((a >> 8) & 0x7) as u8,
-            (a & 0xfc) as u16 + byte,
+            (((a >> 16) & 0xf00) | (a & 0xfc)) as u16 + byte,
         ))
     }
 

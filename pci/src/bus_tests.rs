@@ -141,7 +141,9 @@ fn host_bridge_and_absent_functions() {
     let mut b = [0; 4];
     bus.pio_write(0xcf8, &0xffff_ffffu32.to_le_bytes());
     assert!(bus.pio_read(0xcf8, &mut b));
-    assert_eq!(u32::from_le_bytes(b), 0x80ff_fffc);
+    assert_eq!(u32::from_le_bytes(b), 0x8fff_fffc);
+    // Extended register bits 27:24 reach past the first 256 bytes (here: zero, not ones).
+    assert_eq!(cf8_32(&bus, 0x8100_0000, 0, 4), 0);
     // Byte access to 0xcf9 (reset control) and unrelated ports are not ours.
     assert!(!bus.pio_write(0xcf9, &[6]));
     assert!(!bus.pio_read(0xcf8, &mut b[..2]));
@@ -203,6 +205,30 @@ fn sixty_four_bit_bars_fall_back_to_mmio32_and_windows_run_out() {
         bus.add_device(dev2),
         Err(PciError::BarAllocation { .. })
     ));
+}
+
+#[test]
+fn fixed_device_numbers() {
+    let bus = PciBus::new(WINDOWS);
+    let (a, _, _) = test_device();
+    let (b, _, _) = test_device();
+    let (c, _, _) = test_device();
+    assert_eq!(bus.add_device_at(5, a).unwrap(), 5);
+    assert!(matches!(
+        bus.add_device_at(5, b.clone()),
+        Err(PciError::SlotTaken(5))
+    ));
+    assert!(matches!(
+        bus.add_device_at(0, b.clone()),
+        Err(PciError::SlotTaken(0))
+    ));
+    assert!(matches!(
+        bus.add_device_at(32, b.clone()),
+        Err(PciError::SlotTaken(32))
+    ));
+    assert_eq!(bus.add_device(b).unwrap(), 1);
+    assert_eq!(bus.add_device(c).unwrap(), 2);
+    assert_eq!(ecam32(&bus, ecam(5, 0)), 0x0011_1234);
 }
 
 #[test]

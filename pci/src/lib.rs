@@ -45,6 +45,9 @@ pub enum PciError {
     /// All 31 device numbers of bus 0 are taken.
     #[error("PCI bus 0 is full")]
     BusFull,
+    /// The requested device number is taken or above 31.
+    #[error("device number {0} is taken or out of range")]
+    SlotTaken(u8),
     /// The capability list does not fit in the first 256 bytes of config space.
     #[error("no room for a {0}-byte capability in config space")]
     CapabilitySpaceFull(usize),

@@ -217,6 +217,16 @@ impl VirtioPciDevice {
         self.activated
     }
 
+    /// The wrapped device model.
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    /// The wrapped device model, mutably.
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
     /// The interrupt handle given to the device on activation (also usable to signal a
     /// configuration change from outside).
     pub fn interrupt(&self) -> Arc<dyn VirtioInterrupt> {
