@@ -194,25 +194,36 @@ fn deliver(q: &mut EventQueue, fault: &Fault) -> bool {
             break;
         };
         let head = chain.head_index();
-        let mut written = 0usize;
+        // Collect the writable segments first: a buffer too small is not written at all.
+        let mut segs = [(vm_memory::GuestAddress(0), 0usize); 4];
+        let mut n = 0;
+        let mut room = 0usize;
         let mut ok = true;
         for desc in chain {
-            if written == FAULT_SIZE {
+            if room >= FAULT_SIZE {
                 break;
             }
-            if !desc.is_write_only() {
+            if !desc.is_write_only() || n == segs.len() {
                 ok = false;
                 break;
             }
-            let n = (desc.len() as usize).min(FAULT_SIZE - written);
-            if mem
-                .write_slice(&bytes[written..written + n], desc.addr())
-                .is_err()
-            {
-                ok = false;
-                break;
+            let take = (desc.len() as usize).min(FAULT_SIZE - room);
+            segs[n] = (desc.addr(), take);
+            n += 1;
+            room += take;
+        }
+        let mut written = 0usize;
+        if ok && room == FAULT_SIZE {
+            for &(addr, len) in &segs[..n] {
+                if mem
+                    .write_slice(&bytes[written..written + len], addr)
+                    .is_err()
+                {
+                    ok = false;
+                    break;
+                }
+                written += len;
             }
-            written += n;
         }
         let used = if ok && written == FAULT_SIZE {
             FAULT_SIZE as u32
