@@ -328,50 +328,50 @@ fn bar_dispatch_follows_decoding_and_moves() {
     assert!(bus.mmio_read(0xd000_0000, &mut b));
 }
 
-#[test]
-fn virtio_device_on_the_bus() {
-    use crate::msix::tests::FakeMsi;
-    use crate::virtio_device::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
-    use crate::virtio_pci::VirtioPciDevice;
-    use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
-    use vmm_sys_util::eventfd::EventFd;
+use crate::msix::tests::FakeMsi;
+use crate::virtio_device::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
+use crate::virtio_pci::VirtioPciDevice;
+use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
-    struct Null;
-    impl VirtioDevice for Null {
-        fn device_type(&self) -> u32 {
-            2
-        }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[128]
-        }
-        fn device_features(&self) -> u64 {
-            1 << 32
-        }
-        fn read_config(&self, _offset: u64, data: &mut [u8]) {
-            data.fill(0x77);
-        }
-        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-        fn activate(
-            &mut self,
-            _mem: GuestMemoryAtomic<GuestMemoryMmap>,
-            _acked: u64,
-            _queues: Vec<QueueConfig>,
-            _kicks: Vec<EventFd>,
-            _interrupt: Arc<dyn VirtioInterrupt>,
-        ) -> Result<(), ActivateError> {
-            Ok(())
-        }
-        fn reset(&mut self) {}
+struct Null;
+impl VirtioDevice for Null {
+    fn device_type(&self) -> u32 {
+        2
     }
-    struct NoIoEvents;
-    impl crate::irq::IoEventManager for NoIoEvents {
-        fn register(&self, _fd: &EventFd, _addr: u64) -> std::io::Result<()> {
-            Err(std::io::Error::other("none"))
-        }
-        fn unregister(&self, _fd: &EventFd, _addr: u64) -> std::io::Result<()> {
-            Ok(())
-        }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[128]
     }
+    fn device_features(&self) -> u64 {
+        1 << 32
+    }
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0x77);
+    }
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    fn activate(
+        &mut self,
+        _mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        _acked: u64,
+        _queues: Vec<QueueConfig>,
+        _kicks: Vec<EventFd>,
+        _interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        Ok(())
+    }
+    fn reset(&mut self) {}
+}
+struct NoIoEvents;
+impl crate::irq::IoEventManager for NoIoEvents {
+    fn register(&self, _fd: &EventFd, _addr: u64) -> std::io::Result<()> {
+        Err(std::io::Error::other("none"))
+    }
+    fn unregister(&self, _fd: &EventFd, _addr: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn virtio_device() -> SharedDevice {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
     let dev = VirtioPciDevice::new(
         Box::new(Null),
@@ -380,8 +380,13 @@ fn virtio_device_on_the_bus() {
         Arc::new(NoIoEvents),
     )
     .unwrap();
+    Arc::new(Mutex::new(dev))
+}
+
+#[test]
+fn virtio_device_on_the_bus() {
     let bus = PciBus::new(WINDOWS);
-    let slot = bus.add_device(Arc::new(Mutex::new(dev))).unwrap();
+    let slot = bus.add_device(virtio_device()).unwrap();
     assert_eq!(ecam32(&bus, ecam(slot, 0)), 0x1042_1af4);
     let low = ecam32(&bus, ecam(slot, 0x10));
     let high = ecam32(&bus, ecam(slot, 0x14));
@@ -445,4 +450,82 @@ fn hostile_config_and_bar_accesses_do_not_panic() {
         ecam32(&bus, 0),
         u32::from(HOST_BRIDGE_DEVICE_ID) << 16 | u32::from(HOST_BRIDGE_VENDOR_ID)
     );
+}
+
+/// Deterministic xorshift so a failure reproduces.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[(self.next() % items.len() as u64) as usize]
+    }
+}
+
+#[test]
+fn random_guest_accesses_do_not_panic() {
+    let bus = PciBus::new(WINDOWS);
+    let (dev, _, _) = test_device();
+    bus.add_device(dev).unwrap();
+    bus.add_device(virtio_device()).unwrap();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut bar_hits = 0;
+    for _ in 0..100_000 {
+        let len = rng.pick(&[0usize, 1, 2, 3, 4, 4, 4, 8]);
+        let mut data = rng.next().to_le_bytes().to_vec();
+        data.resize(len, 0);
+        let write = rng.next() & 1 == 0;
+        if rng.next() & 63 == 0 {
+            // Keep decoding on most of the time so BAR accesses reach the devices.
+            bus.ecam_write(ecam(rng.pick(&[1, 2]), 4), &[7, 0]);
+        }
+        match rng.next() % 3 {
+            0 => {
+                let off = ecam(rng.pick(&[0, 1, 2, 3]), (rng.next() % 0x1008) as u16);
+                if write {
+                    bus.ecam_write(off, &data)
+                } else {
+                    bus.ecam_read(off, &mut data)
+                }
+            }
+            1 => {
+                let port = rng.pick(&[
+                    0xcf8u16, 0xcf9, 0xcfc, 0xcfd, 0xcfe, 0xcff, 0x1000, 0x1010, 0x101f,
+                ]);
+                if write {
+                    bus.pio_write(port, &data);
+                } else {
+                    bus.pio_read(port, &mut data);
+                }
+            }
+            _ => {
+                // Somewhere around a BAR the guest currently programs.
+                let slot = rng.pick(&[1u8, 2]);
+                let low = ecam32(&bus, ecam(slot, 0x10)) & !0xf;
+                let high = if slot == 2 {
+                    ecam32(&bus, ecam(slot, 0x14))
+                } else {
+                    0
+                };
+                let base = u64::from(high) << 32 | u64::from(low);
+                let addr = base.wrapping_add(rng.next() % 0x10010);
+                let hit = if write {
+                    bus.mmio_write(addr, &data)
+                } else {
+                    bus.mmio_read(addr, &mut data)
+                };
+                bar_hits += usize::from(hit);
+            }
+        }
+    }
+    let ids = u32::from(HOST_BRIDGE_DEVICE_ID) << 16 | u32::from(HOST_BRIDGE_VENDOR_ID);
+    assert_eq!(ecam32(&bus, 0), ids);
+    assert_eq!(ecam32(&bus, ecam(2, 0)), 0x1042_1af4);
+    // The BAR accesses really reached devices.
+    assert!(bar_hits > 1000, "only {bar_hits} BAR hits");
 }
