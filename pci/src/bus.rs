@@ -42,6 +42,21 @@ pub struct PciWindows {
 
 type SharedDevice = Arc<Mutex<dyn PciDevice>>;
 
+/// A BAR that currently decodes guest accesses (see [`PciBus::decoded_bars`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodedBar {
+    /// Device number on bus 0.
+    pub slot: u8,
+    /// BAR index.
+    pub bar: u8,
+    /// First address (memory address or I/O port).
+    pub start: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// I/O port BAR rather than memory.
+    pub io: bool,
+}
+
 /// A BAR that currently decodes: `[start, end)` goes to `bar` of the device in `slot`.
 #[derive(Clone)]
 struct Route {
@@ -252,6 +267,20 @@ impl PciBus {
         if let Some((b, d, f, reg)) = Self::ecam_target(offset) {
             self.config_write(b, d, f, reg, data);
         }
+    }
+
+    /// Every BAR that decodes right now, e.g. to resolve a DMA address that targets a BAR.
+    pub fn decoded_bars(&self) -> Vec<DecodedBar> {
+        read(&self.routes)
+            .iter()
+            .map(|r| DecodedBar {
+                slot: r.slot,
+                bar: r.bar,
+                start: r.start,
+                size: (r.end - u128::from(r.start)) as u64,
+                io: r.io,
+            })
+            .collect()
     }
 
     /// MMIO read from whichever enabled memory BAR holds `addr`; false if none does.

@@ -291,8 +291,30 @@ fn bar_dispatch_follows_decoding_and_moves() {
     // Decoding disabled: nothing answers.
     assert!(!bus.mmio_read(bar0, &mut b));
     assert!(!bus.pio_read(io, &mut b));
+    assert!(bus.decoded_bars().is_empty());
     // Memory decoding on.
     bus.ecam_write(ecam(slot, 4), &2u16.to_le_bytes());
+    let mut decoded = bus.decoded_bars();
+    decoded.sort_by_key(|d| d.bar);
+    assert_eq!(
+        decoded,
+        vec![
+            DecodedBar {
+                slot,
+                bar: 0,
+                start: bar0,
+                size: 0x1000,
+                io: false
+            },
+            DecodedBar {
+                slot,
+                bar: 1,
+                start: bar1,
+                size: 0x4000,
+                io: false
+            },
+        ]
+    );
     assert!(bus.mmio_read(bar0 + 0x10, &mut b));
     assert_eq!(b, [1; 4]);
     assert!(bus.mmio_write(bar1 + 0x3ff8, &[0; 8]));

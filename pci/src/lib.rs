@@ -15,7 +15,7 @@ pub mod virtio_device;
 pub mod virtio_pci;
 
 pub use bar::AddressAllocator;
-pub use bus::{PciBus, PciWindows, HOST_BRIDGE_DEVICE_ID, HOST_BRIDGE_VENDOR_ID};
+pub use bus::{DecodedBar, PciBus, PciWindows, HOST_BRIDGE_DEVICE_ID, HOST_BRIDGE_VENDOR_ID};
 pub use config::{PciConfigSpace, PciHeader};
 pub use device::{BarKind, BarRegion, PciDevice};
 pub use irq::{IoEventManager, MsiIrqManager, MsiMessage, MsiVector};
