@@ -113,6 +113,11 @@ impl Driver {
         )
     }
 
+    /// Forget every data buffer allocated so far (their completions must have been seen).
+    pub fn reset_data(&mut self) {
+        self.next_data = 0x10_0000;
+    }
+
     /// Allocate `len` bytes of data buffer, filled with `fill`.
     pub fn alloc(&mut self, len: usize, fill: u8) -> u64 {
         let a = self.next_data;
