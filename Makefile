@@ -1,0 +1,79 @@
+# Entry points for building, running and testing the VMM. See README.md ("Make targets").
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+CARGO ?= cargo
+STATIC_TARGET := x86_64-unknown-linux-gnu
+STATIC_VMM := target/$(STATIC_TARGET)/release/vmm
+# `make run PROGRAM=qemu` boots the demo guest with QEMU instead of our vmm.
+PROGRAM ?= vmm
+# `make test-guests FILTER="boot cpus"` runs only matching real-guest scenarios.
+FILTER ?=
+
+# Integration test targets of every crate except the real-guest one (stage 2, includes the
+# host-KVM tiny-guest tests kvm_*).
+INTEGRATION_TESTS := $(sort $(filter-out guests,$(basename $(notdir \
+	$(wildcard tests/*.rs pci/tests/*.rs viommu/tests/*.rs tests/rig/tests/*.rs)))))
+
+STAGE_TIMES := $(CURDIR)/.cache/stage-times.tsv
+TIMED := STAGE_TIMES=$(STAGE_TIMES) .ci/timed
+
+.PHONY: all deps guest-image vmm-static run test test-unit test-integration test-images \
+	test-guests clean distclean
+
+all: vmm-static guest-image
+
+## deps: host packages: QEMU 10 (bookworm-backports, apt source derived from debian.sources).
+deps:
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup)" >&2; exit 1; }
+	@command -v xz >/dev/null && command -v dpkg-deb >/dev/null || { \
+		echo "deps: installing xz-utils"; apt-get install -y -q xz-utils; }
+	guest-images/deps.sh all
+
+## guest-image: kernel + L1/L2 initramfs under .cache/images (no-op when up to date).
+guest-image:
+	guest-images/build.sh images
+
+## vmm-static: the statically linked vmm copied into L1 for nested runs.
+vmm-static:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --target $(STATIC_TARGET) --bin vmm
+
+## run: build what is missing, boot the demo guest through the rig, print what it saw.
+run: deps guest-image vmm-static
+	RIG_NO_BUILD=1 $(CARGO) run -q -p rig --example demo -- $(PROGRAM)
+
+## test: all stages, each timed; stops at the first failing stage.
+test:
+	@mkdir -p .cache && : >$(STAGE_TIMES)
+	@start=$$(date +%s); rc=0; \
+	for stage in test-unit test-integration test-images test-guests; do \
+		$(MAKE) --no-print-directory $$stage || { rc=$$?; break; }; \
+	done; \
+	echo "==> stage times (s):"; awk -F'\t' '{ printf "    %-16s %8s s  %s\n", $$1, $$2, $$3 }' $(STAGE_TIMES); \
+	echo "==> make test: $$( [ $$rc = 0 ] && echo ok || echo FAILED ) in $$(( $$(date +%s) - start )) s"; \
+	exit $$rc
+
+## test-unit (stage 1): unit tests and doc tests of every crate.
+test-unit:
+	$(TIMED) 1-unit bash -c '$(CARGO) test --workspace --lib --bins && $(CARGO) test --workspace --doc'
+
+## test-integration (stage 2): integration tests, incl. the fast host-KVM tests (kvm_*).
+test-integration:
+	$(TIMED) 2-integration $(CARGO) test --workspace $(addprefix --test ,$(INTEGRATION_TESTS))
+
+## test-images (stage 3): host deps, guest images, static vmm.
+test-images:
+	$(TIMED) 3-images bash -c '$(MAKE) --no-print-directory deps guest-image vmm-static'
+
+## test-guests (stage 4): real Linux guests through the rig (nested under QEMU TCG here).
+test-guests:
+	$(TIMED) 4-guests env RIG_NO_BUILD=1 $(CARGO) test --test guests -- $(FILTER)
+
+## clean: build outputs (cargo target dir, images, rig work dirs); keeps downloaded packages.
+clean:
+	$(CARGO) clean
+	rm -rf .cache/images .cache/build .cache/rig .cache/stage-times.tsv
+
+## distclean: clean, plus every download under .cache.
+distclean: clean
+	rm -rf .cache
