@@ -14,6 +14,7 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::devices::serial::{COM1_IRQ, COM1_PORT};
 use crate::memory::{ECAM_SIZE, ECAM_START, IOAPIC_START, LAPIC_START, MMIO32_SIZE, MMIO32_START};
 
 /// Where the RSDP is written (inside the legacy BIOS area Linux also scans).
@@ -130,7 +131,33 @@ pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
         Path::new("MBRD"),
         mb_children.iter().map(|n| n as &dyn Aml).collect(),
     );
-    let sb = aml::Scope::new(Path::new("\\_SB_"), vec![&pci0, &mbrd]);
+    // COM1 and the RTC must be described: with hardware-reduced ACPI Linux has no legacy PIC
+    // and maps ISA IRQs only for devices ACPI names (else the 8250 driver cannot get IRQ 4).
+    let com1_irq = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
+    let com1_io = aml::IO::new(COM1_PORT, COM1_PORT, 1, 8);
+    let com1_crs = aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]);
+    let com1_hid = EISAName::new("PNP0501");
+    let com1_children = [
+        Name::new(Path::new("_HID"), &com1_hid),
+        Name::new(Path::new("_UID"), &aml::ONE),
+        Name::new(Path::new("_CRS"), &com1_crs),
+    ];
+    let com1 = aml::Device::new(
+        Path::new("COM1"),
+        com1_children.iter().map(|n| n as &dyn Aml).collect(),
+    );
+    let rtc_io = aml::IO::new(0x70, 0x70, 1, 2);
+    let rtc_crs = aml::ResourceTemplate::new(vec![&rtc_io]);
+    let rtc_hid = EISAName::new("PNP0B00");
+    let rtc_children = [
+        Name::new(Path::new("_HID"), &rtc_hid),
+        Name::new(Path::new("_CRS"), &rtc_crs),
+    ];
+    let rtc = aml::Device::new(
+        Path::new("RTC_"),
+        rtc_children.iter().map(|n| n as &dyn Aml).collect(),
+    );
+    let sb = aml::Scope::new(Path::new("\\_SB_"), vec![&pci0, &mbrd, &com1, &rtc]);
     let s5_pkg = aml::Package::new(vec![&S5_SLEEP_TYPE]);
     let s5 = Name::new(Path::new("_S5_"), &s5_pkg);
 
@@ -378,6 +405,10 @@ mod tests {
         assert!(contains(&d, b"_S5_"));
         assert!(contains(&d, b"_SEG"));
         assert!(contains(&d, b"_BBN"));
+        // COM1 (PNP0501) with IO 0x3f8 and an extended IRQ descriptor for IRQ 4.
+        assert!(contains(&d, &[0x0c, 0x41, 0xd0, 0x05, 0x01]));
+        assert!(contains(&d, &[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]));
+        assert!(contains(&d, &[0x89, 0x06, 0x00, 0x03, 0x01, 0x04, 0x00, 0x00, 0x00]));
         // EISA id of PNP0A08 encoded as in the spec: 0x080AD041.
         assert!(contains(&d, &[0x0c, 0x41, 0xd0, 0x0a, 0x08]));
         assert!(contains(&d, &[0x0c, 0x41, 0xd0, 0x0a, 0x03]));

@@ -7,7 +7,7 @@
 //! with used length 0 otherwise; the device keeps working.
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -186,7 +186,8 @@ impl BlockBackend {
             .read(true)
             .write(!cfg.readonly)
             .open(&cfg.path)?;
-        let len = file.metadata()?.len();
+        // Seek to the end rather than stat: block devices report a length of 0.
+        let len = (&file).seek(SeekFrom::End(0))?;
         let mut id = [0u8; ID_BYTES];
         let name = cfg
             .path

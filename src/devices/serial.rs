@@ -19,6 +19,7 @@ pub struct EventFdTrigger(pub EventFd);
 impl Trigger for EventFdTrigger {
     type E = io::Error;
     fn trigger(&self) -> io::Result<()> {
+        log::trace!("serial: interrupt");
         self.0.write(1)
     }
 }
@@ -46,6 +47,9 @@ impl BusDevice for SerialDevice {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let Some(&v) = data.first() {
+            if offset == 1 {
+                log::trace!("serial: write {offset} = {v:#x}");
+            }
             if let Err(e) = self.serial.write(offset as u8, v) {
                 log::warn!("serial write failed: {e:?}");
             }
