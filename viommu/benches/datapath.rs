@@ -30,7 +30,13 @@ fn main() {
             let batch = (n - i).min(QSIZE as u64 / 2);
             for j in 0..batch {
                 let k = i + j;
-                let body = map(1, 0x1_0000_0000 + (k << 12), 0x1_0000_0000 + (k << 12) + 0xfff, 0x10_0000, RW);
+                let body = map(
+                    1,
+                    0x1_0000_0000 + (k << 12),
+                    0x1_0000_0000 + (k << 12) + 0xfff,
+                    0x10_0000,
+                    RW,
+                );
                 let b = d.alloc(body.len(), 0);
                 d.mem.write_slice(&body, GuestAddress(b)).unwrap();
                 let r = d.alloc(4, 0);

@@ -4,7 +4,7 @@
 
 use crate::fault::FaultReporter;
 use crate::host::{HostMapError, HostMapper, Prot};
-use crate::snapshot::{lookup, EndpointShared, Mapping, Mode, Table, View};
+use crate::snapshot::{DualTable, EndpointShared, Mapping, Mode, Table, View};
 use crate::spec::{Status, ATTACH_F_BYPASS, MAP_F_MASK, MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -131,10 +131,12 @@ struct Endpoint {
 
 struct Domain {
     bypass: bool,
-    table: Table,
+    table: DualTable,
     endpoints: Vec<u32>,
     /// Distinct host mappers of the endpoints (one per host address space).
     hosts: Vec<Arc<dyn HostMapper>>,
+    /// The table endpoint views currently share.
+    published: Option<Arc<Table>>,
     dirty: bool,
 }
 
@@ -292,7 +294,7 @@ impl Domains {
             None if self.bypass => Mode::Bypass,
             None => Mode::Deny,
             Some(d) if d.bypass => Mode::Bypass,
-            Some(d) => Mode::Translate(d.table.clone()),
+            Some(d) => Mode::Translate(d.published.clone().unwrap_or_default()),
         };
         View {
             generation: self.generation,
@@ -346,7 +348,7 @@ impl Domains {
 
     /// The mappings of `domain` in IOVA order (`None` if it does not exist).
     pub fn mappings(&self, domain: u32) -> Option<Vec<Mapping>> {
-        self.domains.get(&domain).map(|d| collect(&d.table))
+        self.domains.get(&domain).map(|d| collect(d.table.state()))
     }
 
     /// Number of live domains.
@@ -378,6 +380,7 @@ impl Domains {
         for id in std::mem::take(&mut self.dirty_domains) {
             if let Some(d) = self.domains.get_mut(&id) {
                 d.dirty = false;
+                d.published = Some(d.table.publish());
                 for &e in &d.endpoints {
                     if let Some(ep) = self.endpoints.get_mut(&e) {
                         if !ep.dirty {
@@ -457,7 +460,9 @@ impl Domains {
     fn host_release(&self, ep: u32, dom: u32) -> Vec<Mapping> {
         let host = self.endpoints.get(&ep).and_then(|e| e.host.as_ref());
         match (host, self.domains.get(&dom)) {
-            (Some(h), Some(d)) if !d.bypass && !self.host_shared(d, ep, h) => collect(&d.table),
+            (Some(h), Some(d)) if !d.bypass && !self.host_shared(d, ep, h) => {
+                collect(d.table.state())
+            }
             _ => Vec::new(),
         }
     }
@@ -483,7 +488,7 @@ impl Domains {
             if !still_used {
                 d.hosts.retain(|o| !same_host(o, &h));
                 if !d.bypass && !host_done {
-                    host_unmap_best_effort(&h, &collect(&d.table));
+                    host_unmap_best_effort(&h, &collect(d.table.state()));
                 }
             }
         }
@@ -544,7 +549,7 @@ impl Domains {
             let known = target.is_some_and(|d| d.hosts.iter().any(|o| same_host(o, &h)));
             if !known {
                 if let Some(d) = target.filter(|d| !d.bypass) {
-                    if let Err(e) = host_map_all(&h, &collect(&d.table)) {
+                    if let Err(e) = host_map_all(&h, &collect(d.table.state())) {
                         log::warn!("virtio-iommu: ATTACH {endpoint:#x} -> {domain}: host: {e}");
                         for m in &release {
                             restore(&h, m);
@@ -560,7 +565,8 @@ impl Domains {
         }
         let d = self.domains.entry(domain).or_insert_with(|| Domain {
             bypass,
-            table: Table::new(),
+            table: DualTable::new(),
+            published: None,
             endpoints: Vec::new(),
             hosts: Vec::new(),
             dirty: false,
@@ -572,6 +578,7 @@ impl Domains {
         if let Some(e) = self.endpoints.get_mut(&endpoint) {
             e.domain = Some(domain);
         }
+        self.mark_domain(domain);
         self.mark_endpoint(endpoint);
         Status::Ok
     }
@@ -633,7 +640,7 @@ impl Domains {
         {
             return Status::Inval;
         }
-        if let Some((_, m)) = d.table.get_prev(&virt_end) {
+        if let Some((_, m)) = d.table.state().range(..=virt_end).next_back() {
             if m.end >= virt_start {
                 return Status::Inval;
             }
@@ -669,7 +676,7 @@ impl Domains {
                 }
             }
         }
-        d.table.insert(virt_start, m);
+        d.table.insert(m);
         self.mark_domain(domain);
         Status::Ok
     }
@@ -683,34 +690,32 @@ impl Domains {
         if d.bypass || virt_end < virt_start {
             return Status::Inval;
         }
-        if lookup(&d.table, virt_start).is_some_and(|m| m.start < virt_start)
-            || lookup(&d.table, virt_end).is_some_and(|m| m.end > virt_end)
-        {
-            return Status::Range;
+        // One reverse walk from the last mapping starting at or before `virt_end`: the first
+        // one must not run past `virt_end`, the last one must not start before `virt_start`.
+        let mut covered: Vec<Mapping> = Vec::new();
+        for (_, m) in d.table.state().range(..=virt_end).rev() {
+            if m.end < virt_start {
+                break;
+            }
+            if m.end > virt_end || m.start < virt_start {
+                return Status::Range;
+            }
+            covered.push(*m);
         }
-        let first_inside = |t: &Table| {
-            t.get_next(&virt_start)
-                .filter(|(k, _)| **k <= virt_end)
-                .map(|(k, _)| *k)
-        };
-        if first_inside(&d.table).is_none() {
+        if covered.is_empty() {
             return Status::Ok;
         }
         if !d.hosts.is_empty() {
-            let maps: Vec<Mapping> = d
-                .table
-                .range(virt_start..=virt_end)
-                .map(|(_, m)| *m)
-                .collect();
-            if let Err(e) = host_unmap_all(&d.hosts, &maps) {
+            covered.reverse();
+            if let Err(e) = host_unmap_all(&d.hosts, &covered) {
                 log::warn!(
                     "virtio-iommu: UNMAP {virt_start:#x}..={virt_end:#x} in {domain}: host: {e}"
                 );
                 return e.status();
             }
         }
-        while let Some(k) = first_inside(&d.table) {
-            d.table.remove(&k);
+        for m in &covered {
+            d.table.remove(m.start);
         }
         self.sync_needed = true;
         self.mark_domain(domain);

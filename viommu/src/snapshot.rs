@@ -5,6 +5,7 @@
 
 use crate::fault::FaultReporter;
 use arc_swap::ArcSwap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,16 +68,127 @@ pub enum Access {
     ReadWrite,
 }
 
-/// A domain's mapping table: a persistent ordered map keyed by the first IOVA (O(1) clone,
-/// O(log n) update and lookup).
-pub type Table = imbl::OrdMap<u64, Mapping>;
+/// A domain's mapping table, keyed by the first IOVA (O(log n) update and lookup).
+pub type Table = BTreeMap<u64, Mapping>;
 
 /// The mapping containing `iova`, if any.
 pub fn lookup(table: &Table, iova: u64) -> Option<&Mapping> {
     table
-        .get_prev(&iova)
+        .range(..=iova)
+        .next_back()
         .map(|(_, m)| m)
         .filter(|m| m.end >= iova)
+}
+
+/// One change to a table, logged so the spare copy can catch up.
+#[derive(Clone, Copy, Debug)]
+enum TableOp {
+    Insert(Mapping),
+    Remove(u64),
+}
+
+/// A domain's table as a left-right pair: readers use the published copy (immutable, behind an
+/// `Arc`), the domain layer updates a private copy in place. Publishing hands the private copy
+/// to readers; the previously published copy is taken back once no reader holds it and catches
+/// up by replaying the logged changes. Every update is O(log n) and nothing is ever copied
+/// whole, whatever the table size.
+#[derive(Debug, Default)]
+pub struct DualTable {
+    /// Up-to-date private copy (`None` right after publishing, until reclaimed).
+    cur: Option<Table>,
+    /// What readers see.
+    published: Option<Arc<Table>>,
+    /// The copy published before `published`, reclaimed as the next private copy.
+    retired: Option<Arc<Table>>,
+    /// Changes from the content of `published` (or of `retired` while `cur` is `None`) to the
+    /// current state.
+    log: Vec<TableOp>,
+    /// Whether there are changes not yet published.
+    changed: bool,
+}
+
+impl DualTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        DualTable {
+            cur: Some(Table::new()),
+            ..Default::default()
+        }
+    }
+
+    /// The current state (for reads by the domain layer).
+    pub fn state(&self) -> &Table {
+        static EMPTY: Table = Table::new();
+        match (&self.cur, &self.published) {
+            (Some(t), _) => t,
+            (None, Some(p)) => p,
+            (None, None) => &EMPTY,
+        }
+    }
+
+    /// Number of mappings.
+    pub fn len(&self) -> usize {
+        self.state().len()
+    }
+
+    /// Whether there is no mapping.
+    pub fn is_empty(&self) -> bool {
+        self.state().is_empty()
+    }
+
+    /// The private copy, reclaiming the retired one first if needed.
+    fn writable(&mut self) -> &mut Table {
+        if self.cur.is_none() {
+            let mut t = match self.retired.take() {
+                None => Table::new(),
+                Some(old) => {
+                    wait_for(|| Arc::strong_count(&old) == 1, &"retired table");
+                    // Cannot fail after the wait (readers only reach it through views, all
+                    // gone); fall back to a copy rather than trusting that.
+                    Arc::try_unwrap(old).unwrap_or_else(|shared| (*shared).clone())
+                }
+            };
+            for op in self.log.drain(..) {
+                match op {
+                    TableOp::Insert(m) => {
+                        t.insert(m.start, m);
+                    }
+                    TableOp::Remove(k) => {
+                        t.remove(&k);
+                    }
+                }
+            }
+            self.cur = Some(t);
+        }
+        self.changed = true;
+        self.cur.get_or_insert_with(Table::new)
+    }
+
+    /// Insert `m` (the caller checked it overlaps nothing).
+    pub fn insert(&mut self, m: Mapping) {
+        self.writable().insert(m.start, m);
+        self.log.push(TableOp::Insert(m));
+    }
+
+    /// Remove the mapping starting at `start`.
+    pub fn remove(&mut self, start: u64) {
+        if self.writable().remove(&start).is_some() {
+            self.log.push(TableOp::Remove(start));
+        }
+    }
+
+    /// The table readers should see now: publishes the private copy if anything changed.
+    pub fn publish(&mut self) -> Arc<Table> {
+        if self.changed || self.published.is_none() {
+            let new = Arc::new(self.cur.take().unwrap_or_else(|| self.state().clone()));
+            self.retired = self.published.replace(new);
+            self.changed = false;
+        }
+        match &self.published {
+            Some(p) => p.clone(),
+            None => Arc::new(Table::new()),
+        }
+    }
 }
 
 /// How an endpoint's accesses are treated.
@@ -87,7 +199,7 @@ pub enum Mode {
     /// Unattached with bypass on, or attached to a bypass domain: identity.
     Bypass,
     /// Attached to a paging domain: translate through its table.
-    Translate(Table),
+    Translate(Arc<Table>),
 }
 
 /// Why a translation failed.
@@ -166,10 +278,18 @@ impl EndpointShared {
 /// Wait until `old` is the last reference. `ArcSwap::swap` has already converted every
 /// outstanding lock-free guard into a counted reference, so the strong count is exact.
 fn wait_unshared(endpoint: u32, old: Arc<View>) {
+    wait_for(
+        || Arc::strong_count(&old) == 1,
+        &format_args!("view of endpoint {endpoint:#x}"),
+    );
+}
+
+/// Spin, then yield, until `done()`; log once if a reader is slow.
+fn wait_for(done: impl Fn() -> bool, what: &dyn std::fmt::Display) {
     let mut spins = 0u32;
     let mut started: Option<Instant> = None;
     let mut warned = false;
-    while Arc::strong_count(&old) > 1 {
+    while !done() {
         if spins < 64 {
             spins += 1;
             std::hint::spin_loop();
@@ -178,8 +298,8 @@ fn wait_unshared(endpoint: u32, old: Arc<View>) {
         let t0 = *started.get_or_insert_with(Instant::now);
         if !warned && t0.elapsed() > SLOW_READER {
             log::warn!(
-                "virtio-iommu: endpoint {endpoint:#x}: a device still uses an old translation \
-                 view after {SLOW_READER:?}; UNMAP/DETACH completion waits for it"
+                "virtio-iommu: a device still uses an old {what} after {SLOW_READER:?}; \
+                 waiting for it"
             );
             warned = true;
         }
@@ -216,12 +336,41 @@ mod tests {
     }
 
     #[test]
+    fn dual_table_catches_up_and_never_changes_a_published_copy() {
+        let mut t = DualTable::new();
+        t.insert(map(0x1000, 0x1fff, 1));
+        t.insert(map(0x2000, 0x2fff, 2));
+        let p1 = t.publish();
+        assert_eq!(p1.len(), 2);
+        t.remove(0x1000);
+        t.insert(map(0x5000, 0x5fff, 5));
+        assert_eq!(p1.len(), 2, "published copy untouched");
+        assert_eq!(t.len(), 2);
+        drop(p1);
+        let p2 = t.publish();
+        let keys: Vec<u64> = p2.keys().copied().collect();
+        assert_eq!(keys, vec![0x2000, 0x5000]);
+        // A reader holding p2 while the writer reclaims p1's copy: both stay consistent.
+        t.insert(map(0x9000, 0x9fff, 9));
+        let p3 = t.publish();
+        assert_eq!(p2.keys().copied().collect::<Vec<_>>(), vec![0x2000, 0x5000]);
+        assert_eq!(p3.len(), 3);
+        drop(p2);
+        t.remove(0x2000);
+        let p4 = t.publish();
+        assert_eq!(p4.keys().copied().collect::<Vec<_>>(), vec![0x5000, 0x9000]);
+        assert_eq!(p3.len(), 3);
+        // Publishing without changes returns the same copy.
+        assert!(Arc::ptr_eq(&t.publish(), &p4));
+    }
+
+    #[test]
     fn view_checks_rights() {
         let mut t = Table::new();
         t.insert(0, map(0, 0xfff, 0));
         let v = View {
             generation: 1,
-            mode: Mode::Translate(t),
+            mode: Mode::Translate(Arc::new(t)),
         };
         assert!(v.translate(0x10, Access::Read).is_ok());
         assert_eq!(v.translate(0x10, Access::Write), Err(Miss::NoMapping));
