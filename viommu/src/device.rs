@@ -461,18 +461,22 @@ impl VirtioDevice for Viommu {
         }
         let req = to_queue(self.queue_sizes[0], &queues[0])?;
         let evt = to_queue(self.queue_sizes[1], &queues[1])?;
-        {
+        let evt_ok = {
             let m = mem.memory();
-            if !req.is_valid(&*m) || !evt.is_valid(&*m) {
+            if !req.is_valid(&*m) {
                 return Err(ActivateError::BadQueue(
-                    "queue rings outside guest memory or not ready".into(),
+                    "request queue not ready or outside guest memory".into(),
                 ));
             }
+            evt.is_valid(&*m)
+        };
+        if !evt_ok {
+            log::warn!("virtio-iommu: event queue unusable; faults will not be reported");
         }
         self.acked = acked_features & self.device_features();
         self.domains
             .set_negotiated(self.negotiated(F_BYPASS_CONFIG), self.negotiated(F_MMIO));
-        self.faults.set_queue(Some(EventQueue {
+        self.faults.set_queue(evt_ok.then(|| EventQueue {
             queue: evt,
             mem: mem.clone(),
             interrupt: interrupt.clone(),

@@ -139,25 +139,35 @@ impl DualTable {
     /// The private copy, reclaiming the retired one first if needed.
     fn writable(&mut self) -> &mut Table {
         if self.cur.is_none() {
-            let mut t = match self.retired.take() {
-                None => Table::new(),
-                Some(old) => {
-                    wait_for(|| Arc::strong_count(&old) == 1, &"retired table");
-                    // Cannot fail after the wait (readers only reach it through views, all
-                    // gone); fall back to a copy rather than trusting that.
-                    Arc::try_unwrap(old).unwrap_or_else(|shared| (*shared).clone())
+            // Reclaim the retired copy if readers left it (they normally have by the next
+            // batch); a reader still holding it must not stall the guest's MAPs, so after a
+            // short spin copy the published table instead (O(n), rare).
+            let reclaimed = self.retired.take().and_then(|old| {
+                if spin_until(|| Arc::strong_count(&old) == 1, RECLAIM_SPINS) {
+                    Arc::try_unwrap(old).ok()
+                } else {
+                    None
+                }
+            });
+            let t = match reclaimed {
+                Some(mut t) => {
+                    for op in self.log.drain(..) {
+                        match op {
+                            TableOp::Insert(m) => {
+                                t.insert(m.start, m);
+                            }
+                            TableOp::Remove(k) => {
+                                t.remove(&k);
+                            }
+                        }
+                    }
+                    t
+                }
+                None => {
+                    self.log.clear();
+                    self.published.as_deref().cloned().unwrap_or_default()
                 }
             };
-            for op in self.log.drain(..) {
-                match op {
-                    TableOp::Insert(m) => {
-                        t.insert(m.start, m);
-                    }
-                    TableOp::Remove(k) => {
-                        t.remove(&k);
-                    }
-                }
-            }
             self.cur = Some(t);
         }
         self.changed = true;
@@ -284,6 +294,20 @@ fn wait_unshared(endpoint: u32, old: Arc<View>) {
     );
 }
 
+/// Spins spent waiting for readers to leave a retired table before copying instead.
+const RECLAIM_SPINS: u32 = 4096;
+
+/// Spin up to `max` times until `done()`.
+fn spin_until(done: impl Fn() -> bool, max: u32) -> bool {
+    for _ in 0..max {
+        if done() {
+            return true;
+        }
+        std::hint::spin_loop();
+    }
+    done()
+}
+
 /// Spin, then yield, until `done()`; log once if a reader is slow.
 fn wait_for(done: impl Fn() -> bool, what: &dyn std::fmt::Display) {
     let mut spins = 0u32;
@@ -362,6 +386,21 @@ mod tests {
         assert_eq!(p3.len(), 3);
         // Publishing without changes returns the same copy.
         assert!(Arc::ptr_eq(&t.publish(), &p4));
+        // A reader that keeps the retired copy does not block the writer: it copies instead.
+        let held = p3;
+        t.insert(map(0xa000, 0xafff, 10));
+        let p5 = t.publish();
+        assert_eq!(
+            p5.keys().copied().collect::<Vec<_>>(),
+            vec![0x5000, 0x9000, 0xa000]
+        );
+        assert_eq!(held.len(), 3);
+        drop(p4);
+        t.remove(0x5000);
+        assert_eq!(
+            t.publish().keys().copied().collect::<Vec<_>>(),
+            vec![0x9000, 0xa000]
+        );
     }
 
     #[test]

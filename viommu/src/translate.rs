@@ -82,6 +82,17 @@ impl<M: GuestMemoryBackend + Clone> TranslatedMemory<M> {
     }
 }
 
+impl TranslatedMemory<GuestMemoryMmap> {
+    /// The view of the memory currently in `mem` through `endpoint`.
+    pub fn from_atomic(
+        mem: &vm_memory::GuestMemoryAtomic<GuestMemoryMmap>,
+        endpoint: EndpointHandle,
+    ) -> Self {
+        use vm_memory::GuestAddressSpace;
+        Self::new((*mem.memory()).clone(), endpoint)
+    }
+}
+
 impl<M: GuestMemoryBackend> TranslatedMemory<M> {
     /// The endpoint this memory belongs to.
     pub fn endpoint(&self) -> &EndpointHandle {

@@ -397,3 +397,45 @@ fn reset_detaches_everything() {
     // Requests before re-activation are ignored without panicking.
     d.dev.queue_notify(0);
 }
+
+#[test]
+fn usable_as_a_boxed_virtio_device() {
+    fn send<T: Send>() {}
+    fn send_sync<T: Send + Sync>() {}
+    send::<viommu::Viommu>();
+    send::<viommu::TranslatedMemory>();
+    send_sync::<viommu::EndpointHandle>();
+    let mut dev = viommu::Viommu::new(ViommuConfig::default()).unwrap();
+    dev.add_endpoint(EP).unwrap();
+    assert!(dev.add_endpoint(EP).is_err(), "duplicate endpoint");
+    let b: Box<dyn VirtioDevice> = Box::new(dev);
+    assert_eq!(b.device_type(), 23);
+}
+
+#[test]
+fn config_validation() {
+    let bad = ViommuConfig {
+        reserved_regions: vec![
+            ResvRegion {
+                start: 0x1000,
+                end: 0x2fff,
+                kind: ResvKind::Reserved,
+            },
+            ResvRegion {
+                start: 0x2000,
+                end: 0x3fff,
+                kind: ResvKind::Reserved,
+            },
+        ],
+        ..Default::default()
+    };
+    assert!(viommu::Viommu::new(bad).is_err());
+    let small = ViommuConfig {
+        probe_size: 8,
+        ..Default::default()
+    };
+    assert!(viommu::Viommu::new(small).is_err());
+    let mut g = ViommuConfig::default();
+    g.geometry.page_size_mask = 0;
+    assert!(viommu::Viommu::new(g).is_err());
+}
