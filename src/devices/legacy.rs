@@ -78,8 +78,8 @@ impl BusDevice for AcpiPm {
     }
 }
 
-/// CMOS RTC and NVRAM: time registers answer the host's UTC time in binary 24-hour mode,
-/// other registers are plain storage.
+/// CMOS RTC and NVRAM: time registers answer the host's UTC time in BCD, 24-hour mode (x86
+/// Linux always decodes the RTC as BCD), other registers are plain storage.
 pub struct Cmos {
     index: u8,
     nvram: [u8; 128],
@@ -96,7 +96,7 @@ impl Cmos {
     pub fn new() -> Cmos {
         let mut nvram = [0u8; 128];
         nvram[0x0a] = 0x26; // divider, rate
-        nvram[0x0b] = 0x02 | 0x04; // 24 hour, binary
+        nvram[0x0b] = 0x02; // 24 hour, BCD
         nvram[0x0d] = 0x80; // valid RAM and time
         Cmos { index: 0, nvram }
     }
@@ -123,7 +123,8 @@ impl Cmos {
             0x32 => (tm.tm_year + 1900) / 100,
             _ => return None,
         };
-        Some(v as u8)
+        let v = v as u8;
+        Some(((v / 10) << 4) | (v % 10))
     }
 }
 
@@ -180,7 +181,7 @@ mod tests {
     }
 
     #[test]
-    fn cmos_time_is_binary_and_sane_and_nvram_sticks() {
+    fn cmos_time_is_bcd_and_sane_and_nvram_sticks() {
         let mut c = Cmos::new();
         let rd = |c: &mut Cmos, i: u8| {
             c.write(0, &[i]);
@@ -188,12 +189,24 @@ mod tests {
             c.read(1, &mut d);
             d[0]
         };
-        assert!(rd(&mut c, 0x00) < 60);
-        assert!(rd(&mut c, 0x04) < 24);
-        let month = rd(&mut c, 0x08);
+        let bcd = |v: u8| {
+            assert!(v & 0xf < 10 && v >> 4 < 10, "{v:#x} is not BCD");
+            (v >> 4) * 10 + (v & 0xf)
+        };
+        assert!(bcd(rd(&mut c, 0x00)) < 60);
+        assert!(bcd(rd(&mut c, 0x04)) < 24);
+        let month = bcd(rd(&mut c, 0x08));
         assert!((1..=12).contains(&month));
-        assert_eq!(rd(&mut c, 0x32), 20);
-        assert_eq!(rd(&mut c, 0x0b) & 0x06, 0x06);
+        assert_eq!(rd(&mut c, 0x32), 0x20);
+        // SAFETY (test): plain libc time query.
+        let year = 1900 + unsafe {
+            let t = libc::time(std::ptr::null_mut());
+            let mut tm: libc::tm = std::mem::zeroed();
+            libc::gmtime_r(&t, &mut tm);
+            tm.tm_year
+        };
+        assert_eq!(i32::from(bcd(rd(&mut c, 0x09))), year % 100);
+        assert_eq!(rd(&mut c, 0x0b) & 0x06, 0x02, "24 hour, BCD");
         c.write(0, &[0x40]);
         c.write(1, &[0x5a]);
         assert_eq!(rd(&mut c, 0x40), 0x5a);
