@@ -398,6 +398,12 @@ impl Viommu {
     }
 }
 
+impl Drop for Viommu {
+    fn drop(&mut self) {
+        self.counters.log_summary();
+    }
+}
+
 impl VirtioDevice for Viommu {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_IOMMU

@@ -6,6 +6,20 @@
 //! spec's rules (mirroring into [`host`] mappers), and [`snapshot`] publishes per-endpoint views
 //! that [`translate::TranslatedMemory`] reads lock-free for the devices behind the IOMMU;
 //! misses become [`fault`] events.
+//!
+//! VMM usage:
+//! ```ignore
+//! let mut iommu = viommu::Viommu::new(viommu::ViommuConfig::default())?;
+//! let ep = iommu.add_endpoint(bdf)?;               // one per device behind the IOMMU
+//! // device side, after its own activate(): translate every address through the endpoint
+//! let mem = viommu::TranslatedMemory::from_atomic(&guest_mem_atomic, ep.clone());
+//! let req_mem = mem.pin();                         // one pinned copy per request
+//! // hand `iommu` (Box<dyn pci::VirtioDevice>) to the virtio-pci transport
+//! ```
+//!
+//! Tables are left-right pairs (`snapshot::DualTable`): O(log n) in-place updates, one
+//! publication per request-queue batch, an UNMAP/DETACH completes only once no device still
+//! holds the previous view.
 
 pub mod counters;
 pub mod device;
