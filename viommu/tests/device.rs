@@ -439,3 +439,38 @@ fn config_validation() {
     g.geometry.page_size_mask = 0;
     assert!(viommu::Viommu::new(g).is_err());
 }
+
+#[test]
+fn host_backed_endpoint_statuses_reach_the_tail() {
+    use viommu::host::recording::RecordingMapper;
+    use viommu::HostMapError;
+    let rec = std::sync::Arc::new(RecordingMapper::new());
+    let (mut d, _) = Driver::new(ViommuConfig::default(), &[EP], None);
+    d.dev.add_host_endpoint(0x20, rec.clone()).unwrap();
+    assert_eq!(d.status(&attach(1, 0x20, 0)), OK);
+    assert_eq!(d.status(&map(1, 0x10000, 0x1ffff, 0x40000, R)), OK);
+    assert_eq!(
+        rec.mappings().get(&0x10000),
+        Some(&(
+            0x10000,
+            0x40000,
+            viommu::Prot {
+                read: true,
+                write: false
+            }
+        ))
+    );
+    rec.fail_call(0, HostMapError::NoSpace);
+    assert_eq!(d.status(&map(1, 0x20000, 0x20fff, 0, RW)), NOMEM);
+    rec.fail_call(0, HostMapError::OutOfRange);
+    assert_eq!(d.status(&map(1, 0x20000, 0x20fff, 0, RW)), RANGE);
+    rec.fail_call(0, HostMapError::Failed("ioctl".into()));
+    assert_eq!(d.status(&unmap(1, 0x10000, 0x1ffff)), DEVERR);
+    assert_eq!(
+        d.dev.domains().mappings(1).unwrap().len(),
+        1,
+        "nothing removed"
+    );
+    assert_eq!(d.status(&unmap(1, 0x10000, 0x1ffff)), OK);
+    assert!(rec.mappings().is_empty());
+}
