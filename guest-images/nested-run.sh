@@ -25,7 +25,9 @@
 #   --l0-arg ARG      extra argument for the L0 QEMU (repeatable), e.g. --l0-arg -device
 #                     --l0-arg intel-iommu,intremap=on,caching-mode=on
 #   --l1-append STR   extra L1 kernel command-line words (e.g. "intel_iommu=on iommu=pt")
-#   --file SRC:DST    copy host file SRC to DST inside L1 (repeatable), e.g. a custom L2 initrd
+#   --file SRC:DST    copy host file SRC to DST inside L1 (repeatable)
+#   --l2-script FILE  L2 runs FILE (busybox sh) instead of the default demo script: it replaces
+#                     /etc/rig/demo.sh in the /l2/initrd L1 gets
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -44,6 +46,7 @@ vmm_bin=
 build=1
 timeout=900
 l1_append=
+l2_script=
 while [ $# -gt 0 ]; do
     case "$1" in
         --disk) disks+=("$(realpath "$2")"); shift 2 ;;
@@ -54,6 +57,7 @@ while [ $# -gt 0 ]; do
         --l0-arg) l0_args+=("$2"); shift 2 ;;
         --l1-append) l1_append=$2; shift 2 ;;
         --file) files+=("$2"); shift 2 ;;
+        --l2-script) l2_script=$(realpath "$2"); shift 2 ;;
         --) shift; break ;;
         -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option $1 (VMM arguments go after --)" ;;
@@ -98,6 +102,15 @@ for f in "${files[@]}"; do
     mkdir -p "$extra$(dirname "$dst")"
     cp "$src" "$extra$dst"
 done
+if [ -n "$l2_script" ]; then
+    # A later cpio entry replaces an earlier one: the script overrides the demo script in the
+    # L2 initrd, and that initrd overrides /l2/initrd from l1-l2.cpio.
+    mkdir -p "$tmp/l2extra/etc/rig" "$extra/l2"
+    install -m 755 "$l2_script" "$tmp/l2extra/etc/rig/demo.sh"
+    (cd "$tmp/l2extra" && find . -mindepth 1 | LC_ALL=C sort |
+        "$IMAGES/busybox" cpio -o -H newc -R 0:0 2>/dev/null) >"$tmp/l2extra.cpio"
+    cat "$IMAGES/l2.cpio.gz" "$tmp/l2extra.cpio" >"$extra/l2/initrd"
+fi
 {
     printf 'exec %s' "$cmd"
     for a in "$@"; do printf ' %s' "$(shq "$a")"; done
