@@ -479,6 +479,12 @@ impl VirtioDevice for Viommu {
         if !evt_ok {
             log::warn!("virtio-iommu: event queue unusable; faults will not be reported");
         }
+        {
+            use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+            let m = mem.memory();
+            let ram: Vec<(u64, u64)> = m.iter().map(|r| (r.start_addr().0, r.len())).collect();
+            self.domains.set_ram(&ram);
+        }
         self.acked = acked_features & self.device_features();
         self.domains
             .set_negotiated(self.negotiated(F_BYPASS_CONFIG), self.negotiated(F_MMIO));

@@ -233,6 +233,7 @@ pub struct Domains {
     bypass_flag_allowed: bool,
     mmio_allowed: bool,
     faults: Arc<FaultReporter>,
+    ram: Vec<Mapping>,
     endpoints: BTreeMap<u32, Endpoint>,
     domains: BTreeMap<u32, Domain>,
     dirty_domains: Vec<u32>,
@@ -258,6 +259,7 @@ impl Domains {
             bypass_flag_allowed: true,
             mmio_allowed: true,
             faults,
+            ram: Vec::new(),
             endpoints: BTreeMap::new(),
             domains: BTreeMap::new(),
             dirty_domains: Vec::new(),
@@ -456,12 +458,40 @@ impl Domains {
         })
     }
 
+    /// What a host address space mirroring a domain contains: its mappings, or for a bypass
+    /// domain the identity map of guest RAM.
+    fn host_contents(&self, bypass: bool, table: &Table) -> Vec<Mapping> {
+        if bypass {
+            self.ram.clone()
+        } else {
+            collect(table)
+        }
+    }
+
+    /// Guest RAM, identity-mapped into host address spaces of bypass domains.
+    pub fn set_ram(&mut self, ranges: &[(u64, u64)]) {
+        self.ram = ranges
+            .iter()
+            .filter(|(_, len)| *len > 0)
+            .filter_map(|&(start, len)| {
+                Some(Mapping {
+                    start,
+                    end: start.checked_add(len - 1)?,
+                    gpa: start,
+                    read: true,
+                    write: true,
+                    mmio: false,
+                })
+            })
+            .collect();
+    }
+
     /// The mappings to remove from `ep`'s host when it leaves `dom` (empty when none).
     fn host_release(&self, ep: u32, dom: u32) -> Vec<Mapping> {
         let host = self.endpoints.get(&ep).and_then(|e| e.host.as_ref());
         match (host, self.domains.get(&dom)) {
-            (Some(h), Some(d)) if !d.bypass && !self.host_shared(d, ep, h) => {
-                collect(d.table.state())
+            (Some(h), Some(d)) if !self.host_shared(d, ep, h) => {
+                self.host_contents(d.bypass, d.table.state())
             }
             _ => Vec::new(),
         }
@@ -487,8 +517,13 @@ impl Domains {
             });
             if !still_used {
                 d.hosts.retain(|o| !same_host(o, &h));
-                if !d.bypass && !host_done {
-                    host_unmap_best_effort(&h, &collect(d.table.state()));
+                if !host_done {
+                    let contents = if d.bypass {
+                        self.ram.clone()
+                    } else {
+                        collect(d.table.state())
+                    };
+                    host_unmap_best_effort(&h, &contents);
                 }
             }
         }
@@ -548,14 +583,16 @@ impl Domains {
             let target = self.domains.get(&domain);
             let known = target.is_some_and(|d| d.hosts.iter().any(|o| same_host(o, &h)));
             if !known {
-                if let Some(d) = target.filter(|d| !d.bypass) {
-                    if let Err(e) = host_map_all(&h, &collect(d.table.state())) {
-                        log::warn!("virtio-iommu: ATTACH {endpoint:#x} -> {domain}: host: {e}");
-                        for m in &release {
-                            restore(&h, m);
-                        }
-                        return e.status();
+                let contents = match target {
+                    Some(d) => self.host_contents(d.bypass, d.table.state()),
+                    None => self.host_contents(bypass, &Table::new()),
+                };
+                if let Err(e) = host_map_all(&h, &contents) {
+                    log::warn!("virtio-iommu: ATTACH {endpoint:#x} -> {domain}: host: {e}");
+                    for m in &release {
+                        restore(&h, m);
                     }
+                    return e.status();
                 }
                 new_host = Some(h);
             }
@@ -921,6 +958,22 @@ mod tests {
             rec.ops().last(),
             Some(HostOp::Unmap { iova: 0x1000, .. })
         ));
+        // Bypass domain: guest RAM identity-mapped once per host, removed on leaving.
+        d.set_ram(&[(0, 0x10_0000), (0x100_0000, 0x20_0000)]);
+        assert_eq!(d.attach(9, 8, ATTACH_F_BYPASS), Status::Ok);
+        assert_eq!(
+            rec.mappings().into_iter().collect::<Vec<_>>(),
+            vec![
+                (0, (0x10_0000, 0, Prot::RW)),
+                (0x100_0000, (0x20_0000, 0x100_0000, Prot::RW))
+            ]
+        );
+        assert_eq!(d.attach(9, 16, ATTACH_F_BYPASS), Status::Ok);
+        assert_eq!(rec.mappings().len(), 2, "shared host mapped once");
+        assert_eq!(d.detach(9, 8), Status::Ok);
+        assert_eq!(rec.mappings().len(), 2, "still used by 16");
+        assert_eq!(d.detach(9, 16), Status::Ok);
+        assert!(rec.mappings().is_empty());
         // ATTACH whose replay fails: endpoint stays unattached.
         d.map(1, 0x4000, 0x4fff, 0, RW);
         rec.fail_call(0, HostMapError::OutOfRange);

@@ -8,7 +8,7 @@
 //! misses become [`fault`] events.
 //!
 //! VMM usage:
-//! ```ignore
+//! ```text
 //! let mut iommu = viommu::Viommu::new(viommu::ViommuConfig::default())?;
 //! let ep = iommu.add_endpoint(bdf)?;               // one per device behind the IOMMU
 //! // device side, after its own activate(): translate every address through the endpoint
