@@ -261,12 +261,18 @@ impl Viommu {
     /// Execute one parsed request; returns its status (the reply body for PROBE is written by
     /// the caller).
     fn execute(&mut self, req: &Request) -> Status {
+        match req {
+            Request::Attach(_) => self.counters.attach(),
+            Request::Detach(_) => self.counters.detach(),
+            Request::Map(_) => self.counters.map(),
+            Request::Unmap(_) => self.counters.unmap(),
+            Request::Probe(_) => self.counters.probe(),
+        }
         if !req.head_reserved_zero() {
             return Status::Inval;
         }
         match req {
             Request::Attach(r) => {
-                self.counters.attach();
                 if r.reserved != [0; 4] {
                     return Status::Inval;
                 }
@@ -274,24 +280,19 @@ impl Viommu {
                     .attach(r.domain.into(), r.endpoint.into(), r.flags.into())
             }
             Request::Detach(r) => {
-                self.counters.detach();
                 if r.reserved != [0; 8] {
                     return Status::Inval;
                 }
                 self.domains.detach(r.domain.into(), r.endpoint.into())
             }
-            Request::Map(r) => {
-                self.counters.map();
-                self.domains.map(
-                    r.domain.into(),
-                    r.virt_start.into(),
-                    r.virt_end.into(),
-                    r.phys_start.into(),
-                    r.flags.into(),
-                )
-            }
+            Request::Map(r) => self.domains.map(
+                r.domain.into(),
+                r.virt_start.into(),
+                r.virt_end.into(),
+                r.phys_start.into(),
+                r.flags.into(),
+            ),
             Request::Unmap(r) => {
-                self.counters.unmap();
                 if r.reserved != [0; 4] {
                     return Status::Inval;
                 }
@@ -299,7 +300,6 @@ impl Viommu {
                     .unmap(r.domain.into(), r.virt_start.into(), r.virt_end.into())
             }
             Request::Probe(r) => {
-                self.counters.probe();
                 if r.reserved != [0; 64] {
                     return Status::Inval;
                 }
@@ -328,7 +328,7 @@ impl Viommu {
         };
         let status = self.execute(&req);
         if status != Status::Ok {
-            log::debug!("virtio-iommu: {req:?} -> {status:?}");
+            log::warn!("virtio-iommu: {req:?} -> {status:?}");
         }
         self.counters.status(status);
         let tail = [status as u8, 0, 0, 0];

@@ -1,7 +1,7 @@
 //! Published, immutable translation state. The domain layer owns the master tables and
 //! publishes one [`View`] per endpoint through an `ArcSwap`; devices load it without locking.
 //! Removing access (UNMAP, DETACH, bypass off) completes only once no reader still holds the old
-//! view ([`EndpointShared::publish`] waits for that).
+//! view (publishing waits for that).
 
 use crate::fault::FaultReporter;
 use arc_swap::ArcSwap;
