@@ -18,6 +18,8 @@ pub struct Limits {
     pub max_endpoints: usize,
     /// Mappings in one domain.
     pub max_mappings_per_domain: usize,
+    /// Mappings in all domains together (bounds the memory a guest can make us hold).
+    pub max_total_mappings: usize,
 }
 
 impl Default for Limits {
@@ -26,6 +28,7 @@ impl Default for Limits {
             max_domains: 1024,
             max_endpoints: 1024,
             max_mappings_per_domain: 1 << 18,
+            max_total_mappings: 1 << 20,
         }
     }
 }
@@ -234,6 +237,7 @@ pub struct Domains {
     mmio_allowed: bool,
     faults: Arc<FaultReporter>,
     ram: Vec<Mapping>,
+    total_mappings: usize,
     endpoints: BTreeMap<u32, Endpoint>,
     domains: BTreeMap<u32, Domain>,
     dirty_domains: Vec<u32>,
@@ -260,6 +264,7 @@ impl Domains {
             mmio_allowed: true,
             faults,
             ram: Vec::new(),
+            total_mappings: 0,
             endpoints: BTreeMap::new(),
             domains: BTreeMap::new(),
             dirty_domains: Vec::new(),
@@ -441,6 +446,7 @@ impl Domains {
             self.mark_endpoint(ep);
         }
         self.domains.clear();
+        self.total_mappings = 0;
         self.dirty_domains.clear();
         self.sync_needed = true;
         self.publish();
@@ -528,7 +534,9 @@ impl Domains {
             }
         }
         if d.endpoints.is_empty() {
-            self.domains.remove(&dom);
+            if let Some(gone) = self.domains.remove(&dom) {
+                self.total_mappings = self.total_mappings.saturating_sub(gone.table.len());
+            }
         }
         self.sync_needed = true;
     }
@@ -682,10 +690,14 @@ impl Domains {
                 return Status::Inval;
             }
         }
-        if d.table.len() >= self.limits.max_mappings_per_domain {
+        if d.table.len() >= self.limits.max_mappings_per_domain
+            || self.total_mappings >= self.limits.max_total_mappings
+        {
             log::warn!(
-                "virtio-iommu: MAP in domain {domain}: mapping limit {} reached",
-                self.limits.max_mappings_per_domain
+                "virtio-iommu: MAP in domain {domain}: mapping limit reached ({} per domain, {} \
+                 in total)",
+                self.limits.max_mappings_per_domain,
+                self.limits.max_total_mappings
             );
             return Status::NoMem;
         }
@@ -714,6 +726,7 @@ impl Domains {
             }
         }
         d.table.insert(m);
+        self.total_mappings += 1;
         self.mark_domain(domain);
         Status::Ok
     }
@@ -754,6 +767,7 @@ impl Domains {
         for m in &covered {
             d.table.remove(m.start);
         }
+        self.total_mappings = self.total_mappings.saturating_sub(covered.len());
         self.sync_needed = true;
         self.mark_domain(domain);
         Status::Ok
@@ -840,6 +854,17 @@ mod tests {
         assert_eq!(d.map(1, 0, 0xfff, 0, RW), Status::Ok);
         assert_eq!(d.map(1, 0x1000, 0x1fff, 0, RW), Status::Ok);
         assert_eq!(d.map(1, 0x2000, 0x2fff, 0, RW), Status::NoMem);
+        // Global cap across domains; freed by UNMAP and by domain destruction.
+        d.limits.max_total_mappings = 3;
+        d.add_endpoint(16, None).unwrap();
+        d.attach(2, 16, 0);
+        assert_eq!(d.map(2, 0, 0xfff, 0, RW), Status::Ok);
+        assert_eq!(d.map(2, 0x1000, 0x1fff, 0, RW), Status::NoMem);
+        assert_eq!(d.unmap(1, 0, 0xfff), Status::Ok);
+        assert_eq!(d.map(2, 0x1000, 0x1fff, 0, RW), Status::Ok);
+        assert_eq!(d.detach(2, 16), Status::Ok);
+        assert_eq!(d.map(1, 0, 0xfff, 0, RW), Status::Ok);
+        assert_eq!(d.total_mappings, 2);
     }
 
     #[test]
