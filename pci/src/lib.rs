@@ -1,15 +1,23 @@
 //! PCI for the `vmm`: a single-segment PCI bus reached through ECAM and CF8/CFC, config space
-//! with BARs and capability lists, MSI-X, and the virtio-pci modern transport.
+//! with BARs and capability lists, MSI and MSI-X, the virtio-pci modern transport, and VFIO
+//! passthrough of host PCI functions.
 //!
-//! The crate knows nothing about KVM. The VMM hands it two small services, [`MsiIrqManager`] and
-//! [`IoEventManager`], and dispatches guest accesses into [`PciBus`].
+//! The crate knows nothing about KVM. The VMM hands it small services, [`MsiIrqManager`],
+//! [`IoEventManager`] and (for passthrough BARs) [`MemorySlotManager`], and dispatches guest
+//! accesses into [`PciBus`].
 
 pub mod bar;
 pub mod bus;
 pub mod config;
 pub mod device;
 pub mod irq;
+pub mod memory_slot;
+pub mod msi;
 pub mod msix;
+pub mod vfio_backend;
+pub mod vfio_config;
+pub mod vfio_irq;
+pub mod vfio_pci;
 pub mod virtio_common;
 pub mod virtio_device;
 pub mod virtio_pci;
@@ -19,7 +27,11 @@ pub use bus::{DecodedBar, PciBus, PciWindows, HOST_BRIDGE_DEVICE_ID, HOST_BRIDGE
 pub use config::{PciConfigSpace, PciHeader};
 pub use device::{BarKind, BarRegion, PciDevice};
 pub use irq::{IoEventManager, MsiIrqManager, MsiMessage, MsiVector};
+pub use memory_slot::MemorySlotManager;
+pub use msi::MsiConfig;
 pub use msix::MsixConfig;
+pub use vfio_backend::{iommu_group, IrqInfo, RegionInfo, VfioBackend, VfioDeviceBackend};
+pub use vfio_pci::{BarMapping, VfioBarMaps, VfioPciDevice, VfioPciError};
 pub use virtio_device::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
 pub use virtio_pci::VirtioPciDevice;
 

@@ -8,6 +8,7 @@ use crate::irq::{MsiIrqManager, MsiMessage, MsiVector};
 use crate::PciError;
 use log::{debug, warn};
 use std::sync::Arc;
+use vmm_sys_util::eventfd::EventFd;
 
 /// MSI-X capability ID.
 pub const MSIX_CAP_ID: u8 = 0x11;
@@ -203,6 +204,33 @@ impl MsixConfig {
             return;
         }
         self.fire(v);
+    }
+
+    /// The irqfd that injects `vector` while it is deliverable (MSI-X enabled, function and
+    /// vector unmasked) and routed; `None` otherwise. A passthrough device hands it to VFIO so
+    /// the hardware interrupt reaches KVM without going through the VMM.
+    pub fn deliverable_irqfd(&self, vector: u16) -> Option<&EventFd> {
+        let v = usize::from(vector);
+        if v >= self.entries.len() || !self.deliverable(v) || self.routes[v].is_none() {
+            return None;
+        }
+        self.vectors[v].as_ref().map(|vector| &vector.irqfd)
+    }
+
+    /// Back to the power-on state (function reset): MSI-X disabled, every vector masked with a
+    /// zero message, no pending bits. Allocated GSIs are kept for reuse, their routes removed.
+    pub fn reset(&mut self) {
+        self.set_control(0);
+        for v in 0..self.entries.len() {
+            if self.routes[v].is_some() {
+                self.set_route(v, None);
+            }
+            self.entries[v] = Entry {
+                control: VECTOR_MASKED,
+                ..Entry::default()
+            };
+        }
+        self.pba.fill(0);
     }
 
     /// Is `vector`'s pending bit set?
