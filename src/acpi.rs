@@ -6,7 +6,9 @@
 use acpi_tables::aml::{self, AddressSpace, AddressSpaceCacheable, EISAName, Name, Path};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
@@ -177,7 +179,13 @@ pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
         .flag(Flags::ResetRegSup)
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
-    b.reset_reg = GAS::new(GasSpace::SystemIo, 8, 0, AccessSize::ByteAccess, RESET_PORT.into());
+    b.reset_reg = GAS::new(
+        GasSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        RESET_PORT.into(),
+    );
     b.reset_value = RESET_VALUE;
     b.sleep_control_reg = GAS::new(
         GasSpace::SystemIo,
@@ -361,7 +369,7 @@ mod tests {
         assert_eq!(u64_at(&f, 120), RESET_PORT as u64);
         assert_eq!(f[128], RESET_VALUE);
         assert_eq!(u64_at(&f, 140), 0x1234_5678); // X_DSDT
-        // sleep control at 244, sleep status at 256.
+                                                  // sleep control at 244, sleep status at 256.
         assert_eq!(f[244], 1);
         assert_eq!(u64_at(&f, 248), SLEEP_CONTROL_PORT as u64);
         assert_eq!(u64_at(&f, 260), SLEEP_STATUS_PORT as u64);
@@ -407,8 +415,14 @@ mod tests {
         assert!(contains(&d, b"_BBN"));
         // COM1 (PNP0501) with IO 0x3f8 and an extended IRQ descriptor for IRQ 4.
         assert!(contains(&d, &[0x0c, 0x41, 0xd0, 0x05, 0x01]));
-        assert!(contains(&d, &[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]));
-        assert!(contains(&d, &[0x89, 0x06, 0x00, 0x03, 0x01, 0x04, 0x00, 0x00, 0x00]));
+        assert!(contains(
+            &d,
+            &[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]
+        ));
+        assert!(contains(
+            &d,
+            &[0x89, 0x06, 0x00, 0x03, 0x01, 0x04, 0x00, 0x00, 0x00]
+        ));
         // EISA id of PNP0A08 encoded as in the spec: 0x080AD041.
         assert!(contains(&d, &[0x0c, 0x41, 0xd0, 0x0a, 0x08]));
         assert!(contains(&d, &[0x0c, 0x41, 0xd0, 0x0a, 0x03]));

@@ -108,8 +108,10 @@ pub fn load_linux(
     let mut kernel = File::open(boot.kernel)
         .map_err(|e| BootError::KernelOpen(boot.kernel.display().to_string(), e))?;
     let loaded = BzImage::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START)))?;
-    let mut params = boot_params::default();
-    params.hdr = loaded.setup_header.ok_or(BootError::NoSetupHeader)?;
+    let mut params = boot_params {
+        hdr: loaded.setup_header.ok_or(BootError::NoSetupHeader)?,
+        ..Default::default()
+    };
     params.hdr.type_of_loader = 0xff;
     params.hdr.boot_flag = 0xaa55;
     params.hdr.loadflags |= LOADED_HIGH | CAN_USE_HEAP;
@@ -118,7 +120,9 @@ pub fn load_linux(
     params.hdr.cmdline_size = boot.cmdline.len() as u32 + 1;
 
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
-    cmdline.insert_str(boot.cmdline).map_err(BootError::Cmdline)?;
+    cmdline
+        .insert_str(boot.cmdline)
+        .map_err(BootError::Cmdline)?;
     load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline).map_err(BootError::KernelLoad)?;
 
     if let Some(path) = boot.initramfs {

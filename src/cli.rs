@@ -82,7 +82,9 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
                     .filter(|n| (1..=254).contains(n))
                     .ok_or(format!("--cpus: expected 1..254, got '{v}'"))?;
             }
-            "--disk" => disks.push(BlockConfig::parse(&value()?).map_err(|e| format!("--disk: {e}"))?),
+            "--disk" => {
+                disks.push(BlockConfig::parse(&value()?).map_err(|e| format!("--disk: {e}"))?)
+            }
             "--serial" => {
                 let v = value()?;
                 serial = if v == "stdout" {
@@ -95,7 +97,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
             }
             "--log-level" => {
                 let v = value()?;
-                level = crate::logger::parse_level(&v).ok_or(format!("--log-level: bad level '{v}'"))?;
+                level = crate::logger::parse_level(&v)
+                    .ok_or(format!("--log-level: bad level '{v}'"))?;
             }
             _ => return Err(format!("unknown option '{name}'")),
         }
@@ -125,17 +128,35 @@ mod tests {
 
     #[test]
     fn defaults_and_full_set() {
-        let Command::Run(c, _) = p(&["--kernel", "/k"]).unwrap() else { panic!() };
+        let Command::Run(c, _) = p(&["--kernel", "/k"]).unwrap() else {
+            panic!()
+        };
         assert_eq!(c.memory, 512 << 20);
         assert_eq!(c.cpus, 2);
         assert_eq!(c.cmdline, DEFAULT_CMDLINE);
         assert_eq!(c.serial, SerialOutput::Stdout);
         let Command::Run(c, l) = p(&[
-            "--kernel=/k", "--initramfs", "/i", "--cmdline", "console=ttyS0 quiet", "--memory", "1G",
-            "--cpus", "4", "--disk", "path=/a", "--disk", "path=/b,readonly=on,iommu=on",
-            "--serial", "file=/tmp/s", "--log-level", "debug",
+            "--kernel=/k",
+            "--initramfs",
+            "/i",
+            "--cmdline",
+            "console=ttyS0 quiet",
+            "--memory",
+            "1G",
+            "--cpus",
+            "4",
+            "--disk",
+            "path=/a",
+            "--disk",
+            "path=/b,readonly=on,iommu=on",
+            "--serial",
+            "file=/tmp/s",
+            "--log-level",
+            "debug",
         ])
-        .unwrap() else { panic!() };
+        .unwrap() else {
+            panic!()
+        };
         assert_eq!(c.initramfs, Some("/i".into()));
         assert_eq!(c.cmdline, "console=ttyS0 quiet");
         assert_eq!(c.memory, 1 << 30);
@@ -150,11 +171,21 @@ mod tests {
     fn errors_are_clear() {
         assert!(p(&[]).unwrap_err().contains("--kernel"));
         assert!(p(&["--kernel"]).unwrap_err().contains("needs a value"));
-        assert!(p(&["--kernel", "k", "--cpus", "0"]).unwrap_err().contains("--cpus"));
-        assert!(p(&["--kernel", "k", "--memory", "lots"]).unwrap_err().contains("--memory"));
-        assert!(p(&["--kernel", "k", "--serial", "tty"]).unwrap_err().contains("--serial"));
-        assert!(p(&["--kernel", "k", "--disk", "ro"]).unwrap_err().contains("--disk"));
-        assert!(p(&["--kernel", "k", "--frobnicate"]).unwrap_err().contains("unknown option"));
+        assert!(p(&["--kernel", "k", "--cpus", "0"])
+            .unwrap_err()
+            .contains("--cpus"));
+        assert!(p(&["--kernel", "k", "--memory", "lots"])
+            .unwrap_err()
+            .contains("--memory"));
+        assert!(p(&["--kernel", "k", "--serial", "tty"])
+            .unwrap_err()
+            .contains("--serial"));
+        assert!(p(&["--kernel", "k", "--disk", "ro"])
+            .unwrap_err()
+            .contains("--disk"));
+        assert!(p(&["--kernel", "k", "--frobnicate"])
+            .unwrap_err()
+            .contains("unknown option"));
         assert!(p(&["stray"]).unwrap_err().contains("unexpected"));
         assert_eq!(p(&["--help"]).unwrap(), Command::Help);
     }

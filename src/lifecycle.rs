@@ -17,6 +17,17 @@ pub enum ExitReason {
     Error(String),
 }
 
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitReason::PowerOff => write!(f, "guest powered off"),
+            ExitReason::Reset => write!(f, "guest reset"),
+            ExitReason::Halted => write!(f, "vCPU halted with no interrupt controller"),
+            ExitReason::Error(e) => write!(f, "VM failure: {e}"),
+        }
+    }
+}
+
 impl ExitReason {
     /// Process exit status for this reason: 0 for a guest-initiated stop.
     pub fn exit_code(&self) -> i32 {
@@ -63,7 +74,10 @@ impl VmControl {
 
     /// The recorded reason, if any.
     pub fn reason(&self) -> Option<ExitReason> {
-        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 

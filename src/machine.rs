@@ -6,9 +6,9 @@
 
 use std::io::Write;
 
-use vm_memory::GuestAddressSpace;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use vm_memory::GuestAddressSpace;
 
 use pci::{PciBus, PciWindows, VirtioPciDevice};
 
@@ -168,4 +168,3 @@ impl Machine {
         Ok(self.vm.run(vcpus)?)
     }
 }
-

@@ -22,11 +22,11 @@ fn main() -> ExitCode {
     let result = Machine::new(config).and_then(Machine::boot);
     match result {
         Ok(reason @ ExitReason::Error(_)) => {
-            eprintln!("vmm: guest failed: {reason:?}");
+            eprintln!("vmm: {reason}");
             ExitCode::from(1)
         }
         Ok(reason) => {
-            log::info!("guest stopped: {reason:?}");
+            log::info!("{reason}");
             ExitCode::from(reason.exit_code() as u8)
         }
         Err(e) => {

@@ -197,9 +197,9 @@ mod tests {
         assert_eq!(l.ram_regions, vec![(0, 512 << 20)]);
         assert_eq!(l.mmio64.0, HIGH_RAM_START);
         let e = l.e820();
-        assert!(e.iter().any(|x| x.addr == HIMEM_START
-            && x.addr + x.size == 512 << 20
-            && x.kind == E820_RAM));
+        assert!(e
+            .iter()
+            .any(|x| x.addr == HIMEM_START && x.addr + x.size == 512 << 20 && x.kind == E820_RAM));
         assert!(e
             .iter()
             .any(|x| x.addr == LAPIC_START && x.size == 0x10_0000 && x.kind == E820_RESERVED));
@@ -214,7 +214,10 @@ mod tests {
         let l = Layout::new(5 << 30).unwrap();
         assert_eq!(
             l.ram_regions,
-            vec![(0, MMIO32_START), (HIGH_RAM_START, (5 << 30) - MMIO32_START)]
+            vec![
+                (0, MMIO32_START),
+                (HIGH_RAM_START, (5 << 30) - MMIO32_START)
+            ]
         );
         let top = HIGH_RAM_START + (5u64 << 30) - MMIO32_START;
         assert!(l.mmio64.0 >= top);

@@ -86,7 +86,10 @@ mod tests {
     #[test]
     fn ecam_window_edges() {
         assert_eq!(ecam_offset(ECAM_START - 1, 1), None);
-        assert_eq!(ecam_offset(ECAM_START + ECAM_SIZE - 4, 4), Some(ECAM_SIZE - 4));
+        assert_eq!(
+            ecam_offset(ECAM_START + ECAM_SIZE - 4, 4),
+            Some(ECAM_SIZE - 4)
+        );
         assert_eq!(ecam_offset(ECAM_START + ECAM_SIZE - 2, 4), None);
         assert_eq!(ecam_offset(u64::MAX, 8), None);
         // Outside ECAM and BARs: not claimed.

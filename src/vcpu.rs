@@ -9,7 +9,9 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-use crate::boot::{BootInfo, BOOT_GDT, BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PML4_START};
+use crate::boot::{
+    BootInfo, BOOT_GDT, BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PML4_START,
+};
 use crate::bus::Buses;
 use crate::lifecycle::{ExitReason, VmControl};
 
@@ -300,7 +302,10 @@ mod tests {
     #[test]
     fn gdt_segments_decode() {
         let cs = segment_from_gdt(BOOT_GDT[1], 1);
-        assert_eq!((cs.selector, cs.type_, cs.l, cs.db, cs.s, cs.present), (8, 0xb, 1, 0, 1, 1));
+        assert_eq!(
+            (cs.selector, cs.type_, cs.l, cs.db, cs.s, cs.present),
+            (8, 0xb, 1, 0, 1, 1)
+        );
         assert_eq!(cs.limit, 0xffff_ffff);
         let ds = segment_from_gdt(BOOT_GDT[2], 2);
         assert_eq!((ds.selector, ds.type_, ds.l, ds.db), (0x10, 3, 0, 1));

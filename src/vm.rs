@@ -7,8 +7,10 @@ use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -87,10 +89,15 @@ impl Vm {
     /// Create the VM, its RAM and (optionally) the in-kernel irqchip and PIT.
     pub fn new(config: VmConfig) -> Result<Vm, VmError> {
         if config.cpus == 0 || config.cpus > 254 {
-            return Err(VmError::Device(format!("unsupported vCPU count {}", config.cpus)));
+            return Err(VmError::Device(format!(
+                "unsupported vCPU count {}",
+                config.cpus
+            )));
         }
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        let fd = kvm.create_vm().map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
+        let fd = kvm
+            .create_vm()
+            .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
         fd.set_identity_map_address(IDENTITY_MAP_ADDR)
             .map_err(|e| VmError::Kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
         fd.set_tss_address(TSS_ADDR as usize)
@@ -102,7 +109,8 @@ impl Vm {
                 flags: KVM_PIT_SPEAKER_DUMMY,
                 ..Default::default()
             };
-            fd.create_pit2(pit).map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
+            fd.create_pit2(pit)
+                .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
         }
         let layout = Layout::new(config.memory)?;
         let mem = layout.allocate()?;
@@ -141,7 +149,8 @@ impl Vm {
             return Ok(m.clone());
         }
         let new = Arc::new(
-            KvmMsiIrqManager::new(self.fd.clone()).map_err(|e| VmError::Io("KVM_SET_GSI_ROUTING", e))?,
+            KvmMsiIrqManager::new(self.fd.clone())
+                .map_err(|e| VmError::Io("KVM_SET_GSI_ROUTING", e))?,
         );
         *m = Some(new.clone());
         Ok(new)
@@ -163,17 +172,24 @@ impl Vm {
         }
         let serial = SerialDevice::new(irq, serial_out);
         let pio = &self.buses.pio;
-        pio.insert(COM1_PORT.into(), 8, Arc::new(Mutex::new(serial))).map_err(dev)?;
-        pio.insert(0x70, 2, Arc::new(Mutex::new(Cmos::new()))).map_err(dev)?;
-        pio.insert(0x60, 5, Arc::new(Mutex::new(I8042::new(self.control.clone()))))
+        pio.insert(COM1_PORT.into(), 8, Arc::new(Mutex::new(serial)))
             .map_err(dev)?;
+        pio.insert(0x70, 2, Arc::new(Mutex::new(Cmos::new())))
+            .map_err(dev)?;
+        pio.insert(
+            0x60,
+            5,
+            Arc::new(Mutex::new(I8042::new(self.control.clone()))),
+        )
+        .map_err(dev)?;
         pio.insert(
             SLEEP_CONTROL_PORT.into(),
             3,
             Arc::new(Mutex::new(AcpiPm::new(self.control.clone()))),
         )
         .map_err(dev)?;
-        pio.insert(0x80, 1, Arc::new(Mutex::new(Sink))).map_err(dev)?;
+        pio.insert(0x80, 1, Arc::new(Mutex::new(Sink)))
+            .map_err(dev)?;
         Ok(())
     }
 
@@ -233,7 +249,10 @@ pub fn run_vcpus(vcpus: Vec<Vcpu>, control: &Arc<VmControl>) -> Result<ExitReaso
         }
     });
     if let Some(e) = handler_err {
-        return Err(VmError::Io("signal handler", std::io::Error::from_raw_os_error(e.errno())));
+        return Err(VmError::Io(
+            "signal handler",
+            std::io::Error::from_raw_os_error(e.errno()),
+        ));
     }
     let mut threads: Vec<JoinHandle<ExitReason>> = Vec::new();
     for mut vcpu in vcpus {

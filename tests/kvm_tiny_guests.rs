@@ -29,7 +29,10 @@ fn kvm_usable() -> bool {
 const CODE: u64 = 0x1000;
 
 fn load(vm: &Vm, code: &[u8]) {
-    vm.memory.memory().write_slice(code, GuestAddress(CODE)).unwrap();
+    vm.memory
+        .memory()
+        .write_slice(code, GuestAddress(CODE))
+        .unwrap();
 }
 
 fn real_mode(vcpu: &Vcpu) {
@@ -147,7 +150,10 @@ fn mmio_exits_reach_the_right_device() {
     let vm = bare_vm();
     let dev = recorder(0x5a);
     // Just above the 64 MiB of RAM: no memory slot, so accesses exit as MMIO.
-    vm.buses.mmio.insert(0x0400_0000, 0x100, dev.clone()).unwrap();
+    vm.buses
+        .mmio
+        .insert(0x0400_0000, 0x100, dev.clone())
+        .unwrap();
     load(
         &vm,
         &[
@@ -228,7 +234,11 @@ fn pci_config_cycles_and_acpi_poweroff() {
     let host_bridge =
         u64::from(pci::HOST_BRIDGE_VENDOR_ID) | (u64::from(pci::HOST_BRIDGE_DEVICE_ID) << 16);
     assert_eq!(r.rbx & 0xffff_ffff, host_bridge);
-    assert_eq!(r.rcx & 0xffff_ffff, 0x1042_1af4, "virtio-blk (modern) at 00:01.0");
+    assert_eq!(
+        r.rcx & 0xffff_ffff,
+        0x1042_1af4,
+        "virtio-blk (modern) at 00:01.0"
+    );
     std::fs::remove_file(disk).unwrap();
 }
 
@@ -326,17 +336,23 @@ fn msi_through_irqfd_and_gsi_routing_reaches_the_lapic() {
     assert!(v.gsi >= 24, "MSI GSIs live above the IOAPIC pins");
     let route = |vector: u32| MsiMessage {
         address: 0xfee0_0000, // APIC ID 0, physical
-        data: vector,          // fixed, edge
+        data: vector,         // fixed, edge
     };
     msi.set_route(v.gsi, Some(route(0x45))).unwrap();
     assert!(!irr_has(&vcpus[0], 0x45));
     v.irqfd.write(1).unwrap();
-    assert!(wait_irr(&vcpus[0], 0x45), "vector 0x45 pending after the irqfd");
+    assert!(
+        wait_irr(&vcpus[0], 0x45),
+        "vector 0x45 pending after the irqfd"
+    );
 
     // Re-route to another vector.
     msi.set_route(v.gsi, Some(route(0x61))).unwrap();
     v.irqfd.write(1).unwrap();
-    assert!(wait_irr(&vcpus[0], 0x61), "vector 0x61 pending after re-routing");
+    assert!(
+        wait_irr(&vcpus[0], 0x61),
+        "vector 0x61 pending after re-routing"
+    );
 
     // Routed to 0x72 and then unrouted before the signal: nothing arrives.
     msi.set_route(v.gsi, Some(route(0x72))).unwrap();

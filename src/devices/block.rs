@@ -17,7 +17,8 @@ use std::thread::JoinHandle;
 use pci::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap,
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic,
+    GuestMemoryMmap,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -151,8 +152,9 @@ pub struct BlockBackend {
 
 /// `addr + off`, failing (instead of wrapping) past the end of the address space.
 fn at(addr: GuestAddress, off: u64) -> Result<GuestAddress, ReqError> {
-    addr.checked_add(off)
-        .ok_or(ReqError::Memory(vm_memory::GuestMemoryError::InvalidGuestAddress(addr)))
+    addr.checked_add(off).ok_or(ReqError::Memory(
+        vm_memory::GuestMemoryError::InvalidGuestAddress(addr),
+    ))
 }
 
 /// Advance through `segs` skipping `skip` bytes, then call `f` on pieces covering `len` bytes.
@@ -210,25 +212,44 @@ impl BlockBackend {
     }
 
     /// Process one chain (given as its descriptors); returns the used length.
-    fn execute<M: GuestMemory + ?Sized>(&self, mem: &M, descs: &[(GuestAddress, u32, bool)]) -> u32 {
+    fn execute<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        descs: &[(GuestAddress, u32, bool)],
+    ) -> u32 {
         // Split into the readable prefix and the writable suffix.
         let first_w = descs.iter().position(|d| d.2).unwrap_or(descs.len());
         let readable: Vec<Seg> = descs[..first_w]
             .iter()
-            .map(|d| Seg { addr: d.0, len: d.1.into() })
+            .map(|d| Seg {
+                addr: d.0,
+                len: d.1.into(),
+            })
             .collect();
         let writable: Vec<Seg> = descs[first_w..]
             .iter()
-            .map(|d| Seg { addr: d.0, len: d.1.into() })
+            .map(|d| Seg {
+                addr: d.0,
+                len: d.1.into(),
+            })
             .collect();
         let wrong_dir = descs[first_w..].iter().any(|d| !d.2);
         // The status byte is the last byte of the last descriptor, if it is writable.
         let status_addr = match descs.last() {
-            Some(&(addr, len, true)) if len > 0 && !wrong_dir => addr.checked_add(u64::from(len) - 1),
+            Some(&(addr, len, true)) if len > 0 && !wrong_dir => {
+                addr.checked_add(u64::from(len) - 1)
+            }
             _ => None,
         };
         let Some(status_addr) = status_addr else {
-            log::warn!("virtio-blk: {}", if wrong_dir { ReqError::WrongDirection } else { ReqError::NoStatus });
+            log::warn!(
+                "virtio-blk: {}",
+                if wrong_dir {
+                    ReqError::WrongDirection
+                } else {
+                    ReqError::NoStatus
+                }
+            );
             return 0;
         };
         let w_total: u64 = writable.iter().map(|s| s.len).sum();
@@ -283,7 +304,8 @@ impl BlockBackend {
                     let mut pos = 0u64;
                     while pos < n {
                         let chunk = (n - pos).min(buf.len() as u64) as usize;
-                        self.file.read_exact_at(&mut buf[..chunk], off + done + pos)?;
+                        self.file
+                            .read_exact_at(&mut buf[..chunk], off + done + pos)?;
                         mem.write_slice(&buf[..chunk], at(addr, pos)?)?;
                         pos += chunk as u64;
                     }
@@ -329,17 +351,17 @@ impl BlockBackend {
 
     /// Byte offset of `sector` after checking `len` bytes fit on the disk.
     fn check_range(&self, sector: u64, len: u64) -> Result<u64, ReqError> {
-        if len % SECTOR_SIZE != 0 {
+        if !len.is_multiple_of(SECTOR_SIZE) {
             return Err(ReqError::Unaligned(len));
         }
         if len > MAX_REQUEST_BYTES {
             return Err(ReqError::TooLarge(len));
         }
-        let end = sector
+        sector
             .checked_add(len / SECTOR_SIZE)
-            .filter(|&e| e <= self.sectors)
+            .filter(|&end| end <= self.sectors)
             .ok_or(ReqError::OutOfRange(sector, len))?;
-        let _ = end;
+        // sector < self.sectors, so this cannot overflow.
         Ok(sector * SECTOR_SIZE)
     }
 
@@ -486,7 +508,9 @@ fn build_queue<M: GuestMemory>(
     q.set_event_idx(event_idx);
     q.set_ready(true);
     if !q.is_valid(mem) {
-        return Err(ActivateError::BadQueue(format!("{qc:?} is not a valid queue")));
+        return Err(ActivateError::BadQueue(format!(
+            "{qc:?} is not a valid queue"
+        )));
     }
     Ok(q)
 }
@@ -560,7 +584,10 @@ impl VirtioDevice for Block {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        log::debug!("virtio-blk: ignoring config write at {offset:#x} ({} bytes)", data.len());
+        log::debug!(
+            "virtio-blk: ignoring config write at {offset:#x} ({} bytes)",
+            data.len()
+        );
     }
 
     fn activate(
@@ -629,7 +656,9 @@ mod tests {
             std::process::id(),
             N.fetch_add(1, Ordering::SeqCst)
         ));
-        let data: Vec<u8> = (0..sectors * SECTOR_SIZE).map(|i| (i / 512) as u8 ^ (i as u8)).collect();
+        let data: Vec<u8> = (0..sectors * SECTOR_SIZE)
+            .map(|i| (i / 512) as u8 ^ (i as u8))
+            .collect();
         std::fs::write(&path, data).unwrap();
         Disk { path }
     }
@@ -662,7 +691,11 @@ mod tests {
             .map(|(i, r)| {
                 let s = SplitDesc::from(*r);
                 let last = i == descs.len() - 1;
-                let flags = if last { s.flags() & !F_NEXT } else { s.flags() | F_NEXT };
+                let flags = if last {
+                    s.flags() & !F_NEXT
+                } else {
+                    s.flags() | F_NEXT
+                };
                 RawDescriptor::from(SplitDesc::new(s.addr().0, s.len(), flags, i as u16 + 1))
             })
             .collect();
@@ -671,9 +704,7 @@ mod tests {
         mem.write_obj(0xeeu8, GuestAddress(status_at)).unwrap();
         backend.process_queue(&mut q, mem);
         assert_eq!(q.next_used(), 1, "chain must be completed");
-        let used_len: u32 = mem
-            .read_obj(vq.used_addr().unchecked_add(4 + 4))
-            .unwrap();
+        let used_len: u32 = mem.read_obj(vq.used_addr().unchecked_add(4 + 4)).unwrap();
         (used_len, mem.read_obj(GuestAddress(status_at)).unwrap())
     }
 
@@ -696,7 +727,11 @@ mod tests {
         let (len, st) = run(
             &b,
             &m,
-            &[d(0x1000, 16, 0), d(0x2000, 1024, F_WRITE), d(0x3000, 1, F_WRITE)],
+            &[
+                d(0x1000, 16, 0),
+                d(0x2000, 1024, F_WRITE),
+                d(0x3000, 1, F_WRITE),
+            ],
             0x3000,
         );
         assert_eq!((len, st), (1025, VIRTIO_BLK_S_OK));
@@ -715,7 +750,11 @@ mod tests {
         let (len, st) = run(
             &b,
             &m,
-            &[d(0x1000, 16, 0), d(0x2000, 100, F_WRITE), d(0x4000, 413, F_WRITE)],
+            &[
+                d(0x1000, 16, 0),
+                d(0x2000, 100, F_WRITE),
+                d(0x4000, 413, F_WRITE),
+            ],
             0x4000 + 412,
         );
         assert_eq!((len, st), (513, VIRTIO_BLK_S_OK));
@@ -734,7 +773,12 @@ mod tests {
         let m = mem();
         header(&m, 0x1000, VIRTIO_BLK_T_OUT, 3);
         m.write_slice(&[0xabu8; 512], GuestAddress(0x2000)).unwrap();
-        let (len, st) = run(&b, &m, &[d(0x1000, 16, 0), d(0x2000, 512, 0), d(0x3000, 1, F_WRITE)], 0x3000);
+        let (len, st) = run(
+            &b,
+            &m,
+            &[d(0x1000, 16, 0), d(0x2000, 512, 0), d(0x3000, 1, F_WRITE)],
+            0x3000,
+        );
         assert_eq!((len, st), (1, VIRTIO_BLK_S_OK));
         let file = std::fs::read(&dk.path).unwrap();
         assert!(file[3 * 512..4 * 512].iter().all(|&x| x == 0xab));
@@ -750,7 +794,12 @@ mod tests {
         let (dk, b) = backend(8, true);
         let m = mem();
         header(&m, 0x1000, VIRTIO_BLK_T_OUT, 0);
-        let (_, st) = run(&b, &m, &[d(0x1000, 16, 0), d(0x2000, 512, 0), d(0x3000, 1, F_WRITE)], 0x3000);
+        let (_, st) = run(
+            &b,
+            &m,
+            &[d(0x1000, 16, 0), d(0x2000, 512, 0), d(0x3000, 1, F_WRITE)],
+            0x3000,
+        );
         assert_eq!(st, VIRTIO_BLK_S_IOERR);
         let file = std::fs::read(&dk.path).unwrap();
         assert_eq!(file[0], 0);
@@ -761,7 +810,16 @@ mod tests {
         let (dk, b) = backend(1, false);
         let m = mem();
         header(&m, 0x1000, VIRTIO_BLK_T_GET_ID, 0);
-        let (len, st) = run(&b, &m, &[d(0x1000, 16, 0), d(0x2000, 20, F_WRITE), d(0x3000, 1, F_WRITE)], 0x3000);
+        let (len, st) = run(
+            &b,
+            &m,
+            &[
+                d(0x1000, 16, 0),
+                d(0x2000, 20, F_WRITE),
+                d(0x3000, 1, F_WRITE),
+            ],
+            0x3000,
+        );
         assert_eq!((len, st), (21, VIRTIO_BLK_S_OK));
         let mut id = [0u8; 20];
         m.read_slice(&mut id, GuestAddress(0x2000)).unwrap();
@@ -776,11 +834,29 @@ mod tests {
         let m = mem();
         // Past the end of the disk.
         header(&m, 0x1000, VIRTIO_BLK_T_IN, 8);
-        let (_, st) = run(&b, &m, &[d(0x1000, 16, 0), d(0x2000, 512, F_WRITE), d(0x3000, 1, F_WRITE)], 0x3000);
+        let (_, st) = run(
+            &b,
+            &m,
+            &[
+                d(0x1000, 16, 0),
+                d(0x2000, 512, F_WRITE),
+                d(0x3000, 1, F_WRITE),
+            ],
+            0x3000,
+        );
         assert_eq!(st, VIRTIO_BLK_S_IOERR);
         // Sector overflow.
         header(&m, 0x1000, VIRTIO_BLK_T_IN, u64::MAX);
-        let (_, st) = run(&b, &m, &[d(0x1000, 16, 0), d(0x2000, 512, F_WRITE), d(0x3000, 1, F_WRITE)], 0x3000);
+        let (_, st) = run(
+            &b,
+            &m,
+            &[
+                d(0x1000, 16, 0),
+                d(0x2000, 512, F_WRITE),
+                d(0x3000, 1, F_WRITE),
+            ],
+            0x3000,
+        );
         assert_eq!(st, VIRTIO_BLK_S_IOERR);
         // Short header.
         header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
@@ -792,29 +868,75 @@ mod tests {
         assert_eq!(st, VIRTIO_BLK_S_UNSUPP);
         // Unaligned length.
         header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
-        let (_, st) = run(&b, &m, &[d(0x1000, 16, 0), d(0x2000, 100, F_WRITE), d(0x3000, 1, F_WRITE)], 0x3000);
+        let (_, st) = run(
+            &b,
+            &m,
+            &[
+                d(0x1000, 16, 0),
+                d(0x2000, 100, F_WRITE),
+                d(0x3000, 1, F_WRITE),
+            ],
+            0x3000,
+        );
         assert_eq!(st, VIRTIO_BLK_S_IOERR);
         // Oversized request (descriptor lengths beyond the limit, addresses outside RAM).
         header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
-        let (_, st) = run(&b, &m, &[d(0x1000, 16, 0), d(0x2000, 0x7fff_fe00, F_WRITE), d(0x3000, 1, F_WRITE)], 0x3000);
+        let (_, st) = run(
+            &b,
+            &m,
+            &[
+                d(0x1000, 16, 0),
+                d(0x2000, 0x7fff_fe00, F_WRITE),
+                d(0x3000, 1, F_WRITE),
+            ],
+            0x3000,
+        );
         assert_eq!(st, VIRTIO_BLK_S_IOERR);
         // Data buffer outside guest memory.
         header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
-        let (_, st) = run(&b, &m, &[d(0x1000, 16, 0), d(0x8000_0000, 512, F_WRITE), d(0x3000, 1, F_WRITE)], 0x3000);
+        let (_, st) = run(
+            &b,
+            &m,
+            &[
+                d(0x1000, 16, 0),
+                d(0x8000_0000, 512, F_WRITE),
+                d(0x3000, 1, F_WRITE),
+            ],
+            0x3000,
+        );
         assert_eq!(st, VIRTIO_BLK_S_IOERR);
         // Header outside guest memory.
-        let (_, st) = run(&b, &m, &[d(0x9000_0000, 16, 0), d(0x3000, 1, F_WRITE)], 0x3000);
+        let (_, st) = run(
+            &b,
+            &m,
+            &[d(0x9000_0000, 16, 0), d(0x3000, 1, F_WRITE)],
+            0x3000,
+        );
         assert_eq!(st, VIRTIO_BLK_S_IOERR);
         // Missing status byte: last descriptor readable -> used len 0, memory untouched.
         header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
         let (len, st) = run(&b, &m, &[d(0x1000, 16, 0), d(0x3000, 1, 0)], 0x3000);
         assert_eq!((len, st), (0, 0xee));
         // Readable after writable (wrong direction).
-        let (len, st) = run(&b, &m, &[d(0x1000, 16, 0), d(0x2000, 512, F_WRITE), d(0x3000, 1, 0)], 0x3000);
+        let (len, st) = run(
+            &b,
+            &m,
+            &[d(0x1000, 16, 0), d(0x2000, 512, F_WRITE), d(0x3000, 1, 0)],
+            0x3000,
+        );
         assert_eq!((len, st), (0, 0xee));
         // The device still works afterwards.
         header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
-        let (_, st) = run(&b, &m, &[d(0x1000, 16, 0), d(0x2000, 512, F_WRITE), d(0x3000, 1, F_WRITE)], 0x3000);
+        let (_, st) = run(
+            &b,
+            &m,
+            &[
+                d(0x1000, 16, 0),
+                d(0x2000, 512, F_WRITE),
+                d(0x3000, 1, F_WRITE),
+            ],
+            0x3000,
+        );
         assert_eq!(st, VIRTIO_BLK_S_OK);
     }
 
@@ -824,11 +946,20 @@ mod tests {
         let m = mem();
         let vq = MockSplitQueue::create(&m, GuestAddress(0), 16);
         header(&m, 0x1000, VIRTIO_BLK_T_FLUSH, 0);
-        vq.add_desc_chains(&[d(0x1000, 16, F_NEXT), RawDescriptor::from(SplitDesc::new(0x3000, 1, F_WRITE, 0))], 0)
-            .unwrap();
+        vq.add_desc_chains(
+            &[
+                d(0x1000, 16, F_NEXT),
+                RawDescriptor::from(SplitDesc::new(0x3000, 1, F_WRITE, 0)),
+            ],
+            0,
+        )
+        .unwrap();
         // Fix the next index of the first descriptor.
         vq.desc_table()
-            .store(0, RawDescriptor::from(SplitDesc::new(0x1000, 16, F_NEXT, 1)))
+            .store(
+                0,
+                RawDescriptor::from(SplitDesc::new(0x1000, 16, F_NEXT, 1)),
+            )
             .unwrap();
         // VRING_AVAIL_F_NO_INTERRUPT.
         m.write_obj(1u16, vq.avail_addr()).unwrap();
@@ -837,16 +968,29 @@ mod tests {
         assert_eq!(q.next_used(), 1);
         // Without the flag the same work asks for an interrupt.
         let vq = MockSplitQueue::create(&m, GuestAddress(0x8000), 16);
-        vq.add_desc_chains(&[RawDescriptor::from(SplitDesc::new(0x1000, 16, F_NEXT, 1)), RawDescriptor::from(SplitDesc::new(0x3000, 1, F_WRITE, 0))], 0)
-            .unwrap();
+        vq.add_desc_chains(
+            &[
+                RawDescriptor::from(SplitDesc::new(0x1000, 16, F_NEXT, 1)),
+                RawDescriptor::from(SplitDesc::new(0x3000, 1, F_WRITE, 0)),
+            ],
+            0,
+        )
+        .unwrap();
         let mut q: Queue = vq.create_queue().unwrap();
         assert!(b.process_queue(&mut q, &m));
         // EVENT_IDX: used_event far ahead -> no interrupt; used_event 0 -> interrupt.
         for (used_event, want) in [(5u16, false), (0u16, true)] {
             let vq = MockSplitQueue::create(&m, GuestAddress(0x8000), 16);
-            vq.add_desc_chains(&[RawDescriptor::from(SplitDesc::new(0x1000, 16, F_NEXT, 1)), RawDescriptor::from(SplitDesc::new(0x3000, 1, F_WRITE, 0))], 0)
+            vq.add_desc_chains(
+                &[
+                    RawDescriptor::from(SplitDesc::new(0x1000, 16, F_NEXT, 1)),
+                    RawDescriptor::from(SplitDesc::new(0x3000, 1, F_WRITE, 0)),
+                ],
+                0,
+            )
+            .unwrap();
+            m.write_obj(used_event, vq.avail_addr().unchecked_add(4 + 2 * 16))
                 .unwrap();
-            m.write_obj(used_event, vq.avail_addr().unchecked_add(4 + 2 * 16)).unwrap();
             let mut q: Queue = vq.create_queue().unwrap();
             q.set_event_idx(true);
             assert_eq!(b.process_queue(&mut q, &m), want, "used_event {used_event}");
@@ -875,7 +1019,12 @@ mod tests {
     #[test]
     fn features_and_config_space() {
         let dk = disk(16);
-        let blk = Block::new(BlockConfig { path: dk.path.clone(), readonly: true, iommu: true }).unwrap();
+        let blk = Block::new(BlockConfig {
+            path: dk.path.clone(),
+            readonly: true,
+            iommu: true,
+        })
+        .unwrap();
         let f = blk.device_features();
         assert_ne!(f & VIRTIO_F_VERSION_1, 0);
         assert_ne!(f & VIRTIO_BLK_F_RO, 0);
@@ -890,7 +1039,15 @@ mod tests {
         let mut far = [0xffu8; 4];
         blk.read_config(u64::MAX - 1, &mut far);
         assert_eq!(far, [0; 4]);
-        let rw = Block::new(BlockConfig { path: dk.path.clone(), readonly: false, iommu: false }).unwrap();
-        assert_eq!(rw.device_features() & (VIRTIO_BLK_F_RO | VIRTIO_F_ACCESS_PLATFORM), 0);
+        let rw = Block::new(BlockConfig {
+            path: dk.path.clone(),
+            readonly: false,
+            iommu: false,
+        })
+        .unwrap();
+        assert_eq!(
+            rw.device_features() & (VIRTIO_BLK_F_RO | VIRTIO_F_ACCESS_PLATFORM),
+            0
+        );
     }
 }

@@ -199,12 +199,13 @@ mod tests {
         assert!((1..=12).contains(&month));
         assert_eq!(rd(&mut c, 0x32), 0x20);
         // SAFETY (test): plain libc time query.
-        let year = 1900 + unsafe {
-            let t = libc::time(std::ptr::null_mut());
-            let mut tm: libc::tm = std::mem::zeroed();
-            libc::gmtime_r(&t, &mut tm);
-            tm.tm_year
-        };
+        let year = 1900
+            + unsafe {
+                let t = libc::time(std::ptr::null_mut());
+                let mut tm: libc::tm = std::mem::zeroed();
+                libc::gmtime_r(&t, &mut tm);
+                tm.tm_year
+            };
         assert_eq!(i32::from(bcd(rd(&mut c, 0x09))), year % 100);
         assert_eq!(rd(&mut c, 0x0b) & 0x06, 0x02, "24 hour, BCD");
         c.write(0, &[0x40]);
