@@ -173,7 +173,7 @@ build_qemu_cpio() {
     local out=$IMAGES/l1-qemu.cpio root=$WORK/l1-qemu qemu lib f
     qemu=$(command -v qemu-system-x86_64) || die "qemu-system-x86_64 not installed (make deps)"
     local stamp
-    stamp=$({ ls -lL "$qemu"; ldd "$qemu" | awk '{ print $1, $3 }'; sha256sum "$0"; } | sha256sum | cut -c1-16)
+    stamp=$({ ls -lL "$qemu"; ldd "$qemu" | awk '{ print $1, $3 }'; sha256sum <"$0"; } | sha256sum | cut -c1-16)
     if [ -f "$out" ] && [ "$(cat "$out.stamp" 2>/dev/null)" = "$stamp" ]; then
         log "l1-qemu.cpio: up to date"
         return 0

@@ -6,13 +6,17 @@
 //!   cargo test --test guests -- qemu-        # the reference scenarios (QEMU as the L2 VMM)
 //!   cargo test --test guests -- --list       # list scenario names
 //!
-//! GUESTS_REFERENCE=1 adds the reference scenarios to an unfiltered run. Rig knobs (RIG_MODE,
+//!   cargo test --test guests -- rig-         # checks of the rig itself (exit status, timeout)
+//!
+//! GUESTS_ALL=1 adds the opt-in scenarios (qemu-*, rig-*) to an unfiltered run. Rig knobs (RIG_MODE,
 //! RIG_VERBOSE, RIG_KEEP, RIG_VMM, RIG_NO_BUILD): see the rig crate.
 
 #[path = "guests/boot.rs"]
 mod boot;
 #[path = "guests/common.rs"]
 mod common;
+#[path = "guests/rigcheck.rs"]
+mod rigcheck;
 #[path = "guests/selftest.rs"]
 mod selftest;
 
@@ -23,6 +27,7 @@ use common::Case;
 fn all_cases() -> Vec<Case> {
     let mut v = selftest::cases();
     v.extend(boot::cases());
+    v.extend(rigcheck::cases());
     v
 }
 
@@ -30,13 +35,13 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let list = args.iter().any(|a| a == "--list");
     let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
-    let reference = std::env::var("GUESTS_REFERENCE").is_ok_and(|v| v == "1");
+    let all = std::env::var("GUESTS_ALL").is_ok_and(|v| v == "1");
 
     let cases: Vec<Case> = all_cases()
         .into_iter()
         .filter(|c| {
             if filters.is_empty() {
-                reference || !c.reference
+                all || !c.opt_in
             } else {
                 filters.iter().any(|f| c.scenario.name.contains(f.as_str()))
             }
@@ -68,7 +73,10 @@ fn main() -> ExitCode {
         match (case.check)(outcome) {
             Ok(()) => println!("PASS {name} ({:.1} s)", outcome.duration.as_secs_f64()),
             Err(why) => {
-                println!("FAIL {name} ({:.1} s): {why}", outcome.duration.as_secs_f64());
+                println!(
+                    "FAIL {name} ({:.1} s): {why}",
+                    outcome.duration.as_secs_f64()
+                );
                 println!("---- {name}: L2 console (last 40 lines) ----");
                 println!("{}", outcome.serial_tail(40));
                 println!("---- {name}: VMM stderr (last 40 lines) ----");
@@ -79,14 +87,22 @@ fn main() -> ExitCode {
         }
     }
     if outcomes.len() != cases.len() {
-        println!("FAIL: rig returned {} outcomes for {} scenarios", outcomes.len(), cases.len());
+        println!(
+            "FAIL: rig returned {} outcomes for {} scenarios",
+            outcomes.len(),
+            cases.len()
+        );
         return ExitCode::FAILURE;
     }
     println!(
         "guests: {} passed, {} failed{}",
         cases.len() - failed.len(),
         failed.len(),
-        if failed.is_empty() { String::new() } else { format!(": {}", failed.join(", ")) }
+        if failed.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", failed.join(", "))
+        }
     );
     if failed.is_empty() {
         ExitCode::SUCCESS

@@ -13,20 +13,34 @@ pub struct Case {
     pub scenario: Scenario,
     /// What must hold afterwards.
     pub check: Check,
-    /// Reference cases (QEMU as the L2 VMM) check the rig and the images, not our vmm; they run
-    /// only when a name filter selects them or `GUESTS_REFERENCE=1`.
-    pub reference: bool,
+    /// Opt-in cases (QEMU as the L2 VMM, checks of the rig itself) test the rig and the images,
+    /// not our vmm; they run only when a name filter selects them or `GUESTS_ALL=1`.
+    pub opt_in: bool,
 }
 
 impl Case {
     /// A case for our vmm.
-    pub fn new(scenario: Scenario, check: impl Fn(&Outcome) -> Result<(), String> + 'static) -> Self {
-        Self { scenario, check: Box::new(check), reference: false }
+    pub fn new(
+        scenario: Scenario,
+        check: impl Fn(&Outcome) -> Result<(), String> + 'static,
+    ) -> Self {
+        Self {
+            scenario,
+            check: Box::new(check),
+            opt_in: false,
+        }
     }
 
-    /// A reference case (QEMU as the L2 VMM).
-    pub fn reference(scenario: Scenario, check: impl Fn(&Outcome) -> Result<(), String> + 'static) -> Self {
-        Self { scenario, check: Box::new(check), reference: true }
+    /// An opt-in case (QEMU as the L2 VMM, or a check of the rig itself).
+    pub fn opt_in(
+        scenario: Scenario,
+        check: impl Fn(&Outcome) -> Result<(), String> + 'static,
+    ) -> Self {
+        Self {
+            scenario,
+            check: Box::new(check),
+            opt_in: true,
+        }
     }
 }
 

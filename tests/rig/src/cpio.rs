@@ -63,9 +63,8 @@ pub fn archive(files: &[CpioFile]) -> Vec<u8> {
 }
 
 fn pad_to(out: &mut Vec<u8>, align: usize) {
-    while out.len() % align != 0 {
-        out.push(0);
-    }
+    let pad = (align - out.len() % align) % align;
+    out.resize(out.len() + pad, 0);
 }
 
 fn push_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, nlink: u32, data: &[u8]) {
@@ -140,7 +139,10 @@ mod tests {
         assert_eq!(a.len() % 512, 0);
         let e = parse(&a);
         let names: Vec<&str> = e.iter().map(|x| x.0.as_str()).collect();
-        assert_eq!(names, ["rig", "rig/data", "rig/scenario.sh", "rig/data/blob", "top"]);
+        assert_eq!(
+            names,
+            ["rig", "rig/data", "rig/scenario.sh", "rig/data/blob", "top"]
+        );
         assert_eq!(e[0].1, S_IFDIR | 0o755);
         assert_eq!(e[2].1, S_IFREG | 0o755);
         assert_eq!(e[2].2, b"echo hi\n");

@@ -29,7 +29,8 @@ pub(crate) fn run_one(
     work: &Path,
 ) -> Result<Outcome, RigError> {
     let dir = work.join(format!("{idx:03}"));
-    std::fs::create_dir_all(&dir).map_err(|e| RigError::io(format!("creating {}", dir.display()), e))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| RigError::io(format!("creating {}", dir.display()), e))?;
     let images = cfg.images();
     let mut initrd = std::fs::read(images.join("l2.cpio.gz"))
         .map_err(|e| RigError::io("reading l2.cpio.gz", e))?;

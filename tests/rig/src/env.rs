@@ -110,7 +110,14 @@ impl RigConfig {
             run_step(
                 "static vmm",
                 Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-                    .args(["build", "--release", "--target", STATIC_TARGET, "--bin", "vmm"])
+                    .args([
+                        "build",
+                        "--release",
+                        "--target",
+                        STATIC_TARGET,
+                        "--bin",
+                        "vmm",
+                    ])
                     .env("RUSTFLAGS", "-C target-feature=+crt-static")
                     .current_dir(&self.root),
             )?;
@@ -134,8 +141,13 @@ fn run_step(what: &str, cmd: &mut Command) -> Result<(), RigError> {
         .status()
         .map_err(|e| RigError::io(format!("starting {cmd:?}"), e))?;
     if !status.success() {
-        return Err(RigError::Build(format!("{what}: {cmd:?} failed with {status}")));
+        return Err(RigError::Build(format!(
+            "{what}: {cmd:?} failed with {status}"
+        )));
     }
-    progress(&format!("{what} ready ({:.1} s)", t.elapsed().as_secs_f64()));
+    progress(&format!(
+        "{what} ready ({:.1} s)",
+        t.elapsed().as_secs_f64()
+    ));
     Ok(())
 }

@@ -42,7 +42,8 @@ pub fn run_with(cfg: &RigConfig, scenarios: &[Scenario]) -> Result<Vec<Outcome>,
         return Ok(Vec::new());
     }
     let t = Instant::now();
-    let with_qemu = cfg.mode == Mode::Nested && scenarios.iter().any(|s| s.program == Program::Qemu);
+    let with_qemu =
+        cfg.mode == Mode::Nested && scenarios.iter().any(|s| s.program == Program::Qemu);
     cfg.ensure_images(with_qemu)?;
     if scenarios.iter().any(|s| s.program == Program::Vmm) {
         cfg.ensure_vmm()?;
@@ -97,7 +98,10 @@ fn validate(scenarios: &[Scenario]) -> Result<(), RigError> {
             return Err(RigError::Config(format!("bad scenario name {:?}", s.name)));
         }
         if !names.insert(s.name.as_str()) {
-            return Err(RigError::Config(format!("duplicate scenario name '{}'", s.name)));
+            return Err(RigError::Config(format!(
+                "duplicate scenario name '{}'",
+                s.name
+            )));
         }
         if s.disks.len() > MAX_DISKS_PER_L1 {
             return Err(RigError::Config(format!(
@@ -119,6 +123,7 @@ fn work_dir(cfg: &RigConfig) -> Result<PathBuf, RigError> {
         .root
         .join(".cache/rig")
         .join(format!("run-{}-{stamp}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| RigError::io(format!("creating {}", dir.display()), e))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| RigError::io(format!("creating {}", dir.display()), e))?;
     Ok(dir)
 }

@@ -86,20 +86,30 @@ fn l1_archive(cfg: &RigConfig, batch: &[Scenario]) -> Result<Vec<u8>, RigError> 
             run.push_str(&s.l1_setup);
             run.push('\n');
         }
-        run.push_str(&format!("cat /l2/initrd ./l2extra.cpio >{initrd}\nexec {program}"));
+        run.push_str(&format!(
+            "cat /l2/initrd ./l2extra.cpio >{initrd}\nexec {program}"
+        ));
         for a in &args {
             run.push(' ');
             run.push_str(&shell_quote(a));
         }
         run.push('\n');
         files.push(CpioFile::new(format!("{dir}/run"), 0o755, run));
-        files.push(CpioFile::new(format!("{dir}/name"), 0o644, format!("{}\n", s.name)));
+        files.push(CpioFile::new(
+            format!("{dir}/name"),
+            0o644,
+            format!("{}\n", s.name),
+        ));
         files.push(CpioFile::new(
             format!("{dir}/timeout"),
             0o644,
             format!("{}\n", s.timeout.as_secs().max(1)),
         ));
-        files.push(CpioFile::new(format!("{dir}/l2extra.cpio"), 0o644, s.l2_archive()));
+        files.push(CpioFile::new(
+            format!("{dir}/l2extra.cpio"),
+            0o644,
+            s.l2_archive(),
+        ));
     }
     Ok(crate::cpio::archive(&files))
 }
@@ -129,16 +139,28 @@ pub(crate) fn run_batch(
 
     let console = work.join("l1-console.log");
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "max"])
-        .args(["-smp", "2", "-m", "3072", "-display", "none", "-monitor", "none"])
-        .args(["-no-reboot", "-nodefaults"])
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()))
-        .args(["-serial", "stdio", "-kernel"])
-        .arg(images.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(&initrd_path)
-        .args(["-append", "console=ttyS0 panic=-1 loglevel=4 rigout=/dev/ttyS1"]);
+    cmd.args([
+        "-machine",
+        "q35",
+        "-accel",
+        "tcg,thread=multi",
+        "-cpu",
+        "max",
+    ])
+    .args([
+        "-smp", "2", "-m", "3072", "-display", "none", "-monitor", "none",
+    ])
+    .args(["-no-reboot", "-nodefaults"])
+    .arg("-serial")
+    .arg(format!("file:{}", console.display()))
+    .args(["-serial", "stdio", "-kernel"])
+    .arg(images.join("vmlinuz"))
+    .arg("-initrd")
+    .arg(&initrd_path)
+    .args([
+        "-append",
+        "console=ttyS0 panic=-1 loglevel=4 rigout=/dev/ttyS1",
+    ]);
     let mut seen_l0: Vec<&Vec<String>> = Vec::new();
     for (idx, s) in batch.iter().enumerate() {
         for (d, path) in s.disks.iter().enumerate() {
@@ -164,7 +186,11 @@ pub(crate) fn run_batch(
         .stderr(Stdio::piped());
 
     let limit = Duration::from_secs(
-        batch.iter().map(|s| s.timeout.as_secs().max(1) + 5).sum::<u64>() + cfg.l1_allowance_secs,
+        batch
+            .iter()
+            .map(|s| s.timeout.as_secs().max(1) + 5)
+            .sum::<u64>()
+            + cfg.l1_allowance_secs,
     );
     progress(&format!(
         "booting L1 under QEMU TCG for {} scenario(s) ({} MiB initramfs, global limit {} s)",
@@ -201,10 +227,10 @@ fn spawn_line_reader<R: Read + Send + 'static>(r: R, tx: mpsc::Sender<Msg>) {
         loop {
             buf.clear();
             // Read up to a newline, in bounded pieces.
-            let n = match (&mut reader).take(MAX_LINE as u64).read_until(b'\n', &mut buf) {
-                Ok(n) => n,
-                Err(_) => 0,
-            };
+            let n = (&mut reader)
+                .take(MAX_LINE as u64)
+                .read_until(b'\n', &mut buf)
+                .unwrap_or_default();
             if n == 0 {
                 let _ = tx.send(Msg::Eof);
                 return;
@@ -259,7 +285,9 @@ fn drive(
         let tx = tx.clone();
         std::thread::spawn(move || {
             let mut s = String::new();
-            let _ = BufReader::new(err).take(MAX_CAPTURE as u64).read_to_string(&mut s);
+            let _ = BufReader::new(err)
+                .take(MAX_CAPTURE as u64)
+                .read_to_string(&mut s);
             let _ = tx.send(Msg::Stderr(s));
         });
     }
@@ -414,7 +442,15 @@ fn drive(
         }
     }
 
-    // The channel ended: QEMU closed its stdout (it exited).
+    // The channel ended: QEMU closed its stdout (it exited). Its stderr may still be on the way.
+    if qemu_stderr.is_empty() {
+        while let Ok(m) = rx.recv_timeout(Duration::from_secs(2)) {
+            if let Msg::Stderr(s) = m {
+                qemu_stderr = s;
+                break;
+            }
+        }
+    }
     let missing: Vec<String> = batch
         .iter()
         .zip(&outcomes)

@@ -256,10 +256,9 @@ fn expand_one(arg: &str, p: &Placeholders) -> Result<String, String> {
                 let idx: usize = k[4..]
                     .parse()
                     .map_err(|_| format!("bad placeholder {{{k}}} in {arg:?}"))?;
-                p.disks
-                    .get(idx)
-                    .cloned()
-                    .ok_or_else(|| format!("{{{k}}} but the scenario has {} disk(s)", p.disks.len()))?
+                p.disks.get(idx).cloned().ok_or_else(|| {
+                    format!("{{{k}}} but the scenario has {} disk(s)", p.disks.len())
+                })?
             }
             k => return Err(format!("unknown placeholder {{{k}}} in {arg:?}")),
         };
@@ -346,23 +345,41 @@ mod tests {
 
     #[test]
     fn expands_placeholders() {
-        let args: Vec<String> = ["--kernel", "{kernel}", "--disk", "path={disk1},readonly=on", "{cmdline}"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let args: Vec<String> = [
+            "--kernel",
+            "{kernel}",
+            "--disk",
+            "path={disk1},readonly=on",
+            "{cmdline}",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let e = expand(&args, &ph()).unwrap();
         assert_eq!(
             e,
-            ["--kernel", "/l2/vmlinuz", "--disk", "path=/dev/rigdisk/s0d1,readonly=on", "console=ttyS0 run=/x"]
+            [
+                "--kernel",
+                "/l2/vmlinuz",
+                "--disk",
+                "path=/dev/rigdisk/s0d1,readonly=on",
+                "console=ttyS0 run=/x"
+            ]
         );
     }
 
     #[test]
     fn rejects_unknown_and_out_of_range_placeholders() {
-        assert!(expand(&["{kernal}".into()], &ph()).unwrap_err().contains("unknown"));
-        assert!(expand(&["{disk2}".into()], &ph()).unwrap_err().contains("2 disk"));
+        assert!(expand(&["{kernal}".into()], &ph())
+            .unwrap_err()
+            .contains("unknown"));
+        assert!(expand(&["{disk2}".into()], &ph())
+            .unwrap_err()
+            .contains("2 disk"));
         assert!(expand(&["{diskx}".into()], &ph()).is_err());
-        assert!(expand(&["a{kernel".into()], &ph()).unwrap_err().contains("unclosed"));
+        assert!(expand(&["a{kernel".into()], &ph())
+            .unwrap_err()
+            .contains("unclosed"));
     }
 
     #[test]
@@ -371,13 +388,19 @@ mod tests {
         let a = s.effective_args();
         let joined = a.join(" ");
         assert!(joined.contains("--cpus 2"), "{joined}");
-        assert!(joined.contains("--disk path={disk0} --disk path={disk1}"), "{joined}");
+        assert!(
+            joined.contains("--disk path={disk0} --disk path={disk1}"),
+            "{joined}"
+        );
         assert!(joined.contains("--cmdline {cmdline}"));
     }
 
     #[test]
     fn guest_exit_takes_the_last_marker() {
-        assert_eq!(parse_guest_exit("a\nGUEST-EXIT 3\nGUEST-EXIT 0\r\nx"), Some(0));
+        assert_eq!(
+            parse_guest_exit("a\nGUEST-EXIT 3\nGUEST-EXIT 0\r\nx"),
+            Some(0)
+        );
         assert_eq!(parse_guest_exit("GUEST-EXIT 17"), Some(17));
         assert_eq!(parse_guest_exit("no marker\nGUEST-EXIT abc"), None);
     }
