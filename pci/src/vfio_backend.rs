@@ -3,8 +3,27 @@
 //!
 //! [`VfioDeviceBackend`] is the thin adapter over an opened `vfio_ioctls::VfioDevice`; unit tests
 //! drive [`crate::vfio_pci::VfioPciDevice`] with a fake. The container, group and DMA mappings
-//! are not handled here: the VMM opens the device through a container it owns (see
-//! [`iommu_group`]) and the vIOMMU shadow engine programs the container's DMA mappings.
+//! are not handled here: the VMM opens the device through a container it owns and the vIOMMU
+//! shadow engine programs the container's DMA mappings. With vfio-ioctls 0.10 (legacy
+//! container/group API, which is what L1 kernels without IOMMUFD offer):
+//!
+//! ```text
+//! // once per VM: the KVM VFIO pseudo device (coherency, KVM<->VFIO group tracking)
+//! let kvm_vfio = vm_fd.create_device(&mut kvm_create_device {
+//!     type_: kvm_device_type_KVM_DEV_TYPE_VFIO, fd: 0, flags: 0 })?;
+//! let handle = Arc::new(VfioDeviceFd::new_from_kvm(kvm_vfio));
+//! // one container per host address space (opens /dev/vfio/vfio, checks TYPE1v2)
+//! let container = Arc::new(VfioContainer::new(Some(handle))?);
+//! // opens /dev/vfio/<iommu_group(path)>, VFIO_GROUP_SET_CONTAINER, VFIO_SET_IOMMU(TYPE1v2) on
+//! // the first group, KVM_DEV_VFIO_FILE_ADD, VFIO_GROUP_GET_DEVICE_FD, region and irq info
+//! let device = Arc::new(VfioDevice::new(Path::new("/sys/bus/pci/devices/0000:00:04.0"),
+//!                                       container.clone(), false)?);
+//! let pci = VfioPciDevice::from_vfio_device(device, msi_manager, slot_manager)?;
+//! // DMA: unsafe { container.vfio_dma_map(iova, size, host_addr) } / vfio_dma_unmap(iova, size)
+//! ```
+//!
+//! The group joins the container in `VfioDevice::new` and leaves it when the last `VfioDevice`
+//! of the group is dropped: a device cannot move between containers while it is open.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};

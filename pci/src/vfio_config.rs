@@ -30,6 +30,7 @@ pub const PCIE_DEVCTL_HIGH: u16 = 9;
 pub const PCIE_DEVCTL_FLR: u8 = 0x80;
 const PM_CAP_LEN: u16 = 8;
 const PCIE_CAP_LEN: u16 = 0x3c;
+const PCIE_CAP_V1_LEN: u16 = 0x24;
 const FIRST_CAP: u16 = 0x40;
 const STD_END: u16 = 0x100;
 /// More capabilities than fit in 192 bytes means a loop in the chain.
@@ -117,7 +118,14 @@ impl CapLayout {
                     Some((msi_cap_len(control) as u16, CapKind::Msi))
                 }
                 MSIX_CAP_ID if !seen(MSIX_CAP_ID) => Some((MSIX_CAP_LEN as u16, CapKind::Msix)),
-                PCIE_CAP_ID if !seen(PCIE_CAP_ID) => Some((PCIE_CAP_LEN, CapKind::Pcie)),
+                PCIE_CAP_ID if !seen(PCIE_CAP_ID) => {
+                    let len = if cfg[o + 2] & 0xf >= 2 {
+                        PCIE_CAP_LEN
+                    } else {
+                        PCIE_CAP_V1_LEN
+                    };
+                    Some((len, CapKind::Pcie))
+                }
                 PM_CAP_ID => Some((PM_CAP_LEN, CapKind::Passthrough)),
                 VENDOR_CAP_ID => {
                     Some((u16::from(cfg[(o + 2) & 0xff]).max(3), CapKind::Passthrough))
@@ -136,6 +144,30 @@ impl CapLayout {
             }
             ptr = u16::from(cfg[o + 1] & 0xfc);
         }
+        // A capability never extends over the next one: passed-through ones are cut short,
+        // emulated ones (whose layout we rely on) are hidden.
+        let starts: Vec<u16> = layout.all.iter().map(|&(o, _)| o).collect();
+        layout.kept.retain_mut(|cap| {
+            let gap = starts
+                .iter()
+                .filter(|&&s| s > cap.offset)
+                .map(|&s| s - cap.offset)
+                .min()
+                .unwrap_or(u16::MAX);
+            if gap >= cap.len {
+                return true;
+            }
+            if matches!(cap.kind, CapKind::Msi | CapKind::Msix) {
+                log::warn!(
+                    "vfio: capability {:#04x} at {:#x} overlaps the next one; hidden",
+                    cap.id,
+                    cap.offset
+                );
+                return false;
+            }
+            cap.len = gap;
+            true
+        });
         layout
     }
 
@@ -276,6 +308,27 @@ mod tests {
         assert_eq!(l.source(0x40), ByteSource::Const(0));
         l.hide(0xc0);
         assert_eq!(l.source(0xb1), ByteSource::Const(0));
+    }
+
+    #[test]
+    fn overlapping_capabilities_are_cut_or_hidden() {
+        // A PCIe v1 capability is 0x24 bytes, v2 0x3c; a vendor capability claiming more room
+        // than it has is cut at the next capability; an MSI-X capability overlapped is hidden.
+        let cfg = with_caps(&[
+            (0x40, &[PCIE_CAP_ID, 0, 1, 0]),
+            (0x64, &[VENDOR_CAP_ID, 0, 0x40, 0]),
+            (0x70, &[MSIX_CAP_ID, 0, 0, 0]),
+            (0x78, &[PM_CAP_ID, 0]),
+        ]);
+        let l = CapLayout::scan(&cfg);
+        let kept: Vec<_> = l.kept().iter().map(|c| (c.offset, c.len)).collect();
+        assert_eq!(kept, vec![(0x40, 0x24), (0x64, 0x0c), (0x78, 8)]);
+        assert_eq!(l.source(0x65), ByteSource::Const(0x78));
+        assert_eq!(l.source(0x70), ByteSource::Const(0));
+        let cfg = with_caps(&[(0x40, &[PCIE_CAP_ID, 0, 2, 0]), (0x60, &[PM_CAP_ID, 0])]);
+        let l = CapLayout::scan(&cfg);
+        assert_eq!(l.kept()[0].len, 0x20);
+        assert_eq!(l.source(0x61), ByteSource::Const(0));
     }
 
     #[test]
