@@ -111,6 +111,25 @@ pub fn iommu_group(sysfs_path: &Path) -> io::Result<u32> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad iommu_group link"))
 }
 
+/// A `struct vfio_irq_set` for VFIO_DEVICE_SET_IRQS: eventfd triggers for vectors
+/// `start..start + fds.len()`, or (no fds) "disable the whole index". A u32 buffer has the
+/// struct's layout and alignment: five u32 fields, then one s32 fd per vector.
+fn irq_set_buffer(index: u32, start: u32, fds: &[RawFd]) -> Vec<u32> {
+    let data = if fds.is_empty() {
+        VFIO_IRQ_SET_DATA_NONE
+    } else {
+        VFIO_IRQ_SET_DATA_EVENTFD
+    };
+    let mut buf: Vec<u32> = Vec::with_capacity(5 + fds.len());
+    buf.push(((5 + fds.len()) * 4) as u32);
+    buf.push(data | VFIO_IRQ_SET_ACTION_TRIGGER);
+    buf.push(index);
+    buf.push(start);
+    buf.push(fds.len() as u32);
+    buf.extend(fds.iter().map(|&fd| fd as u32));
+    buf
+}
+
 /// [`VfioBackend`] on an opened `vfio_ioctls::VfioDevice`.
 pub struct VfioDeviceBackend {
     device: Arc<VfioDevice>,
@@ -236,15 +255,7 @@ impl VfioBackend for VfioDeviceBackend {
                 "bad vector count",
             ));
         }
-        // struct vfio_irq_set { argsz, flags, index, start, count, data[] } with one s32 fd
-        // per vector: a u32 buffer has the struct's layout and alignment.
-        let mut buf: Vec<u32> = Vec::with_capacity(5 + fds.len());
-        buf.push(((5 + fds.len()) * 4) as u32);
-        buf.push(VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER);
-        buf.push(index);
-        buf.push(start);
-        buf.push(fds.len() as u32);
-        buf.extend(fds.iter().map(|&fd| fd as u32));
+        let buf = irq_set_buffer(index, start, fds);
         // SAFETY: `buf` is a complete vfio_irq_set with `count` trailing fds, valid for the
         // duration of the call; the kernel only reads it.
         let ret = unsafe { ioctl_with_ptr(&*self.device, VFIO_DEVICE_SET_IRQS(), buf.as_ptr()) };
@@ -255,13 +266,7 @@ impl VfioBackend for VfioDeviceBackend {
     }
 
     fn disable_irq(&self, index: u32) -> io::Result<()> {
-        let buf: [u32; 5] = [
-            20,
-            VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
-            index,
-            0,
-            0,
-        ];
+        let buf = irq_set_buffer(index, 0, &[]);
         // SAFETY: a complete vfio_irq_set without data, valid for the duration of the call.
         let ret = unsafe { ioctl_with_ptr(&*self.device, VFIO_DEVICE_SET_IRQS(), buf.as_ptr()) };
         if ret < 0 {
@@ -277,5 +282,66 @@ impl VfioBackend for VfioDeviceBackend {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::{offset_of, size_of};
+    use vfio_bindings::bindings::vfio::vfio_irq_set;
+
+    #[test]
+    fn ioctl_numbers_match_linux_vfio_h() {
+        // _IO(';', 100 + 10) and _IO(';', 100 + 11).
+        assert_eq!(VFIO_DEVICE_SET_IRQS(), 0x3b6e);
+        assert_eq!(VFIO_DEVICE_RESET(), 0x3b6f);
+    }
+
+    #[test]
+    fn irq_set_buffer_has_the_kernel_layout() {
+        assert_eq!(size_of::<vfio_irq_set>(), 20);
+        assert_eq!(offset_of!(vfio_irq_set, start), 12);
+        assert_eq!(offset_of!(vfio_irq_set, count), 16);
+        let b = irq_set_buffer(VFIO_PCI_MSIX_IRQ_INDEX, 3, &[7, -1]);
+        assert_eq!(
+            b,
+            vec![
+                28,
+                VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+                2,
+                3,
+                2,
+                7,
+                u32::MAX
+            ]
+        );
+        let d = irq_set_buffer(VFIO_PCI_MSI_IRQ_INDEX, 0, &[]);
+        assert_eq!(
+            d,
+            vec![
+                20,
+                VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
+                1,
+                0,
+                0
+            ]
+        );
+    }
+
+    #[test]
+    fn iommu_group_reads_the_sysfs_link() {
+        let dir = std::env::temp_dir().join(format!("pci-vfio-group-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::os::unix::fs::symlink("../../../kernel/iommu_groups/17", dir.join("iommu_group"))
+            .unwrap();
+        assert_eq!(iommu_group(&dir).unwrap(), 17);
+        std::fs::remove_file(dir.join("iommu_group")).unwrap();
+        std::os::unix::fs::symlink("../../../kernel/iommu_groups/x", dir.join("iommu_group"))
+            .unwrap();
+        assert!(iommu_group(&dir).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(iommu_group(&dir).is_err());
     }
 }
