@@ -430,6 +430,35 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn deliverable_irqfd_and_reset() {
+        let fake = Arc::new(FakeMsi::default());
+        let mut m = MsixConfig::new(2, fake.clone()).unwrap();
+        write_entry(&mut m, 0, 0xfee0_0000, 0x30, false);
+        assert!(m.deliverable_irqfd(0).is_none(), "MSI-X disabled");
+        m.set_control(CONTROL_ENABLE);
+        let fd = m.deliverable_irqfd(0).expect("vector 0 deliverable");
+        fd.write(1).unwrap();
+        let gsi = m.vectors[0].as_ref().unwrap().gsi;
+        assert_eq!(fake.fired(gsi), 1, "the irqfd is the one routed to the GSI");
+        assert!(m.deliverable_irqfd(1).is_none(), "vector 1 masked");
+        assert!(m.deliverable_irqfd(2).is_none());
+        m.set_control(CONTROL_ENABLE | CONTROL_FUNCTION_MASK);
+        assert!(m.deliverable_irqfd(0).is_none(), "function masked");
+        m.trigger(0);
+        assert!(m.pending(0));
+        m.reset();
+        assert!(!m.enabled() && !m.function_masked() && !m.pending(0));
+        assert_eq!(read_u32(&m, 0), 0);
+        assert_eq!(read_u32(&m, 12), 1);
+        assert_eq!(fake.last_route(gsi), Some(None));
+        // The GSI is reused after reset.
+        write_entry(&mut m, 0, 0xfee0_0000, 0x31, false);
+        m.set_control(CONTROL_ENABLE);
+        assert_eq!(m.vectors[0].as_ref().unwrap().gsi, gsi);
+        assert_eq!(fake.last_route(gsi).unwrap().unwrap().data, 0x31);
+    }
+
+    #[test]
     fn table_read_write() {
         let mut m = MsixConfig::new(3, Arc::new(FakeMsi::default())).unwrap();
         // Initially every vector is masked.

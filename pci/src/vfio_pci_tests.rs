@@ -681,8 +681,14 @@ fn msix_vectors_signal_irqfds_through_vfio() {
     let gsi1 = r.gsi_for(0x42);
     assert!(r.fake.fire(VFIO_PCI_MSIX_IRQ_INDEX, 1));
     assert_eq!(r.msi.fired(gsi1), 1);
-    // Function mask: both vectors pend, and both fire on function unmask.
+    // Function mask: both vectors pend (one VFIO call for the contiguous pair), and both fire
+    // on function unmask.
+    r.fake.set_irq_calls.lock().unwrap().clear();
     r.w16(MSIX_CAP + 2, 0xc000);
+    assert_eq!(
+        *r.fake.set_irq_calls.lock().unwrap(),
+        vec![(VFIO_PCI_MSIX_IRQ_INDEX, 0, 2)]
+    );
     assert_eq!(r.r16(MSIX_CAP + 2), 0xc003);
     assert!(r.fake.fire(VFIO_PCI_MSIX_IRQ_INDEX, 0));
     assert!(r.fake.fire(VFIO_PCI_MSIX_IRQ_INDEX, 1));
