@@ -5,7 +5,8 @@
 //! exposed, so resizable BARs, SR-IOV, ATS/PRI/PASID, AER and the like stay invisible):
 //! - header: IDs, class, status and the other read-only registers come from the device; BARs
 //!   and the interrupt line are emulated; the expansion ROM and the interrupt pin read zero
-//!   (no ROM, no INTx); the command register is forwarded, its I/O and memory decode bits read
+//!   (no ROM, no INTx), the header type reads 0 (single-function type 0 header, the only kind
+//!   vfio-pci binds); the command register is forwarded, its I/O and memory decode bits read
 //!   back as the guest last set them;
 //! - capabilities kept, at their device offsets: power management and vendor-specific ones
 //!   (passed through: virtio-pci devices need theirs, the host's vfio-pci already filters
@@ -197,7 +198,8 @@ impl CapLayout {
             0x04 => ByteSource::CommandLow,
             0x06 => ByteSource::StatusLow,
             0x10..=0x27 | 0x3c => ByteSource::Shadow,
-            0x30..=0x33 | 0x3d => ByteSource::Const(0),
+            // Header type 0 without the multi-function bit: we expose this one function.
+            0x0e | 0x30..=0x33 | 0x3d => ByteSource::Const(0),
             0x34 => ByteSource::Const(self.first()),
             0x35..=0x3b => ByteSource::Const(0),
             o if o < FIRST_CAP => ByteSource::Device,

@@ -383,6 +383,9 @@ fn identity_and_header_passthrough_rom_and_intx_hidden() {
     assert_eq!(r.r32(0x00), 0x0010_1b36);
     assert_eq!(r.r32(0x08), 0x0108_0202);
     assert_eq!(r.r32(0x2c), 0x1100_1af4);
+    // A multi-function host device shows up as a single function.
+    r.fake.config.lock().unwrap()[0x0e] = 0x80;
+    assert_eq!(r.r32(0x0c) >> 16 & 0xff, 0);
     // The host's ROM is hidden, even after a sizing write.
     assert_eq!(r.r32(0x30), 0);
     r.w32(0x30, 0xffff_ffff);
