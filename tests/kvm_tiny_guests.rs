@@ -201,6 +201,7 @@ fn pci_config_cycles_and_acpi_poweroff() {
             path: disk.clone(),
             readonly: true,
             iommu: false,
+            inline: false,
         }],
         serial: SerialOutput::File(std::env::temp_dir().join("vmm-kvm-test-serial.txt")),
     })
