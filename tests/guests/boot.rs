@@ -123,7 +123,16 @@ fn disk_check(
     }
 }
 
-fn disk_case(name: &str, program: Program) -> Case {
+/// How the scenario's disk reaches L2.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Attach {
+    /// The VMM's own virtio-blk, backed by the image (via L1's virtio-blk in nested mode).
+    Emulated,
+    /// The L0 QEMU's virtio-blk assigned through L1's VFIO to L2 (behind L2's virtio-iommu).
+    Vfio,
+}
+
+fn disk_case(name: &str, program: Program, attach: Attach) -> Case {
     let n = nonce();
     let seed = u64::from_str_radix(&n[..n.len().min(15)], 16).unwrap_or(0x5eed);
     let first = pattern(seed, MIB);
@@ -134,8 +143,11 @@ fn disk_case(name: &str, program: Program) -> Case {
         Program::Vmm => Scenario::vmm(name, disk_script(&token)),
         Program::Qemu => Scenario::qemu(name, disk_script(&token)),
     }
-    .disk(&image)
     .timeout(Duration::from_secs(300));
+    let scenario = match attach {
+        Attach::Emulated => scenario.disk(&image),
+        Attach::Vfio => scenario.vfio_disk(&image),
+    };
     let check = disk_check(image, md5_hex(&first), token);
     match program {
         Program::Vmm => Case::new(scenario, check),
@@ -157,15 +169,17 @@ fn cpus_check(o: &Outcome) -> Result<(), String> {
     }
 }
 
-/// `boot-disk`, `cpus2` (our vmm) and their QEMU references.
+/// `boot-disk`, `cpus2` (our vmm), their QEMU references, and `qemu-vfio-disk` (QEMU in L1
+/// assigns L1's VFIO-bound virtio-blk to L2; the disk check is the same).
 pub fn cases() -> Vec<Case> {
     vec![
-        disk_case("boot-disk", Program::Vmm),
+        disk_case("boot-disk", Program::Vmm, Attach::Emulated),
         Case::new(Scenario::vmm("cpus2", CPUS_SCRIPT).cpus(2), cpus_check),
-        disk_case("qemu-boot-disk", Program::Qemu),
+        disk_case("qemu-boot-disk", Program::Qemu, Attach::Emulated),
         Case::opt_in(
             Scenario::qemu("qemu-cpus2", CPUS_SCRIPT).cpus(2),
             cpus_check,
         ),
+        disk_case("qemu-vfio-disk", Program::Qemu, Attach::Vfio),
     ]
 }

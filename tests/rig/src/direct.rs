@@ -28,6 +28,12 @@ pub(crate) fn run_one(
     s: &Scenario,
     work: &Path,
 ) -> Result<Outcome, RigError> {
+    if !s.vfio_disks.is_empty() {
+        return Err(RigError::Config(format!(
+            "scenario '{}': VFIO disks need nested mode (RIG_MODE=nested)",
+            s.name
+        )));
+    }
     let dir = work.join(format!("{idx:03}"));
     std::fs::create_dir_all(&dir)
         .map_err(|e| RigError::io(format!("creating {}", dir.display()), e))?;
@@ -49,6 +55,7 @@ pub(crate) fn run_one(
         initrd: initrd_path.display().to_string(),
         cmdline: s.l2_cmdline(),
         disks,
+        vfio: Vec::new(),
     };
     let args = expand(&s.effective_args(), &ph)
         .map_err(|e| RigError::Config(format!("scenario '{}': {e}", s.name)))?;

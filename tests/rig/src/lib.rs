@@ -22,7 +22,7 @@ use std::time::Instant;
 pub use cpio::{archive as cpio_archive, CpioFile};
 pub use env::{Mode, RigConfig, STATIC_TARGET};
 pub use error::RigError;
-pub use nested::MAX_DISKS_PER_L1;
+pub use nested::{MAX_DISKS_PER_L1, MAX_VFIO_PER_L1};
 pub use scenario::{parse_guest_exit, tail_lines, Outcome, Program, Scenario, L2_SCRIPT_PATH};
 
 /// Prints a progress line on stderr.
@@ -62,7 +62,7 @@ pub fn run_with(cfg: &RigConfig, scenarios: &[Scenario]) -> Result<Vec<Outcome>,
             .map(|(i, s)| direct::run_one(cfg, i, s, &work))
             .collect::<Result<Vec<_>, _>>(),
         Mode::Nested => {
-            let mut all = Vec::new();
+            let mut all: Vec<Option<Outcome>> = vec![None; scenarios.len()];
             let mut res = Ok(());
             for (n, batch) in nested::batches(scenarios).into_iter().enumerate() {
                 let dir = work.join(format!("l1-{n}"));
@@ -70,15 +70,20 @@ pub fn run_with(cfg: &RigConfig, scenarios: &[Scenario]) -> Result<Vec<Outcome>,
                     res = Err(RigError::io(format!("creating {}", dir.display()), e));
                     break;
                 }
-                match nested::run_batch(cfg, batch, &dir) {
-                    Ok(o) => all.extend(o),
+                let list: Vec<&Scenario> = batch.iter().map(|&i| &scenarios[i]).collect();
+                match nested::run_batch(cfg, &list, &dir) {
+                    Ok(o) => {
+                        for (i, o) in batch.into_iter().zip(o) {
+                            all[i] = Some(o);
+                        }
+                    }
                     Err(e) => {
                         res = Err(e);
                         break;
                     }
                 }
             }
-            res.map(|()| all)
+            res.map(|()| all.into_iter().flatten().collect())
         }
     };
     match &result {
@@ -100,6 +105,19 @@ fn validate(scenarios: &[Scenario]) -> Result<(), RigError> {
         if !names.insert(s.name.as_str()) {
             return Err(RigError::Config(format!(
                 "duplicate scenario name '{}'",
+                s.name
+            )));
+        }
+        if s.vfio_disks.len() > MAX_VFIO_PER_L1 {
+            return Err(RigError::Config(format!(
+                "scenario '{}' has {} VFIO disks, at most {MAX_VFIO_PER_L1} are supported",
+                s.name,
+                s.vfio_disks.len()
+            )));
+        }
+        if !s.vfio_disks.is_empty() && s.program == Program::Vmm && s.vmm_args.is_empty() {
+            return Err(RigError::Config(format!(
+                "scenario '{}' has VFIO disks: give vmm arguments naming {{vfio0}}...",
                 s.name
             )));
         }

@@ -28,21 +28,38 @@ const MAX_CAPTURE: usize = 16 * 1024 * 1024;
 /// Lines remembered for error messages.
 const TAIL: usize = 30;
 
-/// Splits `scenarios` into batches that each fit one L1 boot, keeping the order.
-pub(crate) fn batches(scenarios: &[Scenario]) -> Vec<&[Scenario]> {
+/// VFIO disks one L1 boot gets at most (fixed PCI slots 0x18.. in L1).
+pub const MAX_VFIO_PER_L1: usize = 4;
+
+/// First PCI slot (in L1) of the VFIO disks.
+const VFIO_FIRST_SLOT: usize = 0x18;
+
+/// Splits `scenarios` into batches of indexes that each fit one L1 boot: scenarios without VFIO
+/// disks first, then those with (their L1 has an emulated IOMMU), each group in order.
+pub(crate) fn batches(scenarios: &[Scenario]) -> Vec<Vec<usize>> {
     let mut out = Vec::new();
-    let mut start = 0;
-    let mut disks = 0;
-    for (i, s) in scenarios.iter().enumerate() {
-        if i > start && disks + s.disks.len() > MAX_DISKS_PER_L1 {
-            out.push(&scenarios[start..i]);
-            start = i;
-            disks = 0;
+    for vfio_group in [false, true] {
+        let mut cur: Vec<usize> = Vec::new();
+        let (mut disks, mut vfio) = (0, 0);
+        for (i, s) in scenarios.iter().enumerate() {
+            if s.vfio_disks.is_empty() == vfio_group {
+                continue;
+            }
+            if !cur.is_empty()
+                && (disks + s.disks.len() > MAX_DISKS_PER_L1
+                    || vfio + s.vfio_disks.len() > MAX_VFIO_PER_L1)
+            {
+                out.push(std::mem::take(&mut cur));
+                disks = 0;
+                vfio = 0;
+            }
+            disks += s.disks.len();
+            vfio += s.vfio_disks.len();
+            cur.push(i);
         }
-        disks += s.disks.len();
-    }
-    if start < scenarios.len() {
-        out.push(&scenarios[start..]);
+        if !cur.is_empty() {
+            out.push(cur);
+        }
     }
     out
 }
@@ -57,7 +74,39 @@ fn disk_serial(idx: usize, disk: usize) -> String {
 }
 
 /// The archive for L1: the vmm and one directory per scenario.
-fn l1_archive(cfg: &RigConfig, batch: &[Scenario]) -> Result<Vec<u8>, RigError> {
+/// PCI addresses (in L1) of each scenario's VFIO disks.
+fn vfio_addresses(batch: &[&Scenario]) -> Vec<Vec<String>> {
+    let mut slot = VFIO_FIRST_SLOT;
+    batch
+        .iter()
+        .map(|s| {
+            s.vfio_disks
+                .iter()
+                .map(|_| {
+                    let a = format!("0000:00:{slot:02x}.0");
+                    slot += 1;
+                    a
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// L1 shell commands binding the device at `bdf` to vfio-pci.
+fn bind_vfio_sh(bdf: &str) -> String {
+    let d = format!("/sys/bus/pci/devices/{bdf}");
+    format!(
+        "[ -e {d} ] || {{ echo \"rig-l1: no PCI device {bdf}\" >&2; exit 90; }}\n\
+         echo vfio-pci >{d}/driver_override\n\
+         if [ -e {d}/driver ]; then echo {bdf} >{d}/driver/unbind; fi\n\
+         echo {bdf} >/sys/bus/pci/drivers_probe\n\
+         [ -e {d}/iommu_group ] || {{ echo \"rig-l1: {bdf} has no IOMMU group\" >&2; exit 91; }}\n\
+         echo \"rig-l1: {bdf} bound to $(basename $(readlink {d}/driver)), group $(basename $(readlink {d}/iommu_group))\" >&2\n"
+    )
+}
+
+fn l1_archive(cfg: &RigConfig, batch: &[&Scenario]) -> Result<Vec<u8>, RigError> {
+    let vfio = vfio_addresses(batch);
     let mut files = Vec::new();
     if batch.iter().any(|s| s.program == Program::Vmm) {
         let vmm = std::fs::read(&cfg.vmm)
@@ -74,6 +123,7 @@ fn l1_archive(cfg: &RigConfig, batch: &[Scenario]) -> Result<Vec<u8>, RigError> 
             disks: (0..s.disks.len())
                 .map(|d| format!("/dev/rigdisk/{}", disk_serial(idx, d)))
                 .collect(),
+            vfio: vfio[idx].clone(),
         };
         let args = expand(&s.effective_args(), &ph)
             .map_err(|e| RigError::Config(format!("scenario '{}': {e}", s.name)))?;
@@ -82,6 +132,9 @@ fn l1_archive(cfg: &RigConfig, batch: &[Scenario]) -> Result<Vec<u8>, RigError> 
             Program::Qemu => "/usr/bin/qemu-system-x86_64",
         };
         let mut run = String::from("#!/bin/sh\nset -e\n");
+        for bdf in &vfio[idx] {
+            run.push_str(&bind_vfio_sh(bdf));
+        }
         if !s.l1_setup.trim().is_empty() {
             run.push_str(&s.l1_setup);
             run.push('\n');
@@ -117,7 +170,7 @@ fn l1_archive(cfg: &RigConfig, batch: &[Scenario]) -> Result<Vec<u8>, RigError> 
 /// Runs one batch in one L1 boot.
 pub(crate) fn run_batch(
     cfg: &RigConfig,
-    batch: &[Scenario],
+    batch: &[&Scenario],
     work: &Path,
 ) -> Result<Vec<Outcome>, RigError> {
     let images = cfg.images();
@@ -157,10 +210,12 @@ pub(crate) fn run_batch(
     .arg(images.join("vmlinuz"))
     .arg("-initrd")
     .arg(&initrd_path)
-    .args([
-        "-append",
-        "console=ttyS0 panic=-1 loglevel=4 rigout=/dev/ttyS1",
-    ]);
+    .arg("-append")
+    .arg(if batch.iter().any(|s| !s.vfio_disks.is_empty()) {
+        "console=ttyS0 panic=-1 loglevel=4 rigout=/dev/ttyS1 intel_iommu=on iommu=pt"
+    } else {
+        "console=ttyS0 panic=-1 loglevel=4 rigout=/dev/ttyS1"
+    });
     let mut seen_l0: Vec<&Vec<String>> = Vec::new();
     for (idx, s) in batch.iter().enumerate() {
         for (d, path) in s.disks.iter().enumerate() {
@@ -180,6 +235,34 @@ pub(crate) fn run_batch(
             seen_l0.push(&s.l0_args);
             cmd.args(&s.l0_args);
         }
+    }
+    let vfio = vfio_addresses(batch);
+    let with_vfio = batch.iter().any(|s| !s.vfio_disks.is_empty());
+    for (idx, s) in batch.iter().enumerate() {
+        for (j, (path, bdf)) in s.vfio_disks.iter().zip(&vfio[idx]).enumerate() {
+            let id = format!("s{idx:03}v{j}");
+            let file = path.canonicalize().map_err(|e| {
+                RigError::io(
+                    format!("scenario '{}': VFIO disk {}", s.name, path.display()),
+                    e,
+                )
+            })?;
+            // bdf is 0000:00:SS.0
+            let slot = &bdf[8..10];
+            cmd.arg("-drive")
+                .arg(format!(
+                    "file={},if=none,id={id},format=raw,cache=writeback",
+                    file.display()
+                ))
+                .arg("-device")
+                .arg(format!(
+                    "virtio-blk-pci,drive={id},serial={id},iommu_platform=on,\
+                     disable-legacy=on,addr=0x{slot}.0"
+                ));
+        }
+    }
+    if with_vfio {
+        cmd.args(["-device", "intel-iommu,intremap=on,caching-mode=on"]);
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -271,7 +354,7 @@ fn field(line: &str, key: &str) -> Option<String> {
 
 fn drive(
     cfg: &RigConfig,
-    batch: &[Scenario],
+    batch: &[&Scenario],
     child: &mut Child,
     started: Instant,
     limit: Duration,
@@ -484,22 +567,47 @@ mod tests {
     use super::*;
 
     #[test]
-    fn batches_respect_disk_limit_and_order() {
-        let mk = |n: usize, disks: usize| {
+    fn batches_respect_limits_and_put_vfio_scenarios_apart() {
+        let mk = |n: usize, disks: usize, vfio: usize| {
             let mut s = Scenario::vmm(format!("s{n}"), "true");
             for d in 0..disks {
                 s = s.disk(format!("/d{d}"));
             }
+            for d in 0..vfio {
+                s = s.vfio_disk(format!("/v{d}"));
+            }
             s
         };
-        let list: Vec<Scenario> = vec![mk(0, 15), mk(1, 5), mk(2, 1), mk(3, 0), mk(4, 25)];
-        let b = batches(&list);
-        let names: Vec<Vec<&str>> = b
-            .iter()
-            .map(|x| x.iter().map(|s| s.name.as_str()).collect())
-            .collect();
-        assert_eq!(names, vec![vec!["s0", "s1"], vec!["s2", "s3"], vec!["s4"]]);
+        let list: Vec<Scenario> = vec![
+            mk(0, 15, 0),
+            mk(1, 5, 0),
+            mk(2, 0, 3),
+            mk(3, 1, 0),
+            mk(4, 0, 0),
+            mk(5, 25, 0),
+            mk(6, 0, 1),
+            mk(7, 0, 1),
+        ];
+        assert_eq!(
+            batches(&list),
+            vec![vec![0, 1], vec![3, 4], vec![5], vec![2, 6], vec![7]]
+        );
         assert!(batches(&[]).is_empty());
+    }
+
+    #[test]
+    fn vfio_devices_get_consecutive_fixed_slots() {
+        let a = Scenario::vmm("a", "true").vfio_disk("/x").vfio_disk("/y");
+        let b = Scenario::vmm("b", "true");
+        let c = Scenario::vmm("c", "true").vfio_disk("/z");
+        assert_eq!(
+            vfio_addresses(&[&a, &b, &c]),
+            vec![
+                vec!["0000:00:18.0".to_string(), "0000:00:19.0".to_string()],
+                vec![],
+                vec!["0000:00:1a.0".to_string()]
+            ]
+        );
     }
 
     #[test]

@@ -23,7 +23,9 @@ pub const L2_SCRIPT_PATH: &str = "/rig/scenario.sh";
 /// (on the host in direct mode, inside L1 in nested mode):
 /// - `{kernel}`: the L2 kernel (bzImage); `{initrd}`: the L2 initramfs with the script appended;
 /// - `{cmdline}`: the whole L2 kernel command line (console, `run=` and `cmdline_extra`);
-/// - `{disk0}`, `{disk1}`, ...: the scenario's disks, in order.
+/// - `{disk0}`, `{disk1}`, ...: the scenario's disks, in order;
+/// - `{vfio0}`, ...: sysfs path (`/sys/bus/pci/devices/0000:00:18.0`) of the scenario's VFIO
+///   devices in L1, bound to vfio-pci; `{vfio0-bdf}`, ...: their PCI address (`0000:00:18.0`).
 #[derive(Debug, Clone)]
 pub struct Scenario {
     /// Unique name (used in progress lines and PASS/FAIL output).
@@ -41,6 +43,10 @@ pub struct Scenario {
     pub cmdline_extra: String,
     /// Raw disk images on the host; L2 writes land in these files.
     pub disks: Vec<PathBuf>,
+    /// Raw disk images the L0 QEMU gives L1 as virtio-blk devices behind an emulated Intel IOMMU
+    /// (nested mode only); L1 binds them to vfio-pci so the VMM can assign them to L2. L2 writes
+    /// land in these files. Scenarios with VFIO disks get an L1 boot of their own.
+    pub vfio_disks: Vec<PathBuf>,
     /// vCPUs in the default arguments (ignored when `vmm_args` is set).
     pub cpus: u32,
     /// Time the VMM may run before it is killed.
@@ -75,6 +81,7 @@ impl Scenario {
             l2_files: Vec::new(),
             cmdline_extra: String::new(),
             disks: Vec::new(),
+            vfio_disks: Vec::new(),
             cpus: 1,
             timeout: Duration::from_secs(300),
             l1_setup: String::new(),
@@ -85,6 +92,12 @@ impl Scenario {
     /// Adds a disk (raw image file on the host).
     pub fn disk(mut self, path: impl Into<PathBuf>) -> Self {
         self.disks.push(path.into());
+        self
+    }
+
+    /// Adds a VFIO disk (raw image file on the host), see [`Scenario::vfio_disks`].
+    pub fn vfio_disk(mut self, path: impl Into<PathBuf>) -> Self {
+        self.vfio_disks.push(path.into());
         self
     }
 
@@ -117,8 +130,9 @@ impl Scenario {
         self
     }
 
-    /// Default arguments for `program` with `cpus` vCPUs and `ndisks` disks.
-    pub fn default_args(program: Program, cpus: u32, ndisks: usize) -> Vec<String> {
+    /// Default arguments for `program` with `cpus` vCPUs, `ndisks` disks and `nvfio` VFIO devices
+    /// (QEMU only: our vmm's arguments for VFIO devices must be given with [`Scenario::args`]).
+    pub fn default_args(program: Program, cpus: u32, ndisks: usize, nvfio: usize) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
         let mut push = |s: &str| a.push(s.to_string());
         match program {
@@ -181,6 +195,10 @@ impl Scenario {
                         "virtio-blk-pci,drive=d{i},iommu_platform=on,disable-legacy=on"
                     ));
                 }
+                for i in 0..nvfio {
+                    push("-device");
+                    push(&format!("vfio-pci,host={{vfio{i}-bdf}}"));
+                }
             }
         }
         a
@@ -195,7 +213,12 @@ impl Scenario {
     /// The arguments actually used: `vmm_args`, or the defaults when empty.
     pub fn effective_args(&self) -> Vec<String> {
         if self.vmm_args.is_empty() {
-            Self::default_args(self.program, self.cpus, self.disks.len())
+            Self::default_args(
+                self.program,
+                self.cpus,
+                self.disks.len(),
+                self.vfio_disks.len(),
+            )
         } else {
             self.vmm_args.clone()
         }
@@ -230,6 +253,8 @@ pub(crate) struct Placeholders {
     pub initrd: String,
     pub cmdline: String,
     pub disks: Vec<String>,
+    /// PCI addresses (in L1) of the VFIO devices.
+    pub vfio: Vec<String>,
 }
 
 /// Replaces the placeholders in `args`. Unknown `{...}` words and disk indexes out of range are
@@ -252,6 +277,23 @@ fn expand_one(arg: &str, p: &Placeholders) -> Result<String, String> {
             "kernel" => p.kernel.clone(),
             "initrd" => p.initrd.clone(),
             "cmdline" => p.cmdline.clone(),
+            k if k.starts_with("vfio") => {
+                let (num, bdf) = match k[4..].strip_suffix("-bdf") {
+                    Some(n) => (n, true),
+                    None => (&k[4..], false),
+                };
+                let idx: usize = num
+                    .parse()
+                    .map_err(|_| format!("bad placeholder {{{k}}} in {arg:?}"))?;
+                let addr = p.vfio.get(idx).ok_or_else(|| {
+                    format!("{{{k}}} but the scenario has {} VFIO disk(s)", p.vfio.len())
+                })?;
+                if bdf {
+                    addr.clone()
+                } else {
+                    format!("/sys/bus/pci/devices/{addr}")
+                }
+            }
             k if k.starts_with("disk") => {
                 let idx: usize = k[4..]
                     .parse()
@@ -340,6 +382,7 @@ mod tests {
             initrd: "/tmp/i".into(),
             cmdline: "console=ttyS0 run=/x".into(),
             disks: vec!["/dev/rigdisk/s0d0".into(), "/dev/rigdisk/s0d1".into()],
+            vfio: vec!["0000:00:18.0".into()],
         }
     }
 
@@ -380,6 +423,22 @@ mod tests {
         assert!(expand(&["a{kernel".into()], &ph())
             .unwrap_err()
             .contains("unclosed"));
+        assert!(expand(&["{vfio1}".into()], &ph())
+            .unwrap_err()
+            .contains("1 VFIO"));
+        assert!(expand(&["{vfio0-x}".into()], &ph()).is_err());
+    }
+
+    #[test]
+    fn expands_vfio_placeholders() {
+        let args = vec!["path={vfio0}".to_string(), "host={vfio0-bdf}".to_string()];
+        assert_eq!(
+            expand(&args, &ph()).unwrap(),
+            [
+                "path=/sys/bus/pci/devices/0000:00:18.0",
+                "host=0000:00:18.0"
+            ]
+        );
     }
 
     #[test]
