@@ -295,6 +295,14 @@ build_images() {
         "l2.cpio.gz $(du -h "$IMAGES/l2.cpio.gz" | cut -f1), l1.cpio.gz $(du -h "$IMAGES/l1.cpio.gz" | cut -f1)"
 }
 
+# One build at a time (several test runs may start together).
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.guest-image.lock"
+if ! flock -n 9; then
+    log "waiting for another build to finish"
+    flock 9
+fi
+
 case "${1:-images}" in
     images) build_images ;;
     qemu)
