@@ -20,8 +20,9 @@ usage: vmm --kernel BZIMAGE [options]
   --memory SIZE         guest RAM, e.g. 512M, 2G (default: 512M)
   --cpus N              number of vCPUs (default: 2)
   --disk path=FILE[,readonly=on][,iommu=on][,notify=inline|thread]
-                        virtio-blk disk backed by a raw file (repeatable); notify=inline
-                        serves requests on the kicking vCPU thread (default: a worker thread)
+                        virtio-blk disk backed by a raw file (repeatable); requests are
+                        served on the kicking vCPU thread (notify=inline, default) or on a
+                        worker thread woken by an ioeventfd (notify=thread)
   --serial stdout|file=PATH
                         where COM1 output goes (default: stdout)
   --log-level LEVEL     off, error, warn, info, debug, trace (default: warn, or RUST_LOG)

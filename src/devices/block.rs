@@ -73,8 +73,9 @@ pub struct BlockConfig {
     pub readonly: bool,
     /// Put the device behind the vIOMMU (offers VIRTIO_F_ACCESS_PLATFORM).
     pub iommu: bool,
-    /// Serve requests on the vCPU thread that kicked (`notify=inline`) instead of an
-    /// ioeventfd-driven worker thread (`notify=thread`, the default).
+    /// Serve requests on the vCPU thread that kicked (`notify=inline`, the default: measured
+    /// 2.5x to 5x more 4 KiB O_DIRECT IOPS under nested KVM) instead of an ioeventfd-driven
+    /// worker thread (`notify=thread`).
     pub inline: bool,
 }
 
@@ -92,7 +93,7 @@ impl BlockConfig {
         let mut path = None;
         let mut readonly = false;
         let mut iommu = false;
-        let mut inline = false;
+        let mut inline = true;
         for part in s.split(',') {
             let (k, v) = part
                 .split_once('=')
@@ -1056,7 +1057,7 @@ mod tests {
                 path: "/a/b.img".into(),
                 readonly: true,
                 iommu: true,
-                inline: false,
+                inline: true,
             }
         );
         assert!(!BlockConfig::parse("path=x").unwrap().readonly);
