@@ -1,8 +1,11 @@
 //! The host-mapper hook: where guest mappings of domains with host-backed (VFIO) endpoints are
-//! mirrored into a host IOMMU address space. The domain layer calls it; implementations are the
-//! VFIO engine (next issue) and [`recording::RecordingMapper`] for tests.
+//! mirrored into a host IOMMU address space. The domain layer calls a [`HostMapper`] with guest
+//! physical addresses; [`crate::shadow::Shadow`] implements it by composing them with the VMM's
+//! memory map and calling a [`DmaSpace`] (host virtual addresses): [`vfio::VfioDmaSpace`] on a
+//! VFIO container, or [`recording::RecordingMapper`] in tests (which implements both).
 
 pub mod recording;
+pub mod vfio;
 
 use crate::spec::Status;
 
@@ -58,5 +61,26 @@ pub trait HostMapper: Send + Sync {
     /// Install one mapping (never split or coalesced by the caller).
     fn map(&self, iova: u64, size: u64, gpa: u64, prot: Prot) -> Result<(), HostMapError>;
     /// Remove exactly one mapping previously installed with the same `iova` and `size`.
+    fn unmap(&self, iova: u64, size: u64) -> Result<(), HostMapError>;
+}
+
+/// One host IOMMU address space taking host virtual addresses: a VFIO type1 container today, an
+/// iommufd IOAS later. Calls are exact: one `map` installs one host mapping, `unmap` removes
+/// exactly one earlier `map` (VFIO refuses to bisect).
+pub trait DmaSpace: Send + Sync {
+    /// Map IOVA `iova..iova+size` to this process's memory at `host_addr` with rights `prot`.
+    ///
+    /// # Safety
+    /// Until unmapped, devices may read and write `host_addr..host_addr+size` at any time: it
+    /// must be memory shared with the guest or a device (guest RAM, a VFIO BAR mmap) that the
+    /// process only accesses through raw pointers / volatile accesses, never Rust references.
+    unsafe fn map(
+        &self,
+        iova: u64,
+        size: u64,
+        host_addr: u64,
+        prot: Prot,
+    ) -> Result<(), HostMapError>;
+    /// Remove the mapping installed by `map(iova, size, ..)`.
     fn unmap(&self, iova: u64, size: u64) -> Result<(), HostMapError>;
 }

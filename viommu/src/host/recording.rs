@@ -1,5 +1,6 @@
 //! A [`HostMapper`] that records every call, checks them like VFIO type1 would, and fails on
-//! demand, so tests can verify what the domain layer asks of the host and its rollbacks.
+//! demand, so tests can verify what the domain layer asks of the host and its rollbacks. It is
+//! also a [`DmaSpace`](super::DmaSpace) (then the recorded `gpa` is the host address), to test the shadow engine.
 
 use super::{HostMapError, HostMapper, Prot};
 use std::collections::BTreeMap;
@@ -118,6 +119,23 @@ impl HostMapper for RecordingMapper {
             }
             _ => Err(HostMapError::Invalid),
         }
+    }
+}
+
+impl super::DmaSpace for RecordingMapper {
+    /// Records only; never touches `host_addr`.
+    unsafe fn map(
+        &self,
+        iova: u64,
+        size: u64,
+        host_addr: u64,
+        prot: Prot,
+    ) -> Result<(), HostMapError> {
+        HostMapper::map(self, iova, size, host_addr, prot)
+    }
+
+    fn unmap(&self, iova: u64, size: u64) -> Result<(), HostMapError> {
+        HostMapper::unmap(self, iova, size)
     }
 }
 
