@@ -75,6 +75,7 @@ pub struct Machine {
     pci: Arc<PciBus>,
     config: MachineConfig,
     extra_tables: Vec<Vec<u8>>,
+    disks: Vec<(BlockConfig, u8)>,
 }
 
 impl Machine {
@@ -104,6 +105,7 @@ impl Machine {
             pci,
             config,
             extra_tables: Vec::new(),
+            disks: Vec::new(),
         };
         for disk in m.config.disks.clone() {
             m.add_disk(disk)?;
@@ -121,10 +123,17 @@ impl Machine {
         self.extra_tables.push(table);
     }
 
+    /// The attached disks and their PCI device numbers (bus 0, function 0), e.g. to list the
+    /// `iommu=on` endpoints in a VIOT.
+    pub fn disks(&self) -> &[(BlockConfig, u8)] {
+        &self.disks
+    }
+
     /// Attach a virtio-blk disk; returns its PCI device number.
     pub fn add_disk(&mut self, disk: BlockConfig) -> Result<u8, MachineError> {
         let name = disk.path.display().to_string();
-        let blk = Block::new(disk).map_err(|e| MachineError::Disk(name.clone(), e.to_string()))?;
+        let blk = Block::new(disk.clone())
+            .map_err(|e| MachineError::Disk(name.clone(), e.to_string()))?;
         let dev = VirtioPciDevice::new(
             Box::new(blk),
             self.vm.memory.clone(),
@@ -137,6 +146,7 @@ impl Machine {
             .add_device(Arc::new(Mutex::new(dev)))
             .map_err(|e| MachineError::Disk(name.clone(), e.to_string()))?;
         log::info!("disk {name} at PCI 00:{slot:02x}.0");
+        self.disks.push((disk, slot));
         Ok(slot)
     }
 

@@ -227,6 +227,8 @@ fn pci_config_cycles_and_acpi_poweroff() {
             0xeb, 0xfe, // jmp $
         ],
     );
+    assert_eq!(machine.disks().len(), 1);
+    assert_eq!(machine.disks()[0].1, 1, "first disk in slot 1");
     let vm = &machine.vm;
     let mut vcpus = vm.create_vcpus().unwrap();
     real_mode(&vcpus[0]);

@@ -27,6 +27,7 @@ impl Trigger for EventFdTrigger {
 /// The serial port device on the I/O bus.
 pub struct SerialDevice {
     serial: Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    write_failed: bool,
 }
 
 impl SerialDevice {
@@ -34,6 +35,7 @@ impl SerialDevice {
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> SerialDevice {
         SerialDevice {
             serial: Serial::new(EventFdTrigger(irq), out),
+            write_failed: false,
         }
     }
 }
@@ -51,7 +53,11 @@ impl BusDevice for SerialDevice {
                 log::trace!("serial: write {offset} = {v:#x}");
             }
             if let Err(e) = self.serial.write(offset as u8, v) {
-                log::warn!("serial write failed: {e:?}");
+                // Warn once: a closed output would otherwise log every guest byte.
+                if !self.write_failed {
+                    log::warn!("serial output failed (further failures not logged): {e:?}");
+                    self.write_failed = true;
+                }
             }
         }
     }
