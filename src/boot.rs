@@ -239,4 +239,64 @@ mod tests {
         std::fs::remove_file(&dir).unwrap();
         assert!(matches!(r, Err(BootError::KernelLoad(_))));
     }
+
+    /// Loads the Debian guest kernel the image scripts fetch (skipped when it is absent) and
+    /// checks the zero page the kernel will read.
+    #[test]
+    fn real_bzimage_zero_page() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/images");
+        let kernel = dir.join("vmlinuz");
+        if !kernel.exists() {
+            eprintln!(
+                "skipping: {} not built (guest-images/build.sh)",
+                kernel.display()
+            );
+            return;
+        }
+        let initrd = std::env::temp_dir().join(format!("vmm-boot-initrd-{}", std::process::id()));
+        std::fs::write(&initrd, vec![0xa5u8; 100_000]).unwrap();
+        let layout = Layout::new(256 << 20).unwrap();
+        let mem = layout.allocate().unwrap();
+        let info = load_linux(
+            &mem,
+            &layout,
+            &LinuxBoot {
+                kernel: &kernel,
+                initramfs: Some(&initrd),
+                cmdline: "console=ttyS0 test=1",
+                rsdp: 0xe0000,
+            },
+        )
+        .unwrap();
+        std::fs::remove_file(&initrd).unwrap();
+        assert_eq!(info.entry, GuestAddress(HIMEM_START + 0x200));
+        let zp: boot_params = mem.read_obj(info.zero_page).unwrap();
+        let hdr = zp.hdr;
+        assert_eq!({ hdr.boot_flag }, 0xaa55);
+        assert_eq!({ hdr.header }, 0x5372_6448, "HdrS");
+        assert_eq!({ hdr.type_of_loader }, 0xff);
+        assert_eq!({ hdr.cmd_line_ptr }, CMDLINE_START as u32);
+        let mut cmd = [0u8; 21];
+        mem.read_slice(&mut cmd, GuestAddress(CMDLINE_START))
+            .unwrap();
+        assert_eq!(&cmd, b"console=ttyS0 test=1\0");
+        let (rd, rd_size) = ({ hdr.ramdisk_image }, { hdr.ramdisk_size });
+        assert_eq!(rd_size, 100_000);
+        assert_eq!(rd % 4096, 0);
+        assert!(u64::from(rd) + u64::from(rd_size) <= layout.low_ram_end());
+        assert!(
+            u64::from(rd) >= HIMEM_START + 0x100_0000,
+            "initramfs placed high"
+        );
+        let mut first = [0u8; 4];
+        mem.read_slice(&mut first, GuestAddress(rd.into())).unwrap();
+        assert_eq!(first, [0xa5; 4]);
+        assert_eq!({ zp.acpi_rsdp_addr }, 0xe0000);
+        assert_eq!(usize::from(zp.e820_entries), layout.e820().len());
+        let e0 = zp.e820_table[2];
+        assert_eq!(
+            ({ e0.addr }, { e0.size }, { e0.r#type }),
+            (HIMEM_START, (256 << 20) - HIMEM_START, 1)
+        );
+    }
 }
