@@ -367,3 +367,54 @@ fn msi_through_irqfd_and_gsi_routing_reaches_the_lapic() {
     msi.release(v);
     assert_eq!(msi.allocate().unwrap().gsi, gsi, "released GSIs are reused");
 }
+
+/// The 64-bit boot state the kernel entry sees: long mode with the boot GDT, the identity map
+/// (an access near 1 GiB goes through the page tables and exits as MMIO), RSI = zero page.
+#[test]
+fn long_mode_boot_state() {
+    if !kvm_usable() {
+        return;
+    }
+    let vm = bare_vm();
+    let port = recorder(0);
+    let mmio = recorder(0x33);
+    vm.buses.pio.insert(0x500, 4, port.clone()).unwrap();
+    vm.buses
+        .mmio
+        .insert(0x3ff0_0000, 0x10, mmio.clone())
+        .unwrap();
+    let entry = 0x10_0200u64;
+    let code = [
+        0x89, 0xf0, // mov eax, esi
+        0x66, 0xba, 0x00, 0x05, // mov dx, 0x500
+        0xef, // out dx, eax
+        0x8b, 0x04, 0x25, 0x00, 0x00, 0xf0, 0x3f, // mov eax, [0x3ff00000]
+        0xf4, // hlt
+    ];
+    let mem = vm.memory.memory();
+    mem.write_slice(&code, GuestAddress(entry)).unwrap();
+    vmm::boot::write_boot_tables(&*mem).unwrap();
+    drop(mem);
+    let mut vcpus = vm.create_vcpus().unwrap();
+    vcpus[0]
+        .configure_long_mode(&vmm::boot::BootInfo {
+            entry: GuestAddress(entry),
+            zero_page: GuestAddress(vmm::boot::ZERO_PAGE_START),
+        })
+        .unwrap();
+    assert_eq!(vcpus[0].run(), ExitReason::Halted);
+    let s = vcpus[0].fd.get_sregs().unwrap();
+    assert_ne!(s.efer & (1 << 10), 0, "EFER.LMA");
+    assert_eq!((s.cs.l, s.cs.selector), (1, 8));
+    let r = vcpus[0].fd.get_regs().unwrap();
+    assert_eq!(r.rax & 0xffff_ffff, 0x3333_3333);
+    assert_eq!(
+        port.lock().unwrap().log,
+        vec![(
+            'w',
+            0,
+            (vmm::boot::ZERO_PAGE_START as u32).to_le_bytes().to_vec()
+        )]
+    );
+    assert_eq!(mmio.lock().unwrap().log, vec![('r', 0, vec![0x33; 4])]);
+}
