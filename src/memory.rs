@@ -53,7 +53,10 @@ pub const E820_RESERVED: u32 = 2;
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     /// The requested RAM size is not usable.
-    #[error("invalid memory size {0:#x}: must be at least 64 MiB and leave room below 2^39")]
+    #[error(
+        "invalid memory size {0:#x}: must be a multiple of 4 KiB, at least 64 MiB, and leave \
+         room below 2^39"
+    )]
     BadSize(u64),
     /// mmap of guest RAM failed.
     #[error("cannot allocate guest RAM: {0}")]
@@ -85,7 +88,7 @@ pub struct Layout {
 impl Layout {
     /// Compute the layout for `ram_size` bytes of RAM.
     pub fn new(ram_size: u64) -> Result<Layout, MemoryError> {
-        if ram_size < (64 << 20) {
+        if ram_size < (64 << 20) || ram_size & 0xfff != 0 {
             return Err(MemoryError::BadSize(ram_size));
         }
         let low = ram_size.min(MMIO32_START);
@@ -229,6 +232,7 @@ mod tests {
     fn rejects_absurd_sizes() {
         assert!(Layout::new(1 << 20).is_err());
         assert!(Layout::new(1 << 40).is_err());
+        assert!(Layout::new((64 << 20) + 1).is_err());
     }
 
     #[test]

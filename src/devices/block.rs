@@ -364,7 +364,7 @@ impl BlockBackend {
 
     /// Byte offset of `sector` after checking `len` bytes fit on the disk.
     fn check_range(&self, sector: u64, len: u64) -> Result<u64, ReqError> {
-        if !len.is_multiple_of(SECTOR_SIZE) {
+        if len & (SECTOR_SIZE - 1) != 0 {
             return Err(ReqError::Unaligned(len));
         }
         if len > MAX_REQUEST_BYTES {
