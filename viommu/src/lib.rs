@@ -17,6 +17,23 @@
 //! // hand `iommu` (Box<dyn pci::VirtioDevice>) to the virtio-pci transport
 //! ```
 //!
+//! Assigned (VFIO) devices: [`shadow::Shadow`] mirrors a domain's mappings into the device's
+//! container (IOVA -> GPA -> host address, split at RAM-region and BAR edges, exact unmaps,
+//! rollback); devices not behind the vIOMMU get [`static_map::StaticMapping`] (all guest RAM,
+//! IOVA == GPA, RAM added later too). See the [`shadow`] module doc for host calls per request.
+//! ```text
+//! // per assigned group, after opening its device into its own container:
+//! let space = Arc::new(viommu::VfioDmaSpace::new(container.clone()));
+//! let info = space.query_info()?;                          // host IOVA ranges, page sizes
+//! let config = viommu::host::vfio::viommu_config_for(ViommuConfig::default(), &[info.clone()])?;
+//! bars.add(vfio_pci_device.bar_maps());                    // Arc<BarTargets>, peer-to-peer
+//! let shadow = Arc::new(viommu::Shadow::new(space, guest_mem_atomic.clone())
+//!     .with_bars(bars.clone()).with_config(info.shadow_config()));
+//! iommu.add_host_endpoint(bdf, shadow)?;                   // same Arc for one container
+//! // or, not behind the vIOMMU:
+//! let statics = viommu::StaticMapping::new(space, &*guest_mem_atomic.memory())?;
+//! ```
+//!
 //! Tables are left-right pairs (`snapshot::DualTable`): O(log n) in-place updates, one
 //! publication per request-queue batch, an UNMAP/DETACH completes only once no device still
 //! holds the previous view.

@@ -112,17 +112,24 @@ pub fn errors(h: &VfioHandle, iova: Option<u64>) -> Result<bool, Error> {
             info.page_sizes, info.iova_ranges, info.dma_avail
         ),
     );
-    // SAFETY (every map below): `buf` is an anonymous buffer only accessed volatile, alive
-    // until the end of this function, after the final cleanup unmaps.
-    let r = unsafe { h.space.map_raw(b, 2 * page, a, Prot::RW) };
+    let raw_map = |iova: u64, size: u64, addr: u64, prot: Prot| {
+        // SAFETY: every address passed lies in `buf`, an anonymous buffer only accessed
+        // volatile, which lives until the end of this function, after the final cleanup unmap.
+        unsafe { h.space.map_raw(iova, size, addr, prot) }
+    };
+    let space_map = |iova: u64, size: u64, addr: u64, prot: Prot| {
+        // SAFETY: as for `raw_map`.
+        unsafe { DmaSpace::map(&h.space, iova, size, addr, prot) }
+    };
+    let r = raw_map(b, 2 * page, a, Prot::RW);
     c.report("map_rw", r.is_ok(), format!("{b:#x}+0x2000: {r:?}"));
-    let r = unsafe { h.space.map_raw(b + page, 2 * page, a, Prot::RW) };
+    let r = raw_map(b + page, 2 * page, a, Prot::RW);
     c.report(
         "overlap_map_eexist",
         errno(&r) == Some(libc::EEXIST),
         format!("{r:?}"),
     );
-    let r = unsafe { DmaSpace::map(&h.space, b + page, 2 * page, a, Prot::RW) };
+    let r = space_map(b + page, 2 * page, a, Prot::RW);
     c.report(
         "overlap_map_status_inval",
         r == Err(HostMapError::Invalid),
@@ -140,7 +147,7 @@ pub fn errors(h: &VfioHandle, iova: Option<u64>) -> Result<bool, Error> {
         r == Err(HostMapError::Invalid),
         format!("{r:?}"),
     );
-    let r = unsafe { h.space.map_raw(b, page, a, Prot::RW) };
+    let r = raw_map(b, page, a, Prot::RW);
     c.report(
         "bisect_left_mapping_intact",
         errno(&r) == Some(libc::EEXIST),
@@ -162,14 +169,14 @@ pub fn errors(h: &VfioHandle, iova: Option<u64>) -> Result<bool, Error> {
         read: true,
         write: false,
     };
-    let r = unsafe { DmaSpace::map(&h.space, b, page, a, ro) };
+    let r = space_map(b, page, a, ro);
     let u = DmaSpace::unmap(&h.space, b, page);
     c.report(
         "map_read_only",
         r.is_ok() && u.is_ok(),
         format!("map {r:?}, unmap {u:?}"),
     );
-    let r = unsafe { DmaSpace::map(&h.space, b, page, a, Prot::default()) };
+    let r = space_map(b, page, a, Prot::default());
     c.report(
         "map_no_rights_refused",
         r.is_err(),
@@ -177,7 +184,7 @@ pub fn errors(h: &VfioHandle, iova: Option<u64>) -> Result<bool, Error> {
     );
     match info.iova_ranges.last() {
         Some(&(_, end)) if end < u64::MAX - page => {
-            let r = unsafe { DmaSpace::map(&h.space, end + 1, page, a, Prot::RW) };
+            let r = space_map(end + 1, page, a, Prot::RW);
             if r.is_ok() {
                 let _ = DmaSpace::unmap(&h.space, end + 1, page);
             }
@@ -190,8 +197,8 @@ pub fn errors(h: &VfioHandle, iova: Option<u64>) -> Result<bool, Error> {
         _ => println!("check out_of_range_status_range: skip (no finite host range)"),
     }
     // Two mappings at adjacent IOVAs stay two: unmapping one leaves the other.
-    let r1 = unsafe { h.space.map_raw(b, page, a, Prot::RW) };
-    let r2 = unsafe { h.space.map_raw(b + page, page, a + page, Prot::RW) };
+    let r1 = raw_map(b, page, a, Prot::RW);
+    let r2 = raw_map(b + page, page, a + page, Prot::RW);
     let u1 = h.space.unmap_raw(b, page);
     let u2 = h.space.unmap_raw(b + page, page);
     c.report(

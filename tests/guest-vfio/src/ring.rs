@@ -53,9 +53,9 @@ pub struct Layout {
     pub size: u16,
     /// Descriptor table (16-byte aligned, 16 bytes per entry).
     pub desc: u64,
-    /// Driver ring: flags, idx, ring[size], used_event.
+    /// Driver ring: flags, idx, `ring[size]`, used_event.
     pub avail: u64,
-    /// Device ring (4-byte aligned; we page-align it): flags, idx, {id, len}[size], avail_event.
+    /// Device ring (4-byte aligned; we page-align it): flags, idx, `{id, len}[size]`, avail_event.
     pub used: u64,
     /// First byte after the queue.
     pub end: u64,

@@ -302,6 +302,20 @@ impl HostIommuInfo {
     }
 }
 
+/// `base` restricted to what every container in `hosts` can do (see
+/// [`HostIommuInfo::apply_to`]); `base` unchanged when `hosts` is empty.
+pub fn viommu_config_for(
+    base: ViommuConfig,
+    hosts: &[HostIommuInfo],
+) -> Result<ViommuConfig, GeometryError> {
+    let mut config = base;
+    if let Some((first, rest)) = hosts.split_first() {
+        let all = rest.iter().fold(first.clone(), |acc, h| acc.intersect(h));
+        all.apply_to(&mut config)?;
+    }
+    Ok(config)
+}
+
 /// `VFIO_IOMMU_GET_INFO` on the container `fd` (a group must be attached and the IOMMU set).
 pub fn query_info(fd: &dyn AsRawFd) -> io::Result<HostIommuInfo> {
     let mut argsz = INFO_SIZE;
@@ -669,6 +683,34 @@ mod tests {
             info.apply_to(&mut cfg),
             Err(GeometryError::TooManyRegions(_))
         ));
+    }
+
+    #[test]
+    fn config_for_several_hosts() {
+        let a = HostIommuInfo {
+            page_sizes: 0x4020_1000,
+            iova_ranges: x86_39(),
+            dma_avail: None,
+        };
+        let b = HostIommuInfo {
+            page_sizes: 0x1000,
+            iova_ranges: vec![(0, (1 << 48) - 1)],
+            dma_avail: None,
+        };
+        let cfg = viommu_config_for(ViommuConfig::default(), &[a, b]).unwrap();
+        assert_eq!(cfg.geometry.page_size_mask, 0x1000);
+        assert_eq!(cfg.geometry.input_end, (1 << 39) - 1);
+        assert_eq!(
+            cfg.reserved_regions.len(),
+            1,
+            "the only hole is the MSI window"
+        );
+        assert_eq!(
+            viommu_config_for(ViommuConfig::default(), &[])
+                .unwrap()
+                .geometry,
+            ViommuConfig::default().geometry
+        );
     }
 
     #[test]
