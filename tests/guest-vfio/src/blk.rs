@@ -82,33 +82,130 @@ pub fn accepted_features(offered: u64) -> Option<u64> {
     (offered & F_VERSION_1 != 0).then_some(offered & (F_VERSION_1 | F_ACCESS_PLATFORM))
 }
 
-struct Common<'a> {
-    io: &'a BarIo,
+/// Register access with offsets relative to one virtio structure.
+pub trait Regs {
+    /// Read a byte.
+    fn read8(&self, off: u64) -> u8;
+    /// Read a little-endian u16.
+    fn read16(&self, off: u64) -> u16;
+    /// Read a little-endian u32.
+    fn read32(&self, off: u64) -> u32;
+    /// Write a byte.
+    fn write8(&self, off: u64, v: u8);
+    /// Write a little-endian u16.
+    fn write16(&self, off: u64, v: u16);
+    /// Write a little-endian u32.
+    fn write32(&self, off: u64, v: u32);
+}
+
+/// What the driver needs from a virtio-pci function: the common and device structures and the
+/// queue doorbell. [`PciTransport`] is the VFIO one; tests plug a fake device.
+pub trait Transport {
+    /// The common configuration structure.
+    fn common(&self) -> &dyn Regs;
+    /// The device-specific configuration, if any.
+    fn device_cfg(&self) -> Option<&dyn Regs>;
+    /// Ring the doorbell of `queue`, whose `queue_notify_off` is `notify_off`.
+    fn notify(&self, notify_off: u16, queue: u16);
+}
+
+/// A window of a BAR: `base` is the structure's offset in the BAR.
+pub struct Window {
+    io: BarIo,
     base: u64,
 }
 
-impl Common<'_> {
-    fn status(&self) -> u8 {
-        self.io.read8(self.base + DEVICE_STATUS)
+impl Regs for Window {
+    fn read8(&self, off: u64) -> u8 {
+        self.io.read8(self.base + off)
     }
-    fn set_status(&self, s: u8) {
-        self.io.write8(self.base + DEVICE_STATUS, s);
+    fn read16(&self, off: u64) -> u16 {
+        self.io.read16(self.base + off)
     }
-    fn write64(&self, off: u64, v: u64) {
-        self.io.write32(self.base + off, v as u32);
-        self.io.write32(self.base + off + 4, (v >> 32) as u32);
+    fn read32(&self, off: u64) -> u32 {
+        self.io.read32(self.base + off)
     }
-    fn reset(&self, timeout_ms: u64) -> Result<(), Error> {
-        self.set_status(0);
-        let deadline = now_ns() + timeout_ms * 1_000_000;
-        while self.status() != 0 {
-            if now_ns() > deadline {
-                return Err(Error::Timeout("device reset".into()));
+    fn write8(&self, off: u64, v: u8) {
+        self.io.write8(self.base + off, v)
+    }
+    fn write16(&self, off: u64, v: u16) {
+        self.io.write16(self.base + off, v)
+    }
+    fn write32(&self, off: u64, v: u32) {
+        self.io.write32(self.base + off, v)
+    }
+}
+
+/// The virtio-pci structures of a VFIO function, through BAR mmaps (or region reads/writes).
+pub struct PciTransport {
+    common: Window,
+    device: Option<Window>,
+    notify: Window,
+    multiplier: u32,
+}
+
+impl PciTransport {
+    /// Open the windows `caps` describe.
+    pub fn open(h: &VfioHandle, caps: &VirtioCaps) -> Result<Self, Error> {
+        let window = |cap: &VirtioCap, need: u64, what: &str| {
+            if u64::from(cap.length) < need {
+                return Err(Error::Device(format!(
+                    "{what} structure of {} bytes (need {need})",
+                    cap.length
+                )));
             }
-            std::thread::yield_now();
-        }
-        Ok(())
+            let base = u64::from(cap.offset);
+            Ok(Window {
+                io: BarIo::open(&h.backend, cap.bar, base, u64::from(cap.length)),
+                base,
+            })
+        };
+        Ok(PciTransport {
+            common: window(&caps.common, COMMON_LEN, "common cfg")?,
+            device: match &caps.device {
+                Some(d) if d.length >= 8 => Some(window(d, 8, "device cfg")?),
+                _ => None,
+            },
+            notify: window(&caps.notify, 2, "notify")?,
+            multiplier: caps.notify_multiplier,
+        })
     }
+}
+
+impl Transport for PciTransport {
+    fn common(&self) -> &dyn Regs {
+        &self.common
+    }
+    fn device_cfg(&self) -> Option<&dyn Regs> {
+        self.device.as_ref().map(|d| d as &dyn Regs)
+    }
+    fn notify(&self, notify_off: u16, queue: u16) {
+        let off = u64::from(notify_off) * u64::from(self.multiplier);
+        log::debug!("notify queue {queue} at notify+{off:#x}");
+        self.notify.write16(off, queue);
+    }
+}
+
+fn status(c: &dyn Regs) -> u8 {
+    c.read8(DEVICE_STATUS)
+}
+
+fn write64(c: &dyn Regs, off: u64, v: u64) {
+    c.write32(off, v as u32);
+    c.write32(off + 4, (v >> 32) as u32);
+}
+
+/// Reset the device and wait until it reads back 0.
+pub fn reset(c: &dyn Regs, timeout_ms: u64) -> Result<(), Error> {
+    c.write8(DEVICE_STATUS, 0);
+    let deadline = now_ns() + timeout_ms * 1_000_000;
+    while status(c) != 0 {
+        if now_ns() > deadline {
+            return Err(Error::Timeout("device reset".into()));
+        }
+        std::thread::yield_now();
+    }
+    Ok(())
 }
 
 fn config_space(h: &VfioHandle) -> Result<Vec<u8>, Error> {
@@ -117,21 +214,6 @@ fn config_space(h: &VfioHandle) -> Result<Vec<u8>, Error> {
         .region_read(VFIO_PCI_CONFIG_REGION_INDEX, 0, &mut cfg)
         .map_err(|e| Error::Io("read config space".into(), e))?;
     Ok(cfg)
-}
-
-fn open_cap(h: &VfioHandle, cap: &VirtioCap, need: u64, what: &str) -> Result<BarIo, Error> {
-    if u64::from(cap.length) < need {
-        return Err(Error::Device(format!(
-            "{what} structure of {} bytes (need {need})",
-            cap.length
-        )));
-    }
-    Ok(BarIo::open(
-        &h.backend,
-        cap.bar,
-        u64::from(cap.offset),
-        u64::from(cap.length),
-    ))
 }
 
 /// Read sector `sector` of the virtio-blk function behind `h`; prints the result line.
@@ -152,6 +234,7 @@ pub fn read_sector(
     }
     let caps = parse_virtio_caps(&cfg)?;
     log::info!("virtio caps: {caps:x?}");
+    let transport = PciTransport::open(h, &caps)?;
     let cmd = u16::from_le_bytes([cfg[4], cfg[5]]);
     let on = cmd | CMD_MEMORY | CMD_BUS_MASTER;
     h.backend
@@ -168,14 +251,9 @@ pub fn read_sector(
     unsafe { h.space.map_raw(base, BUF_LEN, buf.addr(), Prot::RW) }
         .map_err(|e| Error::Io(format!("VFIO map {base:#x}+{BUF_LEN:#x}"), e))?;
     log::info!("DMA buffer {:#x} mapped at IOVA {base:#x}", buf.addr());
-    let common_io = open_cap(h, &caps.common, COMMON_LEN, "common cfg")?;
-    let common = Common {
-        io: &common_io,
-        base: u64::from(caps.common.offset),
-    };
-    let res = drive(h, &caps, &common, &buf, base, sector, timeout_ms);
+    let res = drive(&transport, &buf, base, sector, timeout_ms);
     // Stop the device before its memory goes away, whatever happened.
-    if let Err(e) = common.reset(timeout_ms) {
+    if let Err(e) = reset(transport.common(), timeout_ms) {
         log::error!("final reset: {e}");
     }
     match h.space.unmap_raw(base, BUF_LEN) {
@@ -199,43 +277,41 @@ pub fn read_sector(
     Ok(r)
 }
 
-fn drive(
-    h: &VfioHandle,
-    caps: &VirtioCaps,
-    common: &Common,
+/// Initialise the device, set up queue 0 in `buf` (device address `base`), read `sector`.
+pub fn drive(
+    t: &dyn Transport,
     buf: &DmaBuf,
     base: u64,
     sector: u64,
     timeout_ms: u64,
 ) -> Result<ReadResult, Error> {
-    common.reset(timeout_ms)?;
-    common.set_status(S_ACKNOWLEDGE);
-    common.set_status(S_ACKNOWLEDGE | S_DRIVER);
-    let c = common.base;
+    let c = t.common();
+    reset(c, timeout_ms)?;
+    c.write8(DEVICE_STATUS, S_ACKNOWLEDGE);
+    c.write8(DEVICE_STATUS, S_ACKNOWLEDGE | S_DRIVER);
     let mut offered = 0u64;
     for sel in 0..2u32 {
-        common.io.write32(c + DEVICE_FEATURE_SELECT, sel);
-        offered |= u64::from(common.io.read32(c + DEVICE_FEATURE)) << (32 * sel);
+        c.write32(DEVICE_FEATURE_SELECT, sel);
+        offered |= u64::from(c.read32(DEVICE_FEATURE)) << (32 * sel);
     }
-    let features = accepted_features(offered)
-        .ok_or_else(|| Error::Device(format!("features {offered:#x} lack VERSION_1")))?;
+    let Some(features) = accepted_features(offered) else {
+        c.write8(DEVICE_STATUS, S_FAILED);
+        return Err(Error::Device(format!(
+            "features {offered:#x} lack VERSION_1"
+        )));
+    };
     log::info!("features offered {offered:#x}, accepting {features:#x}");
     for sel in 0..2u32 {
-        common.io.write32(c + DRIVER_FEATURE_SELECT, sel);
-        common
-            .io
-            .write32(c + DRIVER_FEATURE, (features >> (32 * sel)) as u32);
+        c.write32(DRIVER_FEATURE_SELECT, sel);
+        c.write32(DRIVER_FEATURE, (features >> (32 * sel)) as u32);
     }
-    common.set_status(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
-    if common.status() & S_FEATURES_OK == 0 {
-        common.set_status(S_FAILED);
+    c.write8(DEVICE_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
+    if status(c) & S_FEATURES_OK == 0 {
+        c.write8(DEVICE_STATUS, S_FAILED);
         return Err(Error::Device("FEATURES_OK not accepted".into()));
     }
-    if let Some(dev) = caps.device.filter(|d| d.length >= 8) {
-        let io = BarIo::open(&h.backend, dev.bar, u64::from(dev.offset), 8);
-        let lo = u64::from(io.read32(u64::from(dev.offset)));
-        let hi = u64::from(io.read32(u64::from(dev.offset) + 4));
-        let capacity = hi << 32 | lo;
+    if let Some(dev) = t.device_cfg() {
+        let capacity = u64::from(dev.read32(4)) << 32 | u64::from(dev.read32(0));
         log::info!("capacity {capacity} sectors");
         if sector >= capacity {
             return Err(Error::Usage(format!(
@@ -243,24 +319,27 @@ fn drive(
             )));
         }
     }
-    log::info!("{} queues", common.io.read16(c + NUM_QUEUES));
-    common.io.write16(c + QUEUE_SELECT, 0);
-    let max = common.io.read16(c + QUEUE_SIZE);
+    log::info!("{} queues", c.read16(NUM_QUEUES));
+    c.write16(QUEUE_SELECT, 0);
+    let max = c.read16(QUEUE_SIZE);
     let qsize = queue_size(max);
     if qsize == 0 {
         return Err(Error::Device("queue 0 unavailable".into()));
     }
-    common.io.write16(c + QUEUE_SIZE, qsize);
-    common.io.write16(c + QUEUE_MSIX_VECTOR, NO_VECTOR);
-    let notify_off = common.io.read16(c + QUEUE_NOTIFY_OFF);
+    c.write16(QUEUE_SIZE, qsize);
+    c.write16(QUEUE_MSIX_VECTOR, NO_VECTOR);
+    let notify_off = c.read16(QUEUE_NOTIFY_OFF);
     let layout = Layout::new(qsize, 0);
     let mut q = SplitQueue::new(buf, layout);
-    common.write64(QUEUE_DESC, base + layout.desc);
-    common.write64(QUEUE_DRIVER, base + layout.avail);
-    common.write64(QUEUE_DEVICE, base + layout.used);
-    common.io.write16(c + QUEUE_ENABLE, 1);
+    write64(c, QUEUE_DESC, base + layout.desc);
+    write64(c, QUEUE_DRIVER, base + layout.avail);
+    write64(c, QUEUE_DEVICE, base + layout.used);
+    c.write16(QUEUE_ENABLE, 1);
     log::info!("queue 0: size {qsize} (max {max}), notify_off {notify_off}, layout {layout:x?}");
-    common.set_status(S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+    c.write8(
+        DEVICE_STATUS,
+        S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
+    );
 
     // Request: header (device-readable), data and status (device-writable).
     buf.write_u32(HDR_OFF, BLK_T_IN);
@@ -298,14 +377,8 @@ fn drive(
         },
     );
     q.push(0);
-    let notify_at =
-        u64::from(caps.notify.offset) + u64::from(notify_off) * u64::from(caps.notify_multiplier);
-    let notify = BarIo::open(&h.backend, caps.notify.bar, notify_at, 2);
-    notify.write16(notify_at, 0);
-    log::info!(
-        "request posted, notified at BAR{} {notify_at:#x}",
-        caps.notify.bar
-    );
+    t.notify(notify_off, 0);
+    log::info!("request posted and notified");
 
     let start = now_ns();
     let deadline = start + timeout_ms * 1_000_000;
@@ -313,7 +386,7 @@ fn drive(
         if let Some(e) = q.pop_used() {
             break e;
         }
-        let st = common.status();
+        let st = status(c);
         if st & (S_NEEDS_RESET | S_FAILED) != 0 {
             return Err(Error::Device(format!(
                 "device status {st:#x} while waiting"
@@ -346,6 +419,296 @@ fn drive(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
+
+    const IOVA: u64 = 0x10_0000;
+    const NOTIFY_OFF: u16 = 3;
+
+    #[derive(Default)]
+    struct State {
+        dfsel: u32,
+        gfsel: u32,
+        driver_features: u64,
+        status: u8,
+        qsel: u16,
+        qsize: u16,
+        msix: u16,
+        enable: u16,
+        addrs: [u32; 6],
+        notifies: Vec<(u16, u16)>,
+        last_avail: u16,
+        used_idx: u16,
+    }
+
+    /// A virtio-blk device model on the other side of the DMA buffer.
+    struct FakeBlk<'a> {
+        mem: &'a DmaBuf,
+        disk: Vec<u8>,
+        offered: u64,
+        refuse_features: bool,
+        respond: bool,
+        io_error: bool,
+        cfg: Capacity,
+        s: RefCell<State>,
+    }
+
+    struct Capacity(u64);
+
+    impl Regs for Capacity {
+        fn read8(&self, _: u64) -> u8 {
+            0
+        }
+        fn read16(&self, _: u64) -> u16 {
+            0
+        }
+        fn read32(&self, off: u64) -> u32 {
+            match off {
+                0 => self.0 as u32,
+                4 => (self.0 >> 32) as u32,
+                _ => 0,
+            }
+        }
+        fn write8(&self, _: u64, _: u8) {}
+        fn write16(&self, _: u64, _: u16) {}
+        fn write32(&self, _: u64, _: u32) {}
+    }
+
+    impl<'a> FakeBlk<'a> {
+        fn new(mem: &'a DmaBuf) -> Self {
+            let disk: Vec<u8> = (0..64 * 512u32).map(|i| (i * 7 + i / 512) as u8).collect();
+            FakeBlk {
+                mem,
+                cfg: Capacity(disk.len() as u64 / 512),
+                disk,
+                offered: F_VERSION_1 | F_ACCESS_PLATFORM | (1 << 9) | (1 << 34),
+                refuse_features: false,
+                respond: true,
+                io_error: false,
+                s: RefCell::new(State {
+                    qsize: 256,
+                    ..State::default()
+                }),
+            }
+        }
+
+        fn off(&self, iova: u64, len: u64) -> u64 {
+            let o = iova.checked_sub(IOVA).expect("IOVA below the buffer");
+            assert!(
+                o + len <= self.mem.len(),
+                "IOVA {iova:#x}+{len} outside the buffer"
+            );
+            o
+        }
+
+        fn addr(&self, i: usize) -> u64 {
+            let s = self.s.borrow();
+            u64::from(s.addrs[i + 1]) << 32 | u64::from(s.addrs[i])
+        }
+
+        /// Serve every new available chain.
+        fn process(&self) {
+            let (desc, avail, used) = (self.addr(0), self.addr(2), self.addr(4));
+            let mut s = self.s.borrow_mut();
+            assert_eq!(s.enable, 1, "queue not enabled");
+            assert_ne!(s.status & S_DRIVER_OK, 0, "DRIVER_OK not set");
+            let q = u64::from(s.qsize);
+            let m = self.mem;
+            let avail_idx = m.read_u16(self.off(avail + 2, 2));
+            while s.last_avail != avail_idx {
+                let head = m.read_u16(self.off(avail + 4 + 2 * (u64::from(s.last_avail) % q), 2));
+                s.last_avail = s.last_avail.wrapping_add(1);
+                let mut chain = Vec::new();
+                let mut i = head;
+                loop {
+                    let d = self.off(desc + 16 * u64::from(i), 16);
+                    let addr = u64::from_le_bytes(m.read(d));
+                    let len = m.read_u32(d + 8);
+                    let flags = m.read_u16(d + 12);
+                    chain.push((addr, len, flags));
+                    if flags & DESC_F_NEXT == 0 || chain.len() > 8 {
+                        break;
+                    }
+                    i = m.read_u16(d + 14);
+                }
+                assert_eq!(chain.len(), 3);
+                let (h, data, st) = (chain[0], chain[1], chain[2]);
+                assert_eq!((h.1, h.2 & DESC_F_WRITE), (16, 0));
+                assert_eq!((data.1, data.2 & DESC_F_WRITE), (512, DESC_F_WRITE));
+                assert_eq!((st.1, st.2), (1, DESC_F_WRITE));
+                let ho = self.off(h.0, 16);
+                assert_eq!(m.read_u32(ho), BLK_T_IN);
+                let sector = u64::from_le_bytes(m.read(ho + 8));
+                let at = (sector * 512) as usize;
+                let status = if self.io_error || at + 512 > self.disk.len() {
+                    1
+                } else {
+                    m.write(self.off(data.0, 512), &self.disk[at..at + 512]);
+                    0
+                };
+                m.write(self.off(st.0, 1), &[status]);
+                let slot = used + 4 + 8 * (u64::from(s.used_idx) % q);
+                m.write_u32(self.off(slot, 8), u32::from(head));
+                m.write_u32(self.off(slot, 8) + 4, 513);
+                s.used_idx = s.used_idx.wrapping_add(1);
+                m.write_u16(self.off(used + 2, 2), s.used_idx);
+            }
+        }
+    }
+
+    impl Regs for FakeBlk<'_> {
+        fn read8(&self, off: u64) -> u8 {
+            match off {
+                DEVICE_STATUS => self.s.borrow().status,
+                _ => 0,
+            }
+        }
+        fn read16(&self, off: u64) -> u16 {
+            let s = self.s.borrow();
+            match off {
+                NUM_QUEUES => 1,
+                QUEUE_SIZE if s.qsel == 0 => s.qsize,
+                QUEUE_NOTIFY_OFF => NOTIFY_OFF,
+                _ => 0,
+            }
+        }
+        fn read32(&self, off: u64) -> u32 {
+            match off {
+                DEVICE_FEATURE => (self.offered >> (32 * self.s.borrow().dfsel)) as u32,
+                _ => 0,
+            }
+        }
+        fn write8(&self, off: u64, v: u8) {
+            assert_eq!(off, DEVICE_STATUS);
+            let mut s = self.s.borrow_mut();
+            if v == 0 {
+                *s = State {
+                    qsize: 256,
+                    notifies: std::mem::take(&mut s.notifies),
+                    ..State::default()
+                };
+                return;
+            }
+            let mut v = v;
+            let f = s.driver_features;
+            if v & S_FEATURES_OK != 0
+                && (self.refuse_features || f & !self.offered != 0 || f & F_VERSION_1 == 0)
+            {
+                v &= !S_FEATURES_OK;
+            }
+            s.status = v;
+        }
+        fn write16(&self, off: u64, v: u16) {
+            let mut s = self.s.borrow_mut();
+            match off {
+                QUEUE_SELECT => s.qsel = v,
+                QUEUE_SIZE => {
+                    assert!(v.is_power_of_two() && v <= 256);
+                    s.qsize = v;
+                }
+                QUEUE_MSIX_VECTOR => s.msix = v,
+                QUEUE_ENABLE => s.enable = v,
+                _ => panic!("16-bit write at {off}"),
+            }
+        }
+        fn write32(&self, off: u64, v: u32) {
+            let mut s = self.s.borrow_mut();
+            match off {
+                DEVICE_FEATURE_SELECT => s.dfsel = v,
+                DRIVER_FEATURE_SELECT => s.gfsel = v,
+                DRIVER_FEATURE => {
+                    let sh = 32 * s.gfsel;
+                    s.driver_features =
+                        s.driver_features & !(0xffff_ffffu64 << sh) | u64::from(v) << sh;
+                }
+                QUEUE_DESC..=0x37 => s.addrs[((off - QUEUE_DESC) / 4) as usize] = v,
+                _ => panic!("32-bit write at {off}"),
+            }
+        }
+    }
+
+    impl Transport for FakeBlk<'_> {
+        fn common(&self) -> &dyn Regs {
+            self
+        }
+        fn device_cfg(&self) -> Option<&dyn Regs> {
+            Some(&self.cfg)
+        }
+        fn notify(&self, notify_off: u16, queue: u16) {
+            self.s.borrow_mut().notifies.push((notify_off, queue));
+            if self.respond {
+                self.process();
+            }
+        }
+    }
+
+    fn buffer() -> DmaBuf {
+        DmaBuf::new(BUF_LEN as usize, 4096).unwrap()
+    }
+
+    #[test]
+    fn reads_a_sector_from_a_device_model() {
+        let buf = buffer();
+        let dev = FakeBlk::new(&buf);
+        let r = drive(&dev, &buf, IOVA, 5, 1000).unwrap();
+        assert_eq!(r.data, dev.disk[5 * 512..6 * 512]);
+        assert_eq!(r.used_len, 513);
+        let s = dev.s.borrow();
+        assert_eq!(s.driver_features, F_VERSION_1 | F_ACCESS_PLATFORM);
+        assert_eq!(s.qsize, MAX_QUEUE);
+        assert_eq!(s.msix, NO_VECTOR);
+        assert_eq!(s.notifies, vec![(NOTIFY_OFF, 0)]);
+        assert_eq!(
+            s.status,
+            S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK
+        );
+        // The rings were given as IOVAs inside our buffer.
+        drop(s);
+        assert_eq!(dev.addr(0), IOVA);
+        assert_eq!(dev.addr(4), IOVA + Layout::new(MAX_QUEUE, 0).used);
+        // A second read on the same device (driver resets it first).
+        let r = drive(&dev, &buf, IOVA, 63, 1000).unwrap();
+        assert_eq!(r.data, dev.disk[63 * 512..]);
+    }
+
+    #[test]
+    fn device_failures_are_errors_not_hangs() {
+        let buf = buffer();
+        let mut dev = FakeBlk::new(&buf);
+        dev.offered = F_ACCESS_PLATFORM;
+        assert!(matches!(
+            drive(&dev, &buf, IOVA, 0, 100),
+            Err(Error::Device(_))
+        ));
+        assert_eq!(dev.s.borrow().status, S_FAILED);
+
+        let mut dev = FakeBlk::new(&buf);
+        dev.refuse_features = true;
+        assert!(matches!(
+            drive(&dev, &buf, IOVA, 0, 100),
+            Err(Error::Device(_))
+        ));
+
+        let dev = FakeBlk::new(&buf);
+        assert!(matches!(
+            drive(&dev, &buf, IOVA, 64, 100),
+            Err(Error::Usage(_))
+        ));
+        assert!(dev.s.borrow().notifies.is_empty());
+
+        let mut dev = FakeBlk::new(&buf);
+        dev.respond = false;
+        assert!(matches!(
+            drive(&dev, &buf, IOVA, 0, 30),
+            Err(Error::Timeout(_))
+        ));
+
+        let mut dev = FakeBlk::new(&buf);
+        dev.io_error = true;
+        assert!(matches!(
+            drive(&dev, &buf, IOVA, 0, 100),
+            Err(Error::Device(_))
+        ));
+    }
 
     #[test]
     fn queue_sizes() {
