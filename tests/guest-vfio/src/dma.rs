@@ -26,7 +26,7 @@ impl DmaBuf {
     /// Allocate and touch every page (so pinning does not fault them in during timing).
     pub fn new(len: usize, align: usize) -> Result<DmaBuf, Error> {
         let page = 4096;
-        if len == 0 || !len.is_multiple_of(page) || !align.is_power_of_two() || align < page {
+        if len == 0 || len & (page - 1) != 0 || !align.is_power_of_two() || align < page {
             return Err(Error::Usage(format!(
                 "buffer of {len:#x} bytes aligned to {align:#x}: need page multiples"
             )));

@@ -146,7 +146,7 @@ impl HostIommuInfo {
         let mut seen = 0;
         while off != 0 {
             seen += 1;
-            if seen > MAX_CAPS || off < INFO_SIZE || !off.is_multiple_of(4) {
+            if seen > MAX_CAPS || off < INFO_SIZE || off & 3 != 0 {
                 return Err(InfoParseError::BadCap(off));
             }
             let bad = || InfoParseError::BadCap(off);
