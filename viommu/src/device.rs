@@ -192,6 +192,15 @@ impl Viommu {
         self.domains.add_endpoint(id, Some(host))
     }
 
+    /// Guest RAM as `(start, len)` ranges: identity-mapped into the host address spaces of
+    /// bypass domains and, while `config.bypass` is on, of host endpoints that are not attached
+    /// (boot bypass: assigned devices can DMA before the guest driver attaches them). Call it
+    /// when creating the VM (before any endpoint DMA) and again when RAM is added or removed;
+    /// activation refreshes it from the guest memory map.
+    pub fn set_guest_ram(&mut self, ranges: &[(u64, u64)]) {
+        self.domains.set_ram(ranges);
+    }
+
     /// The live counters.
     pub fn counters(&self) -> Arc<Counters> {
         self.counters.clone()

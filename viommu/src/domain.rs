@@ -237,6 +237,9 @@ pub struct Domains {
     mmio_allowed: bool,
     faults: Arc<FaultReporter>,
     ram: Vec<Mapping>,
+    /// Host address spaces holding guest RAM for boot bypass (all their endpoints unattached
+    /// while `config.bypass` is on).
+    idle_mapped: Vec<Arc<dyn HostMapper>>,
     total_mappings: usize,
     endpoints: BTreeMap<u32, Endpoint>,
     domains: BTreeMap<u32, Domain>,
@@ -264,6 +267,7 @@ impl Domains {
             mmio_allowed: true,
             faults,
             ram: Vec::new(),
+            idle_mapped: Vec::new(),
             total_mappings: 0,
             endpoints: BTreeMap::new(),
             domains: BTreeMap::new(),
@@ -340,6 +344,7 @@ impl Domains {
                 dirty: false,
             },
         );
+        self.sync_idle_hosts();
         Ok(EndpointHandle { shared })
     }
 
@@ -431,6 +436,7 @@ impl Domains {
         if !on {
             self.sync_needed = true;
         }
+        self.sync_idle_hosts();
         self.publish();
     }
 
@@ -449,6 +455,7 @@ impl Domains {
         self.total_mappings = 0;
         self.dirty_domains.clear();
         self.sync_needed = true;
+        self.sync_idle_hosts();
         self.publish();
     }
 
@@ -474,9 +481,12 @@ impl Domains {
         }
     }
 
-    /// Guest RAM, identity-mapped into host address spaces of bypass domains.
+    /// Guest RAM, identity-mapped into host address spaces of bypass domains and, for boot
+    /// bypass, of endpoints that are all unattached while `config.bypass` is on. A change
+    /// (RAM added or removed) updates those host address spaces: regions that went away are
+    /// unmapped, new ones mapped (best effort, failures logged).
     pub fn set_ram(&mut self, ranges: &[(u64, u64)]) {
-        self.ram = ranges
+        let new: Vec<Mapping> = ranges
             .iter()
             .filter(|(_, len)| *len > 0)
             .filter_map(|&(start, len)| {
@@ -490,6 +500,83 @@ impl Domains {
                 })
             })
             .collect();
+        if new == self.ram {
+            return;
+        }
+        let removed: Vec<Mapping> = self
+            .ram
+            .iter()
+            .filter(|m| !new.contains(m))
+            .copied()
+            .collect();
+        let added: Vec<Mapping> = new
+            .iter()
+            .filter(|m| !self.ram.contains(m))
+            .copied()
+            .collect();
+        let mut hosts: Vec<Arc<dyn HostMapper>> = self.idle_mapped.clone();
+        for d in self.domains.values().filter(|d| d.bypass) {
+            hosts.extend(d.hosts.iter().cloned());
+        }
+        for h in &hosts {
+            host_unmap_best_effort(h, &removed);
+            if let Err(e) = host_map_all(h, &added) {
+                log::error!("virtio-iommu: mapping new guest RAM into a host address space: {e}");
+            }
+        }
+        self.ram = new;
+        self.sync_idle_hosts();
+    }
+
+    /// Host address spaces none of whose endpoints is attached.
+    fn idle_hosts(&self) -> Vec<Arc<dyn HostMapper>> {
+        let mut out: Vec<Arc<dyn HostMapper>> = Vec::new();
+        let mut busy: Vec<&Arc<dyn HostMapper>> = Vec::new();
+        for e in self.endpoints.values() {
+            if let (Some(h), Some(_)) = (&e.host, e.domain) {
+                busy.push(h);
+            }
+        }
+        for h in self.endpoints.values().filter_map(|e| e.host.as_ref()) {
+            if !busy.iter().any(|b| same_host(b, h)) && !out.iter().any(|o| same_host(o, h)) {
+                out.push(h.clone());
+            }
+        }
+        out
+    }
+
+    /// Boot bypass for host-backed endpoints: while `config.bypass` is on, every host address
+    /// space none of whose endpoints is attached holds guest RAM identity-mapped; otherwise it
+    /// holds nothing. A failed map is logged and leaves that space empty (its devices cannot
+    /// DMA until attached).
+    fn sync_idle_hosts(&mut self) {
+        if !self.bypass && self.idle_mapped.is_empty() {
+            return;
+        }
+        let want = if self.bypass {
+            self.idle_hosts()
+        } else {
+            Vec::new()
+        };
+        let (keep, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut self.idle_mapped)
+            .into_iter()
+            .partition(|h| want.iter().any(|w| same_host(w, h)));
+        for h in &gone {
+            host_unmap_best_effort(h, &self.ram);
+        }
+        self.idle_mapped = keep;
+        for h in want {
+            if self.idle_mapped.iter().any(|m| same_host(m, &h)) {
+                continue;
+            }
+            match host_map_all(&h, &self.ram) {
+                Ok(()) => self.idle_mapped.push(h),
+                Err(e) => log::warn!(
+                    "virtio-iommu: boot-bypass map of guest RAM into a host address space: \
+                     {e}; its devices cannot DMA until attached"
+                ),
+            }
+        }
     }
 
     /// The mappings to remove from `ep`'s host when it leaves `dom` (empty when none).
@@ -581,9 +668,13 @@ impl Domains {
         // one domain), then replay the target's; any failure restores the previous state.
         let mut new_host = None;
         if let Some(h) = host {
-            let release = old
-                .map(|o| self.host_release(endpoint, o))
-                .unwrap_or_default();
+            // An unattached endpoint's host may hold guest RAM for boot bypass: drop it first.
+            let idle = old.is_none() && self.idle_mapped.iter().any(|m| same_host(m, &h));
+            let release = match old {
+                Some(o) => self.host_release(endpoint, o),
+                None if idle => self.ram.clone(),
+                None => Vec::new(),
+            };
             if let Err(e) = host_unmap_all(std::slice::from_ref(&h), &release) {
                 log::warn!("virtio-iommu: ATTACH {endpoint:#x} -> {domain}: host unmap: {e}");
                 return e.status();
@@ -602,7 +693,10 @@ impl Domains {
                     }
                     return e.status();
                 }
-                new_host = Some(h);
+                new_host = Some(h.clone());
+            }
+            if idle {
+                self.idle_mapped.retain(|m| !same_host(m, &h));
             }
         }
         if let Some(o) = old {
@@ -645,6 +739,7 @@ impl Domains {
         }
         self.remove_from_domain(endpoint, domain, true);
         self.mark_endpoint(endpoint);
+        self.sync_idle_hosts();
         Status::Ok
     }
 
@@ -998,6 +1093,12 @@ mod tests {
         assert_eq!(d.detach(9, 8), Status::Ok);
         assert_eq!(rec.mappings().len(), 2, "still used by 16");
         assert_eq!(d.detach(9, 16), Status::Ok);
+        assert_eq!(
+            rec.mappings().len(),
+            2,
+            "config.bypass is on: unattached again, boot bypass maps RAM"
+        );
+        d.set_bypass(false);
         assert!(rec.mappings().is_empty());
         // ATTACH whose replay fails: endpoint stays unattached.
         d.map(1, 0x4000, 0x4fff, 0, RW);

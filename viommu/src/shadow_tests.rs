@@ -556,3 +556,117 @@ fn static_mapping_failure_leaves_nothing_mapped() {
         assert!(rec.mappings().is_empty(), "failing call {n}");
     }
 }
+
+// ---- boot bypass and RAM changes ----------------------------------------------------------
+
+fn bypass_domains() -> Domains {
+    let mut d = Domains::new(
+        Geometry::default(),
+        Limits::default(),
+        Vec::new(),
+        true,
+        Arc::new(FaultReporter::new(Default::default(), Default::default())),
+    );
+    d.set_negotiated(true, true);
+    d
+}
+
+fn identity(ranges: &[(u64, u64)]) -> Vec<(u64, (u64, u64, Prot))> {
+    ranges.iter().map(|&(g, l)| (g, (l, g, Prot::RW))).collect()
+}
+
+#[test]
+fn unattached_host_endpoints_get_guest_ram_while_bypass_is_on() {
+    let ram = [(0, MIB), (HIGH, MIB)];
+    let (a, b) = (
+        Arc::new(RecordingMapper::new()),
+        Arc::new(RecordingMapper::new()),
+    );
+    let (ha, hb): (Arc<dyn HostMapper>, Arc<dyn HostMapper>) = (a.clone(), b.clone());
+    let mut d = bypass_domains();
+    d.set_ram(&ram);
+    d.add_endpoint(8, Some(ha.clone())).unwrap();
+    assert_eq!(a.mappings().into_iter().collect::<Vec<_>>(), identity(&ram));
+    d.add_endpoint(16, Some(ha)).unwrap();
+    d.add_endpoint(24, Some(hb)).unwrap();
+    assert_eq!(a.ops().len(), 2, "a shared container is mapped once");
+    assert_eq!(b.mappings().len(), 2);
+    // Attaching drops the boot-bypass RAM first, then mirrors the (empty) domain.
+    assert_eq!(d.attach(1, 8, 0), Status::Ok);
+    assert!(a.mappings().is_empty());
+    assert_eq!(d.map(1, 0x10_0000, 0x10_0fff, 0x5000, RW), Status::Ok);
+    assert_eq!(a.mappings().len(), 1);
+    // Last attached endpoint of the container leaves: RAM again.
+    assert_eq!(d.detach(1, 8), Status::Ok);
+    assert_eq!(a.mappings().into_iter().collect::<Vec<_>>(), identity(&ram));
+    // config.bypass off: nothing; on again: RAM.
+    d.set_bypass(false);
+    assert!(a.mappings().is_empty() && b.mappings().is_empty());
+    d.set_bypass(true);
+    assert_eq!(b.mappings().into_iter().collect::<Vec<_>>(), identity(&ram));
+    // A failing boot-bypass unmap fails the ATTACH and keeps RAM mapped and tracked.
+    a.fail_call(1, HostMapError::Failed("x".into()));
+    assert_eq!(d.attach(1, 8, 0), Status::DevErr);
+    assert_eq!(d.endpoint_domain(8), Some(None));
+    assert_eq!(a.mappings().into_iter().collect::<Vec<_>>(), identity(&ram));
+    d.set_bypass(false);
+    assert!(
+        a.mappings().is_empty(),
+        "still tracked: removed with bypass off"
+    );
+    d.set_bypass(true);
+    // Device reset detaches everything: all containers back to RAM.
+    assert_eq!(d.attach(2, 24, 0), Status::Ok);
+    assert!(b.mappings().is_empty());
+    d.reset();
+    assert_eq!(b.mappings().into_iter().collect::<Vec<_>>(), identity(&ram));
+}
+
+#[test]
+fn ram_changes_reach_bypass_and_idle_containers() {
+    let ram = [(0, MIB), (HIGH, MIB)];
+    let (a, b) = (
+        Arc::new(RecordingMapper::new()),
+        Arc::new(RecordingMapper::new()),
+    );
+    let mut d = bypass_domains();
+    d.set_ram(&ram);
+    d.add_endpoint(8, Some(a.clone())).unwrap();
+    d.add_endpoint(16, Some(b.clone())).unwrap();
+    // 16 sits in an identity domain, 8 is unattached (boot bypass).
+    assert_eq!(d.attach(7, 16, ATTACH_F_BYPASS), Status::Ok);
+    assert_eq!(b.mappings().into_iter().collect::<Vec<_>>(), identity(&ram));
+    let (ca, cb) = (a.ops().len(), b.ops().len());
+    // The same RAM again (re-activation): no host calls.
+    d.set_ram(&ram);
+    assert_eq!((a.ops().len(), b.ops().len()), (ca, cb));
+    // RAM hot-added: one map per container; then a region removed: one unmap each.
+    let more = [(0, MIB), (HIGH, MIB), (2 * HIGH, 2 * MIB)];
+    d.set_ram(&more);
+    assert_eq!(
+        a.mappings().into_iter().collect::<Vec<_>>(),
+        identity(&more)
+    );
+    assert_eq!(
+        b.mappings().into_iter().collect::<Vec<_>>(),
+        identity(&more)
+    );
+    assert_eq!((a.ops().len(), b.ops().len()), (ca + 1, cb + 1));
+    let less = [(HIGH, MIB), (2 * HIGH, 2 * MIB)];
+    d.set_ram(&less);
+    assert_eq!(
+        a.mappings().into_iter().collect::<Vec<_>>(),
+        identity(&less)
+    );
+    assert_eq!(
+        b.mappings().into_iter().collect::<Vec<_>>(),
+        identity(&less)
+    );
+    assert_eq!(b.ops().last(), Some(&HostOp::Unmap { iova: 0, size: MIB }));
+    // Leaving the identity domain unmaps exactly the current RAM, then boot bypass maps it.
+    assert_eq!(d.detach(7, 16), Status::Ok);
+    assert_eq!(
+        b.mappings().into_iter().collect::<Vec<_>>(),
+        identity(&less)
+    );
+}
