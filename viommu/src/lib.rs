@@ -30,6 +30,7 @@
 //! let shadow = Arc::new(viommu::Shadow::new(space, guest_mem_atomic.clone())
 //!     .with_bars(bars.clone()).with_config(info.shadow_config()));
 //! iommu.add_host_endpoint(bdf, shadow)?;                   // same Arc for one container
+//! iommu.set_guest_ram(&ram_ranges);                        // boot bypass before the driver
 //! // or, not behind the vIOMMU:
 //! let statics = viommu::StaticMapping::new(space, &*guest_mem_atomic.memory())?;
 //! ```

@@ -53,6 +53,13 @@
 //!   the domain shares it.
 //! - Bypass (identity) domains: all guest RAM mapped once per container, IOVA == GPA, one
 //!   call per RAM region; leaving the domain unmaps them (one call per region).
+//! - Boot bypass: while `config.bypass` is on, a container none of whose endpoints is attached
+//!   holds all guest RAM the same way (from `Viommu::set_guest_ram` / endpoint registration);
+//!   its first ATTACH first unmaps it (one call per region), a DETACH of its last attached
+//!   endpoint maps it back, turning `config.bypass` off empties it.
+//! - RAM added or removed (`Viommu::set_guest_ram` with the new map): one map/unmap per changed
+//!   region in each identity or boot-bypass container. Translated domains need nothing: the
+//!   guest maps what it wants, and composition reads the current memory map.
 //!
 //! Devices not behind the vIOMMU use [`crate::static_map::StaticMapping`] instead.
 
