@@ -13,7 +13,7 @@ FILTER ?=
 # Integration test targets of every crate except the real-guest one (stage 2, includes the
 # host-KVM tiny-guest tests kvm_*).
 INTEGRATION_TESTS := $(sort $(filter-out guests,$(basename $(notdir \
-	$(wildcard tests/*.rs pci/tests/*.rs viommu/tests/*.rs tests/rig/tests/*.rs)))))
+	$(wildcard tests/*.rs */tests/*.rs tests/*/tests/*.rs)))))
 
 STAGE_TIMES := $(CURDIR)/.cache/stage-times.tsv
 TIMED := STAGE_TIMES=$(STAGE_TIMES) .ci/timed

@@ -13,6 +13,7 @@ mod cpio;
 mod direct;
 mod env;
 mod error;
+mod frames;
 mod nested;
 mod scenario;
 

@@ -3,9 +3,10 @@
 //! The host builds an archive appended to L1's initramfs (the vmm, one directory per scenario
 //! under /rig/scenarios, see guest-images/l1/init) and boots L1 with two serial ports: ttyS0 is
 //! L1's console (kept in `l1-console.log`), ttyS1 is the rig channel (QEMU's stdout) on which L1
-//! frames each scenario's output with `@@RIG-*` marker lines.
+//! frames each scenario's output with `@@RIG-<token>-*` marker lines (the token, random per run,
+//! is on L1's command line, out of L2's reach, so a guest cannot forge a marker).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 use crate::cpio::CpioFile;
 use crate::env::RigConfig;
 use crate::error::RigError;
+use crate::frames::{Event, Frames, MAX_CAPTURE};
 use crate::progress;
 use crate::scenario::{expand, tail_lines, Outcome, Placeholders, Program, Scenario};
 
@@ -23,8 +25,6 @@ pub const MAX_DISKS_PER_L1: usize = 20;
 
 /// Longest line kept from the rig channel; longer ones are split.
 const MAX_LINE: usize = 64 * 1024;
-/// Most bytes of console or log kept per scenario.
-const MAX_CAPTURE: usize = 16 * 1024 * 1024;
 /// Lines remembered for error messages.
 const TAIL: usize = 30;
 
@@ -62,6 +62,20 @@ pub(crate) fn batches(scenarios: &[Scenario]) -> Vec<Vec<usize>> {
         }
     }
     out
+}
+
+/// A hard-to-guess word for the marker lines (time, pid and a std hash seed).
+fn marker_token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
 }
 
 /// Single-quotes `s` for /bin/sh.
@@ -191,6 +205,8 @@ pub(crate) fn run_batch(
         .map_err(|e| RigError::io(format!("writing {}", initrd_path.display()), e))?;
 
     let console = work.join("l1-console.log");
+    let token = marker_token();
+    let with_vfio = batch.iter().any(|s| !s.vfio_disks.is_empty());
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
         "-machine",
@@ -211,11 +227,14 @@ pub(crate) fn run_batch(
     .arg("-initrd")
     .arg(&initrd_path)
     .arg("-append")
-    .arg(if batch.iter().any(|s| !s.vfio_disks.is_empty()) {
-        "console=ttyS0 panic=-1 loglevel=4 rigout=/dev/ttyS1 intel_iommu=on iommu=pt"
-    } else {
-        "console=ttyS0 panic=-1 loglevel=4 rigout=/dev/ttyS1"
-    });
+    .arg(format!(
+        "console=ttyS0 panic=-1 loglevel=4 rigout=/dev/ttyS1 rigtoken={token}{}",
+        if with_vfio {
+            " intel_iommu=on iommu=pt"
+        } else {
+            ""
+        }
+    ));
     let mut seen_l0: Vec<&Vec<String>> = Vec::new();
     for (idx, s) in batch.iter().enumerate() {
         for (d, path) in s.disks.iter().enumerate() {
@@ -237,7 +256,6 @@ pub(crate) fn run_batch(
         }
     }
     let vfio = vfio_addresses(batch);
-    let with_vfio = batch.iter().any(|s| !s.vfio_disks.is_empty());
     for (idx, s) in batch.iter().enumerate() {
         for (j, (path, bdf)) in s.vfio_disks.iter().zip(&vfio[idx]).enumerate() {
             let id = format!("s{idx:03}v{j}");
@@ -285,7 +303,8 @@ pub(crate) fn run_batch(
     let mut child = cmd
         .spawn()
         .map_err(|e| RigError::io("starting qemu-system-x86_64 (make deps)", e))?;
-    let result = drive(cfg, batch, &mut child, started, limit, &console);
+    let tag = format!("@@RIG-{token}-");
+    let result = drive(cfg, batch, &mut child, started, limit, &console, &tag);
     let _ = child.kill();
     let status = child.wait();
     if let Err(e) = &result {
@@ -328,30 +347,6 @@ fn spawn_line_reader<R: Read + Send + 'static>(r: R, tx: mpsc::Sender<Msg>) {
     });
 }
 
-/// Per-scenario data as it arrives.
-#[derive(Default)]
-struct Partial {
-    serial: String,
-    stderr: String,
-    status: Option<i32>,
-    timed_out: bool,
-    ms: u64,
-}
-
-fn push_capped(buf: &mut String, line: &str) {
-    if buf.len() + line.len() < MAX_CAPTURE {
-        buf.push_str(line);
-        buf.push('\n');
-    }
-}
-
-/// Parses "key=value" words of a marker line.
-fn field(line: &str, key: &str) -> Option<String> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
-        .map(str::to_string)
-}
-
 fn drive(
     cfg: &RigConfig,
     batch: &[&Scenario],
@@ -359,6 +354,7 @@ fn drive(
     started: Instant,
     limit: Duration,
     console: &Path,
+    tag: &str,
 ) -> Result<Vec<Outcome>, RigError> {
     let (tx, rx) = mpsc::channel();
     if let Some(out) = child.stdout.take() {
@@ -376,21 +372,9 @@ fn drive(
     }
     drop(tx);
 
-    let name_of = |id: &str| -> String {
-        id.parse::<usize>()
-            .ok()
-            .and_then(|i| batch.get(i))
-            .map(|s| s.name.clone())
-            .unwrap_or_else(|| format!("#{id}"))
-    };
-    let mut partial: HashMap<String, Partial> = HashMap::new();
-    let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
+    let mut frames = Frames::new(tag, batch.iter().map(|s| s.name.clone()).collect());
     let mut tail: VecDeque<String> = VecDeque::new();
-    // (id, in stderr section)
-    let mut current: Option<(String, bool)> = None;
-    let mut running: Option<String> = None;
     let mut scenario_start = Instant::now();
-    let mut done = false;
     let mut qemu_stderr = String::new();
     let deadline = started + limit;
 
@@ -409,7 +393,7 @@ fn drive(
         if now >= deadline {
             return Err(RigError::Timeout {
                 after: started.elapsed(),
-                running,
+                running: frames.running().map(str::to_string),
                 last_lines: last_lines(&tail),
             });
         }
@@ -433,95 +417,25 @@ fn drive(
             tail.pop_front();
         }
         tail.push_back(line.clone());
-
-        if let Some(rest) = line.strip_prefix("@@RIG-") {
-            let mut words = rest.split_whitespace();
-            let tag = words.next().unwrap_or("");
-            let id = words.next().unwrap_or("").to_string();
-            match tag {
-                "L1-READY" => progress(&format!(
-                    "L1 ready after {:.1} s (L1 uptime {} ms)",
-                    started.elapsed().as_secs_f64(),
-                    field(&line, "ms").unwrap_or_default()
-                )),
-                "BEGIN" => {
-                    let name = name_of(&id);
-                    progress(&format!("[{name}] started"));
-                    scenario_start = Instant::now();
-                    running = Some(name);
-                    partial.insert(id.clone(), Partial::default());
-                    current = Some((id, false));
-                }
-                "END" => {
-                    if let Some(p) = partial.get_mut(&id) {
-                        // L1 prints a newline before the marker: drop the empty line it adds.
-                        if p.serial.ends_with("\n\n") || p.serial == "\n" {
-                            p.serial.pop();
-                        }
-                        p.status = field(&line, "status").and_then(|s| s.parse().ok());
-                        p.timed_out = field(&line, "timedout").as_deref() == Some("1");
-                        p.ms = field(&line, "ms").and_then(|s| s.parse().ok()).unwrap_or(0);
-                    }
-                    current = None;
-                    running = None;
-                }
-                "STDERR-BEGIN" => current = Some((id, true)),
-                "STDERR-END" => {
-                    current = None;
-                    if let (Some(p), Ok(idx)) = (partial.remove(&id), id.parse::<usize>()) {
-                        if let Some(slot) = outcomes.get_mut(idx) {
-                            let mut log = p.stderr;
-                            if log.ends_with("\n\n") || log == "\n" {
-                                log.pop();
-                            }
-                            let o = Outcome::new(
-                                name_of(&id),
-                                p.serial,
-                                if p.timed_out { None } else { p.status },
-                                log,
-                                p.timed_out,
-                                Duration::from_millis(p.ms),
-                            );
-                            progress(&format!(
-                                "[{}] finished in {:.1} s (host {:.1} s): {}vmm status {}, guest exit {}",
-                                o.name,
-                                o.duration.as_secs_f64(),
-                                scenario_start.elapsed().as_secs_f64(),
-                                if o.timed_out { "TIMED OUT, " } else { "" },
-                                o.vmm_status.map_or("none".into(), |s| s.to_string()),
-                                o.guest_exit.map_or("none".into(), |s| s.to_string()),
-                            ));
-                            if o.timed_out {
-                                progress(&format!(
-                                    "[{}] timed out after {} s; last console lines:\n{}",
-                                    o.name,
-                                    batch[idx].timeout.as_secs(),
-                                    o.serial_tail(15)
-                                ));
-                            }
-                            *slot = Some(o);
-                        }
-                    }
-                }
-                "L1-DONE" => {
-                    done = true;
-                    progress(&format!(
-                        "L1 done after {:.1} s",
-                        started.elapsed().as_secs_f64()
-                    ));
-                }
-                _ => {}
+        match frames.feed(&line) {
+            None => {}
+            Some(Event::L1Ready(ms)) => progress(&format!(
+                "L1 ready after {:.1} s (L1 uptime {ms} ms)",
+                started.elapsed().as_secs_f64(),
+            )),
+            Some(Event::Started(i)) => {
+                scenario_start = Instant::now();
+                progress(&format!("[{}] started", batch[i].name));
             }
-            continue;
-        }
-        if let Some((id, in_stderr)) = &current {
-            if let Some(p) = partial.get_mut(id) {
-                if *in_stderr {
-                    push_capped(&mut p.stderr, &line);
-                } else {
-                    push_capped(&mut p.serial, &line);
+            Some(Event::Finished(i)) => {
+                if let Some(o) = frames.outcome(i) {
+                    report_finished(o, batch[i], scenario_start.elapsed());
                 }
             }
+            Some(Event::Done) => progress(&format!(
+                "L1 done after {:.1} s",
+                started.elapsed().as_secs_f64()
+            )),
         }
     }
 
@@ -534,13 +448,8 @@ fn drive(
             }
         }
     }
-    let missing: Vec<String> = batch
-        .iter()
-        .zip(&outcomes)
-        .filter(|(_, o)| o.is_none())
-        .map(|(s, _)| s.name.clone())
-        .collect();
-    if !done || !missing.is_empty() {
+    let missing = frames.missing();
+    if !frames.done() || !missing.is_empty() {
         let status = match child.wait() {
             Ok(s) => s.to_string(),
             Err(e) => format!("wait failed: {e}"),
@@ -555,11 +464,36 @@ fn drive(
         }
         return Err(RigError::L1Ended {
             status,
-            running,
+            running: frames.running().map(str::to_string),
             last_lines: last,
         });
     }
-    Ok(outcomes.into_iter().flatten().collect())
+    frames.into_outcomes().ok_or_else(|| RigError::L1Ended {
+        status: "finished".into(),
+        running: None,
+        last_lines: "outcomes missing".into(),
+    })
+}
+
+/// Progress lines for a finished scenario (with the console tail when it timed out).
+fn report_finished(o: &Outcome, s: &Scenario, host: Duration) {
+    progress(&format!(
+        "[{}] finished in {:.1} s (host {:.1} s): {}vmm status {}, guest exit {}",
+        o.name,
+        o.duration.as_secs_f64(),
+        host.as_secs_f64(),
+        if o.timed_out { "TIMED OUT, " } else { "" },
+        o.vmm_status.map_or("none".into(), |s| s.to_string()),
+        o.guest_exit.map_or("none".into(), |s| s.to_string()),
+    ));
+    if o.timed_out {
+        progress(&format!(
+            "[{}] timed out after {} s; last console lines:\n{}",
+            o.name,
+            s.timeout.as_secs(),
+            o.serial_tail(15)
+        ));
+    }
 }
 
 #[cfg(test)]
@@ -614,13 +548,5 @@ mod tests {
     fn quoting_survives_single_quotes() {
         assert_eq!(shell_quote("a b"), "'a b'");
         assert_eq!(shell_quote("it's"), "'it'\\''s'");
-    }
-
-    #[test]
-    fn marker_fields() {
-        let l = "@@RIG-END 003 status=1 timedout=0 ms=1234";
-        assert_eq!(field(l, "status").as_deref(), Some("1"));
-        assert_eq!(field(l, "ms").as_deref(), Some("1234"));
-        assert_eq!(field(l, "nope"), None);
     }
 }
