@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use log::LevelFilter;
 
 use crate::devices::block::BlockConfig;
+use crate::iommu::ViommuOptions;
 use crate::machine::{MachineConfig, SerialOutput};
 use crate::memory::parse_size;
 
@@ -22,7 +23,12 @@ usage: vmm --kernel BZIMAGE [options]
   --disk path=FILE[,readonly=on][,iommu=on][,notify=inline|thread]
                         virtio-blk disk backed by a raw file (repeatable); requests are
                         served on the kicking vCPU thread (notify=inline, default) or on a
-                        worker thread woken by an ioeventfd (notify=thread)
+                        worker thread woken by an ioeventfd (notify=thread); iommu=on puts
+                        the disk behind the virtio-iommu (needs --viommu virtio)
+  --viommu off|virtio[,bypass=0|1][,max-domains=N][,max-mappings=N]
+                        guest-visible IOMMU (default: off): a virtio-iommu PCI function and
+                        an ACPI VIOT table; bypass=1 (default) lets unattached endpoints DMA
+                        untranslated, bypass=0 blocks them; max-* cap guest-created state
   --serial stdout|file=PATH
                         where COM1 output goes (default: stdout)
   --log-level LEVEL     off, error, warn, info, debug, trace (default: warn, or RUST_LOG)
@@ -46,6 +52,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
     let mut cpus = 2u8;
     let mut disks = Vec::new();
     let mut serial = SerialOutput::Stdout;
+    let mut viommu = None;
     let mut level = std::env::var("RUST_LOG")
         .ok()
         .and_then(|l| l.parse().ok())
@@ -87,6 +94,9 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
             "--disk" => {
                 disks.push(BlockConfig::parse(&value()?).map_err(|e| format!("--disk: {e}"))?)
             }
+            "--viommu" => {
+                viommu = ViommuOptions::parse(&value()?).map_err(|e| format!("--viommu: {e}"))?
+            }
             "--serial" => {
                 let v = value()?;
                 serial = if v == "stdout" {
@@ -106,6 +116,14 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
         }
     }
     let kernel = kernel.ok_or("--kernel is required")?;
+    if viommu.is_none() {
+        if let Some(d) = disks.iter().find(|d| d.iommu) {
+            return Err(format!(
+                "--disk path={},iommu=on: the disk must sit behind a vIOMMU, add --viommu virtio",
+                d.path.display()
+            ));
+        }
+    }
     Ok(Command::Run(
         MachineConfig {
             kernel,
@@ -115,6 +133,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
             cpus,
             disks,
             serial,
+            viommu,
         },
         level,
     ))
@@ -137,6 +156,7 @@ mod tests {
         assert_eq!(c.cpus, 2);
         assert_eq!(c.cmdline, DEFAULT_CMDLINE);
         assert_eq!(c.serial, SerialOutput::Stdout);
+        assert_eq!(c.viommu, None);
         let Command::Run(c, l) = p(&[
             "--kernel=/k",
             "--initramfs",
@@ -151,6 +171,8 @@ mod tests {
             "path=/a",
             "--disk",
             "path=/b,readonly=on,iommu=on",
+            "--viommu",
+            "virtio,bypass=0",
             "--serial",
             "file=/tmp/s",
             "--log-level",
@@ -165,6 +187,13 @@ mod tests {
         assert_eq!(c.cpus, 4);
         assert_eq!(c.disks.len(), 2);
         assert!(c.disks[1].readonly && c.disks[1].iommu);
+        assert_eq!(
+            c.viommu,
+            Some(ViommuOptions {
+                bypass: false,
+                ..ViommuOptions::default()
+            })
+        );
         assert_eq!(c.serial, SerialOutput::File("/tmp/s".into()));
         assert_eq!(l, LevelFilter::Debug);
     }
@@ -189,6 +218,28 @@ mod tests {
             .unwrap_err()
             .contains("unknown option"));
         assert!(p(&["stray"]).unwrap_err().contains("unexpected"));
+        assert!(p(&["--kernel", "k", "--viommu", "intel"])
+            .unwrap_err()
+            .contains("--viommu"));
+        // iommu=on without a vIOMMU (absent or off) is refused, naming the fix.
+        for extra in [&[][..], &["--viommu", "off"][..]] {
+            let mut a = vec!["--kernel", "k", "--disk", "path=/d,iommu=on"];
+            a.extend_from_slice(extra);
+            let e = p(&a).unwrap_err();
+            assert!(
+                e.contains("iommu=on") && e.contains("--viommu virtio"),
+                "{e}"
+            );
+        }
+        assert!(p(&[
+            "--kernel",
+            "k",
+            "--disk",
+            "path=/d,iommu=on",
+            "--viommu",
+            "virtio"
+        ])
+        .is_ok());
         assert_eq!(p(&["--help"]).unwrap(), Command::Help);
     }
 }

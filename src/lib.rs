@@ -4,13 +4,16 @@
 //! One file per idea: `memory` (layout, e820), `boot` (Linux boot protocol), `acpi` (tables),
 //! `vm` (KVM VM assembly), `vcpu` (registers, run loop), `bus` (exit dispatch), `irq` (GSI
 //! routing, irqfd, ioeventfd), `pci_host` (exits into the `pci` crate), `devices` (serial,
-//! legacy, virtio-blk), `machine` (a bootable Linux machine), `cli` and `logger` for the binary.
+//! legacy, virtio-blk), `iommu` (the virtio-iommu options and exit counters), `viot` (the ACPI
+//! table naming the IOMMU and its endpoints), `machine` (a bootable Linux machine), `cli` and
+//! `logger` for the binary.
 
 pub mod acpi;
 pub mod boot;
 pub mod bus;
 pub mod cli;
 pub mod devices;
+pub mod iommu;
 pub mod irq;
 pub mod lifecycle;
 pub mod logger;
@@ -18,4 +21,5 @@ pub mod machine;
 pub mod memory;
 pub mod pci_host;
 pub mod vcpu;
+pub mod viot;
 pub mod vm;

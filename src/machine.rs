@@ -1,8 +1,13 @@
 //! Assembles a bootable Linux machine: VM, legacy devices, PCI bus with virtio-blk disks,
 //! ACPI tables, kernel loading, and running it to completion.
 //!
-//! Extension points for features such as the vIOMMU: [`Machine::pci_bus`] to add PCI devices,
-//! [`Machine::add_acpi_table`] to add a table (e.g. VIOT) before [`Machine::boot`].
+//! Extension points: [`Machine::pci_bus`] to add PCI devices, [`Machine::add_acpi_table`] to add
+//! a table before [`Machine::boot`].
+//!
+//! With `--viommu virtio` ([`MachineConfig::viommu`]) the machine gets a virtio-iommu PCI function
+//! (its slot is reserved at creation, it is plugged at boot once every endpoint is known), every
+//! `iommu=on` disk is registered as an endpoint (ID = its BDF) and translates all its DMA through
+//! it, and a VIOT table describes the topology to the guest.
 
 use std::io::Write;
 
@@ -11,13 +16,16 @@ use std::sync::{Arc, Mutex};
 use vm_memory::GuestAddressSpace;
 
 use pci::{PciBus, PciWindows, VirtioPciDevice};
+use viommu::{Counters, Viommu};
 
 use crate::acpi::{self, AcpiConfig};
 use crate::boot::{self, LinuxBoot};
 use crate::devices::block::{Block, BlockConfig};
+use crate::iommu::ViommuOptions;
 use crate::lifecycle::ExitReason;
 use crate::memory::{MMIO32_SIZE, MMIO32_START, PCI_IO_SIZE, PCI_IO_START};
 use crate::pci_host::PciExits;
+use crate::viot;
 use crate::vm::{Vm, VmConfig, VmError};
 
 /// Where the guest's serial output goes.
@@ -46,6 +54,8 @@ pub struct MachineConfig {
     pub disks: Vec<BlockConfig>,
     /// Serial output.
     pub serial: SerialOutput,
+    /// The guest-visible IOMMU (`None`: no vIOMMU; `iommu=on` disks are then refused).
+    pub viommu: Option<ViommuOptions>,
 }
 
 /// Machine errors.
@@ -66,6 +76,20 @@ pub enum MachineError {
     /// Kernel loading failed.
     #[error(transparent)]
     Boot(#[from] boot::BootError),
+    /// The virtio-iommu could not be created or plugged.
+    #[error("virtio-iommu: {0}")]
+    Viommu(String),
+    /// No free PCI slot is left.
+    #[error("no free PCI slot for {0}")]
+    NoSlot(String),
+}
+
+/// The virtio-iommu between creation and boot: endpoints are registered while disks are
+/// added, the device is plugged (and the VIOT built) at boot.
+struct PendingIommu {
+    dev: Viommu,
+    slot: u8,
+    endpoints: Vec<u16>,
 }
 
 /// A VM with its devices, ready to boot.
@@ -76,6 +100,8 @@ pub struct Machine {
     config: MachineConfig,
     extra_tables: Vec<Vec<u8>>,
     disks: Vec<(BlockConfig, u8)>,
+    iommu: Option<PendingIommu>,
+    iommu_counters: Option<Arc<Counters>>,
 }
 
 impl Machine {
@@ -106,7 +132,22 @@ impl Machine {
             config,
             extra_tables: Vec::new(),
             disks: Vec::new(),
+            iommu: None,
+            iommu_counters: None,
         };
+        if let Some(opts) = m.config.viommu.clone() {
+            let dev =
+                Viommu::new(opts.config()).map_err(|e| MachineError::Viommu(e.to_string()))?;
+            let slot = m
+                .free_slot()
+                .ok_or_else(|| MachineError::NoSlot("the virtio-iommu".into()))?;
+            m.iommu_counters = Some(dev.counters());
+            m.iommu = Some(PendingIommu {
+                dev,
+                slot,
+                endpoints: Vec::new(),
+            });
+        }
         for disk in m.config.disks.clone() {
             m.add_disk(disk)?;
         }
@@ -129,10 +170,49 @@ impl Machine {
         &self.disks
     }
 
-    /// Attach a virtio-blk disk; returns its PCI device number.
+    /// The vIOMMU's live counters (`None` without `--viommu virtio`); read them after
+    /// [`Machine::boot`] returns for the exit summary.
+    pub fn viommu_counters(&self) -> Option<Arc<Counters>> {
+        self.iommu_counters.clone()
+    }
+
+    /// PCI device number of the virtio-iommu (`None` without one).
+    pub fn viommu_slot(&self) -> Option<u8> {
+        self.iommu.as_ref().map(|i| i.slot)
+    }
+
+    /// The first device number on bus 0 with nothing plugged and not reserved for the IOMMU.
+    fn free_slot(&self) -> Option<u8> {
+        let reserved = self.iommu.as_ref().map(|i| i.slot);
+        (1u8..32).find(|&s| {
+            let mut id = [0u8; 2];
+            self.pci.ecam_read(u64::from(s) << 15, &mut id);
+            Some(s) != reserved && id == [0xff, 0xff]
+        })
+    }
+
+    /// Attach a virtio-blk disk; returns its PCI device number. An `iommu=on` disk becomes an
+    /// endpoint of the virtio-iommu (which must exist).
     pub fn add_disk(&mut self, disk: BlockConfig) -> Result<u8, MachineError> {
         let name = disk.path.display().to_string();
-        let blk = Block::new(disk.clone())
+        let slot = self
+            .free_slot()
+            .ok_or_else(|| MachineError::NoSlot(format!("disk {name}")))?;
+        let endpoint = if disk.iommu {
+            let iommu = self.iommu.as_mut().ok_or_else(|| {
+                MachineError::Disk(name.clone(), "iommu=on needs --viommu virtio".into())
+            })?;
+            let bdf = viot::bdf(0, slot, 0);
+            let ep = iommu
+                .dev
+                .add_endpoint(u32::from(bdf))
+                .map_err(|e| MachineError::Viommu(e.to_string()))?;
+            iommu.endpoints.push(bdf);
+            Some(ep)
+        } else {
+            None
+        };
+        let blk = Block::with_endpoint(disk.clone(), endpoint)
             .map_err(|e| MachineError::Disk(name.clone(), e.to_string()))?;
         let dev = VirtioPciDevice::new(
             Box::new(blk),
@@ -143,15 +223,49 @@ impl Machine {
         .map_err(|e| MachineError::Disk(name.clone(), e.to_string()))?;
         let slot = self
             .pci
-            .add_device(Arc::new(Mutex::new(dev)))
+            .add_device_at(slot, Arc::new(Mutex::new(dev)))
             .map_err(|e| MachineError::Disk(name.clone(), e.to_string()))?;
-        log::info!("disk {name} at PCI 00:{slot:02x}.0");
+        log::info!(
+            "disk {name} at PCI 00:{slot:02x}.0{}",
+            if disk.iommu {
+                " behind the virtio-iommu"
+            } else {
+                ""
+            }
+        );
         self.disks.push((disk, slot));
         Ok(slot)
     }
 
+    /// Plug the pending virtio-iommu at its reserved slot and add the VIOT describing it and
+    /// its endpoints.
+    fn plug_iommu(&mut self) -> Result<(), MachineError> {
+        let Some(iommu) = self.iommu.take() else {
+            return Ok(());
+        };
+        let dev = VirtioPciDevice::new(
+            Box::new(iommu.dev),
+            self.vm.memory.clone(),
+            self.vm.msi_manager()?,
+            self.vm.ioevent_manager(),
+        )
+        .map_err(|e| MachineError::Viommu(e.to_string()))?;
+        let slot = self
+            .pci
+            .add_device_at(iommu.slot, Arc::new(Mutex::new(dev)))
+            .map_err(|e| MachineError::Viommu(e.to_string()))?;
+        let table = viot::build(viot::bdf(0, slot, 0), &iommu.endpoints);
+        self.add_acpi_table(table);
+        log::info!(
+            "virtio-iommu at PCI 00:{slot:02x}.0, endpoints {:x?}",
+            iommu.endpoints
+        );
+        Ok(())
+    }
+
     /// Write ACPI tables, load the kernel, and run all vCPUs until the guest stops.
-    pub fn boot(self) -> Result<ExitReason, MachineError> {
+    pub fn boot(mut self) -> Result<ExitReason, MachineError> {
+        self.plug_iommu()?;
         let mem = self.vm.memory.memory();
         let rsdp = acpi::write(
             &*mem,

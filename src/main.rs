@@ -19,7 +19,15 @@ fn main() -> ExitCode {
         }
     };
     vmm::logger::init(level);
-    let result = Machine::new(config).and_then(Machine::boot);
+    let result = Machine::new(config).and_then(|m| {
+        let counters = m.viommu_counters();
+        let r = m.boot();
+        // One parseable line, whatever the log level (see vmm::iommu::summary_line).
+        if let Some(c) = counters {
+            eprintln!("{}", vmm::iommu::summary_line(&c.snapshot()));
+        }
+        r
+    });
     match result {
         Ok(reason @ ExitReason::Error(_)) => {
             eprintln!("vmm: {reason}");

@@ -204,6 +204,7 @@ fn pci_config_cycles_and_acpi_poweroff() {
             inline: false,
         }],
         serial: SerialOutput::File(std::env::temp_dir().join("vmm-kvm-test-serial.txt")),
+        viommu: None,
     })
     .unwrap();
     load(
