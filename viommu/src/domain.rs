@@ -558,11 +558,15 @@ impl Domains {
         } else {
             Vec::new()
         };
-        let (keep, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut self.idle_mapped)
+        let (mut keep, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut self.idle_mapped)
             .into_iter()
             .partition(|h| want.iter().any(|w| same_host(w, h)));
-        for h in &gone {
-            host_unmap_best_effort(h, &self.ram);
+        for h in gone {
+            // All or nothing per container, so what we track stays what the host holds.
+            if let Err(e) = host_unmap_all(std::slice::from_ref(&h), &self.ram) {
+                log::error!("virtio-iommu: removing boot-bypass RAM from a host: {e}");
+                keep.push(h);
+            }
         }
         self.idle_mapped = keep;
         for h in want {
