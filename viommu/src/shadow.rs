@@ -20,7 +20,10 @@
 //! pieces already removed; either way the error goes back unchanged, and the domain layer (which
 //! owns the guest-visible state and its rollback) turns it into the request status:
 //! NoSpace -> NOMEM (ENOSPC/ENOMEM, e.g. type1's 65535-entry `dma_entry_limit`), OutOfRange ->
-//! RANGE, Invalid -> INVAL (EEXIST), Failed -> DEVERR.
+//! RANGE, Invalid -> INVAL (EEXIST), Failed -> DEVERR. If a rollback call fails too (a double
+//! fault, e.g. VFIO refusing to unmap what it just mapped), it is logged at error level and the
+//! host may keep a mapping the guest was told failed; it only ever points at memory the guest
+//! asked to map.
 //!
 //! # Host calls per guest request
 //! - MAP: one `DmaSpace::map` per host address space of the domain, times the number of pieces
