@@ -93,7 +93,7 @@ impl BarResolver for pci::VfioBarMaps {
     fn resolve(&self, gpa: u64) -> Option<(u64, u64)> {
         self.mappings().into_iter().find_map(|m| {
             let off = gpa.checked_sub(m.gpa)?;
-            (off < m.size).then(|| (m.host_addr + off, m.size - off))
+            (off < m.size).then(|| Some((m.host_addr.checked_add(off)?, m.size - off)))?
         })
     }
 }
