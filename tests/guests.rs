@@ -4,7 +4,7 @@
 //!   cargo test --test guests                 # every scenario for our vmm
 //!   cargo test --test guests -- boot cpus    # scenarios whose name contains "boot" or "cpus"
 //!   cargo test --test guests -- qemu-        # the reference scenarios (QEMU as the L2 VMM)
-//!   cargo test --test guests -- --list       # list scenario names
+//!   cargo test --test guests -- --list       # list every scenario name (opt-in ones too)
 //!
 //!   cargo test --test guests -- rig-         # checks of the rig itself (exit status, timeout)
 //!
@@ -15,6 +15,8 @@
 mod boot;
 #[path = "guests/common.rs"]
 mod common;
+#[path = "guests/iommu.rs"]
+mod iommu;
 #[path = "guests/rigcheck.rs"]
 mod rigcheck;
 #[path = "guests/selftest.rs"]
@@ -27,6 +29,8 @@ use common::Case;
 fn all_cases() -> Vec<Case> {
     let mut v = selftest::cases();
     v.extend(boot::cases());
+    v.extend(iommu::cases());
+    v.extend(boot::viommu_cases());
     v.extend(rigcheck::cases());
     v
 }
@@ -41,7 +45,7 @@ fn main() -> ExitCode {
         .into_iter()
         .filter(|c| {
             if filters.is_empty() {
-                all || !c.opt_in
+                all || list || !c.opt_in
             } else {
                 filters.iter().any(|f| c.scenario.name.contains(f.as_str()))
             }
@@ -104,9 +108,15 @@ fn main() -> ExitCode {
             format!(": {}", failed.join(", "))
         }
     );
+    // Disk images stay for a look when something failed.
     if failed.is_empty() {
+        common::remove_scratch_dir();
         ExitCode::SUCCESS
     } else {
+        println!(
+            "guests: disk images kept in {}",
+            common::scratch_dir().display()
+        );
         ExitCode::FAILURE
     }
 }

@@ -12,11 +12,11 @@ use crate::common::{
     clean_exit, kernel_log_clean, nonce, scratch_dir, value, Case, KERNEL_ERRORS_SH,
 };
 
-const MIB: usize = 1 << 20;
-const DISK_SIZE: usize = 64 * MIB;
+pub(crate) const MIB: usize = 1 << 20;
+pub(crate) const DISK_SIZE: usize = 64 * MIB;
 
 /// Deterministic pseudo-random bytes (xorshift64) from `seed`.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
+pub(crate) fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed | 1;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
@@ -30,12 +30,12 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 }
 
 /// What `yes LINE | head -c len` produces.
-fn yes_pattern(line: &str, len: usize) -> Vec<u8> {
+pub(crate) fn yes_pattern(line: &str, len: usize) -> Vec<u8> {
     let unit = format!("{line}\n").into_bytes();
     unit.iter().copied().cycle().take(len).collect()
 }
 
-fn md5_hex(data: &[u8]) -> String {
+pub(crate) fn md5_hex(data: &[u8]) -> String {
     let mut child = Command::new("md5sum")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -51,13 +51,13 @@ fn md5_hex(data: &[u8]) -> String {
 }
 
 /// A 64 MiB image whose first MiB is `first`, the rest zeros.
-fn make_disk(path: &Path, first: &[u8]) {
+pub(crate) fn make_disk(path: &Path, first: &[u8]) {
     let mut f = std::fs::File::create(path).expect("create disk image");
     f.write_all(first).unwrap();
     f.set_len(DISK_SIZE as u64).unwrap();
 }
 
-fn disk_script(token: &str) -> String {
+pub(crate) fn disk_script(token: &str) -> String {
     format!(
         r#"#!/bin/sh
 set -e
@@ -67,19 +67,50 @@ echo "DISK-MD5 $(dd if=/dev/vda bs=65536 count=16 2>/dev/null | md5sum | cut -d'
 yes "{token}" | head -c 1048576 | dd of=/dev/vda bs=65536 seek=16 iflag=fullblock conv=fsync 2>/dev/null
 echo 3 >/proc/sys/vm/drop_caches
 echo "DISK2-MD5 $(dd if=/dev/vda bs=65536 skip=16 count=16 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+vdapci=$(basename "$(dirname "$(readlink -f /sys/block/vda/device)")")
+echo "VDA-PCI $vdapci"
+if [ -e "/sys/bus/pci/devices/$vdapci/iommu_group" ]; then
+    echo "VDA-IOMMU-GROUP $(basename "$(readlink "/sys/bus/pci/devices/$vdapci/iommu_group")")"
+else
+    echo "VDA-IOMMU-GROUP none"
+fi
+echo "VIOMMU-PROBED $(dmesg | grep -c 'virtio_iommu .*input address')"
 {KERNEL_ERRORS_SH}
 exit 0
 "#
     )
 }
 
+/// The IOMMU checks: with `behind_iommu`, the disk's PCI function is in an IOMMU group and the
+/// virtio-iommu driver probed; without, the disk has no group.
+fn iommu_check(o: &Outcome, behind_iommu: bool) -> Result<(), String> {
+    let pci = value(&o.serial, "VDA-PCI").ok_or("no VDA-PCI line")?;
+    let group = value(&o.serial, "VDA-IOMMU-GROUP").ok_or("no VDA-IOMMU-GROUP line")?;
+    let probed = value(&o.serial, "VIOMMU-PROBED").ok_or("no VIOMMU-PROBED line")?;
+    if behind_iommu {
+        if group == "none" {
+            return Err(format!("disk {pci} is in no IOMMU group"));
+        }
+        if probed == "0" {
+            return Err("virtio_iommu did not probe (no 'input address' line)".into());
+        }
+    } else if group != "none" {
+        return Err(format!(
+            "disk {pci} is in IOMMU group {group}, expected none"
+        ));
+    }
+    Ok(())
+}
+
 fn disk_check(
     image: PathBuf,
     first_md5: String,
     token: String,
+    behind_iommu: bool,
 ) -> impl Fn(&Outcome) -> Result<(), String> {
     move |o| {
         clean_exit(o)?;
+        iommu_check(o, behind_iommu)?;
         let sectors = value(&o.serial, "DISK-SECTORS").ok_or("no DISK-SECTORS line")?;
         if sectors != (DISK_SIZE / 512).to_string() {
             return Err(format!(
@@ -132,27 +163,93 @@ enum Attach {
     Vfio,
 }
 
-fn disk_case(name: &str, program: Program, attach: Attach) -> Case {
-    let n = nonce();
-    let seed = u64::from_str_radix(&n[..n.len().min(15)], 16).unwrap_or(0x5eed);
-    let first = pattern(seed, MIB);
-    let image = scratch_dir().join(format!("{name}.img"));
-    make_disk(&image, &first);
-    let token = format!("rig-{n}");
-    let scenario = match program {
-        Program::Vmm => Scenario::vmm(name, disk_script(&token)),
-        Program::Qemu => Scenario::qemu(name, disk_script(&token)),
+/// One disk scenario: who runs L2, how the disk reaches it, whether it sits behind L2's
+/// virtio-iommu, extra L2 command-line words.
+struct DiskCase {
+    name: &'static str,
+    program: Program,
+    attach: Attach,
+    viommu: bool,
+    cmdline_extra: &'static str,
+}
+
+impl DiskCase {
+    fn build(self) -> Case {
+        let n = nonce();
+        let seed = u64::from_str_radix(&n[..n.len().min(15)], 16).unwrap_or(0x5eed);
+        let first = pattern(seed, MIB);
+        let image = scratch_dir().join(format!("{}.img", self.name));
+        make_disk(&image, &first);
+        let token = format!("rig-{n}");
+        let script = disk_script(&token);
+        let mut scenario = match self.program {
+            Program::Vmm => Scenario::vmm(self.name, script),
+            Program::Qemu => Scenario::qemu(self.name, script),
+        }
+        .timeout(Duration::from_secs(300))
+        .cmdline_extra(self.cmdline_extra);
+        scenario = match self.attach {
+            Attach::Emulated => scenario.disk(&image),
+            Attach::Vfio => scenario.vfio_disk(&image),
+        };
+        if self.program == Program::Vmm && self.viommu {
+            let mut args = Scenario::default_args(Program::Vmm, 1, 0, 0);
+            args.extend(
+                ["--viommu", "virtio", "--disk", "path={disk0},iommu=on"].map(String::from),
+            );
+            scenario = scenario.args(args);
+        }
+        // QEMU's default arguments always put a virtio-iommu in front of the disks.
+        let behind_iommu = self.viommu || self.program == Program::Qemu;
+        let check = disk_check(image, md5_hex(&first), token, behind_iommu);
+        match self.program {
+            Program::Vmm => Case::new(scenario, check),
+            Program::Qemu => Case::opt_in(scenario, check),
+        }
     }
-    .timeout(Duration::from_secs(300));
-    let scenario = match attach {
-        Attach::Emulated => scenario.disk(&image),
-        Attach::Vfio => scenario.vfio_disk(&image),
-    };
-    let check = disk_check(image, md5_hex(&first), token);
-    match program {
-        Program::Vmm => Case::new(scenario, check),
-        Program::Qemu => Case::opt_in(scenario, check),
+}
+
+fn disk_case(name: &'static str, program: Program, attach: Attach) -> Case {
+    DiskCase {
+        name,
+        program,
+        attach,
+        viommu: false,
+        cmdline_extra: "",
     }
+    .build()
+}
+
+/// The disk scenarios with the disk behind our virtio-iommu (lazy and strict invalidation).
+/// Opt-in until `--viommu virtio` lands in the vmm; then they belong in the default set.
+pub fn viommu_cases() -> Vec<Case> {
+    let mut v = Vec::new();
+    for (name, extra) in [
+        ("viommu-boot-disk", ""),
+        ("viommu-strict-disk", "iommu.strict=1"),
+    ] {
+        let mut c = DiskCase {
+            name,
+            program: Program::Vmm,
+            attach: Attach::Emulated,
+            viommu: true,
+            cmdline_extra: extra,
+        }
+        .build();
+        c.opt_in = true;
+        v.push(c);
+    }
+    v.push(
+        DiskCase {
+            name: "qemu-strict-disk",
+            program: Program::Qemu,
+            attach: Attach::Emulated,
+            viommu: true,
+            cmdline_extra: "iommu.strict=1",
+        }
+        .build(),
+    );
+    v
 }
 
 const CPUS_SCRIPT: &str = r#"#!/bin/sh

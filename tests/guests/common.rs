@@ -53,11 +53,19 @@ pub fn nonce() -> String {
     format!("{:x}{:x}", t & 0xffff_ffff_ffff, std::process::id())
 }
 
-/// A directory for this run's disk images (under the target directory).
+/// A directory for this process's disk images (under the target directory; per process, so
+/// that concurrent runs do not overwrite each other's images).
 pub fn scratch_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("guests");
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("guests")
+        .join(std::process::id().to_string());
     std::fs::create_dir_all(&dir).expect("create scratch dir");
     dir
+}
+
+/// Removes this process's scratch directory.
+pub fn remove_scratch_dir() {
+    let _ = std::fs::remove_dir_all(scratch_dir());
 }
 
 /// The VMM ran to the end: not killed, exit status 0, and the guest script reported 0.
