@@ -363,6 +363,11 @@ impl Domains {
         self.domains.get(&domain).map(|d| collect(d.table.state()))
     }
 
+    /// Whether `domain` is a bypass (identity) domain (`None` if it does not exist).
+    pub fn domain_bypass(&self, domain: u32) -> Option<bool> {
+        self.domains.get(&domain).map(|d| d.bypass)
+    }
+
     /// Number of live domains.
     pub fn domain_count(&self) -> usize {
         self.domains.len()

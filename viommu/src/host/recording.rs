@@ -49,10 +49,11 @@ impl RecordingMapper {
         Self::default()
     }
 
-    /// Make the `n`-th call from now (0 = the next one) fail with `err`.
+    /// Make the `n`-th call from now (0 = the next one) fail with `err`, replacing any pending
+    /// failure (`u64::MAX` = never: disarms it).
     pub fn fail_call(&self, n: u64, err: HostMapError) {
         let mut s = self.lock();
-        let at = s.calls + n;
+        let at = s.calls.saturating_add(n);
         s.fail_at = Some((at, err));
     }
 

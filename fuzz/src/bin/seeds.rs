@@ -1,0 +1,44 @@
+//! Writes the seed corpus: `seeds [DIR]` (default `corpus`) creates `DIR/<target>/seed-<name>`
+//! for every fuzz target, then replays each seed through its harness (a smoke test that runs
+//! without libFuzzer).
+
+use std::path::PathBuf;
+
+type Seeds = fn() -> Vec<(String, Vec<u8>)>;
+type Run = fn(&[u8]);
+
+fn main() {
+    let dir = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "corpus".into()));
+    let targets: [(&str, Seeds, Run); 4] = [
+        (
+            "viommu_queue",
+            vmm_fuzz::viommu_queue::seeds,
+            vmm_fuzz::viommu_queue::run,
+        ),
+        (
+            "virtio_pci",
+            vmm_fuzz::virtio_pci::seeds,
+            vmm_fuzz::virtio_pci::run,
+        ),
+        (
+            "pci_config",
+            vmm_fuzz::pci_config::seeds,
+            vmm_fuzz::pci_config::run,
+        ),
+        (
+            "virtio_blk",
+            vmm_fuzz::virtio_blk::seeds,
+            vmm_fuzz::virtio_blk::run,
+        ),
+    ];
+    for (name, seeds, run) in targets {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).expect("corpus dir");
+        let seeds = seeds();
+        for (seed, bytes) in &seeds {
+            std::fs::write(d.join(format!("seed-{seed}")), bytes).expect("write seed");
+            run(bytes);
+        }
+        println!("{name}: {} seeds in {}", seeds.len(), d.display());
+    }
+}
