@@ -6,7 +6,7 @@
 use crate::fault::FaultReporter;
 use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// One guest mapping: IOVA `start..=end` -> GPA `gpa..`, with its rights.
@@ -250,6 +250,10 @@ pub struct EndpointShared {
     /// Endpoint ID (PCI BDF).
     pub id: u32,
     view: ArcSwap<View>,
+    /// Views replaced since the last synchronous publication that a device may still hold
+    /// (pinned for a request): a later UNMAP must wait for them too, not only for the view it
+    /// replaces. Holds only views still referenced, so it is bounded by what devices pin.
+    retired: Mutex<Vec<Arc<View>>>,
     /// Where translation faults go.
     pub(crate) faults: Arc<FaultReporter>,
 }
@@ -262,6 +266,7 @@ impl EndpointShared {
         EndpointShared {
             id,
             view: ArcSwap::from_pointee(initial),
+            retired: Mutex::new(Vec::new()),
             faults,
         }
     }
@@ -276,11 +281,18 @@ impl EndpointShared {
         self.view.load_full()
     }
 
-    /// Publish `view`; when `sync`, return only once no reader holds the previous one.
+    /// Publish `view`; when `sync`, return only once no reader holds any earlier view (a
+    /// request may have pinned one published before the previous one).
     pub(crate) fn publish(&self, view: View, sync: bool) {
         let old = self.view.swap(Arc::new(view));
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        retired.push(old);
         if sync {
-            wait_unshared(self.id, old);
+            for v in retired.drain(..) {
+                wait_unshared(self.id, v);
+            }
+        } else {
+            retired.retain(|v| Arc::strong_count(v) > 1);
         }
     }
 }

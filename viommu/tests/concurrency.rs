@@ -1,0 +1,293 @@
+//! Devices translating at full speed on other threads while the guest maps and unmaps through
+//! the request queue. Checked, not assumed: every mapping's target page carries a unique tag;
+//! the mapper publishes "mapping k of slot i was announced" before sending its MAP and
+//! "retired" after its UNMAP (or DETACH) completed; a device read that starts after the
+//! retirement must never return that tag, and one that returns a tag must not be ahead of
+//! the announcement. Pinned requests (one view per request) must see a stable mapping, and
+//! the UNMAP must not complete while they hold it.
+
+mod common;
+
+use common::*;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use viommu::{TranslatedMemory, ViommuConfig};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+const EP: u32 = 0x08;
+const P: u64 = 0x1000;
+const SLOTS: usize = 4;
+/// Target pages rotate among this many per slot.
+const ROTATION: u64 = 4;
+const IOVA_BASE: u64 = 0x40_0000;
+const TAG_BASE: u64 = 0x80_0000;
+const READERS: usize = 2;
+/// Wall-clock budget of one test's mapping loop (debug builds included).
+const BUDGET: Duration = Duration::from_secs(4);
+
+fn iova(slot: usize) -> u64 {
+    IOVA_BASE + slot as u64 * 0x10 * P
+}
+
+fn page(slot: usize, k: u64) -> u64 {
+    TAG_BASE + (slot as u64 * ROTATION + k % ROTATION) * P
+}
+
+fn tag(slot: usize, k: u64) -> u64 {
+    ((slot as u64) << 48) | k
+}
+
+/// What the mapper publishes per slot (epochs start at 1).
+#[derive(Default)]
+struct Slot {
+    announced: AtomicU64,
+    retired: AtomicU64,
+}
+
+#[derive(Default)]
+struct Shared {
+    slots: [Slot; SLOTS],
+    stop: AtomicBool,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    pinned: AtomicU64,
+}
+
+/// Send `reqs` as one batch (one kick), like Linux flushing its queued MAP/UNMAPs.
+fn batch(d: &mut Driver, reqs: &[Vec<u8>]) {
+    d.reset_data();
+    let mut replies = Vec::new();
+    for r in reqs {
+        let b = d.alloc(r.len(), 0);
+        d.mem.write_slice(r, GuestAddress(b)).unwrap();
+        let rep = d.alloc(4, 0xaa);
+        d.queue_req(&[(b, r.len() as u32, false), (rep, 4, true)]);
+        replies.push(rep);
+    }
+    d.kick();
+    assert_eq!(d.used_req().len(), reqs.len());
+    for rep in replies {
+        assert_eq!(d.read(rep, 1)[0], OK);
+    }
+}
+
+/// One device thread: reads the tag of random slots as fast as it can.
+fn reader(tm: TranslatedMemory<GuestMemoryMmap>, shared: Arc<Shared>, seed: u64) {
+    let mut x = seed | 1;
+    let mut n = 0u64;
+    while !shared.stop.load(SeqCst) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let slot = (x % SLOTS as u64) as usize;
+        let s = &shared.slots[slot];
+        n += 1;
+        if n % 64 == 0 {
+            // A pinned request: one view for its whole life.
+            let p = tm.pin();
+            let retired = s.retired.load(SeqCst);
+            let first = p.read_obj::<u64>(GuestAddress(iova(slot)));
+            for _ in 0..200 {
+                std::hint::spin_loop();
+            }
+            let second = p.read_obj::<u64>(GuestAddress(iova(slot)));
+            assert_eq!(first.is_ok(), second.is_ok(), "pinned view changed");
+            if let (Ok(a), Ok(b)) = (&first, &second) {
+                assert_eq!(a, b, "pinned mapping changed under a request");
+                let k = a & 0xffff_ffff_ffff;
+                assert!(
+                    k > retired,
+                    "pinned read of mapping {k} retired at {retired}"
+                );
+                assert!(
+                    s.retired.load(SeqCst) < k,
+                    "UNMAP of {k} completed while a request held it"
+                );
+            }
+            drop(p);
+            shared.pinned.fetch_add(1, SeqCst);
+            continue;
+        }
+        let retired = s.retired.load(SeqCst);
+        match tm.read_obj::<u64>(GuestAddress(iova(slot))) {
+            Ok(t) => {
+                assert_eq!(t >> 48, slot as u64, "read another slot's page");
+                let k = t & 0xffff_ffff_ffff;
+                assert!(
+                    k > retired,
+                    "slot {slot}: read mapping {k} after the UNMAP of {retired} completed"
+                );
+                let announced = s.announced.load(SeqCst);
+                assert!(
+                    k <= announced,
+                    "slot {slot}: mapping {k} before it was sent"
+                );
+                shared.hits.fetch_add(1, SeqCst);
+            }
+            Err(_) => {
+                shared.misses.fetch_add(1, SeqCst);
+            }
+        }
+    }
+}
+
+struct Run {
+    batches: u64,
+    maps: u64,
+    unmaps: u64,
+    hits: u64,
+    misses: u64,
+    pinned: u64,
+}
+
+/// Map and unmap (or attach and detach, with `detach`) the slots until the budget runs out
+/// while `READERS` threads read them.
+fn run(detach_mode: bool) -> Run {
+    let cfg = ViommuConfig {
+        bypass: false,
+        ..Default::default()
+    };
+    let (mut d, h) = Driver::new(cfg, &[EP], None);
+    let shared = Arc::new(Shared::default());
+    let threads: Vec<_> = (0..READERS)
+        .map(|i| {
+            let tm = TranslatedMemory::new(d.mem.clone(), h[0].clone());
+            let sh = shared.clone();
+            std::thread::spawn(move || {
+                reader(tm, sh, 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i as u64 + 1))
+            })
+        })
+        .collect();
+    if !detach_mode {
+        batch(&mut d, &[attach(1, EP, 0)]);
+    }
+    let mut epoch = [0u64; SLOTS];
+    let mut mapped = [false; SLOTS];
+    let (mut batches, mut maps, mut unmaps) = (0u64, 0u64, 0u64);
+    let start = Instant::now();
+    let mut round = 0u64;
+    while start.elapsed() < BUDGET {
+        round += 1;
+        // Toggle a varying subset of slots in one batch.
+        let mut reqs = Vec::new();
+        let mut done = Vec::new();
+        for slot in 0..SLOTS {
+            if detach_mode && slot > 0 {
+                break;
+            }
+            if (round >> slot) & 1 == 0 && round % 3 != 0 {
+                continue;
+            }
+            if mapped[slot] {
+                reqs.push(if detach_mode {
+                    detach(1, EP)
+                } else {
+                    unmap(1, iova(slot), iova(slot) + P - 1)
+                });
+                done.push((slot, false));
+            } else {
+                let k = epoch[slot] + 1;
+                d.mem
+                    .write_obj(tag(slot, k), GuestAddress(page(slot, k)))
+                    .unwrap();
+                shared.slots[slot].announced.store(k, SeqCst);
+                epoch[slot] = k;
+                if detach_mode {
+                    reqs.push(attach(1, EP, 0));
+                }
+                reqs.push(map(1, iova(slot), iova(slot) + P - 1, page(slot, k), R));
+                done.push((slot, true));
+            }
+        }
+        if reqs.is_empty() {
+            continue;
+        }
+        batch(&mut d, &reqs);
+        batches += 1;
+        for (slot, was_map) in done {
+            mapped[slot] = was_map;
+            if was_map {
+                maps += 1;
+            } else {
+                unmaps += 1;
+                shared.slots[slot].retired.store(epoch[slot], SeqCst);
+            }
+        }
+    }
+    shared.stop.store(true, SeqCst);
+    for t in threads {
+        t.join().expect("a reader saw a stale translation");
+    }
+    Run {
+        batches,
+        maps,
+        unmaps,
+        hits: shared.hits.load(SeqCst),
+        misses: shared.misses.load(SeqCst),
+        pinned: shared.pinned.load(SeqCst),
+    }
+}
+
+fn check(r: &Run, what: &str) {
+    eprintln!(
+        "{what}: {} batches, {} maps, {} unmaps; readers: {} hits, {} misses, {} pinned",
+        r.batches, r.maps, r.unmaps, r.hits, r.misses, r.pinned
+    );
+    // Enough of every event for the checks above to mean something.
+    assert!(r.unmaps >= 500, "{what}: only {} unmaps", r.unmaps);
+    assert!(
+        r.hits >= 1000 && r.misses >= 1000,
+        "{what}: readers too slow"
+    );
+    assert!(r.pinned >= 50, "{what}: {} pinned requests", r.pinned);
+}
+
+#[test]
+fn no_translation_survives_a_completed_unmap() {
+    let r = run(false);
+    check(&r, "map/unmap");
+}
+
+#[test]
+fn no_translation_survives_a_completed_detach() {
+    let r = run(true);
+    check(&r, "attach/detach");
+}
+
+/// The deterministic case the stress test found: a request pins a view, a later MAP of
+/// something else publishes a newer one (no wait: nothing was removed), then an UNMAP of the
+/// pinned mapping must still wait for that request, though it no longer holds the view the
+/// UNMAP replaces.
+#[test]
+fn unmap_waits_for_a_request_pinned_before_an_intervening_map() {
+    let cfg = ViommuConfig {
+        bypass: false,
+        ..Default::default()
+    };
+    let (mut d, h) = Driver::new(cfg, &[EP], None);
+    let tm = TranslatedMemory::new(d.mem.clone(), h[0].clone());
+    assert_eq!(d.status(&attach(1, EP, 0)), OK);
+    assert_eq!(d.status(&map(1, 0x10000, 0x10fff, 0x50000, RW)), OK);
+    let pinned = tm.pin();
+    let done = Arc::new(AtomicBool::new(false));
+    let done2 = done.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        let mut b = [0u8; 4];
+        pinned.read_slice(&mut b, GuestAddress(0x10000)).unwrap();
+        tx.send(()).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        pinned.write_slice(&[7; 4], GuestAddress(0x10000)).unwrap();
+        done2.store(true, SeqCst);
+    });
+    rx.recv().unwrap();
+    assert_eq!(d.status(&map(1, 0x20000, 0x20fff, 0x60000, RW)), OK);
+    assert_eq!(d.status(&unmap(1, 0x10000, 0x10fff)), OK);
+    assert!(
+        done.load(SeqCst),
+        "UNMAP completed while a request still used the mapping"
+    );
+    t.join().unwrap();
+    assert_eq!(d.read(0x50000, 4), vec![7; 4]);
+}
