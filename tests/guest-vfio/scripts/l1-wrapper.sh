@@ -13,5 +13,6 @@ rc=0
 /usr/bin/guest-vfio maps --device "$bdf" --size 4096 --count 2000 || rc=1
 /usr/bin/guest-vfio maps --device "$bdf" --size 2097152 --count 64 || rc=1
 /usr/bin/guest-vfio virtio-blk-read --device "$bdf" --sector 5 || rc=1
+/usr/bin/guest-vfio shadow-blk-read --device "$bdf" --sector 5 || rc=1
 echo "l1-wrapper: rc=$rc" >&2
 exit $rc

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Validates guest-vfio (and so viommu's VFIO backend, host/vfio.rs) on real VFIO type1: boots L1
 # under QEMU TCG with an emulated Intel IOMMU and a virtio-blk (iommu_platform=on) at 00:18.0,
-# runs every mode there against it (no L2, no vmm), and checks the sector digest.
+# runs every mode there against it (no L2, no vmm), and checks the sector digests (plain
+# buffer, through viommu::Shadow with a region-edge split, through viommu::StaticMapping).
 #   tests/guest-vfio/scripts/run-in-l1.sh        (about 20 s of L1 time on an idle machine)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -33,15 +34,21 @@ set +e
     --l0-arg -device \
     --l0-arg virtio-blk-pci,drive=pt0,iommu_platform=on,disable-legacy=on,addr=0x18.0 \
     --l1-append "intel_iommu=on iommu=pt" -- run 2>&1 | tr -d '\r' | tee "$tmp/out" |
-    grep -E '^(check |errors:|maps_per_s|virtio-blk-read:|guest-vfio: |l1-wrapper)'
+    grep -E '^(check |errors:|maps_per_s|[a-z-]*blk-read:|shadow:|static:|guest-vfio: |l1-wrapper)'
 status=${PIPESTATUS[0]}
 set -e
 if [ "$status" != 0 ]; then
     echo "run-in-l1: FAIL (status $status)"
     exit 1
 fi
-if ! grep -q "virtio-blk-read: sector=5 status=ok .*$expected" "$tmp/out"; then
-    echo "run-in-l1: FAIL (sector 5 digest is not $expected)"
+for what in virtio-blk-read shadow-blk-read static-blk-read; do
+    if ! grep -q "^$what: sector=5 status=ok .*$expected" "$tmp/out"; then
+        echo "run-in-l1: FAIL ($what: sector 5 digest is not $expected)"
+        exit 1
+    fi
+done
+if ! grep -q "^shadow: .* became 2 host mappings" "$tmp/out"; then
+    echo "run-in-l1: FAIL (the shadowed window was not split in two host mappings)"
     exit 1
 fi
 echo "run-in-l1: PASS"

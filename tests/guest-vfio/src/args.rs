@@ -9,6 +9,8 @@ usage: guest-vfio <mode> [--device BDF|PATH] [--iova ADDR]
   errors                                 check VFIO type1 error semantics
   virtio-blk-read --sector S [--timeout-ms T]
                                          read one sector of a virtio-blk function via VFIO
+  shadow-blk-read --sector S [--timeout-ms T]
+                                         the same through viommu's Shadow and StaticMapping
 numbers may be decimal or 0x-hex; --device defaults to the first vfio-pci device
 (a virtio-blk one for virtio-blk-read); --iova defaults to a free spot in the host's ranges";
 
@@ -26,6 +28,13 @@ pub enum Mode {
     Errors,
     /// Read one sector.
     BlkRead {
+        /// Sector (512 bytes) to read.
+        sector: u64,
+        /// Completion timeout.
+        timeout_ms: u64,
+    },
+    /// Read one sector through the shadow engine, then the static mapping.
+    ShadowBlkRead {
         /// Sector (512 bytes) to read.
         sector: u64,
         /// Completion timeout.
@@ -88,12 +97,16 @@ pub fn parse(args: &[String]) -> Result<Args, Error> {
             Mode::Maps { size, count }
         }
         "errors" => Mode::Errors,
-        "virtio-blk-read" => {
+        "virtio-blk-read" | "shadow-blk-read" => {
             let sector = number(
                 &take("sector").ok_or_else(|| Error::Usage("--sector is required".into()))?,
             )?;
             let timeout_ms = number(&take("timeout-ms").unwrap_or_else(|| "10000".into()))?;
-            Mode::BlkRead { sector, timeout_ms }
+            if mode == "virtio-blk-read" {
+                Mode::BlkRead { sector, timeout_ms }
+            } else {
+                Mode::ShadowBlkRead { sector, timeout_ms }
+            }
         }
         m => return Err(Error::Usage(format!("unknown mode {m:?}"))),
     };
@@ -125,6 +138,15 @@ mod tests {
             }
         );
         assert_eq!(p("errors --iova 0x100000").unwrap().iova, Some(0x10_0000));
+        assert_eq!(
+            p("shadow-blk-read --sector 3 --timeout-ms 50")
+                .unwrap()
+                .mode,
+            Mode::ShadowBlkRead {
+                sector: 3,
+                timeout_ms: 50
+            }
+        );
         assert_eq!(
             p("virtio-blk-read --sector 7").unwrap().mode,
             Mode::BlkRead {

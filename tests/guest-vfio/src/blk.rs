@@ -216,13 +216,60 @@ fn config_space(h: &VfioHandle) -> Result<Vec<u8>, Error> {
     Ok(cfg)
 }
 
-/// Read sector `sector` of the virtio-blk function behind `h`; prints the result line.
+/// Read sector `sector` of the virtio-blk function behind `h` into an anonymous buffer mapped
+/// at `iova` (default: a free spot); prints the result line.
 pub fn read_sector(
     h: &VfioHandle,
     sector: u64,
     iova: Option<u64>,
     timeout_ms: u64,
 ) -> Result<ReadResult, Error> {
+    let info = h.info();
+    let base = match iova {
+        Some(i) => i,
+        None => pick_iova(&info, BUF_LEN, BUF_LEN)
+            .ok_or_else(|| Error::Usage("no usable host IOVA range".into()))?,
+    };
+    let buf = DmaBuf::new(BUF_LEN as usize, 4096)?;
+    // SAFETY: `buf` is only accessed volatile and is unmapped below before it is dropped.
+    unsafe { h.space.map_raw(base, BUF_LEN, buf.addr(), Prot::RW) }
+        .map_err(|e| Error::Io(format!("VFIO map {base:#x}+{BUF_LEN:#x}"), e))?;
+    log::info!("DMA buffer {:#x} mapped at IOVA {base:#x}", buf.addr());
+    let res = read_via(h, &buf, base, sector, timeout_ms);
+    match h.space.unmap_raw(base, BUF_LEN) {
+        Ok(n) if n == BUF_LEN => {}
+        r => log::error!("VFIO unmap of the DMA buffer: {r:?}"),
+    }
+    let r = res?;
+    print_result("virtio-blk-read", sector, &r);
+    Ok(r)
+}
+
+/// Print one result line: `<what>: sector=S status=ok used_len=L fnv1a64=... first32=...`.
+pub fn print_result(what: &str, sector: u64, r: &ReadResult) {
+    println!(
+        "{what}: sector={sector} status=ok used_len={} fnv1a64={:#018x} first32={}",
+        r.used_len,
+        fnv1a64(&r.data),
+        hex(&r.data[..r.data.len().min(32)])
+    );
+}
+
+/// Read `sector` with the queue and buffers in `mem`, which the device reaches at IOVA `base`
+/// (the caller mapped it). Enables bus mastering for the read and stops the device after it.
+pub fn read_via<M: Mem>(
+    h: &VfioHandle,
+    mem: &M,
+    base: u64,
+    sector: u64,
+    timeout_ms: u64,
+) -> Result<ReadResult, Error> {
+    if mem.len() < BUF_LEN {
+        return Err(Error::Usage(format!(
+            "DMA window of {:#x} bytes",
+            mem.len()
+        )));
+    }
     let cfg = config_space(h)?;
     let (vendor, device) = (
         u16::from_le_bytes([cfg[0], cfg[1]]),
@@ -240,25 +287,10 @@ pub fn read_sector(
     h.backend
         .region_write(VFIO_PCI_CONFIG_REGION_INDEX, PCI_COMMAND, &on.to_le_bytes())
         .map_err(|e| Error::Io("enable bus mastering".into(), e))?;
-    let info = h.info();
-    let base = match iova {
-        Some(i) => i,
-        None => pick_iova(&info, BUF_LEN, BUF_LEN)
-            .ok_or_else(|| Error::Usage("no usable host IOVA range".into()))?,
-    };
-    let buf = DmaBuf::new(BUF_LEN as usize, 4096)?;
-    // SAFETY: `buf` is only accessed volatile and is unmapped below before it is dropped.
-    unsafe { h.space.map_raw(base, BUF_LEN, buf.addr(), Prot::RW) }
-        .map_err(|e| Error::Io(format!("VFIO map {base:#x}+{BUF_LEN:#x}"), e))?;
-    log::info!("DMA buffer {:#x} mapped at IOVA {base:#x}", buf.addr());
-    let res = drive(&transport, &buf, base, sector, timeout_ms);
+    let res = drive(&transport, mem, base, sector, timeout_ms);
     // Stop the device before its memory goes away, whatever happened.
     if let Err(e) = reset(transport.common(), timeout_ms) {
         log::error!("final reset: {e}");
-    }
-    match h.space.unmap_raw(base, BUF_LEN) {
-        Ok(n) if n == BUF_LEN => {}
-        r => log::error!("VFIO unmap of the DMA buffer: {r:?}"),
     }
     if let Err(e) = h.backend.region_write(
         VFIO_PCI_CONFIG_REGION_INDEX,
@@ -267,20 +299,13 @@ pub fn read_sector(
     ) {
         log::warn!("restoring the command register: {e}");
     }
-    let r = res?;
-    println!(
-        "virtio-blk-read: sector={sector} status=ok used_len={} fnv1a64={:#018x} first32={}",
-        r.used_len,
-        fnv1a64(&r.data),
-        hex(&r.data[..32])
-    );
-    Ok(r)
+    res
 }
 
 /// Initialise the device, set up queue 0 in `buf` (device address `base`), read `sector`.
-pub fn drive(
+pub fn drive<M: Mem>(
     t: &dyn Transport,
-    buf: &DmaBuf,
+    buf: &M,
     base: u64,
     sector: u64,
     timeout_ms: u64,
@@ -441,8 +466,8 @@ mod tests {
     }
 
     /// A virtio-blk device model on the other side of the DMA buffer.
-    struct FakeBlk<'a> {
-        mem: &'a DmaBuf,
+    struct FakeBlk<'a, M: Mem = DmaBuf> {
+        mem: &'a M,
         disk: Vec<u8>,
         offered: u64,
         refuse_features: bool,
@@ -473,8 +498,8 @@ mod tests {
         fn write32(&self, _: u64, _: u32) {}
     }
 
-    impl<'a> FakeBlk<'a> {
-        fn new(mem: &'a DmaBuf) -> Self {
+    impl<'a, M: Mem> FakeBlk<'a, M> {
+        fn new(mem: &'a M) -> Self {
             let disk: Vec<u8> = (0..64 * 512u32).map(|i| (i * 7 + i / 512) as u8).collect();
             FakeBlk {
                 mem,
@@ -555,7 +580,7 @@ mod tests {
         }
     }
 
-    impl Regs for FakeBlk<'_> {
+    impl<M: Mem> Regs for FakeBlk<'_, M> {
         fn read8(&self, off: u64) -> u8 {
             match off {
                 DEVICE_STATUS => self.s.borrow().status,
@@ -626,7 +651,7 @@ mod tests {
         }
     }
 
-    impl Transport for FakeBlk<'_> {
+    impl<M: Mem> Transport for FakeBlk<'_, M> {
         fn common(&self) -> &dyn Regs {
             self
         }
@@ -668,6 +693,25 @@ mod tests {
         // A second read on the same device (driver resets it first).
         let r = drive(&dev, &buf, IOVA, 63, 1000).unwrap();
         assert_eq!(r.data, dev.disk[63 * 512..]);
+    }
+
+    #[test]
+    fn reads_into_guest_ram_across_a_region_edge() {
+        use crate::shadowed::{guest_ram, GuestWindow, REGION};
+        let ram = guest_ram().unwrap();
+        let win = GuestWindow::new(ram.clone(), REGION - BUF_LEN / 2, BUF_LEN);
+        let dev = FakeBlk::new(&win);
+        let r = drive(&dev, &win, IOVA, 9, 1000).unwrap();
+        assert_eq!(r.data, dev.disk[9 * 512..10 * 512]);
+        // The data buffer (offset DATA_OFF, past the edge) really is in the second region.
+        let mut b = [0u8; 4];
+        vm_memory::Bytes::read_slice(
+            &ram,
+            &mut b,
+            vm_memory::GuestAddress(REGION - BUF_LEN / 2 + DATA_OFF),
+        )
+        .unwrap();
+        assert_eq!(b[..], dev.disk[9 * 512..9 * 512 + 4]);
     }
 
     #[test]

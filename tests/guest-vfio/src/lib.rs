@@ -6,7 +6,10 @@
 //!   a bisecting unmap, exact unmaps, read-only maps, out-of-range IOVAs), one line per check;
 //! - `virtio-blk-read --sector S`: a userspace virtio-blk driver over VFIO (BAR mmap, virtio-pci
 //!   capabilities, one split virtqueue in VFIO-mapped anonymous memory at IOVAs of our
-//!   choice), prints the sector's FNV-1a digest and first bytes.
+//!   choice), prints the sector's FNV-1a digest and first bytes;
+//! - `shadow-blk-read --sector S`: the same read with the queue in a small "guest RAM" the
+//!   device reaches through `viommu::Shadow` (a guest mapping split at a region edge) and then
+//!   through `viommu::StaticMapping` (IOVA == GPA).
 //!
 //! Results go to stdout, progress and diagnostics to stderr (`GUEST_VFIO_LOG=debug|info|warn`).
 //! The exit code is non-zero on any failure.
@@ -17,6 +20,7 @@ pub mod blk;
 pub mod caps;
 pub mod dma;
 pub mod ring;
+pub mod shadowed;
 
 use pci::vfio_backend::VfioDeviceBackend;
 use std::io;

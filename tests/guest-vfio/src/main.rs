@@ -1,12 +1,12 @@
 //! `guest-vfio` command line: see the library docs and `guest-vfio --help`.
 
 use guest_vfio::args::{self, Mode, USAGE};
-use guest_vfio::{bench, blk, find_device, init_logging, sysfs_path, Error, VfioHandle};
+use guest_vfio::{bench, blk, find_device, init_logging, shadowed, sysfs_path, Error, VfioHandle};
 use std::process::ExitCode;
 
 fn run(argv: &[String]) -> Result<bool, Error> {
     let a = args::parse(argv)?;
-    let want_blk = matches!(a.mode, Mode::BlkRead { .. });
+    let want_blk = matches!(a.mode, Mode::BlkRead { .. } | Mode::ShadowBlkRead { .. });
     let path = match &a.device {
         Some(d) => sysfs_path(d),
         None => find_device(want_blk)?,
@@ -18,6 +18,10 @@ fn run(argv: &[String]) -> Result<bool, Error> {
         Mode::Errors => bench::errors(&h, a.iova),
         Mode::BlkRead { sector, timeout_ms } => {
             blk::read_sector(&h, sector, a.iova, timeout_ms).map(|_| true)
+        }
+        Mode::ShadowBlkRead { sector, timeout_ms } => {
+            let (a, b) = shadowed::shadow_blk_read(&h, sector, a.iova, timeout_ms)?;
+            Ok(a.data == b.data)
         }
     }
 }
