@@ -1290,4 +1290,302 @@ mod tests {
         blk.queue_notify(0); // after reset: nothing to serve, no panic
         assert_eq!(irq.0.load(Ordering::SeqCst), 1);
     }
+
+    // ---- Behind the vIOMMU: every access translated through an endpoint. ----
+
+    const MAP_R: u32 = 1;
+    const MAP_W: u32 = 2;
+    const EP: u32 = 0x10;
+    /// Rings of the virtio-iommu's request and event queues, and its request buffers.
+    const IOMMU_REQ_RING: u64 = 0x8_0000;
+    const IOMMU_EVT_RING: u64 = 0x8_1000;
+    const IOMMU_BUFS: u64 = 0x8_2000;
+
+    fn big_mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap()
+    }
+
+    /// Append one chain of `(addr, len, device-writable)` descriptors at table index `first`.
+    fn push_chain(vq: &MockSplitQueue<GuestMemoryMmap>, first: u16, descs: &[(u64, u32, bool)]) {
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, w))| {
+                let last = i == descs.len() - 1;
+                let flags = if w { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
+                let next = if last { 0 } else { first + i as u16 + 1 };
+                RawDescriptor::from(SplitDesc::new(addr, len, flags, next))
+            })
+            .collect();
+        vq.add_desc_chains(&raw, first).unwrap();
+    }
+
+    struct NoIrq;
+    impl VirtioInterrupt for NoIrq {
+        fn signal_queue(&self, _queue: u16) {}
+        fn signal_config(&self) {}
+    }
+
+    /// A virtio-iommu over `m` whose endpoint `EP` is attached to domain 1 with `maps` (iova,
+    /// size, gpa, MAP flags), all sent through its request queue like a driver would; four
+    /// fault buffers are posted on its event queue.
+    fn iommu_with(
+        m: &GuestMemoryMmap,
+        maps: &[(u64, u64, u64, u32)],
+    ) -> (viommu::Viommu, EndpointHandle) {
+        let mut dev = viommu::Viommu::new(viommu::ViommuConfig {
+            bypass: false,
+            ..Default::default()
+        })
+        .unwrap();
+        let ep = dev.add_endpoint(EP).unwrap();
+        let req = MockSplitQueue::create(m, GuestAddress(IOMMU_REQ_RING), 64);
+        let evt = MockSplitQueue::create(m, GuestAddress(IOMMU_EVT_RING), 16);
+        for i in 0..4u16 {
+            push_chain(
+                &evt,
+                i,
+                &[(IOMMU_BUFS + 0x4000 + u64::from(i) * 0x40, 24, true)],
+            );
+        }
+        let qc = |q: &MockSplitQueue<GuestMemoryMmap>, size| QueueConfig {
+            size,
+            desc_table: q.desc_table_addr(),
+            avail_ring: q.avail_addr(),
+            used_ring: q.used_addr(),
+            ready: true,
+        };
+        dev.activate(
+            GuestMemoryAtomic::new(m.clone()),
+            dev.device_features(),
+            vec![qc(&req, 64), qc(&evt, 16)],
+            vec![],
+            Arc::new(NoIrq),
+        )
+        .unwrap();
+        let mut bodies = Vec::new();
+        let mut attach = vec![1u8, 0, 0, 0];
+        attach.extend_from_slice(&1u32.to_le_bytes());
+        attach.extend_from_slice(&EP.to_le_bytes());
+        attach.extend_from_slice(&[0; 8]);
+        bodies.push(attach);
+        for &(iova, size, gpa, flags) in maps {
+            let mut b = vec![3u8, 0, 0, 0];
+            b.extend_from_slice(&1u32.to_le_bytes());
+            b.extend_from_slice(&iova.to_le_bytes());
+            b.extend_from_slice(&(iova + size - 1).to_le_bytes());
+            b.extend_from_slice(&gpa.to_le_bytes());
+            b.extend_from_slice(&flags.to_le_bytes());
+            bodies.push(b);
+        }
+        for (i, body) in bodies.iter().enumerate() {
+            let at = IOMMU_BUFS + i as u64 * 0x40;
+            m.write_slice(body, GuestAddress(at)).unwrap();
+            m.write_obj(0xffu8, GuestAddress(at + 0x3c)).unwrap();
+            push_chain(
+                &req,
+                2 * i as u16,
+                &[(at, body.len() as u32, false), (at + 0x3c, 4, true)],
+            );
+            dev.queue_notify(0);
+            let status: u8 = m.read_obj(GuestAddress(at + 0x3c)).unwrap();
+            assert_eq!(status, 0, "setup request {i}");
+        }
+        (dev, ep)
+    }
+
+    /// Rings identity-mapped (IOVA 0..0x1000 -> GPA 0), the request header at IOVA 0x5000_1000
+    /// (read-only, GPA 0x1000), the data buffer at IOVA 0x6000_0000 (write-only, GPA 0x2000) and
+    /// a read-only window at IOVA 0x6100_0000 (GPA 0x4000), the status at IOVA 0x7000_0000
+    /// (GPA 0x3000).
+    const MAPS: [(u64, u64, u64, u32); 5] = [
+        (0, 0x1000, 0, MAP_R | MAP_W),
+        (0x5000_1000, 0x1000, 0x1000, MAP_R),
+        (0x6000_0000, 0x1000, 0x2000, MAP_W),
+        (0x6100_0000, 0x1000, 0x4000, MAP_R),
+        (0x7000_0000, 0x1000, 0x3000, MAP_W),
+    ];
+
+    /// Serve one read request whose descriptors use `data_iova`/`status_iova` through the
+    /// endpoint; returns (used len, status byte at GPA 0x3000).
+    fn translated_read(
+        b: &BlockBackend,
+        m: &GuestMemoryMmap,
+        ep: &EndpointHandle,
+        data_iova: u64,
+        status_iova: u64,
+    ) -> (u32, u8) {
+        header(m, 0x1000, VIRTIO_BLK_T_IN, 2);
+        m.write_obj(0xeeu8, GuestAddress(0x3000)).unwrap();
+        let vq = MockSplitQueue::create(m, GuestAddress(0), 16);
+        push_chain(
+            &vq,
+            0,
+            &[
+                (0x5000_1000, 16, false),
+                (data_iova, 1024, true),
+                (status_iova, 1, true),
+            ],
+        );
+        let mut q: Queue = vq.create_queue().unwrap();
+        let tm = TranslatedMemory::new(m.clone(), ep.clone());
+        b.process_queue_with(&mut q, || Pinned(tm.pin()));
+        assert_eq!(q.next_used(), 1, "chain must be completed");
+        let used_len: u32 = m.read_obj(vq.used_addr().unchecked_add(8)).unwrap();
+        (used_len, m.read_obj(GuestAddress(0x3000)).unwrap())
+    }
+
+    #[test]
+    fn translated_read_lands_at_the_mapped_gpa() {
+        let (dk, b) = backend(8, false);
+        let m = big_mem();
+        let (iommu, ep) = iommu_with(&m, &MAPS);
+        let (len, st) = translated_read(&b, &m, &ep, 0x6000_0000, 0x7000_0000);
+        assert_eq!((len, st), (1025, VIRTIO_BLK_S_OK));
+        let mut got = vec![0u8; 1024];
+        m.read_slice(&mut got, GuestAddress(0x2000)).unwrap();
+        let file = std::fs::read(&dk.path).unwrap();
+        assert_eq!(got, file[1024..2048]);
+        // Identity addresses are not mapped: nothing was written at GPA 0x6000_0000's
+        // identity (outside RAM anyway) and no fault was raised.
+        assert_eq!(iommu.counters().snapshot().faults, 0);
+    }
+
+    #[test]
+    fn translation_miss_fails_the_request_and_raises_a_fault() {
+        let (_dk, b) = backend(8, false);
+        let m = big_mem();
+        let (iommu, ep) = iommu_with(&m, &MAPS);
+        // Data buffer at an unmapped IOVA: IOERR, a fault, and RAM behind the IOVA's numeric
+        // value (GPA 0x8000, inside RAM) untouched.
+        m.write_slice(&[0x5a; 1024], GuestAddress(0x8000)).unwrap();
+        let (len, st) = translated_read(&b, &m, &ep, 0x8000, 0x7000_0000);
+        assert_eq!((len, st), (1, VIRTIO_BLK_S_IOERR));
+        let mut after = [0u8; 1024];
+        m.read_slice(&mut after, GuestAddress(0x8000)).unwrap();
+        assert!(after.iter().all(|&x| x == 0x5a), "identity GPA written");
+        let s = iommu.counters().snapshot();
+        assert!(s.faults >= 1, "{s:?}");
+        assert!(s.faults_delivered >= 1, "fault on the event queue: {s:?}");
+        // The fault record names the endpoint and the address (first event buffer).
+        let rec = IOMMU_BUFS + 0x4000;
+        let reason: u8 = m.read_obj(GuestAddress(rec)).unwrap();
+        let endpoint: u32 = m.read_obj(GuestAddress(rec + 8)).unwrap();
+        let addr: u64 = m.read_obj(GuestAddress(rec + 16)).unwrap();
+        assert_eq!(
+            (reason, endpoint, addr),
+            (2, EP, 0x8000),
+            "R_MAPPING record"
+        );
+
+        // Device write into a read-only mapping: refused the same way.
+        let before = iommu.counters().snapshot().faults;
+        let (len, st) = translated_read(&b, &m, &ep, 0x6100_0000, 0x7000_0000);
+        assert_eq!((len, st), (1, VIRTIO_BLK_S_IOERR));
+        assert!(iommu.counters().snapshot().faults > before);
+
+        // Status byte unmapped: nothing can be reported, used length 0.
+        let (len, st) = translated_read(&b, &m, &ep, 0x6000_0000, 0x7100_0000);
+        assert_eq!((len, st), (0, 0xee));
+
+        // And the device keeps working.
+        let (len, st) = translated_read(&b, &m, &ep, 0x6000_0000, 0x7000_0000);
+        assert_eq!((len, st), (1025, VIRTIO_BLK_S_OK));
+    }
+
+    #[test]
+    fn iommu_disk_activates_only_with_access_platform_and_translates_inline() {
+        let dk = disk(8);
+        let m = big_mem();
+        let (_iommu, ep) = iommu_with(&m, &MAPS);
+        let cfg = BlockConfig {
+            path: dk.path.clone(),
+            readonly: false,
+            iommu: true,
+            inline: true,
+        };
+        let vq = MockSplitQueue::create(&m, GuestAddress(0), 16);
+        let qc = QueueConfig {
+            size: 16,
+            desc_table: vq.desc_table_addr(),
+            avail_ring: vq.avail_addr(),
+            used_ring: vq.used_addr(),
+            ready: true,
+        };
+        let gm = GuestMemoryAtomic::new(m.clone());
+        let kick = || vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()];
+        let irq = Arc::new(CountingInterrupt(AtomicUsize::new(0)));
+        // No endpoint: cannot activate an iommu=on disk.
+        let mut lone = Block::new(cfg.clone()).unwrap();
+        let feats = VIRTIO_F_VERSION_1 | VIRTIO_F_ACCESS_PLATFORM;
+        assert!(lone
+            .activate(gm.clone(), feats, vec![qc], kick(), irq.clone())
+            .is_err());
+        // Driver without ACCESS_PLATFORM: refused.
+        let mut blk = Block::with_endpoint(cfg, Some(ep)).unwrap();
+        assert!(blk
+            .activate(
+                gm.clone(),
+                VIRTIO_F_VERSION_1,
+                vec![qc],
+                kick(),
+                irq.clone()
+            )
+            .is_err());
+        blk.activate(gm, feats, vec![qc], kick(), irq.clone())
+            .unwrap();
+        header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
+        m.write_obj(0xeeu8, GuestAddress(0x3000)).unwrap();
+        push_chain(
+            &vq,
+            0,
+            &[
+                (0x5000_1000, 16, false),
+                (0x6000_0000, 512, true),
+                (0x7000_0000, 1, true),
+            ],
+        );
+        blk.queue_notify(0);
+        let st: u8 = m.read_obj(GuestAddress(0x3000)).unwrap();
+        assert_eq!(st, VIRTIO_BLK_S_OK);
+        let mut got = vec![0u8; 512];
+        m.read_slice(&mut got, GuestAddress(0x2000)).unwrap();
+        assert_eq!(got, std::fs::read(&dk.path).unwrap()[..512]);
+        assert_eq!(irq.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn rings_are_reached_through_the_iommu_too() {
+        let dk = disk(8);
+        let m = big_mem();
+        // Everything but the ring mapping: the rings' IOVAs miss, activation is refused.
+        let (iommu, ep) = iommu_with(&m, &MAPS[1..]);
+        let vq = MockSplitQueue::create(&m, GuestAddress(0), 16);
+        let qc = QueueConfig {
+            size: 16,
+            desc_table: vq.desc_table_addr(),
+            avail_ring: vq.avail_addr(),
+            used_ring: vq.used_addr(),
+            ready: true,
+        };
+        let mut blk = Block::with_endpoint(
+            BlockConfig {
+                path: dk.path.clone(),
+                readonly: false,
+                iommu: true,
+                inline: true,
+            },
+            Some(ep),
+        )
+        .unwrap();
+        let r = blk.activate(
+            GuestMemoryAtomic::new(m.clone()),
+            VIRTIO_F_VERSION_1 | VIRTIO_F_ACCESS_PLATFORM,
+            vec![qc],
+            vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
+            Arc::new(NoIrq),
+        );
+        assert!(r.is_err());
+        assert!(iommu.counters().snapshot().faults >= 1);
+    }
 }
