@@ -81,26 +81,23 @@ pub const MAX_PIECES: usize = 64;
 /// Where a guest-physical address that is not RAM may point: BARs of assigned devices that
 /// are mmapped into this process.
 ///
-/// Implementations must only return addresses of device mmaps (or other memory shared with the
-/// guest): the host IOMMU lets the device DMA there.
-pub trait BarResolver: Send + Sync {
+/// # Safety
+/// Implementations must only return host ranges that are device mmaps (or other memory shared
+/// with the guest and never accessed through Rust references): the shadow maps them into the
+/// host IOMMU, so the device may write there at any time.
+pub unsafe trait BarResolver: Send + Sync {
     /// If `gpa` lies in a mapped BAR part: the host address of `gpa` and the number of bytes
     /// from `gpa` to the end of that part (contiguous in both spaces).
     fn resolve(&self, gpa: u64) -> Option<(u64, u64)>;
 }
 
-impl BarResolver for pci::VfioBarMaps {
+// SAFETY: `VfioBarMaps` lists the VFIO region mmaps of a passthrough device's BARs.
+unsafe impl BarResolver for pci::VfioBarMaps {
     fn resolve(&self, gpa: u64) -> Option<(u64, u64)> {
         self.mappings().into_iter().find_map(|m| {
             let off = gpa.checked_sub(m.gpa)?;
             (off < m.size).then(|| Some((m.host_addr.checked_add(off)?, m.size - off)))?
         })
-    }
-}
-
-impl<F: Fn(u64) -> Option<(u64, u64)> + Send + Sync> BarResolver for F {
-    fn resolve(&self, gpa: u64) -> Option<(u64, u64)> {
-        self(gpa)
     }
 }
 
@@ -130,7 +127,8 @@ impl BarTargets {
     }
 }
 
-impl BarResolver for BarTargets {
+// SAFETY: only returns what the resolvers it holds (each an unsafe-impl BarResolver) return.
+unsafe impl BarResolver for BarTargets {
     fn resolve(&self, gpa: u64) -> Option<(u64, u64)> {
         self.list
             .read()
@@ -205,7 +203,9 @@ pub struct Shadow {
 
 impl Shadow {
     /// A shadow installing into `space`, resolving guest RAM through `mem` (which follows RAM
-    /// added later), with the default [`ShadowConfig`] and no BAR targets.
+    /// added later), with the default [`ShadowConfig`] and no BAR targets. Every region of
+    /// `mem` is taken to be guest RAM (shared with the guest, accessed through vm-memory only):
+    /// devices may DMA into whatever the guest maps there.
     pub fn new(space: Arc<dyn DmaSpace>, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> Self {
         Shadow {
             space,

@@ -30,11 +30,19 @@ fn hva(mem: &GuestMemoryAtomic<GuestMemoryMmap>, gpa: u64) -> u64 {
     mem.memory().get_host_address(GuestAddress(gpa)).unwrap() as u64
 }
 
-fn bar_resolver() -> Arc<dyn BarResolver> {
-    Arc::new(|gpa: u64| {
+/// A fake BAR at `BAR_GPA` "mmapped" at `BAR_HOST` (the recorder never touches it).
+struct FakeBar;
+
+// SAFETY: only used with the recording mapper, which never accesses the addresses.
+unsafe impl BarResolver for FakeBar {
+    fn resolve(&self, gpa: u64) -> Option<(u64, u64)> {
         let off = gpa.checked_sub(BAR_GPA)?;
         (off < BAR_SIZE).then_some((BAR_HOST + off, BAR_SIZE - off))
-    })
+    }
+}
+
+fn bar_resolver() -> Arc<dyn BarResolver> {
+    Arc::new(FakeBar)
 }
 
 fn shadow() -> (
