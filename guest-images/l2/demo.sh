@@ -21,7 +21,9 @@ echo "== kernel log (iommu, virtio, vfio, errors)"
 dmesg | grep -iE 'iommu|virtio|vfio|viot|error|fail|warn' || echo "(nothing relevant)"
 if [ -b /dev/vda ]; then
     echo "== /dev/vda: $(cat /sys/block/vda/size) sectors"
-    echo "first 4 KiB md5: $(dd if=/dev/vda bs=4096 count=1 2>/dev/null | md5sum)"
+    # O_DIRECT: a real device read (DMA), translated by the vIOMMU when the disk is behind one.
+    echo "first 4 KiB (O_DIRECT DMA read) md5: $(dd if=/dev/vda bs=4096 count=1 iflag=direct 2>/dev/null | md5sum)"
+    echo "first line: $(dd if=/dev/vda bs=4096 count=1 iflag=direct 2>/dev/null | head -n1)"
 else
     echo "== no /dev/vda"
 fi

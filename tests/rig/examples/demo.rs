@@ -25,7 +25,12 @@ fn main() -> ExitCode {
     }
     let script = "#!/bin/sh\nexec sh /etc/rig/demo.sh\n";
     let scenario = match program {
-        Program::Vmm => Scenario::vmm("demo", script),
+        // The disk sits behind our virtio-iommu (QEMU's default arguments do the same).
+        Program::Vmm => Scenario::vmm("demo", script).args(
+            Scenario::default_args(Program::Vmm, 1, 0, 0)
+                .into_iter()
+                .chain(["--viommu", "virtio", "--disk", "path={disk0},iommu=on"].map(String::from)),
+        ),
         Program::Qemu => Scenario::qemu("demo-qemu", script),
     }
     .disk(&disk);
