@@ -1,0 +1,45 @@
+//! `guest-bench` command line: see [`guest_bench::args::USAGE`].
+
+use guest_bench::args::{self, Pattern, USAGE};
+use guest_bench::{read, Error};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().is_some_and(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let a = match args::parse(&argv) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("guest-bench: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match read::run(&a) {
+        Ok(r) => {
+            println!(
+                "iops={:.1} mbps={:.2} bs={} requests={} seconds={:.3} pattern={}",
+                r.iops(),
+                r.mbps(),
+                r.bs,
+                r.requests,
+                r.nanos as f64 / 1e9,
+                match a.pattern {
+                    Pattern::Random => "rand",
+                    Pattern::Sequential => "seq",
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e @ Error::Usage(_)) => {
+            eprintln!("guest-bench: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            println!("guest-bench: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
