@@ -9,6 +9,8 @@ STATIC_VMM := target/$(STATIC_TARGET)/release/vmm
 PROGRAM ?= vmm
 # `make test-guests FILTER="boot cpus"` runs only matching real-guest scenarios.
 FILTER ?=
+# `make test KEEP_GOING=1` runs every stage even after a failure.
+KEEP_GOING ?=
 
 # Integration test targets of every crate except the real-guest one (stage 2, includes the
 # host-KVM tiny-guest tests kvm_*).
@@ -42,12 +44,12 @@ vmm-static:
 run: deps guest-image vmm-static
 	RIG_NO_BUILD=1 $(CARGO) run -q -p rig --example demo -- $(PROGRAM)
 
-## test: all stages, each timed; stops at the first failing stage.
+## test: all stages, each timed; stops at the first failing stage (KEEP_GOING=1: runs them all).
 test:
 	@mkdir -p .cache && : >$(STAGE_TIMES)
 	@start=$$(date +%s); rc=0; \
 	for stage in test-unit test-integration test-images test-guests; do \
-		$(MAKE) --no-print-directory $$stage || { rc=$$?; break; }; \
+		$(MAKE) --no-print-directory $$stage || { rc=$$?; [ "$(KEEP_GOING)" = 1 ] || break; }; \
 	done; \
 	echo "==> stage times (s):"; awk -F'\t' '{ printf "    %-16s %8s s  %s\n", $$1, $$2, $$3 }' $(STAGE_TIMES); \
 	echo "==> make test: $$( [ $$rc = 0 ] && echo ok || echo FAILED ) in $$(( $$(date +%s) - start )) s"; \

@@ -30,7 +30,7 @@ fn all_cases() -> Vec<Case> {
     let mut v = selftest::cases();
     v.extend(boot::cases());
     v.extend(iommu::cases());
-    v.extend(boot::viommu_cases());
+    v.extend(boot::viommu_reference_cases());
     v.extend(rigcheck::cases());
     v
 }

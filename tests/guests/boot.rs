@@ -220,36 +220,17 @@ fn disk_case(name: &'static str, program: Program, attach: Attach) -> Case {
     .build()
 }
 
-/// The disk scenarios with the disk behind our virtio-iommu (lazy and strict invalidation).
-/// Opt-in until `--viommu virtio` lands in the vmm; then they belong in the default set.
-pub fn viommu_cases() -> Vec<Case> {
-    let mut v = Vec::new();
-    for (name, extra) in [
-        ("viommu-boot-disk", ""),
-        ("viommu-strict-disk", "iommu.strict=1"),
-    ] {
-        let mut c = DiskCase {
-            name,
-            program: Program::Vmm,
-            attach: Attach::Emulated,
-            viommu: true,
-            cmdline_extra: extra,
-        }
-        .build();
-        c.opt_in = true;
-        v.push(c);
+/// `qemu-strict-disk`: the reference for the vIOMMU disk scenarios of `iommu.rs` (QEMU's
+/// virtio-iommu, strict invalidation).
+pub fn viommu_reference_cases() -> Vec<Case> {
+    vec![DiskCase {
+        name: "qemu-strict-disk",
+        program: Program::Qemu,
+        attach: Attach::Emulated,
+        viommu: true,
+        cmdline_extra: "iommu.strict=1",
     }
-    v.push(
-        DiskCase {
-            name: "qemu-strict-disk",
-            program: Program::Qemu,
-            attach: Attach::Emulated,
-            viommu: true,
-            cmdline_extra: "iommu.strict=1",
-        }
-        .build(),
-    );
-    v
+    .build()]
 }
 
 const CPUS_SCRIPT: &str = r#"#!/bin/sh
