@@ -85,6 +85,10 @@ fn main() -> ExitCode {
                 println!("{}", outcome.serial_tail(40));
                 println!("---- {name}: VMM stderr (last 40 lines) ----");
                 println!("{}", rig::tail_lines(&outcome.vmm_log, 40));
+                if !outcome.l1_log.trim().is_empty() {
+                    println!("---- {name}: L1 kernel log during the scenario (last 20 lines) ----");
+                    println!("{}", rig::tail_lines(&outcome.l1_log, 20));
+                }
                 println!("---- end of {name} ----");
                 failed.push(name.clone());
             }

@@ -49,6 +49,9 @@ fn main() -> ExitCode {
     };
     println!("===== L2 console =====\n{}", o.serial);
     println!("===== VMM stderr =====\n{}", o.vmm_log);
+    if !o.l1_log.trim().is_empty() {
+        println!("===== L1 kernel log during the run =====\n{}", o.l1_log);
+    }
     println!(
         "===== vmm status {:?}, guest exit {:?}, {}{:.1} s =====",
         o.vmm_status,

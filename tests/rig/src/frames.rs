@@ -22,11 +22,20 @@ pub(crate) enum Event {
     Done,
 }
 
+/// Which part of a scenario's output lines belong to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Section {
+    Serial,
+    Stderr,
+    L1Log,
+}
+
 /// Per-scenario data as it arrives.
 #[derive(Default)]
 struct Partial {
     serial: String,
     stderr: String,
+    l1_log: String,
     status: Option<i32>,
     timed_out: bool,
     ms: u64,
@@ -37,8 +46,8 @@ pub(crate) struct Frames {
     tag: String,
     names: Vec<String>,
     partial: HashMap<usize, Partial>,
-    /// (scenario, in its stderr section)
-    current: Option<(usize, bool)>,
+    /// The scenario and section lines go to.
+    current: Option<(usize, Section)>,
     outcomes: Vec<Option<Outcome>>,
     running: Option<usize>,
     done: bool,
@@ -83,16 +92,14 @@ impl Frames {
     /// Feeds one line (without its newline).
     pub(crate) fn feed(&mut self, line: &str) -> Option<Event> {
         let Some(rest) = line.strip_prefix(self.tag.as_str()) else {
-            if let Some((idx, in_stderr)) = self.current {
+            if let Some((idx, section)) = self.current {
                 if let Some(p) = self.partial.get_mut(&idx) {
-                    push_capped(
-                        if in_stderr {
-                            &mut p.stderr
-                        } else {
-                            &mut p.serial
-                        },
-                        line,
-                    );
+                    let buf = match section {
+                        Section::Serial => &mut p.serial,
+                        Section::Stderr => &mut p.stderr,
+                        Section::L1Log => &mut p.l1_log,
+                    };
+                    push_capped(buf, line);
                 }
             }
             return None;
@@ -112,7 +119,7 @@ impl Frames {
             }
             ("BEGIN", Some(i)) => {
                 self.partial.insert(i, Partial::default());
-                self.current = Some((i, false));
+                self.current = Some((i, Section::Serial));
                 self.running = Some(i);
                 Some(Event::Started(i))
             }
@@ -128,21 +135,34 @@ impl Frames {
                 None
             }
             ("STDERR-BEGIN", Some(i)) => {
-                self.current = Some((i, true));
+                self.current = Some((i, Section::Stderr));
                 None
             }
             ("STDERR-END", Some(i)) => {
                 self.current = None;
+                if let Some(p) = self.partial.get_mut(&i) {
+                    drop_marker_newline(&mut p.stderr);
+                }
+                None
+            }
+            ("L1LOG-BEGIN", Some(i)) => {
+                self.current = Some((i, Section::L1Log));
+                None
+            }
+            ("L1LOG-END", Some(i)) => {
+                self.current = None;
                 let mut p = self.partial.remove(&i)?;
-                drop_marker_newline(&mut p.stderr);
-                self.outcomes[i] = Some(Outcome::new(
+                drop_marker_newline(&mut p.l1_log);
+                let mut o = Outcome::new(
                     self.names[i].clone(),
                     p.serial,
                     if p.timed_out { None } else { p.status },
                     p.stderr,
                     p.timed_out,
                     Duration::from_millis(p.ms),
-                ));
+                );
+                o.l1_log = p.l1_log;
+                self.outcomes[i] = Some(o);
                 Some(Event::Finished(i))
             }
             _ => None,
@@ -205,12 +225,19 @@ GUEST-EXIT 0
 warn: x
 
 @@RIG-abc-STDERR-END 000
+@@RIG-abc-L1LOG-BEGIN 000
+[   12.5] kvm: vcpu0 unhandled rdmsr
+
+@@RIG-abc-L1LOG-END 000
 @@RIG-abc-BEGIN 001
 no newline at end
 @@RIG-abc-END 001 status=137 timedout=1 ms=30000
 @@RIG-abc-STDERR-BEGIN 001
 
 @@RIG-abc-STDERR-END 001
+@@RIG-abc-L1LOG-BEGIN 001
+
+@@RIG-abc-L1LOG-END 001
 @@RIG-abc-L1-DONE ms=40000
 ";
         let ev = feed_all(&mut f, text);
@@ -232,12 +259,14 @@ no newline at end
         assert_eq!(o[0].guest_exit, Some(0));
         assert_eq!(o[0].vmm_status, Some(0));
         assert_eq!(o[0].vmm_log, "warn: x\n");
+        assert_eq!(o[0].l1_log, "[   12.5] kvm: vcpu0 unhandled rdmsr\n");
         assert_eq!(o[0].duration, Duration::from_millis(1500));
         assert!(!o[0].timed_out);
         assert_eq!(o[1].serial, "no newline at end\n");
         assert!(o[1].timed_out);
         assert_eq!(o[1].vmm_status, None, "a killed VMM has no status");
         assert_eq!(o[1].vmm_log, "");
+        assert_eq!(o[1].l1_log, "");
     }
 
     #[test]
@@ -262,7 +291,7 @@ GUEST-EXIT 3
         assert_eq!(f.feed("@@RIG-abc-BEGIN 007"), None);
         assert_eq!(f.feed("@@RIG-abc-BEGIN x"), None);
         assert_eq!(
-            f.feed("@@RIG-abc-STDERR-END 000"),
+            f.feed("@@RIG-abc-L1LOG-END 000"),
             None,
             "no BEGIN: no outcome"
         );
@@ -282,6 +311,9 @@ GUEST-EXIT 3
         f.feed("@@RIG-abc-END 000 status=0 timedout=0 ms=1");
         f.feed("@@RIG-abc-STDERR-BEGIN 000");
         f.feed("@@RIG-abc-STDERR-END 000");
+        assert!(f.outcome(0).is_none(), "finished only after L1's log");
+        f.feed("@@RIG-abc-L1LOG-BEGIN 000");
+        f.feed("@@RIG-abc-L1LOG-END 000");
         let o = f.outcome(0).unwrap();
         assert!(o.serial.len() <= MAX_CAPTURE, "{}", o.serial.len());
         assert!(o.serial.len() >= MAX_CAPTURE - (2 << 20));

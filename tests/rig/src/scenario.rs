@@ -328,6 +328,9 @@ pub struct Outcome {
     pub timed_out: bool,
     /// Wall time of the VMM run (in L1's clock in nested mode).
     pub duration: Duration,
+    /// L1's kernel log lines printed while the scenario ran (nested mode; empty in direct mode),
+    /// e.g. KVM complaining about the VMM or the guest.
+    pub l1_log: String,
 }
 
 impl Outcome {
@@ -349,6 +352,7 @@ impl Outcome {
             guest_exit,
             timed_out,
             duration,
+            l1_log: String::new(),
         }
     }
 
