@@ -83,11 +83,15 @@ pub(crate) fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
+/// A path as a QEMU option value (commas doubled).
+fn qemu_escape(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
 fn disk_serial(idx: usize, disk: usize) -> String {
     format!("s{idx:03}d{disk}")
 }
 
-/// The archive for L1: the vmm and one directory per scenario.
 /// PCI addresses (in L1) of each scenario's VFIO disks.
 fn vfio_addresses(batch: &[&Scenario]) -> Vec<Vec<String>> {
     let mut slot = VFIO_FIRST_SLOT;
@@ -119,6 +123,7 @@ fn bind_vfio_sh(bdf: &str) -> String {
     )
 }
 
+/// The archive for L1: the vmm and one directory per scenario.
 fn l1_archive(cfg: &RigConfig, batch: &[&Scenario]) -> Result<Vec<u8>, RigError> {
     let vfio = vfio_addresses(batch);
     let mut files = Vec::new();
@@ -245,7 +250,7 @@ pub(crate) fn run_batch(
             cmd.arg("-drive")
                 .arg(format!(
                     "file={},if=none,id={serial},format=raw,cache=writeback",
-                    file.display()
+                    qemu_escape(&file)
                 ))
                 .arg("-device")
                 .arg(format!("virtio-blk-pci,drive={serial},serial={serial}"));
@@ -270,7 +275,7 @@ pub(crate) fn run_batch(
             cmd.arg("-drive")
                 .arg(format!(
                     "file={},if=none,id={id},format=raw,cache=writeback",
-                    file.display()
+                    qemu_escape(&file)
                 ))
                 .arg("-device")
                 .arg(format!(
@@ -542,6 +547,11 @@ mod tests {
                 vec!["0000:00:1a.0".to_string()]
             ]
         );
+    }
+
+    #[test]
+    fn qemu_option_values_double_commas() {
+        assert_eq!(qemu_escape(Path::new("/a,b/c.img")), "/a,,b/c.img");
     }
 
     #[test]
