@@ -85,9 +85,15 @@ impl Driver {
         eps: &[u32],
         features: Option<u64>,
     ) -> (Self, Vec<viommu::EndpointHandle>) {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let mut dev = Viommu::new(cfg).unwrap();
         let handles = eps.iter().map(|&e| dev.add_endpoint(e).unwrap()).collect();
+        (Self::with_device(dev, features), handles)
+    }
+
+    /// Activates `dev` (endpoints already registered, e.g. host endpoints) with `features`
+    /// (None = everything offered) and drives it.
+    pub fn with_device(mut dev: Viommu, features: Option<u64>) -> Self {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let irq = Arc::new(TestIrq::default());
         let req = Ring::new(0x1_0000);
         let evt = Ring::new(0x2_0000);
@@ -100,17 +106,14 @@ impl Driver {
             irq.clone(),
         )
         .unwrap();
-        (
-            Driver {
-                mem,
-                dev,
-                irq,
-                req,
-                evt,
-                next_data: 0x10_0000,
-            },
-            handles,
-        )
+        Driver {
+            mem,
+            dev,
+            irq,
+            req,
+            evt,
+            next_data: 0x10_0000,
+        }
     }
 
     /// Forget every data buffer allocated so far (their completions must have been seen).

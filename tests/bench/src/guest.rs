@@ -1,0 +1,435 @@
+//! The guest benchmarks: one scenario per (kind, VMM, run), interleaved ours/QEMU inside one L1
+//! boot, and what each one's console says.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rig::{CpioFile, Outcome, Program, Scenario};
+
+/// The disk both VMMs read in the I/O scenarios: a file in L1's RAM (created by the first
+/// scenario that needs it), so that L1's own disk path stays out of the figures.
+pub const DISK: &str = "/tmp/bench-disk.img";
+/// Its size in MiB.
+pub const DISK_MIB: u64 = 64;
+
+/// Where the in-guest programs sit in the L2 initramfs.
+pub const GUEST_BENCH: &str = "/usr/bin/guest-bench";
+/// The in-guest VFIO exerciser.
+pub const GUEST_VFIO: &str = "/usr/bin/guest-vfio";
+
+/// What a scenario measures (and so how its VMM is set up).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// No disk, no vIOMMU, the script exits at once: boot to /init and the whole run's wall time.
+    Boot,
+    /// The disk with no vIOMMU.
+    NoIommu,
+    /// The disk behind the vIOMMU, lazy invalidation (the kernel's default).
+    Lazy,
+    /// The disk behind the vIOMMU, `iommu.strict=1`; afterwards the disk is bound to vfio-pci
+    /// in L2 and the VFIO map/unmap rates are measured.
+    Strict,
+}
+
+impl Kind {
+    /// Every kind, in the order they run within one round.
+    pub const ALL: [Kind; 4] = [Kind::Boot, Kind::NoIommu, Kind::Lazy, Kind::Strict];
+
+    /// Short name used in scenario names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Boot => "boot",
+            Kind::NoIommu => "io-none",
+            Kind::Lazy => "io-lazy",
+            Kind::Strict => "io-strict-vfio",
+        }
+    }
+
+    fn viommu(self) -> bool {
+        matches!(self, Kind::Lazy | Kind::Strict)
+    }
+
+    fn disk(self) -> bool {
+        self != Kind::Boot
+    }
+}
+
+/// Knobs of the guest runs.
+#[derive(Clone, Debug)]
+pub struct GuestParams {
+    /// Seconds per I/O measurement (4 KiB, then 1 MiB).
+    pub io_seconds: f64,
+    /// 4 KiB mappings the VFIO program makes (then unmaps).
+    pub vfio_count_4k: u64,
+    /// 2 MiB mappings.
+    pub vfio_count_2m: u64,
+    /// Per-scenario timeout.
+    pub timeout: Duration,
+}
+
+/// The in-guest programs, as read from the host (static binaries).
+pub struct GuestPrograms {
+    /// guest-bench.
+    pub bench: Vec<u8>,
+    /// guest-vfio.
+    pub vfio: Vec<u8>,
+}
+
+/// Which VMM, for names and tables.
+pub fn program_name(p: Program) -> &'static str {
+    match p {
+        Program::Vmm => "vmm",
+        Program::Qemu => "qemu",
+    }
+}
+
+/// The scenario name for `kind` under `program`, round `run`.
+pub fn scenario_name(kind: Kind, program: Program, run: usize) -> String {
+    format!("bench-{}-{}-{run}", kind.name(), program_name(program))
+}
+
+fn vmm_args(kind: Kind) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--kernel",
+        "{kernel}",
+        "--initramfs",
+        "{initrd}",
+        "--cmdline",
+        "{cmdline}",
+        "--memory",
+        "512M",
+        "--cpus",
+        "1",
+        "--serial",
+        "stdout",
+    ]
+    .map(String::from)
+    .to_vec();
+    if kind.viommu() {
+        a.extend(["--viommu".into(), "virtio".into()]);
+    }
+    if kind.disk() {
+        a.push("--disk".into());
+        a.push(if kind.viommu() {
+            format!("path={DISK},iommu=on")
+        } else {
+            format!("path={DISK}")
+        });
+    }
+    a
+}
+
+/// QEMU's command line as in test-environment.md section 6; with no vIOMMU the disk is the
+/// same modern virtio-blk without `iommu_platform`.
+fn qemu_args(kind: Kind) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "-machine",
+        "q35,accel=kvm",
+        "-cpu",
+        "host",
+        "-m",
+        "512",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-reboot",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-monitor",
+        "none",
+        "-kernel",
+        "{kernel}",
+        "-initrd",
+        "{initrd}",
+        "-append",
+        "{cmdline}",
+    ]
+    .map(String::from)
+    .to_vec();
+    if kind.viommu() {
+        a.extend(["-device".into(), "virtio-iommu-pci".into()]);
+    }
+    if kind.disk() {
+        a.push("-drive".into());
+        a.push(format!("file={DISK},if=none,id=d0,format=raw"));
+        a.push("-device".into());
+        a.push(if kind.viommu() {
+            "virtio-blk-pci,drive=d0,iommu_platform=on,disable-legacy=on".into()
+        } else {
+            "virtio-blk-pci,drive=d0,disable-legacy=on".into()
+        });
+    }
+    a
+}
+
+/// The L2 script for `kind`: every line the harness reads starts with `BENCH-`.
+pub fn l2_script(kind: Kind, p: &GuestParams) -> String {
+    let mut s = String::from(
+        r#"#!/bin/sh
+echo "BENCH-UPTIME $(cut -d' ' -f1 /proc/uptime)"
+echo "BENCH-INIT $(dmesg | grep -m1 'Run /init as init process' | sed -n 's/^\[ *\([0-9.]*\)\].*/\1/p')"
+"#,
+    );
+    if kind.disk() {
+        s.push_str(&format!(
+            r#"[ -b /dev/vda ] || {{ echo "BENCH-ERROR no /dev/vda"; exit 10; }}
+rc=0
+{GUEST_BENCH} read --dev /dev/vda --bs 4096 --pattern rand --seconds {secs} >/tmp/r4k || rc=11
+sed 's/^/BENCH-READ-4K /' /tmp/r4k
+{GUEST_BENCH} read --dev /dev/vda --bs 1M --pattern seq --seconds {secs} >/tmp/r1m || rc=12
+sed 's/^/BENCH-READ-1M /' /tmp/r1m
+"#,
+            secs = p.io_seconds
+        ));
+    }
+    if kind == Kind::Strict {
+        s.push_str(&format!(
+            r#"bdf=$(basename "$(dirname "$(readlink -f /sys/block/vda/device)")")
+d=/sys/bus/pci/devices/$bdf
+echo vfio-pci >"$d/driver_override"
+[ -e "$d/driver" ] && echo "$bdf" >"$d/driver/unbind"
+echo "$bdf" >/sys/bus/pci/drivers_probe
+echo "BENCH-VFIO-DRIVER $(basename "$(readlink "$d/driver")")"
+{GUEST_VFIO} maps --device "$bdf" --size 4096 --count {c4} >/tmp/v4k 2>&1 || rc=13
+sed 's/^/BENCH-VFIO-4K /' /tmp/v4k
+{GUEST_VFIO} maps --device "$bdf" --size 2097152 --count {c2} >/tmp/v2m 2>&1 || rc=14
+sed 's/^/BENCH-VFIO-2M /' /tmp/v2m
+"#,
+            c4 = p.vfio_count_4k,
+            c2 = p.vfio_count_2m
+        ));
+    }
+    if kind.disk() {
+        s.push_str("exit $rc\n");
+    } else {
+        s.push_str("exit 0\n");
+    }
+    s
+}
+
+/// The scenario for `kind` under `program`, round `run`.
+pub fn scenario(
+    kind: Kind,
+    program: Program,
+    run: usize,
+    p: &GuestParams,
+    progs: &GuestPrograms,
+) -> Scenario {
+    let args = match program {
+        Program::Vmm => vmm_args(kind),
+        Program::Qemu => qemu_args(kind),
+    };
+    let (name, script) = (scenario_name(kind, program, run), l2_script(kind, p));
+    let mut s = match program {
+        Program::Vmm => Scenario::vmm(name, script),
+        Program::Qemu => Scenario::qemu(name, script),
+    }
+    .args(args)
+    .timeout(p.timeout);
+    if kind == Kind::Strict {
+        s = s.cmdline_extra("iommu.strict=1");
+    }
+    if kind.disk() {
+        s.l1_setup = format!(
+            "[ -e {DISK} ] || dd if=/dev/zero of={DISK} bs=1M count={DISK_MIB} 2>/dev/null"
+        );
+        s = s.l2_file(CpioFile::new(GUEST_BENCH, 0o755, progs.bench.clone()));
+    }
+    if kind == Kind::Strict {
+        s = s.l2_file(CpioFile::new(GUEST_VFIO, 0o755, progs.vfio.clone()));
+    }
+    s
+}
+
+/// Every scenario of `runs` rounds, interleaved: per round, per kind, ours then QEMU's.
+pub fn all_scenarios(runs: usize, p: &GuestParams, progs: &GuestPrograms) -> Vec<Scenario> {
+    let mut v = Vec::new();
+    for run in 0..runs {
+        for kind in Kind::ALL {
+            for program in [Program::Vmm, Program::Qemu] {
+                v.push(scenario(kind, program, run, p, progs));
+            }
+        }
+    }
+    v
+}
+
+/// Figures read from one scenario's console.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Figures {
+    /// Guest uptime (s) when the kernel ran /init.
+    pub init_s: Option<f64>,
+    /// Wall time of the VMM run (s), where the VMM ran.
+    pub wall_s: Option<f64>,
+    /// 4 KiB random O_DIRECT reads per second.
+    pub iops_4k: Option<f64>,
+    /// 1 MiB sequential O_DIRECT read MB/s.
+    pub mbps_1m: Option<f64>,
+    /// VFIO 4 KiB maps per second.
+    pub maps_4k: Option<f64>,
+    /// VFIO 4 KiB unmaps per second.
+    pub unmaps_4k: Option<f64>,
+    /// VFIO 2 MiB maps per second.
+    pub maps_2m: Option<f64>,
+    /// VFIO 2 MiB unmaps per second.
+    pub unmaps_2m: Option<f64>,
+    /// Why the run is not usable, if it is not.
+    pub problem: Option<String>,
+}
+
+/// The value of `key=` in a `k=v k=v` line.
+pub fn kv(line: &str, key: &str) -> Option<f64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+        .filter(|v: &f64| v.is_finite())
+}
+
+/// The last line starting with `prefix ` (prefix removed).
+fn line<'a>(serial: &'a str, prefix: &str) -> Option<&'a str> {
+    serial
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix(prefix)?.strip_prefix(' '))
+}
+
+/// Reads the figures of `kind` from an outcome.
+pub fn figures(kind: Kind, o: &Outcome) -> Figures {
+    let s = &o.serial;
+    let mut f = Figures {
+        init_s: line(s, "BENCH-INIT").and_then(|v| v.trim().parse().ok()),
+        wall_s: Some(o.duration.as_secs_f64()),
+        ..Default::default()
+    };
+    if kind.disk() {
+        f.iops_4k = line(s, "BENCH-READ-4K").and_then(|l| kv(l, "iops"));
+        f.mbps_1m = line(s, "BENCH-READ-1M").and_then(|l| kv(l, "mbps"));
+    }
+    if kind == Kind::Strict {
+        let v4 = line(s, "BENCH-VFIO-4K");
+        let v2 = line(s, "BENCH-VFIO-2M");
+        f.maps_4k = v4.and_then(|l| kv(l, "maps_per_s"));
+        f.unmaps_4k = v4.and_then(|l| kv(l, "unmaps_per_s"));
+        f.maps_2m = v2.and_then(|l| kv(l, "maps_per_s"));
+        f.unmaps_2m = v2.and_then(|l| kv(l, "unmaps_per_s"));
+    }
+    if o.timed_out {
+        f.problem = Some("timed out".into());
+        f.wall_s = None;
+    } else if o.guest_exit != Some(0) || o.vmm_status != Some(0) {
+        f.problem = Some(format!(
+            "guest exit {:?}, VMM status {:?}",
+            o.guest_exit, o.vmm_status
+        ));
+    }
+    f
+}
+
+/// Reads a static in-guest program, stripped of its debug info when `strip` is available (the
+/// L2 initramfs of every scenario carries it).
+pub fn load_program(path: &Path, tmp: &Path) -> std::io::Result<Vec<u8>> {
+    let out = tmp.join(path.file_name().unwrap_or_default());
+    let stripped = std::process::Command::new("strip")
+        .arg("-o")
+        .arg(&out)
+        .arg(path)
+        .status()
+        .is_ok_and(|s| s.success());
+    let data = std::fs::read(if stripped { &out } else { path })?;
+    let _ = std::fs::remove_file(&out);
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> GuestParams {
+        GuestParams {
+            io_seconds: 2.0,
+            vfio_count_4k: 500,
+            vfio_count_2m: 32,
+            timeout: Duration::from_secs(100),
+        }
+    }
+
+    fn progs() -> GuestPrograms {
+        GuestPrograms {
+            bench: vec![1],
+            vfio: vec![2],
+        }
+    }
+
+    #[test]
+    fn scenarios_interleave_ours_and_qemu() {
+        let v = all_scenarios(2, &params(), &progs());
+        assert_eq!(v.len(), 2 * Kind::ALL.len() * 2);
+        for pair in v.chunks(2) {
+            assert_eq!(pair[0].program, Program::Vmm);
+            assert_eq!(pair[1].program, Program::Qemu);
+        }
+        assert_eq!(v[0].name, "bench-boot-vmm-0");
+        assert_eq!(v[v.len() - 1].name, "bench-io-strict-vfio-qemu-1");
+    }
+
+    #[test]
+    fn command_lines_match_the_kind() {
+        let p = params();
+        let g = progs();
+        let j = |k, prog| scenario(k, prog, 0, &p, &g).effective_args().join(" ");
+        assert!(!j(Kind::NoIommu, Program::Vmm).contains("--viommu"));
+        assert!(j(Kind::NoIommu, Program::Vmm).contains(&format!("path={DISK}")));
+        assert!(j(Kind::Lazy, Program::Vmm)
+            .contains(&format!("--viommu virtio --disk path={DISK},iommu=on")));
+        assert!(!j(Kind::NoIommu, Program::Qemu).contains("virtio-iommu-pci"));
+        assert!(!j(Kind::NoIommu, Program::Qemu).contains("iommu_platform"));
+        assert!(j(Kind::Strict, Program::Qemu).contains("virtio-iommu-pci"));
+        assert!(j(Kind::Strict, Program::Qemu).contains("iommu_platform=on,disable-legacy=on"));
+        assert!(!j(Kind::Boot, Program::Qemu).contains("-drive"));
+        let s = scenario(Kind::Strict, Program::Vmm, 0, &p, &g);
+        assert!(s.l2_cmdline().contains("iommu.strict=1"));
+        assert_eq!(s.l2_files.len(), 2);
+        assert!(s.l2_script.contains("guest-vfio maps"));
+        let l = scenario(Kind::Lazy, Program::Qemu, 0, &p, &g);
+        assert!(!l.l2_cmdline().contains("strict"));
+        assert!(!l.l2_script.contains("guest-vfio"));
+    }
+
+    #[test]
+    fn figures_come_from_the_marked_lines() {
+        let serial = "noise\nBENCH-INIT 1.234567\n\
+            BENCH-READ-4K iops=1234.5 mbps=5.06 bs=4096 requests=2469 seconds=2.000 pattern=rand\n\
+            BENCH-READ-1M iops=80.0 mbps=83.89 bs=1048576 requests=160 seconds=2.0 pattern=seq\n\
+            BENCH-VFIO-4K maps_per_s=2500 unmaps_per_s=3200 size=4096 count=500\n\
+            BENCH-VFIO-2M maps_per_s=400 unmaps_per_s=nan size=2097152 count=32\nGUEST-EXIT 0\n";
+        let o = Outcome::new(
+            "x".into(),
+            serial.into(),
+            Some(0),
+            String::new(),
+            false,
+            Duration::from_millis(12_500),
+        );
+        let f = figures(Kind::Strict, &o);
+        assert_eq!(f.init_s, Some(1.234567));
+        assert_eq!(f.wall_s, Some(12.5));
+        assert_eq!(f.iops_4k, Some(1234.5));
+        assert_eq!(f.mbps_1m, Some(83.89));
+        assert_eq!((f.maps_4k, f.unmaps_4k), (Some(2500.0), Some(3200.0)));
+        assert_eq!((f.maps_2m, f.unmaps_2m), (Some(400.0), None));
+        assert_eq!(f.problem, None);
+        let lazy = figures(Kind::Lazy, &o);
+        assert_eq!(lazy.maps_4k, None);
+        let bad = Outcome::new(
+            "x".into(),
+            serial.into(),
+            None,
+            String::new(),
+            true,
+            Duration::ZERO,
+        );
+        assert!(figures(Kind::Boot, &bad).problem.is_some());
+    }
+}
