@@ -87,6 +87,14 @@ pub enum ConfigError {
 }
 
 impl ViommuConfig {
+    /// The most heap a guest can make the device hold under these limits (see
+    /// [`Viommu::memory_estimate`]).
+    pub fn memory_bound(&self) -> usize {
+        self.limits
+            .memory_bound()
+            .saturating_add(usize::from(self.queue_size) * std::mem::size_of::<(u16, u32)>())
+    }
+
     /// Check the configuration.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let g = &self.geometry;
@@ -209,6 +217,14 @@ impl Viommu {
     /// The fault reporter shared by all endpoints.
     pub fn fault_reporter(&self) -> Arc<FaultReporter> {
         self.faults.clone()
+    }
+
+    /// Estimated heap bytes held for guest-created state (domains, tables with their copies,
+    /// endpoints, in-flight completions); at most [`ViommuConfig::memory_bound`] between
+    /// request batches.
+    pub fn memory_estimate(&self) -> usize {
+        self.domains.memory_estimate()
+            + self.completions.capacity() * std::mem::size_of::<(u16, u32)>()
     }
 
     /// The domain state (read-only, for tests and debugging).
@@ -410,6 +426,11 @@ impl Viommu {
 impl Drop for Viommu {
     fn drop(&mut self) {
         self.counters.log_summary();
+        log::info!(
+            "virtio-iommu: memory estimate {} bytes (bound {})",
+            self.memory_estimate(),
+            self.config.memory_bound()
+        );
     }
 }
 

@@ -22,6 +22,30 @@ pub struct Limits {
     pub max_total_mappings: usize,
 }
 
+/// Heap bytes of one domain apart from its table entries (map node, struct, host list).
+const DOMAIN_BYTES: usize = 256 + std::mem::size_of::<Domain>();
+/// Heap bytes of one endpoint (map node, shared part, its published view).
+const ENDPOINT_BYTES: usize =
+    256 + std::mem::size_of::<Endpoint>() + std::mem::size_of::<EndpointShared>();
+
+impl Limits {
+    /// The most heap [`Domains::memory_estimate`] can report under these limits between
+    /// request batches: every live mapping in up to three table copies (the published one
+    /// and a retired one at most twice as large, or a private and the published one) and
+    /// four change-log slots, plus per domain 64 spare entries, a small log and its
+    /// bookkeeping, plus the endpoints.
+    pub fn memory_bound(&self) -> usize {
+        let op = crate::snapshot::TABLE_LOG_ENTRY_BYTES;
+        let entry = crate::snapshot::TABLE_BYTES_PER_ENTRY;
+        let per_mapping = 3 * entry + 4 * op;
+        let per_domain = DOMAIN_BYTES + 64 * entry + 256 * op + 4 * self.max_endpoints;
+        self.max_total_mappings
+            .saturating_mul(per_mapping)
+            .saturating_add(self.max_domains.saturating_mul(per_domain))
+            .saturating_add(self.max_endpoints.saturating_mul(ENDPOINT_BYTES))
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -371,6 +395,23 @@ impl Domains {
     /// Number of live domains.
     pub fn domain_count(&self) -> usize {
         self.domains.len()
+    }
+
+    /// Mappings in all domains together (what `Limits::max_total_mappings` caps).
+    pub fn total_mappings(&self) -> usize {
+        self.total_mappings
+    }
+
+    /// Estimated heap bytes held for guest-created and registered state: every domain with
+    /// all copies of its table, every endpoint with its view. Bounded by
+    /// [`Limits::memory_bound`].
+    pub fn memory_estimate(&self) -> usize {
+        let domains: usize = self
+            .domains
+            .values()
+            .map(|d| DOMAIN_BYTES + d.table.heap_estimate() + d.endpoints.capacity() * 4)
+            .sum();
+        domains + self.endpoints.len() * ENDPOINT_BYTES
     }
 
     fn mark_domain(&mut self, id: u32) {

@@ -80,6 +80,17 @@ pub fn lookup(table: &Table, iova: u64) -> Option<&Mapping> {
         .filter(|m| m.end >= iova)
 }
 
+/// Heap bytes one entry of a [`Table`] costs at most: a B-tree leaf (11 slots of key +
+/// [`Mapping`], ~456 bytes) at its minimum fill of 5, plus the amortized internal nodes above
+/// it and allocator overhead. `viommu/tests/limits.rs` checks it against a counting allocator.
+pub const TABLE_BYTES_PER_ENTRY: usize = 128;
+
+/// Heap bytes of one change-log entry.
+pub const TABLE_LOG_ENTRY_BYTES: usize = std::mem::size_of::<TableOp>();
+
+/// Log entries a table may keep whatever its size.
+const LOG_KEEP: usize = 64;
+
 /// One change to a table, logged so the spare copy can catch up.
 #[derive(Clone, Copy, Debug)]
 enum TableOp {
@@ -136,6 +147,28 @@ impl DualTable {
         self.state().is_empty()
     }
 
+    /// Estimated heap bytes of every copy this pair holds (private, published, retired) and
+    /// of its change log; an upper bound for B-tree nodes at their minimum fill.
+    pub fn heap_estimate(&self) -> usize {
+        let mut copies: Vec<&Table> = Vec::new();
+        for t in [
+            self.cur.as_ref(),
+            self.published.as_deref(),
+            self.retired.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !copies.iter().any(|c| std::ptr::eq(*c, t)) {
+                copies.push(t);
+            }
+        }
+        let entries: usize = copies.iter().map(|t| t.len()).sum();
+        entries * TABLE_BYTES_PER_ENTRY
+            + self.log.capacity() * std::mem::size_of::<TableOp>()
+            + 2 * std::mem::size_of::<Table>()
+    }
+
     /// The private copy, reclaiming the retired one first if needed.
     fn writable(&mut self) -> &mut Table {
         if self.cur.is_none() {
@@ -188,11 +221,22 @@ impl DualTable {
     }
 
     /// The table readers should see now: publishes the private copy if anything changed.
+    /// The previous copy is kept for reclaiming only while catching it up is cheaper than
+    /// copying: after a batch with more changes than the new table has entries (e.g. an
+    /// UNMAP of most of it) it is dropped with the log, so a quiet domain never holds more
+    /// than about three times its live mappings.
     pub fn publish(&mut self) -> Arc<Table> {
         if self.changed || self.published.is_none() {
             let new = Arc::new(self.cur.take().unwrap_or_else(|| self.state().clone()));
+            let live = new.len();
             self.retired = self.published.replace(new);
             self.changed = false;
+            if self.log.len() > live.max(LOG_KEEP) {
+                self.retired = None;
+                self.log = Vec::new();
+            } else if self.log.capacity() > 4 * self.log.len().max(LOG_KEEP) {
+                self.log.shrink_to(2 * self.log.len().max(LOG_KEEP));
+            }
         }
         match &self.published {
             Some(p) => p.clone(),
