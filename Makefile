@@ -79,3 +79,10 @@ clean:
 ## distclean: clean, plus every download under .cache.
 distclean: clean
 	rm -rf .cache
+
+## fuzz: every cargo-fuzz target (fuzz/, its own workspace) for FUZZ_SECONDS each; fails on a
+## crash. `make fuzz FUZZ_SECONDS=600`, or `fuzz/run.sh <target>...` for some targets.
+FUZZ_SECONDS ?= 60
+.PHONY: fuzz
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/run.sh

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Build every fuzz target, (re)generate the seed corpus, fuzz each target for FUZZ_SECONDS
+# (default 60) and fail on the first crash. `make fuzz` runs this.
+#   FUZZ_SECONDS=300 fuzz/run.sh               all targets
+#   fuzz/run.sh viommu_queue pci_config         some targets
+# Stable toolchain: libFuzzer instrumentation (-Z flags) is enabled with RUSTC_BOOTSTRAP=1;
+# AddressSanitizer is on (cargo fuzz's default). Crashes land in fuzz/artifacts/<target>/,
+# logs in fuzz/artifacts/logs/, the growing corpus in fuzz/corpus/<target>/ (not committed).
+set -euo pipefail
+cd "$(dirname "$0")"
+SECONDS_EACH=${FUZZ_SECONDS:-60}
+TARGETS=("$@")
+if [ ${#TARGETS[@]} -eq 0 ]; then
+    TARGETS=(viommu_queue virtio_pci pci_config virtio_blk)
+fi
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+export RUSTC_BOOTSTRAP=1
+cargo run -q --bin seeds -- corpus
+mkdir -p artifacts/logs
+total=0
+for t in "${TARGETS[@]}"; do
+    cargo fuzz build "$t"
+    mkdir -p "artifacts/$t"
+    log="artifacts/logs/$t.$(date +%Y%m%d-%H%M%S).log"
+    echo "==> fuzz $t for ${SECONDS_EACH}s (log $log)"
+    rc=0
+    "target/x86_64-unknown-linux-gnu/release/$t" "corpus/$t" \
+        -artifact_prefix="artifacts/$t/" -max_total_time="$SECONDS_EACH" -max_len=4096 \
+        -print_final_stats=1 >"$log" 2>&1 || rc=$?
+    runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
+    echo "    $t: ${runs:-0} executions, exit $rc"
+    total=$((total + ${runs:-0}))
+    if [ "$rc" != 0 ]; then
+        grep -m1 -A12 -E "panicked|ERROR: AddressSanitizer|ERROR: libFuzzer" "$log" || tail -30 "$log"
+        echo "==> fuzz: $t crashed; reproduce with: cargo fuzz run $t artifacts/$t/<crash file>" >&2
+        exit 1
+    fi
+done
+echo "==> fuzz: ${#TARGETS[@]} targets, $total executions, no crash"
