@@ -191,6 +191,11 @@ fn round_trip_check(
 }
 
 fn case(name: &str, mode: Mode) -> Case {
+    case_with(name, mode, "virtio")
+}
+
+/// A scenario with `--viommu VIOMMU` (e.g. `virtio,bypass=0`).
+fn case_with(name: &str, mode: Mode, viommu: &str) -> Case {
     let n = nonce();
     let seed = u64::from_str_radix(&n[..n.len().min(15)], 16).unwrap_or(0x10bb);
     let first = pattern(seed ^ 0x1077_u64, MIB);
@@ -203,7 +208,7 @@ fn case(name: &str, mode: Mode) -> Case {
     }
     script.push_str(&disk_script(&token));
     let mut args = Scenario::default_args(Program::Vmm, 1, 0, 0);
-    args.extend(["--viommu", "virtio", "--disk", "path={disk0},iommu=on"].map(String::from));
+    args.extend(["--viommu", viommu, "--disk", "path={disk0},iommu=on"].map(String::from));
     let scenario = Scenario::vmm(name, script)
         .disk(&image)
         .args(args)
@@ -231,12 +236,127 @@ fn case(name: &str, mode: Mode) -> Case {
     })
 }
 
-/// `iommu-strict`, `iommu-lazy`, `iommu-passthrough`, `iommu-rebind`.
+/// 4 KiB O_DIRECT reads per benchmark run.
+const BENCH_4K_READS: u32 = 3000;
+/// 1 MiB O_DIRECT reads per benchmark run (the 64 MiB disk, twice).
+const BENCH_1M_READS: u32 = 128;
+
+/// Guest script of a benchmark run: busybox `dd iflag=direct`, timed with /proc/uptime (10 ms
+/// resolution; each phase takes seconds). With `work` false only the disk probe happens (the
+/// baseline of the VMM's MAP/UNMAP counts).
+fn bench_script(work: bool) -> String {
+    let mut s = String::from(
+        "#!/bin/sh\nset -e\n[ -b /dev/vda ] || { echo 'no /dev/vda'; exit 10; }\n\
+         up() { cut -d' ' -f1 /proc/uptime; }\n",
+    );
+    if work {
+        s.push_str(&format!(
+            "t0=$(up)\n\
+             dd if=/dev/vda of=/dev/null bs=4096 count={BENCH_4K_READS} iflag=direct 2>/dev/null\n\
+             t1=$(up)\n\
+             dd if=/dev/vda of=/dev/null bs=1M count=64 iflag=direct 2>/dev/null\n\
+             dd if=/dev/vda of=/dev/null bs=1M count=64 iflag=direct 2>/dev/null\n\
+             t2=$(up)\n\
+             echo \"BENCH-4K $t0 $t1\"\n\
+             echo \"BENCH-1M $t1 $t2\"\n"
+        ));
+    }
+    s.push_str("exit 0\n");
+    s
+}
+
+/// Seconds between the two uptime stamps on the `key` line.
+fn bench_secs(o: &Outcome, key: &str) -> Result<f64, String> {
+    let v = value(&o.serial, key).ok_or(format!("no {key} line"))?;
+    let t: Vec<f64> = v
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    match t[..] {
+        [a, b] if b > a => Ok(b - a),
+        _ => Err(format!("bad {key} line {v:?}")),
+    }
+}
+
+/// One benchmark run (`mode` None: no vIOMMU). The check prints a `BENCH` line: 4 KiB read
+/// IOPS, 1 MiB read MB/s, and the MAP/UNMAP requests the device served in the whole run.
+fn bench_case(name: String, mode: Option<Mode>, work: bool) -> Case {
+    let image = scratch_dir().join(format!("{name}.img"));
+    make_disk(&image, &pattern(0xbe4c, MIB));
+    let mut args = Scenario::default_args(Program::Vmm, 1, 0, 0);
+    let disk = match mode {
+        Some(_) => {
+            args.extend(["--viommu", "virtio"].map(String::from));
+            "path={disk0},iommu=on"
+        }
+        None => "path={disk0}",
+    };
+    args.extend(["--disk".to_string(), disk.to_string()]);
+    let scenario = Scenario::vmm(name.clone(), bench_script(work))
+        .disk(&image)
+        .args(args)
+        .cmdline_extra(mode.map(Mode::cmdline).unwrap_or(""))
+        .timeout(Duration::from_secs(600));
+    Case::opt_in(scenario, move |o| {
+        clean_exit(o)?;
+        let (maps, unmaps) = match mode {
+            Some(_) => {
+                let c = counters(o)?;
+                (counter(&c, "maps")?, counter(&c, "unmaps")?)
+            }
+            None => (0, 0),
+        };
+        if !work {
+            println!("BENCH {name} baseline maps={maps} unmaps={unmaps}");
+            return Ok(());
+        }
+        let t4k = bench_secs(o, "BENCH-4K")?;
+        let t1m = bench_secs(o, "BENCH-1M")?;
+        println!(
+            "BENCH {name} 4k_iops={:.0} 1m_mbps={:.1} maps={maps} unmaps={unmaps} \
+             (4k {BENCH_4K_READS} reads in {t4k:.2} s, 1M {BENCH_1M_READS} reads in {t1m:.2} s)",
+            f64::from(BENCH_4K_READS) / t4k,
+            f64::from(BENCH_1M_READS) * 1.048_576 / t1m,
+        );
+        Ok(())
+    })
+}
+
+/// `iommu-bench-*` (opt-in): no vIOMMU, lazy and strict, interleaved three times in one L1
+/// boot, plus a no-workload baseline per vIOMMU mode for the MAP/UNMAP counts.
+pub fn bench_cases() -> Vec<Case> {
+    let modes = [
+        ("off", None),
+        ("lazy", Some(Mode::Lazy)),
+        ("strict", Some(Mode::Strict)),
+    ];
+    let mut v = Vec::new();
+    for (label, mode) in modes.iter().skip(1) {
+        v.push(bench_case(
+            format!("iommu-bench-{label}-idle"),
+            *mode,
+            false,
+        ));
+    }
+    for rep in 1..=3 {
+        for (label, mode) in modes {
+            v.push(bench_case(format!("iommu-bench-{label}-{rep}"), mode, true));
+        }
+    }
+    v
+}
+
+/// `iommu-strict`, `iommu-lazy`, `iommu-passthrough`, `iommu-rebind`, `iommu-nobypass`, and
+/// the opt-in `iommu-bench-*` runs.
 pub fn cases() -> Vec<Case> {
-    vec![
+    let mut v = vec![
         case("iommu-strict", Mode::Strict),
         case("iommu-lazy", Mode::Lazy),
         case("iommu-passthrough", Mode::Passthrough),
         case("iommu-rebind", Mode::Rebind),
-    ]
+        // No boot bypass: the disk cannot DMA before Linux attaches it to a domain.
+        case_with("iommu-nobypass", Mode::Lazy, "virtio,bypass=0"),
+    ];
+    v.extend(bench_cases());
+    v
 }
