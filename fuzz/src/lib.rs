@@ -204,39 +204,46 @@ pub mod failing {
     use viommu::host::recording::RecordingMapper;
     use viommu::{HostMapError, HostMapper, Prot};
 
+    #[derive(Default)]
+    struct Injection {
+        calls: u64,
+        fail_at: Option<(u64, HostMapError)>,
+        failures: u64,
+    }
+
     /// See the module docs.
     #[derive(Default)]
     pub struct FailingMapper {
         /// The recording (and VFIO-checking) mapper calls go to.
         pub inner: RecordingMapper,
-        state: Mutex<(u64, Option<(u64, HostMapError)>, u64)>,
+        state: Mutex<Injection>,
     }
 
     impl FailingMapper {
         /// Fail the `n`-th call from now (replacing any pending failure).
         pub fn fail_call(&self, n: u64, err: HostMapError) {
             let mut s = self.state.lock().unwrap();
-            s.1 = Some((s.0.saturating_add(n), err));
+            s.fail_at = Some((s.calls.saturating_add(n), err));
         }
         /// Cancel a pending failure.
         pub fn disarm(&self) {
-            self.state.lock().unwrap().1 = None;
+            self.state.lock().unwrap().fail_at = None;
         }
         /// Failures injected so far.
         pub fn failures(&self) -> u64 {
-            self.state.lock().unwrap().2
+            self.state.lock().unwrap().failures
         }
         fn injected(&self) -> Result<(), HostMapError> {
             let mut s = self.state.lock().unwrap();
-            let call = s.0;
-            s.0 += 1;
-            match s.1.take() {
+            let call = s.calls;
+            s.calls += 1;
+            match s.fail_at.take() {
                 Some((at, err)) if at == call => {
-                    s.2 += 1;
+                    s.failures += 1;
                     Err(err)
                 }
                 other => {
-                    s.1 = other;
+                    s.fail_at = other;
                     Ok(())
                 }
             }

@@ -58,6 +58,7 @@ pub mod op {
 
 struct Harness {
     bus: PciBus,
+    dev: Arc<Mutex<VirtioPciDevice>>,
     mem: GuestMemoryMmap,
     msi: Arc<FakeMsi>,
     io: Arc<FakeIoEvents>,
@@ -123,8 +124,8 @@ impl Harness {
         )
         .expect("virtio-pci");
         let bus = PciBus::new(WINDOWS);
-        bus.add_device_at(SLOT, Arc::new(Mutex::new(dev)))
-            .expect("slot");
+        let dev = Arc::new(Mutex::new(dev));
+        bus.add_device_at(SLOT, dev.clone()).expect("slot");
         if decode {
             bus.ecam_write(cfg_addr(SLOT, 4), &6u16.to_le_bytes());
         }
@@ -133,6 +134,7 @@ impl Harness {
         let ident = identity(&bus, SLOT);
         Harness {
             bus,
+            dev,
             mem,
             msi,
             io,
@@ -191,6 +193,10 @@ impl Harness {
         self.write(0x10, 2, 2);
         if skip & 4 == 0 {
             self.write(0x14, 1, 1 | 2 | 4 | 8);
+        }
+        if std::env::var_os("VMM_FUZZ_DEBUG").is_some() {
+            let activated = self.dev.lock().map(|d| d.activated()).unwrap_or(false);
+            eprintln!("virtio_pci: init (skip {skip:#x}): activated {activated}");
         }
     }
 
@@ -301,7 +307,10 @@ impl Harness {
                 if inp.u8() & 1 == 0 {
                     self.bus.mmio_read(self.bar().wrapping_add(off), &mut b);
                 } else {
-                    b.copy_from_slice(&inp.u64().to_le_bytes()[..len.min(8)].repeat(2)[..len]);
+                    let v = inp.u64().to_le_bytes();
+                    for (i, x) in b.iter_mut().enumerate() {
+                        *x = v[i % 8];
+                    }
                     self.bus.mmio_write(self.bar().wrapping_add(off), &b);
                 }
             }
@@ -332,6 +341,14 @@ pub fn run(data: &[u8]) {
     while !inp.is_empty() && steps < 512 {
         h.step(&mut inp);
         steps += 1;
+    }
+    if std::env::var_os("VMM_FUZZ_DEBUG").is_some() {
+        let activated = h.dev.lock().map(|d| d.activated()).unwrap_or(false);
+        eprintln!(
+            "virtio_pci: {steps} steps, activated {activated}, {} vectors, {} routes",
+            h.msi.live(),
+            h.msi.routes()
+        );
     }
 }
 
