@@ -20,10 +20,14 @@ INTEGRATION_TESTS := $(sort $(filter-out guests,$(basename $(notdir \
 STAGE_TIMES := $(CURDIR)/.cache/stage-times.tsv
 TIMED := STAGE_TIMES=$(STAGE_TIMES) .ci/timed
 
-.PHONY: all deps guest-image vmm-static run test test-unit test-integration test-images \
+.PHONY: help all deps guest-image vmm-static run test test-unit test-integration test-images \
 	test-guests clean distclean
 
 all: vmm-static guest-image
+
+## help: this list.
+help:
+	@sed -n 's/^## //p' $(firstword $(MAKEFILE_LIST))
 
 ## deps: host packages: QEMU 10 (bookworm-backports, apt source derived from debian.sources).
 deps:
