@@ -26,7 +26,7 @@ for t in "${TARGETS[@]}"; do
     rc=0
     "target/x86_64-unknown-linux-gnu/release/$t" "corpus/$t" \
         -artifact_prefix="artifacts/$t/" -max_total_time="$SECONDS_EACH" -max_len=4096 \
-        -print_final_stats=1 >"$log" 2>&1 || rc=$?
+        -timeout=10 -print_final_stats=1 >"$log" 2>&1 || rc=$?
     runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
     echo "    $t: ${runs:-0} executions, exit $rc"
     total=$((total + ${runs:-0}))

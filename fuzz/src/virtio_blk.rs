@@ -190,8 +190,25 @@ fn step<M: GuestMemory>(
             let _ = m.write_slice(data, GuestAddress(addr));
         }
         _ => {
+            // Known bug in `process_queue` (src/devices/block.rs, not ours to fix here): with
+            // an avail index more than the queue size ahead, `pop_descriptor_chain` yields
+            // nothing while `enable_notification` keeps reporting work, so it loops for ever.
+            // Skipped so the rest of the device keeps being fuzzed; VMM_FUZZ_BLK_HANG=1
+            // reproduces it (artifacts/virtio_blk/timeout-*).
+            if avail_index_invalid(m, q) && std::env::var_os("VMM_FUZZ_BLK_HANG").is_none() {
+                return;
+            }
             backend.process_queue(q, m);
         }
+    }
+}
+
+/// Whether the driver's avail index is further ahead than the queue size (the device must
+/// treat the queue as broken).
+fn avail_index_invalid<M: GuestMemory>(m: &M, q: &Queue) -> bool {
+    match m.read_obj::<u16>(GuestAddress(AVAIL + 2)) {
+        Ok(idx) => u16::from_le(idx).wrapping_sub(q.next_avail()) > q.size(),
+        Err(_) => false,
     }
 }
 
@@ -289,5 +306,13 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         e.u8(op::KICK);
         out.push((name.to_string(), e.0));
     }
+    // The avail index jumps 200 ahead of a 16-entry queue: `process_queue` must not spin
+    // (skipped by the harness unless VMM_FUZZ_BLK_HANG=1, which reproduces the hang).
+    let mut e = Enc::default();
+    e.u8(0).u8(0);
+    e.u8(op::REQ).u8(0xa0).u8(0).u8(1).u8(1).u8(0).u8(0);
+    e.u8(op::AVAIL).u16(0).u8(200);
+    e.u8(op::KICK);
+    out.push(("avail-jump".to_string(), e.0));
     out
 }
