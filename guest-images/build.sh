@@ -163,8 +163,10 @@ make_skeleton() {
         [ "$applet" = busybox ] && continue
         ln -sf busybox "$root/bin/$applet"
     done
-    mknod -m 600 "$root/dev/console" c 5 1
-    mknod -m 666 "$root/dev/null" c 1 3
+    # Best effort (needs root): the kernel's built-in initramfs has /dev/console anyway, and
+    # /init mounts devtmpfs before using anything else.
+    mknod -m 600 "$root/dev/console" c 5 1 2>/dev/null || true
+    mknod -m 666 "$root/dev/null" c 1 3 2>/dev/null || true
 }
 
 # ---- QEMU for L1 -----------------------------------------------------------------------------
@@ -294,6 +296,10 @@ build_images() {
     log "done in $(($(date +%s) - t0)) s: vmlinuz $(du -h "$IMAGES/vmlinuz" | cut -f1)," \
         "l2.cpio.gz $(du -h "$IMAGES/l2.cpio.gz" | cut -f1), l1.cpio.gz $(du -h "$IMAGES/l1.cpio.gz" | cut -f1)"
 }
+
+for tool in apt-get apt-cache dpkg-deb xz gzip flock sha256sum; do
+    command -v "$tool" >/dev/null || die "$tool not found (Debian host expected; make deps)"
+done
 
 # One build at a time (several test runs may start together).
 mkdir -p "$CACHE"
