@@ -21,7 +21,7 @@ STAGE_TIMES := $(CURDIR)/.cache/stage-times.tsv
 TIMED := STAGE_TIMES=$(STAGE_TIMES) .ci/timed
 
 .PHONY: help all deps guest-image vmm-static run test test-unit test-integration test-images \
-	test-guests clean distclean
+	test-guests bench bench-micro bench-guest-programs clean distclean
 
 all: vmm-static guest-image
 
@@ -74,6 +74,28 @@ test-images:
 ## test-guests (stage 4): real Linux guests through the rig (nested under QEMU TCG here).
 test-guests:
 	$(TIMED) 4-guests env RIG_NO_BUILD=1 $(CARGO) test --test guests -- $(FILTER)
+
+## bench: the vIOMMU side by side with QEMU: criterion microbenchmarks, then the same L2 guest
+## under our vmm and QEMU (interleaved, median of BENCH_RUNS); tables in target/bench/report.md
+## and report.json. `make bench BENCH_ARGS="--io-seconds 1"` passes options to the harness.
+BENCH_RUNS ?= 3
+BENCH_ARGS ?=
+bench:
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory deps guest-image vmm-static bench-guest-programs bench-micro && \
+	RIG_NO_BUILD=1 $(CARGO) run -q -p bench -- --runs $(BENCH_RUNS) --started $$start $(BENCH_ARGS); \
+	rc=$$?; echo "==> make bench: $$( [ $$rc = 0 ] && echo ok || echo FAILED ) in $$(( $$(date +%s) - start )) s"; \
+	exit $$rc
+
+## bench-guest-programs: the static in-guest programs (I/O timer, VFIO exerciser) for L2.
+bench-guest-programs:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --target $(STATIC_TARGET) \
+		-p guest-bench -p guest-vfio
+
+## bench-micro: the viommu criterion benchmarks, short (target/criterion/*/new/estimates.json).
+bench-micro:
+	$(CARGO) bench -p viommu --bench datapath -- --warm-up-time 0.5 --measurement-time 2 \
+		--noplot
 
 ## clean: build outputs (cargo target dir, images, rig work dirs); keeps downloaded packages.
 clean:

@@ -345,7 +345,11 @@ fn main() -> ExitCode {
     let written = std::fs::create_dir_all(&out)
         .and_then(|()| std::fs::write(out.join("report.md"), &md))
         .and_then(|()| std::fs::write(out.join("report.json"), report.json()));
-    println!("{md}");
+    {
+        // A closed stdout (`make bench | head`) must not lose the files or the exit status.
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), "{md}");
+    }
     match written {
         Ok(()) => eprintln!(
             "bench: wrote {} and {}",
