@@ -12,6 +12,12 @@
 # is printed after it exits. L1 powers off when the vmm exits; this script exits with the vmm's
 # exit status (124 on timeout).
 #
+# Example (L2 runs the demo script: PCI devices, IOMMU groups, a DMA read from the disk):
+#   truncate -s 64M /tmp/disk.img
+#   guest-images/nested-run.sh --disk /tmp/disk.img -- --kernel /l2/vmlinuz \
+#       --initramfs /l2/initrd --cmdline "console=ttyS0 panic=-1" --memory 512M --cpus 1 \
+#       --viommu virtio --disk path=/dev/rigdisk/d0,iommu=on --serial stdout
+#
 # Options:
 #   --disk FILE       attach FILE (raw) to L1; repeatable; seen in L1 as /dev/rigdisk/dN
 #   --qemu            run QEMU instead of vmm in L1 (VMM_ARGS are QEMU's arguments); useful to
