@@ -141,6 +141,7 @@ fn map_unmap(c: &mut Criterion) {
         let reply = d.alloc(4, 0xaa);
         let calls_before = mapper.calls.load(Ordering::Relaxed);
         let mut mapped = false;
+        let mut ran = 0u64;
         g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| {
                 let st = if mapped {
@@ -149,12 +150,15 @@ fn map_unmap(c: &mut Criterion) {
                     one(&mut d, mb, ml, reply)
                 };
                 mapped = !mapped;
+                ran += 1;
                 black_box(st)
             })
         });
-        // Every request reached the host mapper and succeeded.
-        assert_eq!(d.read(reply, 1)[0], OK);
-        assert!(mapper.calls.load(Ordering::Relaxed) > calls_before);
+        // Every request reached the host mapper and succeeded (unless a filter skipped it).
+        if ran > 0 {
+            assert_eq!(d.read(reply, 1)[0], OK);
+            assert_eq!(mapper.calls.load(Ordering::Relaxed) - calls_before, ran);
+        }
     }
     g.finish();
 }

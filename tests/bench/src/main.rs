@@ -338,6 +338,13 @@ fn main() -> ExitCode {
     report.micro = micro_rows(&cfg.root.join("target/criterion"));
     report.targets = report::targets(&report.guest, &report.overhead, &report.micro);
     report.date = date_utc();
+    report.revision = std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .current_dir(&cfg.root)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
     report.total_seconds = a.started.map(|s| now_unix().saturating_sub(s) as f64);
 
     let out = a.out.unwrap_or_else(|| cfg.root.join("target/bench"));

@@ -166,6 +166,8 @@ pub struct Report {
     pub total_seconds: Option<f64>,
     /// UTC time of the report (`date -u` format).
     pub date: String,
+    /// The source measured (`git describe --always --dirty`).
+    pub revision: String,
 }
 
 fn num(v: Option<f64>) -> String {
@@ -374,12 +376,13 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "\nGuest part: {} s; `make bench` total: {} s; report written {}.",
+            "\nGuest part: {} s; `make bench` total: {} s; report written {} (source {}).",
             self.guest_seconds
                 .map_or("n/a".into(), |x| format!("{x:.0}")),
             self.total_seconds
                 .map_or("n/a".into(), |x| format!("{x:.0}")),
-            self.date
+            self.date,
+            self.revision
         );
         s
     }
@@ -388,6 +391,7 @@ impl Report {
     pub fn json(&self) -> String {
         let mut s = String::from("{\n");
         let _ = writeln!(s, "  \"date\": {},", q(&self.date));
+        let _ = writeln!(s, "  \"revision\": {},", q(&self.revision));
         let _ = writeln!(s, "  \"guest_where\": {},", q(&self.guest_where));
         let _ = writeln!(s, "  \"micro_where\": {},", q(&self.micro_where));
         let _ = writeln!(s, "  \"runs\": {},", self.runs);
