@@ -19,9 +19,10 @@ use vm_memory::{
 
 /// Guest RAM: two regions with a hole between them.
 pub const RAM: [(u64, usize); 2] = [(0, 0x10_0000), (0x20_0000, 0x10_0000)];
-/// Emulated endpoints and the host-backed one.
-pub const EPS: [u32; 3] = [0x08, 0x10, 0x18];
-const HOST_EP: usize = 2;
+/// Two emulated endpoints, then two host-backed ones sharing one host address space (one
+/// VFIO container).
+pub const EPS: [u32; 4] = [0x08, 0x10, 0x18, 0x20];
+const HOST_EPS: [usize; 2] = [2, 3];
 const QSIZE: u16 = 16;
 const REQ_RING: u64 = 0x1000;
 const EVT_RING: u64 = 0x4000;
@@ -158,7 +159,7 @@ impl Harness {
         let rec = Arc::new(FailingMapper::default());
         let mut handles: Vec<EndpointHandle> = Vec::new();
         for (i, &ep) in EPS.iter().enumerate() {
-            let h = if i == HOST_EP {
+            let h = if HOST_EPS.contains(&i) {
                 dev.add_host_endpoint(ep, rec.clone())
             } else {
                 dev.add_endpoint(ep)
@@ -349,41 +350,46 @@ impl Harness {
         }
     }
 
-    /// The host mappings the engine says the host endpoint's address space must hold.
+    /// The host mappings the engine says the shared host address space must hold: the
+    /// contents of every domain a host endpoint is attached to (guest RAM for a bypass
+    /// domain), or with none attached, guest RAM while `config.bypass` is on (boot bypass).
     fn expected_host(&self) -> Vec<(u64, (u64, u64, Prot))> {
         let doms = self.dev.domains();
-        let ram = || {
-            RAM.iter()
-                .map(|&(a, l)| (a, (l as u64, a, Prot::RW)))
-                .collect()
-        };
-        let Some(Some(d)) = doms.endpoint_domain(EPS[HOST_EP]) else {
-            // Boot bypass: an unattached host endpoint holds guest RAM while bypass is on.
-            return if doms.bypass() { ram() } else { Vec::new() };
-        };
-        if doms.domain_bypass(d) == Some(true) {
-            return ram();
-        }
-        doms.mappings(d)
-            .unwrap_or_default()
-            .iter()
-            .map(|m| {
+        let ram = RAM.iter().map(|&(a, l)| (a, (l as u64, a, Prot::RW)));
+        let mut out = std::collections::BTreeMap::new();
+        let mut attached = false;
+        for i in HOST_EPS {
+            let Some(Some(d)) = doms.endpoint_domain(EPS[i]) else {
+                continue;
+            };
+            attached = true;
+            if doms.domain_bypass(d) == Some(true) {
+                out.extend(ram.clone());
+                continue;
+            }
+            for m in doms.mappings(d).unwrap_or_default() {
                 let p = Prot {
                     read: m.read,
                     write: m.write,
                 };
-                (m.start, (m.end - m.start + 1, m.gpa, p))
-            })
-            .collect()
+                out.insert(m.start, (m.end - m.start + 1, m.gpa, p));
+            }
+        }
+        if !attached && doms.bypass() {
+            out.extend(ram);
+        }
+        out.into_iter().collect()
     }
 
-    /// The host address space holds exactly what the engine says. Boot bypass of an unattached
-    /// endpoint is best effort (a failed map or unmap is logged and retried at the next
+    /// The host address space holds exactly what the engine says. Boot bypass of unattached
+    /// endpoints is best effort (a failed map or unmap is logged and retried at the next
     /// change), so once a failure was injected it is only checked to be all-or-nothing.
     fn check_host_mirror(&self) {
         let got: Vec<_> = self.rec.inner.mappings().into_iter().collect();
         let want = self.expected_host();
-        let unattached = self.dev.domains().endpoint_domain(EPS[HOST_EP]) == Some(None);
+        let unattached = HOST_EPS
+            .iter()
+            .all(|&i| self.dev.domains().endpoint_domain(EPS[i]) == Some(None));
         if unattached && self.rec.failures() > 0 {
             let ram: Vec<u64> = RAM.iter().map(|r| r.0).collect();
             let keys: Vec<u64> = got.iter().map(|g| g.0).collect();
@@ -645,7 +651,7 @@ pub mod enc {
     /// PROBE.
     pub const PROBE: u8 = 5;
 
-    /// ATTACH/DETACH: domain (0..8) and endpoint index (0..3).
+    /// ATTACH/DETACH: domain (0..8) and endpoint index (0..4).
     pub fn attach(e: &mut Enc, kind: u8, domain: u8, ep: u8) {
         e.u8(op::REQ).u8(kind).u8(domain).u8(ep).u8(0);
     }
@@ -724,6 +730,27 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
     attach(&mut e, ATTACH, 2, 2);
     kick(&mut e);
     out.push(("host".to_string(), e.0));
+    // Two endpoints sharing one host address space: same domain, then different domains
+    // (their mappings meet in one container), a bypass domain, detach all.
+    let mut e = Enc::default();
+    e.u64(all);
+    attach(&mut e, ATTACH, 2, 2);
+    attach(&mut e, ATTACH, 2, 3);
+    map(&mut e, 2, 0x20, 2, 0x30, 3);
+    kick(&mut e);
+    attach(&mut e, ATTACH, 3, 3);
+    map(&mut e, 3, 0x21, 1, 0x40, 1);
+    map(&mut e, 3, 0x40, 1, 0x40, 1);
+    kick(&mut e);
+    e.u8(op::FAIL_HOST).u8(1).u8(3);
+    attach(&mut e, ATTACH_BYPASS, 4, 2);
+    kick(&mut e);
+    attach(&mut e, DETACH, 2, 2);
+    attach(&mut e, DETACH, 3, 3);
+    kick(&mut e);
+    e.u8(op::CFG_WRITE).u8(36).blob(&[0]);
+    e.u8(op::CFG_WRITE).u8(36).blob(&[1]);
+    out.push(("shared-container".to_string(), e.0));
     // Bypass flips through the config space, event buffers and faults.
     let mut e = Enc::default();
     e.u64(all);
