@@ -13,14 +13,17 @@ use std::io::Write;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use vm_memory::GuestAddressSpace;
 
-use pci::{PciBus, PciWindows, VirtioPciDevice};
+use pci::{PciBus, PciWindows, VirtioDevice, VirtioPciDevice};
+use viommu::spec::REQUEST_QUEUE;
 use viommu::{Counters, Viommu};
 
 use crate::acpi::{self, AcpiConfig};
 use crate::boot::{self, LinuxBoot};
 use crate::devices::block::{Block, BlockConfig};
+use crate::devices::polled::Polled;
 use crate::iommu::ViommuOptions;
 use crate::lifecycle::ExitReason;
 use crate::memory::{MMIO32_SIZE, MMIO32_START, PCI_IO_SIZE, PCI_IO_START};
@@ -90,6 +93,7 @@ struct PendingIommu {
     dev: Viommu,
     slot: u8,
     endpoints: Vec<u16>,
+    poll: Duration,
 }
 
 /// A VM with its devices, ready to boot.
@@ -146,6 +150,7 @@ impl Machine {
                 dev,
                 slot,
                 endpoints: Vec::new(),
+                poll: Duration::from_micros(opts.poll_us),
             });
         }
         for disk in m.config.disks.clone() {
@@ -243,8 +248,13 @@ impl Machine {
         let Some(iommu) = self.iommu.take() else {
             return Ok(());
         };
+        let model: Box<dyn VirtioDevice> = if iommu.poll.is_zero() {
+            Box::new(iommu.dev)
+        } else {
+            Box::new(Polled::new(Box::new(iommu.dev), REQUEST_QUEUE, iommu.poll))
+        };
         let dev = VirtioPciDevice::new(
-            Box::new(iommu.dev),
+            model,
             self.vm.memory.clone(),
             self.vm.msi_manager()?,
             self.vm.ioevent_manager(),

@@ -202,6 +202,7 @@ fn pci_config_cycles_and_acpi_poweroff() {
             readonly: true,
             iommu: false,
             inline: false,
+            indirect: true,
         }],
         serial: SerialOutput::File(std::env::temp_dir().join("vmm-kvm-test-serial.txt")),
         viommu: None,

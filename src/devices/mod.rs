@@ -1,6 +1,7 @@
-//! Device models: the COM1 serial port, the small legacy devices Linux pokes at, and
-//! virtio-blk.
+//! Device models: the COM1 serial port, the small legacy devices Linux pokes at, virtio-blk,
+//! and adaptive queue polling for devices whose driver busy-waits (the virtio-iommu).
 
 pub mod block;
 pub mod legacy;
+pub mod polled;
 pub mod serial;

@@ -280,18 +280,18 @@ fn bench_secs(o: &Outcome, key: &str) -> Result<f64, String> {
 
 /// One benchmark run (`mode` None: no vIOMMU). The check prints a `BENCH` line: 4 KiB read
 /// IOPS, 1 MiB read MB/s, and the MAP/UNMAP requests the device served in the whole run.
-fn bench_case(name: String, mode: Option<Mode>, work: bool) -> Case {
+fn bench_case(name: String, mode: Option<Mode>, viommu: &str, disk_opts: &str, work: bool) -> Case {
     let image = scratch_dir().join(format!("{name}.img"));
     make_disk(&image, &pattern(0xbe4c, MIB));
     let mut args = Scenario::default_args(Program::Vmm, 1, 0, 0);
     let disk = match mode {
         Some(_) => {
-            args.extend(["--viommu", "virtio"].map(String::from));
+            args.extend(["--viommu".to_string(), viommu.to_string()]);
             "path={disk0},iommu=on"
         }
         None => "path={disk0}",
     };
-    args.extend(["--disk".to_string(), disk.to_string()]);
+    args.extend(["--disk".to_string(), format!("{disk}{disk_opts}")]);
     let scenario = Scenario::vmm(name.clone(), bench_script(work))
         .disk(&image)
         .args(args)
@@ -322,25 +322,35 @@ fn bench_case(name: String, mode: Option<Mode>, work: bool) -> Case {
     })
 }
 
-/// `iommu-bench-*` (opt-in): no vIOMMU, lazy and strict, interleaved three times in one L1
-/// boot, plus a no-workload baseline per vIOMMU mode for the MAP/UNMAP counts.
+/// `iommu-bench-*` (opt-in): no vIOMMU, lazy and strict (the defaults: kicks, no indirect
+/// descriptors behind the IOMMU), lazy with indirect descriptors and lazy with the request
+/// queue polled, interleaved three times in one L1 boot, plus a no-workload baseline per
+/// invalidation mode for the MAP/UNMAP counts.
 pub fn bench_cases() -> Vec<Case> {
     let modes = [
-        ("off", None),
-        ("lazy", Some(Mode::Lazy)),
-        ("strict", Some(Mode::Strict)),
+        ("off", None, "", ""),
+        ("lazy", Some(Mode::Lazy), "virtio", ""),
+        ("strict", Some(Mode::Strict), "virtio", ""),
+        ("lazy-indirect", Some(Mode::Lazy), "virtio", ",indirect=on"),
+        ("lazy-poll", Some(Mode::Lazy), "virtio,poll=1000", ""),
     ];
     let mut v = Vec::new();
-    for (label, mode) in modes.iter().skip(1) {
+    for (label, mode, viommu) in &modes[1..3] {
         v.push(bench_case(
             format!("iommu-bench-{label}-idle"),
             *mode,
+            viommu,
             false,
         ));
     }
     for rep in 1..=3 {
-        for (label, mode) in modes {
-            v.push(bench_case(format!("iommu-bench-{label}-{rep}"), mode, true));
+        for (label, mode, viommu) in modes {
+            v.push(bench_case(
+                format!("iommu-bench-{label}-{rep}"),
+                mode,
+                viommu,
+                true,
+            ));
         }
     }
     v
