@@ -122,7 +122,7 @@ fn poll_loop(
                 continue;
             }
             spins = spins.wrapping_add(1);
-            if spins % 64 == 0 && last_work.elapsed() > window {
+            if spins & 63 == 0 && last_work.elapsed() > window {
                 set_no_notify(&mem, ring, false);
                 fence(Ordering::SeqCst);
                 if avail_idx(&mem, ring) != seen {
