@@ -335,22 +335,14 @@ pub fn bench_cases() -> Vec<Case> {
         ("lazy-poll", Some(Mode::Lazy), "virtio,poll=1000", ""),
     ];
     let mut v = Vec::new();
-    for (label, mode, viommu) in &modes[1..3] {
-        v.push(bench_case(
-            format!("iommu-bench-{label}-idle"),
-            *mode,
-            viommu,
-            false,
-        ));
+    for (label, mode, viommu, disk) in &modes[1..3] {
+        let name = format!("iommu-bench-{label}-idle");
+        v.push(bench_case(name, *mode, viommu, disk, false));
     }
     for rep in 1..=3 {
-        for (label, mode, viommu) in modes {
-            v.push(bench_case(
-                format!("iommu-bench-{label}-{rep}"),
-                mode,
-                viommu,
-                true,
-            ));
+        for (label, mode, viommu, disk) in modes {
+            let name = format!("iommu-bench-{label}-{rep}");
+            v.push(bench_case(name, mode, viommu, disk, true));
         }
     }
     v
