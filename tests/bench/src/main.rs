@@ -94,6 +94,13 @@ fn date_utc() -> String {
         .unwrap_or_default()
 }
 
+/// The first three fields of /proc/loadavg.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 /// Per kind and program, the figures of every run (scenario order).
 type Results = Vec<(Kind, Program, Figures)>;
 
@@ -321,6 +328,7 @@ fn main() -> ExitCode {
         ..Default::default()
     };
     let mut failed = false;
+    report.load.0 = loadavg();
     let results = if a.skip_guest {
         Vec::new()
     } else {
@@ -333,6 +341,7 @@ fn main() -> ExitCode {
             }
         }
     };
+    report.load.1 = loadavg();
     report.guest = guest_rows(&results);
     report.overhead = overhead_rows(&results);
     report.micro = micro_rows(&cfg.root.join("target/criterion"));

@@ -168,6 +168,9 @@ pub struct Report {
     pub date: String,
     /// The source measured (`git describe --always --dirty`).
     pub revision: String,
+    /// Host load (`/proc/loadavg`, first three fields) before and after the guest part: the
+    /// figures swing with it, the ratios much less.
+    pub load: (String, String),
 }
 
 fn num(v: Option<f64>) -> String {
@@ -384,6 +387,11 @@ impl Report {
             self.date,
             self.revision
         );
+        let _ = writeln!(
+            s,
+            "Host load average (1/5/15 min) before the guest part: {}; after: {}.",
+            self.load.0, self.load.1
+        );
         s
     }
 
@@ -392,6 +400,12 @@ impl Report {
         let mut s = String::from("{\n");
         let _ = writeln!(s, "  \"date\": {},", q(&self.date));
         let _ = writeln!(s, "  \"revision\": {},", q(&self.revision));
+        let _ = writeln!(
+            s,
+            "  \"loadavg_before\": {},\n  \"loadavg_after\": {},",
+            q(&self.load.0),
+            q(&self.load.1)
+        );
         let _ = writeln!(s, "  \"guest_where\": {},", q(&self.guest_where));
         let _ = writeln!(s, "  \"micro_where\": {},", q(&self.micro_where));
         let _ = writeln!(s, "  \"runs\": {},", self.runs);
