@@ -409,11 +409,13 @@ impl BlockBackend {
                 log::warn!("virtio-blk: disable notification: {e}");
                 break;
             }
+            let mut popped = false;
             loop {
                 let mem = view();
                 let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
                     break;
                 };
+                popped = true;
                 let head = chain.head_index();
                 let max = usize::from(queue.size()).max(1) * 2;
                 let mut descs = Vec::new();
@@ -437,6 +439,15 @@ impl BlockBackend {
                 used_any = true;
             }
             match queue.enable_notification(&*view()) {
+                // More is available but nothing could be popped: the driver's avail index is
+                // ahead of ours by more than the queue size (virtio-queue refuses to walk it).
+                // Stop here instead of spinning on the vCPU; the queue stays dead until reset.
+                Ok(true) if !popped => {
+                    log::error!(
+                        "virtio-blk: avail index out of range; ignoring the queue until reset"
+                    );
+                    break;
+                }
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
@@ -1083,6 +1094,28 @@ mod tests {
             0x3000,
         );
         assert_eq!(st, VIRTIO_BLK_S_OK);
+    }
+
+    #[test]
+    fn avail_index_beyond_queue_size_does_not_hang() {
+        // A hostile driver publishes avail.idx far ahead of what the ring can hold: nothing can
+        // be popped, yet "more is available" stays true. Processing must return, not spin.
+        let (_dk, b) = backend(8, false);
+        let m = mem();
+        let vq = MockSplitQueue::create(&m, GuestAddress(0), 16);
+        let mut q: Queue = vq.create_queue().unwrap();
+        m.write_obj(0x4000u16, vq.avail_addr().unchecked_add(2))
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = b.process_queue(&mut q, &m);
+            let _ = tx.send((r, q.next_used()));
+        });
+        let (interrupt, used) = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("process_queue spun on an out-of-range avail index");
+        assert!(!interrupt);
+        assert_eq!(used, 0);
     }
 
     #[test]
