@@ -158,6 +158,29 @@ fn values(r: &Results, kind: Kind, program: Program, get: fn(&Figures) -> Option
         .collect()
 }
 
+/// Per run (in order) the figure, `None` where the run failed; ours and QEMU's lists line up
+/// run by run because every round runs both.
+fn per_run(
+    r: &Results,
+    kind: Kind,
+    program: Program,
+    get: fn(&Figures) -> Option<f64>,
+) -> Vec<Option<f64>> {
+    r.iter()
+        .filter(|(k, p, _)| *k == kind && *p == program)
+        .map(|(_, _, f)| if f.problem.is_none() { get(f) } else { None })
+        .collect()
+}
+
+/// ours/QEMU of each round where both produced the figure (the two ran back to back).
+fn paired(r: &Results, kind: Kind, get: fn(&Figures) -> Option<f64>) -> Vec<f64> {
+    per_run(r, kind, Program::Vmm, get)
+        .into_iter()
+        .zip(per_run(r, kind, Program::Qemu, get))
+        .filter_map(|(a, b)| report::ratio(a, b))
+        .collect()
+}
+
 fn guest_rows(r: &Results) -> Vec<GuestRow> {
     type Get = fn(&Figures) -> Option<f64>;
     let spec: Vec<(String, &'static str, Better, Kind, Get)> = vec![
@@ -260,6 +283,7 @@ fn guest_rows(r: &Results) -> Vec<GuestRow> {
             better,
             ours: values(r, kind, Program::Vmm, get),
             qemu: values(r, kind, Program::Qemu, get),
+            paired: paired(r, kind, get),
         })
         .collect()
 }
@@ -385,5 +409,46 @@ fn main() -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fig(iops: f64, problem: bool) -> Figures {
+        Figures {
+            iops_4k: Some(iops),
+            problem: problem.then(|| "x".to_string()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn pairs_line_up_by_round_and_skip_failed_runs() {
+        let r: Results = vec![
+            (Kind::Lazy, Program::Vmm, fig(300.0, false)),
+            (Kind::Lazy, Program::Qemu, fig(100.0, false)),
+            (Kind::NoIommu, Program::Vmm, fig(9.0, false)),
+            (Kind::Lazy, Program::Vmm, fig(999.0, true)),
+            (Kind::Lazy, Program::Qemu, fig(50.0, false)),
+            (Kind::Lazy, Program::Vmm, fig(200.0, false)),
+            (Kind::Lazy, Program::Qemu, fig(400.0, false)),
+        ];
+        assert_eq!(paired(&r, Kind::Lazy, |f| f.iops_4k), vec![3.0, 0.5]);
+        assert_eq!(
+            values(&r, Kind::Lazy, Program::Vmm, |f| f.iops_4k),
+            vec![300.0, 200.0]
+        );
+        let rows = guest_rows(&r);
+        let lazy = rows
+            .iter()
+            .find(|g| g.metric == "4 KiB random read IOPS, vIOMMU lazy")
+            .unwrap();
+        assert_eq!(lazy.ours_median(), Some(250.0));
+        assert_eq!(lazy.qemu_median(), Some(100.0));
+        let o = overhead_rows(&r);
+        assert_eq!(o[0].none, Some(9.0));
+        assert_eq!(o[0].lazy, Some(250.0));
     }
 }

@@ -56,6 +56,8 @@ pub struct GuestRow {
     pub ours: Vec<f64>,
     /// QEMU, one value per run that produced one.
     pub qemu: Vec<f64>,
+    /// ours/QEMU per round (the pair ran back to back), rounds where both produced the figure.
+    pub paired: Vec<f64>,
 }
 
 impl GuestRow {
@@ -280,18 +282,19 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "| figure | unit | ours | QEMU | ours/QEMU | better | verdict |"
+            "| figure | unit | ours | QEMU | ours/QEMU | median of per-run ratios | better | verdict |"
         );
-        let _ = writeln!(s, "|---|---|---:|---:|---:|---|---|");
+        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---|---|");
         for r in &self.guest {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.metric,
                 r.unit,
                 num(r.ours_median()),
                 num(r.qemu_median()),
                 num(r.ratio()),
+                num(median(&r.paired)),
                 r.better.word(),
                 r.verdict()
             );
@@ -419,7 +422,8 @@ impl Report {
                 format!(
                     "    {{\"metric\": {}, \"unit\": {}, \"better\": {}, \"ours\": {}, \"qemu\": {}, \
                      \"ratio_ours_over_qemu\": {}, \"verdict\": {}, \"where\": {}, \
-                     \"ours_runs\": {}, \"qemu_runs\": {}}}",
+                     \"ours_runs\": {}, \"qemu_runs\": {}, \"paired_ratios\": {}, \
+                     \"median_paired_ratio\": {}}}",
                     q(&r.metric),
                     q(r.unit),
                     q(r.better.word()),
@@ -429,7 +433,9 @@ impl Report {
                     q(&r.verdict()),
                     q(&self.guest_where),
                     jarr(&r.ours),
-                    jarr(&r.qemu)
+                    jarr(&r.qemu),
+                    jarr(&r.paired),
+                    jn(median(&r.paired))
                 )
             })
             .collect();
@@ -564,6 +570,7 @@ mod tests {
             better: Better::Higher,
             ours: ours.to_vec(),
             qemu: qemu.to_vec(),
+            paired: Vec::new(),
         }
     }
 
@@ -634,7 +641,7 @@ mod tests {
         assert!(j.contains(r#""x\ny""#), "{j}");
         let md = r.markdown();
         assert!(
-            md.contains("| a \"b\" | x | 1.000 | n/a | n/a | higher | n/a |"),
+            md.contains("| a \"b\" | x | 1.000 | n/a | n/a | n/a | higher | n/a |"),
             "{md}"
         );
     }
