@@ -104,7 +104,12 @@ fn loadavg() -> String {
 /// Per kind and program, the figures of every run (scenario order).
 type Results = Vec<(Kind, Program, Figures)>;
 
-fn run_guests(cfg: &RigConfig, a: &Args, report: &mut Report) -> Result<Results, String> {
+fn run_guests(
+    cfg: &RigConfig,
+    a: &Args,
+    out_dir: &Path,
+    report: &mut Report,
+) -> Result<Results, String> {
     let bin = |name: &str| {
         cfg.root
             .join("target")
@@ -131,6 +136,14 @@ fn run_guests(cfg: &RigConfig, a: &Args, report: &mut Report) -> Result<Results,
     let outcomes = rig::run_with(cfg, &scenarios).map_err(|e| format!("rig: {e}"))?;
     report.guest_seconds = Some(t.elapsed().as_secs_f64());
     let mut out = Vec::new();
+    // Every scenario's console and VMM log, for a look at what a figure came from.
+    let logs = out_dir.join("logs");
+    if std::fs::create_dir_all(&logs).is_ok() {
+        for o in &outcomes {
+            let _ = std::fs::write(logs.join(format!("{}.console", o.name)), &o.serial);
+            let _ = std::fs::write(logs.join(format!("{}.stderr", o.name)), &o.vmm_log);
+        }
+    }
     for (i, o) in outcomes.iter().enumerate() {
         let per_round = Kind::ALL.len() * 2;
         let kind = Kind::ALL[(i % per_round) / 2];
@@ -351,12 +364,16 @@ fn main() -> ExitCode {
         runs: a.runs,
         ..Default::default()
     };
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| cfg.root.join("target/bench"));
     let mut failed = false;
     report.load.0 = loadavg();
     let results = if a.skip_guest {
         Vec::new()
     } else {
-        match run_guests(&cfg, &a, &mut report) {
+        match run_guests(&cfg, &a, &out, &mut report) {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("bench: guest benchmarks failed: {e}");
@@ -380,7 +397,6 @@ fn main() -> ExitCode {
         .unwrap_or_default();
     report.total_seconds = a.started.map(|s| now_unix().saturating_sub(s) as f64);
 
-    let out = a.out.unwrap_or_else(|| cfg.root.join("target/bench"));
     let md = report.markdown();
     let written = std::fs::create_dir_all(&out)
         .and_then(|()| std::fs::write(out.join("report.md"), &md))
