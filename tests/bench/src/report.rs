@@ -363,15 +363,16 @@ impl Report {
             );
         }
         let _ = writeln!(s, "\n### Every run (ours / QEMU, in run order)\n");
-        let _ = writeln!(s, "| figure | ours | QEMU |");
-        let _ = writeln!(s, "|---|---|---|");
+        let _ = writeln!(s, "| figure | ours | QEMU | ours/QEMU per run |");
+        let _ = writeln!(s, "|---|---|---|---|");
         for r in &self.guest {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} |",
+                "| {} | {} | {} | {} |",
                 r.metric,
                 list(&r.ours),
-                list(&r.qemu)
+                list(&r.qemu),
+                list(&r.paired)
             );
         }
         if !self.problems.is_empty() {
