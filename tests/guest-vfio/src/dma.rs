@@ -59,6 +59,15 @@ impl DmaBuf {
             len,
             raw: (start, total),
         };
+        let huge = 2 << 20;
+        if len >= huge && aligned % huge == 0 {
+            // Ask for transparent huge pages before the first touch, so that a 2 MiB buffer is
+            // one physically contiguous chunk (one IOMMU mapping) whenever the kernel can: the
+            // `maps --size 2097152` rates otherwise swing with L2's memory state. Advice only;
+            // a failure changes nothing else.
+            // SAFETY: `aligned..aligned + len` lies inside the mapping made above.
+            unsafe { libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+        }
         for off in (0..len as u64).step_by(page) {
             buf.write(off, &[0]);
         }
