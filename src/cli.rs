@@ -8,6 +8,7 @@ use crate::devices::block::BlockConfig;
 use crate::iommu::ViommuOptions;
 use crate::machine::{MachineConfig, SerialOutput};
 use crate::memory::parse_size;
+use crate::vfio::VfioDeviceConfig;
 
 /// Default kernel command line.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
@@ -27,6 +28,11 @@ usage: vmm --kernel BZIMAGE [options]
                         the disk behind the virtio-iommu (needs --viommu virtio); indirect
                         descriptors are offered except behind the IOMMU (each indirect
                         table costs the guest one more MAP and UNMAP per request)
+  --device path=/sys/bus/pci/devices/BDF[,iommu=on|off]
+                        pass a host PCI function bound to vfio-pci through (repeatable);
+                        iommu=on puts it behind the virtio-iommu (needs --viommu virtio,
+                        guest mappings are shadowed into its VFIO container), iommu=off
+                        (default) maps all guest RAM for it (IOVA == GPA)
   --viommu off|virtio[,bypass=0|1][,max-domains=N][,max-mappings=N][,poll=US]
                         guest-visible IOMMU (default: off): a virtio-iommu PCI function and
                         an ACPI VIOT table; bypass=1 (default) lets unattached endpoints DMA
@@ -42,6 +48,7 @@ usage: vmm --kernel BZIMAGE [options]
 
 /// Parsed command line.
 #[derive(Debug, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // built once per process
 pub enum Command {
     /// Boot a machine.
     Run(MachineConfig, LevelFilter),
@@ -57,6 +64,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
     let mut memory = 512u64 << 20;
     let mut cpus = 2u8;
     let mut disks = Vec::new();
+    let mut devices = Vec::new();
     let mut serial = SerialOutput::Stdout;
     let mut viommu = None;
     let mut level = std::env::var("RUST_LOG")
@@ -100,6 +108,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
             "--disk" => {
                 disks.push(BlockConfig::parse(&value()?).map_err(|e| format!("--disk: {e}"))?)
             }
+            "--device" => devices
+                .push(VfioDeviceConfig::parse(&value()?).map_err(|e| format!("--device: {e}"))?),
             "--viommu" => {
                 viommu = ViommuOptions::parse(&value()?).map_err(|e| format!("--viommu: {e}"))?
             }
@@ -129,6 +139,13 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
                 d.path.display()
             ));
         }
+        if let Some(d) = devices.iter().find(|d| d.iommu) {
+            return Err(format!(
+                "--device path={},iommu=on: the device must sit behind a vIOMMU, add --viommu \
+                 virtio",
+                d.path.display()
+            ));
+        }
     }
     Ok(Command::Run(
         MachineConfig {
@@ -140,6 +157,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
             disks,
             serial,
             viommu,
+            devices,
         },
         level,
     ))
@@ -247,5 +265,30 @@ mod tests {
         ])
         .is_ok());
         assert_eq!(p(&["--help"]).unwrap(), Command::Help);
+    }
+
+    #[test]
+    fn vfio_devices() {
+        let Command::Run(c, _) = p(&[
+            "--kernel",
+            "k",
+            "--device",
+            "path=/sys/bus/pci/devices/0000:00:18.0,iommu=on",
+            "--device=path=/sys/bus/pci/devices/0000:00:19.0",
+            "--viommu",
+            "virtio",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.devices.len(), 2);
+        assert!(c.devices[0].iommu && !c.devices[1].iommu);
+        assert!(c.devices[1].path.ends_with("0000:00:19.0"));
+        let e = p(&["--kernel", "k", "--device", "path=/x,iommu=on"]).unwrap_err();
+        assert!(e.contains("--viommu virtio"), "{e}");
+        assert!(p(&["--kernel", "k", "--device", "path=/x"]).is_ok());
+        assert!(p(&["--kernel", "k", "--device", "iommu=on"])
+            .unwrap_err()
+            .contains("--device"));
     }
 }

@@ -28,6 +28,7 @@ use crate::iommu::ViommuOptions;
 use crate::lifecycle::ExitReason;
 use crate::memory::{MMIO32_SIZE, MMIO32_START, PCI_IO_SIZE, PCI_IO_START};
 use crate::pci_host::PciExits;
+use crate::vfio::{DmaSetup, Passthrough, VfioDeviceConfig, VfioError};
 use crate::viot;
 use crate::vm::{Vm, VmConfig, VmError};
 
@@ -59,6 +60,8 @@ pub struct MachineConfig {
     pub serial: SerialOutput,
     /// The guest-visible IOMMU (`None`: no vIOMMU; `iommu=on` disks are then refused).
     pub viommu: Option<ViommuOptions>,
+    /// Host PCI functions passed through with VFIO, plugged after the disks.
+    pub devices: Vec<VfioDeviceConfig>,
 }
 
 /// Machine errors.
@@ -85,6 +88,9 @@ pub enum MachineError {
     /// No free PCI slot is left.
     #[error("no free PCI slot for {0}")]
     NoSlot(String),
+    /// A VFIO passthrough device could not be opened or attached.
+    #[error("vfio: {0}")]
+    Vfio(#[from] VfioError),
 }
 
 /// The virtio-iommu between creation and boot: endpoints are registered while disks are
@@ -106,6 +112,7 @@ pub struct Machine {
     disks: Vec<(BlockConfig, u8)>,
     iommu: Option<PendingIommu>,
     iommu_counters: Option<Arc<Counters>>,
+    passthrough: Passthrough,
 }
 
 impl Machine {
@@ -130,6 +137,8 @@ impl Machine {
             io: (PCI_IO_START, PCI_IO_SIZE),
         }));
         vm.buses.set_fallback(Arc::new(PciExits::new(pci.clone())));
+        // VFIO devices first: the vIOMMU's geometry comes from their host IOMMUs.
+        let passthrough = Passthrough::open(&vm.kvm, &vm.fd, &config.devices)?;
         let mut m = Machine {
             vm,
             pci,
@@ -138,10 +147,18 @@ impl Machine {
             disks: Vec::new(),
             iommu: None,
             iommu_counters: None,
+            passthrough,
         };
         if let Some(opts) = m.config.viommu.clone() {
-            let dev =
-                Viommu::new(opts.config()).map_err(|e| MachineError::Viommu(e.to_string()))?;
+            let hosts = m.passthrough.viommu_hosts();
+            let cfg = viommu::host::vfio::viommu_config_for(opts.config(), &hosts)
+                .map_err(|e| MachineError::Viommu(format!("host IOMMU geometry: {e}")))?;
+            let mut dev = Viommu::new(cfg).map_err(|e| MachineError::Viommu(e.to_string()))?;
+            if m.passthrough.any_translated() {
+                // Boot bypass for assigned endpoints: all RAM in their containers until the
+                // driver attaches them.
+                dev.set_guest_ram(&m.vm.layout.ram_regions);
+            }
             let slot = m
                 .free_slot()
                 .ok_or_else(|| MachineError::NoSlot("the virtio-iommu".into()))?;
@@ -156,6 +173,7 @@ impl Machine {
         for disk in m.config.disks.clone() {
             m.add_disk(disk)?;
         }
+        m.add_vfio_devices()?;
         Ok(m)
     }
 
@@ -240,6 +258,40 @@ impl Machine {
         );
         self.disks.push((disk, slot));
         Ok(slot)
+    }
+
+    /// Plug every opened VFIO device in the next free slots: `iommu=on` ones become endpoints
+    /// of the virtio-iommu (their container mirrored by a shadow), the others got the static
+    /// full-RAM mapping.
+    fn add_vfio_devices(&mut self) -> Result<(), MachineError> {
+        while let Some(r) = self
+            .passthrough
+            .attach_next(self.vm.msi_manager()?, &self.vm.memory)
+        {
+            let (path, dev, dma) = r?;
+            let name = path.display().to_string();
+            let slot = self
+                .free_slot()
+                .ok_or_else(|| MachineError::NoSlot(format!("VFIO device {name}")))?;
+            if let DmaSetup::Translated(shadow) = dma {
+                let iommu = self
+                    .iommu
+                    .as_mut()
+                    .ok_or_else(|| VfioError::NoViommu(path.clone()))?;
+                let bdf = viot::bdf(0, slot, 0);
+                iommu
+                    .dev
+                    .add_host_endpoint(u32::from(bdf), shadow)
+                    .map_err(|e| MachineError::Viommu(e.to_string()))?;
+                iommu.endpoints.push(bdf);
+            }
+            let slot = self
+                .pci
+                .add_device_at(slot, Arc::new(Mutex::new(dev)))
+                .map_err(|e| VfioError::Device(path.clone(), format!("plugging: {e}")))?;
+            log::info!("VFIO device {name} at PCI 00:{slot:02x}.0");
+        }
+        Ok(())
     }
 
     /// Plug the pending virtio-iommu at its reserved slot and add the VIOT describing it and

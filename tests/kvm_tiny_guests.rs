@@ -206,6 +206,7 @@ fn pci_config_cycles_and_acpi_poweroff() {
         }],
         serial: SerialOutput::File(std::env::temp_dir().join("vmm-kvm-test-serial.txt")),
         viommu: None,
+        devices: Vec::new(),
     })
     .unwrap();
     load(

@@ -1,0 +1,390 @@
+//! VFIO passthrough of host PCI functions (`--device path=/sys/bus/pci/devices/BDF[,iommu=on]`).
+//!
+//! [`Passthrough::open`] runs before the virtio-iommu exists, because the IOMMU's geometry
+//! comes from the host: it creates the KVM VFIO pseudo device, one legacy type1
+//! `VfioContainer` per IOMMU group (a group keeps its own container for the VM's lifetime) and
+//! opens every `VfioDevice`; [`Passthrough::viommu_hosts`] then gives the
+//! [`HostIommuInfo`] of each container whose devices sit behind the vIOMMU, for
+//! `viommu::host::vfio::viommu_config_for`.
+//!
+//! [`Passthrough::attach`] turns one opened device into a [`VfioPciDevice`] (BARs mapped into
+//! the guest with [`KvmMemorySlots`]) and sets up its DMA:
+//! - `iommu=on`: the container is mirrored by one [`Shadow`] (shared by every device of the
+//!   container), registered with `Viommu::add_host_endpoint(bdf, shadow)`; guest MAP/UNMAP
+//!   requests become VFIO_IOMMU_MAP/UNMAP_DMA. Guest-physical addresses in another assigned
+//!   device's BAR resolve through [`BarTargets`] (peer-to-peer).
+//! - `iommu=off`: the container holds the static full-RAM mapping ([`StaticMapping`], IOVA ==
+//!   GPA) from device creation on. The VMM has no RAM hot-add, so the RAM map never changes;
+//!   `StaticMapping::add_region` is the hook for it.
+
+use std::collections::btree_map::{BTreeMap, Entry};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use pci::{MsiIrqManager, VfioPciDevice};
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioOps};
+use viommu::{BarTargets, HostIommuInfo, Shadow, StaticMapping, VfioDmaSpace};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::memory_slots::KvmMemorySlots;
+
+/// One `--device` option.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VfioDeviceConfig {
+    /// `/sys/bus/pci/devices/DDDD:BB:DD.F` of a function bound to vfio-pci.
+    pub path: PathBuf,
+    /// Behind the virtio-iommu (needs `--viommu virtio`); else the static full-RAM mapping.
+    pub iommu: bool,
+}
+
+impl VfioDeviceConfig {
+    /// Parse `path=SYSFS[,iommu=on|off]`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut path = None;
+        let mut iommu = false;
+        for part in s.split(',') {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("option '{part}' is not key=value"))?;
+            match k {
+                "path" if !v.is_empty() => path = Some(PathBuf::from(v)),
+                "iommu" => {
+                    iommu = match v {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(format!("iommu={v}: expected on or off")),
+                    }
+                }
+                _ => return Err(format!("unknown option '{part}'")),
+            }
+        }
+        let path = path.ok_or("path=/sys/bus/pci/devices/BDF is required")?;
+        Ok(VfioDeviceConfig { path, iommu })
+    }
+}
+
+/// Passthrough setup errors (never caused by the guest).
+#[derive(Debug, thiserror::Error)]
+pub enum VfioError {
+    /// KVM_CREATE_DEVICE(VFIO) failed.
+    #[error("creating the KVM VFIO device: {0}")]
+    KvmDevice(kvm_ioctls::Error),
+    /// The device's IOMMU group could not be read.
+    #[error("{0}: no IOMMU group ({1}); is the IOMMU on and the device bound to vfio-pci?")]
+    Group(PathBuf, io::Error),
+    /// Opening /dev/vfio/vfio failed.
+    #[error("opening a VFIO container: {0}")]
+    Container(String),
+    /// Opening the device (group into the container, device fd) failed.
+    #[error("{0}: {1}")]
+    Device(PathBuf, String),
+    /// Two devices of one group disagree on `iommu=`.
+    #[error("{0}: IOMMU group {1} mixes iommu=on and iommu=off devices")]
+    MixedGroup(PathBuf, u32),
+    /// VFIO_IOMMU_GET_INFO failed.
+    #[error("group {0}: VFIO_IOMMU_GET_INFO: {1}")]
+    Info(u32, io::Error),
+    /// The passthrough PCI function could not be built.
+    #[error("{0}: {1}")]
+    Pci(PathBuf, pci::VfioPciError),
+    /// The static full-RAM mapping failed.
+    #[error("{0}: static DMA mapping of guest RAM: {1}")]
+    StaticMap(PathBuf, viommu::HostMapError),
+    /// The device is behind the vIOMMU but there is none.
+    #[error("{0}: iommu=on needs --viommu virtio")]
+    NoViommu(PathBuf),
+}
+
+/// One legacy type1 container (one IOMMU group) and what mirrors guest DMA into it.
+struct Container {
+    /// Kept open for the VM's lifetime.
+    #[allow(dead_code)]
+    container: Arc<VfioContainer>,
+    space: Arc<VfioDmaSpace>,
+    iommu: bool,
+    info: HostIommuInfo,
+    shadow: Option<Arc<Shadow>>,
+    statics: Option<StaticMapping>,
+}
+
+/// A device opened into its container, waiting for [`Passthrough::attach`].
+struct Opened {
+    config: VfioDeviceConfig,
+    group: u32,
+    device: Arc<VfioDevice>,
+}
+
+/// DMA setup of one attached device, for the caller (the machine) to finish.
+pub enum DmaSetup {
+    /// Register this shadow as the endpoint's host mapper (`Viommu::add_host_endpoint`).
+    Translated(Arc<Shadow>),
+    /// Static full-RAM mapping installed; nothing to register.
+    Static,
+}
+
+/// Every assigned device of a VM and its host address spaces.
+pub struct Passthrough {
+    containers: BTreeMap<u32, Container>,
+    pending: Vec<Opened>,
+    bars: Arc<BarTargets>,
+    slots: Arc<KvmMemorySlots>,
+    /// Kept open for the VM's lifetime (the containers hold a handle too).
+    #[allow(dead_code)]
+    kvm_vfio: Option<Arc<VfioDeviceFd>>,
+}
+
+impl Passthrough {
+    /// Open every device of `configs` into its group's container (no device: nothing opened,
+    /// no KVM VFIO device).
+    pub fn open(
+        kvm: &Kvm,
+        vm: &Arc<VmFd>,
+        configs: &[VfioDeviceConfig],
+    ) -> Result<Self, VfioError> {
+        let max_slots = u32::try_from(kvm.get_nr_memslots()).unwrap_or(u32::MAX);
+        let slots = Arc::new(KvmMemorySlots::new(
+            vm.clone(),
+            max_slots,
+            vm.check_extension(Cap::ReadonlyMem),
+        ));
+        let mut p = Passthrough {
+            containers: BTreeMap::new(),
+            pending: Vec::new(),
+            bars: Arc::new(BarTargets::new()),
+            slots,
+            kvm_vfio: None,
+        };
+        if configs.is_empty() {
+            return Ok(p);
+        }
+        let mut dev = kvm_create_device {
+            type_: kvm_device_type_KVM_DEV_TYPE_VFIO,
+            fd: 0,
+            flags: 0,
+        };
+        let fd = vm.create_device(&mut dev).map_err(VfioError::KvmDevice)?;
+        let handle = Arc::new(VfioDeviceFd::new_from_kvm(fd));
+        p.kvm_vfio = Some(handle.clone());
+        for c in configs {
+            p.open_one(c, &handle)?;
+        }
+        Ok(p)
+    }
+
+    fn open_one(
+        &mut self,
+        config: &VfioDeviceConfig,
+        handle: &Arc<VfioDeviceFd>,
+    ) -> Result<(), VfioError> {
+        let path = &config.path;
+        let group = pci::iommu_group(path).map_err(|e| VfioError::Group(path.to_path_buf(), e))?;
+        if let Some(c) = self.containers.get(&group) {
+            if c.iommu != config.iommu {
+                return Err(VfioError::MixedGroup(path.to_path_buf(), group));
+            }
+        }
+        let new_container = match self.containers.get(&group) {
+            Some(c) => c.container.clone(),
+            None => Arc::new(
+                VfioContainer::new(Some(handle.clone()))
+                    .map_err(|e| VfioError::Container(e.to_string()))?,
+            ),
+        };
+        let ops: Arc<dyn VfioOps> = new_container.clone();
+        let device = VfioDevice::new(path, ops, false)
+            .map_err(|e| VfioError::Device(path.to_path_buf(), device_hint(path, &e)))?;
+        if let Entry::Vacant(slot) = self.containers.entry(group) {
+            let space = Arc::new(VfioDmaSpace::new(new_container.clone()));
+            let info = space.query_info().map_err(|e| VfioError::Info(group, e))?;
+            log::info!(
+                "vfio: group {group}: host IOMMU page sizes {:#x}, IOVA ranges {:x?}, \
+                 dma_avail {:?}",
+                info.page_sizes,
+                info.iova_ranges,
+                info.dma_avail
+            );
+            slot.insert(Container {
+                container: new_container,
+                space,
+                iommu: config.iommu,
+                info,
+                shadow: None,
+                statics: None,
+            });
+        }
+        log::info!(
+            "vfio: opened {} (group {group}, {})",
+            path.display(),
+            if config.iommu {
+                "behind the virtio-iommu"
+            } else {
+                "static full-RAM mapping"
+            }
+        );
+        self.pending.push(Opened {
+            config: config.clone(),
+            group,
+            device: Arc::new(device),
+        });
+        Ok(())
+    }
+
+    /// The host IOMMU limits of every container whose devices sit behind the vIOMMU.
+    pub fn viommu_hosts(&self) -> Vec<HostIommuInfo> {
+        self.containers
+            .values()
+            .filter(|c| c.iommu)
+            .map(|c| c.info.clone())
+            .collect()
+    }
+
+    /// Whether any opened device sits behind the vIOMMU.
+    pub fn any_translated(&self) -> bool {
+        self.containers.values().any(|c| c.iommu)
+    }
+
+    /// Devices opened and not attached yet: (sysfs path, iommu=on).
+    pub fn pending(&self) -> Vec<(PathBuf, bool)> {
+        self.pending
+            .iter()
+            .map(|o| (o.config.path.clone(), o.config.iommu))
+            .collect()
+    }
+
+    /// The shared resolver of every assigned device's BARs (peer-to-peer DMA).
+    pub fn bar_targets(&self) -> Arc<BarTargets> {
+        self.bars.clone()
+    }
+
+    /// The KVM memory slots used for BARs.
+    pub fn memory_slots(&self) -> Arc<KvmMemorySlots> {
+        self.slots.clone()
+    }
+
+    /// Build the next pending device as a PCI function (the caller plugs it) and set up its
+    /// DMA. Returns `None` when every device is attached.
+    pub fn attach_next(
+        &mut self,
+        msi: Arc<dyn MsiIrqManager>,
+        mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+    ) -> Option<Result<(PathBuf, VfioPciDevice, DmaSetup), VfioError>> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let o = self.pending.remove(0);
+        Some(self.attach(o, msi, mem))
+    }
+
+    fn attach(
+        &mut self,
+        o: Opened,
+        msi: Arc<dyn MsiIrqManager>,
+        mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+    ) -> Result<(PathBuf, VfioPciDevice, DmaSetup), VfioError> {
+        let path = o.config.path.clone();
+        let dev = VfioPciDevice::from_vfio_device(o.device, msi, self.slots.clone())
+            .map_err(|e| VfioError::Pci(path.clone(), e))?;
+        self.bars.add(dev.bar_maps());
+        let c = self
+            .containers
+            .get_mut(&o.group)
+            .ok_or_else(|| VfioError::Device(path.clone(), "container vanished".into()))?;
+        let setup = if c.iommu {
+            let shadow = c.shadow.get_or_insert_with(|| {
+                Arc::new(
+                    Shadow::new(c.space.clone(), mem.clone())
+                        .with_bars(self.bars.clone())
+                        .with_config(c.info.shadow_config()),
+                )
+            });
+            DmaSetup::Translated(shadow.clone())
+        } else {
+            if c.statics.is_none() {
+                let m = StaticMapping::new(c.space.clone(), &*mem.memory())
+                    .map_err(|e| VfioError::StaticMap(path.clone(), e))?;
+                log::info!(
+                    "vfio: group {}: guest RAM mapped IOVA == GPA in {} host mapping(s)",
+                    o.group,
+                    m.ranges().len()
+                );
+                c.statics = Some(m);
+            }
+            DmaSetup::Static
+        };
+        Ok((path, dev, setup))
+    }
+}
+
+/// A readable reason for a failed `VfioDevice::new`, with the usual causes.
+fn device_hint(path: &Path, e: &vfio_ioctls::VfioError) -> String {
+    let driver = std::fs::read_link(path.join("driver"))
+        .ok()
+        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "none".into());
+    format!(
+        "opening through VFIO failed: {e} (driver: {driver}; the function must be bound to \
+         vfio-pci; behind a virtio-iommu, vfio_iommu_type1 needs allow_unsafe_interrupts=1)"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_device_option() {
+        let d = VfioDeviceConfig::parse("path=/sys/bus/pci/devices/0000:00:18.0").unwrap();
+        assert_eq!(d.path, PathBuf::from("/sys/bus/pci/devices/0000:00:18.0"));
+        assert!(!d.iommu);
+        let d = VfioDeviceConfig::parse("path=/x,iommu=on").unwrap();
+        assert!(d.iommu);
+        assert!(!VfioDeviceConfig::parse("iommu=off,path=/x").unwrap().iommu);
+        for bad in [
+            "",
+            "path=",
+            "/x",
+            "path=/x,iommu=yes",
+            "path=/x,frob=1",
+            "iommu=on",
+        ] {
+            assert!(VfioDeviceConfig::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn no_devices_opens_nothing() {
+        let Ok(kvm) = Kvm::new() else {
+            eprintln!("no /dev/kvm: skipped");
+            return;
+        };
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        let p = Passthrough::open(&kvm, &vm, &[]).unwrap();
+        assert!(p.viommu_hosts().is_empty());
+        assert!(!p.any_translated());
+        assert!(p.pending().is_empty());
+        assert!(p.kvm_vfio.is_none());
+    }
+
+    #[test]
+    fn a_missing_device_is_a_clear_error() {
+        let Ok(kvm) = Kvm::new() else {
+            eprintln!("no /dev/kvm: skipped");
+            return;
+        };
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        let cfg = VfioDeviceConfig {
+            path: "/sys/bus/pci/devices/ffff:ff:1f.7".into(),
+            iommu: false,
+        };
+        // KVM_CREATE_DEVICE(VFIO) needs the kvm VFIO support; either error is a clean one.
+        match Passthrough::open(&kvm, &vm, &[cfg]) {
+            Err(VfioError::Group(p, _)) => assert!(p.ends_with("ffff:ff:1f.7")),
+            Err(VfioError::KvmDevice(_)) => {}
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("a missing device opened"),
+        }
+    }
+}
