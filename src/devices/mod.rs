@@ -3,5 +3,6 @@
 
 pub mod block;
 pub mod legacy;
+pub mod net;
 pub mod polled;
 pub mod serial;

@@ -1,0 +1,1038 @@
+//! virtio-net on virtio-queue, optionally behind the vIOMMU.
+//!
+//! Queues: 0 = RX, 1 = TX, 2 = control. Features: VERSION_1, MAC, STATUS (link always up),
+//! MRG_RXBUF, CTRL_VQ + CTRL_RX (every control command acknowledged), and ACCESS_PLATFORM
+//! with `iommu=on`. No offloads, no EVENT_IDX, no multiqueue.
+//!
+//! TX is served on the vCPU thread that kicked (inline notify): each frame goes to the
+//! backend (a hub delivers it straight into the peers' RX queues). RX frames are written into
+//! the guest's buffers when there are some, else kept in a bounded per-port backlog (dropped
+//! and counted past it) that is drained when the driver replenishes the RX queue. Behind the
+//! vIOMMU every ring and buffer access is translated through the endpoint, one pinned view
+//! per TX chain and per RX frame.
+//!
+//! Every chain is hostile: a bad TX chain is completed with used length 0 and counted, a bad
+//! RX chain is completed empty, oversized frames are dropped; nothing panics.
+
+use std::collections::VecDeque;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use pci::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
+use viommu::{EndpointHandle, TranslatedMemory};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic,
+    GuestMemoryMmap,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::net::{Delivery, FrameSink, Hubs, NetBackend, Tap};
+
+/// Virtio device type of a network card.
+pub const VIRTIO_ID_NET: u32 = 1;
+/// Maximum size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Size of `struct virtio_net_hdr_v1` (VERSION_1 always has `num_buffers`).
+pub const HDR_BYTES: usize = 12;
+/// Largest Ethernet frame carried (no GSO is offered, so anything bigger is hostile).
+pub const MAX_FRAME_BYTES: usize = 65_550;
+/// Frames kept per port while the guest has no RX buffers; more are dropped.
+pub const BACKLOG_FRAMES: usize = 256;
+
+/// Queue indexes.
+pub const RX_QUEUE: u16 = 0;
+/// Transmit queue.
+pub const TX_QUEUE: u16 = 1;
+/// Control queue.
+pub const CTRL_QUEUE: u16 = 2;
+
+/// Feature bits.
+pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+/// Mergeable receive buffers.
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
+/// Link status in config space.
+pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+/// Control queue.
+pub const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
+/// RX mode control (promiscuous, all-multicast).
+pub const VIRTIO_NET_F_CTRL_RX: u64 = 1 << 18;
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// VIRTIO_F_ACCESS_PLATFORM (device behind an IOMMU).
+pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
+
+/// Config space `status`: link up.
+pub const VIRTIO_NET_S_LINK_UP: u16 = 1;
+/// Control command acknowledgements.
+pub const VIRTIO_NET_OK: u8 = 0;
+/// Control command refused.
+pub const VIRTIO_NET_ERR: u8 = 1;
+/// Control classes we acknowledge: RX mode, MAC table/address, VLAN filter, announce.
+const CTRL_CLASSES_OK: [u8; 4] = [0, 1, 2, 3];
+
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Where a port's frames go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetBackendConfig {
+    /// A TAP interface of this name.
+    Tap(String),
+    /// An in-process hub of this name.
+    Hub(String),
+}
+
+/// `--net` options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Backend.
+    pub backend: NetBackendConfig,
+    /// MAC address (`None`: generated).
+    pub mac: Option<[u8; 6]>,
+    /// Put the device behind the vIOMMU (offers VIRTIO_F_ACCESS_PLATFORM).
+    pub iommu: bool,
+}
+
+fn parse_mac(v: &str) -> Result<[u8; 6], String> {
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = v.split(':').collect();
+    if parts.len() != 6 {
+        return Err(format!("mac={v}: expected six hex bytes a:b:c:d:e:f"));
+    }
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16)
+            .ok()
+            .filter(|_| !p.is_empty() && p.len() <= 2)
+            .ok_or(format!("mac={v}: bad byte '{p}'"))?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("mac={v}: multicast address"));
+    }
+    Ok(mac)
+}
+
+impl NetConfig {
+    /// Parse `tap=NAME|hub=ID[,mac=52:54:00:12:34:56][,iommu=on]`.
+    pub fn parse(s: &str) -> Result<NetConfig, String> {
+        let mut backend = None;
+        let mut mac = None;
+        let mut iommu = false;
+        for part in s.split(',') {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("net option '{part}' is not key=value"))?;
+            let set = |b: &mut Option<NetBackendConfig>, n: NetBackendConfig| {
+                if b.replace(n).is_some() {
+                    Err("net: give one of tap= or hub=".to_string())
+                } else {
+                    Ok(())
+                }
+            };
+            match k {
+                "tap" if !v.is_empty() && v.len() < 16 => {
+                    set(&mut backend, NetBackendConfig::Tap(v.into()))?
+                }
+                "hub" if !v.is_empty() => set(&mut backend, NetBackendConfig::Hub(v.into()))?,
+                "mac" => mac = Some(parse_mac(v)?),
+                "iommu" => {
+                    iommu = match v {
+                        "on" | "true" | "yes" | "1" => true,
+                        "off" | "false" | "no" | "0" => false,
+                        _ => return Err(format!("iommu={v}: expected on or off")),
+                    }
+                }
+                _ => return Err(format!("unknown net option '{part}'")),
+            }
+        }
+        Ok(NetConfig {
+            backend: backend.ok_or("net needs tap=NAME or hub=ID")?,
+            mac,
+            iommu,
+        })
+    }
+}
+
+/// A generated MAC: locally administered, unique within the process.
+fn generated_mac() -> [u8; 6] {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    [0x52, 0x54, 0x00, (pid >> 8) as u8, pid as u8, n as u8]
+}
+
+/// Per-port counters.
+#[derive(Debug, Default)]
+pub struct NetStats {
+    /// Frames the guest sent.
+    pub tx_frames: AtomicU64,
+    /// TX chains refused (bad layout, oversized, translation miss).
+    pub tx_errors: AtomicU64,
+    /// Frames written into the guest's RX buffers.
+    pub rx_frames: AtomicU64,
+    /// Frames dropped on the way in (backlog full, device stopped, oversized, guest memory).
+    pub rx_dropped: AtomicU64,
+    /// RX chains completed empty because they were malformed.
+    pub rx_bad_chains: AtomicU64,
+    /// Control commands served.
+    pub ctrl_commands: AtomicU64,
+}
+
+/// A snapshot of [`NetStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetStatsSnapshot {
+    /// See [`NetStats::tx_frames`].
+    pub tx_frames: u64,
+    /// See [`NetStats::tx_errors`].
+    pub tx_errors: u64,
+    /// See [`NetStats::rx_frames`].
+    pub rx_frames: u64,
+    /// See [`NetStats::rx_dropped`].
+    pub rx_dropped: u64,
+    /// See [`NetStats::rx_bad_chains`].
+    pub rx_bad_chains: u64,
+    /// See [`NetStats::ctrl_commands`].
+    pub ctrl_commands: u64,
+}
+
+impl NetStats {
+    /// Current values.
+    pub fn snapshot(&self) -> NetStatsSnapshot {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        NetStatsSnapshot {
+            tx_frames: l(&self.tx_frames),
+            tx_errors: l(&self.tx_errors),
+            rx_frames: l(&self.rx_frames),
+            rx_dropped: l(&self.rx_dropped),
+            rx_bad_chains: l(&self.rx_bad_chains),
+            ctrl_commands: l(&self.ctrl_commands),
+        }
+    }
+}
+
+fn bump(a: &AtomicU64) {
+    a.fetch_add(1, Ordering::Relaxed);
+}
+
+/// How an activated device reaches guest memory.
+enum NetMemory {
+    /// Guest-physical addresses (no vIOMMU).
+    Direct(GuestMemoryAtomic<GuestMemoryMmap>),
+    /// IOVAs of a vIOMMU endpoint.
+    Translated(TranslatedMemory),
+}
+
+/// A pinned [`TranslatedMemory`] as a `Deref` for the per-chain view closures.
+struct Pinned(TranslatedMemory);
+
+impl Deref for Pinned {
+    type Target = TranslatedMemory;
+    fn deref(&self) -> &TranslatedMemory {
+        &self.0
+    }
+}
+
+/// Whether the driver wants an interrupt (no EVENT_IDX: the avail ring's NO_INTERRUPT flag).
+fn wants_interrupt<M: GuestMemory>(queue: &Queue, mem: &M) -> bool {
+    std::sync::atomic::fence(Ordering::SeqCst);
+    match mem.read_obj::<u16>(GuestAddress(queue.avail_ring())) {
+        Ok(flags) => u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0,
+        Err(_) => true,
+    }
+}
+
+/// One descriptor: (address, length, device-writable).
+type Desc = (GuestAddress, u32, bool);
+
+/// Copy out the descriptors of `chain`, at most `max`; `None` if longer.
+fn collect_chain<M>(chain: virtio_queue::DescriptorChain<M>, max: usize) -> Option<Vec<Desc>>
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    let mut descs = Vec::new();
+    for d in chain {
+        if descs.len() >= max {
+            return None;
+        }
+        descs.push((d.addr(), d.len(), d.is_write_only()));
+    }
+    Some(descs)
+}
+
+// ---------------------------------------------------------------------------------------
+// RX side: the port's sink, shared with the backend (a hub peer's vCPU, a TAP reader).
+// ---------------------------------------------------------------------------------------
+
+/// The activated RX queue.
+struct RxQueue {
+    queue: Queue,
+    mem: NetMemory,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    mergeable: bool,
+}
+
+/// Why a frame could not be written now.
+#[derive(Debug, PartialEq, Eq)]
+enum RxError {
+    /// Not enough RX buffers available: keep the frame for later.
+    NoBuffers,
+    /// The frame can never fit (or guest memory failed): drop it.
+    Drop,
+}
+
+/// Number of writable bytes in a chain, or `None` if it has a readable descriptor.
+fn writable_bytes(descs: &[Desc]) -> Option<u64> {
+    if descs.is_empty() || descs.iter().any(|d| !d.2) {
+        return None;
+    }
+    Some(descs.iter().map(|d| u64::from(d.1)).sum())
+}
+
+/// Write `data` across the descriptors of one chain starting at byte `skip`; returns bytes
+/// written.
+fn write_chain<M: GuestMemory>(
+    mem: &M,
+    descs: &[Desc],
+    data: &[u8],
+) -> Result<usize, vm_memory::GuestMemoryError> {
+    let mut done = 0usize;
+    for &(addr, len, _) in descs {
+        if done == data.len() {
+            break;
+        }
+        let n = (len as usize).min(data.len() - done);
+        mem.write_slice(&data[done..done + n], addr)?;
+        done += n;
+    }
+    Ok(done)
+}
+
+impl RxQueue {
+    /// Write one frame (header prepended) into as many chains as it needs.
+    fn write_frame<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        frame: &[u8],
+        stats: &NetStats,
+    ) -> Result<(), RxError> {
+        let needed = (HDR_BYTES + frame.len()) as u64;
+        let size = self.queue.size();
+        let max_descs = usize::from(size).max(1) * 2;
+        let mut chains: Vec<(u16, Vec<Desc>, u64)> = Vec::new();
+        let mut total = 0u64;
+        while total < needed {
+            let Some(chain) = self.queue.pop_descriptor_chain(mem) else {
+                // Put back what we took; if the whole ring is ours and still too small,
+                // the frame can never fit.
+                let popped = chains.len();
+                for _ in 0..popped {
+                    self.queue.go_to_previous_position();
+                }
+                return if popped >= usize::from(size) {
+                    Err(RxError::Drop)
+                } else {
+                    Err(RxError::NoBuffers)
+                };
+            };
+            let head = chain.head_index();
+            match collect_chain(chain, max_descs)
+                .and_then(|d| writable_bytes(&d).map(|n| (d, n)))
+                .filter(|&(_, n)| n > 0)
+            {
+                Some((descs, n)) => {
+                    total += n;
+                    chains.push((head, descs, n));
+                }
+                None => {
+                    log::warn!("virtio-net: malformed RX chain {head}, completed empty");
+                    bump(&stats.rx_bad_chains);
+                    if chains.is_empty() {
+                        if let Err(e) = self.queue.add_used(mem, head, 0) {
+                            log::warn!("virtio-net: add_used: {e}");
+                        }
+                        continue;
+                    }
+                    // The chains popped before it must be completed first (used ring order):
+                    // give them back empty too and drop the frame.
+                    for (h, _, _) in &chains {
+                        let _ = self.queue.add_used(mem, *h, 0);
+                    }
+                    let _ = self.queue.add_used(mem, head, 0);
+                    return Err(RxError::Drop);
+                }
+            }
+            if !self.mergeable && total < needed {
+                // One chain per frame: it does not fit. Give the chain back, drop the frame.
+                self.queue.go_to_previous_position();
+                return Err(RxError::Drop);
+            }
+        }
+        // Header + frame, spread over the chains.
+        let mut hdr = [0u8; HDR_BYTES];
+        let nbufs = if self.mergeable {
+            chains.len() as u16
+        } else {
+            1
+        };
+        hdr[10..12].copy_from_slice(&nbufs.to_le_bytes());
+        let mut lens = Vec::with_capacity(chains.len());
+        let mut result = Ok(());
+        let mut off = 0usize; // offset in header+frame
+        for (_, descs, cap) in &chains {
+            let want = (*cap as usize).min(needed as usize - off);
+            let mut written = 0usize;
+            // The header may straddle chain boundaries only with absurdly small buffers.
+            let mut buf = Vec::new();
+            let slice: &[u8] = if off >= HDR_BYTES {
+                &frame[off - HDR_BYTES..off - HDR_BYTES + want]
+            } else {
+                buf.extend_from_slice(&hdr[off..HDR_BYTES.min(off + want)]);
+                let fend = (off + want).saturating_sub(HDR_BYTES);
+                buf.extend_from_slice(&frame[..fend]);
+                &buf
+            };
+            match write_chain(mem, descs, slice) {
+                Ok(n) => written = n,
+                Err(e) => {
+                    log::warn!("virtio-net: RX buffer write: {e}");
+                    result = Err(RxError::Drop);
+                }
+            }
+            lens.push(if result.is_ok() { written as u32 } else { 0 });
+            off += want;
+        }
+        if result.is_err() {
+            lens.iter_mut().for_each(|l| *l = 0);
+        }
+        self.publish(mem, &chains, &lens);
+        result
+    }
+
+    /// Put the chains on the used ring and make them visible with one index update (so the
+    /// driver never sees part of a merged frame).
+    fn publish<M: GuestMemory>(&mut self, mem: &M, chains: &[(u16, Vec<Desc>, u64)], lens: &[u32]) {
+        let size = self.queue.size();
+        if size == 0 || chains.is_empty() {
+            return;
+        }
+        let first = self.queue.next_used();
+        let n = chains.len();
+        for (i, ((head, _, _), len)) in chains.iter().zip(lens).enumerate().take(n - 1) {
+            let slot = u64::from(first.wrapping_add(i as u16) % size);
+            let mut elem = [0u8; 8];
+            elem[..4].copy_from_slice(&u32::from(*head).to_le_bytes());
+            elem[4..].copy_from_slice(&len.to_le_bytes());
+            let at = GuestAddress(self.queue.used_ring()).checked_add(4 + slot * 8);
+            if let Some(at) = at {
+                if let Err(e) = mem.write_slice(&elem, at) {
+                    log::warn!("virtio-net: used ring write: {e}");
+                }
+            }
+        }
+        self.queue.set_next_used(first.wrapping_add(n as u16 - 1));
+        let (head, _, _) = &chains[n - 1];
+        if let Err(e) = self.queue.add_used(mem, *head, lens[n - 1]) {
+            log::warn!("virtio-net: add_used: {e}");
+        }
+    }
+}
+
+/// Mutable RX state of a port.
+#[derive(Default)]
+struct RxState {
+    active: Option<RxQueue>,
+    backlog: VecDeque<Vec<u8>>,
+}
+
+/// The receive side of a port: RX queue (once activated) and backlog, behind one lock taken
+/// by whoever delivers (a hub peer's vCPU, a TAP reader) and by the RX kick.
+pub struct NetPort {
+    state: Mutex<RxState>,
+    stats: NetStats,
+}
+
+impl NetPort {
+    fn new() -> NetPort {
+        NetPort {
+            state: Mutex::new(RxState::default()),
+            stats: NetStats::default(),
+        }
+    }
+
+    /// The port's counters.
+    pub fn stats(&self) -> &NetStats {
+        &self.stats
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RxState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Frames waiting for RX buffers.
+    pub fn backlog_len(&self) -> usize {
+        self.lock().backlog.len()
+    }
+
+    /// Write backlog frames into RX buffers while there are some; signal the driver if it
+    /// wants it. Keeps RX kicks enabled only while frames wait.
+    fn drain(&self, st: &mut RxState) {
+        let Some(rx) = st.active.as_mut() else {
+            return;
+        };
+        let mut used = false;
+        let mut idle_rounds = 0;
+        loop {
+            let mut progress = false;
+            while let Some(frame) = st.backlog.front() {
+                let r = match &rx.mem {
+                    NetMemory::Direct(m) => {
+                        let g = m.memory();
+                        rx.write_frame(&*g, frame, &self.stats)
+                    }
+                    NetMemory::Translated(t) => {
+                        let p = t.pin();
+                        rx.write_frame(&p, frame, &self.stats)
+                    }
+                };
+                match r {
+                    Ok(()) => {
+                        bump(&self.stats.rx_frames);
+                        used = true;
+                        progress = true;
+                        st.backlog.pop_front();
+                    }
+                    Err(RxError::NoBuffers) => break,
+                    Err(RxError::Drop) => {
+                        bump(&self.stats.rx_dropped);
+                        used = true;
+                        progress = true;
+                        st.backlog.pop_front();
+                    }
+                }
+            }
+            // Ask for kicks only while something waits; recheck after enabling.
+            let more = match &rx.mem {
+                NetMemory::Direct(m) => {
+                    let g = m.memory();
+                    set_notify(&mut rx.queue, &*g, !st.backlog.is_empty())
+                }
+                NetMemory::Translated(t) => {
+                    set_notify(&mut rx.queue, &t.pin(), !st.backlog.is_empty())
+                }
+            };
+            // Buffers arrived while kicks were off: look again, but only once more without
+            // progress (a merged frame may need more buffers than the driver has posted yet;
+            // its next kick brings them).
+            if !more {
+                break;
+            }
+            if !progress {
+                idle_rounds += 1;
+                if idle_rounds > 1 {
+                    break;
+                }
+            }
+        }
+        if used {
+            let want = match &rx.mem {
+                NetMemory::Direct(m) => wants_interrupt(&rx.queue, &*m.memory()),
+                NetMemory::Translated(t) => wants_interrupt(&rx.queue, &t.pin()),
+            };
+            if want {
+                rx.interrupt.signal_queue(RX_QUEUE);
+            }
+        }
+    }
+}
+
+/// Enable (`on`) or disable driver kicks; true if buffers arrived meanwhile and the caller
+/// should look again.
+fn set_notify<M: GuestMemory>(q: &mut Queue, mem: &M, on: bool) -> bool {
+    if on {
+        match q.enable_notification(mem) {
+            Ok(more) => {
+                more && q.pop_descriptor_chain(mem).is_some() && {
+                    q.go_to_previous_position();
+                    true
+                }
+            }
+            Err(e) => {
+                log::warn!("virtio-net: enable notification: {e}");
+                false
+            }
+        }
+    } else {
+        if let Err(e) = q.disable_notification(mem) {
+            log::warn!("virtio-net: disable notification: {e}");
+        }
+        false
+    }
+}
+
+impl FrameSink for NetPort {
+    fn deliver(&self, frame: &[u8]) -> Delivery {
+        if frame.len() > MAX_FRAME_BYTES {
+            bump(&self.stats.rx_dropped);
+            return Delivery::Dropped;
+        }
+        let mut st = self.lock();
+        if st.active.is_none() {
+            bump(&self.stats.rx_dropped);
+            return Delivery::Dropped;
+        }
+        if st.backlog.len() >= BACKLOG_FRAMES {
+            bump(&self.stats.rx_dropped);
+            return Delivery::Dropped;
+        }
+        let before = self.stats.rx_frames.load(Ordering::Relaxed);
+        st.backlog.push_back(frame.to_vec());
+        self.drain(&mut st);
+        if st.backlog.is_empty() && self.stats.rx_frames.load(Ordering::Relaxed) > before {
+            Delivery::Delivered
+        } else if st.backlog.is_empty() {
+            Delivery::Dropped
+        } else {
+            Delivery::Queued
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// TX and control: served on the kicking vCPU thread.
+// ---------------------------------------------------------------------------------------
+
+/// Read a TX chain's frame (after the header); `None` if the chain is malformed.
+fn read_tx<M: GuestMemory>(mem: &M, descs: &[Desc]) -> Option<Vec<u8>> {
+    if descs.iter().any(|d| d.2) {
+        return None;
+    }
+    let total: u64 = descs.iter().map(|d| u64::from(d.1)).sum();
+    if total < HDR_BYTES as u64 || total - HDR_BYTES as u64 > MAX_FRAME_BYTES as u64 {
+        return None;
+    }
+    let mut buf = vec![0u8; total as usize];
+    let mut off = 0usize;
+    for &(addr, len, _) in descs {
+        let n = len as usize;
+        mem.read_slice(&mut buf[off..off + n], addr).ok()?;
+        off += n;
+    }
+    buf.drain(..HDR_BYTES);
+    Some(buf)
+}
+
+/// Serve one control command; returns the used length (1 for the ack byte, 0 if malformed).
+fn ctrl_command<M: GuestMemory>(mem: &M, descs: &[Desc]) -> u32 {
+    let first_w = descs.iter().position(|d| d.2).unwrap_or(descs.len());
+    let ack_at = match descs.last() {
+        Some(&(a, l, true)) if l > 0 && descs[first_w..].iter().all(|d| d.2) => a,
+        _ => {
+            log::warn!("virtio-net: control command without an ack byte");
+            return 0;
+        }
+    };
+    let mut class_cmd = [0u8; 2];
+    let mut got = 0;
+    for &(addr, len, _) in &descs[..first_w] {
+        if got == 2 {
+            break;
+        }
+        let n = (len as usize).min(2 - got);
+        if mem.read_slice(&mut class_cmd[got..got + n], addr).is_err() {
+            return 0;
+        }
+        got += n;
+    }
+    let ack = if got == 2 && CTRL_CLASSES_OK.contains(&class_cmd[0]) {
+        log::debug!(
+            "virtio-net: control class {} cmd {}: ok",
+            class_cmd[0],
+            class_cmd[1]
+        );
+        VIRTIO_NET_OK
+    } else {
+        log::debug!("virtio-net: control {class_cmd:?} ({got} bytes): refused");
+        VIRTIO_NET_ERR
+    };
+    match mem.write_obj(ack, ack_at) {
+        Ok(()) => 1,
+        Err(_) => 0,
+    }
+}
+
+/// Pop and serve every chain of a TX or control queue; `f` gets each chain's descriptors and
+/// returns its used length. Returns true if the driver wants an interrupt.
+fn serve_queue<M, V, F, G>(queue: &mut Queue, mut view: F, mut f: G) -> bool
+where
+    M: GuestMemory,
+    V: Deref<Target = M>,
+    F: FnMut() -> V,
+    G: FnMut(&M, Option<&[Desc]>) -> u32,
+{
+    let mut used_any = false;
+    loop {
+        if let Err(e) = queue.disable_notification(&*view()) {
+            log::warn!("virtio-net: disable notification: {e}");
+            break;
+        }
+        let mut popped = false;
+        loop {
+            let mem = view();
+            let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
+                break;
+            };
+            popped = true;
+            let head = chain.head_index();
+            let max = usize::from(queue.size()).max(1) * 2;
+            let descs = collect_chain(chain, max);
+            let len = f(&mem, descs.as_deref());
+            if let Err(e) = queue.add_used(&*mem, head, len) {
+                log::warn!("virtio-net: add_used: {e}");
+            }
+            used_any = true;
+        }
+        match queue.enable_notification(&*view()) {
+            Ok(true) if !popped => {
+                log::error!("virtio-net: avail index out of range; ignoring the queue until reset");
+                break;
+            }
+            Ok(true) => continue,
+            Ok(false) => break,
+            Err(e) => {
+                log::warn!("virtio-net: enable notification: {e}");
+                break;
+            }
+        }
+    }
+    used_any && wants_interrupt(queue, &*view())
+}
+
+/// State of an activated device (TX and control queues; RX lives in the [`NetPort`]).
+struct Active {
+    mem: NetMemory,
+    tx: Queue,
+    ctrl: Option<Queue>,
+    interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+/// The virtio-net device model.
+pub struct Net {
+    config: NetConfig,
+    mac: [u8; 6],
+    endpoint: Option<EndpointHandle>,
+    features: u64,
+    port: Arc<NetPort>,
+    backend: Box<dyn NetBackend>,
+    active: Option<Active>,
+}
+
+impl Net {
+    /// Create a device joined to its backend (`hubs` resolves `hub=ID`); with `endpoint`
+    /// every DMA is translated through that vIOMMU endpoint.
+    pub fn new(
+        cfg: NetConfig,
+        endpoint: Option<EndpointHandle>,
+        hubs: &Hubs,
+    ) -> std::io::Result<Net> {
+        let port = Arc::new(NetPort::new());
+        let backend: Box<dyn NetBackend> = match &cfg.backend {
+            NetBackendConfig::Hub(id) => {
+                let sink: Weak<dyn FrameSink> = Arc::downgrade(&port) as Weak<dyn FrameSink>;
+                Box::new(hubs.get(id).join(sink))
+            }
+            NetBackendConfig::Tap(name) => Box::new(Tap::open(name, port.clone())?),
+        };
+        Ok(Net::with_backend(cfg, endpoint, port, backend))
+    }
+
+    /// Create a device with an explicit backend; `port` must be the sink the backend
+    /// delivers to.
+    pub fn with_backend(
+        cfg: NetConfig,
+        endpoint: Option<EndpointHandle>,
+        port: Arc<NetPort>,
+        backend: Box<dyn NetBackend>,
+    ) -> Net {
+        let mut features = VIRTIO_F_VERSION_1
+            | VIRTIO_NET_F_MAC
+            | VIRTIO_NET_F_STATUS
+            | VIRTIO_NET_F_MRG_RXBUF
+            | VIRTIO_NET_F_CTRL_VQ
+            | VIRTIO_NET_F_CTRL_RX;
+        if cfg.iommu {
+            features |= VIRTIO_F_ACCESS_PLATFORM;
+        }
+        let mac = cfg.mac.unwrap_or_else(generated_mac);
+        Net {
+            config: cfg,
+            mac,
+            endpoint,
+            features,
+            port,
+            backend,
+            active: None,
+        }
+    }
+
+    /// A fresh RX port to pass to [`Net::with_backend`].
+    pub fn new_port() -> Arc<NetPort> {
+        Arc::new(NetPort::new())
+    }
+
+    /// The options the device was created with.
+    pub fn config(&self) -> &NetConfig {
+        &self.config
+    }
+
+    /// The MAC address in config space.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// The port (RX side and counters).
+    pub fn port(&self) -> &Arc<NetPort> {
+        &self.port
+    }
+
+    fn stop(&mut self) {
+        self.active = None;
+        let mut st = self.port.lock();
+        st.active = None;
+        st.backlog.clear();
+    }
+
+    fn serve_tx(&mut self) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let stats = &self.port.stats;
+        let backend = &self.backend;
+        let tx = |mem: &dyn Fn(&[Desc]) -> Option<Vec<u8>>, descs: Option<&[Desc]>| {
+            match descs.and_then(mem) {
+                Some(frame) => {
+                    bump(&stats.tx_frames);
+                    backend.transmit(&frame);
+                }
+                None => {
+                    log::warn!("virtio-net: malformed or oversized TX chain dropped");
+                    bump(&stats.tx_errors);
+                }
+            }
+            0
+        };
+        let irq = match &a.mem {
+            NetMemory::Direct(m) => {
+                let g = m.memory();
+                serve_queue(
+                    &mut a.tx,
+                    || &*g,
+                    |mem: &GuestMemoryMmap, d| tx(&|d| read_tx(mem, d), d),
+                )
+            }
+            NetMemory::Translated(t) => serve_queue(
+                &mut a.tx,
+                || Pinned(t.pin()),
+                |mem: &TranslatedMemory, d| tx(&|d| read_tx(mem, d), d),
+            ),
+        };
+        if irq {
+            a.interrupt.signal_queue(TX_QUEUE);
+        }
+    }
+
+    fn serve_ctrl(&mut self) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let Some(q) = a.ctrl.as_mut() else {
+            return;
+        };
+        let stats = &self.port.stats;
+        let cmd = |len: u32| {
+            bump(&stats.ctrl_commands);
+            len
+        };
+        let irq = match &a.mem {
+            NetMemory::Direct(m) => {
+                let g = m.memory();
+                serve_queue(
+                    q,
+                    || &*g,
+                    |mem: &GuestMemoryMmap, d| cmd(d.map_or(0, |d| ctrl_command(mem, d))),
+                )
+            }
+            NetMemory::Translated(t) => serve_queue(
+                q,
+                || Pinned(t.pin()),
+                |mem: &TranslatedMemory, d| cmd(d.map_or(0, |d| ctrl_command(mem, d))),
+            ),
+        };
+        if irq {
+            a.interrupt.signal_queue(CTRL_QUEUE);
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn build_queue<M: GuestMemory>(qc: &QueueConfig, mem: &M) -> Result<Queue, ActivateError> {
+    let mut q = Queue::new(QUEUE_SIZE).map_err(|e| ActivateError::BadQueue(e.to_string()))?;
+    q.set_size(qc.size);
+    let split = |a: GuestAddress| (Some(a.0 as u32), Some((a.0 >> 32) as u32));
+    let (l, h) = split(qc.desc_table);
+    q.set_desc_table_address(l, h);
+    let (l, h) = split(qc.avail_ring);
+    q.set_avail_ring_address(l, h);
+    let (l, h) = split(qc.used_ring);
+    q.set_used_ring_address(l, h);
+    q.set_ready(true);
+    if !q.is_valid(mem) {
+        return Err(ActivateError::BadQueue(format!(
+            "{qc:?} is not a valid queue"
+        )));
+    }
+    Ok(q)
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 3]
+    }
+
+    fn device_features(&self) -> u64 {
+        self.features
+    }
+
+    /// `struct virtio_net_config`: mac[6], status, max_virtqueue_pairs, mtu.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut cfg = [0u8; 12];
+        cfg[..6].copy_from_slice(&self.mac);
+        cfg[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+        cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
+        cfg[10..12].copy_from_slice(&1500u16.to_le_bytes());
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| cfg.get(o as usize))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        log::debug!(
+            "virtio-net: ignoring config write at {offset:#x} ({} bytes)",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        acked_features: u64,
+        queues: Vec<QueueConfig>,
+        _kicks: Vec<EventFd>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        self.stop();
+        let ctrl_on = acked_features & VIRTIO_NET_F_CTRL_VQ != 0;
+        let wanted = if ctrl_on { 3 } else { 2 };
+        if queues.len() < wanted {
+            return Err(ActivateError::BadQueue(format!(
+                "expected {wanted} queues, got {}",
+                queues.len()
+            )));
+        }
+        let netmem = match (&self.endpoint, self.config.iommu) {
+            (_, false) => NetMemory::Direct(mem.clone()),
+            (None, true) => {
+                return Err(ActivateError::BadQueue(
+                    "iommu=on net without a vIOMMU endpoint".into(),
+                ))
+            }
+            (Some(_), true) if acked_features & VIRTIO_F_ACCESS_PLATFORM == 0 => {
+                log::warn!("virtio-net: driver did not accept VIRTIO_F_ACCESS_PLATFORM");
+                return Err(ActivateError::BadQueue(
+                    "VIRTIO_F_ACCESS_PLATFORM not accepted by the driver".into(),
+                ));
+            }
+            (Some(ep), true) => {
+                NetMemory::Translated(TranslatedMemory::from_atomic(&mem, ep.clone()))
+            }
+        };
+        let mut qs = match &netmem {
+            NetMemory::Direct(m) => {
+                let g = m.memory();
+                queues[..wanted]
+                    .iter()
+                    .map(|qc| build_queue(qc, &*g))
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+            NetMemory::Translated(t) => {
+                let p = t.pin();
+                queues[..wanted]
+                    .iter()
+                    .map(|qc| build_queue(qc, &p))
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+        };
+        let ctrl = if ctrl_on { qs.pop() } else { None };
+        let tx = qs
+            .pop()
+            .ok_or(ActivateError::BadQueue("no TX queue".into()))?;
+        let rxq = qs
+            .pop()
+            .ok_or(ActivateError::BadQueue("no RX queue".into()))?;
+        let rx_mem = match &netmem {
+            NetMemory::Direct(m) => NetMemory::Direct(m.clone()),
+            NetMemory::Translated(t) => NetMemory::Translated(t.clone()),
+        };
+        {
+            let mut st = self.port.lock();
+            st.backlog.clear();
+            st.active = Some(RxQueue {
+                queue: rxq,
+                mem: rx_mem,
+                interrupt: interrupt.clone(),
+                mergeable: acked_features & VIRTIO_NET_F_MRG_RXBUF != 0,
+            });
+            // No frames wait yet: the driver need not kick RX.
+            self.port.drain(&mut st);
+        }
+        self.active = Some(Active {
+            mem: netmem,
+            tx,
+            ctrl,
+            interrupt,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.stop();
+    }
+
+    fn inline_notify(&self) -> bool {
+        true
+    }
+
+    fn queue_notify(&mut self, queue: u16) {
+        match queue {
+            RX_QUEUE => {
+                let mut st = self.port.lock();
+                self.port.drain(&mut st);
+            }
+            TX_QUEUE => self.serve_tx(),
+            CTRL_QUEUE => self.serve_ctrl(),
+            q => log::warn!("virtio-net: notify for absent queue {q}"),
+        }
+    }
+}
