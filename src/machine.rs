@@ -23,6 +23,7 @@ use viommu::{Counters, Viommu};
 use crate::acpi::{self, AcpiConfig};
 use crate::boot::{self, LinuxBoot};
 use crate::devices::block::{Block, BlockConfig};
+use crate::devices::net::{Net, NetBackendConfig, NetConfig};
 use crate::devices::polled::Polled;
 use crate::iommu::ViommuOptions;
 use crate::lifecycle::ExitReason;
@@ -62,6 +63,8 @@ pub struct MachineConfig {
     pub viommu: Option<ViommuOptions>,
     /// Host PCI functions passed through with VFIO, plugged after the disks.
     pub devices: Vec<VfioDeviceConfig>,
+    /// virtio-net ports (`--net`), plugged after the disks.
+    pub nets: Vec<NetConfig>,
 }
 
 /// Machine errors.
@@ -113,6 +116,7 @@ pub struct Machine {
     iommu: Option<PendingIommu>,
     iommu_counters: Option<Arc<Counters>>,
     passthrough: Passthrough,
+    hubs: crate::net::Hubs,
 }
 
 impl Machine {
@@ -148,6 +152,7 @@ impl Machine {
             iommu: None,
             iommu_counters: None,
             passthrough,
+            hubs: crate::net::Hubs::new(),
         };
         if let Some(opts) = m.config.viommu.clone() {
             let hosts = m.passthrough.viommu_hosts();
@@ -173,6 +178,9 @@ impl Machine {
         for disk in m.config.disks.clone() {
             m.add_disk(disk)?;
         }
+        for net in m.config.nets.clone() {
+            m.add_net(net)?;
+        }
         m.add_vfio_devices()?;
         Ok(m)
     }
@@ -197,6 +205,12 @@ impl Machine {
     /// [`Machine::boot`] returns for the exit summary.
     pub fn viommu_counters(&self) -> Option<Arc<Counters>> {
         self.iommu_counters.clone()
+    }
+
+    /// Host DMA calls made into the VFIO containers (`None` without `--device`); read them
+    /// after [`Machine::boot`] returns for the exit summary.
+    pub fn vfio_counters(&self) -> Option<Arc<crate::vfio::DmaCounters>> {
+        (!self.config.devices.is_empty()).then(|| self.passthrough.dma_counters())
     }
 
     /// PCI device number of the virtio-iommu (`None` without one).
@@ -292,6 +306,56 @@ impl Machine {
             log::info!("VFIO device {name} at PCI 00:{slot:02x}.0");
         }
         Ok(())
+    }
+
+    /// Attach a virtio-net port; returns its PCI device number. An `iommu=on` port becomes an
+    /// endpoint of the virtio-iommu (which must exist).
+    pub fn add_net(&mut self, net: NetConfig) -> Result<u8, MachineError> {
+        let name = match &net.backend {
+            NetBackendConfig::Tap(t) => format!("net tap={t}"),
+            NetBackendConfig::Hub(h) => format!("net hub={h}"),
+        };
+        let slot = self
+            .free_slot()
+            .ok_or_else(|| MachineError::NoSlot(name.clone()))?;
+        let endpoint = if net.iommu {
+            let iommu = self.iommu.as_mut().ok_or_else(|| {
+                MachineError::Disk(name.clone(), "iommu=on needs --viommu virtio".into())
+            })?;
+            let bdf = viot::bdf(0, slot, 0);
+            let ep = iommu
+                .dev
+                .add_endpoint(u32::from(bdf))
+                .map_err(|e| MachineError::Viommu(e.to_string()))?;
+            iommu.endpoints.push(bdf);
+            Some(ep)
+        } else {
+            None
+        };
+        let dev = Net::new(net.clone(), endpoint, &self.hubs)
+            .map_err(|e| MachineError::Disk(name.clone(), e.to_string()))?;
+        let mac = dev.mac();
+        let dev = VirtioPciDevice::new(
+            Box::new(dev),
+            self.vm.memory.clone(),
+            self.vm.msi_manager()?,
+            self.vm.ioevent_manager(),
+        )
+        .map_err(|e| MachineError::Disk(name.clone(), e.to_string()))?;
+        let slot = self
+            .pci
+            .add_device_at(slot, Arc::new(Mutex::new(dev)))
+            .map_err(|e| MachineError::Disk(name.clone(), e.to_string()))?;
+        log::info!(
+            "{name} mac {:02x?} at PCI 00:{slot:02x}.0{}",
+            mac,
+            if net.iommu {
+                " behind the virtio-iommu"
+            } else {
+                ""
+            }
+        );
+        Ok(slot)
     }
 
     /// Plug the pending virtio-iommu at its reserved slot and add the VIOT describing it and

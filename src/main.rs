@@ -21,7 +21,11 @@ fn main() -> ExitCode {
     vmm::logger::init(level);
     let result = Machine::new(config).and_then(|m| {
         let counters = m.viommu_counters();
+        let vfio = m.vfio_counters();
         let r = m.boot();
+        if let Some(v) = vfio {
+            eprintln!("{}", v.summary_line());
+        }
         // One parseable line, whatever the log level (see vmm::iommu::summary_line).
         if let Some(c) = counters {
             eprintln!("{}", vmm::iommu::summary_line(&c.snapshot()));

@@ -20,13 +20,16 @@
 use std::collections::btree_map::{BTreeMap, Entry};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use pci::{MsiIrqManager, VfioPciDevice};
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioOps};
-use viommu::{BarTargets, HostIommuInfo, Shadow, StaticMapping, VfioDmaSpace};
+use viommu::{
+    BarTargets, DmaSpace, HostIommuInfo, HostMapError, Prot, Shadow, StaticMapping, VfioDmaSpace,
+};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::memory_slots::KvmMemorySlots;
@@ -98,12 +101,72 @@ pub enum VfioError {
     NoViommu(PathBuf),
 }
 
+/// Host DMA calls made by the VMM into every VFIO container of the VM (all successful and
+/// failed `VFIO_IOMMU_MAP_DMA` / `UNMAP_DMA` ioctls), for the exit summary.
+#[derive(Debug, Default)]
+pub struct DmaCounters {
+    /// Map calls.
+    pub maps: AtomicU64,
+    /// Unmap calls.
+    pub unmaps: AtomicU64,
+    /// Calls the host refused.
+    pub failures: AtomicU64,
+}
+
+impl DmaCounters {
+    /// `vfio: host_maps=N host_unmaps=N host_failures=N` (one line, parsed by tests).
+    pub fn summary_line(&self) -> String {
+        format!(
+            "vfio: host_maps={} host_unmaps={} host_failures={}",
+            self.maps.load(Ordering::Relaxed),
+            self.unmaps.load(Ordering::Relaxed),
+            self.failures.load(Ordering::Relaxed)
+        )
+    }
+}
+
+/// A container's DMA space that counts the calls made into it.
+struct Counted {
+    inner: Arc<dyn DmaSpace>,
+    counters: Arc<DmaCounters>,
+}
+
+impl Counted {
+    fn tally<T>(&self, r: Result<T, HostMapError>) -> Result<T, HostMapError> {
+        if r.is_err() {
+            self.counters.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl DmaSpace for Counted {
+    unsafe fn map(
+        &self,
+        iova: u64,
+        size: u64,
+        host_addr: u64,
+        prot: Prot,
+    ) -> Result<(), HostMapError> {
+        self.counters.maps.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: forwarded from this function's contract.
+        let r = unsafe { self.inner.map(iova, size, host_addr, prot) };
+        self.tally(r)
+    }
+
+    fn unmap(&self, iova: u64, size: u64) -> Result<(), HostMapError> {
+        self.counters.unmaps.fetch_add(1, Ordering::Relaxed);
+        let r = self.inner.unmap(iova, size);
+        self.tally(r)
+    }
+}
+
 /// One legacy type1 container (one IOMMU group) and what mirrors guest DMA into it.
 struct Container {
     /// Kept open for the VM's lifetime.
     #[allow(dead_code)]
     container: Arc<VfioContainer>,
-    space: Arc<VfioDmaSpace>,
+    space: Arc<dyn DmaSpace>,
     iommu: bool,
     info: HostIommuInfo,
     shadow: Option<Arc<Shadow>>,
@@ -131,6 +194,7 @@ pub struct Passthrough {
     pending: Vec<Opened>,
     bars: Arc<BarTargets>,
     slots: Arc<KvmMemorySlots>,
+    counters: Arc<DmaCounters>,
     /// Kept open for the VM's lifetime (the containers hold a handle too).
     #[allow(dead_code)]
     kvm_vfio: Option<Arc<VfioDeviceFd>>,
@@ -155,6 +219,7 @@ impl Passthrough {
             pending: Vec::new(),
             bars: Arc::new(BarTargets::new()),
             slots,
+            counters: Arc::new(DmaCounters::default()),
             kvm_vfio: None,
         };
         if configs.is_empty() {
@@ -197,8 +262,12 @@ impl Passthrough {
         let device = VfioDevice::new(path, ops, false)
             .map_err(|e| VfioError::Device(path.to_path_buf(), device_hint(path, &e)))?;
         if let Entry::Vacant(slot) = self.containers.entry(group) {
-            let space = Arc::new(VfioDmaSpace::new(new_container.clone()));
-            let info = space.query_info().map_err(|e| VfioError::Info(group, e))?;
+            let vfio = Arc::new(VfioDmaSpace::new(new_container.clone()));
+            let info = vfio.query_info().map_err(|e| VfioError::Info(group, e))?;
+            let space: Arc<dyn DmaSpace> = Arc::new(Counted {
+                inner: vfio,
+                counters: self.counters.clone(),
+            });
             log::info!(
                 "vfio: group {group}: host IOMMU page sizes {:#x}, IOVA ranges {:x?}, \
                  dma_avail {:?}",
@@ -257,6 +326,11 @@ impl Passthrough {
     /// The shared resolver of every assigned device's BARs (peer-to-peer DMA).
     pub fn bar_targets(&self) -> Arc<BarTargets> {
         self.bars.clone()
+    }
+
+    /// Host DMA calls into the containers so far.
+    pub fn dma_counters(&self) -> Arc<DmaCounters> {
+        self.counters.clone()
     }
 
     /// The KVM memory slots used for BARs.
@@ -352,6 +426,30 @@ mod tests {
         ] {
             assert!(VfioDeviceConfig::parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn counted_space_counts_every_call_and_failure() {
+        use viommu::host::recording::RecordingMapper;
+        let rec = Arc::new(RecordingMapper::new());
+        let counters = Arc::new(DmaCounters::default());
+        let space = Counted {
+            inner: rec.clone(),
+            counters: counters.clone(),
+        };
+        // SAFETY: the recording mapper never touches host memory.
+        unsafe {
+            space.map(0x1000, 0x1000, 0x7000_0000, Prot::RW).unwrap();
+            // Overlap: refused by the mapper, still one call.
+            assert!(space.map(0x1000, 0x2000, 0x7000_0000, Prot::RW).is_err());
+        }
+        space.unmap(0x1000, 0x1000).unwrap();
+        assert!(space.unmap(0x1000, 0x1000).is_err());
+        assert_eq!(rec.ops().len(), 2);
+        assert_eq!(
+            counters.summary_line(),
+            "vfio: host_maps=2 host_unmaps=2 host_failures=2"
+        );
     }
 
     #[test]
