@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use log::LevelFilter;
 
 use crate::devices::block::BlockConfig;
+use crate::devices::net::NetConfig;
 use crate::iommu::ViommuOptions;
 use crate::machine::{MachineConfig, SerialOutput};
 use crate::memory::parse_size;
@@ -28,6 +29,10 @@ usage: vmm --kernel BZIMAGE [options]
                         the disk behind the virtio-iommu (needs --viommu virtio); indirect
                         descriptors are offered except behind the IOMMU (each indirect
                         table costs the guest one more MAP and UNMAP per request)
+  --net tap=NAME|hub=ID[,mac=52:54:00:12:34:56][,iommu=on]
+                        virtio-net port (repeatable) on a TAP interface or on an in-process
+                        hub joining this VM's ports (a frame sent on one port reaches every
+                        other port of the hub); iommu=on puts it behind the virtio-iommu
   --device path=/sys/bus/pci/devices/BDF[,iommu=on|off]
                         pass a host PCI function bound to vfio-pci through (repeatable);
                         iommu=on puts it behind the virtio-iommu (needs --viommu virtio,
@@ -65,6 +70,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
     let mut cpus = 2u8;
     let mut disks = Vec::new();
     let mut devices = Vec::new();
+    let mut nets = Vec::new();
     let mut serial = SerialOutput::Stdout;
     let mut viommu = None;
     let mut level = std::env::var("RUST_LOG")
@@ -108,6 +114,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
             "--disk" => {
                 disks.push(BlockConfig::parse(&value()?).map_err(|e| format!("--disk: {e}"))?)
             }
+            "--net" => nets.push(NetConfig::parse(&value()?).map_err(|e| format!("--net: {e}"))?),
             "--device" => devices
                 .push(VfioDeviceConfig::parse(&value()?).map_err(|e| format!("--device: {e}"))?),
             "--viommu" => {
@@ -139,6 +146,11 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
                 d.path.display()
             ));
         }
+        if nets.iter().any(|n| n.iommu) {
+            return Err(
+                "--net ...,iommu=on: the port must sit behind a vIOMMU, add --viommu virtio".into(),
+            );
+        }
         if let Some(d) = devices.iter().find(|d| d.iommu) {
             return Err(format!(
                 "--device path={},iommu=on: the device must sit behind a vIOMMU, add --viommu \
@@ -158,6 +170,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
             serial,
             viommu,
             devices,
+            nets,
         },
         level,
     ))

@@ -207,6 +207,7 @@ fn pci_config_cycles_and_acpi_poweroff() {
         serial: SerialOutput::File(std::env::temp_dir().join("vmm-kvm-test-serial.txt")),
         viommu: None,
         devices: Vec::new(),
+        nets: Vec::new(),
     })
     .unwrap();
     load(
