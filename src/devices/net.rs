@@ -1036,3 +1036,701 @@ impl VirtioDevice for Net {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use virtio_queue::desc::{split::Descriptor as SplitDesc, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+    const QSIZE: u16 = 64;
+    /// Rings of queue i at RING_BASE + i * 0x1000; buffers from BUF_BASE.
+    const RING_BASE: u64 = 0x1_0000;
+    const BUF_BASE: u64 = 0x2_0000;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap()
+    }
+
+    /// Append one chain of `(addr, len, device-writable)` descriptors at table index `first`.
+    fn push_chain(vq: &MockSplitQueue<GuestMemoryMmap>, first: u16, descs: &[(u64, u32, bool)]) {
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, w))| {
+                let last = i == descs.len() - 1;
+                let flags = if w { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
+                let next = if last { 0 } else { first + i as u16 + 1 };
+                RawDescriptor::from(SplitDesc::new(addr, len, flags, next))
+            })
+            .collect();
+        vq.add_desc_chains(&raw, first).unwrap();
+    }
+
+    #[derive(Default)]
+    struct Irqs(Mutex<Vec<u16>>);
+    impl VirtioInterrupt for Irqs {
+        fn signal_queue(&self, queue: u16) {
+            self.0.lock().unwrap().push(queue);
+        }
+        fn signal_config(&self) {}
+    }
+    impl Irqs {
+        fn count(&self, q: u16) -> usize {
+            self.0.lock().unwrap().iter().filter(|&&x| x == q).count()
+        }
+    }
+
+    /// A device activated on mock queues in `m` (offset `base` so two devices can share one
+    /// memory); next free descriptor index per queue is tracked by the caller.
+    struct Port<'a> {
+        dev: Net,
+        rx: MockSplitQueue<'a, GuestMemoryMmap>,
+        tx: MockSplitQueue<'a, GuestMemoryMmap>,
+        ctrl: MockSplitQueue<'a, GuestMemoryMmap>,
+        irqs: Arc<Irqs>,
+    }
+
+    fn cfg(hub: &str, iommu: bool) -> NetConfig {
+        NetConfig {
+            backend: NetBackendConfig::Hub(hub.into()),
+            mac: None,
+            iommu,
+        }
+    }
+
+    fn port<'a>(
+        m: &'a GuestMemoryMmap,
+        base: u64,
+        dev: Net,
+        features: u64,
+    ) -> Result<Port<'a>, ActivateError> {
+        let mk = |i: u64| MockSplitQueue::create(m, GuestAddress(base + i * 0x1000), QSIZE);
+        let (rx, tx, ctrl) = (mk(0), mk(1), mk(2));
+        let qc = |q: &MockSplitQueue<GuestMemoryMmap>| QueueConfig {
+            size: QSIZE,
+            desc_table: q.desc_table_addr(),
+            avail_ring: q.avail_addr(),
+            used_ring: q.used_addr(),
+            ready: true,
+        };
+        let irqs = Arc::new(Irqs::default());
+        let mut p = Port {
+            dev,
+            rx,
+            tx,
+            ctrl,
+            irqs,
+        };
+        let qs = vec![qc(&p.rx), qc(&p.tx), qc(&p.ctrl)];
+        p.dev.activate(
+            GuestMemoryAtomic::new(m.clone()),
+            features,
+            qs,
+            vec![],
+            p.irqs.clone(),
+        )?;
+        Ok(p)
+    }
+
+    fn used_idx(m: &GuestMemoryMmap, q: &MockSplitQueue<GuestMemoryMmap>) -> u16 {
+        m.read_obj(q.used_addr().unchecked_add(2)).unwrap()
+    }
+
+    /// (id, len) of used ring entry `i`.
+    fn used_elem(m: &GuestMemoryMmap, q: &MockSplitQueue<GuestMemoryMmap>, i: u64) -> (u32, u32) {
+        let at = q.used_addr().unchecked_add(4 + i * 8);
+        (
+            m.read_obj(at).unwrap(),
+            m.read_obj(at.unchecked_add(4)).unwrap(),
+        )
+    }
+
+    fn frame(n: usize, seed: u8) -> Vec<u8> {
+        (0..n).map(|i| (i as u8).wrapping_mul(7) ^ seed).collect()
+    }
+
+    /// Put `frame` (with a zero header) at `at` as one TX chain at descriptor `first`.
+    fn send(m: &GuestMemoryMmap, p: &mut Port, first: u16, at: u64, frame: &[u8]) {
+        m.write_slice(&[0u8; HDR_BYTES], GuestAddress(at)).unwrap();
+        m.write_slice(frame, GuestAddress(at + HDR_BYTES as u64))
+            .unwrap();
+        push_chain(
+            &p.tx,
+            first,
+            &[
+                (at, HDR_BYTES as u32, false),
+                (at + HDR_BYTES as u64, frame.len() as u32, false),
+            ],
+        );
+        p.dev.queue_notify(TX_QUEUE);
+    }
+
+    const ALL: u64 = VIRTIO_F_VERSION_1
+        | VIRTIO_NET_F_MAC
+        | VIRTIO_NET_F_STATUS
+        | VIRTIO_NET_F_MRG_RXBUF
+        | VIRTIO_NET_F_CTRL_VQ
+        | VIRTIO_NET_F_CTRL_RX;
+
+    fn pair(m: &GuestMemoryMmap, features: u64) -> (Port<'_>, Port<'_>) {
+        let hubs = Hubs::new();
+        let a = Net::new(cfg("h", false), None, &hubs).unwrap();
+        let b = Net::new(cfg("h", false), None, &hubs).unwrap();
+        (
+            port(m, RING_BASE, a, features).unwrap(),
+            port(m, RING_BASE + 0x8000, b, features).unwrap(),
+        )
+    }
+
+    #[test]
+    fn tx_crosses_the_hub_into_the_peer_rx_buffers() {
+        let m = mem();
+        let (mut a, mut b) = pair(&m, ALL);
+        push_chain(&b.rx, 0, &[(BUF_BASE + 0x10_000, 2048, true)]);
+        b.dev.queue_notify(RX_QUEUE);
+        let f = frame(100, 1);
+        send(&m, &mut a, 0, BUF_BASE, &f);
+        assert_eq!(used_idx(&m, &a.tx), 1, "TX chain completed");
+        assert_eq!(used_elem(&m, &a.tx, 0), (0, 0));
+        assert_eq!(used_idx(&m, &b.rx), 1);
+        assert_eq!(used_elem(&m, &b.rx, 0), (0, (HDR_BYTES + 100) as u32));
+        let mut got = vec![0u8; HDR_BYTES + 100];
+        m.read_slice(&mut got, GuestAddress(BUF_BASE + 0x10_000))
+            .unwrap();
+        assert_eq!(&got[HDR_BYTES..], &f[..]);
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
+        assert_eq!(b.irqs.count(RX_QUEUE), 1);
+        assert_eq!(a.irqs.count(TX_QUEUE), 1);
+        assert_eq!(used_idx(&m, &a.rx), 0, "no echo to the sender");
+        let (sa, sb) = (
+            a.dev.port().stats().snapshot(),
+            b.dev.port().stats().snapshot(),
+        );
+        assert_eq!((sa.tx_frames, sb.rx_frames, sa.rx_frames), (1, 1, 0));
+    }
+
+    #[test]
+    fn mergeable_buffers_carry_a_big_frame_published_at_once() {
+        let m = mem();
+        let (mut a, b) = pair(&m, ALL);
+        for i in 0..8u16 {
+            push_chain(
+                &b.rx,
+                i,
+                &[(BUF_BASE + 0x10_000 + u64::from(i) * 0x100, 64, true)],
+            );
+        }
+        let f = frame(200, 2);
+        send(&m, &mut a, 0, BUF_BASE, &f);
+        // 12 + 200 = 212 bytes = 64 * 3 + 20: four buffers.
+        assert_eq!(used_idx(&m, &b.rx), 4);
+        let lens: Vec<u32> = (0..4).map(|i| used_elem(&m, &b.rx, i).1).collect();
+        assert_eq!(lens, vec![64, 64, 64, 20]);
+        let ids: Vec<u32> = (0..4).map(|i| used_elem(&m, &b.rx, i).0).collect();
+        assert_eq!(ids, vec![0, 1, 2, 3]);
+        let mut got = Vec::new();
+        for i in 0..4u64 {
+            let mut c = vec![0u8; lens[i as usize] as usize];
+            m.read_slice(&mut c, GuestAddress(BUF_BASE + 0x10_000 + i * 0x100))
+                .unwrap();
+            got.extend_from_slice(&c);
+        }
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 4, "num_buffers");
+        assert_eq!(&got[HDR_BYTES..], &f[..]);
+        // The other four buffers are still there for the next frame.
+        send(&m, &mut a, 2, BUF_BASE + 0x1000, &frame(10, 3));
+        assert_eq!(used_idx(&m, &b.rx), 5);
+    }
+
+    #[test]
+    fn without_mergeable_a_too_small_buffer_drops_the_frame_and_stays_posted() {
+        let m = mem();
+        let (mut a, b) = pair(&m, ALL & !VIRTIO_NET_F_MRG_RXBUF);
+        push_chain(&b.rx, 0, &[(BUF_BASE + 0x10_000, 64, true)]);
+        send(&m, &mut a, 0, BUF_BASE, &frame(200, 4));
+        assert_eq!(used_idx(&m, &b.rx), 0, "buffer not consumed");
+        assert_eq!(b.dev.port().stats().snapshot().rx_dropped, 1);
+        assert_eq!(b.dev.port().backlog_len(), 0);
+        send(&m, &mut a, 2, BUF_BASE + 0x1000, &frame(40, 5));
+        assert_eq!(used_idx(&m, &b.rx), 1, "a small frame still fits");
+        assert_eq!(used_elem(&m, &b.rx, 0).1, (HDR_BYTES + 40) as u32);
+    }
+
+    #[test]
+    fn backlog_waits_for_buffers_is_bounded_and_drains_on_rx_kick() {
+        let m = mem();
+        let (a, mut b) = pair(&m, ALL);
+        let sink = b.dev.port().clone();
+        assert_eq!(sink.deliver(&frame(60, 6)), Delivery::Queued);
+        for i in 1..BACKLOG_FRAMES + 10 {
+            sink.deliver(&frame(60, i as u8));
+        }
+        assert_eq!(sink.backlog_len(), BACKLOG_FRAMES);
+        assert_eq!(sink.stats().snapshot().rx_dropped, 10);
+        // Waiting frames: the driver must kick RX when it adds buffers.
+        let used_flags: u16 = m.read_obj(b.rx.used_addr()).unwrap();
+        assert_eq!(used_flags & 1, 0, "RX kicks enabled while frames wait");
+        for i in 0..4u16 {
+            push_chain(
+                &b.rx,
+                i,
+                &[(BUF_BASE + 0x10_000 + u64::from(i) * 0x800, 2048, true)],
+            );
+        }
+        b.dev.queue_notify(RX_QUEUE);
+        assert_eq!(used_idx(&m, &b.rx), 4);
+        assert_eq!(sink.backlog_len(), BACKLOG_FRAMES - 4);
+        assert_eq!(b.irqs.count(RX_QUEUE), 1);
+        let mut first = vec![0u8; 60];
+        m.read_slice(
+            &mut first,
+            GuestAddress(BUF_BASE + 0x10_000 + HDR_BYTES as u64),
+        )
+        .unwrap();
+        assert_eq!(first, frame(60, 6), "oldest frame first");
+        drop(a);
+    }
+
+    #[test]
+    fn no_rx_kicks_requested_when_nothing_waits() {
+        let m = mem();
+        let (mut a, b) = pair(&m, ALL);
+        push_chain(&b.rx, 0, &[(BUF_BASE + 0x10_000, 2048, true)]);
+        send(&m, &mut a, 0, BUF_BASE, &frame(60, 1));
+        let used_flags: u16 = m.read_obj(b.rx.used_addr()).unwrap();
+        assert_eq!(
+            used_flags & 1,
+            1,
+            "VRING_USED_F_NO_NOTIFY on RX with an empty backlog"
+        );
+    }
+
+    #[test]
+    fn driver_suppressed_interrupts_are_not_sent() {
+        let m = mem();
+        let (mut a, b) = pair(&m, ALL);
+        // VRING_AVAIL_F_NO_INTERRUPT on both rings (as DPDK's PMD does).
+        m.write_obj(1u16, b.rx.avail_addr()).unwrap();
+        m.write_obj(1u16, a.tx.avail_addr()).unwrap();
+        push_chain(&b.rx, 0, &[(BUF_BASE + 0x10_000, 2048, true)]);
+        send(&m, &mut a, 0, BUF_BASE, &frame(60, 1));
+        assert_eq!(used_idx(&m, &b.rx), 1);
+        assert_eq!((a.irqs.count(TX_QUEUE), b.irqs.count(RX_QUEUE)), (0, 0));
+    }
+
+    #[test]
+    fn bad_chains_are_completed_and_counted_never_panic() {
+        let m = mem();
+        let (mut a, b) = pair(&m, ALL);
+        push_chain(&b.rx, 0, &[(BUF_BASE + 0x10_000, 2048, true)]);
+        let tx_err = |a: &Port| a.dev.port().stats().snapshot().tx_errors;
+        // TX chain with a device-writable descriptor.
+        push_chain(
+            &a.tx,
+            0,
+            &[(BUF_BASE, 12, false), (BUF_BASE + 12, 60, true)],
+        );
+        a.dev.queue_notify(TX_QUEUE);
+        assert_eq!((used_idx(&m, &a.tx), tx_err(&a)), (1, 1));
+        // Shorter than the header.
+        push_chain(&a.tx, 2, &[(BUF_BASE, 5, false)]);
+        a.dev.queue_notify(TX_QUEUE);
+        assert_eq!((used_idx(&m, &a.tx), tx_err(&a)), (2, 2));
+        // Oversized frame (length sums past MAX_FRAME_BYTES).
+        push_chain(
+            &a.tx,
+            3,
+            &[(BUF_BASE, 12, false), (BUF_BASE, 0xffff_0000, false)],
+        );
+        a.dev.queue_notify(TX_QUEUE);
+        assert_eq!((used_idx(&m, &a.tx), tx_err(&a)), (3, 3));
+        // Outside guest RAM.
+        push_chain(&a.tx, 5, &[(0x1_0000_0000, 100, false)]);
+        a.dev.queue_notify(TX_QUEUE);
+        assert_eq!((used_idx(&m, &a.tx), tx_err(&a)), (4, 4));
+        assert_eq!(used_idx(&m, &b.rx), 0, "nothing reached the peer");
+        // RX chain with a readable descriptor: completed empty, the next one is used.
+        push_chain(&b.rx, 1, &[(BUF_BASE + 0x11_000, 2048, false)]);
+        // (index 0 is still a good buffer: consume it first)
+        send(&m, &mut a, 6, BUF_BASE + 0x1000, &frame(30, 1));
+        send(&m, &mut a, 8, BUF_BASE + 0x2000, &frame(30, 2));
+        assert_eq!(b.dev.port().stats().snapshot().rx_bad_chains, 1);
+        assert_eq!(used_elem(&m, &b.rx, 1), (1, 0));
+        // An absent queue and notifies after reset are ignored.
+        a.dev.queue_notify(9);
+        a.dev.reset();
+        a.dev.queue_notify(TX_QUEUE);
+        assert_eq!(
+            b.dev.port().deliver(&vec![0u8; MAX_FRAME_BYTES + 1]),
+            Delivery::Dropped
+        );
+    }
+
+    #[test]
+    fn control_commands_are_acknowledged() {
+        let m = mem();
+        let (a, _b) = pair(&m, ALL);
+        // VIRTIO_NET_CTRL_RX / PROMISC on.
+        m.write_slice(&[0u8, 0, 1], GuestAddress(BUF_BASE)).unwrap();
+        m.write_obj(0xeeu8, GuestAddress(BUF_BASE + 0x100)).unwrap();
+        push_chain(
+            &a.ctrl,
+            0,
+            &[
+                (BUF_BASE, 2, false),
+                (BUF_BASE + 2, 1, false),
+                (BUF_BASE + 0x100, 1, true),
+            ],
+        );
+        // Unknown class 0x77: refused.
+        m.write_slice(&[0x77u8, 0], GuestAddress(BUF_BASE + 0x200))
+            .unwrap();
+        push_chain(
+            &a.ctrl,
+            3,
+            &[(BUF_BASE + 0x200, 2, false), (BUF_BASE + 0x300, 1, true)],
+        );
+        // No ack byte: used length 0.
+        push_chain(&a.ctrl, 5, &[(BUF_BASE, 2, false)]);
+        let mut a = a;
+        a.dev.queue_notify(CTRL_QUEUE);
+        assert_eq!(used_idx(&m, &a.ctrl), 3);
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(BUF_BASE + 0x100)).unwrap(),
+            VIRTIO_NET_OK
+        );
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(BUF_BASE + 0x300)).unwrap(),
+            VIRTIO_NET_ERR
+        );
+        assert_eq!(used_elem(&m, &a.ctrl, 0).1, 1);
+        assert_eq!(used_elem(&m, &a.ctrl, 2).1, 0);
+        assert_eq!(a.dev.port().stats().snapshot().ctrl_commands, 3);
+    }
+
+    #[test]
+    fn config_space_and_features() {
+        let hubs = Hubs::new();
+        let mut c = cfg("x", true);
+        c.mac = Some([0x52, 0x54, 0, 1, 2, 3]);
+        let n = Net::new(c, None, &hubs).unwrap();
+        let mut b = [0u8; 12];
+        n.read_config(0, &mut b);
+        assert_eq!(&b[..6], &[0x52, 0x54, 0, 1, 2, 3]);
+        assert_eq!(u16::from_le_bytes([b[6], b[7]]), VIRTIO_NET_S_LINK_UP);
+        let mut far = [0xffu8; 4];
+        n.read_config(u64::MAX - 1, &mut far);
+        assert_eq!(far, [0; 4]);
+        let f = n.device_features();
+        for bit in [
+            VIRTIO_F_ACCESS_PLATFORM,
+            VIRTIO_NET_F_MRG_RXBUF,
+            VIRTIO_NET_F_CTRL_VQ,
+        ] {
+            assert_ne!(f & bit, 0);
+        }
+        let plain = Net::new(cfg("x", false), None, &hubs).unwrap();
+        assert_eq!(plain.device_features() & VIRTIO_F_ACCESS_PLATFORM, 0);
+        assert_ne!(plain.mac(), n.mac());
+        assert_eq!(plain.queue_max_sizes().len(), 3);
+    }
+
+    #[test]
+    fn net_options_parse() {
+        let c = NetConfig::parse("hub=0,mac=52:54:00:ab:cd:ef,iommu=on").unwrap();
+        assert_eq!(c.backend, NetBackendConfig::Hub("0".into()));
+        assert_eq!(c.mac, Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef]));
+        assert!(c.iommu);
+        let t = NetConfig::parse("tap=tap0").unwrap();
+        assert_eq!(
+            (t.backend, t.mac, t.iommu),
+            (NetBackendConfig::Tap("tap0".into()), None, false)
+        );
+        for bad in [
+            "",
+            "mac=52:54:00:00:00:01",
+            "hub=0,tap=t",
+            "hub=0,mac=01:00:00:00:00:00",
+            "hub=0,mac=1:2:3",
+            "hub=0,mac=zz:00:00:00:00:00",
+            "tap=averyveryverylongname",
+            "hub=0,iommu=maybe",
+            "hub=0,speed=10",
+        ] {
+            assert!(NetConfig::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    // ---- Behind the vIOMMU. ----
+
+    const EP_A: u32 = 0x10;
+    const EP_B: u32 = 0x18;
+    const IOMMU_RING: u64 = 0x18_0000;
+    const IOMMU_EVT: u64 = 0x18_1000;
+    const IOMMU_BUF: u64 = 0x18_2000;
+
+    struct NoIrq;
+    impl VirtioInterrupt for NoIrq {
+        fn signal_queue(&self, _queue: u16) {}
+        fn signal_config(&self) {}
+    }
+
+    /// A virtio-iommu driven through its request queue like a driver would.
+    struct Iommu<'a> {
+        dev: viommu::Viommu,
+        req: MockSplitQueue<'a, GuestMemoryMmap>,
+        m: &'a GuestMemoryMmap,
+        n: AtomicUsize,
+    }
+
+    impl<'a> Iommu<'a> {
+        fn new(m: &'a GuestMemoryMmap) -> (Iommu<'a>, EndpointHandle, EndpointHandle) {
+            let mut dev = viommu::Viommu::new(viommu::ViommuConfig {
+                bypass: false,
+                ..Default::default()
+            })
+            .unwrap();
+            let a = dev.add_endpoint(EP_A).unwrap();
+            let b = dev.add_endpoint(EP_B).unwrap();
+            let req = MockSplitQueue::create(m, GuestAddress(IOMMU_RING), 256);
+            let evt = MockSplitQueue::create(m, GuestAddress(IOMMU_EVT), 16);
+            for i in 0..8u16 {
+                push_chain(
+                    &evt,
+                    i,
+                    &[(IOMMU_BUF + 0x8000 + u64::from(i) * 0x40, 24, true)],
+                );
+            }
+            let qc = |q: &MockSplitQueue<GuestMemoryMmap>, size| QueueConfig {
+                size,
+                desc_table: q.desc_table_addr(),
+                avail_ring: q.avail_addr(),
+                used_ring: q.used_addr(),
+                ready: true,
+            };
+            dev.activate(
+                GuestMemoryAtomic::new(m.clone()),
+                dev.device_features(),
+                vec![qc(&req, 256), qc(&evt, 16)],
+                vec![],
+                Arc::new(NoIrq),
+            )
+            .unwrap();
+            (
+                Iommu {
+                    dev,
+                    req,
+                    m,
+                    n: AtomicUsize::new(0),
+                },
+                a,
+                b,
+            )
+        }
+
+        fn request(&mut self, body: &[u8]) -> u8 {
+            let i = self.n.fetch_add(1, Ordering::SeqCst) as u64;
+            let at = IOMMU_BUF + i * 0x40;
+            self.m.write_slice(body, GuestAddress(at)).unwrap();
+            self.m.write_obj(0xffu8, GuestAddress(at + 0x3c)).unwrap();
+            push_chain(
+                &self.req,
+                2 * i as u16,
+                &[(at, body.len() as u32, false), (at + 0x3c, 4, true)],
+            );
+            self.dev.queue_notify(0);
+            self.m.read_obj(GuestAddress(at + 0x3c)).unwrap()
+        }
+
+        fn attach(&mut self, domain: u32, ep: u32) {
+            let mut b = vec![1u8, 0, 0, 0];
+            b.extend_from_slice(&domain.to_le_bytes());
+            b.extend_from_slice(&ep.to_le_bytes());
+            b.extend_from_slice(&[0; 8]);
+            assert_eq!(self.request(&b), 0, "attach {ep:#x} to {domain}");
+        }
+
+        fn map(&mut self, domain: u32, iova: u64, size: u64, gpa: u64) {
+            let mut b = vec![3u8, 0, 0, 0];
+            b.extend_from_slice(&domain.to_le_bytes());
+            b.extend_from_slice(&iova.to_le_bytes());
+            b.extend_from_slice(&(iova + size - 1).to_le_bytes());
+            b.extend_from_slice(&gpa.to_le_bytes());
+            b.extend_from_slice(&3u32.to_le_bytes());
+            assert_eq!(self.request(&b), 0, "map {iova:#x}");
+        }
+    }
+
+    /// IOVA base of each device's window: IOVA = WIN + GPA for GPAs below 0x18_0000.
+    const WIN_A: u64 = 0x40_0000_0000;
+    const WIN_B: u64 = 0x80_0000_0000;
+
+    /// Two iommu=on ports on one hub, each in its own domain mapping GPA 0..0x18_0000 at its
+    /// window; queues are given to the devices as IOVAs.
+    fn translated_pair(
+        m: &GuestMemoryMmap,
+    ) -> (
+        Iommu<'_>,
+        Port<'_>,
+        Port<'_>,
+        MockSplitQueue<'_, GuestMemoryMmap>,
+    ) {
+        let (mut iommu, ea, eb) = Iommu::new(m);
+        iommu.attach(1, EP_A);
+        iommu.map(1, WIN_A, 0x18_0000, 0);
+        iommu.attach(2, EP_B);
+        iommu.map(2, WIN_B, 0x18_0000, 0);
+        let hubs = Hubs::new();
+        let a = Net::new(cfg("h", true), Some(ea), &hubs).unwrap();
+        let b = Net::new(cfg("h", true), Some(eb), &hubs).unwrap();
+        let feats = ALL | VIRTIO_F_ACCESS_PLATFORM;
+        // Activate with IOVA ring addresses: build the mock at the GPA, hand IOVAs over.
+        let act = |dev: Net, base: u64, win: u64| -> Port<'_> {
+            let mk = |i: u64| MockSplitQueue::create(m, GuestAddress(base + i * 0x1000), QSIZE);
+            let (rx, tx, ctrl) = (mk(0), mk(1), mk(2));
+            let qc = |q: &MockSplitQueue<GuestMemoryMmap>| QueueConfig {
+                size: QSIZE,
+                desc_table: GuestAddress(win + q.desc_table_addr().0),
+                avail_ring: GuestAddress(win + q.avail_addr().0),
+                used_ring: GuestAddress(win + q.used_addr().0),
+                ready: true,
+            };
+            let irqs = Arc::new(Irqs::default());
+            let mut p = Port {
+                dev,
+                rx,
+                tx,
+                ctrl,
+                irqs,
+            };
+            let qs = vec![qc(&p.rx), qc(&p.tx), qc(&p.ctrl)];
+            p.dev
+                .activate(
+                    GuestMemoryAtomic::new(m.clone()),
+                    feats,
+                    qs,
+                    vec![],
+                    p.irqs.clone(),
+                )
+                .unwrap();
+            p
+        };
+        let pa = act(a, RING_BASE, WIN_A);
+        let pb = act(b, RING_BASE + 0x8000, WIN_B);
+        let evt = MockSplitQueue::create(m, GuestAddress(IOMMU_EVT), 16);
+        (iommu, pa, pb, evt)
+    }
+
+    #[test]
+    fn behind_the_iommu_frames_and_rings_are_translated() {
+        let m = mem();
+        let (iommu, mut a, b, _evt) = translated_pair(&m);
+        push_chain(&b.rx, 0, &[(WIN_B + BUF_BASE + 0x10_000, 2048, true)]);
+        let f = frame(90, 9);
+        // The frame lives at GPA BUF_BASE; the descriptors carry IOVAs.
+        m.write_slice(&[0u8; HDR_BYTES], GuestAddress(BUF_BASE))
+            .unwrap();
+        m.write_slice(&f, GuestAddress(BUF_BASE + HDR_BYTES as u64))
+            .unwrap();
+        push_chain(
+            &a.tx,
+            0,
+            &[(WIN_A + BUF_BASE, (HDR_BYTES + 90) as u32, false)],
+        );
+        a.dev.queue_notify(TX_QUEUE);
+        assert_eq!(used_idx(&m, &a.tx), 1);
+        assert_eq!(used_idx(&m, &b.rx), 1);
+        let mut got = vec![0u8; 90];
+        m.read_slice(
+            &mut got,
+            GuestAddress(BUF_BASE + 0x10_000 + HDR_BYTES as u64),
+        )
+        .unwrap();
+        assert_eq!(got, f);
+        assert_eq!(iommu.dev.counters().snapshot().faults, 0);
+        // A buffer address that is a GPA, not a mapped IOVA: the TX fails, a fault is raised.
+        push_chain(&a.tx, 1, &[(BUF_BASE, (HDR_BYTES + 90) as u32, false)]);
+        a.dev.queue_notify(TX_QUEUE);
+        assert_eq!(used_idx(&m, &a.tx), 2);
+        assert_eq!(a.dev.port().stats().snapshot().tx_errors, 1);
+        assert!(iommu.dev.counters().snapshot().faults >= 1);
+        // An RX buffer that misses translation: the frame is dropped, the chain completed
+        // empty, the device keeps working.
+        push_chain(&b.rx, 1, &[(0x7_0000_0000, 2048, true)]);
+        send_iova(&m, &mut a, 2, WIN_A, BUF_BASE + 0x1000, &frame(20, 1));
+        assert_eq!(used_idx(&m, &b.rx), 2);
+        assert_eq!(used_elem(&m, &b.rx, 1), (1, 0));
+        push_chain(&b.rx, 2, &[(WIN_B + BUF_BASE + 0x11_000, 2048, true)]);
+        send_iova(&m, &mut a, 3, WIN_A, BUF_BASE + 0x2000, &frame(20, 2));
+        assert_eq!(used_idx(&m, &b.rx), 3);
+        assert_eq!(used_elem(&m, &b.rx, 2).1, (HDR_BYTES + 20) as u32);
+    }
+
+    fn send_iova(m: &GuestMemoryMmap, p: &mut Port, first: u16, win: u64, gpa: u64, f: &[u8]) {
+        m.write_slice(&[0u8; HDR_BYTES], GuestAddress(gpa)).unwrap();
+        m.write_slice(f, GuestAddress(gpa + HDR_BYTES as u64))
+            .unwrap();
+        push_chain(
+            &p.tx,
+            first,
+            &[(win + gpa, (HDR_BYTES + f.len()) as u32, false)],
+        );
+        p.dev.queue_notify(TX_QUEUE);
+    }
+
+    /// DPDK's exit: no UNMAP, the endpoint is re-attached to another (default) domain. The old
+    /// domain dies with its last endpoint: its IOVAs must stop working for the device at once.
+    #[test]
+    fn reattach_to_another_domain_drops_the_old_mappings_for_the_device() {
+        let m = mem();
+        let (mut iommu, mut a, b, _evt) = translated_pair(&m);
+        push_chain(&b.rx, 0, &[(WIN_B + BUF_BASE + 0x10_000, 2048, true)]);
+        send_iova(&m, &mut a, 0, WIN_A, BUF_BASE, &frame(20, 1));
+        assert_eq!(used_idx(&m, &b.rx), 1, "works in domain 1");
+        // Move EP_A into a fresh domain 3 that maps only the rings (identity of WIN_A for the
+        // ring pages), not the buffers.
+        iommu.attach(3, EP_A);
+        iommu.map(3, WIN_A + RING_BASE, 0x8000, RING_BASE);
+        let faults = iommu.dev.counters().snapshot().faults;
+        send_iova(&m, &mut a, 1, WIN_A, BUF_BASE, &frame(20, 2));
+        assert_eq!(
+            used_idx(&m, &a.tx),
+            2,
+            "the ring still works through domain 3"
+        );
+        assert_eq!(
+            a.dev.port().stats().snapshot().tx_errors,
+            1,
+            "old IOVA refused"
+        );
+        assert!(iommu.dev.counters().snapshot().faults > faults);
+        assert_eq!(used_idx(&m, &b.rx), 1, "nothing crossed");
+        // Domain 1 is gone: attaching EP_A back to it creates an empty domain.
+        iommu.attach(1, EP_A);
+        iommu.map(1, WIN_A + RING_BASE, 0x8000, RING_BASE);
+        send_iova(&m, &mut a, 2, WIN_A, BUF_BASE, &frame(20, 3));
+        assert_eq!(
+            a.dev.port().stats().snapshot().tx_errors,
+            2,
+            "domain 1 lost its mappings"
+        );
+    }
+
+    #[test]
+    fn iommu_port_needs_access_platform_and_an_endpoint() {
+        let m = mem();
+        let hubs = Hubs::new();
+        let (_iommu, ea, _eb) = Iommu::new(&m);
+        let n = Net::new(cfg("h", true), Some(ea), &hubs).unwrap();
+        assert!(
+            port(&m, RING_BASE, n, ALL).is_err(),
+            "ACCESS_PLATFORM refused"
+        );
+        let n = Net::new(cfg("h", true), None, &hubs).unwrap();
+        assert!(port(&m, RING_BASE, n, ALL | VIRTIO_F_ACCESS_PLATFORM).is_err());
+    }
+}
