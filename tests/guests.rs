@@ -21,6 +21,8 @@ mod iommu;
 mod rigcheck;
 #[path = "guests/selftest.rs"]
 mod selftest;
+#[path = "guests/vfio.rs"]
+mod vfio;
 
 use std::process::ExitCode;
 
@@ -30,6 +32,7 @@ fn all_cases() -> Vec<Case> {
     let mut v = selftest::cases();
     v.extend(boot::cases());
     v.extend(iommu::cases());
+    v.extend(vfio::cases());
     v.extend(boot::viommu_reference_cases());
     v.extend(rigcheck::cases());
     v
