@@ -67,9 +67,9 @@ test-unit:
 test-integration:
 	$(TIMED) 2-integration $(CARGO) test --workspace $(addprefix --test ,$(INTEGRATION_TESTS))
 
-## test-images (stage 3): host deps, guest images, static vmm.
+## test-images (stage 3): host deps, guest images, static vmm and in-guest programs (guest-vfio).
 test-images:
-	$(TIMED) 3-images bash -c '$(MAKE) --no-print-directory deps guest-image vmm-static'
+	$(TIMED) 3-images bash -c '$(MAKE) --no-print-directory deps guest-image vmm-static bench-guest-programs'
 
 ## test-guests (stage 4): real Linux guests through the rig (nested under QEMU TCG here).
 test-guests:
