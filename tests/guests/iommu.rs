@@ -328,7 +328,8 @@ fn bench_case(name: String, mode: Option<Mode>, opts: (&str, &str), with_1m: boo
     })
 }
 
-/// `iommu-bench-*` (opt-in): no vIOMMU, lazy and strict (the defaults: kicks, no indirect
+/// `blkbench-*` (opt-in; run with `cargo test --test guests -- blkbench`, the name keeps them out
+/// of `-- iommu`): no vIOMMU, lazy and strict (the defaults: kicks, no indirect
 /// descriptors behind the IOMMU), lazy with indirect descriptors and lazy with the request
 /// queue polled, interleaved three times in one L1 boot, plus a 4 KiB-only run per
 /// invalidation mode that separates the two phases' MAP/UNMAP counts.
@@ -342,12 +343,12 @@ pub fn bench_cases() -> Vec<Case> {
     ];
     let mut v = Vec::new();
     for (label, mode, viommu, disk) in &modes[1..3] {
-        let name = format!("iommu-bench-{label}-4konly");
+        let name = format!("blkbench-{label}-4konly");
         v.push(bench_case(name, *mode, (viommu, disk), false));
     }
     for rep in 1..=3 {
         for (label, mode, viommu, disk) in modes {
-            let name = format!("iommu-bench-{label}-{rep}");
+            let name = format!("blkbench-{label}-{rep}");
             v.push(bench_case(name, mode, (viommu, disk), true));
         }
     }
@@ -355,7 +356,7 @@ pub fn bench_cases() -> Vec<Case> {
 }
 
 /// `iommu-strict`, `iommu-lazy`, `iommu-passthrough`, `iommu-rebind`, `iommu-nobypass`, and
-/// the opt-in `iommu-bench-*` runs.
+/// the opt-in `blkbench-*` runs.
 pub fn cases() -> Vec<Case> {
     let mut v = vec![
         case("iommu-strict", Mode::Strict),
