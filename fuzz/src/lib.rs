@@ -209,6 +209,9 @@ pub mod failing {
         calls: u64,
         fail_at: Option<(u64, HostMapError)>,
         failures: u64,
+        /// Errors (injected or from the recording mapper) since [`FailingMapper::begin`].
+        window_errors: u64,
+        double_fault: bool,
     }
 
     /// See the module docs.
@@ -233,6 +236,22 @@ pub mod failing {
         pub fn failures(&self) -> u64 {
             self.state.lock().unwrap().failures
         }
+        /// Start of a guest request batch (for [`FailingMapper::double_fault`]).
+        pub fn begin(&self) {
+            self.state.lock().unwrap().window_errors = 0;
+        }
+        /// Whether an injected failure ever hit a call made after another call of the same
+        /// batch had failed, i.e. a rollback: the documented double fault after which the
+        /// host may keep a mapping the engine dropped (viommu/src/shadow.rs).
+        pub fn double_fault(&self) -> bool {
+            self.state.lock().unwrap().double_fault
+        }
+        fn natural<T>(&self, r: Result<T, HostMapError>) -> Result<T, HostMapError> {
+            if r.is_err() {
+                self.state.lock().unwrap().window_errors += 1;
+            }
+            r
+        }
         fn injected(&self) -> Result<(), HostMapError> {
             let mut s = self.state.lock().unwrap();
             let call = s.calls;
@@ -240,6 +259,10 @@ pub mod failing {
             match s.fail_at.take() {
                 Some((at, err)) if at == call => {
                     s.failures += 1;
+                    if s.window_errors > 0 {
+                        s.double_fault = true;
+                    }
+                    s.window_errors += 1;
                     Err(err)
                 }
                 other => {
@@ -253,11 +276,11 @@ pub mod failing {
     impl HostMapper for FailingMapper {
         fn map(&self, iova: u64, size: u64, gpa: u64, prot: Prot) -> Result<(), HostMapError> {
             self.injected()?;
-            self.inner.map(iova, size, gpa, prot)
+            self.natural(self.inner.map(iova, size, gpa, prot))
         }
         fn unmap(&self, iova: u64, size: u64) -> Result<(), HostMapError> {
             self.injected()?;
-            self.inner.unmap(iova, size)
+            self.natural(self.inner.unmap(iova, size))
         }
     }
 }

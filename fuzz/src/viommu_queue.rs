@@ -329,6 +329,9 @@ impl Harness {
         if mangle & 2 != 0 {
             reply = u32::from(inp.u8());
         }
+        if self.trace {
+            eprintln!("  request {body:02x?} reply {reply} mangle {mangle:#x}");
+        }
         let b = self.alloc(body.len() as u64);
         let _ = self.mem.write_slice(&body, GuestAddress(b));
         let r = self.alloc(u64::from(reply));
@@ -385,6 +388,11 @@ impl Harness {
     /// endpoints is best effort (a failed map or unmap is logged and retried at the next
     /// change), so once a failure was injected it is only checked to be all-or-nothing.
     fn check_host_mirror(&self) {
+        if self.rec.double_fault() {
+            // A rollback call failed too: documented to possibly leave a host mapping behind
+            // (logged at error level); nothing exact can be checked any more.
+            return;
+        }
         let got: Vec<_> = self.rec.inner.mappings().into_iter().collect();
         let want = self.expected_host();
         let unattached = HOST_EPS
@@ -539,12 +547,27 @@ impl Harness {
                     0xf0..=0xf7 => 1,
                     _ => inp.u16(),
                 };
+                let ops = self.rec.inner.ops().len();
+                self.rec.begin();
                 self.dev.queue_notify(q);
+                if self.trace {
+                    let c = self.dev.counters().snapshot();
+                    eprintln!("  kick {q}: statuses {:?}", c.statuses);
+                    for o in &self.rec.inner.ops()[ops..] {
+                        eprintln!("  host {o:x?}");
+                    }
+                    for i in HOST_EPS {
+                        let d = self.dev.domains().endpoint_domain(EPS[i]);
+                        let m = d.flatten().and_then(|d| self.dev.domains().mappings(d));
+                        eprintln!("  ep {i}: {d:?} {m:x?}");
+                    }
+                }
                 self.check_host_mirror();
             }
             op::CFG_WRITE => {
                 let off = u64::from(inp.u8() % 48);
                 let data = inp.blob(8);
+                self.rec.begin();
                 self.dev.write_config(off, data);
                 self.check_host_mirror();
             }
@@ -626,9 +649,11 @@ pub fn run(data: &[u8]) {
     h.check_host_mirror();
     if std::env::var_os("VMM_FUZZ_DEBUG").is_some() {
         eprintln!(
-            "viommu_queue: {steps} steps, {:?}, host ops {}",
+            "viommu_queue: {steps} steps, {:?}, host ops {}, injected {}, double fault {}",
             h.dev.counters().snapshot(),
-            h.rec.inner.ops().len()
+            h.rec.inner.ops().len(),
+            h.rec.failures(),
+            h.rec.double_fault()
         );
     }
 }

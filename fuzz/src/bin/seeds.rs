@@ -1,6 +1,6 @@
 //! Writes the seed corpus: `seeds [DIR]` (default `corpus`) creates `DIR/<target>/seed-<name>`
 //! for every fuzz target, then replays each seed through its harness (a smoke test that runs
-//! without libFuzzer).
+//! without libFuzzer). `seeds --replay <target> <file>` runs one input (e.g. a crash).
 
 use std::path::PathBuf;
 
@@ -8,7 +8,20 @@ type Seeds = fn() -> Vec<(String, Vec<u8>)>;
 type Run = fn(&[u8]);
 
 fn main() {
-    let dir = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "corpus".into()));
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--replay") {
+        // `seeds --replay <target> <file>`: run one input without libFuzzer (debuggable).
+        let data = std::fs::read(&args[3]).expect("input file");
+        match args[2].as_str() {
+            "viommu_queue" => vmm_fuzz::viommu_queue::run(&data),
+            "virtio_pci" => vmm_fuzz::virtio_pci::run(&data),
+            "pci_config" => vmm_fuzz::pci_config::run(&data),
+            "virtio_blk" => vmm_fuzz::virtio_blk::run(&data),
+            t => panic!("unknown target {t}"),
+        }
+        return;
+    }
+    let dir = PathBuf::from(args.get(1).cloned().unwrap_or_else(|| "corpus".into()));
     let targets: [(&str, Seeds, Run); 4] = [
         (
             "viommu_queue",
