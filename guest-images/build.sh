@@ -16,7 +16,10 @@
 # (the kernel wants an uncompressed cpio to start 4-byte aligned).
 # A second run with unchanged inputs does nothing.
 #
-# usage: guest-images/build.sh [images|qemu|all]     (default: images)
+#   .cache/images/l2-dpdk.tar.gz  (only with `build.sh dpdk`) dpdk-testpmd from bookworm's dpdk-dev,
+#                               its libraries and PMD plugins, unpacked at / by DPDK scenarios
+#
+# usage: guest-images/build.sh [images|qemu|dpdk|all]     (default: images)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -203,6 +206,87 @@ build_qemu_cpio() {
     log "l1-qemu.cpio: $(du -h "$out" | cut -f1)"
 }
 
+# ---- DPDK for L2 -----------------------------------------------------------------------------
+
+# Packages skipped while following Depends from dpdk-dev: headers, interpreters, maintainer-script
+# helpers and daemons; testpmd and its plugins only need shared libraries.
+dpdk_skip() {
+    case "$1" in
+        libdpdk-dev | python3* | perl* | *-dev | debconf* | dpkg | adduser | passwd | \
+            init-system-helpers | lsb-base | sensible-utils | tzdata | readline-common | \
+            libc-bin | mawk | sysvinit-utils | ucf | install-info | udev | rdma-core)
+            return 0 ;;
+    esac
+    return 1
+}
+
+# dpdk-dev and, recursively, the Depends/Pre-Depends of everything it needs at run time, plus
+# libgcc-s1 (glibc loads it at exit). One package name per line.
+dpdk_closure() {
+    local -A seen=()
+    local queue next p
+    queue="dpdk-dev $(apt-cache depends dpdk-dev | sed -n 's/^ *Depends: //p' | grep -v '^<') libgcc-s1"
+    while [ -n "${queue// /}" ]; do
+        next=""
+        for p in $queue; do
+            dpdk_skip "$p" && continue
+            [ -z "${seen[$p]:-}" ] || continue
+            seen[$p]=1
+            next="$next $(apt-cache depends "$p" 2>/dev/null | sed -n 's/^ *\(Pre\)\?Depends: //p' | grep -v '^<' || true)"
+        done
+        queue=$next
+    done
+    printf '%s\n' "${!seen[@]}" | sort
+}
+
+# .cache/images/l2-dpdk.tar.gz: dpdk-testpmd, its shared libraries, the dynamic loader and the
+# PMD plugin directory (/usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0), to unpack at / in L2 (busybox
+# tar keeps the symbolic links DPDK's plugin loader relies on).
+build_dpdk() {
+    local out=$IMAGES/l2-dpdk.tar.gz root=$WORK/l2-dpdk stage=$WORK/l2-dpdk-debs ver stamp pkg deb n=0
+    mkdir -p "$DEBS" "$IMAGES" "$WORK"
+    ver=$(apt-cache policy dpdk-dev 2>/dev/null | sed -n 's/^ *Candidate: //p')
+    if [ -z "$ver" ] || [ "$ver" = "(none)" ]; then
+        ver=$(ls "$DEBS"/dpdk-dev_*.deb 2>/dev/null | sort -V | tail -n1 | sed 's|.*/||' || true)
+    fi
+    [ -n "$ver" ] || die "dpdk-dev is not known to apt (Debian bookworm main)"
+    stamp=$({ echo "$ver"; sed -n '/^# ---- DPDK for L2/,/^# ---- main/p' "$0"; } | sha256sum | cut -c1-16)
+    if [ -f "$out" ] && [ "$(cat "$out.stamp" 2>/dev/null)" = "$stamp" ]; then
+        log "l2-dpdk.tar.gz: up to date (dpdk-dev $ver)"
+        return 0
+    fi
+    log "building l2-dpdk.tar.gz (dpdk-dev $ver): resolving dependencies"
+    rm -rf "$root" "$stage"
+    mkdir -p "$stage" "$root"
+    for pkg in $(dpdk_closure); do
+        deb=$(fetch_deb "$pkg")
+        dpkg-deb -x "$deb" "$stage"
+        n=$((n + 1))
+    done
+    log "  $n packages unpacked"
+    [ -x "$stage/usr/bin/dpdk-testpmd" ] || die "dpdk-testpmd not found in dpdk-dev"
+    mkdir -p "$root/usr/bin"
+    cp -a "$stage/usr/bin/dpdk-testpmd" "$root/usr/bin/"
+    # Shared libraries (and their links) from the library directories only: no docs, headers.
+    local d
+    for d in lib/x86_64-linux-gnu usr/lib/x86_64-linux-gnu lib64; do
+        [ -d "$stage/$d" ] || continue
+        mkdir -p "$root/$d"
+        (cd "$stage/$d" && find . \( -type f -o -type l \) \( -name '*.so*' -o -path './dpdk/*' \
+            -o -path './libibverbs/*' \) ! -path './*/pkgconfig/*' -print0 |
+            tar --null -T - -cf -) | tar -C "$root/$d" -xf -
+    done
+    [ -d "$root/usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0" ] || die "no pmds-23.0 plugin directory"
+    [ -e "$root/lib64/ld-linux-x86-64.so.2" ] || die "no dynamic loader in libc6"
+    mkdir -p "$root/etc/libibverbs.d"
+    [ -d "$stage/etc/libibverbs.d" ] && cp -a "$stage/etc/libibverbs.d/." "$root/etc/libibverbs.d/"
+    tar -C "$root" -czf "$out.tmp" .
+    mv "$out.tmp" "$out"
+    echo "$stamp" >"$out.stamp"
+    rm -rf "$stage"
+    log "l2-dpdk.tar.gz: $(du -h "$out" | cut -f1) ($n packages)"
+}
+
 # ---- main ------------------------------------------------------------------------------------
 
 build_images() {
@@ -317,10 +401,11 @@ case "${1:-images}" in
         [ -x "$BUSYBOX" ] || build_images
         build_qemu_cpio
         ;;
+    dpdk) build_dpdk ;;
     all)
         build_images
         BUSYBOX=$IMAGES/busybox
         build_qemu_cpio
         ;;
-    *) echo "usage: $0 [images|qemu|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [images|qemu|dpdk|all]" >&2; exit 2 ;;
 esac

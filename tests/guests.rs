@@ -17,6 +17,8 @@ mod boot;
 mod common;
 #[path = "guests/iommu.rs"]
 mod iommu;
+#[path = "guests/net.rs"]
+mod net;
 #[path = "guests/rigcheck.rs"]
 mod rigcheck;
 #[path = "guests/selftest.rs"]
@@ -33,6 +35,7 @@ fn all_cases() -> Vec<Case> {
     v.extend(boot::cases());
     v.extend(iommu::cases());
     v.extend(vfio::cases());
+    v.extend(net::cases());
     v.extend(boot::viommu_reference_cases());
     v.extend(rigcheck::cases());
     v
