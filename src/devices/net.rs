@@ -880,6 +880,9 @@ impl Drop for Net {
 }
 
 fn build_queue<M: GuestMemory>(qc: &QueueConfig, mem: &M) -> Result<Queue, ActivateError> {
+    if !qc.ready {
+        return Err(ActivateError::BadQueue(format!("{qc:?} is not enabled")));
+    }
     let mut q = Queue::new(QUEUE_SIZE).map_err(|e| ActivateError::BadQueue(e.to_string()))?;
     q.set_size(qc.size);
     let split = |a: GuestAddress| (Some(a.0 as u32), Some((a.0 >> 32) as u32));
