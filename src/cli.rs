@@ -48,6 +48,9 @@ usage: vmm --kernel BZIMAGE [options]
                         measured slower)
   --serial stdout|file=PATH
                         where COM1 output goes (default: stdout)
+  --seccomp off|log|on  system-call filters on every VMM thread once the machine is built
+                        (default: on): on stops the VMM on a forbidden call (exit status
+                        159, the call named on stderr), log lets the kernel log it
   --log-level LEVEL     off, error, warn, info, debug, trace (default: warn, or RUST_LOG)
   -h, --help            show this help";
 
@@ -59,6 +62,9 @@ pub enum Command {
     Run(MachineConfig, LevelFilter),
     /// Print help.
     Help,
+    /// Hidden, for tests (`--seccomp-selftest KIND`): install the filter of thread kind KIND
+    /// on a thread, make an allowed call, then a forbidden one (socket), and report.
+    SeccompSelftest(crate::seccomp::ThreadKind, crate::seccomp::SeccompMode),
 }
 
 /// Parse arguments (without the program name).
@@ -73,6 +79,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
     let mut nets = Vec::new();
     let mut serial = SerialOutput::Stdout;
     let mut viommu = None;
+    let mut seccomp = crate::seccomp::SeccompMode::On;
+    let mut selftest = None;
     let mut level = std::env::var("RUST_LOG")
         .ok()
         .and_then(|l| l.parse().ok())
@@ -130,6 +138,17 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
                     return Err(format!("--serial: expected stdout or file=PATH, got '{v}'"));
                 };
             }
+            "--seccomp" => {
+                seccomp = crate::seccomp::SeccompMode::parse(&value()?)
+                    .map_err(|e| format!("--seccomp: {e}"))?
+            }
+            "--seccomp-selftest" => {
+                let v = value()?;
+                selftest = Some(
+                    crate::seccomp::ThreadKind::parse(&v)
+                        .ok_or(format!("--seccomp-selftest: unknown thread kind '{v}'"))?,
+                );
+            }
             "--log-level" => {
                 let v = value()?;
                 level = crate::logger::parse_level(&v)
@@ -137,6 +156,9 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
             }
             _ => return Err(format!("unknown option '{name}'")),
         }
+    }
+    if let Some(kind) = selftest {
+        return Ok(Command::SeccompSelftest(kind, seccomp));
     }
     let kernel = kernel.ok_or("--kernel is required")?;
     if viommu.is_none() {
@@ -171,6 +193,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
             viommu,
             devices,
             nets,
+            seccomp,
         },
         level,
     ))
@@ -194,6 +217,7 @@ mod tests {
         assert_eq!(c.cmdline, DEFAULT_CMDLINE);
         assert_eq!(c.serial, SerialOutput::Stdout);
         assert_eq!(c.viommu, None);
+        assert_eq!(c.seccomp, crate::seccomp::SeccompMode::On);
         let Command::Run(c, l) = p(&[
             "--kernel=/k",
             "--initramfs",
@@ -278,6 +302,20 @@ mod tests {
         ])
         .is_ok());
         assert_eq!(p(&["--help"]).unwrap(), Command::Help);
+        assert!(p(&["--kernel", "k", "--seccomp", "strict"])
+            .unwrap_err()
+            .contains("--seccomp"));
+        let Command::Run(c, _) = p(&["--kernel", "k", "--seccomp=log"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.seccomp, crate::seccomp::SeccompMode::Log);
+        assert_eq!(
+            p(&["--seccomp-selftest", "vcpu", "--seccomp", "off"]).unwrap(),
+            Command::SeccompSelftest(
+                crate::seccomp::ThreadKind::Vcpu,
+                crate::seccomp::SeccompMode::Off
+            )
+        );
     }
 
     #[test]

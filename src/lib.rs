@@ -22,6 +22,7 @@ pub mod memory;
 pub mod memory_slots;
 pub mod net;
 pub mod pci_host;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vfio;
 pub mod viot;

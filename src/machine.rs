@@ -65,6 +65,8 @@ pub struct MachineConfig {
     pub devices: Vec<VfioDeviceConfig>,
     /// virtio-net ports (`--net`), plugged after the disks.
     pub nets: Vec<NetConfig>,
+    /// seccomp filters on every VMM thread once the machine is built (`--seccomp`).
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 /// Machine errors.
@@ -415,6 +417,8 @@ impl Machine {
         drop(mem);
         let vcpus = self.vm.create_vcpus()?;
         self.vm.configure_boot_vcpu(&vcpus, &info)?;
+        // Setup is over: run_vcpus installs the filters (see crate::seccomp).
+        crate::seccomp::set_mode(self.config.seccomp);
         Ok(self.vm.run(vcpus)?)
     }
 }

@@ -9,6 +9,9 @@ use vmm::machine::Machine;
 fn main() -> ExitCode {
     let (config, level) = match cli::parse(std::env::args().skip(1)) {
         Ok(Command::Run(c, l)) => (c, l),
+        Ok(Command::SeccompSelftest(kind, mode)) => {
+            return ExitCode::from(vmm::seccomp::selftest(kind, mode) as u8);
+        }
         Ok(Command::Help) => {
             println!("{}", cli::USAGE);
             return ExitCode::SUCCESS;

@@ -255,11 +255,21 @@ pub fn run_vcpus(vcpus: Vec<Vcpu>, control: &Arc<VmControl>) -> Result<ExitReaso
         ));
     }
     let mut threads: Vec<JoinHandle<ExitReason>> = Vec::new();
+    // vCPUs install their seccomp filter, then wait for the main thread's before the first
+    // KVM_RUN (crate::seccomp; nothing is installed when the mode is off).
+    let go = Arc::new(crate::seccomp::StartGate::default());
     for mut vcpu in vcpus {
         let name = format!("vcpu{}", vcpu.id);
-        let t = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || vcpu.run());
+        let (gate, ctl) = (go.clone(), control.clone());
+        let t = std::thread::Builder::new().name(name).spawn(move || {
+            if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu) {
+                let reason = ExitReason::Error(format!("vCPU {}: {e}", vcpu.id));
+                ctl.request_stop(reason.clone());
+                return reason;
+            }
+            gate.wait();
+            vcpu.run()
+        });
         match t {
             Ok(t) => threads.push(t),
             Err(e) => {
@@ -268,6 +278,10 @@ pub fn run_vcpus(vcpus: Vec<Vcpu>, control: &Arc<VmControl>) -> Result<ExitReaso
             }
         }
     }
+    if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Main) {
+        control.request_stop(ExitReason::Error(e.to_string()));
+    }
+    go.open();
     // Wait for the stop request.
     let mut pfd = libc::pollfd {
         fd: control.stop_evt.as_raw_fd(),

@@ -208,6 +208,7 @@ fn pci_config_cycles_and_acpi_poweroff() {
         viommu: None,
         devices: Vec::new(),
         nets: Vec::new(),
+        seccomp: vmm::seccomp::SeccompMode::Off,
     })
     .unwrap();
     load(

@@ -626,6 +626,10 @@ fn worker_loop(
     stop: EventFd,
     interrupt: Arc<dyn VirtioInterrupt>,
 ) {
+    if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::BlockWorker) {
+        log::error!("virtio-blk worker: {e}");
+        return;
+    }
     let mut fds: Vec<libc::pollfd> = kicks
         .iter()
         .chain(std::iter::once(&stop))

@@ -100,6 +100,10 @@ fn poll_loop(
     queue: u16,
     window: Duration,
 ) {
+    if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Poller) {
+        log::error!("polled queue: {e}; serving on kicks only");
+        return;
+    }
     while signal.wait() {
         set_no_notify(&mem, ring, true);
         fence(Ordering::SeqCst);

@@ -1,0 +1,748 @@
+//! seccomp-bpf filters, one per kind of VMM thread (built with `seccompiler`).
+//!
+//! Every thread installs the filter of its kind once its setup is done: the main thread after
+//! every device exists and before any vCPU enters KVM_RUN, vCPU threads before their first
+//! KVM_RUN, worker threads (virtio-blk `notify=thread`, the virtio-iommu poller, TAP readers)
+//! at their start. A filter allows only the system calls the thread needs; `ioctl` is allowed
+//! per request number, `prctl`, `fcntl`, `clone`, `mmap`/`mprotect` (never `PROT_EXEC`) and
+//! `seccomp` per argument.
+//!
+//! Filters stack: a thread created by a filtered thread (the worker threads a vCPU spawns when
+//! the guest activates a device) keeps its parent's filter under its own, so it can do only
+//! what both allow. vCPU threads may therefore create threads (`clone` with `CLONE_THREAD`
+//! only; `clone3`, whose flags BPF cannot see, fails with `ENOSYS` so glibc falls back to
+//! `clone`) and stack a filter (`seccomp(SECCOMP_SET_MODE_FILTER)`), nothing else of the kind.
+//!
+//! Modes ([`SeccompMode`]): `on` (default for the binary) traps a forbidden call with SIGSYS;
+//! the handler names the system call on stderr and ends the process with status 159
+//! (128 + SIGSYS). `log` allows it and lets the kernel log it (`audit: type=1326 ...
+//! syscall=N`). `off` installs nothing (the library default, for tests that run VMs in-process).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Condvar, Mutex, Once};
+
+use kvm_bindings::{
+    kvm_device_attr, kvm_ioeventfd, kvm_irq_routing, kvm_irqfd, kvm_msi, kvm_regs,
+    kvm_userspace_memory_region, KVMIO,
+};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr};
+
+/// Exit status of a process stopped by a forbidden system call (128 + SIGSYS).
+pub const SIGSYS_EXIT_STATUS: i32 = 128 + libc::SIGSYS;
+
+/// What a filter does with a call outside its allow list.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SeccompMode {
+    /// No filter.
+    #[default]
+    Off,
+    /// Allow and log (SECCOMP_RET_LOG): for finding what a new code path needs.
+    Log,
+    /// Refuse: SIGSYS, reported and fatal.
+    On,
+}
+
+impl SeccompMode {
+    /// Parse `off`, `log` or `on`.
+    pub fn parse(s: &str) -> Result<SeccompMode, String> {
+        match s {
+            "off" => Ok(SeccompMode::Off),
+            "log" => Ok(SeccompMode::Log),
+            "on" => Ok(SeccompMode::On),
+            _ => Err(format!("expected off, log or on, got '{s}'")),
+        }
+    }
+
+    fn to_u8(self) -> u8 {
+        match self {
+            SeccompMode::Off => 0,
+            SeccompMode::Log => 1,
+            SeccompMode::On => 2,
+        }
+    }
+
+    fn from_u8(v: u8) -> SeccompMode {
+        match v {
+            1 => SeccompMode::Log,
+            2 => SeccompMode::On,
+            _ => SeccompMode::Off,
+        }
+    }
+}
+
+/// The kinds of VMM threads, each with its own filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// The main thread once the machine is built: waits for a stop, kicks and joins the
+    /// vCPUs, tears the devices down, prints the exit summary.
+    Main,
+    /// A vCPU: KVM_RUN and every device exit served inline (virtio-blk file I/O, the
+    /// virtio-iommu with its VFIO DMA calls, virtio-net TX, MSI-X and BAR reprogramming).
+    Vcpu,
+    /// A virtio-blk worker (`notify=thread`): eventfds, file I/O, irqfds.
+    BlockWorker,
+    /// The virtio-iommu request-queue poller (`--viommu virtio,poll=US`): request processing
+    /// incl. VFIO DMA calls, sleeps, irqfds.
+    Poller,
+    /// A TAP reader: reads frames, writes them into guest buffers, irqfds.
+    TapReader,
+}
+
+impl ThreadKind {
+    /// Every kind.
+    pub const ALL: [ThreadKind; 5] = [
+        ThreadKind::Main,
+        ThreadKind::Vcpu,
+        ThreadKind::BlockWorker,
+        ThreadKind::Poller,
+        ThreadKind::TapReader,
+    ];
+
+    /// Parse a kind name (`main`, `vcpu`, `blk-worker`, `poller`, `tap-reader`).
+    pub fn parse(s: &str) -> Option<ThreadKind> {
+        Self::ALL.into_iter().find(|k| k.name() == s)
+    }
+
+    /// Short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Main => "main",
+            ThreadKind::Vcpu => "vcpu",
+            ThreadKind::BlockWorker => "blk-worker",
+            ThreadKind::Poller => "poller",
+            ThreadKind::TapReader => "tap-reader",
+        }
+    }
+}
+
+/// seccomp errors.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// The rules did not compile.
+    #[error("seccomp filter for {0} threads: {1}")]
+    Build(&'static str, String),
+    /// The kernel refused the filter.
+    #[error("installing the seccomp filter for {0} threads: {1}")]
+    Apply(&'static str, seccompiler::Error),
+}
+
+static MODE: AtomicU8 = AtomicU8::new(0);
+
+/// Set the mode every later [`apply`] uses (the binary sets it from `--seccomp`).
+pub fn set_mode(mode: SeccompMode) {
+    MODE.store(mode.to_u8(), Ordering::SeqCst);
+}
+
+/// The mode [`apply`] uses.
+pub fn mode() -> SeccompMode {
+    SeccompMode::from_u8(MODE.load(Ordering::SeqCst))
+}
+
+// KVM ioctls (linux/kvm.h).
+ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+ioctl_iow_nr!(
+    KVM_SET_USER_MEMORY_REGION,
+    KVMIO,
+    0x46,
+    kvm_userspace_memory_region
+);
+ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
+ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_irqfd);
+ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
+ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_msi);
+ioctl_iow_nr!(KVM_SET_DEVICE_ATTR, KVMIO, 0xe1, kvm_device_attr);
+// VFIO ioctls (linux/vfio.h: type ';', base 100).
+const VFIO_TYPE: u32 = b';' as u32;
+ioctl_io_nr!(VFIO_GROUP_UNSET_CONTAINER, VFIO_TYPE, 100 + 5);
+ioctl_io_nr!(VFIO_DEVICE_SET_IRQS, VFIO_TYPE, 100 + 10);
+ioctl_io_nr!(VFIO_DEVICE_RESET, VFIO_TYPE, 100 + 11);
+ioctl_io_nr!(VFIO_IOMMU_MAP_DMA, VFIO_TYPE, 100 + 13);
+ioctl_io_nr!(VFIO_IOMMU_UNMAP_DMA, VFIO_TYPE, 100 + 14);
+
+/// Flags every thread-creating `clone` carries (glibc's pthread_create); a `clone` without
+/// them (a fork) is refused.
+const CLONE_THREAD_FLAGS: u64 = (libc::CLONE_VM
+    | libc::CLONE_FS
+    | libc::CLONE_FILES
+    | libc::CLONE_SIGHAND
+    | libc::CLONE_THREAD) as u64;
+
+type Rules = BTreeMap<i64, Vec<SeccompRule>>;
+
+fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, String> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value).map_err(|e| e.to_string())
+}
+
+fn rule(conds: Vec<SeccompCondition>) -> Result<SeccompRule, String> {
+    SeccompRule::new(conds).map_err(|e| e.to_string())
+}
+
+/// One rule per value: argument `arg` equals one of `values`.
+fn arg_in(arg: u8, values: &[u64]) -> Result<Vec<SeccompRule>, String> {
+    values
+        .iter()
+        .map(|&v| rule(vec![cond(arg, SeccompCmpOp::Eq, v)?]))
+        .collect()
+}
+
+fn allow(rules: &mut Rules, calls: &[libc::c_long]) {
+    for &c in calls {
+        rules.insert(c, Vec::new());
+    }
+}
+
+/// Calls every thread makes: locks, memory allocation, eventfd and log I/O, signal return
+/// (the vCPU kick), thread exit.
+fn base_rules() -> Result<Rules, String> {
+    let mut r = Rules::new();
+    allow(
+        &mut r,
+        &[
+            libc::SYS_futex,
+            libc::SYS_read,
+            libc::SYS_write,
+            libc::SYS_readv,
+            libc::SYS_writev,
+            libc::SYS_close,
+            libc::SYS_munmap,
+            libc::SYS_madvise,
+            libc::SYS_mremap,
+            libc::SYS_brk,
+            libc::SYS_rt_sigreturn,
+            libc::SYS_rt_sigprocmask,
+            libc::SYS_sigaltstack,
+            libc::SYS_sched_yield,
+            libc::SYS_nanosleep,
+            libc::SYS_clock_nanosleep,
+            libc::SYS_clock_gettime,
+            libc::SYS_gettid,
+            libc::SYS_getpid,
+            libc::SYS_getrandom,
+            libc::SYS_exit,
+            libc::SYS_exit_group,
+            libc::SYS_restart_syscall,
+        ],
+    );
+    // Anonymous or file mappings, never executable.
+    let no_exec = || -> Result<Vec<SeccompRule>, String> {
+        Ok(vec![rule(vec![cond(
+            2,
+            SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
+            0,
+        )?])?])
+    };
+    r.insert(libc::SYS_mmap, no_exec()?);
+    r.insert(libc::SYS_mprotect, no_exec()?);
+    // Thread names only.
+    r.insert(libc::SYS_prctl, arg_in(0, &[libc::PR_SET_NAME as u64])?);
+    Ok(r)
+}
+
+/// Calls of a thread that may create threads and stack filters on them.
+fn spawn_rules(r: &mut Rules) -> Result<(), String> {
+    r.insert(
+        libc::SYS_clone,
+        vec![rule(vec![cond(
+            0,
+            SeccompCmpOp::MaskedEq(CLONE_THREAD_FLAGS),
+            CLONE_THREAD_FLAGS,
+        )?])?],
+    );
+    // Refused with ENOSYS by the stacked clone3 filter (see the module docs).
+    allow(
+        r,
+        &[libc::SYS_clone3, libc::SYS_set_robust_list, libc::SYS_rseq],
+    );
+    r.insert(
+        libc::SYS_prctl,
+        arg_in(
+            0,
+            &[libc::PR_SET_NAME as u64, libc::PR_SET_NO_NEW_PRIVS as u64],
+        )?,
+    );
+    r.insert(
+        libc::SYS_seccomp,
+        arg_in(0, &[libc::SECCOMP_SET_MODE_FILTER as u64])?,
+    );
+    Ok(())
+}
+
+/// Virtio-blk backing-file I/O.
+fn file_io(r: &mut Rules) {
+    allow(
+        r,
+        &[
+            libc::SYS_pread64,
+            libc::SYS_pwrite64,
+            libc::SYS_preadv,
+            libc::SYS_pwritev,
+            libc::SYS_preadv2,
+            libc::SYS_pwritev2,
+            libc::SYS_lseek,
+            libc::SYS_fsync,
+            libc::SYS_fdatasync,
+        ],
+    );
+}
+
+/// Eventfds created and duplicated when the guest (re)activates a device.
+fn eventfd_setup(r: &mut Rules) -> Result<(), String> {
+    allow(r, &[libc::SYS_eventfd2, libc::SYS_dup]);
+    r.insert(
+        libc::SYS_fcntl,
+        arg_in(
+            1,
+            &[
+                libc::F_DUPFD_CLOEXEC as u64,
+                libc::F_GETFD as u64,
+                libc::F_SETFD as u64,
+                libc::F_GETFL as u64,
+                libc::F_SETFL as u64,
+            ],
+        )?,
+    );
+    Ok(())
+}
+
+fn ioctls(r: &mut Rules, requests: &[u64]) -> Result<(), String> {
+    r.insert(libc::SYS_ioctl, arg_in(1, requests)?);
+    Ok(())
+}
+
+/// ioctl request numbers a vCPU thread may issue.
+pub fn vcpu_ioctls() -> Vec<u64> {
+    [
+        KVM_RUN(),
+        KVM_GET_REGS(), // internal-error report
+        // Device reprogramming by the guest: MSI-X routes, irqfds, ioeventfds, BAR slots.
+        KVM_SET_GSI_ROUTING(),
+        KVM_IRQFD(),
+        KVM_IOEVENTFD(),
+        KVM_SIGNAL_MSI(),
+        KVM_SET_USER_MEMORY_REGION(),
+        // The virtio-iommu shadowing guest mappings into VFIO containers, VFIO interrupts.
+        VFIO_IOMMU_MAP_DMA(),
+        VFIO_IOMMU_UNMAP_DMA(),
+        VFIO_DEVICE_SET_IRQS(),
+        VFIO_DEVICE_RESET(),
+    ]
+    .to_vec()
+}
+
+/// ioctl request numbers the main thread may issue after setup (device teardown).
+pub fn main_ioctls() -> Vec<u64> {
+    [
+        KVM_SET_GSI_ROUTING(),
+        KVM_IRQFD(),
+        KVM_IOEVENTFD(),
+        KVM_SET_USER_MEMORY_REGION(),
+        KVM_SET_DEVICE_ATTR(),
+        VFIO_IOMMU_UNMAP_DMA(),
+        VFIO_GROUP_UNSET_CONTAINER(),
+        VFIO_DEVICE_SET_IRQS(),
+        VFIO_DEVICE_RESET(),
+    ]
+    .to_vec()
+}
+
+/// The allow list of a thread kind: system call number -> argument rules (empty: any
+/// arguments).
+pub fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
+    let build = || -> Result<Rules, String> {
+        let mut r = base_rules()?;
+        match kind {
+            ThreadKind::Main => {
+                // Waiting for the stop request, kicking vCPUs out of KVM_RUN, joining them.
+                allow(&mut r, &[libc::SYS_poll, libc::SYS_ppoll, libc::SYS_tgkill]);
+                ioctls(&mut r, &main_ioctls())?;
+            }
+            ThreadKind::Vcpu => {
+                file_io(&mut r);
+                eventfd_setup(&mut r)?;
+                spawn_rules(&mut r)?;
+                ioctls(&mut r, &vcpu_ioctls())?;
+            }
+            ThreadKind::BlockWorker => {
+                file_io(&mut r);
+                allow(&mut r, &[libc::SYS_poll, libc::SYS_ppoll]);
+            }
+            ThreadKind::Poller => {
+                ioctls(&mut r, &[VFIO_IOMMU_MAP_DMA(), VFIO_IOMMU_UNMAP_DMA()])?;
+            }
+            ThreadKind::TapReader => {
+                allow(&mut r, &[libc::SYS_poll, libc::SYS_ppoll]);
+            }
+        }
+        Ok(r)
+    };
+    build().map_err(|e| SeccompError::Build(kind.name(), e))
+}
+
+/// `(system calls, ioctl request numbers)` a thread kind may use.
+pub fn allowed_counts(kind: ThreadKind) -> Result<(usize, usize), SeccompError> {
+    let r = rules(kind)?;
+    let ioctls = r.get(&libc::SYS_ioctl).map_or(0, Vec::len);
+    Ok((r.len(), ioctls))
+}
+
+fn arch() -> Result<TargetArch, String> {
+    std::env::consts::ARCH
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| e.to_string())
+}
+
+/// The BPF program of `kind` under `mode` (`None` for [`SeccompMode::Off`]).
+pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>, SeccompError> {
+    let mismatch = match mode {
+        SeccompMode::Off => return Ok(None),
+        SeccompMode::Log => SeccompAction::Log,
+        SeccompMode::On => SeccompAction::Trap,
+    };
+    let err = |e: String| SeccompError::Build(kind.name(), e);
+    let f = SeccompFilter::new(
+        rules(kind)?,
+        mismatch,
+        SeccompAction::Allow,
+        arch().map_err(err)?,
+    )
+    .map_err(|e| err(e.to_string()))?;
+    let prog: BpfProgram = f
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| err(e.to_string()))?;
+    Ok(Some(prog))
+}
+
+/// The filter stacked under a spawning thread's: `clone3` fails with ENOSYS (glibc then uses
+/// `clone`, whose flags the main filter checks).
+fn clone3_filter() -> Result<BpfProgram, String> {
+    let f = SeccompFilter::new(
+        [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        arch()?,
+    )
+    .map_err(|e| e.to_string())?;
+    f.try_into()
+        .map_err(|e: seccompiler::BackendError| e.to_string())
+}
+
+/// Write `vmm: seccomp: forbidden system call N` to stderr and exit with
+/// [`SIGSYS_EXIT_STATUS`]; async-signal-safe (write and exit_group only, both allowed
+/// everywhere).
+extern "C" fn sigsys_handler(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo_t; for SIGSYS from seccomp, si_syscall sits
+    // at offset 24 of the 128-byte structure (after si_signo, si_errno, si_code, pad,
+    // si_call_addr).
+    let nr = unsafe { *((info as *const u8).add(24) as *const i32) };
+    let mut buf = *b"vmm: seccomp: forbidden system call                 \n";
+    let prefix = 36;
+    let mut digits = [0u8; 12];
+    let mut n = i64::from(nr).unsigned_abs();
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        buf[prefix + i] = digits[len - 1 - i];
+    }
+    buf[prefix + len] = b'\n';
+    // SAFETY: writing a stack buffer to fd 2 and exiting are async-signal-safe.
+    unsafe {
+        libc::write(2, buf.as_ptr().cast(), prefix + len + 1);
+        libc::_exit(SIGSYS_EXIT_STATUS);
+    }
+}
+
+fn install_sigsys_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: a zeroed sigaction with a valid handler and SA_SIGINFO; the handler only
+        // makes async-signal-safe calls.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = sigsys_handler as *const () as libc::sighandler_t;
+            sa.sa_flags = libc::SA_SIGINFO;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) != 0 {
+                log::warn!(
+                    "seccomp: no SIGSYS handler: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    });
+}
+
+/// A gate threads wait at until it is opened (vCPUs wait for the main thread's filter).
+#[derive(Default)]
+pub struct StartGate {
+    open: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl StartGate {
+    /// Block until [`StartGate::open`] was called.
+    pub fn wait(&self) {
+        let mut o = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        while !*o {
+            o = self.cv.wait(o).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Let every waiter (and later caller of [`StartGate::wait`]) through.
+    pub fn open(&self) {
+        *self.open.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cv.notify_all();
+    }
+}
+
+/// Install the filter of `kind` on the calling thread under `mode`.
+pub fn apply_mode(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompError> {
+    let Some(prog) = filter(kind, mode)? else {
+        return Ok(());
+    };
+    install_sigsys_handler();
+    if kind == ThreadKind::Vcpu {
+        let c3 = clone3_filter().map_err(|e| SeccompError::Build(kind.name(), e))?;
+        seccompiler::apply_filter(&c3).map_err(|e| SeccompError::Apply(kind.name(), e))?;
+    }
+    seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Apply(kind.name(), e))?;
+    log::debug!("seccomp: {} filter installed ({mode:?})", kind.name());
+    Ok(())
+}
+
+/// Install the filter of `kind` on the calling thread under the mode set by [`set_mode`]
+/// (nothing when it is off).
+pub fn apply(kind: ThreadKind) -> Result<(), SeccompError> {
+    apply_mode(kind, mode())
+}
+
+/// The `--seccomp-selftest KIND` check of the binary: on a new thread, install `kind`'s filter
+/// under `mode`, make an allowed call (a write to stderr), then a forbidden one (`socket`).
+/// Under [`SeccompMode::On`] the process ends in the SIGSYS handler (status
+/// [`SIGSYS_EXIT_STATUS`]); otherwise this returns 0 after reporting what the call returned.
+pub fn selftest(kind: ThreadKind, mode: SeccompMode) -> i32 {
+    let t = std::thread::Builder::new()
+        .name("seccomp-selftest".into())
+        .spawn(move || {
+            if let Err(e) = apply_mode(kind, mode) {
+                eprintln!("seccomp selftest: {e}");
+                return 1;
+            }
+            eprintln!(
+                "seccomp selftest: {} filter installed, allowed call ok",
+                kind.name()
+            );
+            // SAFETY: a plain socket() call; the fd is closed below if it is returned.
+            let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+            eprintln!("seccomp selftest: forbidden call returned {fd}");
+            if fd >= 0 {
+                // SAFETY: closing the fd just returned.
+                unsafe { libc::close(fd) };
+            }
+            0
+        });
+    match t.map(|t| t.join()) {
+        Ok(Ok(code)) => code,
+        _ => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_parse() {
+        assert_eq!(SeccompMode::parse("on"), Ok(SeccompMode::On));
+        assert_eq!(SeccompMode::parse("log"), Ok(SeccompMode::Log));
+        assert_eq!(SeccompMode::parse("off"), Ok(SeccompMode::Off));
+        assert!(SeccompMode::parse("strict").is_err());
+        for k in ThreadKind::ALL {
+            assert_eq!(ThreadKind::parse(k.name()), Some(k));
+        }
+    }
+
+    #[test]
+    fn ioctl_numbers_match_the_kernel_headers() {
+        assert_eq!(KVM_RUN(), 0xae80);
+        assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
+        assert_eq!(KVM_SET_USER_MEMORY_REGION(), 0x4020_ae46);
+        assert_eq!(KVM_SET_GSI_ROUTING(), 0x4008_ae6a);
+        assert_eq!(KVM_IRQFD(), 0x4020_ae76);
+        assert_eq!(KVM_IOEVENTFD(), 0x4040_ae79);
+        assert_eq!(KVM_SIGNAL_MSI(), 0x4020_aea5);
+        assert_eq!(KVM_SET_DEVICE_ATTR(), 0x4018_aee1);
+        assert_eq!(VFIO_IOMMU_MAP_DMA(), 0x3b71);
+        assert_eq!(VFIO_IOMMU_UNMAP_DMA(), 0x3b72);
+        assert_eq!(VFIO_DEVICE_SET_IRQS(), 0x3b6e);
+        assert_eq!(VFIO_GROUP_UNSET_CONTAINER(), 0x3b69);
+    }
+
+    #[test]
+    fn every_kind_compiles_and_is_narrow() {
+        for k in ThreadKind::ALL {
+            let (calls, _) = allowed_counts(k).unwrap();
+            assert!(calls < 60, "{k:?} allows {calls} calls");
+            for m in [SeccompMode::Log, SeccompMode::On] {
+                assert!(!filter(k, m).unwrap().unwrap().is_empty());
+            }
+            assert!(filter(k, SeccompMode::Off).unwrap().is_none());
+            let r = rules(k).unwrap();
+            for forbidden in [
+                libc::SYS_execve,
+                libc::SYS_socket,
+                libc::SYS_open,
+                libc::SYS_openat,
+                libc::SYS_ptrace,
+                libc::SYS_fork,
+                libc::SYS_kill,
+            ] {
+                assert!(!r.contains_key(&forbidden), "{k:?} allows {forbidden}");
+            }
+        }
+        assert_eq!(allowed_counts(ThreadKind::Vcpu).unwrap().1, 11);
+        assert_eq!(allowed_counts(ThreadKind::BlockWorker).unwrap().1, 0);
+    }
+
+    /// Fork a child that installs `kind`'s filter (mode on, no handler: SIGSYS kills it),
+    /// reports on a pipe after `allowed` succeeds, then runs `forbidden`. Returns the bytes
+    /// the child wrote and how it ended.
+    fn in_child(
+        kind: ThreadKind,
+        allowed: fn(i32) -> bool,
+        forbidden: fn() -> i64,
+    ) -> (Vec<u8>, i32) {
+        let prog = filter(kind, SeccompMode::On).unwrap().unwrap();
+        let mut fds = [0i32; 2];
+        // SAFETY: test-only: a pipe, a fork; the child makes raw system calls only (no
+        // allocation, no locks) and ends with _exit.
+        unsafe {
+            assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+            let pid = libc::fork();
+            assert!(pid >= 0);
+            if pid == 0 {
+                libc::close(fds[0]);
+                let fprog = libc::sock_fprog {
+                    len: prog.len() as u16,
+                    filter: prog.as_ptr() as *mut libc::sock_filter,
+                };
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                    || libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &fprog)
+                        != 0
+                {
+                    libc::_exit(3);
+                }
+                if !allowed(fds[1]) {
+                    libc::_exit(4);
+                }
+                libc::write(fds[1], b"A".as_ptr().cast(), 1);
+                let r = forbidden();
+                // Only reached if the call was let through.
+                libc::write(fds[1], b"F".as_ptr().cast(), 1);
+                libc::_exit(if r >= 0 { 0 } else { 5 });
+            }
+            libc::close(fds[1]);
+            let mut out = Vec::new();
+            let mut b = [0u8; 16];
+            loop {
+                let n = libc::read(fds[0], b.as_mut_ptr().cast(), b.len());
+                if n <= 0 {
+                    break;
+                }
+                out.extend_from_slice(&b[..n as usize]);
+            }
+            libc::close(fds[0]);
+            let mut status = 0;
+            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+            (out, status)
+        }
+    }
+
+    fn killed_by_sigsys(status: i32) -> bool {
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
+    }
+
+    #[test]
+    fn vcpu_filter_allows_file_io_and_kills_socket() {
+        let (out, st) = in_child(
+            ThreadKind::Vcpu,
+            |fd| {
+                // pwrite on a pipe fails with ESPIPE: allowed through the filter, refused by
+                // the pipe; fdatasync likewise (EINVAL).
+                // SAFETY: raw calls on our own fd.
+                unsafe {
+                    libc::pwrite(fd, b"x".as_ptr().cast(), 1, 0) == -1
+                        && *libc::__errno_location() == libc::ESPIPE
+                }
+            },
+            // SAFETY: a raw socket() call; the filter must stop it.
+            || unsafe { i64::from(libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0)) },
+        );
+        assert_eq!(
+            out, b"A",
+            "allowed call must pass, forbidden must not return"
+        );
+        assert!(killed_by_sigsys(st), "status {st:#x}");
+    }
+
+    #[test]
+    fn vcpu_filter_checks_ioctl_request_numbers() {
+        let (out, st) = in_child(
+            ThreadKind::Vcpu,
+            |fd| {
+                // KVM_IRQFD on a pipe: passes the filter, the pipe says ENOTTY.
+                // SAFETY: ioctl with a null argument on our own pipe fd.
+                unsafe {
+                    libc::ioctl(fd, KVM_IRQFD() as _, 0) == -1
+                        && *libc::__errno_location() == libc::ENOTTY
+                }
+            },
+            // TIOCGWINSZ is not on the list.
+            // SAFETY: a raw ioctl the filter must stop before the kernel looks at it.
+            || unsafe { i64::from(libc::ioctl(0, libc::TIOCGWINSZ, 0)) },
+        );
+        assert_eq!(out, b"A");
+        assert!(killed_by_sigsys(st), "status {st:#x}");
+    }
+
+    #[test]
+    fn worker_filters_refuse_what_only_vcpus_may_do() {
+        for kind in [
+            ThreadKind::BlockWorker,
+            ThreadKind::TapReader,
+            ThreadKind::Main,
+        ] {
+            let (out, st) = in_child(
+                kind,
+                // SAFETY: write to our own pipe.
+                |fd| unsafe { libc::write(fd, b"w".as_ptr().cast(), 1) == 1 },
+                // KVM_RUN is the vCPU's alone.
+                // SAFETY: a raw ioctl the filter must stop.
+                || unsafe { i64::from(libc::ioctl(0, KVM_RUN() as _, 0)) },
+            );
+            assert_eq!(out, b"wA", "{kind:?}");
+            assert!(killed_by_sigsys(st), "{kind:?}: status {st:#x}");
+        }
+        // No kind may spawn a process.
+        let (out, st) = in_child(
+            ThreadKind::Vcpu,
+            |_| true,
+            // SAFETY: a fork-like clone (no CLONE_THREAD) the filter must stop.
+            || unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) },
+        );
+        assert_eq!(out, b"A");
+        assert!(killed_by_sigsys(st), "status {st:#x}");
+    }
+}
