@@ -262,7 +262,10 @@ mod tests {
             if n > 0 {
                 break buf[..n as usize].to_vec();
             }
-            assert!(start.elapsed() < Duration::from_secs(5), "frame never reached the host");
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "frame never reached the host"
+            );
             std::thread::sleep(Duration::from_millis(5));
         };
         assert_eq!(got, out);
@@ -273,14 +276,21 @@ mod tests {
         assert_eq!(n, inb.len() as isize);
         let start = Instant::now();
         while !sink.0.lock().unwrap().iter().any(|f| *f == inb) {
-            assert!(start.elapsed() < Duration::from_secs(5), "frame never reached the sink");
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "frame never reached the sink"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(tap.tx_errors(), 0);
         // SAFETY: closing our socket.
         unsafe { libc::close(sock) };
         drop(tap); // joins the reader thread
-        assert_eq!(ifindex(&name), 0, "a non-persistent tap disappears with its fd");
+        assert_eq!(
+            ifindex(&name),
+            0,
+            "a non-persistent tap disappears with its fd"
+        );
         assert!(Tap::open("", sink.clone()).is_err());
         assert!(Tap::open("name-too-long-for-ifr", sink).is_err());
     }
