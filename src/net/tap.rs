@@ -275,7 +275,7 @@ mod tests {
         let n = unsafe { libc::send(sock, inb.as_ptr().cast(), inb.len(), 0) };
         assert_eq!(n, inb.len() as isize);
         let start = Instant::now();
-        while !sink.0.lock().unwrap().iter().any(|f| *f == inb) {
+        while !sink.0.lock().unwrap().contains(&inb) {
             assert!(
                 start.elapsed() < Duration::from_secs(5),
                 "frame never reached the sink"
