@@ -385,9 +385,14 @@ for tool in apt-get apt-cache dpkg-deb xz gzip flock sha256sum; do
     command -v "$tool" >/dev/null || die "$tool not found (Debian host expected; make deps)"
 done
 
-# One build at a time (several test runs may start together).
+# One build at a time (several test runs may start together); the DPDK tree has a lock of its
+# own, so its long first build does not hold up the other images.
 mkdir -p "$CACHE"
-exec 9>"$CACHE/.guest-image.lock"
+if [ "${1:-images}" = dpdk ]; then
+    exec 9>"$CACHE/.guest-image-dpdk.lock"
+else
+    exec 9>"$CACHE/.guest-image.lock"
+fi
 if ! flock -n 9; then
     log "waiting for another build to finish"
     flock 9
