@@ -124,6 +124,9 @@ pub struct Machine {
 impl Machine {
     /// Create the VM, legacy devices, the PCI bus and the disks.
     pub fn new(config: MachineConfig) -> Result<Machine, MachineError> {
+        // Threads install their filter under this mode: TAP readers as they start, the main
+        // thread and the vCPUs in Vm::run, device workers when the guest starts them.
+        crate::seccomp::set_mode(config.seccomp);
         let vm = Vm::new(VmConfig {
             cpus: config.cpus,
             memory: config.memory,
@@ -417,8 +420,6 @@ impl Machine {
         drop(mem);
         let vcpus = self.vm.create_vcpus()?;
         self.vm.configure_boot_vcpu(&vcpus, &info)?;
-        // Setup is over: run_vcpus installs the filters (see crate::seccomp).
-        crate::seccomp::set_mode(self.config.seccomp);
         Ok(self.vm.run(vcpus)?)
     }
 }

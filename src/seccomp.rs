@@ -227,6 +227,9 @@ fn base_rules() -> Result<Rules, String> {
             libc::SYS_exit,
             libc::SYS_exit_group,
             libc::SYS_restart_syscall,
+            // glibc's thread start and exit (a thread stacks its filter after its start).
+            libc::SYS_rseq,
+            libc::SYS_set_robust_list,
         ],
     );
     // Anonymous or file mappings, never executable.
@@ -255,10 +258,7 @@ fn spawn_rules(r: &mut Rules) -> Result<(), String> {
         )?])?],
     );
     // Refused with ENOSYS by the stacked clone3 filter (see the module docs).
-    allow(
-        r,
-        &[libc::SYS_clone3, libc::SYS_set_robust_list, libc::SYS_rseq],
-    );
+    allow(r, &[libc::SYS_clone3, libc::SYS_sched_getaffinity]);
     r.insert(
         libc::SYS_prctl,
         arg_in(
@@ -544,6 +544,17 @@ pub fn selftest(kind: ThreadKind, mode: SeccompMode) -> i32 {
                 "seccomp selftest: {} filter installed, allowed call ok",
                 kind.name()
             );
+            if kind == ThreadKind::Vcpu {
+                // What a vCPU does when the guest activates a notify=thread disk: start a
+                // worker that stacks its own filter.
+                let worker = std::thread::Builder::new()
+                    .name("selftest-worker".into())
+                    .spawn(move || apply_mode(ThreadKind::BlockWorker, mode).is_ok());
+                match worker.map(|w| w.join()) {
+                    Ok(Ok(true)) => eprintln!("seccomp selftest: worker thread filter installed"),
+                    other => eprintln!("seccomp selftest: worker thread failed: {other:?}"),
+                }
+            }
             // SAFETY: a plain socket() call; the fd is closed below if it is returned.
             let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
             eprintln!("seccomp selftest: forbidden call returned {fd}");

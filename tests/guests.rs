@@ -23,6 +23,8 @@ mod net;
 mod rigcheck;
 #[path = "guests/selftest.rs"]
 mod selftest;
+#[path = "guests/stress.rs"]
+mod stress;
 #[path = "guests/vfio.rs"]
 mod vfio;
 
@@ -36,6 +38,7 @@ fn all_cases() -> Vec<Case> {
     v.extend(iommu::cases());
     v.extend(vfio::cases());
     v.extend(net::cases());
+    v.extend(stress::cases());
     v.extend(boot::viommu_reference_cases());
     v.extend(rigcheck::cases());
     v
