@@ -178,6 +178,11 @@ fn linux_case(name: &str, strict: bool) -> Case {
             }
         }
         kernel_log_clean(o)?;
+        println!(
+            "    {}: {replies} ARP replies from {MAC_B} came back through the hub; receive \
+             counters +{rx_b} (b) +{rx_a} (a)",
+            o.name
+        );
         let c = counters(o)?;
         if counter(&c, "maps")? == 0 {
             return Err("the virtio-iommu saw no MAP: were the ports translated?".into());
