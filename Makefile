@@ -20,7 +20,7 @@ INTEGRATION_TESTS := $(sort $(filter-out guests,$(basename $(notdir \
 STAGE_TIMES := $(CURDIR)/.cache/stage-times.tsv
 TIMED := STAGE_TIMES=$(STAGE_TIMES) .ci/timed
 
-.PHONY: help all deps guest-image vmm-static run test test-unit test-integration test-images \
+.PHONY: help all deps guest-image guest-image-dpdk vmm-static run test test-unit test-integration test-images \
 	test-guests bench bench-micro bench-guest-programs clean distclean
 
 all: vmm-static guest-image
@@ -39,6 +39,11 @@ deps:
 ## guest-image: kernel + L1/L2 initramfs under .cache/images (no-op when up to date).
 guest-image:
 	guest-images/build.sh images
+
+## guest-image-dpdk: dpdk-testpmd, its libraries and PMD plugins for L2 (.cache/images/l2-dpdk.tar.gz;
+## the net-dpdk-* guest scenarios build it on demand; the first build downloads ~110 packages).
+guest-image-dpdk:
+	guest-images/build.sh dpdk
 
 ## vmm-static: the statically linked vmm copied into L1 for nested runs.
 vmm-static:
