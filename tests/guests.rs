@@ -38,6 +38,7 @@ fn all_cases() -> Vec<Case> {
     v.extend(iommu::cases());
     v.extend(vfio::cases());
     v.extend(net::cases());
+    v.extend(net::bench_cases());
     v.extend(stress::cases());
     v.extend(boot::viommu_reference_cases());
     v.extend(rigcheck::cases());

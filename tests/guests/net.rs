@@ -212,13 +212,21 @@ fn dpdk_files() -> Result<Vec<u8>, String> {
     std::fs::read(&tar).map_err(|e| format!("reading {}: {e}", tar.display()))
 }
 
-/// Seconds of forwarding per testpmd run.
+/// Seconds of forwarding per testpmd run of the functional scenario.
 const FWD_SECS: u32 = 6;
+/// Seconds of forwarding per benchmark run.
+const BENCH_SECS: u32 = 15;
 
-/// Guest script of the DPDK scenario: unpack DPDK, hugepages, bind both ports to vfio-pci, run
-/// testpmd three times.
-fn dpdk_script() -> String {
+/// Guest script: unpack DPDK, hugepages, bind both ports to vfio-pci (in no-IOMMU mode when
+/// `viommu` is false), then one testpmd run per entry of `modes` (IOVA mode), each forwarding
+/// for `secs` seconds timed from the moment forwarding started.
+fn dpdk_script(viommu: bool, modes: &[&str], secs: u32) -> String {
     let mut s = ports_script();
+    let noiommu = if viommu {
+        ""
+    } else {
+        "echo 1 >/sys/module/vfio/parameters/enable_unsafe_noiommu_mode\n"
+    };
     s.push_str(&format!(
         r#"
 set -e
@@ -230,7 +238,7 @@ mkdir -p /dev/hugepages
 mount -t hugetlbfs nodev /dev/hugepages
 echo 128 >/proc/sys/vm/nr_hugepages
 echo "HUGEPAGES $(cat /proc/sys/vm/nr_hugepages)"
-bdfs=""
+{noiommu}bdfs=""
 for i in $a $b; do
     bdf=$(basename "$(dirname "$(readlink -f "/sys/class/net/$i/device")")")
     echo "$bdf" >"/sys/bus/pci/devices/$bdf/driver/unbind"
@@ -240,18 +248,37 @@ for i in $a $b; do
     bdfs="$bdfs -a $bdf"
 done
 ls /dev/vfio
+up() {{ cut -d' ' -f1 /proc/uptime; }}
 set +e
 run=0
-for mode in va va pa; do
+for mode in {modes}; do
     run=$((run + 1))
     echo "TESTPMD-BEGIN $run $mode"
-    sleep {FWD_SECS} | dpdk-testpmd -l 0-1 -n 1 $bdfs --iova-mode=$mode -- \
-        --forward-mode=io --tx-first --total-num-mbufs=4096 --nb-cores=1 2>&1
-    echo "TESTPMD-RC $run $?"
+    rm -f /tmp/pmd-in /tmp/pmd-out
+    mkfifo /tmp/pmd-in
+    dpdk-testpmd -l 0-1 -n 1 $bdfs --iova-mode=$mode -- --forward-mode=io --tx-first \
+        --total-num-mbufs=4096 --nb-cores=1 </tmp/pmd-in >/tmp/pmd-out 2>&1 &
+    pid=$!
+    exec 3>/tmp/pmd-in
+    i=0
+    while ! grep -q "Press enter to exit" /tmp/pmd-out && kill -0 $pid 2>/dev/null && [ $i -lt 600 ]; do
+        sleep 1; i=$((i + 1))
+    done
+    t0=$(up)
+    sleep {secs}
+    echo >&3
+    wait $pid
+    rc=$?
+    t1=$(up)
+    exec 3>&-
+    cat /tmp/pmd-out
+    echo "TESTPMD-RC $run $rc"
+    echo "TESTPMD-TIME $run $t0 $t1"
     echo "TESTPMD-END $run"
 done
 set -e
-"#
+"#,
+        modes = modes.join(" "),
     ));
     s.push_str(KERNEL_ERRORS_SH);
     s
@@ -288,6 +315,57 @@ fn port_stats(lines: &[&str]) -> Vec<(u64, u64, u64, u64)> {
     out
 }
 
+/// One testpmd run's result.
+struct PmdRun {
+    /// Per port (RX, RX-dropped, TX, TX-dropped).
+    ports: Vec<(u64, u64, u64, u64)>,
+    /// Seconds from forwarding start to exit.
+    secs: f64,
+}
+
+/// Parse run `run` (IOVA mode `mode`) of the console: it must have exited 0 with packets both
+/// ways on both ports and no drops.
+fn pmd_run(o: &Outcome, run: usize, mode: &str) -> Result<PmdRun, String> {
+    let lines = section(
+        &o.serial,
+        &format!("TESTPMD-BEGIN {run} {mode}"),
+        &format!("TESTPMD-END {run}"),
+    )
+    .ok_or(format!("testpmd run {run} ({mode}) did not finish"))?;
+    let tagged = |tag: &str| {
+        lines
+            .iter()
+            .find_map(|l| l.trim().strip_prefix(&format!("{tag} {run} ")))
+            .map(str::to_string)
+    };
+    let rc = tagged("TESTPMD-RC").unwrap_or_else(|| "?".into());
+    let secs = tagged("TESTPMD-TIME")
+        .and_then(|t| {
+            let v: Vec<f64> = t.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+            (v.len() == 2).then(|| v[1] - v[0])
+        })
+        .filter(|s| *s > 0.0)
+        .ok_or(format!("testpmd run {run}: no TESTPMD-TIME"))?;
+    let ports = port_stats(&lines);
+    if rc != "0" || ports.len() != 2 {
+        return Err(format!(
+            "testpmd run {run} ({mode}): exit {rc}, {} port stats; its output:\n{}",
+            ports.len(),
+            lines.join("\n")
+        ));
+    }
+    for (port, &(rx, rxd, tx, txd)) in ports.iter().enumerate() {
+        if rx == 0 || tx == 0 || rxd != 0 || txd != 0 {
+            return Err(format!(
+                "testpmd run {run} ({mode}) port {port}: RX {rx} (dropped {rxd}), TX {tx} \
+                 (dropped {txd}); want traffic both ways, no drops; its output:\n{}",
+                lines.join("\n")
+            ));
+        }
+    }
+    Ok(PmdRun { ports, secs })
+}
+
 /// Whether this run of the guests binary may select the scenario `name` (the same rule as
 /// tests/guests.rs: no filter selects every default case, `--list` runs nothing).
 fn selected(name: &str) -> bool {
@@ -299,17 +377,22 @@ fn selected(name: &str) -> bool {
     filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()))
 }
 
+/// The DPDK tree as an L2 file, or why it is missing (only read when `name` may run).
+fn dpdk_payload(name: &str) -> (Vec<u8>, Option<String>) {
+    if !selected(name) {
+        return (Vec::new(), None);
+    }
+    match dpdk_files() {
+        Ok(f) => (f, None),
+        Err(e) => (Vec::new(), Some(e)),
+    }
+}
+
 fn dpdk_case() -> Case {
-    // Read (or build) the 20 MB DPDK tree only when the scenario may run.
-    let (files, err) = if selected("net-dpdk-testpmd") {
-        match dpdk_files() {
-            Ok(f) => (f, None),
-            Err(e) => (Vec::new(), Some(e)),
-        }
-    } else {
-        (Vec::new(), None)
-    };
-    let scenario = Scenario::vmm("net-dpdk-testpmd", dpdk_script())
+    let name = "net-dpdk-testpmd";
+    let (files, err) = dpdk_payload(name);
+    let modes = ["va", "va", "pa"];
+    let scenario = Scenario::vmm(name, dpdk_script(true, &modes, FWD_SECS))
         .args(net_args(2, "1024M"))
         .l2_file(CpioFile::new("/rig/dpdk.tar.gz", 0o644, files))
         .timeout(Duration::from_secs(1500));
@@ -320,45 +403,22 @@ fn dpdk_case() -> Case {
         clean_exit(o)?;
         domains_check(o, "DMA-FQ")?;
         let mut report = Vec::new();
-        for (run, mode) in [(1, "va"), (2, "va"), (3, "pa")] {
-            let lines = section(
-                &o.serial,
-                &format!("TESTPMD-BEGIN {run} {mode}"),
-                &format!("TESTPMD-END {run}"),
-            )
-            .ok_or(format!("testpmd run {run} ({mode}) did not finish"))?;
-            let rc = lines
-                .iter()
-                .find_map(|l| l.trim().strip_prefix(&format!("TESTPMD-RC {run} ")))
-                .unwrap_or("?");
-            let stats = port_stats(&lines);
-            if rc != "0" || stats.len() != 2 {
-                return Err(format!(
-                    "testpmd run {run} ({mode}): exit {rc}, {} port stats; its output:\n{}",
-                    stats.len(),
-                    lines.join("\n")
-                ));
-            }
-            for (port, &(rx, rxd, tx, txd)) in stats.iter().enumerate() {
-                if rx == 0 || tx == 0 || rxd != 0 || txd != 0 {
-                    return Err(format!(
-                        "testpmd run {run} ({mode}) port {port}: RX {rx} (dropped {rxd}), TX {tx} \
-                         (dropped {txd}); want traffic both ways, no drops"
-                    ));
-                }
-            }
+        for (i, mode) in modes.iter().enumerate() {
+            let r = pmd_run(o, i + 1, mode)?;
             report.push(format!(
-                "run {run} iova={mode}: port0 rx={} tx={}, port1 rx={} tx={} in ~{FWD_SECS} s \
-                 ({:.0} pkt/s each way)",
-                stats[0].0,
-                stats[0].2,
-                stats[1].0,
-                stats[1].2,
-                stats[0].0 as f64 / f64::from(FWD_SECS)
+                "run {} iova={mode}: port0 rx={} tx={}, port1 rx={} tx={} in {:.1} s ({:.0} pkt/s \
+                 per direction)",
+                i + 1,
+                r.ports[0].0,
+                r.ports[0].2,
+                r.ports[1].0,
+                r.ports[1].2,
+                r.secs,
+                r.ports[0].0 as f64 / r.secs
             ));
         }
         for r in &report {
-            println!("    net-dpdk-testpmd: {r}");
+            println!("    {name}: {r}");
         }
         kernel_log_clean(o)?;
         let c = counters(o)?;
@@ -367,6 +427,95 @@ fn dpdk_case() -> Case {
         }
         Ok(())
     })
+}
+
+/// QEMU's equivalent of [`net_args`]: two virtio-net on hub 0, behind its virtio-iommu or not.
+fn qemu_net_args(viommu: bool) -> Vec<String> {
+    let mut args = Scenario::default_args(Program::Qemu, 2, 0, 0);
+    if let Some(i) = args.iter().position(|a| a == "-m") {
+        args[i + 1] = "1024".into();
+    }
+    if !viommu {
+        if let Some(i) = args.iter().position(|a| a == "virtio-iommu-pci") {
+            args.drain(i - 1..=i);
+        }
+    }
+    for (i, mac) in [MAC_A, MAC_B].iter().enumerate() {
+        args.push("-netdev".into());
+        args.push(format!("hubport,id=n{i},hubid=0"));
+        args.push("-device".into());
+        // No option ROM (romfile=): direct kernel boot needs none.
+        args.push(format!(
+            "virtio-net-pci,netdev=n{i},mac={mac},romfile=,disable-legacy=on{}",
+            if viommu { ",iommu_platform=on" } else { "" }
+        ));
+    }
+    args
+}
+
+/// `net-bench-*` (opt-in): testpmd io forwarding for BENCH_SECS between two hub ports, ours and
+/// QEMU's, behind the vIOMMU (IOVA as VA) and without one (vfio no-IOMMU mode, IOVA as PA),
+/// interleaved twice in one L1 boot. Prints a `BENCH` line with packets/s per direction.
+pub fn bench_cases() -> Vec<Case> {
+    let mut v = Vec::new();
+    for round in 1..=2 {
+        for (program, prog) in [(Program::Vmm, "ours"), (Program::Qemu, "qemu")] {
+            for viommu in [true, false] {
+                let name = format!(
+                    "net-bench-testpmd-{prog}-{}-{round}",
+                    if viommu { "viommu" } else { "noviommu" }
+                );
+                let (files, err) = dpdk_payload(&name);
+                let mode = if viommu { "va" } else { "pa" };
+                let script = dpdk_script(viommu, &[mode], BENCH_SECS);
+                let mut args = match program {
+                    Program::Vmm => net_args(2, "1024M"),
+                    Program::Qemu => qemu_net_args(viommu),
+                };
+                if program == Program::Vmm && !viommu {
+                    args.retain(|a| a != "--viommu" && a != "virtio");
+                    for a in args.iter_mut() {
+                        *a = a.replace(",iommu=on", "");
+                    }
+                }
+                let scenario = match program {
+                    Program::Vmm => Scenario::vmm(name.clone(), script),
+                    Program::Qemu => Scenario::qemu(name.clone(), script),
+                }
+                .args(args)
+                .l2_file(CpioFile::new("/rig/dpdk.tar.gz", 0o644, files))
+                .timeout(Duration::from_secs(1200));
+                v.push(Case::opt_in(scenario, move |o| {
+                    if let Some(e) = &err {
+                        return Err(e.clone());
+                    }
+                    clean_exit(o)?;
+                    let r = pmd_run(o, 1, mode)?;
+                    let maps = if viommu && program == Program::Vmm {
+                        let c = counters(o)?;
+                        format!(
+                            " maps={} unmaps={}",
+                            counter(&c, "maps")?,
+                            counter(&c, "unmaps")?
+                        )
+                    } else {
+                        String::new()
+                    };
+                    println!(
+                        "BENCH {} pps_0to1={:.0} pps_1to0={:.0} packets={}+{} secs={:.1}{maps}",
+                        o.name,
+                        r.ports[1].0 as f64 / r.secs,
+                        r.ports[0].0 as f64 / r.secs,
+                        r.ports[0].0,
+                        r.ports[1].0,
+                        r.secs
+                    );
+                    Ok(())
+                }));
+            }
+        }
+    }
+    v
 }
 
 /// The virtio-net scenarios.
