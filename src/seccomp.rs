@@ -221,6 +221,8 @@ fn base_rules() -> Result<Rules, String> {
             libc::SYS_nanosleep,
             libc::SYS_clock_nanosleep,
             libc::SYS_clock_gettime,
+            libc::SYS_time,
+            libc::SYS_gettimeofday,
             libc::SYS_gettid,
             libc::SYS_getpid,
             libc::SYS_getrandom,
@@ -244,6 +246,8 @@ fn base_rules() -> Result<Rules, String> {
     r.insert(libc::SYS_mprotect, no_exec()?);
     // Thread names only.
     r.insert(libc::SYS_prctl, arg_in(0, &[libc::PR_SET_NAME as u64])?);
+    // Rust's debug-build check that an fd is open before it is closed.
+    r.insert(libc::SYS_fcntl, arg_in(1, &[libc::F_GETFD as u64])?);
     Ok(r)
 }
 
@@ -432,34 +436,80 @@ fn clone3_filter() -> Result<BpfProgram, String> {
         .map_err(|e: seccompiler::BackendError| e.to_string())
 }
 
-/// Write `vmm: seccomp: forbidden system call N` to stderr and exit with
-/// [`SIGSYS_EXIT_STATUS`]; async-signal-safe (write and exit_group only, both allowed
-/// everywhere).
-extern "C" fn sigsys_handler(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+/// A fixed buffer for the SIGSYS report (no allocation in a signal handler).
+struct Report {
+    buf: [u8; 160],
+    len: usize,
+}
+
+impl Report {
+    fn push(&mut self, s: &[u8]) {
+        for &b in s {
+            if self.len < self.buf.len() {
+                self.buf[self.len] = b;
+                self.len += 1;
+            }
+        }
+    }
+
+    fn push_num(&mut self, mut n: u64, base: u64) {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b"0123456789abcdef"[(n % base) as usize];
+            n /= base;
+            if n == 0 {
+                break;
+            }
+        }
+        self.push(&digits[i..]);
+    }
+}
+
+thread_local! {
+    /// The kind of filter this thread installed (an index into [`ThreadKind::ALL`]), for the
+    /// SIGSYS report.
+    static KIND: std::cell::Cell<u8> = const { std::cell::Cell::new(u8::MAX) };
+}
+
+/// Write `vmm: seccomp: forbidden system call N (args A B C) in a KIND thread` to stderr and
+/// exit with [`SIGSYS_EXIT_STATUS`]; async-signal-safe (write and exit_group only, both
+/// allowed everywhere; the thread-local is const-initialized).
+extern "C" fn sigsys_handler(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo_t; for SIGSYS from seccomp, si_syscall sits
     // at offset 24 of the 128-byte structure (after si_signo, si_errno, si_code, pad,
     // si_call_addr).
     let nr = unsafe { *((info as *const u8).add(24) as *const i32) };
-    let mut buf = *b"vmm: seccomp: forbidden system call                 \n";
-    let prefix = 36;
-    let mut digits = [0u8; 12];
-    let mut n = i64::from(nr).unsigned_abs();
-    let mut len = 0;
-    loop {
-        digits[len] = b'0' + (n % 10) as u8;
-        len += 1;
-        n /= 10;
-        if n == 0 {
-            break;
+    let mut r = Report {
+        buf: [0; 160],
+        len: 0,
+    };
+    r.push(b"vmm: seccomp: forbidden system call ");
+    r.push_num(u64::from(nr.unsigned_abs()), 10);
+    if !ctx.is_null() {
+        // SAFETY: with SA_SIGINFO the third argument is the interrupted context; the system
+        // call's first arguments are in RDI, RSI, RDX.
+        let g = unsafe { (*(ctx as *const libc::ucontext_t)).uc_mcontext.gregs };
+        r.push(b" (args");
+        for reg in [libc::REG_RDI, libc::REG_RSI, libc::REG_RDX] {
+            r.push(b" 0x");
+            r.push_num(g[reg as usize] as u64, 16);
         }
+        r.push(b")");
     }
-    for i in 0..len {
-        buf[prefix + i] = digits[len - 1 - i];
-    }
-    buf[prefix + len] = b'\n';
+    let kind = KIND.with(|k| k.get());
+    r.push(b" in a ");
+    r.push(
+        ThreadKind::ALL
+            .get(usize::from(kind))
+            .map_or("unfiltered", |k| k.name())
+            .as_bytes(),
+    );
+    r.push(b" thread\n");
     // SAFETY: writing a stack buffer to fd 2 and exiting are async-signal-safe.
     unsafe {
-        libc::write(2, buf.as_ptr().cast(), prefix + len + 1);
+        libc::write(2, r.buf.as_ptr().cast(), r.len);
         libc::_exit(SIGSYS_EXIT_STATUS);
     }
 }
@@ -507,17 +557,34 @@ impl StartGate {
     }
 }
 
+extern "C" {
+    fn tzset();
+}
+
+/// Process-wide state libc loads lazily with calls no filter allows, loaded once before the
+/// first filter: the time zone (glibc's `gmtime_r`, used by the CMOS RTC on vCPU threads,
+/// opens /etc/localtime on its first call).
+fn preload_libc_state() {
+    static ONCE: Once = Once::new();
+    // SAFETY: tzset only reads TZ and the zone file into libc's own state.
+    ONCE.call_once(|| unsafe { tzset() });
+}
+
 /// Install the filter of `kind` on the calling thread under `mode`.
 pub fn apply_mode(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompError> {
     let Some(prog) = filter(kind, mode)? else {
         return Ok(());
     };
+    preload_libc_state();
     install_sigsys_handler();
     if kind == ThreadKind::Vcpu {
         let c3 = clone3_filter().map_err(|e| SeccompError::Build(kind.name(), e))?;
         seccompiler::apply_filter(&c3).map_err(|e| SeccompError::Apply(kind.name(), e))?;
     }
     seccompiler::apply_filter(&prog).map_err(|e| SeccompError::Apply(kind.name(), e))?;
+    if let Some(i) = ThreadKind::ALL.iter().position(|&k| k == kind) {
+        KIND.with(|k| k.set(i as u8));
+    }
     log::debug!("seccomp: {} filter installed ({mode:?})", kind.name());
     Ok(())
 }
@@ -545,6 +612,13 @@ pub fn selftest(kind: ThreadKind, mode: SeccompMode) -> i32 {
                 kind.name()
             );
             if kind == ThreadKind::Vcpu {
+                // The guest reading the RTC (the hour register, BCD): libc time functions.
+                use crate::bus::BusDevice;
+                let mut cmos = crate::devices::legacy::Cmos::new();
+                let mut hour = [0xffu8];
+                cmos.write(0, &[0x04]);
+                cmos.read(1, &mut hour);
+                eprintln!("seccomp selftest: RTC hour {:02x}", hour[0]);
                 // What a vCPU does when the guest activates a notify=thread disk: start a
                 // worker that stacks its own filter.
                 let worker = std::thread::Builder::new()

@@ -5,6 +5,10 @@
 //! the md5 of what the host wrote or what the guest just wrote; after exit the host checks the
 //! last write of each phase in the image files. The VMM must exit 0 with no fault, error status
 //! or malformed request in its counters, and the guest's kernel log must stay clean.
+//!
+//! Disk B is served by a worker thread (`notify=thread`): each rebind re-activates it, so a
+//! vCPU thread starts a new worker that stacks its own seccomp filter (the VMM runs with its
+//! default `--seccomp on`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -199,7 +203,7 @@ fn stress_case(name: &str) -> Case {
             "--disk",
             "path={disk0},iommu=on",
             "--disk",
-            "path={disk1},iommu=on",
+            "path={disk1},iommu=on,notify=thread",
         ]
         .map(String::from),
     );
