@@ -8,6 +8,7 @@
 
 pub mod pci_config;
 pub mod viommu_queue;
+#[cfg(feature = "blk")]
 pub mod virtio_blk;
 pub mod virtio_pci;
 

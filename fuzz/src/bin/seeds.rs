@@ -16,13 +16,14 @@ fn main() {
             "viommu_queue" => vmm_fuzz::viommu_queue::run(&data),
             "virtio_pci" => vmm_fuzz::virtio_pci::run(&data),
             "pci_config" => vmm_fuzz::pci_config::run(&data),
+            #[cfg(feature = "blk")]
             "virtio_blk" => vmm_fuzz::virtio_blk::run(&data),
             t => panic!("unknown target {t}"),
         }
         return;
     }
     let dir = PathBuf::from(args.get(1).cloned().unwrap_or_else(|| "corpus".into()));
-    let targets: [(&str, Seeds, Run); 4] = [
+    let targets: &[(&str, Seeds, Run)] = &[
         (
             "viommu_queue",
             vmm_fuzz::viommu_queue::seeds,
@@ -38,13 +39,14 @@ fn main() {
             vmm_fuzz::pci_config::seeds,
             vmm_fuzz::pci_config::run,
         ),
+        #[cfg(feature = "blk")]
         (
             "virtio_blk",
             vmm_fuzz::virtio_blk::seeds,
             vmm_fuzz::virtio_blk::run,
         ),
     ];
-    for (name, seeds, run) in targets {
+    for &(name, seeds, run) in targets {
         let d = dir.join(name);
         std::fs::create_dir_all(&d).expect("corpus dir");
         let seeds = seeds();
