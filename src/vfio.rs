@@ -195,6 +195,8 @@ pub struct Passthrough {
     bars: Arc<BarTargets>,
     slots: Arc<KvmMemorySlots>,
     counters: Arc<DmaCounters>,
+    /// Every opened device, never dropped (see the `Drop` impl).
+    devices: Vec<Arc<VfioDevice>>,
     /// Kept open for the VM's lifetime (the containers hold a handle too).
     #[allow(dead_code)]
     kvm_vfio: Option<Arc<VfioDeviceFd>>,
@@ -220,6 +222,7 @@ impl Passthrough {
             bars: Arc::new(BarTargets::new()),
             slots,
             counters: Arc::new(DmaCounters::default()),
+            devices: Vec::new(),
             kvm_vfio: None,
         };
         if configs.is_empty() {
@@ -293,10 +296,12 @@ impl Passthrough {
                 "static full-RAM mapping"
             }
         );
+        let device = Arc::new(device);
+        self.devices.push(device.clone());
         self.pending.push(Opened {
             config: config.clone(),
             group,
-            device: Arc::new(device),
+            device,
         });
         Ok(())
     }
@@ -389,6 +394,20 @@ impl Passthrough {
             DmaSetup::Static
         };
         Ok((path, dev, setup))
+    }
+}
+
+impl Drop for Passthrough {
+    /// The opened `VfioDevice`s are leaked on purpose: their groups, containers and device fds
+    /// are closed by the kernel when the process exits. `vfio_ioctls::VfioDevice::drop` reads
+    /// the device's sysfs `iommu_group` link (readlink, which the main thread's seccomp filter
+    /// forbids once the VM runs) and unwraps the result (a panic if the device vanished).
+    /// The passthrough PCI functions themselves are dropped normally (BAR slots removed,
+    /// interrupts disabled).
+    fn drop(&mut self) {
+        for d in self.devices.drain(..) {
+            std::mem::forget(d);
+        }
     }
 }
 
