@@ -212,6 +212,7 @@ build_qemu_cpio() {
 # helpers and daemons; testpmd and its plugins only need shared libraries.
 dpdk_skip() {
     case "$1" in
+        dpdk-dev) return 1 ;;
         libdpdk-dev | python3* | perl* | *-dev | debconf* | dpkg | adduser | passwd | \
             init-system-helpers | lsb-base | sensible-utils | tzdata | readline-common | \
             libc-bin | mawk | sysvinit-utils | ucf | install-info | udev | rdma-core)
