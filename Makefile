@@ -72,13 +72,14 @@ test-unit:
 test-integration:
 	$(TIMED) 2-integration $(CARGO) test --workspace $(addprefix --test ,$(INTEGRATION_TESTS))
 
-## test-images (stage 3): host deps, guest images, static vmm and in-guest programs (guest-vfio).
+## test-images (stage 3): host deps, guest images (incl. DPDK), static vmm and in-guest programs.
 test-images:
-	$(TIMED) 3-images bash -c '$(MAKE) --no-print-directory deps guest-image vmm-static bench-guest-programs'
+	$(TIMED) 3-images bash -c '$(MAKE) --no-print-directory deps guest-image guest-image-dpdk vmm-static bench-guest-programs'
 
 ## test-guests (stage 4): real Linux guests through the rig (nested under QEMU TCG here).
+## --workspace keeps stage 1's feature resolution, so the dependencies are not built twice.
 test-guests:
-	$(TIMED) 4-guests env RIG_NO_BUILD=1 $(CARGO) test --test guests -- $(FILTER)
+	$(TIMED) 4-guests env RIG_NO_BUILD=1 $(CARGO) test --workspace --test guests -- $(FILTER)
 
 ## bench: the vIOMMU side by side with QEMU: criterion microbenchmarks, then the same L2 guest
 ## under our vmm and QEMU (interleaved, median of BENCH_RUNS); tables in target/bench/report.md
