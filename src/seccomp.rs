@@ -261,6 +261,9 @@ fn spawn_rules(r: &mut Rules) -> Result<(), String> {
             CLONE_THREAD_FLAGS,
         )?])?],
     );
+    // A thread keeps its creator's filter under its own: what the workers a vCPU starts
+    // (virtio-blk notify=thread, the virtio-iommu poller) need must pass here too.
+    allow(r, &[libc::SYS_poll, libc::SYS_ppoll]);
     // Refused with ENOSYS by the stacked clone3 filter (see the module docs).
     allow(r, &[libc::SYS_clone3, libc::SYS_sched_getaffinity]);
     r.insert(
@@ -623,7 +626,13 @@ pub fn selftest(kind: ThreadKind, mode: SeccompMode) -> i32 {
                 // worker that stacks its own filter.
                 let worker = std::thread::Builder::new()
                     .name("selftest-worker".into())
-                    .spawn(move || apply_mode(ThreadKind::BlockWorker, mode).is_ok());
+                    .spawn(move || {
+                        apply_mode(ThreadKind::BlockWorker, mode).is_ok() && {
+                            // The worker's wait (under both filters).
+                            // SAFETY: poll on no fds with a zero timeout.
+                            unsafe { libc::poll(std::ptr::null_mut(), 0, 0) == 0 }
+                        }
+                    });
                 match worker.map(|w| w.join()) {
                     Ok(Ok(true)) => eprintln!("seccomp selftest: worker thread filter installed"),
                     other => eprintln!("seccomp selftest: worker thread failed: {other:?}"),
@@ -699,6 +708,29 @@ mod tests {
         }
         assert_eq!(allowed_counts(ThreadKind::Vcpu).unwrap().1, 11);
         assert_eq!(allowed_counts(ThreadKind::BlockWorker).unwrap().1, 0);
+    }
+
+    /// Workers a vCPU starts keep the vCPU filter under their own: their allow list must be
+    /// a subset of the vCPU's (found by a real guest: poll in the virtio-blk worker).
+    #[test]
+    fn workers_started_by_vcpus_need_nothing_the_vcpu_filter_refuses() {
+        let vcpu = rules(ThreadKind::Vcpu).unwrap();
+        for kind in [ThreadKind::BlockWorker, ThreadKind::Poller] {
+            for (nr, conds) in rules(kind).unwrap() {
+                let Some(v) = vcpu.get(&nr) else {
+                    panic!("{kind:?} needs system call {nr}, which vCPU threads may not make");
+                };
+                // Unconditional on the worker side must be unconditional on the vCPU side;
+                // argument rules must be among the vCPU's.
+                if conds.is_empty() {
+                    assert!(v.is_empty(), "{kind:?}: {nr} restricted for vCPUs");
+                } else if !v.is_empty() {
+                    for c in &conds {
+                        assert!(v.contains(c), "{kind:?}: rule {c:?} of {nr} not in vCPU's");
+                    }
+                }
+            }
+        }
     }
 
     /// Fork a child that installs `kind`'s filter (mode on, no handler: SIGSYS kills it),
