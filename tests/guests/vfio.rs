@@ -355,7 +355,18 @@ fn l2_vfio_case(name: &str, program: Vec<u8>, passthrough: bool) -> Case {
     };
     let mut scenario = Scenario::vmm(name, l2_vfio_script(maps_2m));
     if passthrough {
-        args.extend(["--viommu", "virtio", "--device", "path={vfio0},iommu=on"].map(String::from));
+        // Info level: the vmm logs the host IOMMU's page sizes, which L2 must see.
+        args.extend(
+            [
+                "--viommu",
+                "virtio",
+                "--device",
+                "path={vfio0},iommu=on",
+                "--log-level",
+                "info",
+            ]
+            .map(String::from),
+        );
         scenario = scenario.vfio_disk(&image);
     } else {
         args.extend(["--viommu", "virtio", "--disk", "path={disk0},iommu=on"].map(String::from));
@@ -410,6 +421,7 @@ fn l2_vfio_case(name: &str, program: Vec<u8>, passthrough: bool) -> Case {
             ));
         }
         let host = if passthrough {
+            host_geometry_check(o, &errors)?;
             let v = kv_line(&o.vmm_log, "vfio: ")?;
             let (hm, hu) = (get(&v, "host_maps")?, get(&v, "host_unmaps")?);
             if hm < maps {
@@ -435,6 +447,32 @@ fn l2_vfio_case(name: &str, program: Vec<u8>, passthrough: bool) -> Case {
         );
         Ok(())
     })
+}
+
+/// The page sizes L2's VFIO reports (`check info: ok (pgsizes=0x..`, from our virtio-iommu's
+/// page_size_mask) are the host IOMMU's (`host IOMMU page sizes 0x..` in the vmm's log) at 4 KiB
+/// and above.
+fn host_geometry_check(o: &Outcome, errors: &[&str]) -> Result<(), String> {
+    let hex_after = |text: &str, key: &str| -> Option<u64> {
+        let rest = &text[text.find(key)? + key.len()..];
+        let digits: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
+        u64::from_str_radix(&digits, 16).ok()
+    };
+    let host = o
+        .vmm_log
+        .lines()
+        .find_map(|l| hex_after(l, "host IOMMU page sizes 0x"))
+        .ok_or("no 'host IOMMU page sizes' line in the vmm's log")?;
+    let guest = errors
+        .iter()
+        .find_map(|l| hex_after(l, "check info: ok (pgsizes=0x"))
+        .ok_or("no 'check info' line from guest-vfio")?;
+    if guest != host & !0xfff {
+        return Err(format!(
+            "L2 sees IOMMU page sizes {guest:#x}, the host IOMMU has {host:#x}"
+        ));
+    }
+    Ok(())
 }
 
 /// A case that fails with `why` (the in-guest program is missing).
