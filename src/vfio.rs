@@ -161,6 +161,49 @@ impl DmaSpace for Counted {
     }
 }
 
+/// A container's `VfioDmaSpace` that classifies a failed map with the host ranges read at
+/// open, so that no `VFIO_IOMMU_GET_INFO` is issued while the VM runs (the vCPU threads'
+/// seccomp filter allows only the map and unmap ioctls; `VfioDmaSpace::map` queries the ranges
+/// lazily on its first EINVAL).
+struct Prequeried {
+    space: Arc<VfioDmaSpace>,
+    info: HostIommuInfo,
+}
+
+impl DmaSpace for Prequeried {
+    unsafe fn map(
+        &self,
+        iova: u64,
+        size: u64,
+        host_addr: u64,
+        prot: Prot,
+    ) -> Result<(), HostMapError> {
+        // SAFETY: forwarded from this function's contract.
+        let Err(e) = (unsafe { self.space.map_raw(iova, size, host_addr, prot) }) else {
+            return Ok(());
+        };
+        log::warn!("vfio: map {iova:#x}+{size:#x} -> {host_addr:#x}: {e}");
+        let last = iova.saturating_add(size.saturating_sub(1));
+        let in_range = !self.info.iova_ranges.is_empty() && self.info.contains(iova, last);
+        Err(match e.raw_os_error() {
+            Some(libc::EEXIST) => HostMapError::Invalid,
+            Some(libc::ENOSPC) | Some(libc::ENOMEM) => {
+                log::warn!(
+                    "vfio: the container is out of mappings or locked memory (type1 \
+                     dma_entry_limit defaults to 65535; RLIMIT_MEMLOCK)"
+                );
+                HostMapError::NoSpace
+            }
+            Some(libc::EINVAL) if !in_range => HostMapError::OutOfRange,
+            _ => HostMapError::Failed(format!("VFIO_IOMMU_MAP_DMA: {e}")),
+        })
+    }
+
+    fn unmap(&self, iova: u64, size: u64) -> Result<(), HostMapError> {
+        self.space.unmap(iova, size)
+    }
+}
+
 /// One legacy type1 container (one IOMMU group) and what mirrors guest DMA into it.
 struct Container {
     /// Kept open for the VM's lifetime.
@@ -268,7 +311,10 @@ impl Passthrough {
             let vfio = Arc::new(VfioDmaSpace::new(new_container.clone()));
             let info = vfio.query_info().map_err(|e| VfioError::Info(group, e))?;
             let space: Arc<dyn DmaSpace> = Arc::new(Counted {
-                inner: vfio,
+                inner: Arc::new(Prequeried {
+                    space: vfio,
+                    info: info.clone(),
+                }),
                 counters: self.counters.clone(),
             });
             log::info!(
@@ -469,6 +515,25 @@ mod tests {
             counters.summary_line(),
             "vfio: host_maps=2 host_unmaps=2 host_failures=2"
         );
+    }
+
+    #[test]
+    fn prequeried_space_reports_host_failures_without_panicking() {
+        // Not a container: every ioctl fails with ENOTTY, which is neither a conflict, nor a
+        // lack of space, nor out of range.
+        let null = Arc::new(std::fs::File::open("/dev/null").unwrap());
+        let space = Prequeried {
+            space: Arc::new(VfioDmaSpace::new(null)),
+            info: HostIommuInfo {
+                iova_ranges: vec![(0, 0xffff_ffff)],
+                ..HostIommuInfo::default()
+            },
+        };
+        let buf = [0u8; 4096];
+        // SAFETY: the ioctl fails; nothing is mapped.
+        let r = unsafe { space.map(0x1000, 0x1000, buf.as_ptr() as u64, Prot::RW) };
+        assert!(matches!(r, Err(HostMapError::Failed(_))), "{r:?}");
+        assert!(space.unmap(0x1000, 0x1000).is_err());
     }
 
     #[test]
