@@ -24,7 +24,7 @@ use crate::common::{
 const BDF_A: &str = "0000:00:02.0";
 const BDF_B: &str = "0000:00:03.0";
 /// Unbind/rebind cycles per phase.
-const REBINDS: u32 = 5;
+const REBINDS: u32 = 16;
 
 /// The guest script: `md5a`/`md5b` are the md5s of the first MiB the host wrote, `tok_a`/`tok_b`
 /// the tokens of the guest's writes (suffixed with the iteration number).
