@@ -15,7 +15,8 @@
 //!
 //! Modes ([`SeccompMode`]): `on` (default for the binary) traps a forbidden call with SIGSYS;
 //! the handler names the system call on stderr and ends the process with status 159
-//! (128 + SIGSYS). `log` allows it and lets the kernel log it (`audit: type=1326 ...
+//! (128 + SIGSYS; a call made with signals blocked, as glibc's `pthread_kill` does, is killed
+//! by the kernel with SIGSYS directly, without the report). `log` allows it and lets the kernel log it (`audit: type=1326 ...
 //! syscall=N`). `off` installs nothing (the library default, for tests that run VMs in-process).
 
 use std::collections::BTreeMap;
@@ -365,8 +366,13 @@ pub fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Seccom
         let mut r = base_rules()?;
         match kind {
             ThreadKind::Main => {
-                // Waiting for the stop request, kicking vCPUs out of KVM_RUN, joining them.
-                allow(&mut r, &[libc::SYS_poll, libc::SYS_ppoll, libc::SYS_tgkill]);
+                // Waiting for the stop request, kicking vCPUs out of KVM_RUN (signals to this
+                // process's threads only), joining them.
+                allow(&mut r, &[libc::SYS_poll, libc::SYS_ppoll]);
+                r.insert(
+                    libc::SYS_tgkill,
+                    arg_in(0, &[u64::from(std::process::id())])?,
+                );
                 ioctls(&mut r, &main_ioctls())?;
             }
             ThreadKind::Vcpu => {
