@@ -222,11 +222,12 @@ dpdk_skip() {
 }
 
 # dpdk-dev and, recursively, the Depends/Pre-Depends of everything it needs at run time, plus
-# libgcc-s1 (glibc loads it at exit). One package name per line.
+# librte-net-virtio23 (the virtio PMD: only a Recommends of dpdk) and libgcc-s1 (glibc loads it
+# at exit). One package name per line.
 dpdk_closure() {
     local -A seen=()
     local queue next p
-    queue="dpdk-dev $(apt-cache depends dpdk-dev | sed -n 's/^ *Depends: //p' | grep -v '^<') libgcc-s1"
+    queue="dpdk-dev $(apt-cache depends dpdk-dev | sed -n 's/^ *Depends: //p' | grep -v '^<') librte-net-virtio23 libgcc-s1"
     while [ -n "${queue// /}" ]; do
         next=""
         for p in $queue; do

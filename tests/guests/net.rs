@@ -234,7 +234,7 @@ echo "rig: unpacking DPDK"
 tar -xzf /rig/dpdk.tar.gz -C /
 rm -f /rig/dpdk.tar.gz
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
-mkdir -p /dev/hugepages
+mkdir -p /dev/hugepages /var/run
 mount -t hugetlbfs nodev /dev/hugepages
 echo 128 >/proc/sys/vm/nr_hugepages
 echo "HUGEPAGES $(cat /proc/sys/vm/nr_hugepages)"
@@ -249,29 +249,35 @@ for i in $a $b; do
 done
 ls /dev/vfio
 up() {{ cut -d' ' -f1 /proc/uptime; }}
+# testpmd may be gone when its stdin is written: report, do not die of SIGPIPE.
+trap '' PIPE
 set +e
 run=0
 for mode in {modes}; do
     run=$((run + 1))
     echo "TESTPMD-BEGIN $run $mode"
-    rm -f /tmp/pmd-in /tmp/pmd-out
+    rm -f /tmp/pmd-in
     mkfifo /tmp/pmd-in
+    # Output straight to the console (a tty: line-buffered, seen live); stdin from a FIFO.
     dpdk-testpmd -l 0-1 -n 1 $bdfs --iova-mode=$mode -- --forward-mode=io --tx-first \
-        --total-num-mbufs=4096 --nb-cores=1 </tmp/pmd-in >/tmp/pmd-out 2>&1 &
+        --total-num-mbufs=4096 --nb-cores=1 </tmp/pmd-in 2>&1 &
     pid=$!
     exec 3>/tmp/pmd-in
+    # Forwarding runs once the main thread blocks reading stdin ("Press enter to exit").
     i=0
-    while ! grep -q "Press enter to exit" /tmp/pmd-out && kill -0 $pid 2>/dev/null && [ $i -lt 600 ]; do
-        sleep 1; i=$((i + 1))
+    while kill -0 $pid 2>/dev/null && [ $i -lt 1200 ]; do
+        case "$(cat /proc/$pid/wchan 2>/dev/null)" in
+            *pipe*) break ;;
+        esac
+        sleep 0.25; i=$((i + 1))
     done
     t0=$(up)
     sleep {secs}
-    echo >&3
+    echo >&3 2>/dev/null
     wait $pid
     rc=$?
     t1=$(up)
     exec 3>&-
-    cat /tmp/pmd-out
     echo "TESTPMD-RC $run $rc"
     echo "TESTPMD-TIME $run $t0 $t1"
     echo "TESTPMD-END $run"
@@ -341,7 +347,10 @@ fn pmd_run(o: &Outcome, run: usize, mode: &str) -> Result<PmdRun, String> {
     let rc = tagged("TESTPMD-RC").unwrap_or_else(|| "?".into());
     let secs = tagged("TESTPMD-TIME")
         .and_then(|t| {
-            let v: Vec<f64> = t.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+            let v: Vec<f64> = t
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
             (v.len() == 2).then(|| v[1] - v[0])
         })
         .filter(|s| *s > 0.0)
