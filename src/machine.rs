@@ -18,7 +18,7 @@ use vm_memory::GuestAddressSpace;
 
 use pci::{PciBus, PciWindows, VirtioDevice, VirtioPciDevice};
 use viommu::spec::REQUEST_QUEUE;
-use viommu::{Counters, Viommu};
+use viommu::{Counters, EndpointHandle, Viommu};
 
 use crate::acpi::{self, AcpiConfig};
 use crate::boot::{self, LinuxBoot};
@@ -78,6 +78,9 @@ pub enum MachineError {
     /// A disk could not be opened or attached.
     #[error("disk {0}: {1}")]
     Disk(String, String),
+    /// A network port could not be opened or attached.
+    #[error("{0}: {1}")]
+    Net(String, String),
     /// The serial output file could not be created.
     #[error("serial output {0}: {1}")]
     Serial(String, std::io::Error),
@@ -233,6 +236,37 @@ impl Machine {
         })
     }
 
+    /// Register the device about to be plugged at `slot` as an endpoint of the virtio-iommu
+    /// (which must exist).
+    fn iommu_endpoint(&mut self, slot: u8) -> Result<EndpointHandle, String> {
+        let iommu = self
+            .iommu
+            .as_mut()
+            .ok_or("iommu=on needs --viommu virtio")?;
+        let bdf = viot::bdf(0, slot, 0);
+        let ep = iommu
+            .dev
+            .add_endpoint(u32::from(bdf))
+            .map_err(|e| format!("virtio-iommu endpoint: {e}"))?;
+        iommu.endpoints.push(bdf);
+        Ok(ep)
+    }
+
+    /// Put a virtio device model behind the virtio-pci transport at device number `slot`.
+    fn plug_virtio(&mut self, slot: u8, model: Box<dyn VirtioDevice>) -> Result<u8, String> {
+        let msi = self.vm.msi_manager().map_err(|e| e.to_string())?;
+        let dev = VirtioPciDevice::new(
+            model,
+            self.vm.memory.clone(),
+            msi,
+            self.vm.ioevent_manager(),
+        )
+        .map_err(|e| e.to_string())?;
+        self.pci
+            .add_device_at(slot, Arc::new(Mutex::new(dev)))
+            .map_err(|e| e.to_string())
+    }
+
     /// Attach a virtio-blk disk; returns its PCI device number. An `iommu=on` disk becomes an
     /// endpoint of the virtio-iommu (which must exist).
     pub fn add_disk(&mut self, disk: BlockConfig) -> Result<u8, MachineError> {
@@ -240,33 +274,16 @@ impl Machine {
         let slot = self
             .free_slot()
             .ok_or_else(|| MachineError::NoSlot(format!("disk {name}")))?;
-        let endpoint = if disk.iommu {
-            let iommu = self.iommu.as_mut().ok_or_else(|| {
-                MachineError::Disk(name.clone(), "iommu=on needs --viommu virtio".into())
-            })?;
-            let bdf = viot::bdf(0, slot, 0);
-            let ep = iommu
-                .dev
-                .add_endpoint(u32::from(bdf))
-                .map_err(|e| MachineError::Viommu(e.to_string()))?;
-            iommu.endpoints.push(bdf);
-            Some(ep)
-        } else {
-            None
+        let attach = |m: &mut Self| -> Result<u8, String> {
+            let endpoint = if disk.iommu {
+                Some(m.iommu_endpoint(slot)?)
+            } else {
+                None
+            };
+            let blk = Block::with_endpoint(disk.clone(), endpoint).map_err(|e| e.to_string())?;
+            m.plug_virtio(slot, Box::new(blk))
         };
-        let blk = Block::with_endpoint(disk.clone(), endpoint)
-            .map_err(|e| MachineError::Disk(name.clone(), e.to_string()))?;
-        let dev = VirtioPciDevice::new(
-            Box::new(blk),
-            self.vm.memory.clone(),
-            self.vm.msi_manager()?,
-            self.vm.ioevent_manager(),
-        )
-        .map_err(|e| MachineError::Disk(name.clone(), e.to_string()))?;
-        let slot = self
-            .pci
-            .add_device_at(slot, Arc::new(Mutex::new(dev)))
-            .map_err(|e| MachineError::Disk(name.clone(), e.to_string()))?;
+        let slot = attach(self).map_err(|e| MachineError::Disk(name.clone(), e))?;
         log::info!(
             "disk {name} at PCI 00:{slot:02x}.0{}",
             if disk.iommu {
@@ -323,34 +340,17 @@ impl Machine {
         let slot = self
             .free_slot()
             .ok_or_else(|| MachineError::NoSlot(name.clone()))?;
-        let endpoint = if net.iommu {
-            let iommu = self.iommu.as_mut().ok_or_else(|| {
-                MachineError::Disk(name.clone(), "iommu=on needs --viommu virtio".into())
-            })?;
-            let bdf = viot::bdf(0, slot, 0);
-            let ep = iommu
-                .dev
-                .add_endpoint(u32::from(bdf))
-                .map_err(|e| MachineError::Viommu(e.to_string()))?;
-            iommu.endpoints.push(bdf);
-            Some(ep)
-        } else {
-            None
+        let attach = |m: &mut Self| -> Result<(u8, [u8; 6]), String> {
+            let endpoint = if net.iommu {
+                Some(m.iommu_endpoint(slot)?)
+            } else {
+                None
+            };
+            let dev = Net::new(net.clone(), endpoint, &m.hubs).map_err(|e| e.to_string())?;
+            let mac = dev.mac();
+            Ok((m.plug_virtio(slot, Box::new(dev))?, mac))
         };
-        let dev = Net::new(net.clone(), endpoint, &self.hubs)
-            .map_err(|e| MachineError::Disk(name.clone(), e.to_string()))?;
-        let mac = dev.mac();
-        let dev = VirtioPciDevice::new(
-            Box::new(dev),
-            self.vm.memory.clone(),
-            self.vm.msi_manager()?,
-            self.vm.ioevent_manager(),
-        )
-        .map_err(|e| MachineError::Disk(name.clone(), e.to_string()))?;
-        let slot = self
-            .pci
-            .add_device_at(slot, Arc::new(Mutex::new(dev)))
-            .map_err(|e| MachineError::Disk(name.clone(), e.to_string()))?;
+        let (slot, mac) = attach(self).map_err(|e| MachineError::Net(name.clone(), e))?;
         log::info!(
             "{name} mac {:02x?} at PCI 00:{slot:02x}.0{}",
             mac,
