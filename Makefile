@@ -72,7 +72,7 @@ test-unit:
 test-integration:
 	$(TIMED) 2-integration $(CARGO) test --workspace $(addprefix --test ,$(INTEGRATION_TESTS))
 
-## test-images (stage 3): host deps, guest images (incl. DPDK), static vmm and in-guest programs.
+## test-images (stage 3): host deps, guest images, static vmm and in-guest programs.
 test-images:
 	$(TIMED) 3-images bash -c '$(MAKE) --no-print-directory deps guest-image guest-image-dpdk vmm-static bench-guest-programs'
 

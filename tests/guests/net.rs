@@ -400,7 +400,9 @@ fn dpdk_case() -> Case {
         .args(net_args(2, "1024M"))
         .l2_file(CpioFile::new("/rig/dpdk.tar.gz", 0o644, files))
         .timeout(Duration::from_secs(1500));
-    Case::new(scenario, move |o| {
+    // Opt-in for now: it passed in 3 of 4 full runs (55-73 s) but hung once until its timeout
+    // in a clean-clone run on a quiet machine; the cause (VMM or guest side) is not found yet.
+    Case::opt_in(scenario, move |o| {
         if let Some(e) = &err {
             return Err(e.clone());
         }
