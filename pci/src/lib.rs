@@ -14,6 +14,7 @@ pub mod irq;
 pub mod memory_slot;
 pub mod msi;
 pub mod msix;
+mod vectors;
 pub mod vfio_backend;
 pub mod vfio_config;
 pub mod vfio_irq;

@@ -6,7 +6,8 @@
 //! vector number in the low data bits. Triggering a masked vector sets its pending bit;
 //! unmasking fires and clears it.
 
-use crate::irq::{MsiIrqManager, MsiMessage, MsiVector};
+use crate::irq::{MsiIrqManager, MsiMessage};
+use crate::vectors::VectorRoutes;
 use log::warn;
 use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
@@ -43,9 +44,7 @@ pub struct MsiConfig {
     /// Multiple message capable: log2 of the vectors the function supports.
     mmc: u8,
     pending: u32,
-    vectors: Vec<Option<MsiVector>>,
-    routes: Vec<Option<MsiMessage>>,
-    msi: Arc<dyn MsiIrqManager>,
+    routes: VectorRoutes,
 }
 
 impl MsiConfig {
@@ -64,9 +63,7 @@ impl MsiConfig {
             per_vector_mask,
             mmc,
             pending: 0,
-            vectors: (0..MSI_MAX_VECTORS).map(|_| None).collect(),
-            routes: vec![None; MSI_MAX_VECTORS],
-            msi,
+            routes: VectorRoutes::new(MSI_MAX_VECTORS, msi, "msi"),
         };
         let ro = (control & (CONTROL_64BIT | CONTROL_PER_VECTOR_MASK)) | (u16::from(mmc) << 1);
         cfg.regs[CONTROL..CONTROL + 2].copy_from_slice(&ro.to_le_bytes());
@@ -136,10 +133,10 @@ impl MsiConfig {
 
     /// The irqfd injecting `vector` while it is deliverable and routed, else `None`.
     pub fn deliverable_irqfd(&self, vector: usize) -> Option<&EventFd> {
-        if !self.deliverable(vector) || self.routes.get(vector)?.is_none() {
+        if !self.deliverable(vector) {
             return None;
         }
-        self.vectors[vector].as_ref().map(|v| &v.irqfd)
+        self.routes.routed_irqfd(vector)
     }
 
     /// Raise `vector`: deliver it, or set its pending bit if it is masked.
@@ -236,72 +233,23 @@ impl MsiConfig {
         for v in 0..MSI_MAX_VECTORS {
             if self.deliverable(v) {
                 let msg = self.message(v);
-                if self.routes[v] != Some(msg) && !self.set_route(v, Some(msg)) {
+                if self.routes.route(v) != Some(msg) && !self.routes.set_route(v, Some(msg)) {
                     continue;
                 }
                 if self.pending(v) {
                     self.pending &= !(1 << v);
                     self.fire(v);
                 }
-            } else if self.routes[v].is_some() && (!self.enabled() || v >= self.num_vectors()) {
-                self.set_route(v, None);
-            }
-        }
-    }
-
-    fn set_route(&mut self, v: usize, msg: Option<MsiMessage>) -> bool {
-        if self.vectors[v].is_none() {
-            if msg.is_none() {
-                return true;
-            }
-            match self.msi.allocate() {
-                Ok(vector) => self.vectors[v] = Some(vector),
-                Err(e) => {
-                    warn!("msi: cannot allocate a GSI for vector {v}: {e}");
-                    return false;
-                }
-            }
-        }
-        let Some(vector) = &self.vectors[v] else {
-            return false;
-        };
-        match self.msi.set_route(vector.gsi, msg) {
-            Ok(()) => {
-                self.routes[v] = msg;
-                true
-            }
-            Err(e) => {
-                warn!("msi: cannot route vector {v} (gsi {}): {e}", vector.gsi);
-                self.routes[v] = None;
-                false
+            } else if self.routes.route(v).is_some() && (!self.enabled() || v >= self.num_vectors())
+            {
+                self.routes.set_route(v, None);
             }
         }
     }
 
     fn fire(&mut self, v: usize) {
-        if self.routes[v].is_none() && !self.set_route(v, Some(self.message(v))) {
-            return;
-        }
-        if let Some(vector) = &self.vectors[v] {
-            if let Err(e) = vector.irqfd.write(1) {
-                warn!("msi: irqfd write for vector {v} failed: {e}");
-            }
-        }
-    }
-}
-
-impl Drop for MsiConfig {
-    fn drop(&mut self) {
-        for (v, vector) in self.vectors.iter_mut().enumerate() {
-            if let Some(vector) = vector.take() {
-                if self.routes[v].is_some() {
-                    if let Err(e) = self.msi.set_route(vector.gsi, None) {
-                        warn!("msi: cannot remove route of gsi {}: {e}", vector.gsi);
-                    }
-                }
-                self.msi.release(vector);
-            }
-        }
+        let msg = self.message(v);
+        self.routes.fire(v, || msg);
     }
 }
 
@@ -360,7 +308,7 @@ mod tests {
         w32(&mut m, 16, 0b0010); // vector 1 masked
         w16(&mut m, 2, (2 << 4) | 1); // enable 4 vectors
         assert!(m.enabled());
-        let gsi0 = m.vectors[0].as_ref().unwrap().gsi;
+        let gsi0 = m.routes.gsi(0).unwrap();
         assert_eq!(
             fake.last_route(gsi0),
             Some(Some(MsiMessage {
@@ -368,7 +316,7 @@ mod tests {
                 data: 0x4040
             }))
         );
-        let gsi3 = m.vectors[3].as_ref().unwrap().gsi;
+        let gsi3 = m.routes.gsi(3).unwrap();
         assert_eq!(fake.last_route(gsi3).unwrap().unwrap().data, 0x4043);
         assert!(m.deliverable_irqfd(0).is_some());
         assert!(m.deliverable_irqfd(1).is_none());
@@ -379,7 +327,7 @@ mod tests {
         assert_eq!(r32(&m, 20), 0b0010);
         w32(&mut m, 16, 0);
         assert!(!m.pending(1));
-        let gsi1 = m.vectors[1].as_ref().unwrap().gsi;
+        let gsi1 = m.routes.gsi(1).unwrap();
         assert_eq!(fake.fired(gsi1), 1);
         m.trigger(0);
         assert_eq!(fake.fired(gsi0), 1);
@@ -401,7 +349,7 @@ mod tests {
         w32(&mut m, 4, 0xfee0_0000);
         w16(&mut m, 8, 0x31);
         w16(&mut m, 2, 1);
-        let gsi = m.vectors[0].as_ref().unwrap().gsi;
+        let gsi = m.routes.gsi(0).unwrap();
         m.reset();
         assert!(!m.enabled());
         assert_eq!(r32(&m, 4), 0);

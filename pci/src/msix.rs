@@ -4,7 +4,8 @@
 //! GSI from the [`MsiIrqManager`] and a route to the message the guest programmed. Triggering
 //! a masked vector sets its pending bit; unmasking fires and clears it.
 
-use crate::irq::{MsiIrqManager, MsiMessage, MsiVector};
+use crate::irq::{MsiIrqManager, MsiMessage};
+use crate::vectors::VectorRoutes;
 use crate::PciError;
 use log::{debug, warn};
 use std::sync::Arc;
@@ -55,9 +56,7 @@ pub struct MsixConfig {
     pba: Vec<u64>,
     enabled: bool,
     function_masked: bool,
-    vectors: Vec<Option<MsiVector>>,
-    routes: Vec<Option<MsiMessage>>,
-    msi: Arc<dyn MsiIrqManager>,
+    routes: VectorRoutes,
 }
 
 impl MsixConfig {
@@ -75,9 +74,7 @@ impl MsixConfig {
             pba: vec![0; num_vectors.div_ceil(64)],
             enabled: false,
             function_masked: false,
-            vectors: (0..num_vectors).map(|_| None).collect(),
-            routes: vec![None; num_vectors],
-            msi,
+            routes: VectorRoutes::new(num_vectors, msi, "msix"),
         })
     }
 
@@ -136,7 +133,7 @@ impl MsixConfig {
         self.function_masked = masked;
         if was_enabled && !enabled {
             for v in 0..self.entries.len() {
-                self.set_route(v, None);
+                self.routes.set_route(v, None);
             }
         }
         for v in 0..self.entries.len() {
@@ -211,10 +208,10 @@ impl MsixConfig {
     /// the hardware interrupt reaches KVM without going through the VMM.
     pub fn deliverable_irqfd(&self, vector: u16) -> Option<&EventFd> {
         let v = usize::from(vector);
-        if v >= self.entries.len() || !self.deliverable(v) || self.routes[v].is_none() {
+        if v >= self.entries.len() || !self.deliverable(v) {
             return None;
         }
-        self.vectors[v].as_ref().map(|vector| &vector.irqfd)
+        self.routes.routed_irqfd(v)
     }
 
     /// Back to the power-on state (function reset): MSI-X disabled, every vector masked with a
@@ -222,8 +219,8 @@ impl MsixConfig {
     pub fn reset(&mut self) {
         self.set_control(0);
         for v in 0..self.entries.len() {
-            if self.routes[v].is_some() {
-                self.set_route(v, None);
+            if self.routes.route(v).is_some() {
+                self.routes.set_route(v, None);
             }
             self.entries[v] = Entry {
                 control: VECTOR_MASKED,
@@ -268,7 +265,7 @@ impl MsixConfig {
             return;
         }
         let msg = self.entries[v].message();
-        if self.routes[v] != Some(msg) && !self.set_route(v, Some(msg)) {
+        if self.routes.route(v) != Some(msg) && !self.routes.set_route(v, Some(msg)) {
             return;
         }
         if self.pending(v as u16) {
@@ -277,48 +274,9 @@ impl MsixConfig {
         }
     }
 
-    /// Program the route of vector `v`, allocating its GSI on first use. False on failure.
-    fn set_route(&mut self, v: usize, msg: Option<MsiMessage>) -> bool {
-        if self.vectors[v].is_none() {
-            if msg.is_none() {
-                return true;
-            }
-            match self.msi.allocate() {
-                Ok(vector) => self.vectors[v] = Some(vector),
-                Err(e) => {
-                    warn!("msix: cannot allocate a GSI for vector {v}: {e}");
-                    return false;
-                }
-            }
-        }
-        let Some(vector) = &self.vectors[v] else {
-            return false;
-        };
-        match self.msi.set_route(vector.gsi, msg) {
-            Ok(()) => {
-                self.routes[v] = msg;
-                true
-            }
-            Err(e) => {
-                warn!("msix: cannot route vector {v} (gsi {}): {e}", vector.gsi);
-                self.routes[v] = None;
-                false
-            }
-        }
-    }
-
     fn fire(&mut self, v: usize) {
-        if self.routes[v].is_none() {
-            let msg = self.entries[v].message();
-            if !self.set_route(v, Some(msg)) {
-                return;
-            }
-        }
-        if let Some(vector) = &self.vectors[v] {
-            if let Err(e) = vector.irqfd.write(1) {
-                warn!("msix: irqfd write for vector {v} failed: {e}");
-            }
-        }
+        let entry = &self.entries[v];
+        self.routes.fire(v, || entry.message());
     }
 
     fn set_pending(&mut self, v: usize, pending: bool) {
@@ -331,24 +289,10 @@ impl MsixConfig {
     }
 }
 
-impl Drop for MsixConfig {
-    fn drop(&mut self) {
-        for (v, vector) in self.vectors.iter_mut().enumerate() {
-            if let Some(vector) = vector.take() {
-                if self.routes[v].is_some() {
-                    if let Err(e) = self.msi.set_route(vector.gsi, None) {
-                        warn!("msix: cannot remove route of gsi {}: {e}", vector.gsi);
-                    }
-                }
-                self.msi.release(vector);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::irq::MsiVector;
     use std::io;
     use std::sync::Mutex;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -438,7 +382,7 @@ pub(crate) mod tests {
         m.set_control(CONTROL_ENABLE);
         let fd = m.deliverable_irqfd(0).expect("vector 0 deliverable");
         fd.write(1).unwrap();
-        let gsi = m.vectors[0].as_ref().unwrap().gsi;
+        let gsi = m.routes.gsi(0).unwrap();
         assert_eq!(fake.fired(gsi), 1, "the irqfd is the one routed to the GSI");
         assert!(m.deliverable_irqfd(1).is_none(), "vector 1 masked");
         assert!(m.deliverable_irqfd(2).is_none());
@@ -454,7 +398,7 @@ pub(crate) mod tests {
         // The GSI is reused after reset.
         write_entry(&mut m, 0, 0xfee0_0000, 0x31, false);
         m.set_control(CONTROL_ENABLE);
-        assert_eq!(m.vectors[0].as_ref().unwrap().gsi, gsi);
+        assert_eq!(m.routes.gsi(0).unwrap(), gsi);
         assert_eq!(fake.last_route(gsi).unwrap().unwrap().data, 0x31);
     }
 

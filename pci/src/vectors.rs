@@ -1,0 +1,109 @@
+//! GSI-backed interrupt vectors, shared by MSI and MSI-X: a vector gets its GSI from the VMM's
+//! [`MsiIrqManager`] on first use, is routed to the message the guest programmed, raised by
+//! writing its irqfd, and released (route removed) when the owner is dropped.
+
+use crate::irq::{MsiIrqManager, MsiMessage, MsiVector};
+use log::warn;
+use std::sync::Arc;
+use vmm_sys_util::eventfd::EventFd;
+
+/// The vectors of one MSI or MSI-X capability and the route each currently has.
+pub(crate) struct VectorRoutes {
+    vectors: Vec<Option<MsiVector>>,
+    routes: Vec<Option<MsiMessage>>,
+    msi: Arc<dyn MsiIrqManager>,
+    /// "msi" or "msix", for log lines.
+    label: &'static str,
+}
+
+impl VectorRoutes {
+    /// `count` vectors, none allocated yet.
+    pub(crate) fn new(count: usize, msi: Arc<dyn MsiIrqManager>, label: &'static str) -> Self {
+        VectorRoutes {
+            vectors: (0..count).map(|_| None).collect(),
+            routes: vec![None; count],
+            msi,
+            label,
+        }
+    }
+
+    /// The route of vector `v` (`None` when unrouted or out of range).
+    pub(crate) fn route(&self, v: usize) -> Option<MsiMessage> {
+        self.routes.get(v).copied().flatten()
+    }
+
+    /// The irqfd of vector `v` if it is routed.
+    pub(crate) fn routed_irqfd(&self, v: usize) -> Option<&EventFd> {
+        self.route(v)?;
+        self.vectors[v].as_ref().map(|vector| &vector.irqfd)
+    }
+
+    /// The GSI allocated to vector `v`, if any.
+    #[cfg(test)]
+    pub(crate) fn gsi(&self, v: usize) -> Option<u32> {
+        self.vectors.get(v)?.as_ref().map(|vector| vector.gsi)
+    }
+
+    /// Program the route of vector `v`, allocating its GSI on first use. False on failure.
+    pub(crate) fn set_route(&mut self, v: usize, msg: Option<MsiMessage>) -> bool {
+        if self.vectors[v].is_none() {
+            if msg.is_none() {
+                return true;
+            }
+            match self.msi.allocate() {
+                Ok(vector) => self.vectors[v] = Some(vector),
+                Err(e) => {
+                    warn!("{}: cannot allocate a GSI for vector {v}: {e}", self.label);
+                    return false;
+                }
+            }
+        }
+        let Some(vector) = &self.vectors[v] else {
+            return false;
+        };
+        match self.msi.set_route(vector.gsi, msg) {
+            Ok(()) => {
+                self.routes[v] = msg;
+                true
+            }
+            Err(e) => {
+                warn!(
+                    "{}: cannot route vector {v} (gsi {}): {e}",
+                    self.label, vector.gsi
+                );
+                self.routes[v] = None;
+                false
+            }
+        }
+    }
+
+    /// Raise vector `v`, routing it to `msg()` first if it has no route.
+    pub(crate) fn fire(&mut self, v: usize, msg: impl FnOnce() -> MsiMessage) {
+        if self.routes[v].is_none() && !self.set_route(v, Some(msg())) {
+            return;
+        }
+        if let Some(vector) = &self.vectors[v] {
+            if let Err(e) = vector.irqfd.write(1) {
+                warn!("{}: irqfd write for vector {v} failed: {e}", self.label);
+            }
+        }
+    }
+}
+
+impl Drop for VectorRoutes {
+    fn drop(&mut self) {
+        for (v, vector) in self.vectors.iter_mut().enumerate() {
+            if let Some(vector) = vector.take() {
+                if self.routes[v].is_some() {
+                    if let Err(e) = self.msi.set_route(vector.gsi, None) {
+                        warn!(
+                            "{}: cannot remove route of gsi {}: {e}",
+                            self.label, vector.gsi
+                        );
+                    }
+                }
+                self.msi.release(vector);
+            }
+        }
+    }
+}
