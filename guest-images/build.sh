@@ -336,6 +336,8 @@ build_images() {
     add_module vfio
     add_module vfio_iommu_type1
     add_module vfio_pci
+    # DPDK's baseline without an IOMMU (the kernel has no VFIO no-IOMMU mode).
+    add_module uio_pci_generic optional
     make_skeleton "$WORK/l2root"
     install_modules "$WORK/l2root" vfio_iommu_type1=allow_unsafe_interrupts=1
     install -m 755 "$HERE/l2/init" "$WORK/l2root/init"

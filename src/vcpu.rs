@@ -223,6 +223,25 @@ impl Vcpu {
         )
     }
 
+    /// The registers worth logging when the guest dies unexpectedly.
+    fn state_summary(&self) -> String {
+        let regs = match self.fd.get_regs() {
+            Ok(r) => format!(
+                "rip {:#x} rsp {:#x} rflags {:#x} rax {:#x}",
+                r.rip, r.rsp, r.rflags, r.rax
+            ),
+            Err(e) => format!("registers unavailable ({e})"),
+        };
+        let sregs = match self.fd.get_sregs() {
+            Ok(s) => format!(
+                "cs {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} idt {:#x}/{:#x}",
+                s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.idt.base, s.idt.limit
+            ),
+            Err(e) => format!("special registers unavailable ({e})"),
+        };
+        format!("{regs} {sregs}")
+    }
+
     /// Run until the VM stops; returns the reason this vCPU saw (or the VM's).
     pub fn run(&mut self) -> ExitReason {
         loop {
@@ -249,7 +268,13 @@ impl Vcpu {
                     }
                     VcpuExit::Hlt => Some(ExitReason::Halted),
                     VcpuExit::Shutdown => {
-                        log::info!("vCPU {}: shutdown exit (triple fault or reset)", self.id);
+                        // Linux resets through ACPI or port 0xcf9 first; a shutdown exit is a
+                        // triple fault (or `reboot=t`), worth the registers in the log.
+                        log::warn!(
+                            "vCPU {}: shutdown exit (triple fault or reboot=t): guest reset; {}",
+                            self.id,
+                            self.state_summary()
+                        );
                         Some(ExitReason::Reset)
                     }
                     VcpuExit::SystemEvent(kind, data) => match kind {

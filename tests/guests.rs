@@ -30,7 +30,7 @@ mod vfio;
 
 use std::process::ExitCode;
 
-use common::Case;
+use common::{selects, Case};
 
 fn all_cases() -> Vec<Case> {
     let mut v = selftest::cases();
@@ -38,7 +38,6 @@ fn all_cases() -> Vec<Case> {
     v.extend(iommu::cases());
     v.extend(vfio::cases());
     v.extend(net::cases());
-    v.extend(net::bench_cases());
     v.extend(stress::cases());
     v.extend(boot::viommu_reference_cases());
     v.extend(rigcheck::cases());
@@ -49,17 +48,11 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let list = args.iter().any(|a| a == "--list");
     let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
-    let all = std::env::var("GUESTS_ALL").is_ok_and(|v| v == "1");
 
+    // `--list` names every case, opt-in ones too.
     let cases: Vec<Case> = all_cases()
         .into_iter()
-        .filter(|c| {
-            if filters.is_empty() {
-                all || list || !c.opt_in
-            } else {
-                filters.iter().any(|f| c.scenario.name.contains(f.as_str()))
-            }
-        })
+        .filter(|c| (list && filters.is_empty()) || selects(&args, &c.scenario.name, c.opt_in))
         .collect();
     if list {
         for c in &cases {

@@ -82,18 +82,27 @@ pub fn clean_exit(o: &Outcome) -> Result<(), String> {
     Ok(())
 }
 
-/// The text between the lines `BEGIN` and `END` printed by the guest script.
-pub fn section<'a>(serial: &'a str, begin: &str, end: &str) -> Option<Vec<&'a str>> {
-    let mut lines = serial.lines().skip_while(|l| l.trim() != begin);
-    lines.next()?;
-    let mut out = Vec::new();
-    for l in lines {
-        if l.trim() == end {
-            return Some(out);
-        }
-        out.push(l);
+pub use rig::section;
+
+/// Whether a case runs in this invocation of the guests binary: name filters (arguments not
+/// starting with `-`) select by substring; with none, every default case runs, and the opt-in
+/// ones only with `GUESTS_ALL=1`. `--list` runs nothing.
+pub fn will_run(name: &str, opt_in: bool) -> bool {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--list") {
+        return false;
     }
-    None
+    selects(&args, name, opt_in)
+}
+
+/// The selection rule of [`will_run`] for explicit `args`.
+pub fn selects(args: &[String], name: &str, opt_in: bool) -> bool {
+    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+    if filters.is_empty() {
+        !opt_in || std::env::var("GUESTS_ALL").is_ok_and(|v| v == "1")
+    } else {
+        filters.iter().any(|f| name.contains(f.as_str()))
+    }
 }
 
 /// The value printed by the guest as `KEY value` on a line of its own (last occurrence).

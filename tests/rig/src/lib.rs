@@ -11,6 +11,7 @@
 
 mod cpio;
 mod direct;
+pub mod dpdk;
 mod env;
 mod error;
 mod frames;
@@ -25,6 +26,21 @@ pub use env::{Mode, RigConfig, STATIC_TARGET};
 pub use error::RigError;
 pub use nested::{MAX_DISKS_PER_L1, MAX_VFIO_PER_L1};
 pub use scenario::{parse_guest_exit, tail_lines, Outcome, Program, Scenario, L2_SCRIPT_PATH};
+
+/// The console lines strictly between the line `begin` and the next line `end` (both
+/// trimmed); `None` if either is missing.
+pub fn section<'a>(serial: &'a str, begin: &str, end: &str) -> Option<Vec<&'a str>> {
+    let mut lines = serial.lines().skip_while(|l| l.trim() != begin);
+    lines.next()?;
+    let mut out = Vec::new();
+    for l in lines {
+        if l.trim() == end {
+            return Some(out);
+        }
+        out.push(l);
+    }
+    None
+}
 
 /// Prints a progress line on stderr.
 pub fn progress(msg: &str) {
