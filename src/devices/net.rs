@@ -476,50 +476,88 @@ impl NetPort {
     /// Write backlog frames into RX buffers while there are some; signal the driver if it
     /// wants it. Keeps RX kicks enabled only while frames wait.
     fn drain(&self, st: &mut RxState) {
-        let Some(rx) = st.active.as_mut() else {
-            return;
+        self.fill(st, None);
+    }
+
+    /// Write the backlog, then `frame` (a new arrival), into RX buffers while there are some;
+    /// what does not fit waits in the backlog (bounded). One pinned view for the whole call.
+    /// Returns what became of `frame`.
+    fn fill(&self, st: &mut RxState, frame: Option<&[u8]>) -> Delivery {
+        let RxState { active, backlog } = st;
+        let Some(rx) = active.as_mut() else {
+            bump(&self.stats.rx_dropped);
+            return Delivery::Dropped;
         };
+        match &rx.mem {
+            NetMemory::Direct(m) => {
+                let g = m.memory();
+                rx.fill(&*g, backlog, frame, &self.stats)
+            }
+            NetMemory::Translated(t) => {
+                let p = t.pin();
+                rx.fill(&p, backlog, frame, &self.stats)
+            }
+        }
+    }
+}
+
+impl RxQueue {
+    /// See [`NetPort::fill`]; `mem` is the queue's memory, pinned by the caller.
+    fn fill<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        backlog: &mut VecDeque<Vec<u8>>,
+        mut frame: Option<&[u8]>,
+        stats: &NetStats,
+    ) -> Delivery {
+        let mut outcome = Delivery::Dropped;
         let mut used = false;
         let mut idle_rounds = 0;
         loop {
             let mut progress = false;
-            while let Some(frame) = st.backlog.front() {
-                let r = match &rx.mem {
-                    NetMemory::Direct(m) => {
-                        let g = m.memory();
-                        rx.write_frame(&*g, frame, &self.stats)
-                    }
-                    NetMemory::Translated(t) => {
-                        let p = t.pin();
-                        rx.write_frame(&p, frame, &self.stats)
-                    }
+            loop {
+                // Backlog first (arrival order), then the new frame.
+                let (r, from_backlog) = match (backlog.front(), frame) {
+                    (Some(f), _) => (self.write_frame(mem, f, stats), true),
+                    (None, Some(f)) => (self.write_frame(mem, f, stats), false),
+                    (None, None) => break,
                 };
-                match r {
+                let delivered = match r {
                     Ok(()) => {
-                        bump(&self.stats.rx_frames);
-                        used = true;
-                        progress = true;
-                        st.backlog.pop_front();
+                        bump(&stats.rx_frames);
+                        true
                     }
                     Err(RxError::NoBuffers) => break,
                     Err(RxError::Drop) => {
-                        bump(&self.stats.rx_dropped);
-                        used = true;
-                        progress = true;
-                        st.backlog.pop_front();
+                        bump(&stats.rx_dropped);
+                        false
                     }
+                };
+                used = true;
+                progress = true;
+                if from_backlog {
+                    backlog.pop_front();
+                } else {
+                    frame = None;
+                    outcome = if delivered {
+                        Delivery::Delivered
+                    } else {
+                        Delivery::Dropped
+                    };
+                }
+            }
+            // No buffers for the new frame: it waits, if there is room.
+            if let Some(f) = frame.take() {
+                if backlog.len() >= BACKLOG_FRAMES {
+                    bump(&stats.rx_dropped);
+                    outcome = Delivery::Dropped;
+                } else {
+                    backlog.push_back(f.to_vec());
+                    outcome = Delivery::Queued;
                 }
             }
             // Ask for kicks only while something waits; recheck after enabling.
-            let more = match &rx.mem {
-                NetMemory::Direct(m) => {
-                    let g = m.memory();
-                    set_notify(&mut rx.queue, &*g, !st.backlog.is_empty())
-                }
-                NetMemory::Translated(t) => {
-                    set_notify(&mut rx.queue, &t.pin(), !st.backlog.is_empty())
-                }
-            };
+            let more = set_notify(&mut self.queue, mem, !backlog.is_empty());
             // Buffers arrived while kicks were off: look again, but only once more without
             // progress (a merged frame may need more buffers than the driver has posted yet;
             // its next kick brings them).
@@ -533,15 +571,10 @@ impl NetPort {
                 }
             }
         }
-        if used {
-            let want = match &rx.mem {
-                NetMemory::Direct(m) => wants_interrupt(&rx.queue, &*m.memory()),
-                NetMemory::Translated(t) => wants_interrupt(&rx.queue, &t.pin()),
-            };
-            if want {
-                rx.interrupt.signal_queue(RX_QUEUE);
-            }
+        if used && wants_interrupt(&self.queue, mem) {
+            self.interrupt.signal_queue(RX_QUEUE);
         }
+        outcome
     }
 }
 
@@ -576,24 +609,7 @@ impl FrameSink for NetPort {
             return Delivery::Dropped;
         }
         let mut st = self.lock();
-        if st.active.is_none() {
-            bump(&self.stats.rx_dropped);
-            return Delivery::Dropped;
-        }
-        if st.backlog.len() >= BACKLOG_FRAMES {
-            bump(&self.stats.rx_dropped);
-            return Delivery::Dropped;
-        }
-        let before = self.stats.rx_frames.load(Ordering::Relaxed);
-        st.backlog.push_back(frame.to_vec());
-        self.drain(&mut st);
-        if st.backlog.is_empty() && self.stats.rx_frames.load(Ordering::Relaxed) > before {
-            Delivery::Delivered
-        } else if st.backlog.is_empty() {
-            Delivery::Dropped
-        } else {
-            Delivery::Queued
-        }
+        self.fill(&mut st, Some(frame))
     }
 }
 
@@ -610,14 +626,21 @@ fn read_tx<M: GuestMemory>(mem: &M, descs: &[Desc]) -> Option<Vec<u8>> {
     if total < HDR_BYTES as u64 || total - HDR_BYTES as u64 > MAX_FRAME_BYTES as u64 {
         return None;
     }
-    let mut buf = vec![0u8; total as usize];
+    let mut buf = vec![0u8; (total - HDR_BYTES as u64) as usize];
+    let mut skip = HDR_BYTES;
     let mut off = 0usize;
     for &(addr, len, _) in descs {
-        let n = len as usize;
-        mem.read_slice(&mut buf[off..off + n], addr).ok()?;
+        let len = len as usize;
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        let n = len - skip;
+        mem.read_slice(&mut buf[off..off + n], addr.checked_add(skip as u64)?)
+            .ok()?;
+        skip = 0;
         off += n;
     }
-    buf.drain(..HDR_BYTES);
     Some(buf)
 }
 
@@ -660,8 +683,13 @@ fn ctrl_command<M: GuestMemory>(mem: &M, descs: &[Desc]) -> u32 {
     }
 }
 
+/// Chains served under one pinned view before taking a fresh one: bounds how long a busy
+/// queue can hold an old view (and so delay a synchronous UNMAP).
+const CHAINS_PER_PIN: u32 = 64;
+
 /// Pop and serve every chain of a TX or control queue; `f` gets each chain's descriptors and
-/// returns its used length. Returns true if the driver wants an interrupt.
+/// returns its used length. `view` pins the queue's memory: once per round and every
+/// [`CHAINS_PER_PIN`] chains. Returns true if the driver wants an interrupt.
 fn serve_queue<M, V, F, G>(queue: &mut Queue, mut view: F, mut f: G) -> bool
 where
     M: GuestMemory,
@@ -670,18 +698,29 @@ where
     G: FnMut(&M, Option<&[Desc]>) -> u32,
 {
     let mut used_any = false;
+    let mut mem = view();
+    let mut first_round = true;
     loop {
-        if let Err(e) = queue.disable_notification(&*view()) {
+        if !first_round {
+            mem = view();
+        }
+        first_round = false;
+        if let Err(e) = queue.disable_notification(&*mem) {
             log::warn!("virtio-net: disable notification: {e}");
             break;
         }
         let mut popped = false;
+        let mut served = 0u32;
         loop {
-            let mem = view();
+            if served == CHAINS_PER_PIN {
+                mem = view();
+                served = 0;
+            }
             let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
                 break;
             };
             popped = true;
+            served += 1;
             let head = chain.head_index();
             let max = usize::from(queue.size()).max(1) * 2;
             let descs = collect_chain(chain, max);
@@ -691,7 +730,7 @@ where
             }
             used_any = true;
         }
-        match queue.enable_notification(&*view()) {
+        match queue.enable_notification(&*mem) {
             Ok(true) if !popped => {
                 log::error!("virtio-net: avail index out of range; ignoring the queue until reset");
                 break;
@@ -704,7 +743,7 @@ where
             }
         }
     }
-    used_any && wants_interrupt(queue, &*view())
+    used_any && wants_interrupt(queue, &*mem)
 }
 
 /// State of an activated device (TX and control queues; RX lives in the [`NetPort`]).

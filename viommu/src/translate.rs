@@ -25,13 +25,14 @@ struct CacheEntry {
 /// Guest memory addressed by IOVA through one endpoint. Holds a last-hit cache, so it is
 /// `Send` but not `Sync`: give each queue/thread its own clone.
 pub struct TranslatedMemory<M: GuestMemoryBackend = GuestMemoryMmap> {
-    mem: M,
+    /// Shared, so that pinning a copy per request allocates nothing.
+    mem: Arc<M>,
     endpoint: EndpointHandle,
     pinned: Option<Arc<View>>,
     cache: Cell<Option<CacheEntry>>,
 }
 
-impl<M: GuestMemoryBackend + Clone> Clone for TranslatedMemory<M> {
+impl<M: GuestMemoryBackend> Clone for TranslatedMemory<M> {
     fn clone(&self) -> Self {
         TranslatedMemory {
             mem: self.mem.clone(),
@@ -59,9 +60,14 @@ fn access_of(p: Permissions) -> Access {
     }
 }
 
-impl<M: GuestMemoryBackend + Clone> TranslatedMemory<M> {
+impl<M: GuestMemoryBackend> TranslatedMemory<M> {
     /// The view of `mem` through `endpoint`.
     pub fn new(mem: M, endpoint: EndpointHandle) -> Self {
+        Self::from_shared(Arc::new(mem), endpoint)
+    }
+
+    /// The view of shared `mem` through `endpoint`.
+    pub fn from_shared(mem: Arc<M>, endpoint: EndpointHandle) -> Self {
         TranslatedMemory {
             mem,
             endpoint,
@@ -89,7 +95,7 @@ impl TranslatedMemory<GuestMemoryMmap> {
         endpoint: EndpointHandle,
     ) -> Self {
         use vm_memory::GuestAddressSpace;
-        Self::new((*mem.memory()).clone(), endpoint)
+        Self::from_shared(mem.memory().into_inner(), endpoint)
     }
 }
 
