@@ -476,26 +476,29 @@ impl NetPort {
     /// Write backlog frames into RX buffers while there are some; signal the driver if it
     /// wants it. Keeps RX kicks enabled only while frames wait.
     fn drain(&self, st: &mut RxState) {
-        self.fill(st, None);
+        self.fill(st, &[]);
     }
 
-    /// Write the backlog, then `frame` (a new arrival), into RX buffers while there are some;
-    /// what does not fit waits in the backlog (bounded). One pinned view for the whole call.
-    /// Returns what became of `frame`.
-    fn fill(&self, st: &mut RxState, frame: Option<&[u8]>) -> Delivery {
+    /// Write the backlog, then `frames` (new arrivals, in order), into RX buffers while there
+    /// are some; what does not fit waits in the backlog (bounded). One pinned view, one
+    /// notification update and at most one interrupt for the whole call. Returns how many of
+    /// `frames` were taken (delivered or queued).
+    fn fill(&self, st: &mut RxState, frames: &[&[u8]]) -> usize {
         let RxState { active, backlog } = st;
         let Some(rx) = active.as_mut() else {
-            bump(&self.stats.rx_dropped);
-            return Delivery::Dropped;
+            for _ in frames {
+                bump(&self.stats.rx_dropped);
+            }
+            return 0;
         };
         match &rx.mem {
             NetMemory::Direct(m) => {
                 let g = m.memory();
-                rx.fill(&*g, backlog, frame, &self.stats)
+                rx.fill(&*g, backlog, frames, &self.stats)
             }
             NetMemory::Translated(t) => {
                 let p = t.pin();
-                rx.fill(&p, backlog, frame, &self.stats)
+                rx.fill(&p, backlog, frames, &self.stats)
             }
         }
     }
@@ -507,17 +510,18 @@ impl RxQueue {
         &mut self,
         mem: &M,
         backlog: &mut VecDeque<Vec<u8>>,
-        mut frame: Option<&[u8]>,
+        frames: &[&[u8]],
         stats: &NetStats,
-    ) -> Delivery {
-        let mut outcome = Delivery::Dropped;
+    ) -> usize {
+        let mut next = 0; // first of `frames` not yet handled
+        let mut taken = 0;
         let mut used = false;
         let mut idle_rounds = 0;
         loop {
             let mut progress = false;
             loop {
-                // Backlog first (arrival order), then the new frame.
-                let (r, from_backlog) = match (backlog.front(), frame) {
+                // Backlog first (arrival order), then the new frames.
+                let (r, from_backlog) = match (backlog.front(), frames.get(next)) {
                     (Some(f), _) => (self.write_frame(mem, f, stats), true),
                     (None, Some(f)) => (self.write_frame(mem, f, stats), false),
                     (None, None) => break,
@@ -538,24 +542,20 @@ impl RxQueue {
                 if from_backlog {
                     backlog.pop_front();
                 } else {
-                    frame = None;
-                    outcome = if delivered {
-                        Delivery::Delivered
-                    } else {
-                        Delivery::Dropped
-                    };
+                    next += 1;
+                    taken += usize::from(delivered);
                 }
             }
-            // No buffers for the new frame: it waits, if there is room.
-            if let Some(f) = frame.take() {
+            // No buffers for the rest of the new frames: they wait, while there is room.
+            for f in &frames[next..] {
                 if backlog.len() >= BACKLOG_FRAMES {
                     bump(&stats.rx_dropped);
-                    outcome = Delivery::Dropped;
                 } else {
                     backlog.push_back(f.to_vec());
-                    outcome = Delivery::Queued;
+                    taken += 1;
                 }
             }
+            next = frames.len();
             // Ask for kicks only while something waits; recheck after enabling.
             let more = set_notify(&mut self.queue, mem, !backlog.is_empty());
             // Buffers arrived while kicks were off: look again, but only once more without
@@ -574,7 +574,7 @@ impl RxQueue {
         if used && wants_interrupt(&self.queue, mem) {
             self.interrupt.signal_queue(RX_QUEUE);
         }
-        outcome
+        taken
     }
 }
 
@@ -609,7 +609,27 @@ impl FrameSink for NetPort {
             return Delivery::Dropped;
         }
         let mut st = self.lock();
-        self.fill(&mut st, Some(frame))
+        let before = self.stats.rx_frames.load(Ordering::Relaxed);
+        if self.fill(&mut st, &[frame]) == 0 {
+            Delivery::Dropped
+        } else if self.stats.rx_frames.load(Ordering::Relaxed) > before {
+            Delivery::Delivered
+        } else {
+            Delivery::Queued
+        }
+    }
+
+    fn deliver_batch(&self, frames: &[&[u8]]) -> usize {
+        let ok: Vec<&[u8]> = frames
+            .iter()
+            .copied()
+            .filter(|f| f.len() <= MAX_FRAME_BYTES)
+            .collect();
+        for _ in ok.len()..frames.len() {
+            bump(&self.stats.rx_dropped);
+        }
+        let mut st = self.lock();
+        self.fill(&mut st, &ok)
     }
 }
 
@@ -617,18 +637,77 @@ impl FrameSink for NetPort {
 // TX and control: served on the kicking vCPU thread.
 // ---------------------------------------------------------------------------------------
 
-/// Read a TX chain's frame (after the header); `None` if the chain is malformed.
-fn read_tx<M: GuestMemory>(mem: &M, descs: &[Desc]) -> Option<Vec<u8>> {
+/// Frames read from a TX queue, handed to the backend together (one lock and one interrupt
+/// on the receiving side per batch). Its buffers are kept between batches.
+#[derive(Default)]
+struct TxBatch {
+    data: Vec<u8>,
+    /// End offset of each frame in `data`.
+    ends: Vec<usize>,
+}
+
+impl TxBatch {
+    /// Frames per batch.
+    const MAX_FRAMES: usize = 64;
+    /// Bytes per batch (a batch of full-size frames is cut short).
+    const MAX_BYTES: usize = 256 << 10;
+
+    fn full(&self) -> bool {
+        self.ends.len() >= Self::MAX_FRAMES || self.data.len() >= Self::MAX_BYTES
+    }
+
+    /// Hand the frames to `backend` and start over.
+    fn flush(&mut self, backend: &dyn NetBackend) {
+        if self.ends.is_empty() {
+            return;
+        }
+        let mut frames = Vec::with_capacity(self.ends.len());
+        let mut start = 0;
+        for &end in &self.ends {
+            frames.push(&self.data[start..end]);
+            start = end;
+        }
+        backend.transmit_batch(&frames);
+        self.data.clear();
+        self.ends.clear();
+    }
+}
+
+/// Serve one TX chain: its frame joins `batch` (sent when full); 0 is its used length.
+fn tx_chain<M: GuestMemory>(
+    mem: &M,
+    descs: Option<&[Desc]>,
+    batch: &mut TxBatch,
+    backend: &dyn NetBackend,
+    stats: &NetStats,
+) -> u32 {
+    if descs.is_some_and(|d| read_tx(mem, d, &mut batch.data)) {
+        bump(&stats.tx_frames);
+        batch.ends.push(batch.data.len());
+        if batch.full() {
+            batch.flush(backend);
+        }
+    } else {
+        log::warn!("virtio-net: malformed or oversized TX chain dropped");
+        bump(&stats.tx_errors);
+    }
+    0
+}
+
+/// Append a TX chain's frame (what follows the header) to `out`; false (and `out` as it
+/// was) if the chain is malformed.
+fn read_tx<M: GuestMemory>(mem: &M, descs: &[Desc], out: &mut Vec<u8>) -> bool {
     if descs.iter().any(|d| d.2) {
-        return None;
+        return false;
     }
     let total: u64 = descs.iter().map(|d| u64::from(d.1)).sum();
     if total < HDR_BYTES as u64 || total - HDR_BYTES as u64 > MAX_FRAME_BYTES as u64 {
-        return None;
+        return false;
     }
-    let mut buf = vec![0u8; (total - HDR_BYTES as u64) as usize];
+    let start = out.len();
+    out.resize(start + (total - HDR_BYTES as u64) as usize, 0);
     let mut skip = HDR_BYTES;
-    let mut off = 0usize;
+    let mut off = start;
     for &(addr, len, _) in descs {
         let len = len as usize;
         if skip >= len {
@@ -636,12 +715,17 @@ fn read_tx<M: GuestMemory>(mem: &M, descs: &[Desc]) -> Option<Vec<u8>> {
             continue;
         }
         let n = len - skip;
-        mem.read_slice(&mut buf[off..off + n], addr.checked_add(skip as u64)?)
-            .ok()?;
+        let ok = addr
+            .checked_add(skip as u64)
+            .is_some_and(|a| mem.read_slice(&mut out[off..off + n], a).is_ok());
+        if !ok {
+            out.truncate(start);
+            return false;
+        }
         skip = 0;
         off += n;
     }
-    Some(buf)
+    true
 }
 
 /// Serve one control command; returns the used length (1 for the ack byte, 0 if malformed).
@@ -762,6 +846,7 @@ pub struct Net {
     features: u64,
     port: Arc<NetPort>,
     backend: Box<dyn NetBackend>,
+    tx_batch: TxBatch,
     active: Option<Active>,
 }
 
@@ -809,6 +894,7 @@ impl Net {
             features,
             port,
             backend,
+            tx_batch: TxBatch::default(),
             active: None,
         }
     }
@@ -841,39 +927,32 @@ impl Net {
     }
 
     fn serve_tx(&mut self) {
-        let Some(a) = self.active.as_mut() else {
+        let Net {
+            active,
+            port,
+            backend,
+            tx_batch,
+            ..
+        } = self;
+        let Some(a) = active.as_mut() else {
             return;
         };
-        let stats = &self.port.stats;
-        let backend = &self.backend;
-        let tx = |mem: &dyn Fn(&[Desc]) -> Option<Vec<u8>>, descs: Option<&[Desc]>| {
-            match descs.and_then(mem) {
-                Some(frame) => {
-                    bump(&stats.tx_frames);
-                    backend.transmit(&frame);
-                }
-                None => {
-                    log::warn!("virtio-net: malformed or oversized TX chain dropped");
-                    bump(&stats.tx_errors);
-                }
-            }
-            0
-        };
+        let stats = &port.stats;
+        let backend: &dyn NetBackend = &**backend;
         let irq = match &a.mem {
             NetMemory::Direct(m) => {
                 let g = m.memory();
-                serve_queue(
-                    &mut a.tx,
-                    || &*g,
-                    |mem: &GuestMemoryMmap, d| tx(&|d| read_tx(mem, d), d),
-                )
+                serve_queue(&mut a.tx, || &*g, |mem: &GuestMemoryMmap, d| {
+                    tx_chain(mem, d, tx_batch, backend, stats)
+                })
             }
-            NetMemory::Translated(t) => serve_queue(
-                &mut a.tx,
-                || Pinned(t.pin()),
-                |mem: &TranslatedMemory, d| tx(&|d| read_tx(mem, d), d),
-            ),
+            NetMemory::Translated(t) => {
+                serve_queue(&mut a.tx, || Pinned(t.pin()), |mem: &TranslatedMemory, d| {
+                    tx_chain(mem, d, tx_batch, backend, stats)
+                })
+            }
         };
+        tx_batch.flush(backend);
         if irq {
             a.interrupt.signal_queue(TX_QUEUE);
         }

@@ -37,6 +37,19 @@ impl Hub {
         ports.iter().filter(|(_, s)| s.strong_count() > 0).count()
     }
 
+    /// Deliver `frames` to every port but `from`, each port taking the whole batch at once.
+    fn broadcast_batch(&self, from: usize, frames: &[&[u8]]) {
+        let ports = self.ports.read().unwrap_or_else(|e| e.into_inner());
+        for (id, sink) in ports.iter() {
+            if *id == from {
+                continue;
+            }
+            if let Some(s) = sink.upgrade() {
+                s.deliver_batch(frames);
+            }
+        }
+    }
+
     /// Deliver `frame` to every port but `from`; returns how many ports took it (delivered or
     /// queued).
     fn broadcast(&self, from: usize, frame: &[u8]) -> usize {
@@ -72,6 +85,10 @@ impl HubPort {
 impl NetBackend for HubPort {
     fn transmit(&self, frame: &[u8]) {
         self.hub.broadcast(self.id, frame);
+    }
+
+    fn transmit_batch(&self, frames: &[&[u8]]) {
+        self.hub.broadcast_batch(self.id, frames);
     }
 }
 
