@@ -28,11 +28,13 @@ const EP_B: u32 = 0x18;
 const WIN_A: u64 = 0x40_0000_0000;
 const WIN_B: u64 = 0x80_0000_0000;
 const QSIZE: u16 = 256;
+/// Mapping granule behind the vIOMMU (a hugepage).
+const HUGE: u64 = 2 << 20;
 /// Frames per kick (testpmd's burst).
 const BURST: u16 = 32;
 const FRAME: u32 = 12 + 64;
 const RX_BUF: u32 = 2048;
-/// Where the net rings and buffers live (the iommu driver uses the first MiB).
+/// Where the net rings and buffers live (the iommu driver uses the first 2 MiB).
 const NET_BASE: u64 = 0x20_0000;
 
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -120,11 +122,17 @@ fn setup(viommu: bool) -> Setup {
             &[EP_A, EP_B],
             None,
         );
-        let size = common::MEM_SIZE as u64;
+        // One MAP per 2 MiB, as DPDK maps its hugepages: rings and buffers sit in different
+        // mappings, like testpmd's memzones and mbuf pool.
         assert_eq!(d.status(&attach(1, EP_A, 0)), 0);
-        assert_eq!(d.status(&map(1, WIN_A, WIN_A + size - 1, 0, 3)), 0);
         assert_eq!(d.status(&attach(2, EP_B, 0)), 0);
-        assert_eq!(d.status(&map(2, WIN_B, WIN_B + size - 1, 0, 3)), 0);
+        for gpa in (0..common::MEM_SIZE as u64).step_by(HUGE as usize) {
+            for (dom, win) in [(1, WIN_A), (2, WIN_B)] {
+                let iova = win + gpa;
+                assert_eq!(d.status(&map(dom, iova, iova + HUGE - 1, gpa, 3)), 0);
+            }
+            d.reset_data();
+        }
         let mem = d.mem.clone();
         let mut eps = eps.into_iter();
         (Some(d), mem, vec![eps.next(), eps.next()])
@@ -183,9 +191,10 @@ fn setup(viommu: bool) -> Setup {
     }
 }
 
-/// Data buffers: A's TX frames and B's RX buffers, after the rings.
-const TX_BUFS: u64 = NET_BASE + 0x8_0000;
-const RX_BUFS: u64 = NET_BASE + 0x18_0000;
+/// Data buffers, each side in its own hugepage, away from the rings: A's TX frames, B's RX
+/// buffers.
+const TX_BUFS: u64 = NET_BASE + 2 * HUGE;
+const RX_BUFS: u64 = NET_BASE + 3 * HUGE;
 
 /// The driver's part of a burst: BURST RX buffers on B, BURST frames on A (not timed).
 fn post(s: &mut Setup) {

@@ -249,14 +249,30 @@ where
     M: Deref,
     M::Target: GuestMemory,
 {
-    let mut descs = Vec::new();
+    let mut descs = Vec::with_capacity(4);
+    collect_chain_into(chain, max, &mut descs).then_some(descs)
+}
+
+/// Append the descriptors of `chain` to `out`, at most `max`; false (and `out` as it was) if
+/// longer.
+fn collect_chain_into<M>(
+    chain: virtio_queue::DescriptorChain<M>,
+    max: usize,
+    out: &mut Vec<Desc>,
+) -> bool
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    let start = out.len();
     for d in chain {
-        if descs.len() >= max {
-            return None;
+        if out.len() - start >= max {
+            out.truncate(start);
+            return false;
         }
-        descs.push((d.addr(), d.len(), d.is_write_only()));
+        out.push((d.addr(), d.len(), d.is_write_only()));
     }
-    Some(descs)
+    true
 }
 
 // ---------------------------------------------------------------------------------------
@@ -269,6 +285,10 @@ struct RxQueue {
     mem: NetMemory,
     interrupt: Arc<dyn VirtioInterrupt>,
     mergeable: bool,
+    /// Scratch kept between frames (no allocation per frame): the descriptors of the chains
+    /// taken for the frame being written, and per chain (head, end in `descs`, bytes).
+    descs: Vec<Desc>,
+    chains: Vec<(u16, usize, u64)>,
 }
 
 /// Why a frame could not be written now.
@@ -288,21 +308,40 @@ fn writable_bytes(descs: &[Desc]) -> Option<u64> {
     Some(descs.iter().map(|d| u64::from(d.1)).sum())
 }
 
-/// Write `data` across the descriptors of one chain starting at byte `skip`; returns bytes
-/// written.
+/// Write the concatenation of `parts` across the descriptors of one chain; returns the bytes
+/// written (at most the chain's room).
 fn write_chain<M: GuestMemory>(
     mem: &M,
     descs: &[Desc],
-    data: &[u8],
+    parts: [&[u8]; 2],
 ) -> Result<usize, vm_memory::GuestMemoryError> {
     let mut done = 0usize;
+    let mut part = 0usize; // index in `parts`
+    let mut at = 0usize; // offset in parts[part]
     for &(addr, len, _) in descs {
-        if done == data.len() {
+        let mut room = len as usize;
+        let mut dst = addr;
+        while room > 0 && part < parts.len() {
+            let src = &parts[part][at..];
+            if src.is_empty() {
+                part += 1;
+                at = 0;
+                continue;
+            }
+            let n = room.min(src.len());
+            mem.write_slice(&src[..n], dst)?;
+            room -= n;
+            if room > 0 {
+                dst = dst
+                    .checked_add(n as u64)
+                    .ok_or(vm_memory::GuestMemoryError::GuestAddressOverflow)?;
+            }
+            at += n;
+            done += n;
+        }
+        if part == parts.len() {
             break;
         }
-        let n = (len as usize).min(data.len() - done);
-        mem.write_slice(&data[done..done + n], addr)?;
-        done += n;
     }
     Ok(done)
 }
@@ -318,13 +357,14 @@ impl RxQueue {
         let needed = (HDR_BYTES + frame.len()) as u64;
         let size = self.queue.size();
         let max_descs = usize::from(size).max(1) * 2;
-        let mut chains: Vec<(u16, Vec<Desc>, u64)> = Vec::new();
+        self.descs.clear();
+        self.chains.clear();
         let mut total = 0u64;
         while total < needed {
             let Some(chain) = self.queue.pop_descriptor_chain(mem) else {
                 // Put back what we took; if the whole ring is ours and still too small,
                 // the frame can never fit.
-                let popped = chains.len();
+                let popped = self.chains.len();
                 for _ in 0..popped {
                     self.queue.go_to_previous_position();
                 }
@@ -335,18 +375,22 @@ impl RxQueue {
                 };
             };
             let head = chain.head_index();
-            match collect_chain(chain, max_descs)
-                .and_then(|d| writable_bytes(&d).map(|n| (d, n)))
-                .filter(|&(_, n)| n > 0)
-            {
-                Some((descs, n)) => {
+            let from = self.descs.len();
+            let n = if collect_chain_into(chain, max_descs, &mut self.descs) {
+                writable_bytes(&self.descs[from..]).filter(|&n| n > 0)
+            } else {
+                None
+            };
+            match n {
+                Some(n) => {
                     total += n;
-                    chains.push((head, descs, n));
+                    self.chains.push((head, self.descs.len(), n));
                 }
                 None => {
+                    self.descs.truncate(from);
                     log::warn!("virtio-net: malformed RX chain {head}, completed empty");
                     bump(&stats.rx_bad_chains);
-                    if chains.is_empty() {
+                    if self.chains.is_empty() {
                         if let Err(e) = self.queue.add_used(mem, head, 0) {
                             log::warn!("virtio-net: add_used: {e}");
                         }
@@ -354,8 +398,8 @@ impl RxQueue {
                     }
                     // The chains popped before it must be completed first (used ring order):
                     // give them back empty too and drop the frame.
-                    for (h, _, _) in &chains {
-                        let _ = self.queue.add_used(mem, *h, 0);
+                    for i in 0..self.chains.len() {
+                        let _ = self.queue.add_used(mem, self.chains[i].0, 0);
                     }
                     let _ = self.queue.add_used(mem, head, 0);
                     return Err(RxError::Drop);
@@ -370,58 +414,58 @@ impl RxQueue {
         // Header + frame, spread over the chains.
         let mut hdr = [0u8; HDR_BYTES];
         let nbufs = if self.mergeable {
-            chains.len() as u16
+            self.chains.len() as u16
         } else {
             1
         };
         hdr[10..12].copy_from_slice(&nbufs.to_le_bytes());
-        let mut lens = Vec::with_capacity(chains.len());
-        let mut result = Ok(());
+        let mut failed = false;
         let mut off = 0usize; // offset in header+frame
-        for (_, descs, cap) in &chains {
-            let want = (*cap as usize).min(needed as usize - off);
-            let mut written = 0usize;
-            // The header may straddle chain boundaries only with absurdly small buffers.
-            let mut buf = Vec::new();
-            let slice: &[u8] = if off >= HDR_BYTES {
-                &frame[off - HDR_BYTES..off - HDR_BYTES + want]
-            } else {
-                buf.extend_from_slice(&hdr[off..HDR_BYTES.min(off + want)]);
-                let fend = (off + want).saturating_sub(HDR_BYTES);
-                buf.extend_from_slice(&frame[..fend]);
-                &buf
-            };
-            match write_chain(mem, descs, slice) {
-                Ok(n) => written = n,
+        let mut from = 0usize;
+        for i in 0..self.chains.len() {
+            let (_, end, cap) = self.chains[i];
+            let want = (cap as usize).min(needed as usize - off);
+            // The part of header+frame for this chain: [off, off + want).
+            let h = &hdr[off.min(HDR_BYTES)..(off + want).min(HDR_BYTES)];
+            let f = &frame[off.saturating_sub(HDR_BYTES)..(off + want).saturating_sub(HDR_BYTES)];
+            let len = match write_chain(mem, &self.descs[from..end], [h, f]) {
+                Ok(n) => n as u32,
                 Err(e) => {
                     log::warn!("virtio-net: RX buffer write: {e}");
-                    result = Err(RxError::Drop);
+                    failed = true;
+                    0
                 }
-            }
-            lens.push(if result.is_ok() { written as u32 } else { 0 });
+            };
+            // The used length of chain i goes where its byte count was.
+            self.chains[i].2 = u64::from(len);
             off += want;
+            from = end;
         }
-        if result.is_err() {
-            lens.iter_mut().for_each(|l| *l = 0);
+        if failed {
+            self.chains.iter_mut().for_each(|c| c.2 = 0);
         }
-        self.publish(mem, &chains, &lens);
-        result
+        self.publish(mem);
+        if failed {
+            Err(RxError::Drop)
+        } else {
+            Ok(())
+        }
     }
 
-    /// Put the chains on the used ring and make them visible with one index update (so the
-    /// driver never sees part of a merged frame).
-    fn publish<M: GuestMemory>(&mut self, mem: &M, chains: &[(u16, Vec<Desc>, u64)], lens: &[u32]) {
+    /// Put the taken chains (with their used lengths) on the used ring and make them visible
+    /// with one index update (so the driver never sees part of a merged frame).
+    fn publish<M: GuestMemory>(&mut self, mem: &M) {
         let size = self.queue.size();
-        if size == 0 || chains.is_empty() {
+        let n = self.chains.len();
+        if size == 0 || n == 0 {
             return;
         }
         let first = self.queue.next_used();
-        let n = chains.len();
-        for (i, ((head, _, _), len)) in chains.iter().zip(lens).enumerate().take(n - 1) {
+        for (i, &(head, _, len)) in self.chains.iter().enumerate().take(n - 1) {
             let slot = u64::from(first.wrapping_add(i as u16) % size);
             let mut elem = [0u8; 8];
-            elem[..4].copy_from_slice(&u32::from(*head).to_le_bytes());
-            elem[4..].copy_from_slice(&len.to_le_bytes());
+            elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+            elem[4..].copy_from_slice(&(len as u32).to_le_bytes());
             let at = GuestAddress(self.queue.used_ring()).checked_add(4 + slot * 8);
             if let Some(at) = at {
                 if let Err(e) = mem.write_slice(&elem, at) {
@@ -430,8 +474,8 @@ impl RxQueue {
             }
         }
         self.queue.set_next_used(first.wrapping_add(n as u16 - 1));
-        let (head, _, _) = &chains[n - 1];
-        if let Err(e) = self.queue.add_used(mem, *head, lens[n - 1]) {
+        let (head, _, len) = self.chains[n - 1];
+        if let Err(e) = self.queue.add_used(mem, head, len as u32) {
             log::warn!("virtio-net: add_used: {e}");
         }
     }
@@ -1120,6 +1164,8 @@ impl VirtioDevice for Net {
             let mut st = self.port.lock();
             st.backlog.clear();
             st.active = Some(RxQueue {
+                descs: Vec::new(),
+                chains: Vec::new(),
                 queue: rxq,
                 mem: rx_mem,
                 interrupt: interrupt.clone(),

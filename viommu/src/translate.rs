@@ -16,20 +16,89 @@ use vm_memory::{
     GuestMemoryRegion, GuestMemoryResult, MemoryRegionAddress, Permissions, VolatileSlice,
 };
 
+/// A cached translation: part of a mapping, clipped to the one guest RAM region its target
+/// lies in, so that a hit needs no region lookup either.
 #[derive(Clone, Copy)]
 struct CacheEntry {
     generation: u64,
     mapping: Mapping,
+    /// Index of the region among the backend's regions, and its first GPA.
+    region: usize,
+    region_gpa: u64,
 }
 
-/// Guest memory addressed by IOVA through one endpoint. Holds a last-hit cache, so it is
+/// Entries of the translation cache: enough for a queue's rings and the few mappings its
+/// buffers come from at a time (DPDK maps hugepage by hugepage).
+const CACHE_ENTRIES: usize = 8;
+
+/// Recently used mappings, tagged with the view generation they were found in (a new
+/// publication invalidates them all; generation 0, which no view has, marks a free entry).
+/// The last hit is tried first; replacement is round-robin.
+#[derive(Clone)]
+struct Cache {
+    entries: [Cell<CacheEntry>; CACHE_ENTRIES],
+    last: Cell<usize>,
+    next: Cell<usize>,
+}
+
+impl Cache {
+    const FREE: CacheEntry = CacheEntry {
+        generation: 0,
+        mapping: Mapping {
+            start: 1,
+            end: 0,
+            gpa: 0,
+            read: false,
+            write: false,
+            mmio: false,
+        },
+        region: 0,
+        region_gpa: 0,
+    };
+
+    fn new() -> Self {
+        Cache {
+            entries: std::array::from_fn(|_| Cell::new(Self::FREE)),
+            last: Cell::new(0),
+            next: Cell::new(0),
+        }
+    }
+
+    fn find(&self, generation: u64, iova: u64, access: Access) -> Option<CacheEntry> {
+        let hit = |c: &CacheEntry| {
+            c.generation == generation && c.mapping.contains(iova) && c.mapping.allows(access)
+        };
+        let last = self.last.get() % CACHE_ENTRIES;
+        let c = self.entries[last].get();
+        if hit(&c) {
+            return Some(c);
+        }
+        for (i, e) in self.entries.iter().enumerate() {
+            let c = e.get();
+            if hit(&c) {
+                self.last.set(i);
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn insert(&self, entry: CacheEntry) {
+        let i = self.next.get() % CACHE_ENTRIES;
+        self.entries[i].set(entry);
+        self.next.set(i + 1);
+        self.last.set(i);
+    }
+}
+
+/// Guest memory addressed by IOVA through one endpoint. Holds a translation cache, so it is
 /// `Send` but not `Sync`: give each queue/thread its own clone.
 pub struct TranslatedMemory<M: GuestMemoryBackend = GuestMemoryMmap> {
     /// Shared, so that pinning a copy per request allocates nothing.
     mem: Arc<M>,
     endpoint: EndpointHandle,
     pinned: Option<Arc<View>>,
-    cache: Cell<Option<CacheEntry>>,
+    cache: Cache,
 }
 
 impl<M: GuestMemoryBackend> Clone for TranslatedMemory<M> {
@@ -38,7 +107,7 @@ impl<M: GuestMemoryBackend> Clone for TranslatedMemory<M> {
             mem: self.mem.clone(),
             endpoint: self.endpoint.clone(),
             pinned: self.pinned.clone(),
-            cache: Cell::new(None),
+            cache: Cache::new(),
         }
     }
 }
@@ -72,7 +141,7 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
             mem,
             endpoint,
             pinned: None,
-            cache: Cell::new(None),
+            cache: Cache::new(),
         }
     }
 
@@ -83,7 +152,7 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
             mem: self.mem.clone(),
             endpoint: self.endpoint.clone(),
             pinned: Some(self.endpoint.shared.load_full()),
-            cache: Cell::new(self.cache.get()),
+            cache: self.cache.clone(),
         }
     }
 }
@@ -117,25 +186,26 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
         }
     }
 
-    /// Translate one IOVA through `view`, using and refreshing the last-hit cache; on a miss,
-    /// report the fault.
-    fn lookup(&self, view: &View, iova: u64, access: Access) -> Option<Mapping> {
-        if let Some(c) = self.cache.get() {
-            if c.generation == view.generation
-                && c.mapping.contains(iova)
-                && c.mapping.allows(access)
-            {
-                return Some(c.mapping);
-            }
+    /// Translate one IOVA through `view`, using and refreshing the cache; on a miss, report
+    /// the fault. The mapping returned may be a part (clipped to one RAM region) of the
+    /// domain's; with it, where its target lies (region index, region's first GPA) if known.
+    fn lookup(
+        &self,
+        view: &View,
+        iova: u64,
+        access: Access,
+    ) -> Option<(Mapping, Option<(usize, u64)>)> {
+        if let Some(c) = self.cache.find(view.generation, iova, access) {
+            return Some((c.mapping, Some((c.region, c.region_gpa))));
         }
         match view.translate(iova, access) {
-            Ok(m) => {
-                self.cache.set(Some(CacheEntry {
-                    generation: view.generation,
-                    mapping: m,
-                }));
-                Some(m)
-            }
+            Ok(m) => Some(match self.clip(view.generation, m, iova) {
+                Some(c) => {
+                    self.cache.insert(c);
+                    (c.mapping, Some((c.region, c.region_gpa)))
+                }
+                None => (m, None),
+            }),
             Err(miss) => {
                 self.endpoint.shared.faults.report(Fault::from_miss(
                     self.endpoint.id(),
@@ -148,6 +218,31 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
         }
     }
 
+    /// The cache entry for `m` around `iova`: the part of `m` whose target lies in the RAM
+    /// region holding `iova`'s; `None` if that is not RAM.
+    fn clip(&self, generation: u64, m: Mapping, iova: u64) -> Option<CacheEntry> {
+        let gpa = m.gpa_of(iova);
+        let (region, r) = self
+            .mem
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.start_addr().0 <= gpa && gpa <= r.last_addr().0)?;
+        let (rs, rl) = (r.start_addr().0, r.last_addr().0);
+        let m_last = m.gpa.checked_add(m.end - m.start)?;
+        let (lo, hi) = (m.gpa.max(rs), m_last.min(rl));
+        Some(CacheEntry {
+            generation,
+            mapping: Mapping {
+                start: m.start + (lo - m.gpa),
+                end: m.start + (hi - m.gpa),
+                gpa: lo,
+                ..m
+            },
+            region,
+            region_gpa: rs,
+        })
+    }
+
     /// Translate `iova..iova+len` into guest-physical ranges (for callers that do their own
     /// accesses, e.g. a host mapper). A miss raises a fault and returns `None`.
     pub fn translate(&self, iova: u64, len: u64, access: Access) -> Option<Vec<(u64, u64)>> {
@@ -156,7 +251,7 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
         let mut cur = iova;
         let mut left = len;
         while left > 0 {
-            let m = self.lookup(view.get(), cur, access)?;
+            let (m, _) = self.lookup(view.get(), cur, access)?;
             let in_map = (m.end - cur).saturating_add(1);
             let n = in_map.min(left);
             out.push((m.gpa_of(cur), n));
@@ -197,7 +292,7 @@ impl<'a, M: GuestMemoryBackend> TranslatedSlices<'a, M> {
     fn step(&mut self) -> GuestMemoryResult<VolatileSlice<'a, bitmap::MS<'a, M>>> {
         let owner: &'a TranslatedMemory<M> = self.owner;
         let iova = self.iova;
-        let m = owner
+        let (m, host) = owner
             .lookup(self.view.get(), iova, self.access)
             .ok_or(GuestMemoryError::InvalidGuestAddress(GuestAddress(iova)))?;
         let in_map = (m.end - iova).saturating_add(1);
@@ -205,8 +300,17 @@ impl<'a, M: GuestMemoryBackend> TranslatedSlices<'a, M> {
             .unwrap_or(u64::MAX)
             .min(in_map);
         let gpa = GuestAddress(m.gpa_of(iova));
-        // Only guest RAM is reachable: a mapping to anything else fails here.
-        let Some((region, off)) = owner.mem.to_region_addr(gpa) else {
+        // A cache hit knows the region; otherwise look it up. Only guest RAM is reachable: a
+        // mapping to anything else fails here.
+        let found = match host {
+            Some((i, region_gpa)) => owner
+                .mem
+                .iter()
+                .nth(i)
+                .map(|r| (r, MemoryRegionAddress(gpa.0 - region_gpa))),
+            None => owner.mem.to_region_addr(gpa),
+        };
+        let Some((region, off)) = found else {
             log::warn!(
                 "virtio-iommu: endpoint {:#x}: IOVA {iova:#x} maps to {:#x}, not guest RAM",
                 owner.endpoint.id(),
