@@ -9,6 +9,8 @@
 //! - `translate_hit/N`: an 8-byte DMA read at a mapped IOVA through [`TranslatedMemory`] (the
 //!   datapath of an emulated device behind the vIOMMU), N live mappings, same IOVA every time.
 //! - `translate_alternating/N`: the same alternating between two far-apart mappings.
+//! - `read_u64/direct` and `read_u64/pinned`: the same 8-byte read from guest-physical memory
+//!   and through a pinned view (what a device behind the vIOMMU does per ring access).
 //! - `attach_replay/10000`: ATTACH of a host endpoint to a domain holding 10 000 mappings, which
 //!   replays every mapping to the endpoint's host mapper (the DETACH that resets it is untimed).
 //!
@@ -200,6 +202,21 @@ fn translate(c: &mut Criterion) {
         });
     }
     alt.finish();
+    // One 8-byte read as a device's ring access makes it: straight from guest-physical memory,
+    // and through a pinned translated view (one pin per request, as the devices do).
+    let mut read = c.benchmark_group("read_u64");
+    if let Some((_, d, tm, iova)) = fixtures.first() {
+        let gpa = GuestAddress(0x10_0000);
+        let mem = d.mem.clone();
+        read.bench_function("direct", |b| {
+            b.iter(|| black_box(mem.read_obj::<u64>(black_box(gpa)).unwrap()))
+        });
+        let pinned = tm.pin();
+        read.bench_function("pinned", |b| {
+            b.iter(|| black_box(pinned.read_obj::<u64>(black_box(*iova)).unwrap()))
+        });
+    }
+    read.finish();
 }
 
 fn attach_replay(c: &mut Criterion) {
