@@ -137,8 +137,8 @@ fn setup(viommu: bool) -> Setup {
         let mut eps = eps.into_iter();
         (Some(d), mem, vec![eps.next(), eps.next()])
     } else {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), common::MEM_SIZE)])
-            .unwrap();
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), common::MEM_SIZE)]).unwrap();
         (None, mem, vec![None, None])
     };
     let (wa, wb) = if viommu { (WIN_A, WIN_B) } else { (0, 0) };

@@ -480,7 +480,7 @@ enum DeviceMemory {
     /// Guest-physical addresses (no vIOMMU).
     Direct(GuestMemoryAtomic<GuestMemoryMmap>),
     /// IOVAs of a vIOMMU endpoint: every access is translated, one pinned view per request.
-    Translated(TranslatedMemory),
+    Translated(Box<TranslatedMemory>),
 }
 
 /// A [`TranslatedMemory`] pinned for one request (a `Deref` for `process_queue_with`).
@@ -728,7 +728,7 @@ impl VirtioDevice for Block {
                 ));
             }
             (Some(ep), true) => {
-                DeviceMemory::Translated(TranslatedMemory::from_atomic(&mem, ep.clone()))
+                DeviceMemory::Translated(Box::new(TranslatedMemory::from_atomic(&mem, ep.clone())))
             }
         };
         let qs = match &mem {

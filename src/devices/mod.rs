@@ -5,4 +5,5 @@ pub mod block;
 pub mod legacy;
 pub mod net;
 pub mod polled;
+pub mod rings;
 pub mod serial;

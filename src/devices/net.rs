@@ -15,7 +15,6 @@
 //! RX chain is completed empty, oversized frames are dropped; nothing panics.
 
 use std::collections::VecDeque;
-use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -28,6 +27,7 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
+use super::rings::{walk_chain, Desc, QueueRings};
 use crate::net::{Delivery, FrameSink, Hubs, NetBackend, Tap};
 
 /// Virtio device type of a network card.
@@ -218,17 +218,7 @@ enum NetMemory {
     /// Guest-physical addresses (no vIOMMU).
     Direct(GuestMemoryAtomic<GuestMemoryMmap>),
     /// IOVAs of a vIOMMU endpoint.
-    Translated(TranslatedMemory),
-}
-
-/// A pinned [`TranslatedMemory`] as a `Deref` for the per-chain view closures.
-struct Pinned(TranslatedMemory);
-
-impl Deref for Pinned {
-    type Target = TranslatedMemory;
-    fn deref(&self) -> &TranslatedMemory {
-        &self.0
-    }
+    Translated(Box<TranslatedMemory>),
 }
 
 /// Whether the driver wants an interrupt (no EVENT_IDX: the avail ring's NO_INTERRUPT flag).
@@ -240,41 +230,6 @@ fn wants_interrupt<M: GuestMemory>(queue: &Queue, mem: &M) -> bool {
     }
 }
 
-/// One descriptor: (address, length, device-writable).
-type Desc = (GuestAddress, u32, bool);
-
-/// Copy out the descriptors of `chain`, at most `max`; `None` if longer.
-fn collect_chain<M>(chain: virtio_queue::DescriptorChain<M>, max: usize) -> Option<Vec<Desc>>
-where
-    M: Deref,
-    M::Target: GuestMemory,
-{
-    let mut descs = Vec::with_capacity(4);
-    collect_chain_into(chain, max, &mut descs).then_some(descs)
-}
-
-/// Append the descriptors of `chain` to `out`, at most `max`; false (and `out` as it was) if
-/// longer.
-fn collect_chain_into<M>(
-    chain: virtio_queue::DescriptorChain<M>,
-    max: usize,
-    out: &mut Vec<Desc>,
-) -> bool
-where
-    M: Deref,
-    M::Target: GuestMemory,
-{
-    let start = out.len();
-    for d in chain {
-        if out.len() - start >= max {
-            out.truncate(start);
-            return false;
-        }
-        out.push((d.addr(), d.len(), d.is_write_only()));
-    }
-    true
-}
-
 // ---------------------------------------------------------------------------------------
 // RX side: the port's sink, shared with the backend (a hub peer's vCPU, a TAP reader).
 // ---------------------------------------------------------------------------------------
@@ -282,6 +237,7 @@ where
 /// The activated RX queue.
 struct RxQueue {
     queue: Queue,
+    rings: QueueRings,
     mem: NetMemory,
     interrupt: Arc<dyn VirtioInterrupt>,
     mergeable: bool,
@@ -348,20 +304,20 @@ fn write_chain<M: GuestMemory>(
 
 impl RxQueue {
     /// Write one frame (header prepended) into as many chains as it needs.
-    fn write_frame<M: GuestMemory>(
+    fn write_frame<R: GuestMemory, B: GuestMemory>(
         &mut self,
-        mem: &M,
+        rings: &R,
+        bufs: &B,
         frame: &[u8],
         stats: &NetStats,
     ) -> Result<(), RxError> {
         let needed = (HDR_BYTES + frame.len()) as u64;
         let size = self.queue.size();
-        let max_descs = usize::from(size).max(1) * 2;
         self.descs.clear();
         self.chains.clear();
         let mut total = 0u64;
         while total < needed {
-            let Some(chain) = self.queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = self.queue.pop_descriptor_chain(rings) else {
                 // Put back what we took; if the whole ring is ours and still too small,
                 // the frame can never fit.
                 let popped = self.chains.len();
@@ -376,7 +332,7 @@ impl RxQueue {
             };
             let head = chain.head_index();
             let from = self.descs.len();
-            let n = if collect_chain_into(chain, max_descs, &mut self.descs) {
+            let n = if walk_chain(rings, &self.queue, head, &mut self.descs) {
                 writable_bytes(&self.descs[from..]).filter(|&n| n > 0)
             } else {
                 None
@@ -391,7 +347,7 @@ impl RxQueue {
                     log::warn!("virtio-net: malformed RX chain {head}, completed empty");
                     bump(&stats.rx_bad_chains);
                     if self.chains.is_empty() {
-                        if let Err(e) = self.queue.add_used(mem, head, 0) {
+                        if let Err(e) = self.queue.add_used(rings, head, 0) {
                             log::warn!("virtio-net: add_used: {e}");
                         }
                         continue;
@@ -399,9 +355,9 @@ impl RxQueue {
                     // The chains popped before it must be completed first (used ring order):
                     // give them back empty too and drop the frame.
                     for i in 0..self.chains.len() {
-                        let _ = self.queue.add_used(mem, self.chains[i].0, 0);
+                        let _ = self.queue.add_used(rings, self.chains[i].0, 0);
                     }
-                    let _ = self.queue.add_used(mem, head, 0);
+                    let _ = self.queue.add_used(rings, head, 0);
                     return Err(RxError::Drop);
                 }
             }
@@ -428,7 +384,7 @@ impl RxQueue {
             // The part of header+frame for this chain: [off, off + want).
             let h = &hdr[off.min(HDR_BYTES)..(off + want).min(HDR_BYTES)];
             let f = &frame[off.saturating_sub(HDR_BYTES)..(off + want).saturating_sub(HDR_BYTES)];
-            let len = match write_chain(mem, &self.descs[from..end], [h, f]) {
+            let len = match write_chain(bufs, &self.descs[from..end], [h, f]) {
                 Ok(n) => n as u32,
                 Err(e) => {
                     log::warn!("virtio-net: RX buffer write: {e}");
@@ -444,7 +400,7 @@ impl RxQueue {
         if failed {
             self.chains.iter_mut().for_each(|c| c.2 = 0);
         }
-        self.publish(mem);
+        self.publish(rings);
         if failed {
             Err(RxError::Drop)
         } else {
@@ -538,11 +494,15 @@ impl NetPort {
         match &rx.mem {
             NetMemory::Direct(m) => {
                 let g = m.memory();
-                rx.fill(&*g, backlog, frames, &self.stats)
+                rx.fill(&*g, &*g, backlog, frames, &self.stats)
             }
             NetMemory::Translated(t) => {
                 let p = t.pin();
-                rx.fill(&p, backlog, frames, &self.stats)
+                if rx.rings.prepare(&mut rx.queue, &p) {
+                    rx.fill(p.backend(), &p, backlog, frames, &self.stats)
+                } else {
+                    rx.fill(&p, &p, backlog, frames, &self.stats)
+                }
             }
         }
     }
@@ -550,9 +510,10 @@ impl NetPort {
 
 impl RxQueue {
     /// See [`NetPort::fill`]; `mem` is the queue's memory, pinned by the caller.
-    fn fill<M: GuestMemory>(
+    fn fill<R: GuestMemory, B: GuestMemory>(
         &mut self,
-        mem: &M,
+        rings: &R,
+        bufs: &B,
         backlog: &mut VecDeque<Vec<u8>>,
         frames: &[&[u8]],
         stats: &NetStats,
@@ -566,8 +527,8 @@ impl RxQueue {
             loop {
                 // Backlog first (arrival order), then the new frames.
                 let (r, from_backlog) = match (backlog.front(), frames.get(next)) {
-                    (Some(f), _) => (self.write_frame(mem, f, stats), true),
-                    (None, Some(f)) => (self.write_frame(mem, f, stats), false),
+                    (Some(f), _) => (self.write_frame(rings, bufs, f, stats), true),
+                    (None, Some(f)) => (self.write_frame(rings, bufs, f, stats), false),
                     (None, None) => break,
                 };
                 let delivered = match r {
@@ -601,7 +562,7 @@ impl RxQueue {
             }
             next = frames.len();
             // Ask for kicks only while something waits; recheck after enabling.
-            let more = set_notify(&mut self.queue, mem, !backlog.is_empty());
+            let more = set_notify(&mut self.queue, rings, !backlog.is_empty());
             // Buffers arrived while kicks were off: look again, but only once more without
             // progress (a merged frame may need more buffers than the driver has posted yet;
             // its next kick brings them).
@@ -615,7 +576,7 @@ impl RxQueue {
                 }
             }
         }
-        if used && wants_interrupt(&self.queue, mem) {
+        if used && wants_interrupt(&self.queue, rings) {
             self.interrupt.signal_queue(RX_QUEUE);
         }
         taken
@@ -815,50 +776,53 @@ fn ctrl_command<M: GuestMemory>(mem: &M, descs: &[Desc]) -> u32 {
 /// queue can hold an old view (and so delay a synchronous UNMAP).
 const CHAINS_PER_PIN: u32 = 64;
 
-/// Pop and serve every chain of a TX or control queue; `f` gets each chain's descriptors and
-/// returns its used length. `view` pins the queue's memory: once per round and every
-/// [`CHAINS_PER_PIN`] chains. Returns true if the driver wants an interrupt.
-fn serve_queue<M, V, F, G>(queue: &mut Queue, mut view: F, mut f: G) -> bool
+/// What one round of [`serve_some`] did.
+#[derive(Clone, Copy, Debug, Default)]
+struct Round {
+    /// Chains were completed.
+    used: bool,
+    /// The queue is empty and kicks are enabled again (else: call again, with a fresh pin).
+    finished: bool,
+    /// When finished: the driver wants interrupts.
+    interrupt: bool,
+}
+
+/// Pop and serve up to [`CHAINS_PER_PIN`] chains of a TX or control queue, rings through
+/// `rings` and buffers through `bufs` (one pinned view); `f` gets each chain's descriptors
+/// (`None` if malformed) and returns its used length.
+fn serve_some<R, B, F>(queue: &mut Queue, rings: &R, bufs: &B, mut f: F) -> Round
 where
-    M: GuestMemory,
-    V: Deref<Target = M>,
-    F: FnMut() -> V,
-    G: FnMut(&M, Option<&[Desc]>) -> u32,
+    R: GuestMemory,
+    B: GuestMemory,
+    F: FnMut(&B, Option<&[Desc]>) -> u32,
 {
-    let mut used_any = false;
-    let mut mem = view();
-    let mut first_round = true;
+    let mut round = Round::default();
+    let mut descs: Vec<Desc> = Vec::new();
+    let mut served = 0u32;
     loop {
-        if !first_round {
-            mem = view();
-        }
-        first_round = false;
-        if let Err(e) = queue.disable_notification(&*mem) {
+        if let Err(e) = queue.disable_notification(rings) {
             log::warn!("virtio-net: disable notification: {e}");
-            break;
+            round.finished = true;
+            return round;
         }
         let mut popped = false;
-        let mut served = 0u32;
-        loop {
-            if served == CHAINS_PER_PIN {
-                mem = view();
-                served = 0;
-            }
-            let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
-                break;
-            };
+        while let Some(chain) = queue.pop_descriptor_chain(rings) {
             popped = true;
-            served += 1;
             let head = chain.head_index();
-            let max = usize::from(queue.size()).max(1) * 2;
-            let descs = collect_chain(chain, max);
-            let len = f(&mem, descs.as_deref());
-            if let Err(e) = queue.add_used(&*mem, head, len) {
+            descs.clear();
+            let ok = walk_chain(rings, queue, head, &mut descs);
+            let len = f(bufs, ok.then_some(&descs[..]));
+            if let Err(e) = queue.add_used(rings, head, len) {
                 log::warn!("virtio-net: add_used: {e}");
             }
-            used_any = true;
+            round.used = true;
+            served += 1;
+            if served == CHAINS_PER_PIN {
+                // Kicks stay off: the caller comes back at once with a fresh view.
+                return round;
+            }
         }
-        match queue.enable_notification(&*mem) {
+        match queue.enable_notification(rings) {
             Ok(true) if !popped => {
                 log::error!("virtio-net: avail index out of range; ignoring the queue until reset");
                 break;
@@ -871,14 +835,46 @@ where
             }
         }
     }
-    used_any && wants_interrupt(queue, &*mem)
+    round.finished = true;
+    round.interrupt = wants_interrupt(queue, rings);
+    round
+}
+
+/// Serve a TX or control `queue` to the end, one pinned view (and ring preparation) per
+/// [`serve_some`] round; `f` serves one chain given its buffer memory. Returns whether to
+/// interrupt the driver.
+macro_rules! serve_queue {
+    ($mem:expr, $queue:expr, $rings:expr, $f:expr) => {{
+        let mut used = false;
+        loop {
+            let r = match $mem {
+                NetMemory::Direct(m) => {
+                    let g = m.memory();
+                    serve_some($queue, &*g, &*g, $f)
+                }
+                NetMemory::Translated(t) => {
+                    let p = t.pin();
+                    if $rings.prepare($queue, &p) {
+                        serve_some($queue, p.backend(), &p, $f)
+                    } else {
+                        serve_some($queue, &p, &p, $f)
+                    }
+                }
+            };
+            used |= r.used;
+            if r.finished {
+                break used && r.interrupt;
+            }
+        }
+    }};
 }
 
 /// State of an activated device (TX and control queues; RX lives in the [`NetPort`]).
 struct Active {
     mem: NetMemory,
     tx: Queue,
-    ctrl: Option<Queue>,
+    tx_rings: QueueRings,
+    ctrl: Option<(Queue, QueueRings)>,
     interrupt: Arc<dyn VirtioInterrupt>,
 }
 
@@ -983,19 +979,9 @@ impl Net {
         };
         let stats = &port.stats;
         let backend: &dyn NetBackend = &**backend;
-        let irq = match &a.mem {
-            NetMemory::Direct(m) => {
-                let g = m.memory();
-                serve_queue(&mut a.tx, || &*g, |mem: &GuestMemoryMmap, d| {
-                    tx_chain(mem, d, tx_batch, backend, stats)
-                })
-            }
-            NetMemory::Translated(t) => {
-                serve_queue(&mut a.tx, || Pinned(t.pin()), |mem: &TranslatedMemory, d| {
-                    tx_chain(mem, d, tx_batch, backend, stats)
-                })
-            }
-        };
+        let irq = serve_queue!(&a.mem, &mut a.tx, a.tx_rings, |mem: &_, d| tx_chain(
+            mem, d, tx_batch, backend, stats
+        ));
         tx_batch.flush(backend);
         if irq {
             a.interrupt.signal_queue(TX_QUEUE);
@@ -1006,29 +992,14 @@ impl Net {
         let Some(a) = self.active.as_mut() else {
             return;
         };
-        let Some(q) = a.ctrl.as_mut() else {
+        let Some((q, rings)) = a.ctrl.as_mut() else {
             return;
         };
         let stats = &self.port.stats;
-        let cmd = |len: u32| {
+        let irq = serve_queue!(&a.mem, q, rings, |mem: &_, d: Option<&[Desc]>| {
             bump(&stats.ctrl_commands);
-            len
-        };
-        let irq = match &a.mem {
-            NetMemory::Direct(m) => {
-                let g = m.memory();
-                serve_queue(
-                    q,
-                    || &*g,
-                    |mem: &GuestMemoryMmap, d| cmd(d.map_or(0, |d| ctrl_command(mem, d))),
-                )
-            }
-            NetMemory::Translated(t) => serve_queue(
-                q,
-                || Pinned(t.pin()),
-                |mem: &TranslatedMemory, d| cmd(d.map_or(0, |d| ctrl_command(mem, d))),
-            ),
-        };
+            d.map_or(0, |d| ctrl_command(mem, d))
+        });
         if irq {
             a.interrupt.signal_queue(CTRL_QUEUE);
         }
@@ -1130,7 +1101,7 @@ impl VirtioDevice for Net {
                 ));
             }
             (Some(ep), true) => {
-                NetMemory::Translated(TranslatedMemory::from_atomic(&mem, ep.clone()))
+                NetMemory::Translated(Box::new(TranslatedMemory::from_atomic(&mem, ep.clone())))
             }
         };
         let mut qs = match &netmem {
@@ -1166,6 +1137,7 @@ impl VirtioDevice for Net {
             st.active = Some(RxQueue {
                 descs: Vec::new(),
                 chains: Vec::new(),
+                rings: QueueRings::new(&rxq),
                 queue: rxq,
                 mem: rx_mem,
                 interrupt: interrupt.clone(),
@@ -1176,8 +1148,12 @@ impl VirtioDevice for Net {
         }
         self.active = Some(Active {
             mem: netmem,
+            tx_rings: QueueRings::new(&tx),
             tx,
-            ctrl,
+            ctrl: ctrl.map(|q| {
+                let r = QueueRings::new(&q);
+                (q, r)
+            }),
             interrupt,
         });
         Ok(())
@@ -1885,6 +1861,35 @@ mod tests {
             2,
             "domain 1 lost its mappings"
         );
+    }
+
+    /// The rings are reached at their guest-physical addresses only while the current view
+    /// maps them: once their IOVAs are gone, the device must not touch them at all.
+    #[test]
+    fn rings_follow_the_view_and_are_left_alone_once_unmapped() {
+        let m = mem();
+        let (mut iommu, mut a, b, _evt) = translated_pair(&m);
+        push_chain(&b.rx, 0, &[(WIN_B + BUF_BASE + 0x10_000, 2048, true)]);
+        send_iova(&m, &mut a, 0, WIN_A, BUF_BASE, &frame(20, 1));
+        assert_eq!(
+            used_idx(&m, &a.tx),
+            1,
+            "served through the rings' direct GPAs"
+        );
+        assert_eq!(used_idx(&m, &b.rx), 1);
+        // EP_A moves to a domain with nothing mapped: a new chain on the TX ring is not
+        // served (its rings are unreachable), the used ring is not written, faults are raised.
+        iommu.attach(4, EP_A);
+        let faults = iommu.dev.counters().snapshot().faults;
+        send_iova(&m, &mut a, 1, WIN_A, BUF_BASE, &frame(20, 2));
+        assert_eq!(used_idx(&m, &a.tx), 1, "unmapped rings untouched");
+        assert_eq!(a.dev.port().stats().snapshot().tx_frames, 1);
+        assert!(iommu.dev.counters().snapshot().faults > faults);
+        // Mapped again (rings and buffers): the pending chain is served.
+        iommu.map(4, WIN_A, 0x18_0000, 0);
+        a.dev.queue_notify(TX_QUEUE);
+        assert_eq!(used_idx(&m, &a.tx), 2);
+        assert_eq!(a.dev.port().stats().snapshot().tx_frames, 2);
     }
 
     #[test]

@@ -195,6 +195,17 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
         iova: u64,
         access: Access,
     ) -> Option<(Mapping, Option<(usize, u64)>)> {
+        self.lookup_with(view, iova, access, true)
+    }
+
+    /// [`Self::lookup`], raising the fault on a miss only when `report`.
+    fn lookup_with(
+        &self,
+        view: &View,
+        iova: u64,
+        access: Access,
+        report: bool,
+    ) -> Option<(Mapping, Option<(usize, u64)>)> {
         if let Some(c) = self.cache.find(view.generation, iova, access) {
             return Some((c.mapping, Some((c.region, c.region_gpa))));
         }
@@ -206,6 +217,7 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
                 }
                 None => (m, None),
             }),
+            Err(_) if !report => None,
             Err(miss) => {
                 self.endpoint.shared.faults.report(Fault::from_miss(
                     self.endpoint.id(),
@@ -246,12 +258,33 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
     /// Translate `iova..iova+len` into guest-physical ranges (for callers that do their own
     /// accesses, e.g. a host mapper). A miss raises a fault and returns `None`.
     pub fn translate(&self, iova: u64, len: u64, access: Access) -> Option<Vec<(u64, u64)>> {
+        self.translate_with(iova, len, access, true)
+    }
+
+    /// [`Self::translate`] without raising a fault on a miss (for a device checking whether
+    /// a range is mapped before relying on it).
+    pub fn translate_quiet(&self, iova: u64, len: u64, access: Access) -> Option<Vec<(u64, u64)>> {
+        self.translate_with(iova, len, access, false)
+    }
+
+    /// Generation of the view this memory translates through now (pinned, or current).
+    pub fn generation(&self) -> u64 {
+        self.view().get().generation
+    }
+
+    fn translate_with(
+        &self,
+        iova: u64,
+        len: u64,
+        access: Access,
+        report: bool,
+    ) -> Option<Vec<(u64, u64)>> {
         let view = self.view();
         let mut out = Vec::new();
         let mut cur = iova;
         let mut left = len;
         while left > 0 {
-            let (m, _) = self.lookup(view.get(), cur, access)?;
+            let (m, _) = self.lookup_with(view.get(), cur, access, report)?;
             let in_map = (m.end - cur).saturating_add(1);
             let n = in_map.min(left);
             out.push((m.gpa_of(cur), n));

@@ -287,7 +287,10 @@ pub fn pmd_run(serial: &str, run: usize, mode: &str) -> Result<PmdRun, String> {
             .find_map(|l| l.trim().strip_prefix(&format!("{tag} {run} ")))
             .map(str::to_string)
     };
-    if lines.iter().any(|l| l.trim() == format!("TESTPMD-HUNG {run}")) {
+    if lines
+        .iter()
+        .any(|l| l.trim() == format!("TESTPMD-HUNG {run}"))
+    {
         return Err(format!(
             "testpmd run {run} ({mode}) did not exit within 60 s of the stop request; its \
              output:\n{}",
@@ -357,11 +360,15 @@ TESTPMD-END 1
     #[test]
     fn drops_failures_and_hangs_are_errors() {
         let dropped = STATS.replacen("RX-dropped: 0 ", "RX-dropped: 5 ", 1);
-        assert!(pmd_run(&dropped, 1, "va").unwrap_err().contains("dropped 5"));
+        assert!(pmd_run(&dropped, 1, "va")
+            .unwrap_err()
+            .contains("dropped 5"));
         let failed = STATS.replace("TESTPMD-RC 1 0", "TESTPMD-RC 1 137");
         assert!(pmd_run(&failed, 1, "va").unwrap_err().contains("exit 137"));
         let hung = STATS.replace("TESTPMD-RC 1 0", "TESTPMD-HUNG 1\nTESTPMD-RC 1 137");
-        assert!(pmd_run(&hung, 1, "va").unwrap_err().contains("did not exit"));
+        assert!(pmd_run(&hung, 1, "va")
+            .unwrap_err()
+            .contains("did not exit"));
         let no_time = STATS.replace("TESTPMD-TIME 1 10.00 20.00 21.50\n", "");
         assert!(pmd_run(&no_time, 1, "va").is_err());
     }
