@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, Once};
 
 use kvm_bindings::{
-    kvm_device_attr, kvm_ioeventfd, kvm_irq_routing, kvm_irqfd, kvm_msi, kvm_regs,
+    kvm_device_attr, kvm_ioeventfd, kvm_irq_routing, kvm_irqfd, kvm_msi, kvm_regs, kvm_sregs,
     kvm_userspace_memory_region, KVMIO,
 };
 use seccompiler::{
@@ -147,6 +147,7 @@ pub fn mode() -> SeccompMode {
 // KVM ioctls (linux/kvm.h).
 ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
 ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
 ioctl_iow_nr!(
     KVM_SET_USER_MEMORY_REGION,
     KVMIO,
@@ -327,7 +328,9 @@ fn ioctls(r: &mut Rules, requests: &[u64]) -> Result<(), String> {
 pub fn vcpu_ioctls() -> Vec<u64> {
     [
         KVM_RUN(),
-        KVM_GET_REGS(), // internal-error report
+        // Internal-error and triple-fault reports.
+        KVM_GET_REGS(),
+        KVM_GET_SREGS(),
         // Device reprogramming by the guest: MSI-X routes, irqfds, ioeventfds, BAR slots.
         KVM_SET_GSI_ROUTING(),
         KVM_IRQFD(),
@@ -678,6 +681,7 @@ mod tests {
     fn ioctl_numbers_match_the_kernel_headers() {
         assert_eq!(KVM_RUN(), 0xae80);
         assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
+        assert_eq!(KVM_GET_SREGS(), 0x8138_ae83);
         assert_eq!(KVM_SET_USER_MEMORY_REGION(), 0x4020_ae46);
         assert_eq!(KVM_SET_GSI_ROUTING(), 0x4008_ae6a);
         assert_eq!(KVM_IRQFD(), 0x4020_ae76);
