@@ -716,7 +716,7 @@ mod tests {
                 assert!(!r.contains_key(&forbidden), "{k:?} allows {forbidden}");
             }
         }
-        assert_eq!(allowed_counts(ThreadKind::Vcpu).unwrap().1, 11);
+        assert_eq!(allowed_counts(ThreadKind::Vcpu).unwrap().1, 12);
         assert_eq!(allowed_counts(ThreadKind::BlockWorker).unwrap().1, 0);
     }
 
