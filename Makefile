@@ -88,7 +88,8 @@ BENCH_RUNS ?= 3
 BENCH_ARGS ?=
 bench:
 	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory deps guest-image vmm-static bench-guest-programs bench-micro && \
+	$(MAKE) --no-print-directory deps guest-image guest-image-dpdk vmm-static bench-guest-programs \
+		bench-micro && \
 	RIG_NO_BUILD=1 $(CARGO) run -q -p bench -- --runs $(BENCH_RUNS) --started $$start $(BENCH_ARGS); \
 	rc=$$?; echo "==> make bench: $$( [ $$rc = 0 ] && echo ok || echo FAILED ) in $$(( $$(date +%s) - start )) s"; \
 	exit $$rc
@@ -98,10 +99,12 @@ bench-guest-programs:
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --target $(STATIC_TARGET) \
 		-p guest-bench -p guest-vfio
 
-## bench-micro: the viommu criterion benchmarks, short (target/criterion/*/new/estimates.json).
+## bench-micro: the criterion benchmarks (viommu datapath, virtio-net forwarding), short
+## (target/criterion/*/new/estimates.json).
 bench-micro:
 	$(CARGO) bench -p viommu --bench datapath -- --warm-up-time 0.5 --measurement-time 2 \
 		--noplot
+	$(CARGO) bench -p vmm --bench netpath -- --warm-up-time 0.5 --measurement-time 2 --noplot
 
 ## clean: build outputs (cargo target dir, images, rig work dirs); keeps downloaded packages.
 clean:

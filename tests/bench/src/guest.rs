@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use rig::dpdk::{self, Binding};
 use rig::{CpioFile, Outcome, Program, Scenario};
 
 /// The disk both VMMs read in the I/O scenarios: a file in L1's RAM (created by the first
@@ -29,11 +30,23 @@ pub enum Kind {
     /// The disk behind the vIOMMU, `iommu.strict=1`; afterwards the disk is bound to vfio-pci
     /// in L2 and the VFIO map/unmap rates are measured.
     Strict,
+    /// DPDK testpmd `io` forwarding between two virtio-net ports on one hub, no IOMMU: the
+    /// ports on uio_pci_generic, IOVA as PA.
+    NetNone,
+    /// The same behind the vIOMMU: the ports on vfio-pci, IOVA as VA.
+    NetViommu,
 }
 
 impl Kind {
     /// Every kind, in the order they run within one round.
-    pub const ALL: [Kind; 4] = [Kind::Boot, Kind::NoIommu, Kind::Lazy, Kind::Strict];
+    pub const ALL: [Kind; 6] = [
+        Kind::Boot,
+        Kind::NoIommu,
+        Kind::Lazy,
+        Kind::Strict,
+        Kind::NetNone,
+        Kind::NetViommu,
+    ];
 
     /// Short name used in scenario names.
     pub fn name(self) -> &'static str {
@@ -42,15 +55,26 @@ impl Kind {
             Kind::NoIommu => "io-none",
             Kind::Lazy => "io-lazy",
             Kind::Strict => "io-strict-vfio",
+            Kind::NetNone => "testpmd-none",
+            Kind::NetViommu => "testpmd-viommu",
         }
     }
 
     fn viommu(self) -> bool {
-        matches!(self, Kind::Lazy | Kind::Strict)
+        matches!(self, Kind::Lazy | Kind::Strict | Kind::NetViommu)
     }
 
     fn disk(self) -> bool {
-        self != Kind::Boot
+        matches!(self, Kind::NoIommu | Kind::Lazy | Kind::Strict)
+    }
+
+    /// The testpmd kinds: how L2 binds the ports and the IOVA mode.
+    fn net(self) -> Option<(Binding, &'static str)> {
+        match self {
+            Kind::NetNone => Some((Binding::Uio, "pa")),
+            Kind::NetViommu => Some((Binding::Vfio, "va")),
+            _ => None,
+        }
     }
 }
 
@@ -63,6 +87,8 @@ pub struct GuestParams {
     pub vfio_count_4k: u64,
     /// 2 MiB mappings.
     pub vfio_count_2m: u64,
+    /// Seconds of testpmd forwarding.
+    pub pmd_seconds: u32,
     /// Per-scenario timeout.
     pub timeout: Duration,
 }
@@ -73,6 +99,8 @@ pub struct GuestPrograms {
     pub bench: Vec<u8>,
     /// guest-vfio.
     pub vfio: Vec<u8>,
+    /// The DPDK tree for L2 (testpmd), empty when no testpmd kind runs.
+    pub dpdk: Vec<u8>,
 }
 
 /// Which VMM, for names and tables.
@@ -217,6 +245,25 @@ pub fn scenario(
     p: &GuestParams,
     progs: &GuestPrograms,
 ) -> Scenario {
+    if let Some((binding, mode)) = kind.net() {
+        let name = scenario_name(kind, program, run);
+        let script = dpdk::testpmd_script(binding, &[mode], p.pmd_seconds);
+        let (s, args) = match program {
+            Program::Vmm => (
+                Scenario::vmm(name, script),
+                dpdk::vmm_args(2, "1024M", kind.viommu()),
+            ),
+            Program::Qemu => (
+                Scenario::qemu(name, script),
+                dpdk::qemu_args(2, 1024, kind.viommu()),
+            ),
+        };
+        return s.args(args).timeout(p.timeout).l2_file(CpioFile::new(
+            dpdk::L2_TARBALL,
+            0o644,
+            progs.dpdk.clone(),
+        ));
+    }
     let args = match program {
         Program::Vmm => vmm_args(kind),
         Program::Qemu => qemu_args(kind),
@@ -275,6 +322,8 @@ pub struct Figures {
     pub maps_2m: Option<f64>,
     /// VFIO 2 MiB unmaps per second.
     pub unmaps_2m: Option<f64>,
+    /// testpmd packets per second per direction.
+    pub pps: Option<f64>,
     /// Why the run is not usable, if it is not.
     pub problem: Option<String>,
 }
@@ -315,6 +364,12 @@ pub fn figures(kind: Kind, o: &Outcome) -> Figures {
         f.maps_2m = v2.and_then(|l| kv(l, "maps_per_s"));
         f.unmaps_2m = v2.and_then(|l| kv(l, "unmaps_per_s"));
     }
+    if let Some((_, mode)) = kind.net() {
+        match dpdk::pmd_run(s, 1, mode) {
+            Ok(r) => f.pps = Some(r.pps()),
+            Err(e) => f.problem = Some(e.lines().next().unwrap_or_default().to_string()),
+        }
+    }
     if o.timed_out {
         f.problem = Some("timed out".into());
         f.wall_s = None;
@@ -351,6 +406,7 @@ mod tests {
             io_seconds: 2.0,
             vfio_count_4k: 500,
             vfio_count_2m: 32,
+            pmd_seconds: 5,
             timeout: Duration::from_secs(100),
         }
     }
@@ -359,6 +415,7 @@ mod tests {
         GuestPrograms {
             bench: vec![1],
             vfio: vec![2],
+            dpdk: vec![3],
         }
     }
 
@@ -371,7 +428,7 @@ mod tests {
             assert_eq!(pair[1].program, Program::Qemu);
         }
         assert_eq!(v[0].name, "bench-boot-vmm-0");
-        assert_eq!(v[v.len() - 1].name, "bench-io-strict-vfio-qemu-1");
+        assert_eq!(v[v.len() - 1].name, "bench-testpmd-viommu-qemu-1");
     }
 
     #[test]
@@ -395,6 +452,53 @@ mod tests {
         let l = scenario(Kind::Lazy, Program::Qemu, 0, &p, &g);
         assert!(!l.l2_cmdline().contains("strict"));
         assert!(!l.l2_script.contains("guest-vfio"));
+    }
+
+    #[test]
+    fn testpmd_kinds_bind_and_map_as_intended() {
+        let p = params();
+        let g = progs();
+        let none = scenario(Kind::NetNone, Program::Vmm, 0, &p, &g);
+        let via = scenario(Kind::NetViommu, Program::Vmm, 0, &p, &g);
+        let qnone = scenario(Kind::NetNone, Program::Qemu, 0, &p, &g);
+        let qvia = scenario(Kind::NetViommu, Program::Qemu, 0, &p, &g);
+        assert!(none.l2_script.contains("echo uio_pci_generic >"));
+        assert!(none.l2_script.contains("for mode in pa; do"));
+        assert!(via.l2_script.contains("echo vfio-pci >"));
+        assert!(via.l2_script.contains("for mode in va; do"));
+        assert!(!none.effective_args().join(" ").contains("iommu"));
+        assert!(via.effective_args().join(" ").contains("--viommu virtio"));
+        assert!(!qnone.effective_args().join(" ").contains("iommu"));
+        assert!(qvia
+            .effective_args()
+            .join(" ")
+            .contains("iommu_platform=on"));
+        for s in [&none, &via, &qnone, &qvia] {
+            assert_eq!(s.l2_files.len(), 1, "{}: the DPDK tree only", s.name);
+        }
+        let serial = "TESTPMD-BEGIN 1 va
+  ---------------------- Forward statistics for port 0  ----------------------
+  RX-packets: 3000           RX-dropped: 0             RX-total: 3000
+  TX-packets: 3000           TX-dropped: 0             TX-total: 3000
+  ---------------------- Forward statistics for port 1  ----------------------
+  RX-packets: 1000           RX-dropped: 0             RX-total: 1000
+  TX-packets: 1000           TX-dropped: 0             TX-total: 1000
+TESTPMD-RC 1 0
+TESTPMD-TIME 1 1.0 11.0 12.0
+TESTPMD-END 1
+GUEST-EXIT 0
+";
+        let o = Outcome::new(
+            "x".into(),
+            serial.into(),
+            Some(0),
+            String::new(),
+            false,
+            Duration::from_secs(30),
+        );
+        assert_eq!(figures(Kind::NetViommu, &o).pps, Some(200.0));
+        // The uio run's section is `TESTPMD-BEGIN 1 pa`: absent here, so a problem.
+        assert!(figures(Kind::NetNone, &o).problem.is_some());
     }
 
     #[test]

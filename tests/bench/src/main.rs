@@ -39,6 +39,7 @@ fn parse_args() -> Result<Args, String> {
             io_seconds: 2.0,
             vfio_count_4k: 1000,
             vfio_count_2m: 32,
+            pmd_seconds: 10,
             timeout: Duration::from_secs(240),
         },
         started: None,
@@ -130,6 +131,7 @@ fn run_guests(
     let progs = GuestPrograms {
         bench: load(&bin("guest-bench"))?,
         vfio: load(&bin("guest-vfio"))?,
+        dpdk: rig::dpdk::tarball_bytes(&cfg.root)?,
     };
     let scenarios = guest::all_scenarios(a.runs, &a.params, &progs);
     let t = Instant::now();
@@ -287,6 +289,20 @@ fn guest_rows(r: &Results) -> Vec<GuestRow> {
             Better::Higher,
             Kind::Strict,
             |f| f.unmaps_2m,
+        ),
+        (
+            report::METRIC_PMD_NONE.into(),
+            "pkt/s",
+            Better::Higher,
+            Kind::NetNone,
+            |f| f.pps,
+        ),
+        (
+            report::METRIC_PMD_VIOMMU.into(),
+            "pkt/s",
+            Better::Higher,
+            Kind::NetViommu,
+            |f| f.pps,
         ),
     ];
     spec.into_iter()

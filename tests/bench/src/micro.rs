@@ -1,5 +1,6 @@
 //! The criterion microbenchmarks' figures, read from `target/criterion/<group>/<N>/new/
-//! estimates.json` (written by `cargo bench -p viommu --bench datapath`).
+//! estimates.json` (written by `cargo bench -p viommu --bench datapath` and
+//! `cargo bench --bench netpath`).
 
 use std::path::Path;
 
@@ -59,6 +60,27 @@ pub const MICRO: &[MicroSpec] = &[
     MicroSpec {
         id: "translate_alternating/100000",
         what: "translation alternating two far-apart mappings, 100 000 live mappings (ns)",
+        target_ns: None,
+    },
+    MicroSpec {
+        id: "read_u64/direct",
+        what: "8-byte device read from guest-physical memory, no vIOMMU (ns)",
+        target_ns: None,
+    },
+    MicroSpec {
+        id: "read_u64/pinned",
+        what: "8-byte device read through a pinned vIOMMU view (ns)",
+        target_ns: None,
+    },
+    MicroSpec {
+        id: "net_forward/direct",
+        what: "virtio-net hub forwarding, burst of 32 64-byte frames, no vIOMMU (ns/burst)",
+        target_ns: None,
+    },
+    MicroSpec {
+        id: "net_forward/viommu",
+        what: "virtio-net hub forwarding, burst of 32 64-byte frames, both ports behind the \
+               vIOMMU (ns/burst)",
         target_ns: None,
     },
     MicroSpec {

@@ -233,6 +233,20 @@ pub fn targets(guest: &[GuestRow], overhead: &[OverheadRow], micro: &[MicroRow])
             met: r.map(|r| r >= 2.0),
         });
     }
+    let none = row(METRIC_PMD_NONE).and_then(GuestRow::ours_median);
+    let via = row(METRIC_PMD_VIOMMU).and_then(GuestRow::ours_median);
+    let own = ratio(via, none);
+    t.push(TargetRow {
+        target: "testpmd behind the vIOMMU >= 95% of our figure without an IOMMU".into(),
+        measured: format!("vIOMMU/none = {} ({})", num(own), pct(own)),
+        met: own.map(|r| r >= 0.95),
+    });
+    let r = row(METRIC_PMD_VIOMMU).and_then(GuestRow::ratio);
+    t.push(TargetRow {
+        target: "testpmd behind the vIOMMU >= QEMU's".into(),
+        measured: format!("ours/QEMU = {}", num(r)),
+        met: r.map(|r| r >= 1.0),
+    });
     let worst = |prefix: &str| -> (Option<f64>, bool) {
         let v: Vec<&MicroRow> = micro.iter().filter(|m| m.id.starts_with(prefix)).collect();
         let all = !v.is_empty() && v.iter().all(|m| m.ns.is_some());
@@ -268,6 +282,12 @@ pub const METRIC_UNMAPS_4K: &str = "in-guest VFIO 4 KiB unmaps/s";
 pub const METRIC_MAPS_2M: &str = "in-guest VFIO 2 MiB maps/s";
 /// VFIO 2 MiB unmaps.
 pub const METRIC_UNMAPS_2M: &str = "in-guest VFIO 2 MiB unmaps/s";
+/// testpmd without an IOMMU.
+pub const METRIC_PMD_NONE: &str =
+    "testpmd io forwarding per direction, no IOMMU (uio_pci_generic, IOVA=PA)";
+/// testpmd behind the vIOMMU.
+pub const METRIC_PMD_VIOMMU: &str =
+    "testpmd io forwarding per direction, vIOMMU (vfio-pci, IOVA=VA)";
 
 impl Report {
     /// The Markdown tables.
