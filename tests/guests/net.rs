@@ -93,7 +93,7 @@ fn linux_case(name: &str, strict: bool) -> Case {
     script.push_str(ARPING_SH);
     script.push_str(KERNEL_ERRORS_SH);
     let scenario = Scenario::vmm(name, script)
-        .args(dpdk::vmm_args(1, "512M", true))
+        .args(dpdk::vmm_args(1, 512, true))
         .cmdline_extra(if strict { "iommu.strict=1" } else { "" })
         .timeout(Duration::from_secs(300));
     let want = if strict { "DMA" } else { "DMA-FQ" };
@@ -168,7 +168,7 @@ fn dpdk_case(
     let mut script = dpdk::testpmd_script(Binding::Vfio, modes, FWD_SECS);
     script.push_str(KERNEL_ERRORS_SH);
     let scenario = match program {
-        Program::Vmm => Scenario::vmm(name, script).args(dpdk::vmm_args(2, "1024M", true)),
+        Program::Vmm => Scenario::vmm(name, script).args(dpdk::vmm_args(2, 1024, true)),
         Program::Qemu => Scenario::qemu(name, script).args(dpdk::qemu_args(2, 1024, true)),
     };
     let scenario = scenario
@@ -219,7 +219,7 @@ fn uio_case() -> Case {
     let mut script = dpdk::testpmd_script(Binding::Uio, &["pa"], FWD_SECS);
     script.push_str(KERNEL_ERRORS_SH);
     let scenario = Scenario::vmm(name, script)
-        .args(dpdk::vmm_args(2, "1024M", false))
+        .args(dpdk::vmm_args(2, 1024, false))
         .l2_file(file)
         .timeout(Duration::from_secs(400));
     Case::opt_in(scenario, move |o| {

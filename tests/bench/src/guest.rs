@@ -117,25 +117,7 @@ pub fn scenario_name(kind: Kind, program: Program, run: usize) -> String {
 }
 
 fn vmm_args(kind: Kind) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "--kernel",
-        "{kernel}",
-        "--initramfs",
-        "{initrd}",
-        "--cmdline",
-        "{cmdline}",
-        "--memory",
-        "512M",
-        "--cpus",
-        "1",
-        "--serial",
-        "stdout",
-    ]
-    .map(String::from)
-    .to_vec();
-    if kind.viommu() {
-        a.extend(["--viommu".into(), "virtio".into()]);
-    }
+    let mut a = Scenario::base_args(Program::Vmm, 1, 512, kind.viommu());
     if kind.disk() {
         a.push("--disk".into());
         a.push(if kind.viommu() {
@@ -150,35 +132,7 @@ fn vmm_args(kind: Kind) -> Vec<String> {
 /// QEMU's command line as in test-environment.md section 6; with no vIOMMU the disk is the
 /// same modern virtio-blk without `iommu_platform`.
 fn qemu_args(kind: Kind) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "-machine",
-        "q35,accel=kvm",
-        "-cpu",
-        "host",
-        "-m",
-        "512",
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-reboot",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-monitor",
-        "none",
-        "-kernel",
-        "{kernel}",
-        "-initrd",
-        "{initrd}",
-        "-append",
-        "{cmdline}",
-    ]
-    .map(String::from)
-    .to_vec();
-    if kind.viommu() {
-        a.extend(["-device".into(), "virtio-iommu-pci".into()]);
-    }
+    let mut a = Scenario::base_args(Program::Qemu, 1, 512, kind.viommu());
     if kind.disk() {
         a.push("-drive".into());
         a.push(format!("file={DISK},if=none,id=d0,format=raw"));
@@ -251,7 +205,7 @@ pub fn scenario(
         let (s, args) = match program {
             Program::Vmm => (
                 Scenario::vmm(name, script),
-                dpdk::vmm_args(2, "1024M", kind.viommu()),
+                dpdk::vmm_args(2, 1024, kind.viommu()),
             ),
             Program::Qemu => (
                 Scenario::qemu(name, script),

@@ -57,19 +57,11 @@ pub fn tarball_bytes(root: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(&tar).map_err(|e| format!("reading {}: {e}", tar.display()))
 }
 
-/// Our vmm's arguments: `cpus` vCPUs, `memory`, the two hub ports, behind `--viommu virtio`
-/// when `viommu`.
-pub fn vmm_args(cpus: u32, memory: &str, viommu: bool) -> Vec<String> {
-    let mut args = Scenario::default_args(Program::Vmm, cpus, 0, 0);
-    if let Some(i) = args.iter().position(|a| a == "--memory") {
-        args[i + 1] = memory.to_string();
-    }
-    let iommu = if viommu {
-        args.extend(["--viommu".to_string(), "virtio".to_string()]);
-        ",iommu=on"
-    } else {
-        ""
-    };
+/// Our vmm's arguments: `cpus` vCPUs, `memory_mib` of RAM, the two hub ports, behind
+/// `--viommu virtio` when `viommu`.
+pub fn vmm_args(cpus: u32, memory_mib: u32, viommu: bool) -> Vec<String> {
+    let mut args = Scenario::base_args(Program::Vmm, cpus, memory_mib, viommu);
+    let iommu = if viommu { ",iommu=on" } else { "" };
     for mac in [MAC_A, MAC_B] {
         args.extend(["--net".to_string(), format!("hub=0{iommu},mac={mac}")]);
     }
@@ -79,15 +71,7 @@ pub fn vmm_args(cpus: u32, memory: &str, viommu: bool) -> Vec<String> {
 /// QEMU's equivalent of [`vmm_args`]: two modern virtio-net-pci on `-netdev hubport` hub 0,
 /// behind its virtio-iommu-pci when `viommu`.
 pub fn qemu_args(cpus: u32, memory_mib: u32, viommu: bool) -> Vec<String> {
-    let mut args = Scenario::default_args(Program::Qemu, cpus, 0, 0);
-    if let Some(i) = args.iter().position(|a| a == "-m") {
-        args[i + 1] = memory_mib.to_string();
-    }
-    if !viommu {
-        if let Some(i) = args.iter().position(|a| a == "virtio-iommu-pci") {
-            args.drain(i - 1..=i);
-        }
-    }
+    let mut args = Scenario::base_args(Program::Qemu, cpus, memory_mib, viommu);
     let iommu = if viommu { ",iommu_platform=on" } else { "" };
     for (i, mac) in [MAC_A, MAC_B].iter().enumerate() {
         args.push("-netdev".into());
@@ -375,10 +359,10 @@ TESTPMD-END 1
 
     #[test]
     fn command_lines_follow_the_vmm_and_the_iommu() {
-        let ours = vmm_args(2, "1024M", true).join(" ");
+        let ours = vmm_args(2, 1024, true).join(" ");
         assert!(ours.contains("--viommu virtio"));
         assert!(ours.contains(&format!("--net hub=0,iommu=on,mac={MAC_B}")));
-        let bare = vmm_args(2, "1024M", false).join(" ");
+        let bare = vmm_args(2, 1024, false).join(" ");
         assert!(!bare.contains("viommu") && !bare.contains("iommu=on"));
         assert!(bare.contains("--memory 1024M"));
         let q = qemu_args(2, 1024, true).join(" ");

@@ -130,63 +130,79 @@ impl Scenario {
         self
     }
 
+    /// The VMM's command line without devices: kernel, initramfs and command line from the
+    /// rig, `memory_mib` of RAM, `cpus` vCPUs, the serial console on stdout; with `viommu`,
+    /// the virtio-iommu (ours: `--viommu virtio`, QEMU: `virtio-iommu-pci`).
+    pub fn base_args(program: Program, cpus: u32, memory_mib: u32, viommu: bool) -> Vec<String> {
+        let (cpus, mem) = (cpus.to_string(), memory_mib.to_string());
+        let mut a: Vec<String> = match program {
+            Program::Vmm => [
+                "--kernel",
+                "{kernel}",
+                "--initramfs",
+                "{initrd}",
+                "--cmdline",
+                "{cmdline}",
+                "--memory",
+                &format!("{mem}M"),
+                "--cpus",
+                &cpus,
+                "--serial",
+                "stdout",
+            ]
+            .map(String::from)
+            .to_vec(),
+            Program::Qemu => [
+                "-machine",
+                "q35,accel=kvm",
+                "-cpu",
+                "host",
+                "-m",
+                &mem,
+                "-smp",
+                &cpus,
+                "-nodefaults",
+                "-no-reboot",
+                "-display",
+                "none",
+                "-serial",
+                "stdio",
+                "-monitor",
+                "none",
+                "-kernel",
+                "{kernel}",
+                "-initrd",
+                "{initrd}",
+                "-append",
+                "{cmdline}",
+            ]
+            .map(String::from)
+            .to_vec(),
+        };
+        if viommu {
+            let dev: [&str; 2] = match program {
+                Program::Vmm => ["--viommu", "virtio"],
+                Program::Qemu => ["-device", "virtio-iommu-pci"],
+            };
+            a.extend(dev.map(String::from));
+        }
+        a
+    }
+
     /// Default arguments for `program` with `cpus` vCPUs, `ndisks` disks and `nvfio` VFIO devices
     /// (QEMU only: our vmm's arguments for VFIO devices must be given with [`Scenario::args`]).
+    /// QEMU's come with its virtio-iommu and its disks behind it; ours without.
     pub fn default_args(program: Program, cpus: u32, ndisks: usize, nvfio: usize) -> Vec<String> {
-        let mut a: Vec<String> = Vec::new();
+        let mut a = Self::base_args(program, cpus, 512, program == Program::Qemu);
         let mut push = |s: &str| a.push(s.to_string());
         match program {
             Program::Vmm => {
-                for s in [
-                    "--kernel",
-                    "{kernel}",
-                    "--initramfs",
-                    "{initrd}",
-                    "--cmdline",
-                    "{cmdline}",
-                    "--memory",
-                    "512M",
-                    "--cpus",
-                    &cpus.to_string(),
-                    "--serial",
-                    "stdout",
-                ] {
-                    push(s);
-                }
                 for i in 0..ndisks {
                     push("--disk");
                     push(&format!("path={{disk{i}}}"));
                 }
             }
             Program::Qemu => {
-                for s in [
-                    "-machine",
-                    "q35,accel=kvm",
-                    "-cpu",
-                    "host",
-                    "-m",
-                    "512",
-                    "-smp",
-                    &cpus.to_string(),
-                    "-nodefaults",
-                    "-no-reboot",
-                    "-display",
-                    "none",
-                    "-serial",
-                    "stdio",
-                    "-monitor",
-                    "none",
-                    "-kernel",
-                    "{kernel}",
-                    "-initrd",
-                    "{initrd}",
-                    "-append",
-                    "{cmdline}",
-                    "-device",
-                    "virtio-iommu-pci",
-                ] {
-                    push(s);
-                }
                 for i in 0..ndisks {
                     push("-drive");
                     push(&format!("file={{disk{i}}},if=none,id=d{i},format=raw"));
