@@ -72,9 +72,10 @@ test-unit:
 test-integration:
 	$(TIMED) 2-integration $(CARGO) test --workspace $(addprefix --test ,$(INTEGRATION_TESTS))
 
-## test-images (stage 3): host deps, guest images, static vmm and in-guest programs.
+## test-images (stage 3): host deps, guest images (the DPDK tree for net-dpdk-testpmd too),
+## static vmm and in-guest programs.
 test-images:
-	$(TIMED) 3-images bash -c '$(MAKE) --no-print-directory deps guest-image vmm-static bench-guest-programs'
+	$(TIMED) 3-images bash -c '$(MAKE) --no-print-directory deps guest-image guest-image-dpdk vmm-static bench-guest-programs'
 
 ## test-guests (stage 4): real Linux guests through the rig (nested under QEMU TCG here).
 ## --workspace keeps stage 1's feature resolution, so the dependencies are not built twice.
