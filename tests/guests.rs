@@ -45,14 +45,14 @@ fn all_cases() -> Vec<Case> {
 }
 
 /// Run again, up to its `retries`, every case that failed because its L2 guest reset itself
-/// (see [`common::guest_reset_itself`]); the new outcome replaces the old.
+/// ([`rig::Outcome::guest_reset_itself`]); the new outcome replaces the old.
 fn retry_guest_resets(cases: &[Case], outcomes: &mut [rig::Outcome]) {
     for attempt in 1.. {
         let again: Vec<usize> = (0..cases.len())
             .filter(|&i| {
                 let (c, o) = (&cases[i], &outcomes[i]);
                 attempt <= c.retries
-                    && common::guest_reset_itself(o, c.scenario.program)
+                    && o.guest_reset_itself(c.scenario.program)
                     && (c.check)(o).is_err()
             })
             .collect();

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use rig::{Outcome, Program, Scenario};
+use rig::{Outcome, Scenario};
 
 /// A check of one outcome: `Err(reason)` fails the scenario.
 pub type Check = Box<dyn Fn(&Outcome) -> Result<(), String>>;
@@ -17,7 +17,7 @@ pub struct Case {
     /// not our vmm; they run only when a name filter selects them or `GUESTS_ALL=1`.
     pub opt_in: bool,
     /// Times the scenario runs again when the L2 guest reset itself before its script ended
-    /// ([`guest_reset_itself`]); any other failure counts at once.
+    /// ([`rig::Outcome::guest_reset_itself`]); any other failure counts at once.
     pub retries: u32,
 }
 
@@ -88,21 +88,6 @@ pub fn clean_exit(o: &Outcome) -> Result<(), String> {
 }
 
 pub use rig::section;
-
-/// The L2 guest reset itself before its script finished: no `GUEST-EXIT`, the VMM exited 0
-/// without a timeout, and (our vmm) it logged a shutdown exit, i.e. a triple fault. Under
-/// nested KVM on QEMU TCG this happens to L2 guests with 2 busy vCPUs whichever VMM runs them:
-/// QEMU as the L2 VMM shows it too, more often (`qemu-net-dpdk-soak`).
-pub fn guest_reset_itself(o: &Outcome, program: Program) -> bool {
-    !o.timed_out
-        && o.guest_exit.is_none()
-        && o.vmm_status == Some(0)
-        && match program {
-            Program::Vmm => o.vmm_log.contains("shutdown exit (triple fault"),
-            // Run with -no-reboot: a guest reset ends QEMU with status 0.
-            Program::Qemu => true,
-        }
-}
 
 /// Whether a case runs in this invocation of the guests binary: name filters (arguments not
 /// starting with `-`) select by substring; with none, every default case runs, and the opt-in

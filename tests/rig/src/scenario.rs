@@ -372,6 +372,20 @@ impl Outcome {
         }
     }
 
+    /// The L2 guest reset itself before its script finished: no `GUEST-EXIT`, the VMM exited
+    /// 0 without a timeout, and (our vmm, `program`) it logged a shutdown exit, i.e. a triple
+    /// fault. Under nested KVM on QEMU TCG this happens to L2 guests whose vCPUs stay busy,
+    /// whichever VMM runs them (QEMU, run with `-no-reboot`, exits 0 on the reset).
+    pub fn guest_reset_itself(&self, program: Program) -> bool {
+        !self.timed_out
+            && self.guest_exit.is_none()
+            && self.vmm_status == Some(0)
+            && match program {
+                Program::Vmm => self.vmm_log.contains("shutdown exit (triple fault"),
+                Program::Qemu => true,
+            }
+    }
+
     /// The last `n` lines of the console, for error messages.
     pub fn serial_tail(&self, n: usize) -> String {
         tail_lines(&self.serial, n)
@@ -395,6 +409,29 @@ pub fn tail_lines(text: &str, n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_guest_reset_is_told_from_other_failures() {
+        let o = |serial: &str, status, log: &str, timed_out| {
+            Outcome::new(
+                "x".into(),
+                serial.into(),
+                status,
+                log.into(),
+                timed_out,
+                Duration::ZERO,
+            )
+        };
+        let reset = "[vmm WARN  vmm::vcpu] vCPU 1: shutdown exit (triple fault or reboot=t): ..";
+        assert!(o("booting", Some(0), reset, false).guest_reset_itself(Program::Vmm));
+        assert!(o("booting", Some(0), "", false).guest_reset_itself(Program::Qemu));
+        // Our vmm exiting 0 without the shutdown exit, a finished script, a VMM error or a
+        // timeout: not a reset.
+        assert!(!o("booting", Some(0), "", false).guest_reset_itself(Program::Vmm));
+        assert!(!o("GUEST-EXIT 1\n", Some(0), reset, false).guest_reset_itself(Program::Vmm));
+        assert!(!o("booting", Some(1), reset, false).guest_reset_itself(Program::Vmm));
+        assert!(!o("booting", None, reset, true).guest_reset_itself(Program::Vmm));
+    }
 
     fn ph() -> Placeholders {
         Placeholders {
