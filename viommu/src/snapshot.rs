@@ -38,11 +38,13 @@ impl Mapping {
     };
 
     /// Whether `iova` lies inside.
+    #[inline]
     pub fn contains(&self, iova: u64) -> bool {
         self.start <= iova && iova <= self.end
     }
 
     /// Whether the mapping grants `access`.
+    #[inline]
     pub fn allows(&self, access: Access) -> bool {
         match access {
             Access::Read => self.read,
@@ -52,6 +54,7 @@ impl Mapping {
     }
 
     /// GPA of `iova` (which must be inside).
+    #[inline]
     pub fn gpa_of(&self, iova: u64) -> u64 {
         self.gpa.wrapping_add(iova.wrapping_sub(self.start))
     }
@@ -276,6 +279,7 @@ pub struct View {
 
 impl View {
     /// The mapping that serves `iova` for `access`.
+    #[inline]
     pub fn translate(&self, iova: u64, access: Access) -> Result<Mapping, Miss> {
         match &self.mode {
             Mode::Bypass => Ok(Mapping::IDENTITY),

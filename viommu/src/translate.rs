@@ -64,6 +64,7 @@ impl Cache {
         }
     }
 
+    #[inline]
     fn find(&self, generation: u64, iova: u64, access: Access) -> Option<CacheEntry> {
         let hit = |c: &CacheEntry| {
             c.generation == generation && c.mapping.contains(iova) && c.mapping.allows(access)
@@ -268,6 +269,7 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
     }
 
     /// Generation of the view this memory translates through now (pinned, or current).
+    #[inline]
     pub fn generation(&self) -> u64 {
         self.view().get().generation
     }
