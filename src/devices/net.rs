@@ -27,7 +27,7 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
-use super::rings::{walk_chain, Desc, QueueRings};
+use super::rings::{walk_chain, Buffers, Desc, QueueRings};
 use crate::net::{Delivery, FrameSink, Hubs, NetBackend, Tap};
 
 /// Virtio device type of a network card.
@@ -266,7 +266,7 @@ fn writable_bytes(descs: &[Desc]) -> Option<u64> {
 
 /// Write the concatenation of `parts` across the descriptors of one chain; returns the bytes
 /// written (at most the chain's room).
-fn write_chain<M: GuestMemory>(
+fn write_chain<M: Buffers>(
     mem: &M,
     descs: &[Desc],
     parts: [&[u8]; 2],
@@ -285,7 +285,7 @@ fn write_chain<M: GuestMemory>(
                 continue;
             }
             let n = room.min(src.len());
-            mem.write_slice(&src[..n], dst)?;
+            mem.write_buf(&src[..n], dst)?;
             room -= n;
             if room > 0 {
                 dst = dst
@@ -304,7 +304,7 @@ fn write_chain<M: GuestMemory>(
 
 impl RxQueue {
     /// Write one frame (header prepended) into as many chains as it needs.
-    fn write_frame<R: GuestMemory, B: GuestMemory>(
+    fn write_frame<R: GuestMemory, B: Buffers>(
         &mut self,
         rings: &R,
         bufs: &B,
@@ -510,7 +510,7 @@ impl NetPort {
 
 impl RxQueue {
     /// See [`NetPort::fill`]; `mem` is the queue's memory, pinned by the caller.
-    fn fill<R: GuestMemory, B: GuestMemory>(
+    fn fill<R: GuestMemory, B: Buffers>(
         &mut self,
         rings: &R,
         bufs: &B,
@@ -679,7 +679,7 @@ impl TxBatch {
 }
 
 /// Serve one TX chain: its frame joins `batch` (sent when full); 0 is its used length.
-fn tx_chain<M: GuestMemory>(
+fn tx_chain<M: Buffers>(
     mem: &M,
     descs: Option<&[Desc]>,
     batch: &mut TxBatch,
@@ -701,7 +701,7 @@ fn tx_chain<M: GuestMemory>(
 
 /// Append a TX chain's frame (what follows the header) to `out`; false (and `out` as it
 /// was) if the chain is malformed.
-fn read_tx<M: GuestMemory>(mem: &M, descs: &[Desc], out: &mut Vec<u8>) -> bool {
+fn read_tx<M: Buffers>(mem: &M, descs: &[Desc], out: &mut Vec<u8>) -> bool {
     if descs.iter().any(|d| d.2) {
         return false;
     }
@@ -722,7 +722,7 @@ fn read_tx<M: GuestMemory>(mem: &M, descs: &[Desc], out: &mut Vec<u8>) -> bool {
         let n = len - skip;
         let ok = addr
             .checked_add(skip as u64)
-            .is_some_and(|a| mem.read_slice(&mut out[off..off + n], a).is_ok());
+            .is_some_and(|a| mem.read_buf(&mut out[off..off + n], a).is_ok());
         if !ok {
             out.truncate(start);
             return false;

@@ -9,16 +9,48 @@
 //! translated access by access. A ring not mapped that way keeps the queue on its IOVAs and
 //! every access translated, faults included.
 //!
+//! Packet bytes go through [`Buffers`]: behind the vIOMMU each copy is one translation and one
+//! backend access per mapping it spans.
+//!
 //! Chains are walked here ([`walk_chain`]) rather than by `virtio_queue::DescriptorChain`:
 //! indirect descriptors are refused (the devices using this module do not offer them), so the
 //! descriptor table is the only ring memory a chain reads.
 
 use viommu::{Access, TranslatedMemory};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap,
+};
 
 /// One descriptor: (address, length, device-writable).
 pub type Desc = (GuestAddress, u32, bool);
+
+/// Guest memory a device copies packet bytes to and from: guest-physical memory directly, or
+/// behind the vIOMMU one backend access per mapping covered (no generic slice iteration).
+pub trait Buffers: GuestMemory {
+    /// Fill `buf` from `at`.
+    fn read_buf(&self, buf: &mut [u8], at: GuestAddress) -> Result<(), GuestMemoryError>;
+    /// Write `data` at `at`.
+    fn write_buf(&self, data: &[u8], at: GuestAddress) -> Result<(), GuestMemoryError>;
+}
+
+impl Buffers for GuestMemoryMmap {
+    fn read_buf(&self, buf: &mut [u8], at: GuestAddress) -> Result<(), GuestMemoryError> {
+        self.read_slice(buf, at)
+    }
+    fn write_buf(&self, data: &[u8], at: GuestAddress) -> Result<(), GuestMemoryError> {
+        self.write_slice(data, at)
+    }
+}
+
+impl Buffers for TranslatedMemory {
+    fn read_buf(&self, buf: &mut [u8], at: GuestAddress) -> Result<(), GuestMemoryError> {
+        self.read_into(buf, at)
+    }
+    fn write_buf(&self, data: &[u8], at: GuestAddress) -> Result<(), GuestMemoryError> {
+        self.write_from(data, at)
+    }
+}
 
 const VRING_DESC_F_NEXT: u16 = 1;
 const VRING_DESC_F_WRITE: u16 = 2;

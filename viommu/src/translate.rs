@@ -12,7 +12,7 @@ use std::sync::Arc;
 use vm_memory::bitmap::{self, BitmapSlice};
 use vm_memory::guest_memory::GuestMemorySliceIterator;
 use vm_memory::{
-    GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap,
+    Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap,
     GuestMemoryRegion, GuestMemoryResult, MemoryRegionAddress, Permissions, VolatileSlice,
 };
 
@@ -262,6 +262,71 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
         self.translate_with(iova, len, access, true)
     }
 
+    /// Copy `buf.len()` bytes at IOVA `iova` into `buf`: like `read_slice`, but each piece
+    /// (one cached mapping) is a single backend access at its guest-physical address, without
+    /// the generic slice iteration. A miss raises a fault.
+    pub fn read_into(&self, buf: &mut [u8], iova: GuestAddress) -> GuestMemoryResult<()> {
+        let view = self.view();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let (at, n) = self.piece(view.get(), iova.0, done, buf.len(), Access::Read)?;
+            let dst = &mut buf[done..done + n];
+            match at {
+                Place::Region(r, off) => r.read_slice(dst, off)?,
+                Place::Gpa(gpa) => self.mem.read_slice(dst, gpa)?,
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Write `data` at IOVA `iova`, piece by piece like [`Self::read_into`].
+    pub fn write_from(&self, data: &[u8], iova: GuestAddress) -> GuestMemoryResult<()> {
+        let view = self.view();
+        let mut done = 0usize;
+        while done < data.len() {
+            let (at, n) = self.piece(view.get(), iova.0, done, data.len(), Access::Write)?;
+            let src = &data[done..done + n];
+            match at {
+                Place::Region(r, off) => r.write_slice(src, off)?,
+                Place::Gpa(gpa) => self.mem.write_slice(src, gpa)?,
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// The piece of `[iova + done, iova + len)` that one mapping covers: where it starts (in
+    /// a known RAM region when the mapping is cached) and its length.
+    #[inline]
+    fn piece(
+        &self,
+        view: &View,
+        iova: u64,
+        done: usize,
+        len: usize,
+        access: Access,
+    ) -> GuestMemoryResult<(Place<'_, M::R>, usize)> {
+        let at = iova
+            .checked_add(done as u64)
+            .ok_or(GuestMemoryError::GuestAddressOverflow)?;
+        let (m, host) = self
+            .lookup(view, at, access)
+            .ok_or(GuestMemoryError::InvalidGuestAddress(GuestAddress(at)))?;
+        let in_map = (m.end - at).saturating_add(1);
+        let n = usize::try_from(in_map)
+            .unwrap_or(usize::MAX)
+            .min(len - done);
+        let gpa = m.gpa_of(at);
+        let place = host
+            .and_then(|(i, region_gpa)| {
+                let r = self.mem.iter().nth(i)?;
+                Some(Place::Region(r, MemoryRegionAddress(gpa - region_gpa)))
+            })
+            .unwrap_or(Place::Gpa(GuestAddress(gpa)));
+        Ok((place, n))
+    }
+
     /// [`Self::translate`] without raising a fault on a miss (for a device checking whether
     /// a range is mapped before relying on it).
     pub fn translate_quiet(&self, iova: u64, len: u64, access: Access) -> Option<Vec<(u64, u64)>> {
@@ -297,6 +362,13 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
         }
         Some(out)
     }
+}
+
+/// Where a piece of an access lands: at an offset in a known RAM region (a cache hit), or at
+/// a guest-physical address for the backend to resolve.
+enum Place<'a, R> {
+    Region(&'a R, MemoryRegionAddress),
+    Gpa(GuestAddress),
 }
 
 enum ViewRef<'a> {
