@@ -1,12 +1,13 @@
 //! virtio-net forwarding through the in-process hub, per frame (run with
-//! `cargo bench --bench netpath`): port A's TX queue holds a burst of 64-byte frames (one
+//! `cargo bench --bench netpath`): port A's TX queue holds a burst (2 or 32) of 64-byte frames (one
 //! descriptor each, header included, as DPDK's virtio PMD posts them), port B's RX queue as many
 //! 2 KiB buffers; one kick of A's TX moves the burst into B's buffers and both used rings.
 //! Only the device's side is timed (the two kicks), not the descriptor writes.
 //!
-//! - `net_forward/direct`: no vIOMMU (guest-physical addresses).
-//! - `net_forward/viommu`: both ports behind the virtio-iommu, each in its own domain; every
-//!   ring and buffer access is translated (the path testpmd's packets take behind the vIOMMU).
+//! - `net_forward/direct/B`: no vIOMMU (guest-physical addresses), bursts of B frames.
+//! - `net_forward/viommu/B`: both ports behind the virtio-iommu, each in its own domain (the
+//!   path testpmd's packets take behind the vIOMMU: rings reached directly under a pinned view,
+//!   buffers translated).
 //!
 //! The gap between the two is the per-packet cost of translation in our device model.
 
@@ -30,8 +31,9 @@ const WIN_B: u64 = 0x80_0000_0000;
 const QSIZE: u16 = 256;
 /// Mapping granule behind the vIOMMU (a hugepage).
 const HUGE: u64 = 2 << 20;
-/// Frames per kick (testpmd's burst).
-const BURST: u16 = 32;
+/// Frames per kick: testpmd's full burst, and the small bursts of a lightly loaded queue
+/// (where the per-kick cost of the vIOMMU path shows).
+const BURSTS: [u16; 2] = [2, 32];
 const FRAME: u32 = 12 + 64;
 const RX_BUF: u32 = 2048;
 /// Where the net rings and buffers live (the iommu driver uses the first 2 MiB).
@@ -196,9 +198,9 @@ fn setup(viommu: bool) -> Setup {
 const TX_BUFS: u64 = NET_BASE + 2 * HUGE;
 const RX_BUFS: u64 = NET_BASE + 3 * HUGE;
 
-/// The driver's part of a burst: BURST RX buffers on B, BURST frames on A (not timed).
-fn post(s: &mut Setup) {
-    for i in 0..u64::from(BURST) {
+/// The driver's part of a burst: `burst` RX buffers on B, `burst` frames on A (not timed).
+fn post(s: &mut Setup, burst: u16) {
+    for i in 0..u64::from(burst) {
         s.b_rx
             .post(&s.mem, RX_BUFS + i * u64::from(RX_BUF), RX_BUF, true);
         s.a_tx.post(&s.mem, TX_BUFS + i * 128, FRAME, false);
@@ -215,31 +217,31 @@ fn kick(s: &mut Setup) {
 
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("net_forward");
-    g.throughput(Throughput::Elements(u64::from(BURST)));
-    for viommu in [false, true] {
+    for (burst, viommu) in BURSTS.iter().flat_map(|&b| [(b, false), (b, true)]) {
+        g.throughput(Throughput::Elements(u64::from(burst)));
         let mut s = setup(viommu);
         // The frames' content: zero header, a recognisable payload.
-        for i in 0..u64::from(BURST) {
+        for i in 0..u64::from(burst) {
             s.mem
                 .write_slice(&[0xab; FRAME as usize], GuestAddress(TX_BUFS + i * 128))
                 .unwrap();
         }
         // Every burst must arrive: check one before timing.
         let before = s.b_rx.used_idx(&s.mem);
-        post(&mut s);
+        post(&mut s, burst);
         kick(&mut s);
         assert_eq!(
             s.b_rx.used_idx(&s.mem).wrapping_sub(before),
-            BURST,
+            burst,
             "a burst reaches B's RX used ring (viommu={viommu})"
         );
         assert_eq!(s.a_tx.used_idx(&s.mem), s.a_tx.avail_idx);
         let name = if viommu { "viommu" } else { "direct" };
-        g.bench_function(BenchmarkId::from_parameter(name), |b| {
+        g.bench_function(BenchmarkId::new(name, burst), |b| {
             b.iter_custom(|iters| {
                 let mut t = Duration::ZERO;
                 for _ in 0..iters {
-                    post(&mut s);
+                    post(&mut s, burst);
                     let t0 = Instant::now();
                     kick(&mut s);
                     t += t0.elapsed();

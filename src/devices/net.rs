@@ -236,9 +236,15 @@ fn wants_interrupt<M: GuestMemory>(queue: &Queue, mem: &M) -> bool {
 
 /// The activated RX queue.
 struct RxQueue {
+    mem: NetMemory,
+    ring: RxRing,
+}
+
+/// The RX virtqueue and what writing frames into it needs (apart from its memory, which a
+/// batch pins separately).
+struct RxRing {
     queue: Queue,
     rings: QueueRings,
-    mem: NetMemory,
     interrupt: Arc<dyn VirtioInterrupt>,
     mergeable: bool,
     /// Scratch kept between frames (no allocation per frame): the descriptors of the chains
@@ -302,7 +308,7 @@ fn write_chain<M: Buffers>(
     Ok(done)
 }
 
-impl RxQueue {
+impl RxRing {
     /// Write one frame (header prepended) into as many chains as it needs.
     fn write_frame<R: GuestMemory, B: Buffers>(
         &mut self,
@@ -494,21 +500,22 @@ impl NetPort {
         match &rx.mem {
             NetMemory::Direct(m) => {
                 let g = m.memory();
-                rx.fill(&*g, &*g, backlog, frames, &self.stats)
+                rx.ring.fill(&*g, &*g, backlog, frames, &self.stats)
             }
             NetMemory::Translated(t) => {
-                let p = t.pin();
-                if rx.rings.prepare(&mut rx.queue, &p) {
-                    rx.fill(p.backend(), &p, backlog, frames, &self.stats)
+                let p = t.pin_view();
+                let ring = &mut rx.ring;
+                if ring.rings.prepare(&mut ring.queue, &p) {
+                    ring.fill(p.backend(), &p, backlog, frames, &self.stats)
                 } else {
-                    rx.fill(&p, &p, backlog, frames, &self.stats)
+                    ring.fill(&p, &p, backlog, frames, &self.stats)
                 }
             }
         }
     }
 }
 
-impl RxQueue {
+impl RxRing {
     /// See [`NetPort::fill`]; `mem` is the queue's memory, pinned by the caller.
     fn fill<R: GuestMemory, B: Buffers>(
         &mut self,
@@ -853,7 +860,7 @@ macro_rules! serve_queue {
                     serve_some($queue, &*g, &*g, $f)
                 }
                 NetMemory::Translated(t) => {
-                    let p = t.pin();
+                    let p = t.pin_view();
                     if $rings.prepare($queue, &p) {
                         serve_some($queue, p.backend(), &p, $f)
                     } else {
@@ -1135,13 +1142,15 @@ impl VirtioDevice for Net {
             let mut st = self.port.lock();
             st.backlog.clear();
             st.active = Some(RxQueue {
-                descs: Vec::new(),
-                chains: Vec::new(),
-                rings: QueueRings::new(&rxq),
-                queue: rxq,
                 mem: rx_mem,
-                interrupt: interrupt.clone(),
-                mergeable: acked_features & VIRTIO_NET_F_MRG_RXBUF != 0,
+                ring: RxRing {
+                    descs: Vec::new(),
+                    chains: Vec::new(),
+                    rings: QueueRings::new(&rxq),
+                    queue: rxq,
+                    interrupt: interrupt.clone(),
+                    mergeable: acked_features & VIRTIO_NET_F_MRG_RXBUF != 0,
+                },
             });
             // No frames wait yet: the driver need not kick RX.
             self.port.drain(&mut st);

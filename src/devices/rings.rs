@@ -16,7 +16,7 @@
 //! indirect descriptors are refused (the devices using this module do not offer them), so the
 //! descriptor table is the only ring memory a chain reads.
 
-use viommu::{Access, TranslatedMemory};
+use viommu::{Access, PinnedView};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap,
@@ -43,7 +43,7 @@ impl Buffers for GuestMemoryMmap {
     }
 }
 
-impl Buffers for TranslatedMemory {
+impl Buffers for PinnedView<'_> {
     fn read_buf(&self, buf: &mut [u8], at: GuestAddress) -> Result<(), GuestMemoryError> {
         self.read_into(buf, at)
     }
@@ -83,7 +83,7 @@ impl QueueRings {
 
     /// Point `queue` at the rings for the view `mem` pins; true when they are reached
     /// directly (use `mem.backend()` for ring accesses), false when through `mem`.
-    pub fn prepare(&mut self, queue: &mut Queue, mem: &TranslatedMemory) -> bool {
+    pub fn prepare(&mut self, queue: &mut Queue, mem: &PinnedView) -> bool {
         let generation = mem.generation();
         if generation == self.generation {
             return self.direct;

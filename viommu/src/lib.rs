@@ -62,4 +62,4 @@ pub use shadow::{BarResolver, BarTargets, Shadow, ShadowConfig};
 pub use snapshot::{Access, Mapping};
 pub use spec::Status;
 pub use static_map::StaticMapping;
-pub use translate::TranslatedMemory;
+pub use translate::{PinnedView, TranslatedMemory};

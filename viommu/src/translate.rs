@@ -259,17 +259,25 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
     /// Translate `iova..iova+len` into guest-physical ranges (for callers that do their own
     /// accesses, e.g. a host mapper). A miss raises a fault and returns `None`.
     pub fn translate(&self, iova: u64, len: u64, access: Access) -> Option<Vec<(u64, u64)>> {
-        self.translate_with(iova, len, access, true)
+        self.translate_with(self.view().get(), iova, len, access, true)
     }
 
     /// Copy `buf.len()` bytes at IOVA `iova` into `buf`: like `read_slice`, but each piece
     /// (one cached mapping) is a single backend access at its guest-physical address, without
     /// the generic slice iteration. A miss raises a fault.
     pub fn read_into(&self, buf: &mut [u8], iova: GuestAddress) -> GuestMemoryResult<()> {
-        let view = self.view();
+        self.read_into_view(self.view().get(), buf, iova)
+    }
+
+    fn read_into_view(
+        &self,
+        view: &View,
+        buf: &mut [u8],
+        iova: GuestAddress,
+    ) -> GuestMemoryResult<()> {
         let mut done = 0usize;
         while done < buf.len() {
-            let (at, n) = self.piece(view.get(), iova.0, done, buf.len(), Access::Read)?;
+            let (at, n) = self.piece(view, iova.0, done, buf.len(), Access::Read)?;
             let dst = &mut buf[done..done + n];
             match at {
                 Place::Region(r, off) => r.read_slice(dst, off)?,
@@ -282,10 +290,18 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
 
     /// Write `data` at IOVA `iova`, piece by piece like [`Self::read_into`].
     pub fn write_from(&self, data: &[u8], iova: GuestAddress) -> GuestMemoryResult<()> {
-        let view = self.view();
+        self.write_from_view(self.view().get(), data, iova)
+    }
+
+    fn write_from_view(
+        &self,
+        view: &View,
+        data: &[u8],
+        iova: GuestAddress,
+    ) -> GuestMemoryResult<()> {
         let mut done = 0usize;
         while done < data.len() {
-            let (at, n) = self.piece(view.get(), iova.0, done, data.len(), Access::Write)?;
+            let (at, n) = self.piece(view, iova.0, done, data.len(), Access::Write)?;
             let src = &data[done..done + n];
             match at {
                 Place::Region(r, off) => r.write_slice(src, off)?,
@@ -330,7 +346,18 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
     /// [`Self::translate`] without raising a fault on a miss (for a device checking whether
     /// a range is mapped before relying on it).
     pub fn translate_quiet(&self, iova: u64, len: u64, access: Access) -> Option<Vec<(u64, u64)>> {
-        self.translate_with(iova, len, access, false)
+        self.translate_with(self.view().get(), iova, len, access, false)
+    }
+
+    /// Pin the current view for one batch of work, borrowing this memory (and sharing its
+    /// translation cache, which stays warm from batch to batch) instead of copying it like
+    /// [`Self::pin`]: one reference count for the whole batch. An UNMAP or DETACH completes
+    /// only after the batch dropped it.
+    pub fn pin_view(&self) -> PinnedView<'_, M> {
+        PinnedView {
+            mem: self,
+            view: self.endpoint.shared.load_full(),
+        }
     }
 
     /// Generation of the view this memory translates through now (pinned, or current).
@@ -341,17 +368,17 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
 
     fn translate_with(
         &self,
+        view: &View,
         iova: u64,
         len: u64,
         access: Access,
         report: bool,
     ) -> Option<Vec<(u64, u64)>> {
-        let view = self.view();
         let mut out = Vec::new();
         let mut cur = iova;
         let mut left = len;
         while left > 0 {
-            let (m, _) = self.lookup_with(view.get(), cur, access, report)?;
+            let (m, _) = self.lookup_with(view, cur, access, report)?;
             let in_map = (m.end - cur).saturating_add(1);
             let n = in_map.min(left);
             out.push((m.gpa_of(cur), n));
@@ -485,6 +512,77 @@ where
         Ok(TranslatedSlices {
             owner: self,
             view: self.view(),
+            iova: addr.0,
+            remaining: count,
+            access: access_of(access),
+            done: false,
+        })
+    }
+
+    fn physical_memory(&self) -> Option<&Self::PhysicalMemory> {
+        None
+    }
+}
+
+/// A [`TranslatedMemory`] pinned to one view for a batch of work (see
+/// [`TranslatedMemory::pin_view`]): the same accesses, through that view only.
+pub struct PinnedView<'a, M: GuestMemoryBackend = GuestMemoryMmap> {
+    mem: &'a TranslatedMemory<M>,
+    view: Arc<View>,
+}
+
+impl<M: GuestMemoryBackend> PinnedView<'_, M> {
+    /// Generation of the pinned view.
+    #[inline]
+    pub fn generation(&self) -> u64 {
+        self.view.generation
+    }
+
+    /// The underlying guest-physical memory.
+    pub fn backend(&self) -> &M {
+        &self.mem.mem
+    }
+
+    /// See [`TranslatedMemory::translate_quiet`].
+    pub fn translate_quiet(&self, iova: u64, len: u64, access: Access) -> Option<Vec<(u64, u64)>> {
+        self.mem
+            .translate_with(&self.view, iova, len, access, false)
+    }
+
+    /// See [`TranslatedMemory::read_into`].
+    pub fn read_into(&self, buf: &mut [u8], iova: GuestAddress) -> GuestMemoryResult<()> {
+        self.mem.read_into_view(&self.view, buf, iova)
+    }
+
+    /// See [`TranslatedMemory::write_from`].
+    pub fn write_from(&self, data: &[u8], iova: GuestAddress) -> GuestMemoryResult<()> {
+        self.mem.write_from_view(&self.view, data, iova)
+    }
+}
+
+impl<M: GuestMemoryBackend> GuestMemory for PinnedView<'_, M>
+where
+    for<'a> bitmap::MS<'a, M>: BitmapSlice,
+{
+    type PhysicalMemory = M;
+    type Bitmap = <M::R as GuestMemoryRegion>::B;
+
+    fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
+        match self.get_slices(addr, count, access) {
+            Ok(mut it) => it.all(|s| s.is_ok()),
+            Err(_) => false,
+        }
+    }
+
+    fn get_slices<'a>(
+        &'a self,
+        addr: GuestAddress,
+        count: usize,
+        access: Permissions,
+    ) -> GuestMemoryResult<impl GuestMemorySliceIterator<'a, bitmap::BS<'a, Self::Bitmap>>> {
+        Ok(TranslatedSlices {
+            owner: self.mem,
+            view: ViewRef::Pinned(&self.view),
             iova: addr.0,
             remaining: count,
             access: access_of(access),

@@ -73,14 +73,25 @@ pub const MICRO: &[MicroSpec] = &[
         target_ns: None,
     },
     MicroSpec {
-        id: "net_forward/direct",
+        id: "net_forward/direct/2",
+        what: "virtio-net hub forwarding, burst of 2 64-byte frames, no vIOMMU (ns/burst)",
+        target_ns: None,
+    },
+    MicroSpec {
+        id: "net_forward/viommu/2",
+        what: "virtio-net hub forwarding, burst of 2 64-byte frames, behind the vIOMMU \
+               (ns/burst)",
+        target_ns: None,
+    },
+    MicroSpec {
+        id: "net_forward/direct/32",
         what: "virtio-net hub forwarding, burst of 32 64-byte frames, no vIOMMU (ns/burst)",
         target_ns: None,
     },
     MicroSpec {
-        id: "net_forward/viommu",
-        what: "virtio-net hub forwarding, burst of 32 64-byte frames, both ports behind the \
-               vIOMMU (ns/burst)",
+        id: "net_forward/viommu/32",
+        what: "virtio-net hub forwarding, burst of 32 64-byte frames, behind the vIOMMU \
+               (ns/burst)",
         target_ns: None,
     },
     MicroSpec {
