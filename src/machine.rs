@@ -23,7 +23,7 @@ use viommu::{Counters, EndpointHandle, Viommu};
 use crate::acpi::{self, AcpiConfig};
 use crate::boot::{self, LinuxBoot};
 use crate::devices::block::{Block, BlockConfig};
-use crate::devices::net::{Net, NetBackendConfig, NetConfig};
+use crate::devices::net::{Net, NetBackendConfig, NetConfig, NetPort};
 use crate::devices::polled::Polled;
 use crate::iommu::ViommuOptions;
 use crate::lifecycle::ExitReason;
@@ -122,6 +122,8 @@ pub struct Machine {
     iommu_counters: Option<Arc<Counters>>,
     passthrough: Passthrough,
     hubs: crate::net::Hubs,
+    /// Every virtio-net port (MAC, counters), for the exit summary.
+    net_ports: Vec<([u8; 6], Arc<NetPort>)>,
 }
 
 impl Machine {
@@ -161,6 +163,7 @@ impl Machine {
             iommu_counters: None,
             passthrough,
             hubs: crate::net::Hubs::new(),
+            net_ports: Vec::new(),
         };
         if let Some(opts) = m.config.viommu.clone() {
             let hosts = m.passthrough.viommu_hosts();
@@ -219,6 +222,12 @@ impl Machine {
     /// after [`Machine::boot`] returns for the exit summary.
     pub fn vfio_counters(&self) -> Option<Arc<crate::vfio::DmaCounters>> {
         (!self.config.devices.is_empty()).then(|| self.passthrough.dma_counters())
+    }
+
+    /// Each virtio-net port's MAC and counters; read them after [`Machine::boot`] returns for
+    /// the exit summary.
+    pub fn net_ports(&self) -> Vec<([u8; 6], Arc<NetPort>)> {
+        self.net_ports.clone()
     }
 
     /// PCI device number of the virtio-iommu (`None` without one).
@@ -348,6 +357,7 @@ impl Machine {
             };
             let dev = Net::new(net.clone(), endpoint, &m.hubs).map_err(|e| e.to_string())?;
             let mac = dev.mac();
+            m.net_ports.push((mac, dev.port().clone()));
             Ok((m.plug_virtio(slot, Box::new(dev))?, mac))
         };
         let (slot, mac) = attach(self).map_err(|e| MachineError::Net(name.clone(), e))?;

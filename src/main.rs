@@ -25,7 +25,11 @@ fn main() -> ExitCode {
     let result = Machine::new(config).and_then(|m| {
         let counters = m.viommu_counters();
         let vfio = m.vfio_counters();
+        let nets = m.net_ports();
         let r = m.boot();
+        for (mac, port) in &nets {
+            eprintln!("{}", port.stats().snapshot().summary_line(*mac));
+        }
         if let Some(v) = vfio {
             eprintln!("{}", v.summary_line());
         }

@@ -175,6 +175,10 @@ pub struct NetStats {
     pub rx_bad_chains: AtomicU64,
     /// Control commands served.
     pub ctrl_commands: AtomicU64,
+    /// Driver kicks of the TX queue.
+    pub tx_kicks: AtomicU64,
+    /// Driver kicks of the RX queue.
+    pub rx_kicks: AtomicU64,
 }
 
 /// A snapshot of [`NetStats`].
@@ -192,6 +196,30 @@ pub struct NetStatsSnapshot {
     pub rx_bad_chains: u64,
     /// See [`NetStats::ctrl_commands`].
     pub ctrl_commands: u64,
+    /// See [`NetStats::tx_kicks`].
+    pub tx_kicks: u64,
+    /// See [`NetStats::rx_kicks`].
+    pub rx_kicks: u64,
+}
+
+impl NetStatsSnapshot {
+    /// `net: mac=.. tx_frames=.. ...` for the exit summary (one line per port).
+    pub fn summary_line(&self, mac: [u8; 6]) -> String {
+        let m: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+        format!(
+            "net: mac={} tx_frames={} rx_frames={} tx_kicks={} rx_kicks={} tx_errors={} \
+             rx_dropped={} rx_bad_chains={} ctrl_commands={}",
+            m.join(":"),
+            self.tx_frames,
+            self.rx_frames,
+            self.tx_kicks,
+            self.rx_kicks,
+            self.tx_errors,
+            self.rx_dropped,
+            self.rx_bad_chains,
+            self.ctrl_commands
+        )
+    }
 }
 
 impl NetStats {
@@ -205,6 +233,8 @@ impl NetStats {
             rx_dropped: l(&self.rx_dropped),
             rx_bad_chains: l(&self.rx_bad_chains),
             ctrl_commands: l(&self.ctrl_commands),
+            tx_kicks: l(&self.tx_kicks),
+            rx_kicks: l(&self.rx_kicks),
         }
     }
 }
@@ -1179,10 +1209,14 @@ impl VirtioDevice for Net {
     fn queue_notify(&mut self, queue: u16) {
         match queue {
             RX_QUEUE => {
+                bump(&self.port.stats.rx_kicks);
                 let mut st = self.port.lock();
                 self.port.drain(&mut st);
             }
-            TX_QUEUE => self.serve_tx(),
+            TX_QUEUE => {
+                bump(&self.port.stats.tx_kicks);
+                self.serve_tx()
+            }
             CTRL_QUEUE => self.serve_ctrl(),
             q => log::warn!("virtio-net: notify for absent queue {q}"),
         }
@@ -1363,6 +1397,15 @@ mod tests {
             b.dev.port().stats().snapshot(),
         );
         assert_eq!((sa.tx_frames, sb.rx_frames, sa.rx_frames), (1, 1, 0));
+        assert_eq!(
+            (sa.tx_kicks, sa.rx_kicks, sb.tx_kicks, sb.rx_kicks),
+            (1, 0, 0, 1)
+        );
+        assert_eq!(
+            sa.summary_line([0x52, 0x54, 0, 0, 0xa, 1]),
+            "net: mac=52:54:00:00:0a:01 tx_frames=1 rx_frames=0 tx_kicks=1 rx_kicks=0 \
+             tx_errors=0 rx_dropped=0 rx_bad_chains=0 ctrl_commands=0"
+        );
     }
 
     #[test]
