@@ -2,6 +2,11 @@
 //! addresses are IOVAs of one endpoint. Every access loads the endpoint's published view once
 //! (lock-free), translates range by range (a buffer may span IOVA-adjacent mappings), and only
 //! ever touches guest RAM. A miss fails the access and raises a fault on the event queue.
+//!
+//! The fast path: a device pins one view per batch of work ([`TranslatedMemory::pin_view`]),
+//! recent translations are cached per memory (8 entries, tagged with the view generation and
+//! clipped to one RAM region), and packet-sized copies ([`TranslatedMemory::read_into`],
+//! [`TranslatedMemory::write_from`]) go to the region directly, one access per mapping piece.
 
 use crate::domain::EndpointHandle;
 use crate::fault::Fault;
