@@ -33,6 +33,23 @@ pub enum RigError {
         /// The last lines of output (scenario output, else the L1 console).
         last_lines: String,
     },
+    /// L1 (nested mode) stopped making progress: a scenario ran past its timeout (which L1
+    /// itself enforces) by [`crate::nested::FREEZE_GRACE`] with L1 silent. Seen under QEMU TCG:
+    /// both L1 vCPUs halted for good. `done` holds the batch's outcomes before that scenario.
+    #[error(
+        "rig: L1 froze while scenario '{running}' was running ({:.0} s without a result); last lines seen:\n{last_lines}",
+        after.as_secs_f64()
+    )]
+    L1Froze {
+        /// Time since the scenario started.
+        after: Duration,
+        /// The scenario running.
+        running: String,
+        /// Outcomes of the scenarios of the batch that finished before it, in order.
+        done: Vec<crate::Outcome>,
+        /// The last lines of output.
+        last_lines: String,
+    },
     /// The L0 QEMU (nested mode) ended before reporting every scenario.
     #[error(
         "rig: L1 ended early ({status}) while {}; last lines seen:\n{last_lines}",

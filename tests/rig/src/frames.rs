@@ -174,6 +174,11 @@ impl Frames {
         self.running.map(|i| self.names[i].as_str())
     }
 
+    /// Index of the scenario running now, if any.
+    pub(crate) fn running_index(&self) -> Option<usize> {
+        self.running
+    }
+
     /// The outcome of scenario `idx`, once finished.
     pub(crate) fn outcome(&self, idx: usize) -> Option<&Outcome> {
         self.outcomes.get(idx).and_then(Option::as_ref)

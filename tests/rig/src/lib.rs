@@ -42,6 +42,9 @@ pub fn section<'a>(serial: &'a str, begin: &str, end: &str) -> Option<Vec<&'a st
     None
 }
 
+/// Fresh L1 boots allowed per batch after L1 froze (nested mode).
+const MAX_L1_RESTARTS: u32 = 2;
+
 /// Prints a progress line on stderr.
 pub fn progress(msg: &str) {
     eprintln!("rig: {msg}");
@@ -87,17 +90,56 @@ pub fn run_with(cfg: &RigConfig, scenarios: &[Scenario]) -> Result<Vec<Outcome>,
                     res = Err(RigError::io(format!("creating {}", dir.display()), e));
                     break;
                 }
-                let list: Vec<&Scenario> = batch.iter().map(|&i| &scenarios[i]).collect();
-                match nested::run_batch(cfg, &list, &dir) {
-                    Ok(o) => {
-                        for (i, o) in batch.into_iter().zip(o) {
-                            all[i] = Some(o);
+                // A frozen L1 (an environment fault of QEMU TCG) is replaced by a fresh one
+                // for the rest of the batch, the frozen scenario included, at most twice.
+                let mut rest: Vec<usize> = batch;
+                let mut restarts = 0;
+                loop {
+                    let list: Vec<&Scenario> = rest.iter().map(|&i| &scenarios[i]).collect();
+                    let dir = if restarts == 0 {
+                        dir.clone()
+                    } else {
+                        let d = work.join(format!("l1-{n}-restart{restarts}"));
+                        if let Err(e) = std::fs::create_dir_all(&d) {
+                            res = Err(RigError::io(format!("creating {}", d.display()), e));
+                            break;
+                        }
+                        d
+                    };
+                    match nested::run_batch(cfg, &list, &dir) {
+                        Ok(o) => {
+                            for (&i, o) in rest.iter().zip(o) {
+                                all[i] = Some(o);
+                            }
+                            break;
+                        }
+                        Err(RigError::L1Froze {
+                            after,
+                            running,
+                            done,
+                            ..
+                        }) if restarts < MAX_L1_RESTARTS => {
+                            restarts += 1;
+                            progress(&format!(
+                                "L1 froze while '{running}' ran ({:.0} s, no result); starting a \
+                                 fresh L1 for it and the {} scenario(s) after it",
+                                after.as_secs_f64(),
+                                rest.len() - done.len() - 1
+                            ));
+                            let n = done.len();
+                            for (&i, o) in rest.iter().zip(done) {
+                                all[i] = Some(o);
+                            }
+                            rest.drain(..n);
+                        }
+                        Err(e) => {
+                            res = Err(e);
+                            break;
                         }
                     }
-                    Err(e) => {
-                        res = Err(e);
-                        break;
-                    }
+                }
+                if res.is_err() {
+                    break;
                 }
             }
             res.map(|()| all.into_iter().flatten().collect())

@@ -320,6 +320,10 @@ pub(crate) fn run_batch(
     result
 }
 
+/// How far past its timeout a scenario may go before L1 counts as frozen (L1 kills a scenario
+/// at its timeout and reports within seconds).
+pub const FREEZE_GRACE: Duration = Duration::from_secs(90);
+
 /// A message from the reader threads.
 enum Msg {
     Line(String),
@@ -402,7 +406,21 @@ fn drive(
                 last_lines: last_lines(&tail),
             });
         }
-        let msg = match rx.recv_timeout(deadline - now) {
+        // L1 enforces each scenario's timeout itself; far past it, L1 is frozen.
+        if let Some(i) = frames.running_index() {
+            let over = batch[i].timeout + FREEZE_GRACE;
+            if scenario_start.elapsed() > over {
+                let done = (0..i).filter_map(|k| frames.outcome(k).cloned()).collect();
+                return Err(RigError::L1Froze {
+                    after: scenario_start.elapsed(),
+                    running: batch[i].name.clone(),
+                    done,
+                    last_lines: last_lines(&tail),
+                });
+            }
+        }
+        let wait = (deadline - now).min(Duration::from_secs(5));
+        let msg = match rx.recv_timeout(wait) {
             Ok(m) => m,
             Err(mpsc::RecvTimeoutError::Timeout) => continue,
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
