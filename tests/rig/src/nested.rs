@@ -410,7 +410,7 @@ fn drive(
         if let Some(i) = frames.running_index() {
             let over = batch[i].timeout + FREEZE_GRACE;
             if scenario_start.elapsed() > over {
-                let done = (0..i).filter_map(|k| frames.outcome(k).cloned()).collect();
+                let done = (0..i).map_while(|k| frames.outcome(k).cloned()).collect();
                 return Err(RigError::L1Froze {
                     after: scenario_start.elapsed(),
                     running: batch[i].name.clone(),
