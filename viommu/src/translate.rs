@@ -431,36 +431,25 @@ impl<'a, M: GuestMemoryBackend> TranslatedSlices<'a, M> {
     fn step(&mut self) -> GuestMemoryResult<VolatileSlice<'a, bitmap::MS<'a, M>>> {
         let owner: &'a TranslatedMemory<M> = self.owner;
         let iova = self.iova;
-        let (m, host) = owner
-            .lookup(self.view.get(), iova, self.access)
-            .ok_or(GuestMemoryError::InvalidGuestAddress(GuestAddress(iova)))?;
-        let in_map = (m.end - iova).saturating_add(1);
-        let want = u64::try_from(self.remaining)
-            .unwrap_or(u64::MAX)
-            .min(in_map);
-        let gpa = GuestAddress(m.gpa_of(iova));
+        let (place, want) = owner.piece(self.view.get(), iova, 0, self.remaining, self.access)?;
         // A cache hit knows the region; otherwise look it up. Only guest RAM is reachable: a
         // mapping to anything else fails here.
-        let found = match host {
-            Some((i, region_gpa)) => owner
-                .mem
-                .iter()
-                .nth(i)
-                .map(|r| (r, MemoryRegionAddress(gpa.0 - region_gpa))),
-            None => owner.mem.to_region_addr(gpa),
+        let found = match place {
+            Place::Region(r, off) => Some((r, off)),
+            Place::Gpa(gpa) => owner.mem.to_region_addr(gpa),
         };
         let Some((region, off)) = found else {
             log::warn!(
-                "virtio-iommu: endpoint {:#x}: IOVA {iova:#x} maps to {:#x}, not guest RAM",
+                "virtio-iommu: endpoint {:#x}: IOVA {iova:#x} is not mapped to guest RAM",
                 owner.endpoint.id(),
-                gpa.0
             );
-            return Err(GuestMemoryError::InvalidGuestAddress(gpa));
+            return Err(GuestMemoryError::InvalidGuestAddress(GuestAddress(iova)));
         };
         let MemoryRegionAddress(o) = off;
-        let len = want.min(region.len() - o);
-        // `len` <= `remaining`, a usize.
-        let len = usize::try_from(len).map_err(|_| GuestMemoryError::GuestAddressOverflow)?;
+        // `len` <= `want` <= `remaining`, a usize.
+        let len = usize::try_from(region.len() - o)
+            .unwrap_or(usize::MAX)
+            .min(want);
         let slice = region.get_slice(off, len)?;
         self.remaining -= len;
         if self.remaining > 0 {
