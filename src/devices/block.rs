@@ -790,6 +790,7 @@ impl VirtioDevice for Block {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::test_iommu::{push_chain, MockIommu, NoIrq};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use virtio_queue::desc::{split::Descriptor as SplitDesc, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -1362,102 +1363,27 @@ mod tests {
     const MAP_R: u32 = 1;
     const MAP_W: u32 = 2;
     const EP: u32 = 0x10;
-    /// Rings of the virtio-iommu's request and event queues, and its request buffers.
-    const IOMMU_REQ_RING: u64 = 0x8_0000;
-    const IOMMU_EVT_RING: u64 = 0x8_1000;
-    const IOMMU_BUFS: u64 = 0x8_2000;
+    /// Where the mock virtio-iommu keeps its queues and buffers (up to 0x8_7000).
+    const IOMMU_BASE: u64 = 0x8_0000;
 
     fn big_mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap()
     }
 
-    /// Append one chain of `(addr, len, device-writable)` descriptors at table index `first`.
-    fn push_chain(vq: &MockSplitQueue<GuestMemoryMmap>, first: u16, descs: &[(u64, u32, bool)]) {
-        let raw: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, w))| {
-                let last = i == descs.len() - 1;
-                let flags = if w { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
-                let next = if last { 0 } else { first + i as u16 + 1 };
-                RawDescriptor::from(SplitDesc::new(addr, len, flags, next))
-            })
-            .collect();
-        vq.add_desc_chains(&raw, first).unwrap();
-    }
-
-    struct NoIrq;
-    impl VirtioInterrupt for NoIrq {
-        fn signal_queue(&self, _queue: u16) {}
-        fn signal_config(&self) {}
-    }
-
     /// A virtio-iommu over `m` whose endpoint `EP` is attached to domain 1 with `maps` (iova,
     /// size, gpa, MAP flags), all sent through its request queue like a driver would; four
-    /// fault buffers are posted on its event queue.
+    /// fault buffers are posted on its event queue (the first at `IOMMU_BASE + 0x6000`).
     fn iommu_with(
         m: &GuestMemoryMmap,
         maps: &[(u64, u64, u64, u32)],
     ) -> (viommu::Viommu, EndpointHandle) {
-        let mut dev = viommu::Viommu::new(viommu::ViommuConfig {
-            bypass: false,
-            ..Default::default()
-        })
-        .unwrap();
-        let ep = dev.add_endpoint(EP).unwrap();
-        let req = MockSplitQueue::create(m, GuestAddress(IOMMU_REQ_RING), 64);
-        let evt = MockSplitQueue::create(m, GuestAddress(IOMMU_EVT_RING), 16);
-        for i in 0..4u16 {
-            push_chain(
-                &evt,
-                i,
-                &[(IOMMU_BUFS + 0x4000 + u64::from(i) * 0x40, 24, true)],
-            );
-        }
-        let qc = |q: &MockSplitQueue<GuestMemoryMmap>, size| QueueConfig {
-            size,
-            desc_table: q.desc_table_addr(),
-            avail_ring: q.avail_addr(),
-            used_ring: q.used_addr(),
-            ready: true,
-        };
-        dev.activate(
-            GuestMemoryAtomic::new(m.clone()),
-            dev.device_features(),
-            vec![qc(&req, 64), qc(&evt, 16)],
-            vec![],
-            Arc::new(NoIrq),
-        )
-        .unwrap();
-        let mut bodies = Vec::new();
-        let mut attach = vec![1u8, 0, 0, 0];
-        attach.extend_from_slice(&1u32.to_le_bytes());
-        attach.extend_from_slice(&EP.to_le_bytes());
-        attach.extend_from_slice(&[0; 8]);
-        bodies.push(attach);
+        let (mut io, eps) = MockIommu::new(m, IOMMU_BASE, &[EP]);
+        io.attach(1, EP);
         for &(iova, size, gpa, flags) in maps {
-            let mut b = vec![3u8, 0, 0, 0];
-            b.extend_from_slice(&1u32.to_le_bytes());
-            b.extend_from_slice(&iova.to_le_bytes());
-            b.extend_from_slice(&(iova + size - 1).to_le_bytes());
-            b.extend_from_slice(&gpa.to_le_bytes());
-            b.extend_from_slice(&flags.to_le_bytes());
-            bodies.push(b);
+            io.map(1, iova, size, gpa, flags);
         }
-        for (i, body) in bodies.iter().enumerate() {
-            let at = IOMMU_BUFS + i as u64 * 0x40;
-            m.write_slice(body, GuestAddress(at)).unwrap();
-            m.write_obj(0xffu8, GuestAddress(at + 0x3c)).unwrap();
-            push_chain(
-                &req,
-                2 * i as u16,
-                &[(at, body.len() as u32, false), (at + 0x3c, 4, true)],
-            );
-            dev.queue_notify(0);
-            let status: u8 = m.read_obj(GuestAddress(at + 0x3c)).unwrap();
-            assert_eq!(status, 0, "setup request {i}");
-        }
-        (dev, ep)
+        let ep = eps[0].clone();
+        (io.dev, ep)
     }
 
     /// Rings identity-mapped (IOVA 0..0x1000 -> GPA 0), the request header at IOVA 0x5000_1000
@@ -1534,7 +1460,7 @@ mod tests {
         assert!(s.faults >= 1, "{s:?}");
         assert!(s.faults_delivered >= 1, "fault on the event queue: {s:?}");
         // The fault record names the endpoint and the address (first event buffer).
-        let rec = IOMMU_BUFS + 0x4000;
+        let rec = MockIommu::event_buf_at(IOMMU_BASE, 0);
         let reason: u8 = m.read_obj(GuestAddress(rec)).unwrap();
         let endpoint: u32 = m.read_obj(GuestAddress(rec + 8)).unwrap();
         let addr: u64 = m.read_obj(GuestAddress(rec + 16)).unwrap();

@@ -7,3 +7,5 @@ pub mod net;
 pub mod polled;
 pub mod rings;
 pub mod serial;
+#[cfg(test)]
+mod test_iommu;

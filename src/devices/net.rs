@@ -1226,12 +1226,9 @@ impl VirtioDevice for Net {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
-    use virtio_queue::desc::{split::Descriptor as SplitDesc, RawDescriptor};
+    use crate::devices::test_iommu::{push_chain, MockIommu};
     use virtio_queue::mock::MockSplitQueue;
 
-    const F_NEXT: u16 = 1;
-    const F_WRITE: u16 = 2;
     const QSIZE: u16 = 64;
     /// Rings of queue i at RING_BASE + i * 0x1000; buffers from BUF_BASE.
     const RING_BASE: u64 = 0x1_0000;
@@ -1239,21 +1236,6 @@ mod tests {
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap()
-    }
-
-    /// Append one chain of `(addr, len, device-writable)` descriptors at table index `first`.
-    fn push_chain(vq: &MockSplitQueue<GuestMemoryMmap>, first: u16, descs: &[(u64, u32, bool)]) {
-        let raw: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, w))| {
-                let last = i == descs.len() - 1;
-                let flags = if w { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
-                let next = if last { 0 } else { first + i as u16 + 1 };
-                RawDescriptor::from(SplitDesc::new(addr, len, flags, next))
-            })
-            .collect();
-        vq.add_desc_chains(&raw, first).unwrap();
     }
 
     #[derive(Default)]
@@ -1664,101 +1646,10 @@ mod tests {
 
     const EP_A: u32 = 0x10;
     const EP_B: u32 = 0x18;
-    const IOMMU_RING: u64 = 0x18_0000;
-    const IOMMU_EVT: u64 = 0x18_1000;
-    const IOMMU_BUF: u64 = 0x18_2000;
-
-    struct NoIrq;
-    impl VirtioInterrupt for NoIrq {
-        fn signal_queue(&self, _queue: u16) {}
-        fn signal_config(&self) {}
-    }
-
-    /// A virtio-iommu driven through its request queue like a driver would.
-    struct Iommu<'a> {
-        dev: viommu::Viommu,
-        req: MockSplitQueue<'a, GuestMemoryMmap>,
-        m: &'a GuestMemoryMmap,
-        n: AtomicUsize,
-    }
-
-    impl<'a> Iommu<'a> {
-        fn new(m: &'a GuestMemoryMmap) -> (Iommu<'a>, EndpointHandle, EndpointHandle) {
-            let mut dev = viommu::Viommu::new(viommu::ViommuConfig {
-                bypass: false,
-                ..Default::default()
-            })
-            .unwrap();
-            let a = dev.add_endpoint(EP_A).unwrap();
-            let b = dev.add_endpoint(EP_B).unwrap();
-            let req = MockSplitQueue::create(m, GuestAddress(IOMMU_RING), 256);
-            let evt = MockSplitQueue::create(m, GuestAddress(IOMMU_EVT), 16);
-            for i in 0..8u16 {
-                push_chain(
-                    &evt,
-                    i,
-                    &[(IOMMU_BUF + 0x8000 + u64::from(i) * 0x40, 24, true)],
-                );
-            }
-            let qc = |q: &MockSplitQueue<GuestMemoryMmap>, size| QueueConfig {
-                size,
-                desc_table: q.desc_table_addr(),
-                avail_ring: q.avail_addr(),
-                used_ring: q.used_addr(),
-                ready: true,
-            };
-            dev.activate(
-                GuestMemoryAtomic::new(m.clone()),
-                dev.device_features(),
-                vec![qc(&req, 256), qc(&evt, 16)],
-                vec![],
-                Arc::new(NoIrq),
-            )
-            .unwrap();
-            (
-                Iommu {
-                    dev,
-                    req,
-                    m,
-                    n: AtomicUsize::new(0),
-                },
-                a,
-                b,
-            )
-        }
-
-        fn request(&mut self, body: &[u8]) -> u8 {
-            let i = self.n.fetch_add(1, Ordering::SeqCst) as u64;
-            let at = IOMMU_BUF + i * 0x40;
-            self.m.write_slice(body, GuestAddress(at)).unwrap();
-            self.m.write_obj(0xffu8, GuestAddress(at + 0x3c)).unwrap();
-            push_chain(
-                &self.req,
-                2 * i as u16,
-                &[(at, body.len() as u32, false), (at + 0x3c, 4, true)],
-            );
-            self.dev.queue_notify(0);
-            self.m.read_obj(GuestAddress(at + 0x3c)).unwrap()
-        }
-
-        fn attach(&mut self, domain: u32, ep: u32) {
-            let mut b = vec![1u8, 0, 0, 0];
-            b.extend_from_slice(&domain.to_le_bytes());
-            b.extend_from_slice(&ep.to_le_bytes());
-            b.extend_from_slice(&[0; 8]);
-            assert_eq!(self.request(&b), 0, "attach {ep:#x} to {domain}");
-        }
-
-        fn map(&mut self, domain: u32, iova: u64, size: u64, gpa: u64) {
-            let mut b = vec![3u8, 0, 0, 0];
-            b.extend_from_slice(&domain.to_le_bytes());
-            b.extend_from_slice(&iova.to_le_bytes());
-            b.extend_from_slice(&(iova + size - 1).to_le_bytes());
-            b.extend_from_slice(&gpa.to_le_bytes());
-            b.extend_from_slice(&3u32.to_le_bytes());
-            assert_eq!(self.request(&b), 0, "map {iova:#x}");
-        }
-    }
+    /// The mock virtio-iommu's queues and buffers (up to 0x18_7000).
+    const IOMMU_BASE: u64 = 0x18_0000;
+    /// MAP_F_READ | MAP_F_WRITE.
+    const RW: u32 = 3;
 
     /// IOVA base of each device's window: IOVA = WIN + GPA for GPAs below 0x18_0000.
     const WIN_A: u64 = 0x40_0000_0000;
@@ -1766,19 +1657,13 @@ mod tests {
 
     /// Two iommu=on ports on one hub, each in its own domain mapping GPA 0..0x18_0000 at its
     /// window; queues are given to the devices as IOVAs.
-    fn translated_pair(
-        m: &GuestMemoryMmap,
-    ) -> (
-        Iommu<'_>,
-        Port<'_>,
-        Port<'_>,
-        MockSplitQueue<'_, GuestMemoryMmap>,
-    ) {
-        let (mut iommu, ea, eb) = Iommu::new(m);
+    fn translated_pair(m: &GuestMemoryMmap) -> (MockIommu<'_>, Port<'_>, Port<'_>) {
+        let (mut iommu, eps) = MockIommu::new(m, IOMMU_BASE, &[EP_A, EP_B]);
+        let (ea, eb) = (eps[0].clone(), eps[1].clone());
         iommu.attach(1, EP_A);
-        iommu.map(1, WIN_A, 0x18_0000, 0);
+        iommu.map(1, WIN_A, 0x18_0000, 0, RW);
         iommu.attach(2, EP_B);
-        iommu.map(2, WIN_B, 0x18_0000, 0);
+        iommu.map(2, WIN_B, 0x18_0000, 0, RW);
         let hubs = Hubs::new();
         let a = Net::new(cfg("h", true), Some(ea), &hubs).unwrap();
         let b = Net::new(cfg("h", true), Some(eb), &hubs).unwrap();
@@ -1816,14 +1701,13 @@ mod tests {
         };
         let pa = act(a, RING_BASE, WIN_A);
         let pb = act(b, RING_BASE + 0x8000, WIN_B);
-        let evt = MockSplitQueue::create(m, GuestAddress(IOMMU_EVT), 16);
-        (iommu, pa, pb, evt)
+        (iommu, pa, pb)
     }
 
     #[test]
     fn behind_the_iommu_frames_and_rings_are_translated() {
         let m = mem();
-        let (iommu, mut a, b, _evt) = translated_pair(&m);
+        let (iommu, mut a, b) = translated_pair(&m);
         push_chain(&b.rx, 0, &[(WIN_B + BUF_BASE + 0x10_000, 2048, true)]);
         let f = frame(90, 9);
         // The frame lives at GPA BUF_BASE; the descriptors carry IOVAs.
@@ -1882,14 +1766,14 @@ mod tests {
     #[test]
     fn reattach_to_another_domain_drops_the_old_mappings_for_the_device() {
         let m = mem();
-        let (mut iommu, mut a, b, _evt) = translated_pair(&m);
+        let (mut iommu, mut a, b) = translated_pair(&m);
         push_chain(&b.rx, 0, &[(WIN_B + BUF_BASE + 0x10_000, 2048, true)]);
         send_iova(&m, &mut a, 0, WIN_A, BUF_BASE, &frame(20, 1));
         assert_eq!(used_idx(&m, &b.rx), 1, "works in domain 1");
         // Move EP_A into a fresh domain 3 that maps only the rings (identity of WIN_A for the
         // ring pages), not the buffers.
         iommu.attach(3, EP_A);
-        iommu.map(3, WIN_A + RING_BASE, 0x8000, RING_BASE);
+        iommu.map(3, WIN_A + RING_BASE, 0x8000, RING_BASE, RW);
         let faults = iommu.dev.counters().snapshot().faults;
         send_iova(&m, &mut a, 1, WIN_A, BUF_BASE, &frame(20, 2));
         assert_eq!(
@@ -1906,7 +1790,7 @@ mod tests {
         assert_eq!(used_idx(&m, &b.rx), 1, "nothing crossed");
         // Domain 1 is gone: attaching EP_A back to it creates an empty domain.
         iommu.attach(1, EP_A);
-        iommu.map(1, WIN_A + RING_BASE, 0x8000, RING_BASE);
+        iommu.map(1, WIN_A + RING_BASE, 0x8000, RING_BASE, RW);
         send_iova(&m, &mut a, 2, WIN_A, BUF_BASE, &frame(20, 3));
         assert_eq!(
             a.dev.port().stats().snapshot().tx_errors,
@@ -1920,7 +1804,7 @@ mod tests {
     #[test]
     fn rings_follow_the_view_and_are_left_alone_once_unmapped() {
         let m = mem();
-        let (mut iommu, mut a, b, _evt) = translated_pair(&m);
+        let (mut iommu, mut a, b) = translated_pair(&m);
         push_chain(&b.rx, 0, &[(WIN_B + BUF_BASE + 0x10_000, 2048, true)]);
         send_iova(&m, &mut a, 0, WIN_A, BUF_BASE, &frame(20, 1));
         assert_eq!(
@@ -1938,7 +1822,7 @@ mod tests {
         assert_eq!(a.dev.port().stats().snapshot().tx_frames, 1);
         assert!(iommu.dev.counters().snapshot().faults > faults);
         // Mapped again (rings and buffers): the pending chain is served.
-        iommu.map(4, WIN_A, 0x18_0000, 0);
+        iommu.map(4, WIN_A, 0x18_0000, 0, RW);
         a.dev.queue_notify(TX_QUEUE);
         assert_eq!(used_idx(&m, &a.tx), 2);
         assert_eq!(a.dev.port().stats().snapshot().tx_frames, 2);
@@ -1948,7 +1832,8 @@ mod tests {
     fn iommu_port_needs_access_platform_and_an_endpoint() {
         let m = mem();
         let hubs = Hubs::new();
-        let (_iommu, ea, _eb) = Iommu::new(&m);
+        let (_iommu, eps) = MockIommu::new(&m, IOMMU_BASE, &[EP_A, EP_B]);
+        let ea = eps[0].clone();
         let n = Net::new(cfg("h", true), Some(ea), &hubs).unwrap();
         assert!(
             port(&m, RING_BASE, n, ALL).is_err(),

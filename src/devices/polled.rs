@@ -255,6 +255,7 @@ impl VirtioDevice for Polled {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::test_iommu::NoIrq;
     use std::sync::atomic::AtomicU64;
 
     const AVAIL: u64 = 0x1000;
@@ -300,12 +301,6 @@ mod tests {
             self.last_idx.store(u64::from(idx), Ordering::SeqCst);
             self.calls.fetch_add(1, Ordering::SeqCst);
         }
-    }
-
-    struct NoIrq;
-    impl VirtioInterrupt for NoIrq {
-        fn signal_queue(&self, _queue: u16) {}
-        fn signal_config(&self) {}
     }
 
     fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
