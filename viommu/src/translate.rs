@@ -428,6 +428,23 @@ pub struct TranslatedSlices<'a, M: GuestMemoryBackend> {
 }
 
 impl<'a, M: GuestMemoryBackend> TranslatedSlices<'a, M> {
+    fn new(
+        owner: &'a TranslatedMemory<M>,
+        view: ViewRef<'a>,
+        addr: GuestAddress,
+        count: usize,
+        access: Permissions,
+    ) -> Self {
+        TranslatedSlices {
+            owner,
+            view,
+            iova: addr.0,
+            remaining: count,
+            access: access_of(access),
+            done: false,
+        }
+    }
+
     fn step(&mut self) -> GuestMemoryResult<VolatileSlice<'a, bitmap::MS<'a, M>>> {
         let owner: &'a TranslatedMemory<M> = self.owner;
         let iova = self.iova;
@@ -491,10 +508,7 @@ where
     type Bitmap = <M::R as GuestMemoryRegion>::B;
 
     fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
-        match self.get_slices(addr, count, access) {
-            Ok(mut it) => it.all(|s| s.is_ok()),
-            Err(_) => false,
-        }
+        TranslatedSlices::new(self, self.view(), addr, count, access).all(|s| s.is_ok())
     }
 
     fn get_slices<'a>(
@@ -503,14 +517,13 @@ where
         count: usize,
         access: Permissions,
     ) -> GuestMemoryResult<impl GuestMemorySliceIterator<'a, bitmap::BS<'a, Self::Bitmap>>> {
-        Ok(TranslatedSlices {
-            owner: self,
-            view: self.view(),
-            iova: addr.0,
-            remaining: count,
-            access: access_of(access),
-            done: false,
-        })
+        Ok(TranslatedSlices::new(
+            self,
+            self.view(),
+            addr,
+            count,
+            access,
+        ))
     }
 
     fn physical_memory(&self) -> Option<&Self::PhysicalMemory> {
@@ -562,10 +575,8 @@ where
     type Bitmap = <M::R as GuestMemoryRegion>::B;
 
     fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
-        match self.get_slices(addr, count, access) {
-            Ok(mut it) => it.all(|s| s.is_ok()),
-            Err(_) => false,
-        }
+        let view = ViewRef::Pinned(&self.view);
+        TranslatedSlices::new(self.mem, view, addr, count, access).all(|s| s.is_ok())
     }
 
     fn get_slices<'a>(
@@ -574,14 +585,8 @@ where
         count: usize,
         access: Permissions,
     ) -> GuestMemoryResult<impl GuestMemorySliceIterator<'a, bitmap::BS<'a, Self::Bitmap>>> {
-        Ok(TranslatedSlices {
-            owner: self.mem,
-            view: ViewRef::Pinned(&self.view),
-            iova: addr.0,
-            remaining: count,
-            access: access_of(access),
-            done: false,
-        })
+        let view = ViewRef::Pinned(&self.view);
+        Ok(TranslatedSlices::new(self.mem, view, addr, count, access))
     }
 
     fn physical_memory(&self) -> Option<&Self::PhysicalMemory> {
