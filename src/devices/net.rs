@@ -1276,13 +1276,25 @@ mod tests {
         dev: Net,
         features: u64,
     ) -> Result<Port<'a>, ActivateError> {
+        port_at(m, base, 0, dev, features)
+    }
+
+    /// [`port`] whose ring addresses the device gets as `win + GPA` (IOVAs behind a vIOMMU
+    /// window), the mock queues being built at the GPAs.
+    fn port_at<'a>(
+        m: &'a GuestMemoryMmap,
+        base: u64,
+        win: u64,
+        dev: Net,
+        features: u64,
+    ) -> Result<Port<'a>, ActivateError> {
         let mk = |i: u64| MockSplitQueue::create(m, GuestAddress(base + i * 0x1000), QSIZE);
         let (rx, tx, ctrl) = (mk(0), mk(1), mk(2));
         let qc = |q: &MockSplitQueue<GuestMemoryMmap>| QueueConfig {
             size: QSIZE,
-            desc_table: q.desc_table_addr(),
-            avail_ring: q.avail_addr(),
-            used_ring: q.used_addr(),
+            desc_table: GuestAddress(win + q.desc_table_addr().0),
+            avail_ring: GuestAddress(win + q.avail_addr().0),
+            used_ring: GuestAddress(win + q.used_addr().0),
             ready: true,
         };
         let irqs = Arc::new(Irqs::default());
@@ -1669,36 +1681,7 @@ mod tests {
         let b = Net::new(cfg("h", true), Some(eb), &hubs).unwrap();
         let feats = ALL | VIRTIO_F_ACCESS_PLATFORM;
         // Activate with IOVA ring addresses: build the mock at the GPA, hand IOVAs over.
-        let act = |dev: Net, base: u64, win: u64| -> Port<'_> {
-            let mk = |i: u64| MockSplitQueue::create(m, GuestAddress(base + i * 0x1000), QSIZE);
-            let (rx, tx, ctrl) = (mk(0), mk(1), mk(2));
-            let qc = |q: &MockSplitQueue<GuestMemoryMmap>| QueueConfig {
-                size: QSIZE,
-                desc_table: GuestAddress(win + q.desc_table_addr().0),
-                avail_ring: GuestAddress(win + q.avail_addr().0),
-                used_ring: GuestAddress(win + q.used_addr().0),
-                ready: true,
-            };
-            let irqs = Arc::new(Irqs::default());
-            let mut p = Port {
-                dev,
-                rx,
-                tx,
-                ctrl,
-                irqs,
-            };
-            let qs = vec![qc(&p.rx), qc(&p.tx), qc(&p.ctrl)];
-            p.dev
-                .activate(
-                    GuestMemoryAtomic::new(m.clone()),
-                    feats,
-                    qs,
-                    vec![],
-                    p.irqs.clone(),
-                )
-                .unwrap();
-            p
-        };
+        let act = |dev: Net, base: u64, win: u64| port_at(m, base, win, dev, feats).unwrap();
         let pa = act(a, RING_BASE, WIN_A);
         let pb = act(b, RING_BASE + 0x8000, WIN_B);
         (iommu, pa, pb)
