@@ -89,6 +89,28 @@ pub fn clean_exit(o: &Outcome) -> Result<(), String> {
 
 pub use rig::section;
 
+/// The vmm's `viommu:` counters line (the last one on its stderr).
+pub fn viommu_line(o: &Outcome) -> Option<&str> {
+    o.vmm_log
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with("viommu: "))
+}
+
+/// The `viommu:` counters line from the VMM's stderr, as name -> value.
+pub fn counters(o: &Outcome) -> Result<Vec<(String, u64)>, String> {
+    let line = viommu_line(o).ok_or("no 'viommu:' counters line in the VMM's stderr")?;
+    vmm::iommu::parse_summary(line).ok_or_else(|| format!("unparseable counters line {line:?}"))
+}
+
+/// The counter `name` of [`counters`].
+pub fn counter(c: &[(String, u64)], name: &str) -> Result<u64, String> {
+    c.iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| format!("counter {name} missing"))
+}
+
 /// Whether a case runs in this invocation of the guests binary: name filters (arguments not
 /// starting with `-`) select by substring; with none, every default case runs, and the opt-in
 /// ones only with `GUESTS_ALL=1`. `--list` runs nothing.

@@ -11,7 +11,9 @@ use std::time::Duration;
 use rig::{Outcome, Program, Scenario};
 
 use crate::boot::{disk_script, make_disk, md5_hex, pattern, yes_pattern, DISK_SIZE, MIB};
-use crate::common::{clean_exit, kernel_log_clean, nonce, scratch_dir, section, value, Case};
+use crate::common::{
+    clean_exit, counter, counters, kernel_log_clean, nonce, scratch_dir, section, value, Case,
+};
 
 /// Where the disk sits in L2: the virtio-iommu takes the first free slot (00:01.0).
 const DISK_BDF: &str = "0000:00:02.0";
@@ -77,24 +79,6 @@ i=0
 while [ ! -b /dev/vda ] && [ $i -lt 30 ]; do sleep 1; i=$((i + 1)); done
 echo "REBOUND $(basename "$(readlink "/sys/bus/pci/devices/$bdf/driver")")"
 "#;
-
-/// The `viommu:` counters line from the VMM's stderr, as name -> value.
-fn counters(o: &Outcome) -> Result<Vec<(String, u64)>, String> {
-    let line = o
-        .vmm_log
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with("viommu: "))
-        .ok_or("no 'viommu:' counters line in the VMM's stderr")?;
-    vmm::iommu::parse_summary(line).ok_or_else(|| format!("unparseable counters line {line:?}"))
-}
-
-fn counter(c: &[(String, u64)], name: &str) -> Result<u64, String> {
-    c.iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| *v)
-        .ok_or_else(|| format!("counter {name} missing"))
-}
 
 /// The guest bound the virtio-iommu driver and put the disk in a group of the expected type.
 fn guest_iommu_check(o: &Outcome, mode: Mode) -> Result<(), String> {

@@ -17,7 +17,10 @@ use std::time::Duration;
 use rig::dpdk::{self, Binding, MAC_B};
 use rig::{CpioFile, Outcome, Program, Scenario};
 
-use crate::common::{clean_exit, kernel_log_clean, value, will_run, Case, KERNEL_ERRORS_SH};
+use crate::common::{
+    clean_exit, counter, counters as common_counters, kernel_log_clean, value, viommu_line,
+    will_run, Case, KERNEL_ERRORS_SH,
+};
 
 /// Guest script: bring both ports up, ARP across the hub, print the counters.
 const ARPING_SH: &str = r#"
@@ -44,25 +47,13 @@ echo "ERR-A $(cat "/sys/class/net/$a/statistics/rx_errors") $(cat "/sys/class/ne
 echo "ERR-B $(cat "/sys/class/net/$b/statistics/rx_errors") $(cat "/sys/class/net/$b/statistics/tx_errors")"
 "#;
 
-/// The `viommu:` counters line from the VMM's stderr, as name -> value.
+/// [`crate::common::counters`], printing the line.
 fn counters(o: &Outcome) -> Result<Vec<(String, u64)>, String> {
-    let line = o
-        .vmm_log
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with("viommu: "))
-        .ok_or("no 'viommu:' counters line in the VMM's stderr")?;
-    println!("    {}: {}", o.name, line.trim());
-    vmm::iommu::parse_summary(line).ok_or_else(|| format!("unparseable counters line {line:?}"))
+    if let Some(line) = viommu_line(o) {
+        println!("    {}: {}", o.name, line.trim());
+    }
+    common_counters(o)
 }
-
-fn counter(c: &[(String, u64)], name: &str) -> Result<u64, String> {
-    c.iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| *v)
-        .ok_or_else(|| format!("counter {name} missing"))
-}
-
 fn num(o: &Outcome, key: &str) -> Result<i64, String> {
     value(&o.serial, key)
         .and_then(|v| v.split_whitespace().next())

@@ -17,7 +17,8 @@ use rig::{Outcome, Program, Scenario};
 
 use crate::boot::{make_disk, md5_hex, pattern, yes_pattern, DISK_SIZE, MIB};
 use crate::common::{
-    clean_exit, kernel_log_clean, nonce, scratch_dir, value, Case, KERNEL_ERRORS_SH,
+    clean_exit, counter, counters, kernel_log_clean, nonce, scratch_dir, value, viommu_line, Case,
+    KERNEL_ERRORS_SH,
 };
 
 /// Disk A and B in L2 (the virtio-iommu takes 00:01.0).
@@ -155,24 +156,12 @@ fn image_check(image: &Path, first_md5: &str, last_token: &str) -> Result<(), St
 }
 
 fn counters_check(o: &Outcome) -> Result<String, String> {
-    let line = o
-        .vmm_log
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with("viommu: "))
-        .ok_or("no 'viommu:' counters line in the VMM's stderr")?;
-    let c = vmm::iommu::parse_summary(line)
-        .ok_or_else(|| format!("unparseable counters line {line:?}"))?;
-    let get = |name: &str| {
-        c.iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| *v)
-            .ok_or_else(|| format!("counter {name} missing"))
-    };
+    let c = counters(o)?;
+    let get = |name: &str| counter(&c, name);
     for bad in ["errors", "faults", "malformed"] {
         let n = get(bad)?;
         if n != 0 {
-            return Err(format!("{bad}={n} in {line:?}"));
+            return Err(format!("{bad}={n} in {:?}", viommu_line(o)));
         }
     }
     let (maps, unmaps, attaches) = (get("maps")?, get("unmaps")?, get("attaches")?);
