@@ -238,11 +238,7 @@ pub fn cases() -> Vec<Case> {
     vec![
         linux_case("net-hub-strict", true),
         linux_case("net-hub-lazy", false),
-        Case {
-            // Its 2 vCPUs busy for seconds: prone to the nested environment's guest resets.
-            retries: 2,
-            ..dpdk_case(Program::Vmm, "net-dpdk-testpmd", &["va", "va", "pa"], false)
-        },
+        dpdk_case(Program::Vmm, "net-dpdk-testpmd", &["va", "va", "pa"], false),
         // Many testpmd start/stop cycles in one boot, under our vmm and under QEMU (a guest
         // failure under both is not the vmm's).
         dpdk_case(Program::Vmm, "net-dpdk-soak", SOAK, true),
