@@ -23,6 +23,7 @@ pub mod memory_slots;
 pub mod net;
 pub mod pci_host;
 pub mod seccomp;
+pub mod skip;
 pub mod vcpu;
 pub mod vfio;
 pub mod viot;
