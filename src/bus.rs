@@ -216,7 +216,7 @@ impl Buses {
 
 /// The element size of a port I/O exit whose data area is `len` bytes, if it splits evenly.
 fn element_size(len: usize, size: usize) -> Option<usize> {
-    (size > 0 && len % size == 0 && len > size).then_some(size)
+    (size > 0 && len.is_multiple_of(size) && len > size).then_some(size)
 }
 
 #[cfg(test)]
