@@ -26,7 +26,7 @@ SKIP_REPORT := n=$$(grep -c '^SKIPPED' $(SKIP_LOG) || true); echo "==> $$stage: 
 	sed 's/^/    /' $(SKIP_LOG); :
 TIMED := STAGE_TIMES=$(STAGE_TIMES) .ci/timed
 
-.PHONY: help all deps guest-image guest-image-dpdk vmm-static run test test-unit test-integration test-images \
+.PHONY: help all deps guest-image guest-image-dpdk vmm-static run test test-lint test-unit test-integration test-images \
 	test-guests bench bench-micro bench-guest-programs clean distclean
 
 all: vmm-static guest-image
@@ -63,12 +63,17 @@ run: deps guest-image vmm-static
 test:
 	@mkdir -p .cache && : >$(STAGE_TIMES)
 	@start=$$(date +%s); rc=0; \
-	for stage in test-unit test-integration test-images test-guests; do \
+	for stage in test-lint test-unit test-integration test-images test-guests; do \
 		$(MAKE) --no-print-directory $$stage || { rc=$$?; [ "$(KEEP_GOING)" = 1 ] || break; }; \
 	done; \
 	echo "==> stage times (s):"; awk -F'\t' '{ printf "    %-16s %8s s  %s\n", $$1, $$2, $$3 }' $(STAGE_TIMES); \
 	echo "==> make test: $$( [ $$rc = 0 ] && echo ok || echo FAILED ) in $$(( $$(date +%s) - start )) s"; \
 	exit $$rc
+
+## test-lint (stage 0): rustfmt and clippy (warnings are errors) on every crate and target.
+test-lint:
+	$(TIMED) 0-lint bash -c '$(CARGO) fmt --all --check && \
+		$(CARGO) clippy --workspace --all-targets -- -D warnings'
 
 ## test-unit (stage 1): unit tests and doc tests of every crate.
 test-unit:
