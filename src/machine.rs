@@ -4,14 +4,13 @@
 //! Extension points: [`Machine::pci_bus`] to add PCI devices, [`Machine::add_acpi_table`] to add
 //! a table before [`Machine::boot`].
 //!
-//! With `--viommu virtio` ([`MachineConfig::viommu`]) the machine gets a virtio-iommu PCI function
+//! With `--viommu virtio` ([`crate::config::VmConfig::viommu`]) the machine gets a virtio-iommu PCI function
 //! (its slot is reserved at creation, it is plugged at boot once every endpoint is known), every
 //! `iommu=on` disk is registered as an endpoint (ID = its BDF) and translates all its DMA through
 //! it, and a VIOT table describes the topology to the guest.
 
 use std::io::Write;
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vm_memory::GuestAddressSpace;
@@ -22,52 +21,16 @@ use viommu::{Counters, EndpointHandle, Viommu};
 
 use crate::acpi::{self, AcpiConfig};
 use crate::boot::{self, LinuxBoot};
-use crate::devices::block::{Block, BlockConfig};
-use crate::devices::net::{Net, NetBackendConfig, NetConfig, NetPort};
+use crate::config::{BlockConfig, NetBackendConfig, NetConfig, SerialOutput};
+use crate::devices::block::Block;
+use crate::devices::net::{Net, NetPort};
 use crate::devices::polled::Polled;
-use crate::iommu::ViommuOptions;
 use crate::lifecycle::ExitReason;
 use crate::memory::{MMIO32_SIZE, MMIO32_START, PCI_IO_SIZE, PCI_IO_START};
 use crate::pci_host::PciExits;
-use crate::vfio::{DmaSetup, Passthrough, VfioDeviceConfig, VfioError};
+use crate::vfio::{DmaSetup, Passthrough, VfioError};
 use crate::viot;
 use crate::vm::{Vm, VmConfig, VmError};
-
-/// Where the guest's serial output goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SerialOutput {
-    /// The VMM's stdout.
-    Stdout,
-    /// A file (created or truncated).
-    File(PathBuf),
-}
-
-/// Everything needed to boot a guest.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MachineConfig {
-    /// bzImage.
-    pub kernel: PathBuf,
-    /// Optional initramfs.
-    pub initramfs: Option<PathBuf>,
-    /// Kernel command line.
-    pub cmdline: String,
-    /// RAM in bytes.
-    pub memory: u64,
-    /// vCPU count.
-    pub cpus: u8,
-    /// virtio-blk disks, in PCI slot order.
-    pub disks: Vec<BlockConfig>,
-    /// Serial output.
-    pub serial: SerialOutput,
-    /// The guest-visible IOMMU (`None`: no vIOMMU; `iommu=on` disks are then refused).
-    pub viommu: Option<ViommuOptions>,
-    /// Host PCI functions passed through with VFIO, plugged after the disks.
-    pub devices: Vec<VfioDeviceConfig>,
-    /// virtio-net ports (`--net`), plugged after the disks.
-    pub nets: Vec<NetConfig>,
-    /// seccomp filters on every VMM thread once the machine is built (`--seccomp`).
-    pub seccomp: crate::seccomp::SeccompMode,
-}
 
 /// Machine errors.
 #[derive(Debug, thiserror::Error)]
@@ -115,7 +78,7 @@ pub struct Machine {
     /// The VM.
     pub vm: Vm,
     pci: Arc<PciBus>,
-    config: MachineConfig,
+    config: crate::config::VmConfig,
     extra_tables: Vec<Vec<u8>>,
     disks: Vec<(BlockConfig, u8)>,
     iommu: Option<PendingIommu>,
@@ -128,7 +91,7 @@ pub struct Machine {
 
 impl Machine {
     /// Create the VM, legacy devices, the PCI bus and the disks.
-    pub fn new(config: MachineConfig) -> Result<Machine, MachineError> {
+    pub fn new(config: crate::config::VmConfig) -> Result<Machine, MachineError> {
         // Threads install their filter under this mode: TAP readers as they start, the main
         // thread and the vCPUs in Vm::run, device workers when the guest starts them.
         crate::seccomp::set_mode(config.seccomp);

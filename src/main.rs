@@ -8,7 +8,10 @@ use vmm::machine::Machine;
 
 fn main() -> ExitCode {
     let (config, level) = match cli::parse(std::env::args().skip(1)) {
-        Ok(Command::Run(c, l)) => (c, l),
+        Ok(Command::Run(c)) => {
+            let level = c.log_level;
+            (c, level)
+        }
         Ok(Command::SeccompSelftest(kind, mode)) => {
             return ExitCode::from(vmm::seccomp::selftest(kind, mode) as u8);
         }

@@ -32,42 +32,8 @@ use viommu::{
 };
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
+use crate::config::VfioDeviceConfig;
 use crate::memory_slots::KvmMemorySlots;
-
-/// One `--device` option.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VfioDeviceConfig {
-    /// `/sys/bus/pci/devices/DDDD:BB:DD.F` of a function bound to vfio-pci.
-    pub path: PathBuf,
-    /// Behind the virtio-iommu (needs `--viommu virtio`); else the static full-RAM mapping.
-    pub iommu: bool,
-}
-
-impl VfioDeviceConfig {
-    /// Parse `path=SYSFS[,iommu=on|off]`.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let mut path = None;
-        let mut iommu = false;
-        for part in s.split(',') {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| format!("option '{part}' is not key=value"))?;
-            match k {
-                "path" if !v.is_empty() => path = Some(PathBuf::from(v)),
-                "iommu" => {
-                    iommu = match v {
-                        "on" => true,
-                        "off" => false,
-                        _ => return Err(format!("iommu={v}: expected on or off")),
-                    }
-                }
-                _ => return Err(format!("unknown option '{part}'")),
-            }
-        }
-        let path = path.ok_or("path=/sys/bus/pci/devices/BDF is required")?;
-        Ok(VfioDeviceConfig { path, iommu })
-    }
-}
 
 /// Passthrough setup errors (never caused by the guest).
 #[derive(Debug, thiserror::Error)]
@@ -472,26 +438,6 @@ fn device_hint(path: &Path, e: &vfio_ioctls::VfioError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parse_device_option() {
-        let d = VfioDeviceConfig::parse("path=/sys/bus/pci/devices/0000:00:18.0").unwrap();
-        assert_eq!(d.path, PathBuf::from("/sys/bus/pci/devices/0000:00:18.0"));
-        assert!(!d.iommu);
-        let d = VfioDeviceConfig::parse("path=/x,iommu=on").unwrap();
-        assert!(d.iommu);
-        assert!(!VfioDeviceConfig::parse("iommu=off,path=/x").unwrap().iommu);
-        for bad in [
-            "",
-            "path=",
-            "/x",
-            "path=/x,iommu=yes",
-            "path=/x,frob=1",
-            "iommu=on",
-        ] {
-            assert!(VfioDeviceConfig::parse(bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn counted_space_counts_every_call_and_failure() {
