@@ -23,6 +23,7 @@ pub mod memory;
 pub mod memory_slots;
 pub mod net;
 pub mod pci_host;
+pub mod report;
 pub mod seccomp;
 pub mod vcpu;
 pub mod vfio;

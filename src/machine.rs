@@ -32,21 +32,39 @@ use crate::vfio::{DmaSetup, Passthrough, VfioError};
 use crate::viot;
 use crate::vm::{Vm, VmConfig, VmError};
 
-/// Machine errors.
+/// Machine errors; each keeps its cause as `source()` (see [`crate::report::Chain`]).
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
     /// VM creation or setup failed.
     #[error(transparent)]
     Vm(#[from] VmError),
     /// A disk could not be opened or attached.
-    #[error("disk {0}: {1}")]
-    Disk(String, String),
+    #[error("disk {name}")]
+    Disk {
+        /// The disk's path.
+        name: String,
+        /// Why.
+        #[source]
+        source: AttachError,
+    },
     /// A network port could not be opened or attached.
-    #[error("{0}: {1}")]
-    Net(String, String),
+    #[error("{name}")]
+    Net {
+        /// `net tap=NAME` or `net hub=ID`.
+        name: String,
+        /// Why.
+        #[source]
+        source: AttachError,
+    },
     /// The serial output file could not be created.
-    #[error("serial output {0}: {1}")]
-    Serial(String, std::io::Error),
+    #[error("serial output {path}")]
+    Serial {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// ACPI tables could not be written.
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
@@ -54,14 +72,51 @@ pub enum MachineError {
     #[error(transparent)]
     Boot(#[from] boot::BootError),
     /// The virtio-iommu could not be created or plugged.
-    #[error("virtio-iommu: {0}")]
-    Viommu(String),
+    #[error("virtio-iommu")]
+    Viommu(#[from] ViommuSetupError),
     /// No free PCI slot is left.
     #[error("no free PCI slot for {0}")]
     NoSlot(String),
     /// A VFIO passthrough device could not be opened or attached.
-    #[error("vfio: {0}")]
+    #[error("vfio")]
     Vfio(#[from] VfioError),
+}
+
+/// Why a virtio disk or port could not be attached.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// `iommu=on` without a vIOMMU.
+    #[error("iommu=on needs --viommu virtio")]
+    NoViommu,
+    /// The vIOMMU refused the endpoint.
+    #[error("virtio-iommu endpoint")]
+    Endpoint(#[source] viommu::DomainError),
+    /// The backend (disk file, TAP interface) could not be opened.
+    #[error(transparent)]
+    Backend(#[from] std::io::Error),
+    /// The MSI routing could not be set up.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The virtio-pci transport or the PCI bus refused the device.
+    #[error(transparent)]
+    Pci(#[from] pci::PciError),
+}
+
+/// Why the virtio-iommu could not be created or plugged.
+#[derive(Debug, thiserror::Error)]
+pub enum ViommuSetupError {
+    /// The host IOMMUs of the assigned devices do not fit the configuration.
+    #[error("host IOMMU geometry")]
+    Geometry(#[source] viommu::host::vfio::GeometryError),
+    /// The device refused its configuration.
+    #[error(transparent)]
+    Config(#[from] viommu::ConfigError),
+    /// An assigned device could not become an endpoint.
+    #[error(transparent)]
+    Endpoint(#[from] viommu::DomainError),
+    /// The virtio-pci transport or the PCI bus refused the device.
+    #[error(transparent)]
+    Pci(#[from] pci::PciError),
 }
 
 /// The virtio-iommu between creation and boot: endpoints are registered while disks are
@@ -102,10 +157,14 @@ impl Machine {
         })?;
         let out: Box<dyn Write + Send> = match &config.serial {
             SerialOutput::Stdout => Box::new(std::io::stdout()),
-            SerialOutput::File(p) => Box::new(
-                std::fs::File::create(p)
-                    .map_err(|e| MachineError::Serial(p.display().to_string(), e))?,
-            ),
+            SerialOutput::File(p) => {
+                Box::new(
+                    std::fs::File::create(p).map_err(|source| MachineError::Serial {
+                        path: p.display().to_string(),
+                        source,
+                    })?,
+                )
+            }
         };
         vm.add_legacy_devices(out)?;
         let pci = Arc::new(PciBus::new(PciWindows {
@@ -131,8 +190,8 @@ impl Machine {
         if let Some(opts) = m.config.viommu.clone() {
             let hosts = m.passthrough.viommu_hosts();
             let cfg = viommu::host::vfio::viommu_config_for(opts.config(), &hosts)
-                .map_err(|e| MachineError::Viommu(format!("host IOMMU geometry: {e}")))?;
-            let mut dev = Viommu::new(cfg).map_err(|e| MachineError::Viommu(e.to_string()))?;
+                .map_err(ViommuSetupError::Geometry)?;
+            let mut dev = Viommu::new(cfg).map_err(ViommuSetupError::from)?;
             if m.passthrough.any_translated() {
                 // Boot bypass for assigned endpoints: all RAM in their containers until the
                 // driver attaches them.
@@ -210,33 +269,27 @@ impl Machine {
 
     /// Register the device about to be plugged at `slot` as an endpoint of the virtio-iommu
     /// (which must exist).
-    fn iommu_endpoint(&mut self, slot: u8) -> Result<EndpointHandle, String> {
-        let iommu = self
-            .iommu
-            .as_mut()
-            .ok_or("iommu=on needs --viommu virtio")?;
+    fn iommu_endpoint(&mut self, slot: u8) -> Result<EndpointHandle, AttachError> {
+        let iommu = self.iommu.as_mut().ok_or(AttachError::NoViommu)?;
         let bdf = viot::bdf(0, slot, 0);
         let ep = iommu
             .dev
             .add_endpoint(u32::from(bdf))
-            .map_err(|e| format!("virtio-iommu endpoint: {e}"))?;
+            .map_err(AttachError::Endpoint)?;
         iommu.endpoints.push(bdf);
         Ok(ep)
     }
 
     /// Put a virtio device model behind the virtio-pci transport at device number `slot`.
-    fn plug_virtio(&mut self, slot: u8, model: Box<dyn VirtioDevice>) -> Result<u8, String> {
-        let msi = self.vm.msi_manager().map_err(|e| e.to_string())?;
+    fn plug_virtio(&mut self, slot: u8, model: Box<dyn VirtioDevice>) -> Result<u8, AttachError> {
+        let msi = self.vm.msi_manager()?;
         let dev = VirtioPciDevice::new(
             model,
             self.vm.memory.clone(),
             msi,
             self.vm.ioevent_manager(),
-        )
-        .map_err(|e| e.to_string())?;
-        self.pci
-            .add_device_at(slot, Arc::new(Mutex::new(dev)))
-            .map_err(|e| e.to_string())
+        )?;
+        Ok(self.pci.add_device_at(slot, Arc::new(Mutex::new(dev)))?)
     }
 
     /// Attach a virtio-blk disk; returns its PCI device number. An `iommu=on` disk becomes an
@@ -246,16 +299,19 @@ impl Machine {
         let slot = self
             .free_slot()
             .ok_or_else(|| MachineError::NoSlot(format!("disk {name}")))?;
-        let attach = |m: &mut Self| -> Result<u8, String> {
+        let attach = |m: &mut Self| -> Result<u8, AttachError> {
             let endpoint = if disk.iommu {
                 Some(m.iommu_endpoint(slot)?)
             } else {
                 None
             };
-            let blk = Block::with_endpoint(disk.clone(), endpoint).map_err(|e| e.to_string())?;
+            let blk = Block::with_endpoint(disk.clone(), endpoint)?;
             m.plug_virtio(slot, Box::new(blk))
         };
-        let slot = attach(self).map_err(|e| MachineError::Disk(name.clone(), e))?;
+        let slot = attach(self).map_err(|source| MachineError::Disk {
+            name: name.clone(),
+            source,
+        })?;
         log::info!(
             "disk {name} at PCI 00:{slot:02x}.0{}",
             if disk.iommu {
@@ -290,7 +346,7 @@ impl Machine {
                 iommu
                     .dev
                     .add_host_endpoint(u32::from(bdf), shadow)
-                    .map_err(|e| MachineError::Viommu(e.to_string()))?;
+                    .map_err(ViommuSetupError::from)?;
                 iommu.endpoints.push(bdf);
             }
             let slot = self
@@ -312,18 +368,21 @@ impl Machine {
         let slot = self
             .free_slot()
             .ok_or_else(|| MachineError::NoSlot(name.clone()))?;
-        let attach = |m: &mut Self| -> Result<(u8, [u8; 6]), String> {
+        let attach = |m: &mut Self| -> Result<(u8, [u8; 6]), AttachError> {
             let endpoint = if net.iommu {
                 Some(m.iommu_endpoint(slot)?)
             } else {
                 None
             };
-            let dev = Net::new(net.clone(), endpoint, &m.hubs).map_err(|e| e.to_string())?;
+            let dev = Net::new(net.clone(), endpoint, &m.hubs)?;
             let mac = dev.mac();
             m.net_ports.push((mac, dev.port().clone()));
             Ok((m.plug_virtio(slot, Box::new(dev))?, mac))
         };
-        let (slot, mac) = attach(self).map_err(|e| MachineError::Net(name.clone(), e))?;
+        let (slot, mac) = attach(self).map_err(|source| MachineError::Net {
+            name: name.clone(),
+            source,
+        })?;
         log::info!(
             "{name} mac {:02x?} at PCI 00:{slot:02x}.0{}",
             mac,
@@ -353,11 +412,11 @@ impl Machine {
             self.vm.msi_manager()?,
             self.vm.ioevent_manager(),
         )
-        .map_err(|e| MachineError::Viommu(e.to_string()))?;
+        .map_err(ViommuSetupError::from)?;
         let slot = self
             .pci
             .add_device_at(iommu.slot, Arc::new(Mutex::new(dev)))
-            .map_err(|e| MachineError::Viommu(e.to_string()))?;
+            .map_err(ViommuSetupError::from)?;
         let table = viot::build(viot::bdf(0, slot, 0), &iommu.endpoints);
         self.add_acpi_table(table);
         log::info!(

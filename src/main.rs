@@ -52,7 +52,7 @@ fn main() -> ExitCode {
             ExitCode::from(reason.exit_code() as u8)
         }
         Err(e) => {
-            eprintln!("vmm: error: {e}");
+            eprintln!("vmm: error: {}", vmm::report::Chain(&e));
             ExitCode::from(1)
         }
     }

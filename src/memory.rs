@@ -59,7 +59,7 @@ pub enum MemoryError {
     )]
     BadSize(u64),
     /// mmap of guest RAM failed.
-    #[error("cannot allocate guest RAM: {0}")]
+    #[error("cannot allocate guest RAM")]
     Alloc(#[from] vm_memory::mmap::FromRangesError),
 }
 

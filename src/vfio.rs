@@ -39,14 +39,14 @@ use crate::memory_slots::KvmMemorySlots;
 #[derive(Debug, thiserror::Error)]
 pub enum VfioError {
     /// KVM_CREATE_DEVICE(VFIO) failed.
-    #[error("creating the KVM VFIO device: {0}")]
-    KvmDevice(kvm_ioctls::Error),
+    #[error("creating the KVM VFIO device")]
+    KvmDevice(#[source] kvm_ioctls::Error),
     /// The device's IOMMU group could not be read.
-    #[error("{0}: no IOMMU group ({1}); is the IOMMU on and the device bound to vfio-pci?")]
-    Group(PathBuf, io::Error),
+    #[error("{}: no IOMMU group; is the IOMMU on and the device bound to vfio-pci?", .0.display())]
+    Group(PathBuf, #[source] io::Error),
     /// Opening /dev/vfio/vfio failed.
-    #[error("opening a VFIO container: {0}")]
-    Container(String),
+    #[error("opening a VFIO container")]
+    Container(#[source] vfio_ioctls::VfioError),
     /// Opening the device (group into the container, device fd) failed.
     #[error("{0}: {1}")]
     Device(PathBuf, String),
@@ -54,14 +54,14 @@ pub enum VfioError {
     #[error("{0}: IOMMU group {1} mixes iommu=on and iommu=off devices")]
     MixedGroup(PathBuf, u32),
     /// VFIO_IOMMU_GET_INFO failed.
-    #[error("group {0}: VFIO_IOMMU_GET_INFO: {1}")]
-    Info(u32, io::Error),
+    #[error("group {0}: VFIO_IOMMU_GET_INFO")]
+    Info(u32, #[source] io::Error),
     /// The passthrough PCI function could not be built.
-    #[error("{0}: {1}")]
-    Pci(PathBuf, pci::VfioPciError),
+    #[error("{}", .0.display())]
+    Pci(PathBuf, #[source] pci::VfioPciError),
     /// The static full-RAM mapping failed.
-    #[error("{0}: static DMA mapping of guest RAM: {1}")]
-    StaticMap(PathBuf, viommu::HostMapError),
+    #[error("{}: static DMA mapping of guest RAM", .0.display())]
+    StaticMap(PathBuf, #[source] viommu::HostMapError),
     /// The device is behind the vIOMMU but there is none.
     #[error("{0}: iommu=on needs --viommu virtio")]
     NoViommu(PathBuf),
@@ -265,10 +265,9 @@ impl Passthrough {
         }
         let new_container = match self.containers.get(&group) {
             Some(c) => c.container.clone(),
-            None => Arc::new(
-                VfioContainer::new(Some(handle.clone()))
-                    .map_err(|e| VfioError::Container(e.to_string()))?,
-            ),
+            None => {
+                Arc::new(VfioContainer::new(Some(handle.clone())).map_err(VfioError::Container)?)
+            }
         };
         let ops: Arc<dyn VfioOps> = new_container.clone();
         let device = VfioDevice::new(path, ops, false)

@@ -35,11 +35,11 @@ pub const TSS_ADDR: u64 = 0xfffb_d000;
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     /// /dev/kvm could not be opened.
-    #[error("cannot open /dev/kvm: {0}")]
-    OpenKvm(kvm_ioctls::Error),
+    #[error("cannot open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
     /// A VM ioctl failed.
-    #[error("{0} failed: {1}")]
-    Kvm(&'static str, kvm_ioctls::Error),
+    #[error("{0} failed")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
     /// Memory layout or allocation failed.
     #[error(transparent)]
     Memory(#[from] MemoryError),
@@ -47,8 +47,8 @@ pub enum VmError {
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
     /// Host resource (eventfd, thread) failure.
-    #[error("{0}: {1}")]
-    Io(&'static str, std::io::Error),
+    #[error("{0}")]
+    Io(&'static str, #[source] std::io::Error),
     /// Device registration failed.
     #[error("device setup: {0}")]
     Device(String),
