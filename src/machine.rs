@@ -352,7 +352,7 @@ impl Machine {
             let slot = self
                 .pci
                 .add_device_at(slot, Arc::new(Mutex::new(dev)))
-                .map_err(|e| VfioError::Device(path.clone(), format!("plugging: {e}")))?;
+                .map_err(|e| VfioError::Plug(path.clone(), e))?;
             log::info!("VFIO device {name} at PCI 00:{slot:02x}.0");
         }
         Ok(())
@@ -453,5 +453,41 @@ impl Machine {
         let vcpus = self.vm.create_vcpus()?;
         self.vm.configure_boot_vcpu(&vcpus, &info)?;
         Ok(self.vm.run(vcpus)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::Chain;
+    use std::error::Error;
+
+    #[test]
+    fn errors_keep_their_causes() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = MachineError::Disk {
+            name: "/d.img".into(),
+            source: AttachError::Backend(io),
+        };
+        assert_eq!(e.to_string(), "disk /d.img");
+        let cause = e.source().unwrap();
+        assert!(matches!(
+            cause.downcast_ref::<AttachError>(),
+            Some(AttachError::Backend(_))
+        ));
+        assert_eq!(Chain(&e).to_string(), "disk /d.img: caused by no such file");
+        let e = MachineError::Net {
+            name: "net hub=0".into(),
+            source: AttachError::NoViommu,
+        };
+        assert_eq!(
+            Chain(&e).to_string(),
+            "net hub=0: caused by iommu=on needs --viommu virtio"
+        );
+        let e = MachineError::from(VfioError::ContainerGone("/sys/x".into()));
+        assert_eq!(
+            Chain(&e).to_string(),
+            "vfio: caused by /sys/x: container vanished"
+        );
     }
 }

@@ -48,8 +48,26 @@ pub enum VfioError {
     #[error("opening a VFIO container")]
     Container(#[source] vfio_ioctls::VfioError),
     /// Opening the device (group into the container, device fd) failed.
-    #[error("{0}: {1}")]
-    Device(PathBuf, String),
+    #[error(
+        "{}: opening through VFIO failed (driver: {driver}; the function must be bound to \
+         vfio-pci; behind a virtio-iommu, vfio_iommu_type1 needs allow_unsafe_interrupts=1)",
+        path.display()
+    )]
+    Device {
+        /// The device.
+        path: PathBuf,
+        /// The host driver it is bound to (`none` if unbound).
+        driver: String,
+        /// Why.
+        #[source]
+        source: vfio_ioctls::VfioError,
+    },
+    /// The device's container was dropped before the device was attached (a VMM bug).
+    #[error("{}: container vanished", .0.display())]
+    ContainerGone(PathBuf),
+    /// The passthrough function could not be plugged into the PCI bus.
+    #[error("{}: plugging", .0.display())]
+    Plug(PathBuf, #[source] pci::PciError),
     /// Two devices of one group disagree on `iommu=`.
     #[error("{0}: IOMMU group {1} mixes iommu=on and iommu=off devices")]
     MixedGroup(PathBuf, u32),
@@ -270,8 +288,11 @@ impl Passthrough {
             }
         };
         let ops: Arc<dyn VfioOps> = new_container.clone();
-        let device = VfioDevice::new(path, ops, false)
-            .map_err(|e| VfioError::Device(path.to_path_buf(), device_hint(path, &e)))?;
+        let device = VfioDevice::new(path, ops, false).map_err(|source| VfioError::Device {
+            path: path.to_path_buf(),
+            driver: bound_driver(path),
+            source,
+        })?;
         if let Entry::Vacant(slot) = self.containers.entry(group) {
             let vfio = Arc::new(VfioDmaSpace::new(new_container.clone()));
             let info = vfio.query_info().map_err(|e| VfioError::Info(group, e))?;
@@ -381,7 +402,7 @@ impl Passthrough {
         let c = self
             .containers
             .get_mut(&o.group)
-            .ok_or_else(|| VfioError::Device(path.clone(), "container vanished".into()))?;
+            .ok_or_else(|| VfioError::ContainerGone(path.clone()))?;
         let setup = if c.iommu {
             let shadow = c.shadow.get_or_insert_with(|| {
                 Arc::new(
@@ -422,16 +443,12 @@ impl Drop for Passthrough {
     }
 }
 
-/// A readable reason for a failed `VfioDevice::new`, with the usual causes.
-fn device_hint(path: &Path, e: &vfio_ioctls::VfioError) -> String {
-    let driver = std::fs::read_link(path.join("driver"))
+/// The host driver `path` is bound to (`none` if unbound), for a failed `VfioDevice::new`.
+fn bound_driver(path: &Path) -> String {
+    std::fs::read_link(path.join("driver"))
         .ok()
         .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| "none".into());
-    format!(
-        "opening through VFIO failed: {e} (driver: {driver}; the function must be bound to \
-         vfio-pci; behind a virtio-iommu, vfio_iommu_type1 needs allow_unsafe_interrupts=1)"
-    )
+        .unwrap_or_else(|| "none".into())
 }
 
 #[cfg(test)]

@@ -49,9 +49,15 @@ pub enum VmError {
     /// Host resource (eventfd, thread) failure.
     #[error("{0}")]
     Io(&'static str, #[source] std::io::Error),
-    /// Device registration failed.
+    /// Unsupported configuration.
     #[error("device setup: {0}")]
     Device(String),
+    /// A legacy device could not be registered on a bus.
+    #[error("device setup")]
+    Bus(#[from] crate::bus::BusError),
+    /// Guest RAM has no host mapping.
+    #[error("device setup: guest RAM")]
+    Ram(#[source] vm_memory::GuestMemoryError),
 }
 
 /// What the VM is made of.
@@ -117,7 +123,7 @@ impl Vm {
         for (slot, region) in mem.iter().enumerate() {
             let host = mem
                 .get_host_address(region.start_addr())
-                .map_err(|e| VmError::Device(format!("guest RAM: {e}")))?;
+                .map_err(VmError::Ram)?;
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
                 guest_phys_addr: region.start_addr().0,
@@ -163,7 +169,6 @@ impl Vm {
 
     /// COM1 (IRQ 4 through an irqfd), CMOS, i8042, the ACPI PM registers and port 0x80.
     pub fn add_legacy_devices(&self, serial_out: Box<dyn Write + Send>) -> Result<(), VmError> {
-        let dev = |e: crate::bus::BusError| VmError::Device(e.to_string());
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Io("eventfd", e))?;
         if self.config.irqchip {
             self.fd
@@ -172,24 +177,19 @@ impl Vm {
         }
         let serial = SerialDevice::new(irq, serial_out);
         let pio = &self.buses.pio;
-        pio.insert(COM1_PORT.into(), 8, Arc::new(Mutex::new(serial)))
-            .map_err(dev)?;
-        pio.insert(0x70, 2, Arc::new(Mutex::new(Cmos::new())))
-            .map_err(dev)?;
+        pio.insert(COM1_PORT.into(), 8, Arc::new(Mutex::new(serial)))?;
+        pio.insert(0x70, 2, Arc::new(Mutex::new(Cmos::new())))?;
         pio.insert(
             0x60,
             5,
             Arc::new(Mutex::new(I8042::new(self.control.clone()))),
-        )
-        .map_err(dev)?;
+        )?;
         pio.insert(
             SLEEP_CONTROL_PORT.into(),
             3,
             Arc::new(Mutex::new(AcpiPm::new(self.control.clone()))),
-        )
-        .map_err(dev)?;
-        pio.insert(0x80, 1, Arc::new(Mutex::new(Sink)))
-            .map_err(dev)?;
+        )?;
+        pio.insert(0x80, 1, Arc::new(Mutex::new(Sink)))?;
         Ok(())
     }
 
