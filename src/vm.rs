@@ -263,7 +263,8 @@ pub fn run_vcpus(vcpus: Vec<Vcpu>, control: &Arc<VmControl>) -> Result<ExitReaso
         let (gate, ctl) = (go.clone(), control.clone());
         let t = std::thread::Builder::new().name(name).spawn(move || {
             if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu) {
-                let reason = ExitReason::Error(format!("vCPU {}: {e}", vcpu.id));
+                let reason =
+                    ExitReason::Error(format!("vCPU {}: {}", vcpu.id, crate::report::Chain(&e)));
                 ctl.request_stop(reason.clone());
                 return reason;
             }
@@ -279,7 +280,7 @@ pub fn run_vcpus(vcpus: Vec<Vcpu>, control: &Arc<VmControl>) -> Result<ExitReaso
         }
     }
     if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Main) {
-        control.request_stop(ExitReason::Error(e.to_string()));
+        control.request_stop(ExitReason::Error(crate::report::Chain(&e).to_string()));
     }
     go.open();
     // Wait for the stop request.

@@ -566,7 +566,7 @@ fn worker_loop(
     interrupt: Arc<dyn VirtioInterrupt>,
 ) {
     if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::BlockWorker) {
-        log::error!("virtio-blk worker: {e}");
+        log::error!("virtio-blk worker: {}", crate::report::Chain(&e));
         return;
     }
     let mut fds: Vec<libc::pollfd> = kicks
