@@ -305,4 +305,33 @@ mod tests {
             .unwrap_err()
             .contains("--device"));
     }
+
+    #[test]
+    fn errors_carry_the_option_and_its_typed_cause() {
+        use crate::config::OptionError;
+        use std::error::Error;
+        let e = parse(["--kernel", "k", "--disk", "ro"].map(String::from)).unwrap_err();
+        let ConfigError::Disk { arg, source } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(arg, "ro");
+        assert!(matches!(
+            source,
+            OptionError::NotKeyValue { family: "disk", .. }
+        ));
+        assert_eq!(e.to_string(), "--disk: disk option 'ro' is not key=value");
+        assert!(e.source().unwrap().is::<OptionError>());
+        let e = parse(["--kernel", "k", "--viommu=virtio,poll=x"].map(String::from)).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Viommu { arg, .. } if arg == "virtio,poll=x"),
+            "{e:?}"
+        );
+        let e = parse(["--kernel", "k", "--memory", "1T"].map(String::from)).unwrap_err();
+        assert_eq!(e.to_string(), "--memory: bad size '1T'");
+        assert!(e.source().is_some());
+        assert!(matches!(
+            parse(["--cpus"].map(String::from)),
+            Err(ConfigError::NeedsValue(n)) if n == "--cpus"
+        ));
+    }
 }
