@@ -4,10 +4,10 @@
 //! Extension points: [`Machine::pci_bus`] to add PCI devices, [`Machine::add_acpi_table`] to add
 //! a table before [`Machine::boot`].
 //!
-//! With `--viommu virtio` ([`crate::config::VmConfig::viommu`]) the machine gets a virtio-iommu PCI function
-//! (its slot is reserved at creation, it is plugged at boot once every endpoint is known), every
-//! `iommu=on` disk is registered as an endpoint (ID = its BDF) and translates all its DMA through
-//! it, and a VIOT table describes the topology to the guest.
+//! With `--viommu virtio` ([`crate::config::VmConfig::viommu`]) the machine gets a virtio-iommu
+//! PCI function (its slot is reserved at creation, it is plugged at boot once every endpoint is
+//! known), every `iommu=on` disk is registered as an endpoint (ID = its BDF) and translates all
+//! its DMA through it, and a VIOT table describes the topology to the guest.
 
 use std::io::Write;
 
