@@ -10,9 +10,9 @@ use kvm_bindings::kvm_segment;
 use pci::{MsiIrqManager, MsiMessage};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vmm::bus::BusDevice;
-use vmm::devices::block::BlockConfig;
+use vmm::config::{self, BlockConfig, SerialOutput};
 use vmm::lifecycle::ExitReason;
-use vmm::machine::{Machine, MachineConfig, SerialOutput};
+use vmm::machine::Machine;
 use vmm::vcpu::Vcpu;
 use vmm::vm::{Vm, VmConfig};
 
@@ -235,7 +235,7 @@ fn pci_config_cycles_and_acpi_poweroff() {
         return;
     }
     let disk = temp_disk();
-    let machine = Machine::new(MachineConfig {
+    let machine = Machine::new(config::VmConfig {
         kernel: "/nonexistent".into(),
         initramfs: None,
         cmdline: String::new(),
@@ -253,6 +253,7 @@ fn pci_config_cycles_and_acpi_poweroff() {
         devices: Vec::new(),
         nets: Vec::new(),
         seccomp: vmm::seccomp::SeccompMode::Off,
+        log_level: log::LevelFilter::Warn,
     })
     .unwrap();
     load(
