@@ -398,7 +398,7 @@ impl Passthrough {
         let path = o.config.path.clone();
         let dev = VfioPciDevice::from_vfio_device(o.device, msi, self.slots.clone())
             .map_err(|e| VfioError::Pci(path.clone(), e))?;
-        self.bars.add(dev.bar_maps());
+        self.bars.add(Arc::new(DeviceBars(dev.bar_maps())));
         let c = self
             .containers
             .get_mut(&o.group)
@@ -451,9 +451,30 @@ fn bound_driver(path: &Path) -> String {
         .unwrap_or_else(|| "none".into())
 }
 
+/// One passthrough device's BAR mmaps as a peer-to-peer target of the vIOMMU's shadow.
+struct DeviceBars(Arc<pci::VfioBarMaps>);
+
+// SAFETY: `VfioBarMaps` lists the VFIO region mmaps of a passthrough device's BARs: device
+// memory shared with the guest, never reached through Rust references.
+unsafe impl viommu::BarResolver for DeviceBars {
+    fn resolve(&self, gpa: u64) -> Option<(u64, u64)> {
+        self.0.mappings().into_iter().find_map(|m| {
+            let off = gpa.checked_sub(m.gpa)?;
+            (off < m.size).then(|| Some((m.host_addr.checked_add(off)?, m.size - off)))?
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vfio_bar_maps_resolver_without_mappings_resolves_nothing() {
+        use viommu::BarResolver;
+        let maps = DeviceBars(Arc::new(pci::VfioBarMaps::default()));
+        assert_eq!(maps.resolve(0x2_0000_0000), None);
+    }
 
     #[test]
     fn counted_space_counts_every_call_and_failure() {

@@ -15,8 +15,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use pci::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
 use viommu::{EndpointHandle, TranslatedMemory};
+use virtio_dev::{
+    usable_queue, wants_interrupt, ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt,
+};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic,
@@ -65,7 +67,6 @@ const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
 
 const HEADER_BYTES: u64 = 16;
-const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 const BOUNCE_BYTES: usize = 64 << 10;
 
 /// One descriptor of a chain, copied out of guest memory.
@@ -399,21 +400,6 @@ impl BlockBackend {
     }
 }
 
-/// Whether the driver wants an interrupt for the entries just added to the used ring: the
-/// EVENT_IDX rule when negotiated, else the avail ring's VRING_AVAIL_F_NO_INTERRUPT flag
-/// (which virtio-queue does not look at).
-fn wants_interrupt<M: GuestMemory>(queue: &mut Queue, mem: &M) -> bool {
-    let needs = queue.needs_notification(mem).unwrap_or(true);
-    if queue.event_idx_enabled() || !needs {
-        return needs;
-    }
-    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-    match mem.read_obj::<u16>(GuestAddress(queue.avail_ring())) {
-        Ok(flags) => u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0,
-        Err(_) => true,
-    }
-}
-
 /// How an activated device reaches guest memory.
 enum DeviceMemory {
     /// Guest-physical addresses (no vIOMMU).
@@ -529,31 +515,6 @@ impl Drop for Block {
     fn drop(&mut self) {
         self.stop_worker();
     }
-}
-
-fn build_queue<M: GuestMemory>(
-    qc: &QueueConfig,
-    max: u16,
-    event_idx: bool,
-    mem: &M,
-) -> Result<Queue, ActivateError> {
-    let mut q = Queue::new(max).map_err(|e| ActivateError::BadQueue(e.to_string()))?;
-    q.set_size(qc.size);
-    let split = |a: GuestAddress| (Some(a.0 as u32), Some((a.0 >> 32) as u32));
-    let (l, h) = split(qc.desc_table);
-    q.set_desc_table_address(l, h);
-    let (l, h) = split(qc.avail_ring);
-    q.set_avail_ring_address(l, h);
-    let (l, h) = split(qc.used_ring);
-    q.set_used_ring_address(l, h);
-    q.set_event_idx(event_idx);
-    q.set_ready(true);
-    if !q.is_valid(mem) {
-        return Err(ActivateError::BadQueue(format!(
-            "{qc:?} is not a valid queue"
-        )));
-    }
-    Ok(q)
 }
 
 /// Wait on the kick eventfds and the stop eventfd; serve queues until stopped.
@@ -675,14 +636,14 @@ impl VirtioDevice for Block {
                 let guard = m.memory();
                 queues
                     .iter()
-                    .map(|qc| build_queue(qc, QUEUE_SIZE, event_idx, &*guard))
+                    .map(|qc| usable_queue(qc, QUEUE_SIZE, event_idx, &*guard))
                     .collect::<Result<Vec<_>, _>>()?
             }
             DeviceMemory::Translated(t) => {
                 let pinned = t.pin();
                 queues
                     .iter()
-                    .map(|qc| build_queue(qc, QUEUE_SIZE, event_idx, &pinned))
+                    .map(|qc| usable_queue(qc, QUEUE_SIZE, event_idx, &pinned))
                     .collect::<Result<Vec<_>, _>>()?
             }
         };
