@@ -74,7 +74,6 @@ pub const VIRTIO_NET_ERR: u8 = 1;
 /// Control classes we acknowledge: RX mode, MAC table/address, VLAN filter, announce.
 const CTRL_CLASSES_OK: [u8; 4] = [0, 1, 2, 3];
 
-
 /// A generated MAC: locally administered, unique within the process.
 fn generated_mac() -> [u8; 6] {
     static N: AtomicU64 = AtomicU64::new(0);
