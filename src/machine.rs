@@ -143,6 +143,8 @@ pub struct Machine {
     hubs: crate::net::Hubs,
     /// Every virtio-net port (MAC, counters), for the exit summary.
     net_ports: Vec<([u8; 6], Arc<NetPort>)>,
+    /// Every disk (path, counters), for the exit summary.
+    disk_stats: Vec<(String, Arc<crate::devices::block::BlockStats>)>,
 }
 
 impl Machine {
@@ -187,6 +189,7 @@ impl Machine {
             passthrough,
             hubs: crate::net::Hubs::new(),
             net_ports: Vec::new(),
+            disk_stats: Vec::new(),
         };
         if let Some(opts) = m.config.viommu.clone() {
             let hosts = m.passthrough.viommu_hosts();
@@ -253,6 +256,12 @@ impl Machine {
         self.net_ports.clone()
     }
 
+    /// Each disk's path and counters; read them after [`Machine::boot`] returns for the exit
+    /// summary.
+    pub fn disk_stats(&self) -> Vec<(String, Arc<crate::devices::block::BlockStats>)> {
+        self.disk_stats.clone()
+    }
+
     /// PCI device number of the virtio-iommu (`None` without one).
     pub fn viommu_slot(&self) -> Option<u8> {
         self.iommu.as_ref().map(|i| i.slot)
@@ -307,7 +316,10 @@ impl Machine {
                 None
             };
             let blk = Block::with_endpoint(disk.clone(), endpoint)?;
-            m.plug_virtio(slot, Box::new(blk))
+            let stats = blk.stats().clone();
+            let slot = m.plug_virtio(slot, Box::new(blk))?;
+            m.disk_stats.push((disk.path.display().to_string(), stats));
+            Ok(slot)
         };
         let slot = attach(self).map_err(|source| MachineError::Disk {
             name: name.clone(),

@@ -29,7 +29,11 @@ fn main() -> ExitCode {
         let counters = m.viommu_counters();
         let vfio = m.vfio_counters();
         let nets = m.net_ports();
+        let disks = m.disk_stats();
         let r = m.boot();
+        for (disk, stats) in &disks {
+            eprintln!("{}", stats.snapshot().summary_line(disk));
+        }
         for (mac, port) in &nets {
             eprintln!("{}", port.stats().snapshot().summary_line(*mac));
         }
