@@ -39,18 +39,12 @@
 //! publication per request-queue batch, an UNMAP/DETACH completes only once no device still
 //! holds the previous view.
 
-pub mod counters;
-pub mod device;
-pub mod domain;
-pub mod fault;
-pub mod host;
-mod notify;
-pub mod request;
-pub mod shadow;
-pub mod snapshot;
-pub mod spec;
-pub mod static_map;
-pub mod translate;
+pub mod engine;
+pub mod virtio;
+
+// Old module paths, kept while the crate is reshaped.
+pub use engine::{host, shadow, state as domain, static_map, table as snapshot, translate};
+pub use virtio::{counters, device, event as fault, request, spec};
 
 pub use counters::{CounterSnapshot, Counters};
 pub use device::{ConfigError, Viommu, ViommuConfig};

@@ -64,10 +64,10 @@
 //!   region in each identity or boot-bypass container. Translated domains need nothing: the
 //!   guest maps what it wants, and composition reads the current memory map.
 //!
-//! Devices not behind the vIOMMU use [`crate::static_map::StaticMapping`] instead.
+//! Devices not behind the vIOMMU use [`crate::engine::static_map::StaticMapping`] instead.
 
-use crate::host::{DmaSpace, HostMapError, HostMapper, Prot};
-use crate::spec::{X86_MSI_END, X86_MSI_START};
+use crate::engine::host::{DmaSpace, HostMapError, HostMapper, Prot};
+use crate::virtio::spec::{X86_MSI_END, X86_MSI_START};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use vm_memory::{
@@ -146,7 +146,7 @@ pub struct ShadowConfig {
     /// Default: the x86 MSI doorbell window.
     pub reserved_gpa: Vec<(u64, u64)>,
     /// IOVA ranges (inclusive) the host IOMMU can translate, e.g. from
-    /// [`crate::host::vfio::HostIommuInfo::iova_ranges`]. A mapping must lie inside one of
+    /// [`crate::engine::host::vfio::HostIommuInfo::iova_ranges`]. A mapping must lie inside one of
     /// them, else RANGE without a host call. Empty: not checked (the host still refuses).
     pub host_iova_ranges: Vec<(u64, u64)>,
 }

@@ -3,7 +3,7 @@
 //! Removing access (UNMAP, DETACH, bypass off) completes only once no reader still holds the old
 //! view (publishing waits for that).
 
-use crate::fault::FaultReporter;
+use crate::virtio::event::FaultReporter;
 use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

@@ -1,13 +1,13 @@
 //! The host-mapper hook: where guest mappings of domains with host-backed (VFIO) endpoints are
 //! mirrored into a host IOMMU address space. The domain layer calls a [`HostMapper`] with guest
-//! physical addresses; [`crate::shadow::Shadow`] implements it by composing them with the VMM's
+//! physical addresses; [`crate::engine::shadow::Shadow`] implements it by composing them with the VMM's
 //! memory map and calling a [`DmaSpace`] (host virtual addresses): [`vfio::VfioDmaSpace`] on a
 //! VFIO container, or [`recording::RecordingMapper`] in tests (which implements both).
 
 pub mod recording;
 pub mod vfio;
 
-use crate::spec::Status;
+use crate::virtio::spec::Status;
 
 /// Access rights of one host mapping.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

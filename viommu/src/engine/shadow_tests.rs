@@ -1,11 +1,11 @@
 //! Unit tests of the shadowing engine and the static mapping, on the recording mapper.
 
 use super::*;
-use crate::domain::{Domains, Geometry, Limits, ResvKind, ResvRegion};
-use crate::fault::FaultReporter;
-use crate::host::recording::{HostOp, RecordingMapper};
-use crate::spec::{Status, ATTACH_F_BYPASS, MAP_F_READ, MAP_F_WRITE};
-use crate::static_map::{StaticMapping, StaticRange};
+use crate::engine::state::{Domains, Geometry, Limits, ResvKind, ResvRegion};
+use crate::virtio::event::FaultReporter;
+use crate::engine::host::recording::{HostOp, RecordingMapper};
+use crate::virtio::spec::{Status, ATTACH_F_BYPASS, MAP_F_READ, MAP_F_WRITE};
+use crate::engine::static_map::{StaticMapping, StaticRange};
 
 const MIB: u64 = 0x10_0000;
 const HIGH: u64 = 0x1_0000_0000;
@@ -746,7 +746,7 @@ mod props {
     type HostState = BTreeMap<u64, (u64, u64, Prot)>;
 
     /// What a container mirroring `maps` must hold.
-    fn expected(s: &Shadow, maps: &[crate::snapshot::Mapping]) -> HostState {
+    fn expected(s: &Shadow, maps: &[crate::engine::table::Mapping]) -> HostState {
         let mut out = BTreeMap::new();
         for m in maps.iter().filter(|m| m.read || m.write) {
             let prot = Prot {
@@ -777,9 +777,9 @@ mod props {
             d.add_endpoint(8, Some(sa.clone())).unwrap();
             d.add_endpoint(16, Some(sa.clone())).unwrap();
             d.add_endpoint(24, Some(sb.clone())).unwrap();
-            let ram_identity: Vec<crate::snapshot::Mapping> = ram
+            let ram_identity: Vec<crate::engine::table::Mapping> = ram
                 .iter()
-                .map(|&(g, l)| crate::snapshot::Mapping {
+                .map(|&(g, l)| crate::engine::table::Mapping {
                     start: g,
                     end: g + l - 1,
                     gpa: g,

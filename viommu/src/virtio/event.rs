@@ -2,9 +2,9 @@
 //! raise a fault; it is rate-limited and written to a buffer the driver posted on the event
 //! queue, or dropped cleanly when there is none.
 
-use crate::counters::Counters;
-use crate::snapshot::{Access, Miss};
-use crate::spec::{
+use crate::virtio::counters::Counters;
+use crate::engine::table::{Access, Miss};
+use crate::virtio::spec::{
     FaultRecord, EVENT_QUEUE, FAULT_F_ADDRESS, FAULT_F_READ, FAULT_F_WRITE, FAULT_R_DOMAIN,
     FAULT_R_MAPPING, FAULT_SIZE,
 };
@@ -240,7 +240,7 @@ fn deliver(q: &mut EventQueue, fault: &Fault) -> bool {
             break;
         }
     }
-    if crate::notify::wants_interrupt(&mut q.queue, &*mem) {
+    if crate::virtio::notify::wants_interrupt(&mut q.queue, &*mem) {
         q.interrupt.signal_queue(EVENT_QUEUE);
     }
     delivered

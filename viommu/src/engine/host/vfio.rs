@@ -14,10 +14,10 @@
 //! compat, nothing mapped) -> Invalid, a short unmap -> Failed.
 
 use super::{DmaSpace, HostMapError, Prot};
-use crate::device::{ViommuConfig, MAX_PROBE_SIZE};
-use crate::domain::{ResvKind, ResvRegion};
-use crate::shadow::ShadowConfig;
-use crate::spec::RESV_MEM_SIZE;
+use crate::virtio::device::{ViommuConfig, MAX_PROBE_SIZE};
+use crate::engine::state::{ResvKind, ResvRegion};
+use crate::engine::shadow::ShadowConfig;
+use crate::virtio::spec::RESV_MEM_SIZE;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, OnceLock};
@@ -85,7 +85,7 @@ pub enum GeometryError {
     TooManyRegions(usize),
     /// The resulting config is invalid.
     #[error(transparent)]
-    Config(#[from] crate::device::ConfigError),
+    Config(#[from] crate::virtio::device::ConfigError),
 }
 
 fn rd_u16(b: &[u8], off: usize) -> Option<u16> {
@@ -485,7 +485,7 @@ impl DmaSpace for VfioDmaSpace {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::{X86_MSI_END, X86_MSI_START};
+    use crate::virtio::spec::{X86_MSI_END, X86_MSI_START};
 
     /// A GET_INFO reply as the kernel lays it out: info, IOVA-range cap, DMA-avail cap.
     fn reply(pgsizes: u64, ranges: &[(u64, u64)], avail: Option<u32>) -> Vec<u8> {

@@ -2,10 +2,10 @@
 //! with the exact status, bounded state, host-mapper mirroring with rollback, and publication of
 //! the resulting views to the devices (once per batch).
 
-use crate::fault::FaultReporter;
-use crate::host::{HostMapError, HostMapper, Prot};
-use crate::snapshot::{DualTable, EndpointShared, Mapping, Mode, Table, View};
-use crate::spec::{Status, ATTACH_F_BYPASS, MAP_F_MASK, MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE};
+use crate::virtio::event::FaultReporter;
+use crate::engine::host::{HostMapError, HostMapper, Prot};
+use crate::engine::table::{DualTable, EndpointShared, Mapping, Mode, Table, View};
+use crate::virtio::spec::{Status, ATTACH_F_BYPASS, MAP_F_MASK, MAP_F_MMIO, MAP_F_READ, MAP_F_WRITE};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -35,8 +35,8 @@ impl Limits {
     /// four change-log slots, plus per domain 64 spare entries, a small log and its
     /// bookkeeping, plus the endpoints.
     pub fn memory_bound(&self) -> usize {
-        let op = crate::snapshot::TABLE_LOG_ENTRY_BYTES;
-        let entry = crate::snapshot::TABLE_BYTES_PER_ENTRY;
+        let op = crate::engine::table::TABLE_LOG_ENTRY_BYTES;
+        let entry = crate::engine::table::TABLE_BYTES_PER_ENTRY;
         let per_mapping = 3 * entry + 4 * op;
         let per_domain = DOMAIN_BYTES + 64 * entry + 256 * op + 4 * self.max_endpoints;
         self.max_total_mappings
@@ -922,7 +922,7 @@ impl Domains {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::recording::{HostOp, RecordingMapper};
+    use crate::engine::host::recording::{HostOp, RecordingMapper};
 
     fn domains() -> Domains {
         Domains::new(
@@ -1063,7 +1063,7 @@ mod tests {
         assert!(matches!(h.view().mode, Mode::Deny), "not yet published");
         d.publish();
         let v = h.view();
-        let m = v.translate(0x1234, crate::snapshot::Access::Read).unwrap();
+        let m = v.translate(0x1234, crate::engine::table::Access::Read).unwrap();
         assert_eq!(m.gpa_of(0x1234), 0x5234);
         drop(v);
         d.attach(2, 8, ATTACH_F_BYPASS);

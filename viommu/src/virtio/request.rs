@@ -2,7 +2,7 @@
 //! from guest memory is trusted after this point; a chain that does not parse is returned
 //! unwritten with used length 0.
 
-use crate::spec::{
+use crate::virtio::spec::{
     ReqAttach, ReqDetach, ReqHead, ReqMap, ReqProbe, ReqUnmap, TAIL_SIZE, T_ATTACH, T_DETACH,
     T_MAP, T_PROBE, T_UNMAP,
 };

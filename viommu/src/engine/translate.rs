@@ -8,9 +8,9 @@
 //! clipped to one RAM region), and packet-sized copies ([`TranslatedMemory::read_into`],
 //! [`TranslatedMemory::write_from`]) go to the region directly, one access per mapping piece.
 
-use crate::domain::EndpointHandle;
-use crate::fault::Fault;
-use crate::snapshot::{Access, Mapping, View};
+use crate::engine::state::EndpointHandle;
+use crate::virtio::event::Fault;
+use crate::engine::table::{Access, Mapping, View};
 use std::cell::Cell;
 use std::iter::FusedIterator;
 use std::sync::Arc;

@@ -1,12 +1,12 @@
 //! The virtio-iommu device (type 23) behind the virtio-pci transport: features, config space,
 //! the request queue (served inline on the vCPU thread that kicked) and the event queue.
 
-use crate::counters::Counters;
-use crate::domain::{DomainError, Domains, EndpointHandle, Geometry, Limits, ResvKind, ResvRegion};
-use crate::fault::{EventQueue, FaultRateLimit, FaultReporter};
-use crate::host::HostMapper;
-use crate::request::{parse, Reply, Request};
-use crate::spec::{
+use crate::virtio::counters::Counters;
+use crate::engine::state::{DomainError, Domains, EndpointHandle, Geometry, Limits, ResvKind, ResvRegion};
+use crate::virtio::event::{EventQueue, FaultRateLimit, FaultReporter};
+use crate::engine::host::HostMapper;
+use crate::virtio::request::{parse, Reply, Request};
+use crate::virtio::spec::{
     IommuConfig, ProbeProperty, ProbeResvMem, Status, CONFIG_BYPASS_OFFSET, EVENT_QUEUE,
     F_BYPASS_CONFIG, F_DOMAIN_RANGE, F_INPUT_RANGE, F_MAP_UNMAP, F_MMIO, F_PROBE, PROBE_T_RESV_MEM,
     REQUEST_QUEUE, RESV_MEM_SIZE, RESV_MEM_T_MSI, RESV_MEM_T_RESERVED, TAIL_SIZE,
@@ -340,7 +340,7 @@ impl Viommu {
     fn serve(
         &mut self,
         head: u16,
-        reply_result: Result<(Request, Reply), crate::request::ParseError>,
+        reply_result: Result<(Request, Reply), crate::virtio::request::ParseError>,
         mem: &GuestMemoryMmap,
     ) -> u32 {
         let (req, reply) = match reply_result {
@@ -414,7 +414,7 @@ impl Viommu {
                 break;
             }
         }
-        if served > 0 && crate::notify::wants_interrupt(&mut active.queue, &*mem) {
+        if served > 0 && crate::virtio::notify::wants_interrupt(&mut active.queue, &*mem) {
             active.interrupt.signal_queue(REQUEST_QUEUE);
         }
         self.completions = completions;
