@@ -167,7 +167,7 @@ impl Machine {
         };
         if let Some(opts) = m.config.viommu.clone() {
             let hosts = m.passthrough.viommu_hosts();
-            let cfg = viommu::host::vfio::viommu_config_for(opts.config(), &hosts)
+            let cfg = viommu::viommu_config_for(opts.config(), &hosts)
                 .map_err(|e| MachineError::Viommu(format!("host IOMMU geometry: {e}")))?;
             let mut dev = Viommu::new(cfg).map_err(|e| MachineError::Viommu(e.to_string()))?;
             if m.passthrough.any_translated() {

@@ -6,10 +6,10 @@
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
-use viommu::domain::{Domains, Geometry, Limits};
-use viommu::fault::FaultReporter;
-use viommu::host::{DmaSpace, HostMapError, HostMapper, Prot};
 use viommu::spec::{MAP_F_READ, MAP_F_WRITE};
+use viommu::FaultReporter;
+use viommu::{DmaSpace, HostMapError, HostMapper, Prot};
+use viommu::{Domains, Geometry, Limits};
 use viommu::{Shadow, Status};
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 

@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 use std::time::Instant;
-use viommu::domain::{Domains, Geometry, Limits};
-use viommu::fault::FaultReporter;
+use viommu::FaultReporter;
+use viommu::{Domains, Geometry, Limits};
 
 fn main() {
     for &n in &[1u64, 1_000, 100_000] {

@@ -66,8 +66,9 @@
 //!
 //! Devices not behind the vIOMMU use [`crate::engine::static_map::StaticMapping`] instead.
 
+use crate::engine::arch::{X86_MSI_END, X86_MSI_START};
+use crate::engine::host::vfio::HostIommuInfo;
 use crate::engine::host::{DmaSpace, HostMapError, HostMapper, Prot};
-use crate::virtio::spec::{X86_MSI_END, X86_MSI_START};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use vm_memory::{
@@ -156,6 +157,16 @@ impl Default for ShadowConfig {
         ShadowConfig {
             reserved_gpa: vec![(X86_MSI_START, X86_MSI_END)],
             host_iova_ranges: Vec::new(),
+        }
+    }
+}
+
+impl HostIommuInfo {
+    /// The shadow limits matching this host: its IOVA ranges, the default reserved GPAs.
+    pub fn shadow_config(&self) -> ShadowConfig {
+        ShadowConfig {
+            host_iova_ranges: self.iova_ranges.clone(),
+            ..ShadowConfig::default()
         }
     }
 }
@@ -463,4 +474,4 @@ impl HostMapper for Shadow {
 
 #[cfg(test)]
 #[path = "shadow_tests.rs"]
-mod tests;
+pub(crate) mod tests;

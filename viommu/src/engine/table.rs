@@ -1,77 +1,12 @@
-//! Published, immutable translation state. The domain layer owns the master tables and
-//! publishes one [`View`] per endpoint through an `ArcSwap`; devices load it without locking.
-//! Removing access (UNMAP, DETACH, bypass off) completes only once no reader still holds the old
-//! view (publishing waits for that).
+//! An address space's mapping table as a left-right pair: the engine updates a private copy in
+//! place, readers get the published copy (immutable, behind an `Arc`); publishing swaps them
+//! and the retired copy catches up by replaying a change log.
 
-use crate::virtio::event::FaultReporter;
-use arc_swap::ArcSwap;
+use super::mapping::Mapping;
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
-/// One guest mapping: IOVA `start..=end` -> GPA `gpa..`, with its rights.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Mapping {
-    /// First IOVA.
-    pub start: u64,
-    /// Last IOVA (inclusive).
-    pub end: u64,
-    /// Guest-physical address of `start`.
-    pub gpa: u64,
-    /// Reads allowed.
-    pub read: bool,
-    /// Writes allowed.
-    pub write: bool,
-    /// The target is MMIO (MAP_F_MMIO).
-    pub mmio: bool,
-}
-
-impl Mapping {
-    /// The identity mapping over the whole 64-bit space (bypass).
-    pub const IDENTITY: Mapping = Mapping {
-        start: 0,
-        end: u64::MAX,
-        gpa: 0,
-        read: true,
-        write: true,
-        mmio: false,
-    };
-
-    /// Whether `iova` lies inside.
-    #[inline]
-    pub fn contains(&self, iova: u64) -> bool {
-        self.start <= iova && iova <= self.end
-    }
-
-    /// Whether the mapping grants `access`.
-    #[inline]
-    pub fn allows(&self, access: Access) -> bool {
-        match access {
-            Access::Read => self.read,
-            Access::Write => self.write,
-            Access::ReadWrite => self.read && self.write,
-        }
-    }
-
-    /// GPA of `iova` (which must be inside).
-    #[inline]
-    pub fn gpa_of(&self, iova: u64) -> u64 {
-        self.gpa.wrapping_add(iova.wrapping_sub(self.start))
-    }
-}
-
-/// Kind of access a device makes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Access {
-    /// Device reads guest memory.
-    Read,
-    /// Device writes guest memory.
-    Write,
-    /// Both.
-    ReadWrite,
-}
-
-/// A domain's mapping table, keyed by the first IOVA (O(log n) update and lookup).
+/// An address space's mapping table, keyed by the first IOVA (O(log n) update and lookup).
 pub type Table = BTreeMap<u64, Mapping>;
 
 /// The mapping containing `iova`, if any.
@@ -101,10 +36,10 @@ enum TableOp {
     Remove(u64),
 }
 
-/// A domain's table as a left-right pair: readers use the published copy (immutable, behind an
-/// `Arc`), the domain layer updates a private copy in place. Publishing hands the private copy
-/// to readers; the previously published copy is taken back once no reader holds it and catches
-/// up by replaying the logged changes. Every update is O(log n) and nothing is ever copied
+/// An address space's table as a left-right pair: readers use the published copy (immutable,
+/// behind an `Arc`), the engine updates a private copy in place. Publishing hands the private
+/// copy to readers; the previously published copy is taken back once no reader holds it and
+/// catches up by replaying the logged changes. Every update is O(log n) and nothing is ever copied
 /// whole, whatever the table size.
 #[derive(Debug, Default)]
 pub struct DualTable {
@@ -130,7 +65,7 @@ impl DualTable {
         }
     }
 
-    /// The current state (for reads by the domain layer).
+    /// The current state (for reads by the engine).
     pub fn state(&self) -> &Table {
         static EMPTY: Table = Table::new();
         match (&self.cur, &self.published) {
@@ -143,11 +78,6 @@ impl DualTable {
     /// Number of mappings.
     pub fn len(&self) -> usize {
         self.state().len()
-    }
-
-    /// Whether there is no mapping.
-    pub fn is_empty(&self) -> bool {
-        self.state().is_empty()
     }
 
     /// Estimated heap bytes of every copy this pair holds (private, published, retired) and
@@ -226,7 +156,7 @@ impl DualTable {
     /// The table readers should see now: publishes the private copy if anything changed.
     /// The previous copy is kept for reclaiming only while catching it up is cheaper than
     /// copying: after a batch with more changes than the new table has entries (e.g. an
-    /// UNMAP of most of it) it is dropped with the log, so a quiet domain never holds more
+    /// unmap of most of it) it is dropped with the log, so a quiet space never holds more
     /// than about three times its live mappings.
     pub fn publish(&mut self) -> Arc<Table> {
         if self.changed || self.published.is_none() {
@@ -248,112 +178,6 @@ impl DualTable {
     }
 }
 
-/// How an endpoint's accesses are treated.
-#[derive(Clone, Debug)]
-pub enum Mode {
-    /// Unattached with bypass off: every access faults (reason DOMAIN).
-    Deny,
-    /// Unattached with bypass on, or attached to a bypass domain: identity.
-    Bypass,
-    /// Attached to a paging domain: translate through its table.
-    Translate(Arc<Table>),
-}
-
-/// Why a translation failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Miss {
-    /// The endpoint has no domain and may not bypass.
-    NoDomain,
-    /// No mapping covers the address, or it forbids the access.
-    NoMapping,
-}
-
-/// What one endpoint sees at one point in time.
-#[derive(Debug)]
-pub struct View {
-    /// Increases with every publication (caches compare it).
-    pub generation: u64,
-    /// Translation mode.
-    pub mode: Mode,
-}
-
-impl View {
-    /// The mapping that serves `iova` for `access`.
-    #[inline]
-    pub fn translate(&self, iova: u64, access: Access) -> Result<Mapping, Miss> {
-        match &self.mode {
-            Mode::Bypass => Ok(Mapping::IDENTITY),
-            Mode::Deny => Err(Miss::NoDomain),
-            Mode::Translate(t) => match lookup(t, iova) {
-                Some(m) if m.allows(access) => Ok(*m),
-                _ => Err(Miss::NoMapping),
-            },
-        }
-    }
-}
-
-/// The part of an endpoint that devices share with the domain layer.
-#[derive(Debug)]
-pub struct EndpointShared {
-    /// Endpoint ID (PCI BDF).
-    pub id: u32,
-    view: ArcSwap<View>,
-    /// Views replaced since the last synchronous publication that a device may still hold
-    /// (pinned for a request): a later UNMAP must wait for them too, not only for the view it
-    /// replaces. Holds only views still referenced, so it is bounded by what devices pin.
-    retired: Mutex<Vec<Arc<View>>>,
-    /// Where translation faults go.
-    pub(crate) faults: Arc<FaultReporter>,
-}
-
-/// How long to wait for readers before logging that a device holds an old view.
-const SLOW_READER: Duration = Duration::from_millis(100);
-
-impl EndpointShared {
-    pub(crate) fn new(id: u32, initial: View, faults: Arc<FaultReporter>) -> Self {
-        EndpointShared {
-            id,
-            view: ArcSwap::from_pointee(initial),
-            retired: Mutex::new(Vec::new()),
-            faults,
-        }
-    }
-
-    /// Borrow the current view (lock-free; keep it short).
-    pub fn load(&self) -> arc_swap::Guard<Arc<View>> {
-        self.view.load()
-    }
-
-    /// Take a reference on the current view (for a device pinning it over one request).
-    pub fn load_full(&self) -> Arc<View> {
-        self.view.load_full()
-    }
-
-    /// Publish `view`; when `sync`, return only once no reader holds any earlier view (a
-    /// request may have pinned one published before the previous one).
-    pub(crate) fn publish(&self, view: View, sync: bool) {
-        let old = self.view.swap(Arc::new(view));
-        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
-        retired.push(old);
-        if sync {
-            for v in retired.drain(..) {
-                wait_unshared(self.id, v);
-            }
-        } else {
-            retired.retain(|v| Arc::strong_count(v) > 1);
-        }
-    }
-}
-
-/// Wait until `old` is the last reference. `ArcSwap::swap` has already converted every
-/// outstanding lock-free guard into a counted reference, so the strong count is exact.
-fn wait_unshared(endpoint: u32, old: Arc<View>) {
-    wait_for(
-        || Arc::strong_count(&old) == 1,
-        &format_args!("view of endpoint {endpoint:#x}"),
-    );
-}
-
 /// Spins spent waiting for readers to leave a retired table before copying instead.
 const RECLAIM_SPINS: u32 = 4096;
 
@@ -366,29 +190,6 @@ fn spin_until(done: impl Fn() -> bool, max: u32) -> bool {
         std::hint::spin_loop();
     }
     done()
-}
-
-/// Spin, then yield, until `done()`; log once if a reader is slow.
-fn wait_for(done: impl Fn() -> bool, what: &dyn std::fmt::Display) {
-    let mut spins = 0u32;
-    let mut started: Option<Instant> = None;
-    let mut warned = false;
-    while !done() {
-        if spins < 64 {
-            spins += 1;
-            std::hint::spin_loop();
-            continue;
-        }
-        let t0 = *started.get_or_insert_with(Instant::now);
-        if !warned && t0.elapsed() > SLOW_READER {
-            log::warn!(
-                "virtio-iommu: a device still uses an old {what} after {SLOW_READER:?}; \
-                 waiting for it"
-            );
-            warned = true;
-        }
-        std::thread::yield_now();
-    }
 }
 
 #[cfg(test)]
@@ -461,60 +262,5 @@ mod tests {
             t.publish().keys().copied().collect::<Vec<_>>(),
             vec![0x9000, 0xa000]
         );
-    }
-
-    #[test]
-    fn view_checks_rights() {
-        let mut t = Table::new();
-        t.insert(0, map(0, 0xfff, 0));
-        let v = View {
-            generation: 1,
-            mode: Mode::Translate(Arc::new(t)),
-        };
-        assert!(v.translate(0x10, Access::Read).is_ok());
-        assert_eq!(v.translate(0x10, Access::Write), Err(Miss::NoMapping));
-        assert_eq!(v.translate(0x1000, Access::Read), Err(Miss::NoMapping));
-        let d = View {
-            generation: 1,
-            mode: Mode::Deny,
-        };
-        assert_eq!(d.translate(0, Access::Read), Err(Miss::NoDomain));
-    }
-
-    #[test]
-    fn publish_waits_for_pinned_readers() {
-        let faults = Arc::new(FaultReporter::new(Default::default(), Default::default()));
-        let ep = Arc::new(EndpointShared::new(
-            1,
-            View {
-                generation: 0,
-                mode: Mode::Bypass,
-            },
-            faults,
-        ));
-        let pinned = ep.load_full();
-        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let barrier = Arc::new(std::sync::Barrier::new(2));
-        let (r2, b2, ep2) = (released.clone(), barrier.clone(), ep.clone());
-        let t = std::thread::spawn(move || {
-            // A lock-free guard taken on another thread: the swap must account for it.
-            let guard = ep2.load();
-            b2.wait();
-            std::thread::sleep(Duration::from_millis(50));
-            r2.store(true, std::sync::atomic::Ordering::SeqCst);
-            drop(guard);
-        });
-        barrier.wait();
-        drop(pinned);
-        ep.publish(
-            View {
-                generation: 1,
-                mode: Mode::Deny,
-            },
-            true,
-        );
-        assert!(released.load(std::sync::atomic::Ordering::SeqCst));
-        t.join().unwrap();
-        assert_eq!(ep.load().generation, 1);
     }
 }

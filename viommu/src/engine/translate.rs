@@ -8,9 +8,10 @@
 //! clipped to one RAM region), and packet-sized copies ([`TranslatedMemory::read_into`],
 //! [`TranslatedMemory::write_from`]) go to the region directly, one access per mapping piece.
 
-use crate::engine::state::EndpointHandle;
-use crate::virtio::event::Fault;
-use crate::engine::table::{Access, Mapping, View};
+use crate::engine::endpoint::EndpointHandle;
+use crate::engine::fault::Fault;
+use crate::engine::mapping::{Access, Mapping};
+use crate::engine::view::View;
 use std::cell::Cell;
 use std::iter::FusedIterator;
 use std::sync::Arc;

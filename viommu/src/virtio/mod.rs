@@ -1,8 +1,10 @@
-//! The virtio-iommu front end.
+//! The virtio-iommu front end (virtio device type 23).
 
-pub mod counters;
-pub mod device;
-pub mod event;
+pub(crate) mod config;
+pub(crate) mod counters;
+pub(crate) mod device;
+pub(crate) mod event;
 mod notify;
-pub mod request;
+pub(crate) mod request;
+pub(crate) mod rules;
 pub mod spec;

@@ -100,11 +100,6 @@ impl Reply {
         self.total
     }
 
-    /// Whether there is no writable byte.
-    pub fn is_empty(&self) -> bool {
-        self.total == 0
-    }
-
     fn push(&mut self, addr: u64, len: u32) -> Result<(), ParseError> {
         if len == 0 {
             return Ok(());
