@@ -1,5 +1,5 @@
 //! Cost of the shadowing engine itself (run with `cargo bench -p viommu --bench shadow`): a
-//! guest MAP + UNMAP through the domain layer into a `Shadow` over a host space that does
+//! guest MAP + UNMAP through the rules and the engine into a `Shadow` over a host space that does
 //! nothing, with 1 to 100 000 mappings already mirrored; i.e. what we add on top of the VFIO
 //! ioctl per request.
 

@@ -1,4 +1,5 @@
-//! Where MAP/UNMAP time goes in the domain layer (run with `cargo bench -p viommu --bench tablecost`).
+//! Where MAP/UNMAP time goes in the rules and the engine (run with
+//! `cargo bench -p viommu --bench tablecost`).
 
 use std::sync::Arc;
 use std::time::Instant;

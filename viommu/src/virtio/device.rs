@@ -88,7 +88,7 @@ impl Viommu {
     }
 
     /// Register an endpoint whose DMA goes through the host IOMMU `host` (e.g. VFIO); the
-    /// domain layer mirrors its domain's mappings there.
+    /// engine mirrors its domain's mappings there.
     pub fn add_host_endpoint(
         &mut self,
         id: u32,

@@ -16,7 +16,7 @@ const MAX_READABLE: usize = size_of::<ReqProbe>();
 /// Writable descriptors accepted in one chain.
 const MAX_WRITE_SEGS: usize = 8;
 
-/// A validated request (reserved fields are checked by the handler, which must answer INVAL).
+/// A request of the right size for its type (the rules check its reserved fields).
 #[derive(Clone, Copy, Debug)]
 pub enum Request {
     /// ATTACH.

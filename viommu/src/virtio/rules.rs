@@ -363,7 +363,8 @@ impl Domains {
         }
     }
 
-    /// PROBE `endpoint` (its reply body is [`Self::probe_properties`]).
+    /// PROBE `endpoint` (the device writes the reply body: one RESV_MEM property per reserved
+    /// region).
     pub fn probe(&self, endpoint: u32) -> Status {
         // "If the endpoint identified by endpoint doesn't exist, then the device SHOULD reject
         // the request and set status to VIRTIO_IOMMU_S_NOENT."
