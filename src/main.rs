@@ -8,7 +8,10 @@ use vmm::machine::Machine;
 
 fn main() -> ExitCode {
     let (config, level) = match cli::parse(std::env::args().skip(1)) {
-        Ok(Command::Run(c, l)) => (c, l),
+        Ok(Command::Run(c)) => {
+            let level = c.log_level;
+            (c, level)
+        }
         Ok(Command::SeccompSelftest(kind, mode)) => {
             return ExitCode::from(vmm::seccomp::selftest(kind, mode) as u8);
         }
@@ -49,7 +52,7 @@ fn main() -> ExitCode {
             ExitCode::from(reason.exit_code() as u8)
         }
         Err(e) => {
-            eprintln!("vmm: error: {e}");
+            eprintln!("vmm: error: {}", vmm::report::Chain(&e));
             ExitCode::from(1)
         }
     }

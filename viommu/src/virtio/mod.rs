@@ -4,7 +4,6 @@ pub(crate) mod config;
 pub(crate) mod counters;
 pub(crate) mod device;
 pub(crate) mod event;
-mod notify;
 pub(crate) mod request;
 pub(crate) mod rules;
 pub mod spec;
