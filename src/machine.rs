@@ -108,7 +108,7 @@ pub enum AttachError {
 pub enum ViommuSetupError {
     /// The host IOMMUs of the assigned devices do not fit the configuration.
     #[error("host IOMMU geometry")]
-    Geometry(#[source] viommu::host::vfio::GeometryError),
+    Geometry(#[source] viommu::GeometryError),
     /// The device refused its configuration.
     #[error(transparent)]
     Config(#[from] viommu::ConfigError),
@@ -193,7 +193,7 @@ impl Machine {
         };
         if let Some(opts) = m.config.viommu.clone() {
             let hosts = m.passthrough.viommu_hosts();
-            let cfg = viommu::host::vfio::viommu_config_for(opts.config(), &hosts)
+            let cfg = viommu::viommu_config_for(opts.config(), &hosts)
                 .map_err(ViommuSetupError::Geometry)?;
             let mut dev = Viommu::new(cfg).map_err(ViommuSetupError::from)?;
             if m.passthrough.any_translated() {

@@ -5,7 +5,7 @@
 //! `VfioContainer` per IOMMU group (a group keeps its own container for the VM's lifetime) and
 //! opens every `VfioDevice`; [`Passthrough::viommu_hosts`] then gives the
 //! [`HostIommuInfo`] of each container whose devices sit behind the vIOMMU, for
-//! `viommu::host::vfio::viommu_config_for`.
+//! `viommu::viommu_config_for`.
 //!
 //! [`Passthrough::attach`] turns one opened device into a [`VfioPciDevice`] (BARs mapped into
 //! the guest with [`KvmMemorySlots`]) and sets up its DMA:
@@ -478,7 +478,7 @@ mod tests {
 
     #[test]
     fn counted_space_counts_every_call_and_failure() {
-        use viommu::host::recording::RecordingMapper;
+        use viommu::RecordingMapper;
         let rec = Arc::new(RecordingMapper::new());
         let counters = Arc::new(DmaCounters::default());
         let space = Counted {
