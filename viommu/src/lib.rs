@@ -51,6 +51,7 @@ pub mod snapshot;
 pub mod spec;
 pub mod static_map;
 pub mod translate;
+pub mod vtd;
 
 pub use counters::{CounterSnapshot, Counters};
 pub use device::{ConfigError, Viommu, ViommuConfig};
