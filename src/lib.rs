@@ -5,7 +5,8 @@
 //! `vm` (KVM VM assembly), `vcpu` (registers, run loop), `bus` (exit dispatch), `irq` (GSI
 //! routing, irqfd, ioeventfd), `pci_host` (exits into the `pci` crate), `devices` (serial,
 //! legacy, virtio-blk), `iommu` (the virtio-iommu options and exit counters), `viot` (the ACPI
-//! table naming the IOMMU and its endpoints), `machine` (a bootable Linux machine), `cli` and
+//! table naming the IOMMU and its endpoints), `dmar` (the ACPI table of the emulated VT-d, not
+//! wired yet), `machine` (a bootable Linux machine), `cli` and
 //! `logger` for the binary.
 
 pub mod acpi;
@@ -13,6 +14,7 @@ pub mod boot;
 pub mod bus;
 pub mod cli;
 pub mod devices;
+pub mod dmar;
 pub mod iommu;
 pub mod irq;
 pub mod lifecycle;
