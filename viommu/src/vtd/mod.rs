@@ -38,3 +38,6 @@ pub mod queue;
 pub mod regs;
 pub mod tables;
 pub mod walk;
+
+#[cfg(test)]
+mod flow_tests;
