@@ -12,8 +12,10 @@ use crate::spec::{
     REQUEST_QUEUE, RESV_MEM_SIZE, RESV_MEM_T_MSI, RESV_MEM_T_RESERVED, TAIL_SIZE,
     VIRTIO_F_VERSION_1, VIRTIO_ID_IOMMU, X86_MSI_END, X86_MSI_START,
 };
-use pci::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
 use std::sync::Arc;
+use virtio_dev::{
+    build_queue, wants_interrupt, ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt,
+};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -146,17 +148,6 @@ pub struct Viommu {
 
 fn bit(b: u32) -> u64 {
     1u64 << b
-}
-
-fn to_queue(max: u16, cfg: &QueueConfig) -> Result<Queue, ActivateError> {
-    let bad = |e: virtio_queue::Error| ActivateError::BadQueue(e.to_string());
-    let mut q = Queue::new(max).map_err(bad)?;
-    q.try_set_size(cfg.size).map_err(bad)?;
-    q.try_set_desc_table_address(cfg.desc_table).map_err(bad)?;
-    q.try_set_avail_ring_address(cfg.avail_ring).map_err(bad)?;
-    q.try_set_used_ring_address(cfg.used_ring).map_err(bad)?;
-    q.set_ready(cfg.ready);
-    Ok(q)
 }
 
 impl Viommu {
@@ -414,7 +405,7 @@ impl Viommu {
                 break;
             }
         }
-        if served > 0 && crate::notify::wants_interrupt(&mut active.queue, &*mem) {
+        if served > 0 && wants_interrupt(&mut active.queue, &*mem) {
             active.interrupt.signal_queue(REQUEST_QUEUE);
         }
         self.completions = completions;
@@ -495,8 +486,8 @@ impl VirtioDevice for Viommu {
                 queues.len()
             )));
         }
-        let req = to_queue(self.queue_sizes[0], &queues[0])?;
-        let evt = to_queue(self.queue_sizes[1], &queues[1])?;
+        let req = build_queue(&queues[0], self.queue_sizes[0], false)?;
+        let evt = build_queue(&queues[1], self.queue_sizes[1], false)?;
         let evt_ok = {
             let m = mem.memory();
             if !req.is_valid(&*m) {

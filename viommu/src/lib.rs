@@ -14,7 +14,7 @@
 //! // device side, after its own activate(): translate every address through the endpoint
 //! let mem = viommu::TranslatedMemory::from_atomic(&guest_mem_atomic, ep.clone());
 //! let req_mem = mem.pin();                         // one pinned copy per request
-//! // hand `iommu` (Box<dyn pci::VirtioDevice>) to the virtio-pci transport
+//! // hand `iommu` (Box<dyn virtio_dev::VirtioDevice>) to the virtio-pci transport
 //! ```
 //!
 //! Assigned (VFIO) devices: [`shadow::Shadow`] mirrors a domain's mappings into the device's
@@ -44,7 +44,6 @@ pub mod device;
 pub mod domain;
 pub mod fault;
 pub mod host;
-mod notify;
 pub mod request;
 pub mod shadow;
 pub mod snapshot;
