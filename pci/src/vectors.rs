@@ -3,7 +3,7 @@
 //! writing its irqfd, and released (route removed) when the owner is dropped.
 
 use crate::irq::{MsiIrqManager, MsiMessage, MsiVector};
-use log::warn;
+use log::{debug, warn};
 use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -77,16 +77,25 @@ impl VectorRoutes {
         }
     }
 
-    /// Raise vector `v`, routing it to `msg()` first if it has no route.
-    pub(crate) fn fire(&mut self, v: usize, msg: impl FnOnce() -> MsiMessage) {
-        if self.routes[v].is_none() && !self.set_route(v, Some(msg())) {
-            return;
+    /// Raise vector `v` through its irqfd. False, and nothing done, when it has no GSI or no
+    /// route: the caller keeps it pending and the next [`VectorRoutes::set_route`] (on a vCPU,
+    /// after a guest write) retries. Raising never allocates or routes: device worker threads
+    /// raise vectors, and their seccomp filters allow neither eventfd creation nor KVM ioctls.
+    pub(crate) fn fire(&mut self, v: usize) -> bool {
+        let Some(vector) = self.vectors[v]
+            .as_ref()
+            .filter(|_| self.routes[v].is_some())
+        else {
+            debug!(
+                "{}: vector {v} raised without a route, left pending",
+                self.label
+            );
+            return false;
+        };
+        if let Err(e) = vector.irqfd.write(1) {
+            warn!("{}: irqfd write for vector {v} failed: {e}", self.label);
         }
-        if let Some(vector) = &self.vectors[v] {
-            if let Err(e) = vector.irqfd.write(1) {
-                warn!("{}: irqfd write for vector {v} failed: {e}", self.label);
-            }
-        }
+        true
     }
 }
 
