@@ -163,6 +163,39 @@ impl Buses {
         log::trace!("unhandled port write {port:#x} {data:x?}");
     }
 
+    /// Port read exit of `data.len() / size` elements of `size` (1, 2 or 4) bytes: one per
+    /// repetition of `rep ins`, one for a plain `in`. Each element is its own access, in
+    /// order. A size KVM never reports reads all ones without an access.
+    pub fn pio_in(&self, port: u16, size: usize, data: &mut [u8]) {
+        if !valid_elements(size, data.len()) {
+            log::debug!(
+                "port read {port:#x}: {} bytes in {size}-byte elements",
+                data.len()
+            );
+            data.fill(0xff);
+            return;
+        }
+        for element in data.chunks_exact_mut(size) {
+            self.pio_read(port, element);
+        }
+    }
+
+    /// Port write exit of `data.len() / size` elements of `size` (1, 2 or 4) bytes (`rep
+    /// outs`, or a plain `out`): each element is its own access, in order. A size KVM never
+    /// reports is dropped.
+    pub fn pio_out(&self, port: u16, size: usize, data: &[u8]) {
+        if !valid_elements(size, data.len()) {
+            log::debug!(
+                "port write {port:#x}: {} bytes in {size}-byte elements",
+                data.len()
+            );
+            return;
+        }
+        for element in data.chunks_exact(size) {
+            self.pio_write(port, element);
+        }
+    }
+
     /// MMIO read exit. Unclaimed reads return all ones.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
         if self.mmio.read(addr, data) {
@@ -189,6 +222,11 @@ impl Buses {
         }
         log::debug!("unhandled MMIO write {addr:#x} {data:x?}");
     }
+}
+
+/// `len` bytes are a whole number of port accesses of `size` bytes.
+fn valid_elements(size: usize, len: usize) -> bool {
+    matches!(size, 1 | 2 | 4) && len & (size - 1) == 0
 }
 
 #[cfg(test)]
@@ -226,6 +264,55 @@ mod tests {
         assert!(!bus.write(0x3ff, &[1, 2]));
         assert_eq!(a.lock().unwrap().log, vec![(false, 5, vec![5])]);
         assert_eq!(b.lock().unwrap().log, vec![(true, 1, vec![9])]);
+    }
+
+    /// String port I/O: one access per element, in order, each of the element's size.
+    #[test]
+    fn port_exits_dispatch_one_access_per_element() {
+        let buses = Buses::new();
+        let dev = Arc::new(Mutex::new(Recorder { log: vec![] }));
+        buses.pio.insert(0x500, 4, dev.clone()).unwrap();
+        buses.pio_out(0x501, 1, &[1, 2, 3]);
+        buses.pio_out(0x502, 2, &[4, 5, 6, 7]);
+        let mut d = [0u8; 6];
+        buses.pio_in(0x500, 2, &mut d);
+        assert_eq!(d, [0; 6]);
+        let mut d = [0u8; 8];
+        buses.pio_in(0x500, 4, &mut d);
+        assert_eq!(
+            dev.lock().unwrap().log,
+            vec![
+                (true, 1, vec![1]),
+                (true, 1, vec![2]),
+                (true, 1, vec![3]),
+                (true, 2, vec![4, 5]),
+                (true, 2, vec![6, 7]),
+                (false, 0, vec![0, 0]),
+                (false, 0, vec![0, 0]),
+                (false, 0, vec![0, 0]),
+                (false, 0, vec![0; 4]),
+                (false, 0, vec![0; 4]),
+            ]
+        );
+        dev.lock().unwrap().log.clear();
+        // An element past the device's range is unclaimed on its own; sizes KVM never
+        // reports make no access at all.
+        let mut d = [0u8; 4];
+        buses.pio_in(0x502, 2, &mut d[..2]);
+        buses.pio_in(0x503, 2, &mut d[2..]);
+        assert_eq!(d, [2, 2, 0xff, 0xff]);
+        let mut d = [0u8; 6];
+        buses.pio_in(0x500, 3, &mut d);
+        assert_eq!(d, [0xff; 6]);
+        buses.pio_in(0x500, 0, &mut d);
+        buses.pio_in(0x500, 4, &mut d);
+        assert_eq!(d, [0xff; 6]);
+        buses.pio_out(0x500, 2, &[1, 2, 3]);
+        buses.pio_out(0x500, 8, &[0; 8]);
+        assert_eq!(dev.lock().unwrap().log, vec![(false, 2, vec![2, 2])]);
+        buses.pio_out(0x500, 1, &[]);
+        buses.pio_in(0x500, 1, &mut []);
+        assert_eq!(dev.lock().unwrap().log.len(), 1);
     }
 
     #[test]
