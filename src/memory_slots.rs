@@ -167,16 +167,23 @@ mod tests {
         p as u64
     }
 
+    /// Slots on a fresh VM; `None` (the test reported skipped) without a usable /dev/kvm.
+    #[track_caller]
     fn slots(max: u32) -> Option<KvmMemorySlots> {
-        let kvm = Kvm::new().ok()?;
-        let vm = kvm.create_vm().ok()?;
+        let kvm = match Kvm::new() {
+            Ok(kvm) => kvm,
+            Err(e) => {
+                test_skip::skip(format_args!("/dev/kvm not usable ({e})"));
+                return None;
+            }
+        };
+        let vm = kvm.create_vm().expect("KVM_CREATE_VM");
         Some(KvmMemorySlots::new(Arc::new(vm), max, false))
     }
 
     #[test]
     fn ids_above_ram_reused_and_bounded() {
         let Some(s) = slots(FIRST_DEVICE_SLOT + 2) else {
-            eprintln!("no /dev/kvm: skipped");
             return;
         };
         let host = anon(0x4000);
@@ -200,7 +207,6 @@ mod tests {
     #[test]
     fn bad_requests_are_refused() {
         let Some(s) = slots(FIRST_DEVICE_SLOT + 8) else {
-            eprintln!("no /dev/kvm: skipped");
             return;
         };
         let host = anon(0x2000);

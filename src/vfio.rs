@@ -538,9 +538,9 @@ mod tests {
 
     #[test]
     fn no_devices_opens_nothing() {
-        let Ok(kvm) = Kvm::new() else {
-            eprintln!("no /dev/kvm: skipped");
-            return;
+        let kvm = match Kvm::new() {
+            Ok(kvm) => kvm,
+            Err(e) => return test_skip::skip(format_args!("/dev/kvm not usable ({e})")),
         };
         let vm = Arc::new(kvm.create_vm().unwrap());
         let p = Passthrough::open(&kvm, &vm, &[]).unwrap();
@@ -552,9 +552,9 @@ mod tests {
 
     #[test]
     fn a_missing_device_is_a_clear_error() {
-        let Ok(kvm) = Kvm::new() else {
-            eprintln!("no /dev/kvm: skipped");
-            return;
+        let kvm = match Kvm::new() {
+            Ok(kvm) => kvm,
+            Err(e) => return test_skip::skip(format_args!("/dev/kvm not usable ({e})")),
         };
         let vm = Arc::new(kvm.create_vm().unwrap());
         let cfg = VfioDeviceConfig {

@@ -12,6 +12,7 @@ use vmm::vcpu::Vcpu;
 use vmm::vm::{Vm, VmConfig};
 
 /// A VM with the in-kernel irqchip, or a skip when /dev/kvm is unusable.
+#[track_caller]
 fn irqchip_vm() -> Option<Vm> {
     if let Err(e) = kvm_ioctls::Kvm::new() {
         test_skip::skip(format_args!("/dev/kvm not usable ({e})"));

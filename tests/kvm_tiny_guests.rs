@@ -1,7 +1,7 @@
 //! Fast tests on the host's /dev/kvm with tiny guests assembled here (hand-written machine
 //! code): exit dispatch (port I/O, MMIO, HLT), PCI config cycles through CF8/CFC, ACPI power
 //! off, stopping every vCPU, and MSI delivery through irqfd + GSI routing.
-//! Every test prints why and passes when /dev/kvm is unusable.
+//! Without a usable /dev/kvm every test reports itself skipped (`test_skip::skip`).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,11 +16,13 @@ use vmm::machine::{Machine, MachineConfig, SerialOutput};
 use vmm::vcpu::Vcpu;
 use vmm::vm::{Vm, VmConfig};
 
+/// Is /dev/kvm usable? If not, the calling test is reported skipped.
+#[track_caller]
 fn kvm_usable() -> bool {
     match kvm_ioctls::Kvm::new() {
         Ok(_) => true,
         Err(e) => {
-            eprintln!("skipping: /dev/kvm not usable ({e})");
+            test_skip::skip(format_args!("/dev/kvm not usable ({e})"));
             false
         }
     }

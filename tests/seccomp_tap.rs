@@ -1,6 +1,7 @@
 //! A TAP reader thread under its seccomp filter (`--seccomp on`): frames the host sends on the
 //! interface still reach the port's sink. A forbidden call in the reader would end this test
-//! process with status 159 (the VMM's SIGSYS handler). Skipped without /dev/net/tun access.
+//! process with status 159 (the VMM's SIGSYS handler). Reported skipped without /dev/net/tun
+//! access.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -84,8 +85,7 @@ fn tap_reader_delivers_frames_under_its_filter() {
     let tap = match Tap::open(&name, sink.clone()) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("skipped: cannot open a TAP ({e})");
-            return;
+            return test_skip::skip(format_args!("cannot open a TAP ({e})"));
         }
     };
     set_up(tap.name()).expect("interface up");
