@@ -20,12 +20,13 @@ INTEGRATION_TESTS := $(sort $(filter-out guests,$(basename $(notdir \
 STAGE_TIMES := $(CURDIR)/.cache/stage-times.tsv
 TIMED := STAGE_TIMES=$(STAGE_TIMES) .ci/timed
 # Tests that cannot run on this host (no /dev/kvm, no TAP, no guest kernel) record themselves
-# here (tests/skip); stages 1 and 2 empty it first and list it at the end (.ci/timed).
+# in this file (`vmm::skip`); the test stages empty it first and count and list what was
+# skipped at their end (.ci/timed with SKIP_LOG; the stage result reads "ok, N skipped").
 # `make test-integration VMM_TEST_NO_SKIP=1` fails such tests instead.
-SKIP_FILE := $(abspath $(or $(CARGO_TARGET_DIR),target))/skipped.txt
-TESTS_TIMED := VMM_SKIP_FILE=$(SKIP_FILE) $(TIMED)
+export VMM_SKIP_LOG := $(CURDIR)/target/skipped.txt
+TESTS_TIMED := SKIP_LOG=$(VMM_SKIP_LOG) $(TIMED)
 
-.PHONY: help all deps guest-image guest-image-dpdk vmm-static run test test-unit test-integration test-images \
+.PHONY: help all deps guest-image guest-image-dpdk vmm-static run test test-lint test-unit test-integration test-images \
 	test-guests bench bench-micro bench-guest-programs clean distclean
 
 all: vmm-static guest-image
@@ -62,12 +63,17 @@ run: deps guest-image vmm-static
 test:
 	@mkdir -p .cache && : >$(STAGE_TIMES)
 	@start=$$(date +%s); rc=0; \
-	for stage in test-unit test-integration test-images test-guests; do \
+	for stage in test-lint test-unit test-integration test-images test-guests; do \
 		$(MAKE) --no-print-directory $$stage || { rc=$$?; [ "$(KEEP_GOING)" = 1 ] || break; }; \
 	done; \
 	echo "==> stage times (s):"; awk -F'\t' '{ printf "    %-16s %8s s  %s\n", $$1, $$2, $$3 }' $(STAGE_TIMES); \
 	echo "==> make test: $$( [ $$rc = 0 ] && echo ok || echo FAILED ) in $$(( $$(date +%s) - start )) s"; \
 	exit $$rc
+
+## test-lint (stage 0): rustfmt and clippy (warnings are errors) on every crate and target.
+test-lint:
+	$(TIMED) 0-lint bash -c '$(CARGO) fmt --all --check && \
+		$(CARGO) clippy --workspace --all-targets -- -D warnings'
 
 ## test-unit (stage 1): unit tests and doc tests of every crate; lists the tests that skipped.
 test-unit:

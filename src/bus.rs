@@ -163,36 +163,26 @@ impl Buses {
         log::trace!("unhandled port write {port:#x} {data:x?}");
     }
 
-    /// Port read exit of `data.len() / size` elements of `size` (1, 2 or 4) bytes: one per
-    /// repetition of `rep ins`, one for a plain `in`. Each element is its own access, in
-    /// order. A size KVM never reports reads all ones without an access.
-    pub fn pio_in(&self, port: u16, size: usize, data: &mut [u8]) {
-        if !valid_elements(size, data.len()) {
-            log::debug!(
-                "port read {port:#x}: {} bytes in {size}-byte elements",
-                data.len()
-            );
-            data.fill(0xff);
-            return;
-        }
-        for element in data.chunks_exact_mut(size) {
-            self.pio_read(port, element);
+    /// Port read exit of `data.len() / size` elements of `size` bytes each (`rep insb/w/d` gives
+    /// several; a plain `in` one): each element is its own access, in order, as on hardware.
+    /// A size that does not divide the data area (never given by KVM) is one access.
+    pub fn pio_read_elements(&self, port: u16, data: &mut [u8], size: usize) {
+        match element_size(data.len(), size) {
+            Some(size) => data
+                .chunks_exact_mut(size)
+                .for_each(|el| self.pio_read(port, el)),
+            None => self.pio_read(port, data),
         }
     }
 
-    /// Port write exit of `data.len() / size` elements of `size` (1, 2 or 4) bytes (`rep
-    /// outs`, or a plain `out`): each element is its own access, in order. A size KVM never
-    /// reports is dropped.
-    pub fn pio_out(&self, port: u16, size: usize, data: &[u8]) {
-        if !valid_elements(size, data.len()) {
-            log::debug!(
-                "port write {port:#x}: {} bytes in {size}-byte elements",
-                data.len()
-            );
-            return;
-        }
-        for element in data.chunks_exact(size) {
-            self.pio_write(port, element);
+    /// Port write exit of `data.len() / size` elements (`rep outsb/w/d`); see
+    /// [`Buses::pio_read_elements`].
+    pub fn pio_write_elements(&self, port: u16, data: &[u8], size: usize) {
+        match element_size(data.len(), size) {
+            Some(size) => data
+                .chunks_exact(size)
+                .for_each(|el| self.pio_write(port, el)),
+            None => self.pio_write(port, data),
         }
     }
 
@@ -224,9 +214,9 @@ impl Buses {
     }
 }
 
-/// `len` bytes are a whole number of port accesses of `size` bytes.
-fn valid_elements(size: usize, len: usize) -> bool {
-    matches!(size, 1 | 2 | 4) && len & (size - 1) == 0
+/// The element size of a port I/O exit whose data area is `len` bytes, if it splits evenly.
+fn element_size(len: usize, size: usize) -> Option<usize> {
+    (size > 0 && len.is_multiple_of(size) && len > size).then_some(size)
 }
 
 #[cfg(test)]
@@ -266,55 +256,6 @@ mod tests {
         assert_eq!(b.lock().unwrap().log, vec![(true, 1, vec![9])]);
     }
 
-    /// String port I/O: one access per element, in order, each of the element's size.
-    #[test]
-    fn port_exits_dispatch_one_access_per_element() {
-        let buses = Buses::new();
-        let dev = Arc::new(Mutex::new(Recorder { log: vec![] }));
-        buses.pio.insert(0x500, 4, dev.clone()).unwrap();
-        buses.pio_out(0x501, 1, &[1, 2, 3]);
-        buses.pio_out(0x502, 2, &[4, 5, 6, 7]);
-        let mut d = [0u8; 6];
-        buses.pio_in(0x500, 2, &mut d);
-        assert_eq!(d, [0; 6]);
-        let mut d = [0u8; 8];
-        buses.pio_in(0x500, 4, &mut d);
-        assert_eq!(
-            dev.lock().unwrap().log,
-            vec![
-                (true, 1, vec![1]),
-                (true, 1, vec![2]),
-                (true, 1, vec![3]),
-                (true, 2, vec![4, 5]),
-                (true, 2, vec![6, 7]),
-                (false, 0, vec![0, 0]),
-                (false, 0, vec![0, 0]),
-                (false, 0, vec![0, 0]),
-                (false, 0, vec![0; 4]),
-                (false, 0, vec![0; 4]),
-            ]
-        );
-        dev.lock().unwrap().log.clear();
-        // An element past the device's range is unclaimed on its own; sizes KVM never
-        // reports make no access at all.
-        let mut d = [0u8; 4];
-        buses.pio_in(0x502, 2, &mut d[..2]);
-        buses.pio_in(0x503, 2, &mut d[2..]);
-        assert_eq!(d, [2, 2, 0xff, 0xff]);
-        let mut d = [0u8; 6];
-        buses.pio_in(0x500, 3, &mut d);
-        assert_eq!(d, [0xff; 6]);
-        buses.pio_in(0x500, 0, &mut d);
-        buses.pio_in(0x500, 4, &mut d);
-        assert_eq!(d, [0xff; 6]);
-        buses.pio_out(0x500, 2, &[1, 2, 3]);
-        buses.pio_out(0x500, 8, &[0; 8]);
-        assert_eq!(dev.lock().unwrap().log, vec![(false, 2, vec![2, 2])]);
-        buses.pio_out(0x500, 1, &[]);
-        buses.pio_in(0x500, 1, &mut []);
-        assert_eq!(dev.lock().unwrap().log.len(), 1);
-    }
-
     #[test]
     fn rejects_overlaps() {
         let bus = Bus::new();
@@ -336,5 +277,43 @@ mod tests {
         assert_eq!(d, [0xff; 4]);
         buses.mmio_read(0xd000_0000, &mut d);
         assert_eq!(d, [0xff; 4]);
+    }
+
+    #[test]
+    fn string_port_io_is_one_access_per_element() {
+        let buses = Buses::new();
+        let dev = Arc::new(Mutex::new(Recorder { log: vec![] }));
+        buses.pio.insert(0x80, 4, dev.clone()).unwrap();
+        // rep outsw of three words to port 0x80: three 2-byte writes in order.
+        buses.pio_write_elements(0x80, &[1, 2, 3, 4, 5, 6], 2);
+        // rep insb of four bytes from port 0x81: four 1-byte reads.
+        let mut d = [0u8; 4];
+        buses.pio_read_elements(0x81, &mut d, 1);
+        assert_eq!(d, [1; 4]);
+        // A plain 4-byte out is one access.
+        buses.pio_write_elements(0x80, &[7, 8, 9, 10], 4);
+        // An element count of 2 dwords on a 4-byte range: each dword fits, so both land.
+        buses.pio_write_elements(0x80, &[1, 1, 1, 1, 2, 2, 2, 2], 4);
+        let log = dev.lock().unwrap().log.clone();
+        assert_eq!(
+            log,
+            vec![
+                (true, 0, vec![1, 2]),
+                (true, 0, vec![3, 4]),
+                (true, 0, vec![5, 6]),
+                (false, 1, vec![1]),
+                (false, 1, vec![1]),
+                (false, 1, vec![1]),
+                (false, 1, vec![1]),
+                (true, 0, vec![7, 8, 9, 10]),
+                (true, 0, vec![1, 1, 1, 1]),
+                (true, 0, vec![2, 2, 2, 2]),
+            ]
+        );
+        // Sizes that do not split the area evenly fall back to one access.
+        assert_eq!(element_size(6, 4), None);
+        assert_eq!(element_size(6, 0), None);
+        assert_eq!(element_size(2, 2), None);
+        assert_eq!(element_size(8, 2), Some(2));
     }
 }

@@ -20,6 +20,11 @@ pub const IOAPIC_PINS: u32 = 24;
 pub const MAX_GSI: u32 = KVM_MAX_IRQ_ROUTES as u32;
 /// Most entries one KVM_SET_GSI_ROUTING takes, the IOAPIC/PIC defaults included.
 pub const MAX_ROUTES: usize = KVM_MAX_IRQ_ROUTES;
+/// The default IOAPIC/PIC routes (16 PIC + 24 IOAPIC entries).
+const DEFAULT_ROUTES: usize = 40;
+/// MSI vectors that can hold a GSI at once: every one may be routed, and the whole table
+/// (defaults included) must still fit in [`MAX_ROUTES`], or every commit would fail.
+pub const MAX_MSI_GSIS: usize = MAX_ROUTES - DEFAULT_ROUTES;
 
 /// The routing table and the GSI allocator, independent of KVM (unit-testable).
 ///
@@ -91,7 +96,8 @@ impl RoutingTable {
         }
     }
 
-    /// How many GSIs can be allocated at once: every one of them fits a commit with its route.
+    /// How many GSIs can be allocated at once ([`MAX_MSI_GSIS`]): every one of them fits a
+    /// commit with its route.
     pub fn capacity(&self) -> usize {
         MAX_ROUTES - self.defaults.len()
     }
@@ -372,8 +378,9 @@ mod tests {
         while let Ok(g) = t.allocate() {
             gsis.push(g);
         }
-        assert_eq!(gsis.len(), MAX_ROUTES - 40);
+        assert_eq!(gsis.len(), MAX_MSI_GSIS);
         assert_eq!(t.capacity(), gsis.len());
+        assert_eq!(RoutingTable::new().entries().len(), DEFAULT_ROUTES);
         assert!(gsis.iter().all(|&g| (IOAPIC_PINS..MAX_GSI).contains(&g)));
         assert_eq!(t.allocate().unwrap_err().kind(), io::ErrorKind::OutOfMemory);
         let mut commits = 0;
@@ -386,7 +393,9 @@ mod tests {
             .unwrap();
         }
         assert_eq!(commits, gsis.len());
+        // KVM takes at most KVM_MAX_IRQ_ROUTES entries: the full table still commits.
         assert_eq!(t.entries().len(), MAX_ROUTES);
+        assert!(KvmIrqRouting::from_entries(&t.entries()).is_ok());
     }
 
     #[test]

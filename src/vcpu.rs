@@ -19,8 +19,8 @@ use crate::lifecycle::{ExitReason, VmControl};
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     /// A KVM vCPU ioctl failed.
-    #[error("vCPU {0}: {1} failed: {2}")]
-    Kvm(u8, &'static str, kvm_ioctls::Error),
+    #[error("vCPU {0}: {1} failed")]
+    Kvm(u8, &'static str, #[source] kvm_ioctls::Error),
     /// Not every MSR was accepted.
     #[error("vCPU {0}: KVM accepted {1} of {2} MSRs")]
     Msrs(u8, usize, usize),
@@ -277,8 +277,8 @@ impl Vcpu {
         // this thread is out of KVM_RUN.
         let data = unsafe { std::slice::from_raw_parts_mut(base.add(start), len) };
         match u32::from(io.direction) {
-            KVM_EXIT_IO_IN => self.buses.pio_in(io.port, size, data),
-            KVM_EXIT_IO_OUT => self.buses.pio_out(io.port, size, data),
+            KVM_EXIT_IO_IN => self.buses.pio_read_elements(io.port, data, size),
+            KVM_EXIT_IO_OUT => self.buses.pio_write_elements(io.port, data, size),
             d => log::error!("vCPU {id}: port I/O exit with direction {d}"),
         }
     }

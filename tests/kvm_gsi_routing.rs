@@ -11,16 +11,13 @@ use vmm::seccomp::{self, SeccompMode, ThreadKind};
 use vmm::vcpu::Vcpu;
 use vmm::vm::{Vm, VmConfig};
 
-/// A VM with the in-kernel irqchip, or a skip when /dev/kvm is unusable.
-#[track_caller]
-fn irqchip_vm() -> Option<Vm> {
-    if let Err(e) = kvm_ioctls::Kvm::new() {
-        test_skip::skip(format_args!("/dev/kvm not usable ({e})"));
-        return None;
-    }
+/// A VM with the in-kernel irqchip, or `None` with `test` recorded as skipped.
+fn irqchip_vm(test: &str) -> Option<Vm> {
+    let test = format!("kvm_gsi_routing::{test}");
+    vmm::skip::kvm_or_skip(&test)?;
     // Every MSI vector holds an eventfd: thousands of descriptors.
     if let Err(e) = raise_fd_limit(8192) {
-        test_skip::skip(format_args!("cannot raise RLIMIT_NOFILE to 8192 ({e})"));
+        vmm::skip::skipped(&test, &format!("cannot raise RLIMIT_NOFILE to 8192 ({e})"));
         return None;
     }
     Some(
@@ -91,7 +88,8 @@ fn wait_irr(vcpu: &Vcpu, vector: u8) -> bool {
 /// takes changes and KVM delivers through it.
 #[test]
 fn every_allocated_gsi_can_be_routed_and_a_full_table_keeps_working() {
-    let Some(vm) = irqchip_vm() else {
+    let Some(vm) = irqchip_vm("every_allocated_gsi_can_be_routed_and_a_full_table_keeps_working")
+    else {
         return;
     };
     let vcpus = vm.create_vcpus().unwrap();
@@ -166,7 +164,7 @@ fn programmed_table(msi: Arc<dyn MsiIrqManager>, n: u16) -> MsixConfig {
 /// table write allocates and routes them.
 #[test]
 fn a_worker_raising_an_unrouted_vector_stays_inside_its_filter() {
-    let Some(vm) = irqchip_vm() else {
+    let Some(vm) = irqchip_vm("a_worker_raising_an_unrouted_vector_stays_inside_its_filter") else {
         return;
     };
     let msi: Arc<dyn MsiIrqManager> = vm.msi_manager().unwrap();

@@ -1,7 +1,6 @@
 //! A TAP reader thread under its seccomp filter (`--seccomp on`): frames the host sends on the
 //! interface still reach the port's sink. A forbidden call in the reader would end this test
-//! process with status 159 (the VMM's SIGSYS handler). Reported skipped without /dev/net/tun
-//! access.
+//! process with status 159 (the VMM's SIGSYS handler). Skipped without /dev/net/tun access.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -85,7 +84,11 @@ fn tap_reader_delivers_frames_under_its_filter() {
     let tap = match Tap::open(&name, sink.clone()) {
         Ok(t) => t,
         Err(e) => {
-            return test_skip::skip(format_args!("cannot open a TAP ({e})"));
+            vmm::skip::skipped(
+                "seccomp_tap::tap_reader_delivers_frames_under_its_filter",
+                &format!("cannot open a TAP ({e})"),
+            );
+            return;
         }
     };
     set_up(tap.name()).expect("interface up");

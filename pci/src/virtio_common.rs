@@ -2,13 +2,13 @@
 //! per-queue setup, plus the interrupt state it shares with the running device.
 
 use crate::msix::MsixConfig;
-use crate::virtio_device::{QueueConfig, VirtioInterrupt};
 use log::{debug, warn};
 use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use virtio_bindings::virtio_config::{
     VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
 };
+use virtio_dev::{QueueConfig, VirtioInterrupt};
 use vm_memory::GuestAddress;
 
 /// "No MSI-X vector" in msix_config and queue_msix_vector.
@@ -652,6 +652,10 @@ mod tests {
         // The driver resets and the device negotiates normally again.
         assert_eq!(w(&mut c, 0x14, 1, 0), CommonAction::Reset);
         c.reset();
+        assert_eq!((c.status(), c.acked_features()), (0, 0));
+        w(&mut c, 0x16, 2, 1);
+        assert_eq!(r(&c, 0x18, 2), 64, "reset restores queue 1's size");
+        assert_eq!(r(&c, 0x1c, 2), 0, "and disables it");
         negotiate(&mut c, 0b10, 3);
         assert_eq!(c.status(), 0xb);
         assert_eq!(c.acked_features(), FEATURES & !0b1000);
