@@ -12,6 +12,7 @@ pub mod acpi;
 pub mod boot;
 pub mod bus;
 pub mod cli;
+pub mod config;
 pub mod devices;
 pub mod iommu;
 pub mod irq;
