@@ -20,7 +20,8 @@ use pci::{QueueConfig, VirtioDevice, VirtioInterrupt};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm::devices::net::{Net, NetBackendConfig, NetConfig};
+use vmm::config::{NetBackendConfig, NetConfig};
+use vmm::devices::net::Net;
 use vmm::net::Hubs;
 
 const EP_A: u32 = 0x10;

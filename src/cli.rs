@@ -1,18 +1,8 @@
-//! Command-line parsing for the `vmm` binary.
+//! Command-line parsing for the `vmm` binary: argv's syntax (`--name value`, `--name=value`,
+//! help, the hidden seccomp self-test); every option's value goes through [`crate::config`].
 
-use std::path::PathBuf;
-
-use log::LevelFilter;
-
-use crate::devices::block::BlockConfig;
-use crate::devices::net::NetConfig;
-use crate::iommu::ViommuOptions;
-use crate::machine::{MachineConfig, SerialOutput};
-use crate::memory::parse_size;
-use crate::vfio::VfioDeviceConfig;
-
-/// Default kernel command line.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+use crate::config::{ConfigError, VmConfig, VmConfigBuilder, VmOption};
+use crate::seccomp::{SeccompMode, ThreadKind};
 
 /// Usage text.
 pub const USAGE: &str = "\
@@ -59,32 +49,42 @@ usage: vmm --kernel BZIMAGE [options]
 #[allow(clippy::large_enum_variant)] // built once per process
 pub enum Command {
     /// Boot a machine.
-    Run(MachineConfig, LevelFilter),
+    Run(VmConfig),
     /// Print help.
     Help,
     /// Hidden, for tests (`--seccomp-selftest KIND`): install the filter of thread kind KIND
     /// on a thread, make an allowed call, then a forbidden one (socket), and report.
-    SeccompSelftest(crate::seccomp::ThreadKind, crate::seccomp::SeccompMode),
+    SeccompSelftest(ThreadKind, SeccompMode),
 }
 
-/// Parse arguments (without the program name).
-pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String> {
-    let mut kernel = None;
-    let mut initramfs = None;
-    let mut cmdline = DEFAULT_CMDLINE.to_string();
-    let mut memory = 512u64 << 20;
-    let mut cpus = 2u8;
-    let mut disks = Vec::new();
-    let mut devices = Vec::new();
-    let mut nets = Vec::new();
-    let mut serial = SerialOutput::Stdout;
-    let mut viommu = None;
-    let mut seccomp = crate::seccomp::SeccompMode::On;
+/// A command line `vmm` does not take; the `Display` is the message for the user.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CliError {
+    /// A word that is not an option.
+    #[error("unexpected argument '{0}'")]
+    UnexpectedArgument(String),
+    /// An option `vmm` does not have.
+    #[error("unknown option '{0}'")]
+    UnknownOption(String),
+    /// The last option has no value.
+    #[error("{0} needs a value")]
+    NeedsValue(String),
+    /// `--seccomp-selftest` names no thread kind.
+    #[error("--seccomp-selftest: unknown thread kind '{0}'")]
+    SelftestKind(String),
+    /// A bad option value, or options that do not fit together.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// Parse arguments (without the program name); `rust_log` is the `RUST_LOG` variable, the
+/// log level unless `--log-level` is given.
+pub fn parse<I: IntoIterator<Item = String>>(
+    args: I,
+    rust_log: Option<&str>,
+) -> Result<Command, CliError> {
+    let mut config = VmConfigBuilder::new(rust_log);
     let mut selftest = None;
-    let mut level = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(LevelFilter::Warn);
     let mut it = args.into_iter();
     while let Some(arg) = it.next() {
         if arg == "-h" || arg == "--help" {
@@ -95,121 +95,41 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
             _ => (arg.clone(), None),
         };
         if !name.starts_with("--") {
-            return Err(format!("unexpected argument '{arg}'"));
+            return Err(CliError::UnexpectedArgument(arg));
         }
-        let mut value = || -> Result<String, String> {
-            match inline.clone() {
-                Some(v) => Ok(v),
-                None => it.next().ok_or(format!("{name} needs a value")),
-            }
+        let mut value = || match inline.clone() {
+            Some(v) => Ok(v),
+            None => it.next().ok_or_else(|| CliError::NeedsValue(name.clone())),
         };
-        match name.as_str() {
-            "--kernel" => kernel = Some(PathBuf::from(value()?)),
-            "--initramfs" => initramfs = Some(PathBuf::from(value()?)),
-            "--cmdline" => cmdline = value()?,
-            "--memory" => {
-                let v = value()?;
-                memory = parse_size(&v).ok_or(format!("--memory: bad size '{v}'"))?;
-            }
-            "--cpus" => {
-                let v = value()?;
-                cpus = v
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=254).contains(n))
-                    .ok_or(format!("--cpus: expected 1..254, got '{v}'"))?;
-            }
-            "--disk" => {
-                disks.push(BlockConfig::parse(&value()?).map_err(|e| format!("--disk: {e}"))?)
-            }
-            "--net" => nets.push(NetConfig::parse(&value()?).map_err(|e| format!("--net: {e}"))?),
-            "--device" => devices
-                .push(VfioDeviceConfig::parse(&value()?).map_err(|e| format!("--device: {e}"))?),
-            "--viommu" => {
-                viommu = ViommuOptions::parse(&value()?).map_err(|e| format!("--viommu: {e}"))?
-            }
-            "--serial" => {
-                let v = value()?;
-                serial = if v == "stdout" {
-                    SerialOutput::Stdout
-                } else if let Some(p) = v.strip_prefix("file=").filter(|p| !p.is_empty()) {
-                    SerialOutput::File(p.into())
-                } else {
-                    return Err(format!("--serial: expected stdout or file=PATH, got '{v}'"));
-                };
-            }
-            "--seccomp" => {
-                seccomp = crate::seccomp::SeccompMode::parse(&value()?)
-                    .map_err(|e| format!("--seccomp: {e}"))?
-            }
-            "--seccomp-selftest" => {
-                let v = value()?;
-                selftest = Some(
-                    crate::seccomp::ThreadKind::parse(&v)
-                        .ok_or(format!("--seccomp-selftest: unknown thread kind '{v}'"))?,
-                );
-            }
-            "--log-level" => {
-                let v = value()?;
-                level = crate::logger::parse_level(&v)
-                    .ok_or(format!("--log-level: bad level '{v}'"))?;
-            }
-            _ => return Err(format!("unknown option '{name}'")),
+        if name == "--seccomp-selftest" {
+            let v = value()?;
+            selftest = Some(ThreadKind::parse(&v).ok_or(CliError::SelftestKind(v))?);
+        } else if let Some(option) = VmOption::from_flag(&name) {
+            config.set(option, &value()?)?;
+        } else {
+            return Err(CliError::UnknownOption(name));
         }
     }
     if let Some(kind) = selftest {
-        return Ok(Command::SeccompSelftest(kind, seccomp));
+        return Ok(Command::SeccompSelftest(kind, config.seccomp()));
     }
-    let kernel = kernel.ok_or("--kernel is required")?;
-    if viommu.is_none() {
-        if let Some(d) = disks.iter().find(|d| d.iommu) {
-            return Err(format!(
-                "--disk path={},iommu=on: the disk must sit behind a vIOMMU, add --viommu virtio",
-                d.path.display()
-            ));
-        }
-        if nets.iter().any(|n| n.iommu) {
-            return Err(
-                "--net ...,iommu=on: the port must sit behind a vIOMMU, add --viommu virtio".into(),
-            );
-        }
-        if let Some(d) = devices.iter().find(|d| d.iommu) {
-            return Err(format!(
-                "--device path={},iommu=on: the device must sit behind a vIOMMU, add --viommu \
-                 virtio",
-                d.path.display()
-            ));
-        }
-    }
-    Ok(Command::Run(
-        MachineConfig {
-            kernel,
-            initramfs,
-            cmdline,
-            memory,
-            cpus,
-            disks,
-            serial,
-            viommu,
-            devices,
-            nets,
-            seccomp,
-        },
-        level,
-    ))
+    Ok(Command::Run(config.build()?))
 }
 
 #[cfg(test)]
 mod tests {
+    use log::LevelFilter;
+
     use super::*;
+    use crate::config::{SerialOutput, ViommuOptions, DEFAULT_CMDLINE};
 
     fn p(a: &[&str]) -> Result<Command, String> {
-        parse(a.iter().map(|s| s.to_string()))
+        parse(a.iter().map(|s| s.to_string()), None).map_err(|e| e.to_string())
     }
 
     #[test]
     fn defaults_and_full_set() {
-        let Command::Run(c, _) = p(&["--kernel", "/k"]).unwrap() else {
+        let Command::Run(c) = p(&["--kernel", "/k"]).unwrap() else {
             panic!()
         };
         assert_eq!(c.memory, 512 << 20);
@@ -217,8 +137,8 @@ mod tests {
         assert_eq!(c.cmdline, DEFAULT_CMDLINE);
         assert_eq!(c.serial, SerialOutput::Stdout);
         assert_eq!(c.viommu, None);
-        assert_eq!(c.seccomp, crate::seccomp::SeccompMode::On);
-        let Command::Run(c, l) = p(&[
+        assert_eq!(c.seccomp, SeccompMode::On);
+        let Command::Run(c) = p(&[
             "--kernel=/k",
             "--initramfs",
             "/i",
@@ -256,7 +176,7 @@ mod tests {
             })
         );
         assert_eq!(c.serial, SerialOutput::File("/tmp/s".into()));
-        assert_eq!(l, LevelFilter::Debug);
+        assert_eq!(c.log_level, LevelFilter::Debug);
     }
 
     #[test]
@@ -305,22 +225,77 @@ mod tests {
         assert!(p(&["--kernel", "k", "--seccomp", "strict"])
             .unwrap_err()
             .contains("--seccomp"));
-        let Command::Run(c, _) = p(&["--kernel", "k", "--seccomp=log"]).unwrap() else {
+        let Command::Run(c) = p(&["--kernel", "k", "--seccomp=log"]).unwrap() else {
             panic!()
         };
-        assert_eq!(c.seccomp, crate::seccomp::SeccompMode::Log);
+        assert_eq!(c.seccomp, SeccompMode::Log);
         assert_eq!(
             p(&["--seccomp-selftest", "vcpu", "--seccomp", "off"]).unwrap(),
-            Command::SeccompSelftest(
-                crate::seccomp::ThreadKind::Vcpu,
-                crate::seccomp::SeccompMode::Off
-            )
+            Command::SeccompSelftest(ThreadKind::Vcpu, SeccompMode::Off)
+        );
+    }
+
+    #[test]
+    fn help_names_every_option() {
+        for o in VmOption::ALL {
+            assert!(
+                USAGE.contains(&format!("\n  {} ", o.flag())),
+                "{} missing from the usage",
+                o.flag()
+            );
+        }
+    }
+
+    #[test]
+    fn the_log_level_defaults_to_rust_log() {
+        let run = |env| match parse(["--kernel".to_string(), "k".to_string()], env) {
+            Ok(Command::Run(c)) => c.log_level,
+            r => panic!("{r:?}"),
+        };
+        assert_eq!(run(None), LevelFilter::Warn);
+        assert_eq!(run(Some("info")), LevelFilter::Info);
+        assert_eq!(run(Some("not-a-level")), LevelFilter::Warn);
+        let Command::Run(c) = parse(
+            ["--log-level", "error", "--kernel", "k"].map(String::from),
+            Some("info"),
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.log_level, LevelFilter::Error);
+    }
+
+    #[test]
+    fn errors_keep_their_typed_cause() {
+        let e = parse(
+            ["--kernel", "k", "--disk", "path=x,notify=sometimes"].map(String::from),
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(
+            e,
+            CliError::Config(ConfigError::Disk {
+                source: crate::config::OptionError::Invalid { .. },
+                ..
+            })
+        ));
+        assert_eq!(
+            e.to_string(),
+            "--disk: notify=sometimes: expected inline or thread"
+        );
+        assert_eq!(
+            parse(["--seccomp-selftest", "gpu"].map(String::from), None).unwrap_err(),
+            CliError::SelftestKind("gpu".into())
+        );
+        assert_eq!(
+            parse(["--kernel=k", "--cpus"].map(String::from), None).unwrap_err(),
+            CliError::NeedsValue("--cpus".into())
         );
     }
 
     #[test]
     fn vfio_devices() {
-        let Command::Run(c, _) = p(&[
+        let Command::Run(c) = p(&[
             "--kernel",
             "k",
             "--device",

@@ -4,8 +4,9 @@
 //! One file per idea: `memory` (layout, e820), `boot` (Linux boot protocol), `acpi` (tables),
 //! `vm` (KVM VM assembly), `vcpu` (registers, run loop), `bus` (exit dispatch), `irq` (GSI
 //! routing, irqfd, ioeventfd), `pci_host` (exits into the `pci` crate), `devices` (serial,
-//! legacy, virtio-blk), `iommu` (the virtio-iommu options and exit counters), `viot` (the ACPI
-//! table naming the IOMMU and its endpoints), `machine` (a bootable Linux machine), `cli` and
+//! legacy, virtio-blk), `iommu` (the virtio-iommu exit counters), `viot` (the ACPI table naming
+//! the IOMMU and its endpoints), `config` (every option, typed), `machine` (a bootable Linux
+//! machine built from a `config::VmConfig`), `cli`, `error` (printing an error's causes) and
 //! `logger` for the binary.
 
 pub mod acpi;
@@ -14,6 +15,7 @@ pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod devices;
+pub mod error;
 pub mod iommu;
 pub mod irq;
 pub mod lifecycle;

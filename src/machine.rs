@@ -4,86 +4,60 @@
 //! Extension points: [`Machine::pci_bus`] to add PCI devices, [`Machine::add_acpi_table`] to add
 //! a table before [`Machine::boot`].
 //!
-//! With `--viommu virtio` ([`MachineConfig::viommu`]) the machine gets a virtio-iommu PCI function
+//! With `--viommu virtio` ([`VmConfig::viommu`]) the machine gets a virtio-iommu PCI function
 //! (its slot is reserved at creation, it is plugged at boot once every endpoint is known), every
 //! `iommu=on` disk is registered as an endpoint (ID = its BDF) and translates all its DMA through
 //! it, and a VIOT table describes the topology to the guest.
 
 use std::io::Write;
-
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vm_memory::GuestAddressSpace;
 
-use pci::{PciBus, PciWindows, VirtioDevice, VirtioPciDevice};
+use pci::{PciBus, PciError, PciWindows, VirtioDevice, VirtioPciDevice};
+use viommu::host::vfio::GeometryError;
 use viommu::spec::REQUEST_QUEUE;
-use viommu::{Counters, EndpointHandle, Viommu};
+use viommu::{Counters, DomainError, EndpointHandle, Viommu};
 
 use crate::acpi::{self, AcpiConfig};
 use crate::boot::{self, LinuxBoot};
-use crate::devices::block::{Block, BlockConfig};
-use crate::devices::net::{Net, NetBackendConfig, NetConfig, NetPort};
+use crate::config::{DiskConfig, NetBackendConfig, NetConfig, SerialOutput, VmConfig};
+use crate::devices::block::Block;
+use crate::devices::net::{Net, NetPort};
 use crate::devices::polled::Polled;
-use crate::iommu::ViommuOptions;
 use crate::lifecycle::ExitReason;
 use crate::memory::{MMIO32_SIZE, MMIO32_START, PCI_IO_SIZE, PCI_IO_START};
 use crate::pci_host::PciExits;
-use crate::vfio::{DmaSetup, Passthrough, VfioDeviceConfig, VfioError};
+use crate::vfio::{DmaSetup, Passthrough, VfioError};
 use crate::viot;
-use crate::vm::{Vm, VmConfig, VmError};
+use crate::vm::{self, Vm, VmError};
 
-/// Where the guest's serial output goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SerialOutput {
-    /// The VMM's stdout.
-    Stdout,
-    /// A file (created or truncated).
-    File(PathBuf),
-}
-
-/// Everything needed to boot a guest.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MachineConfig {
-    /// bzImage.
-    pub kernel: PathBuf,
-    /// Optional initramfs.
-    pub initramfs: Option<PathBuf>,
-    /// Kernel command line.
-    pub cmdline: String,
-    /// RAM in bytes.
-    pub memory: u64,
-    /// vCPU count.
-    pub cpus: u8,
-    /// virtio-blk disks, in PCI slot order.
-    pub disks: Vec<BlockConfig>,
-    /// Serial output.
-    pub serial: SerialOutput,
-    /// The guest-visible IOMMU (`None`: no vIOMMU; `iommu=on` disks are then refused).
-    pub viommu: Option<ViommuOptions>,
-    /// Host PCI functions passed through with VFIO, plugged after the disks.
-    pub devices: Vec<VfioDeviceConfig>,
-    /// virtio-net ports (`--net`), plugged after the disks.
-    pub nets: Vec<NetConfig>,
-    /// seccomp filters on every VMM thread once the machine is built (`--seccomp`).
-    pub seccomp: crate::seccomp::SeccompMode,
-}
-
-/// Machine errors.
+/// Machine errors. Each names what failed; its source says why.
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
     /// VM creation or setup failed.
     #[error(transparent)]
     Vm(#[from] VmError),
     /// A disk could not be opened or attached.
-    #[error("disk {0}: {1}")]
-    Disk(String, String),
+    #[error("disk {path}")]
+    Disk {
+        /// The disk's backing file.
+        path: PathBuf,
+        /// Why.
+        source: AttachError,
+    },
     /// A network port could not be opened or attached.
-    #[error("{0}: {1}")]
-    Net(String, String),
+    #[error("{name}")]
+    Net {
+        /// The port as given (`net tap=NAME`, `net hub=ID`).
+        name: String,
+        /// Why.
+        source: AttachError,
+    },
     /// The serial output file could not be created.
-    #[error("serial output {0}: {1}")]
-    Serial(String, std::io::Error),
+    #[error("serial output {0}")]
+    Serial(PathBuf, #[source] std::io::Error),
     /// ACPI tables could not be written.
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
@@ -91,14 +65,51 @@ pub enum MachineError {
     #[error(transparent)]
     Boot(#[from] boot::BootError),
     /// The virtio-iommu could not be created or plugged.
-    #[error("virtio-iommu: {0}")]
-    Viommu(String),
+    #[error("virtio-iommu")]
+    Viommu(#[from] IommuError),
     /// No free PCI slot is left.
     #[error("no free PCI slot for {0}")]
     NoSlot(String),
     /// A VFIO passthrough device could not be opened or attached.
-    #[error("vfio: {0}")]
+    #[error("vfio")]
     Vfio(#[from] VfioError),
+}
+
+/// Why a virtio device (disk, port) could not be attached.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// `iommu=on` but the machine has no vIOMMU.
+    #[error("iommu=on needs --viommu virtio")]
+    NoViommu,
+    /// The vIOMMU refused the device as an endpoint.
+    #[error("virtio-iommu endpoint")]
+    Endpoint(#[source] DomainError),
+    /// The backend (disk image, TAP interface) could not be opened.
+    #[error(transparent)]
+    Backend(#[from] std::io::Error),
+    /// The interrupt setup failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The virtio-pci transport or the bus refused the device.
+    #[error(transparent)]
+    Pci(#[from] PciError),
+}
+
+/// Why the virtio-iommu could not be created or plugged.
+#[derive(Debug, thiserror::Error)]
+pub enum IommuError {
+    /// The assigned devices' host IOMMUs cannot back the configured geometry.
+    #[error("host IOMMU geometry")]
+    Geometry(#[source] GeometryError),
+    /// The device configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] viommu::ConfigError),
+    /// An assigned device could not become an endpoint.
+    #[error(transparent)]
+    Endpoint(#[from] DomainError),
+    /// The virtio-pci transport or the bus refused the device.
+    #[error(transparent)]
+    Pci(#[from] PciError),
 }
 
 /// The virtio-iommu between creation and boot: endpoints are registered while disks are
@@ -115,9 +126,9 @@ pub struct Machine {
     /// The VM.
     pub vm: Vm,
     pci: Arc<PciBus>,
-    config: MachineConfig,
+    config: VmConfig,
     extra_tables: Vec<Vec<u8>>,
-    disks: Vec<(BlockConfig, u8)>,
+    disks: Vec<(DiskConfig, u8)>,
     iommu: Option<PendingIommu>,
     iommu_counters: Option<Arc<Counters>>,
     passthrough: Passthrough,
@@ -128,21 +139,20 @@ pub struct Machine {
 
 impl Machine {
     /// Create the VM, legacy devices, the PCI bus and the disks.
-    pub fn new(config: MachineConfig) -> Result<Machine, MachineError> {
+    pub fn new(config: VmConfig) -> Result<Machine, MachineError> {
         // Threads install their filter under this mode: TAP readers as they start, the main
         // thread and the vCPUs in Vm::run, device workers when the guest starts them.
         crate::seccomp::set_mode(config.seccomp);
-        let vm = Vm::new(VmConfig {
+        let vm = Vm::new(vm::VmConfig {
             cpus: config.cpus,
             memory: config.memory,
             irqchip: true,
         })?;
         let out: Box<dyn Write + Send> = match &config.serial {
             SerialOutput::Stdout => Box::new(std::io::stdout()),
-            SerialOutput::File(p) => Box::new(
-                std::fs::File::create(p)
-                    .map_err(|e| MachineError::Serial(p.display().to_string(), e))?,
-            ),
+            SerialOutput::File(p) => {
+                Box::new(std::fs::File::create(p).map_err(|e| MachineError::Serial(p.clone(), e))?)
+            }
         };
         vm.add_legacy_devices(out)?;
         let pci = Arc::new(PciBus::new(PciWindows {
@@ -167,9 +177,9 @@ impl Machine {
         };
         if let Some(opts) = m.config.viommu.clone() {
             let hosts = m.passthrough.viommu_hosts();
-            let cfg = viommu::host::vfio::viommu_config_for(opts.config(), &hosts)
-                .map_err(|e| MachineError::Viommu(format!("host IOMMU geometry: {e}")))?;
-            let mut dev = Viommu::new(cfg).map_err(|e| MachineError::Viommu(e.to_string()))?;
+            let cfg = viommu::host::vfio::viommu_config_for(opts.device_config(), &hosts)
+                .map_err(IommuError::Geometry)?;
+            let mut dev = Viommu::new(cfg).map_err(IommuError::from)?;
             if m.passthrough.any_translated() {
                 // Boot bypass for assigned endpoints: all RAM in their containers until the
                 // driver attaches them.
@@ -208,7 +218,7 @@ impl Machine {
 
     /// The attached disks and their PCI device numbers (bus 0, function 0), e.g. to list the
     /// `iommu=on` endpoints in a VIOT.
-    pub fn disks(&self) -> &[(BlockConfig, u8)] {
+    pub fn disks(&self) -> &[(DiskConfig, u8)] {
         &self.disks
     }
 
@@ -247,52 +257,49 @@ impl Machine {
 
     /// Register the device about to be plugged at `slot` as an endpoint of the virtio-iommu
     /// (which must exist).
-    fn iommu_endpoint(&mut self, slot: u8) -> Result<EndpointHandle, String> {
-        let iommu = self
-            .iommu
-            .as_mut()
-            .ok_or("iommu=on needs --viommu virtio")?;
+    fn iommu_endpoint(&mut self, slot: u8) -> Result<EndpointHandle, AttachError> {
+        let iommu = self.iommu.as_mut().ok_or(AttachError::NoViommu)?;
         let bdf = viot::bdf(0, slot, 0);
         let ep = iommu
             .dev
             .add_endpoint(u32::from(bdf))
-            .map_err(|e| format!("virtio-iommu endpoint: {e}"))?;
+            .map_err(AttachError::Endpoint)?;
         iommu.endpoints.push(bdf);
         Ok(ep)
     }
 
     /// Put a virtio device model behind the virtio-pci transport at device number `slot`.
-    fn plug_virtio(&mut self, slot: u8, model: Box<dyn VirtioDevice>) -> Result<u8, String> {
-        let msi = self.vm.msi_manager().map_err(|e| e.to_string())?;
+    fn plug_virtio(&mut self, slot: u8, model: Box<dyn VirtioDevice>) -> Result<u8, AttachError> {
+        let msi = self.vm.msi_manager()?;
         let dev = VirtioPciDevice::new(
             model,
             self.vm.memory.clone(),
             msi,
             self.vm.ioevent_manager(),
-        )
-        .map_err(|e| e.to_string())?;
-        self.pci
-            .add_device_at(slot, Arc::new(Mutex::new(dev)))
-            .map_err(|e| e.to_string())
+        )?;
+        Ok(self.pci.add_device_at(slot, Arc::new(Mutex::new(dev)))?)
     }
 
     /// Attach a virtio-blk disk; returns its PCI device number. An `iommu=on` disk becomes an
     /// endpoint of the virtio-iommu (which must exist).
-    pub fn add_disk(&mut self, disk: BlockConfig) -> Result<u8, MachineError> {
+    pub fn add_disk(&mut self, disk: DiskConfig) -> Result<u8, MachineError> {
         let name = disk.path.display().to_string();
         let slot = self
             .free_slot()
             .ok_or_else(|| MachineError::NoSlot(format!("disk {name}")))?;
-        let attach = |m: &mut Self| -> Result<u8, String> {
+        let attach = |m: &mut Self| -> Result<u8, AttachError> {
             let endpoint = if disk.iommu {
                 Some(m.iommu_endpoint(slot)?)
             } else {
                 None
             };
-            let blk = Block::with_endpoint(disk.clone(), endpoint).map_err(|e| e.to_string())?;
+            let blk = Block::with_endpoint(disk.clone(), endpoint)?;
             m.plug_virtio(slot, Box::new(blk))
         };
-        let slot = attach(self).map_err(|e| MachineError::Disk(name.clone(), e))?;
+        let slot = attach(self).map_err(|source| MachineError::Disk {
+            path: disk.path.clone(),
+            source,
+        })?;
         log::info!(
             "disk {name} at PCI 00:{slot:02x}.0{}",
             if disk.iommu {
@@ -327,13 +334,13 @@ impl Machine {
                 iommu
                     .dev
                     .add_host_endpoint(u32::from(bdf), shadow)
-                    .map_err(|e| MachineError::Viommu(e.to_string()))?;
+                    .map_err(IommuError::from)?;
                 iommu.endpoints.push(bdf);
             }
             let slot = self
                 .pci
                 .add_device_at(slot, Arc::new(Mutex::new(dev)))
-                .map_err(|e| VfioError::Device(path.clone(), format!("plugging: {e}")))?;
+                .map_err(|e| VfioError::Plug(path.clone(), e))?;
             log::info!("VFIO device {name} at PCI 00:{slot:02x}.0");
         }
         Ok(())
@@ -349,18 +356,21 @@ impl Machine {
         let slot = self
             .free_slot()
             .ok_or_else(|| MachineError::NoSlot(name.clone()))?;
-        let attach = |m: &mut Self| -> Result<(u8, [u8; 6]), String> {
+        let attach = |m: &mut Self| -> Result<(u8, [u8; 6]), AttachError> {
             let endpoint = if net.iommu {
                 Some(m.iommu_endpoint(slot)?)
             } else {
                 None
             };
-            let dev = Net::new(net.clone(), endpoint, &m.hubs).map_err(|e| e.to_string())?;
+            let dev = Net::new(net.clone(), endpoint, &m.hubs)?;
             let mac = dev.mac();
             m.net_ports.push((mac, dev.port().clone()));
             Ok((m.plug_virtio(slot, Box::new(dev))?, mac))
         };
-        let (slot, mac) = attach(self).map_err(|e| MachineError::Net(name.clone(), e))?;
+        let (slot, mac) = attach(self).map_err(|source| MachineError::Net {
+            name: name.clone(),
+            source,
+        })?;
         log::info!(
             "{name} mac {:02x?} at PCI 00:{slot:02x}.0{}",
             mac,
@@ -390,11 +400,11 @@ impl Machine {
             self.vm.msi_manager()?,
             self.vm.ioevent_manager(),
         )
-        .map_err(|e| MachineError::Viommu(e.to_string()))?;
+        .map_err(IommuError::from)?;
         let slot = self
             .pci
             .add_device_at(iommu.slot, Arc::new(Mutex::new(dev)))
-            .map_err(|e| MachineError::Viommu(e.to_string()))?;
+            .map_err(IommuError::from)?;
         let table = viot::build(viot::bdf(0, slot, 0), &iommu.endpoints);
         self.add_acpi_table(table);
         log::info!(
@@ -431,5 +441,76 @@ impl Machine {
         let vcpus = self.vm.create_vcpus()?;
         self.vm.configure_boot_vcpu(&vcpus, &info)?;
         Ok(self.vm.run(vcpus)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorChain;
+    use crate::seccomp::SeccompMode;
+
+    /// A small machine without seccomp filters; `None` (test skipped) without a usable KVM.
+    fn config() -> Option<VmConfig> {
+        if kvm_ioctls::Kvm::new().is_err() {
+            eprintln!("no /dev/kvm: skipped");
+            return None;
+        }
+        let mut c = VmConfig::new("/nonexistent/bzImage".into());
+        c.memory = 64 << 20;
+        c.cpus = 1;
+        c.seccomp = SeccompMode::Off;
+        Some(c)
+    }
+
+    #[test]
+    fn a_missing_disk_names_the_disk_and_keeps_the_cause() {
+        let Some(mut c) = config() else { return };
+        c.disks
+            .push(DiskConfig::parse("path=/nonexistent/disk.img").unwrap());
+        let e = Machine::new(c)
+            .err()
+            .expect("a missing disk file is an error");
+        match &e {
+            MachineError::Disk {
+                path,
+                source: AttachError::Backend(io),
+            } => {
+                assert_eq!(path, &PathBuf::from("/nonexistent/disk.img"));
+                assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
+            }
+            e => panic!("unexpected error {e:?}"),
+        }
+        assert_eq!(
+            ErrorChain(&e).to_string(),
+            format!(
+                "disk /nonexistent/disk.img: caused by: {}",
+                std::io::Error::from_raw_os_error(libc::ENOENT)
+            )
+        );
+    }
+
+    #[test]
+    fn an_iommu_disk_without_a_viommu_is_refused_at_attach() {
+        // VmConfig::validate refuses this on the command line; a caller building the
+        // configuration itself gets the attach error.
+        let Some(mut c) = config() else { return };
+        c.disks
+            .push(DiskConfig::parse("path=/dev/null,iommu=on").unwrap());
+        let e = Machine::new(c).err().expect("iommu=on without a vIOMMU");
+        assert!(
+            matches!(
+                e,
+                MachineError::Disk {
+                    source: AttachError::NoViommu,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            ErrorChain(&e).to_string(),
+            "disk /dev/null: caused by: iommu=on needs --viommu virtio"
+        );
     }
 }

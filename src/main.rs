@@ -3,12 +3,14 @@
 use std::process::ExitCode;
 
 use vmm::cli::{self, Command};
+use vmm::error::ErrorChain;
 use vmm::lifecycle::ExitReason;
 use vmm::machine::Machine;
 
 fn main() -> ExitCode {
-    let (config, level) = match cli::parse(std::env::args().skip(1)) {
-        Ok(Command::Run(c, l)) => (c, l),
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let config = match cli::parse(std::env::args().skip(1), rust_log.as_deref()) {
+        Ok(Command::Run(c)) => c,
         Ok(Command::SeccompSelftest(kind, mode)) => {
             return ExitCode::from(vmm::seccomp::selftest(kind, mode) as u8);
         }
@@ -16,12 +18,13 @@ fn main() -> ExitCode {
             println!("{}", cli::USAGE);
             return ExitCode::SUCCESS;
         }
+        // The message names the option and what is wrong with its value.
         Err(e) => {
             eprintln!("vmm: {e}\n\n{}", cli::USAGE);
             return ExitCode::from(2);
         }
     };
-    vmm::logger::init(level);
+    vmm::logger::init(config.log_level);
     let result = Machine::new(config).and_then(|m| {
         let counters = m.viommu_counters();
         let vfio = m.vfio_counters();
@@ -49,7 +52,7 @@ fn main() -> ExitCode {
             ExitCode::from(reason.exit_code() as u8)
         }
         Err(e) => {
-            eprintln!("vmm: error: {e}");
+            eprintln!("vmm: error: {}", ErrorChain(&e));
             ExitCode::from(1)
         }
     }

@@ -32,73 +32,55 @@ use viommu::{
 };
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
+use crate::config::DeviceConfig;
 use crate::memory_slots::KvmMemorySlots;
-
-/// One `--device` option.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VfioDeviceConfig {
-    /// `/sys/bus/pci/devices/DDDD:BB:DD.F` of a function bound to vfio-pci.
-    pub path: PathBuf,
-    /// Behind the virtio-iommu (needs `--viommu virtio`); else the static full-RAM mapping.
-    pub iommu: bool,
-}
-
-impl VfioDeviceConfig {
-    /// Parse `path=SYSFS[,iommu=on|off]`.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let mut path = None;
-        let mut iommu = false;
-        for part in s.split(',') {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| format!("option '{part}' is not key=value"))?;
-            match k {
-                "path" if !v.is_empty() => path = Some(PathBuf::from(v)),
-                "iommu" => {
-                    iommu = match v {
-                        "on" => true,
-                        "off" => false,
-                        _ => return Err(format!("iommu={v}: expected on or off")),
-                    }
-                }
-                _ => return Err(format!("unknown option '{part}'")),
-            }
-        }
-        let path = path.ok_or("path=/sys/bus/pci/devices/BDF is required")?;
-        Ok(VfioDeviceConfig { path, iommu })
-    }
-}
 
 /// Passthrough setup errors (never caused by the guest).
 #[derive(Debug, thiserror::Error)]
 pub enum VfioError {
     /// KVM_CREATE_DEVICE(VFIO) failed.
-    #[error("creating the KVM VFIO device: {0}")]
-    KvmDevice(kvm_ioctls::Error),
+    #[error("creating the KVM VFIO device")]
+    KvmDevice(#[source] kvm_ioctls::Error),
     /// The device's IOMMU group could not be read.
-    #[error("{0}: no IOMMU group ({1}); is the IOMMU on and the device bound to vfio-pci?")]
-    Group(PathBuf, io::Error),
+    #[error("{0}: no IOMMU group (is the IOMMU on and the device bound to vfio-pci?)")]
+    Group(PathBuf, #[source] io::Error),
     /// Opening /dev/vfio/vfio failed.
-    #[error("opening a VFIO container: {0}")]
-    Container(String),
+    #[error("opening a VFIO container")]
+    Container(#[source] vfio_ioctls::VfioError),
     /// Opening the device (group into the container, device fd) failed.
-    #[error("{0}: {1}")]
-    Device(PathBuf, String),
+    #[error(
+        "{path}: opening through VFIO failed (driver: {driver}; the function must be bound to \
+         vfio-pci; behind a virtio-iommu, vfio_iommu_type1 needs allow_unsafe_interrupts=1)"
+    )]
+    Device {
+        /// The device's sysfs path.
+        path: PathBuf,
+        /// The driver the function is bound to (`none`).
+        driver: String,
+        /// What VFIO said.
+        source: vfio_ioctls::VfioError,
+    },
     /// Two devices of one group disagree on `iommu=`.
     #[error("{0}: IOMMU group {1} mixes iommu=on and iommu=off devices")]
     MixedGroup(PathBuf, u32),
     /// VFIO_IOMMU_GET_INFO failed.
-    #[error("group {0}: VFIO_IOMMU_GET_INFO: {1}")]
-    Info(u32, io::Error),
+    #[error("group {0}: VFIO_IOMMU_GET_INFO")]
+    Info(u32, #[source] io::Error),
     /// The passthrough PCI function could not be built.
-    #[error("{0}: {1}")]
-    Pci(PathBuf, pci::VfioPciError),
+    #[error("{0}")]
+    Pci(PathBuf, #[source] pci::VfioPciError),
     /// The static full-RAM mapping failed.
-    #[error("{0}: static DMA mapping of guest RAM: {1}")]
-    StaticMap(PathBuf, viommu::HostMapError),
+    #[error("{0}: static DMA mapping of guest RAM")]
+    StaticMap(PathBuf, #[source] viommu::HostMapError),
     /// The device is behind the vIOMMU but there is none.
     #[error("{0}: iommu=on needs --viommu virtio")]
     NoViommu(PathBuf),
+    /// The passthrough PCI function could not be plugged into the bus.
+    #[error("{0}: plugging")]
+    Plug(PathBuf, #[source] pci::PciError),
+    /// An opened device's container is gone (a bug, not a host or user error).
+    #[error("{0}: container vanished")]
+    ContainerVanished(PathBuf),
 }
 
 /// Host DMA calls made by the VMM into every VFIO container of the VM (all successful and
@@ -218,7 +200,7 @@ struct Container {
 
 /// A device opened into its container, waiting for [`Passthrough::attach`].
 struct Opened {
-    config: VfioDeviceConfig,
+    config: DeviceConfig,
     group: u32,
     device: Arc<VfioDevice>,
 }
@@ -248,11 +230,7 @@ pub struct Passthrough {
 impl Passthrough {
     /// Open every device of `configs` into its group's container (no device: nothing opened,
     /// no KVM VFIO device).
-    pub fn open(
-        kvm: &Kvm,
-        vm: &Arc<VmFd>,
-        configs: &[VfioDeviceConfig],
-    ) -> Result<Self, VfioError> {
+    pub fn open(kvm: &Kvm, vm: &Arc<VmFd>, configs: &[DeviceConfig]) -> Result<Self, VfioError> {
         let max_slots = u32::try_from(kvm.get_nr_memslots()).unwrap_or(u32::MAX);
         let slots = Arc::new(KvmMemorySlots::new(
             vm.clone(),
@@ -287,7 +265,7 @@ impl Passthrough {
 
     fn open_one(
         &mut self,
-        config: &VfioDeviceConfig,
+        config: &DeviceConfig,
         handle: &Arc<VfioDeviceFd>,
     ) -> Result<(), VfioError> {
         let path = &config.path;
@@ -299,14 +277,16 @@ impl Passthrough {
         }
         let new_container = match self.containers.get(&group) {
             Some(c) => c.container.clone(),
-            None => Arc::new(
-                VfioContainer::new(Some(handle.clone()))
-                    .map_err(|e| VfioError::Container(e.to_string()))?,
-            ),
+            None => {
+                Arc::new(VfioContainer::new(Some(handle.clone())).map_err(VfioError::Container)?)
+            }
         };
         let ops: Arc<dyn VfioOps> = new_container.clone();
-        let device = VfioDevice::new(path, ops, false)
-            .map_err(|e| VfioError::Device(path.to_path_buf(), device_hint(path, &e)))?;
+        let device = VfioDevice::new(path, ops, false).map_err(|source| VfioError::Device {
+            path: path.to_path_buf(),
+            driver: driver_name(path),
+            source,
+        })?;
         if let Entry::Vacant(slot) = self.containers.entry(group) {
             let vfio = Arc::new(VfioDmaSpace::new(new_container.clone()));
             let info = vfio.query_info().map_err(|e| VfioError::Info(group, e))?;
@@ -416,7 +396,7 @@ impl Passthrough {
         let c = self
             .containers
             .get_mut(&o.group)
-            .ok_or_else(|| VfioError::Device(path.clone(), "container vanished".into()))?;
+            .ok_or_else(|| VfioError::ContainerVanished(path.clone()))?;
         let setup = if c.iommu {
             let shadow = c.shadow.get_or_insert_with(|| {
                 Arc::new(
@@ -457,41 +437,17 @@ impl Drop for Passthrough {
     }
 }
 
-/// A readable reason for a failed `VfioDevice::new`, with the usual causes.
-fn device_hint(path: &Path, e: &vfio_ioctls::VfioError) -> String {
-    let driver = std::fs::read_link(path.join("driver"))
+/// The driver `path` is bound to (`none`), for the hint of a failed `VfioDevice::new`.
+fn driver_name(path: &Path) -> String {
+    std::fs::read_link(path.join("driver"))
         .ok()
         .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| "none".into());
-    format!(
-        "opening through VFIO failed: {e} (driver: {driver}; the function must be bound to \
-         vfio-pci; behind a virtio-iommu, vfio_iommu_type1 needs allow_unsafe_interrupts=1)"
-    )
+        .unwrap_or_else(|| "none".into())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parse_device_option() {
-        let d = VfioDeviceConfig::parse("path=/sys/bus/pci/devices/0000:00:18.0").unwrap();
-        assert_eq!(d.path, PathBuf::from("/sys/bus/pci/devices/0000:00:18.0"));
-        assert!(!d.iommu);
-        let d = VfioDeviceConfig::parse("path=/x,iommu=on").unwrap();
-        assert!(d.iommu);
-        assert!(!VfioDeviceConfig::parse("iommu=off,path=/x").unwrap().iommu);
-        for bad in [
-            "",
-            "path=",
-            "/x",
-            "path=/x,iommu=yes",
-            "path=/x,frob=1",
-            "iommu=on",
-        ] {
-            assert!(VfioDeviceConfig::parse(bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn counted_space_counts_every_call_and_failure() {
@@ -557,7 +513,7 @@ mod tests {
             return;
         };
         let vm = Arc::new(kvm.create_vm().unwrap());
-        let cfg = VfioDeviceConfig {
+        let cfg = DeviceConfig {
             path: "/sys/bus/pci/devices/ffff:ff:1f.7".into(),
             iommu: false,
         };

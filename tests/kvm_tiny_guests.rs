@@ -10,9 +10,9 @@ use kvm_bindings::kvm_segment;
 use pci::{MsiIrqManager, MsiMessage};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vmm::bus::BusDevice;
-use vmm::devices::block::BlockConfig;
+use vmm::config::{self, DiskConfig, Notify, SerialOutput};
 use vmm::lifecycle::ExitReason;
-use vmm::machine::{Machine, MachineConfig, SerialOutput};
+use vmm::machine::Machine;
 use vmm::vcpu::Vcpu;
 use vmm::vm::{Vm, VmConfig};
 
@@ -191,17 +191,17 @@ fn pci_config_cycles_and_acpi_poweroff() {
         return;
     }
     let disk = temp_disk();
-    let machine = Machine::new(MachineConfig {
+    let machine = Machine::new(config::VmConfig {
         kernel: "/nonexistent".into(),
         initramfs: None,
         cmdline: String::new(),
         memory: 64 << 20,
         cpus: 2,
-        disks: vec![BlockConfig {
+        disks: vec![DiskConfig {
             path: disk.clone(),
             readonly: true,
             iommu: false,
-            inline: false,
+            notify: Notify::Thread,
             indirect: true,
         }],
         serial: SerialOutput::File(std::env::temp_dir().join("vmm-kvm-test-serial.txt")),
@@ -209,6 +209,7 @@ fn pci_config_cycles_and_acpi_poweroff() {
         devices: Vec::new(),
         nets: Vec::new(),
         seccomp: vmm::seccomp::SeccompMode::Off,
+        log_level: log::LevelFilter::Warn,
     })
     .unwrap();
     load(

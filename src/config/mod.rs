@@ -9,6 +9,23 @@
 //! Every value comes from the user: parsing never panics, and a bad value is a
 //! [`ConfigError`] naming the option, whose `Display` is the whole message and whose source
 //! is the typed cause ([`OptionError`], [`SizeError`]).
+//!
+//! ```
+//! use vmm::config::{ConfigError, Notify, OptionError, VmConfigBuilder, VmOption};
+//!
+//! let mut options = VmConfigBuilder::new(None);
+//! options.set(VmOption::Kernel, "bzImage")?;
+//! options.set(VmOption::Disk, "path=disk.img,notify=thread")?;
+//! let config = options.build()?;
+//! assert_eq!(config.disks[0].notify, Notify::Thread);
+//!
+//! let e = VmConfigBuilder::new(None)
+//!     .set(VmOption::Disk, "path=x,readonly=maybe")
+//!     .unwrap_err();
+//! assert_eq!(e.to_string(), "--disk: readonly=maybe: expected on or off");
+//! assert!(matches!(e, ConfigError::Disk { source: OptionError::Invalid { .. }, .. }));
+//! # Ok::<(), ConfigError>(())
+//! ```
 
 pub mod device;
 pub mod disk;
@@ -43,7 +60,8 @@ pub const MAX_CPUS: u8 = 254;
 /// Default log level, unless `RUST_LOG` names one.
 pub const DEFAULT_LOG_LEVEL: LevelFilter = LevelFilter::Warn;
 
-/// Everything a machine is built from: the `vmm` command line, typed.
+/// Everything a machine is built from: the `vmm` command line, typed. (The KVM VM's own
+/// shape, vCPUs, RAM and irqchip, is [`crate::vm::VmConfig`].)
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfig {
     /// bzImage.
@@ -150,10 +168,7 @@ pub enum ConfigError {
     #[error("--kernel is required")]
     NoKernel,
     /// An `iommu=on` disk without a vIOMMU.
-    #[error(
-        "--disk path={},iommu=on: the disk must sit behind a vIOMMU, add --viommu virtio",
-        path.display()
-    )]
+    #[error("--disk path={path},iommu=on: the disk must sit behind a vIOMMU, add --viommu virtio")]
     DiskNeedsViommu {
         /// The disk's backing file.
         path: PathBuf,
@@ -163,8 +178,8 @@ pub enum ConfigError {
     NetNeedsViommu,
     /// An `iommu=on` VFIO device without a vIOMMU.
     #[error(
-        "--device path={},iommu=on: the device must sit behind a vIOMMU, add --viommu virtio",
-        path.display()
+        "--device path={path},iommu=on: the device must sit behind a vIOMMU, add --viommu \
+         virtio"
     )]
     DeviceNeedsViommu {
         /// The device's sysfs path.

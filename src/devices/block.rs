@@ -11,7 +11,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::ops::Deref;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -23,6 +23,8 @@ use vm_memory::{
     GuestMemoryMmap,
 };
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{DiskConfig, Notify};
 
 /// Virtio device type of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -65,69 +67,6 @@ pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
 const HEADER_BYTES: u64 = 16;
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 const BOUNCE_BYTES: usize = 64 << 10;
-
-/// `--disk` options.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BlockConfig {
-    /// Backing file (raw image).
-    pub path: PathBuf,
-    /// Refuse writes and advertise VIRTIO_BLK_F_RO.
-    pub readonly: bool,
-    /// Put the device behind the vIOMMU (offers VIRTIO_F_ACCESS_PLATFORM).
-    pub iommu: bool,
-    /// Serve requests on the vCPU thread that kicked (`notify=inline`, the default: measured
-    /// 2.5x to 5x more 4 KiB O_DIRECT IOPS under nested KVM) instead of an ioeventfd-driven
-    /// worker thread (`notify=thread`).
-    pub inline: bool,
-    /// Offer VIRTIO_RING_F_INDIRECT_DESC (`indirect=on|off`; default: on, off behind the
-    /// vIOMMU, where each indirect table costs the driver one more MAP and UNMAP per request).
-    pub indirect: bool,
-}
-
-fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
-    match v {
-        "on" | "true" | "yes" | "1" => Ok(true),
-        "off" | "false" | "no" | "0" => Ok(false),
-        _ => Err(format!("{key}={v}: expected on or off")),
-    }
-}
-
-impl BlockConfig {
-    /// Parse `path=FILE[,readonly=on][,iommu=on][,notify=inline|thread][,indirect=on|off]`.
-    pub fn parse(s: &str) -> Result<BlockConfig, String> {
-        let mut path = None;
-        let mut readonly = false;
-        let mut iommu = false;
-        let mut inline = true;
-        let mut indirect = None;
-        for part in s.split(',') {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| format!("disk option '{part}' is not key=value"))?;
-            match k {
-                "path" if !v.is_empty() => path = Some(PathBuf::from(v)),
-                "readonly" => readonly = parse_bool(k, v)?,
-                "iommu" => iommu = parse_bool(k, v)?,
-                "indirect" => indirect = Some(parse_bool(k, v)?),
-                "notify" => {
-                    inline = match v {
-                        "inline" => true,
-                        "thread" => false,
-                        _ => return Err(format!("notify={v}: expected inline or thread")),
-                    }
-                }
-                _ => return Err(format!("unknown disk option '{part}'")),
-            }
-        }
-        Ok(BlockConfig {
-            path: path.ok_or("disk needs path=FILE")?,
-            readonly,
-            iommu,
-            inline,
-            indirect: indirect.unwrap_or(!iommu),
-        })
-    }
-}
 
 /// One descriptor of a chain, copied out of guest memory.
 #[derive(Clone, Copy, Debug)]
@@ -204,7 +143,7 @@ where
 
 impl BlockBackend {
     /// Open the backing file of `cfg`.
-    pub fn open(cfg: &BlockConfig) -> io::Result<BlockBackend> {
+    pub fn open(cfg: &DiskConfig) -> io::Result<BlockBackend> {
         let file = OpenOptions::new()
             .read(true)
             .write(!cfg.readonly)
@@ -515,7 +454,7 @@ struct InlineQueues {
 
 /// The virtio-blk device model.
 pub struct Block {
-    config: BlockConfig,
+    config: DiskConfig,
     endpoint: Option<EndpointHandle>,
     backend: Arc<BlockBackend>,
     features: u64,
@@ -527,13 +466,13 @@ pub struct Block {
 impl Block {
     /// Open the disk described by `cfg` (not behind a vIOMMU: with `iommu=on` it cannot be
     /// activated, use [`Block::with_endpoint`]).
-    pub fn new(cfg: BlockConfig) -> io::Result<Block> {
+    pub fn new(cfg: DiskConfig) -> io::Result<Block> {
         Block::with_endpoint(cfg, None)
     }
 
     /// Open the disk described by `cfg`; with `endpoint`, every DMA of the device (rings and
     /// buffers) is translated through that vIOMMU endpoint.
-    pub fn with_endpoint(cfg: BlockConfig, endpoint: Option<EndpointHandle>) -> io::Result<Block> {
+    pub fn with_endpoint(cfg: DiskConfig, endpoint: Option<EndpointHandle>) -> io::Result<Block> {
         let backend = Arc::new(BlockBackend::open(&cfg)?);
         let mut features = VIRTIO_F_VERSION_1
             | VIRTIO_BLK_F_FLUSH
@@ -566,7 +505,7 @@ impl Block {
     }
 
     /// The options the device was created with.
-    pub fn config(&self) -> &BlockConfig {
+    pub fn config(&self) -> &DiskConfig {
         &self.config
     }
 
@@ -747,7 +686,7 @@ impl VirtioDevice for Block {
                     .collect::<Result<Vec<_>, _>>()?
             }
         };
-        if self.config.inline {
+        if self.config.notify == Notify::Inline {
             self.inline = Some(InlineQueues {
                 mem,
                 queues: qs,
@@ -770,7 +709,7 @@ impl VirtioDevice for Block {
     }
 
     fn inline_notify(&self) -> bool {
-        self.config.inline
+        self.config.notify == Notify::Inline
     }
 
     fn queue_notify(&mut self, queue: u16) {
@@ -791,6 +730,7 @@ impl VirtioDevice for Block {
 mod tests {
     use super::*;
     use crate::devices::test_iommu::{push_chain, MockIommu, NoIrq};
+    use std::path::PathBuf;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use virtio_queue::desc::{split::Descriptor as SplitDesc, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -869,11 +809,11 @@ mod tests {
 
     fn backend(sectors: u64, readonly: bool) -> (Disk, BlockBackend) {
         let dk = disk(sectors);
-        let b = BlockBackend::open(&BlockConfig {
+        let b = BlockBackend::open(&DiskConfig {
             path: dk.path.clone(),
             readonly,
             iommu: false,
-            inline: false,
+            notify: Notify::Thread,
             indirect: true,
         })
         .unwrap();
@@ -1182,46 +1122,13 @@ mod tests {
     }
 
     #[test]
-    fn disk_options_parse() {
-        let c = BlockConfig::parse("path=/a/b.img,readonly=on,iommu=on").unwrap();
-        assert_eq!(
-            c,
-            BlockConfig {
-                path: "/a/b.img".into(),
-                readonly: true,
-                iommu: true,
-                inline: true,
-                indirect: false,
-            }
-        );
-        assert!(!BlockConfig::parse("path=x").unwrap().readonly);
-        assert!(BlockConfig::parse("path=x,notify=inline").unwrap().inline);
-        assert!(!BlockConfig::parse("path=x,notify=thread").unwrap().inline);
-        assert!(BlockConfig::parse("path=x,notify=sometimes").is_err());
-        // Indirect descriptors: on by default, off by default behind the IOMMU, explicit wins.
-        assert!(BlockConfig::parse("path=x").unwrap().indirect);
-        assert!(!BlockConfig::parse("path=x,iommu=on").unwrap().indirect);
-        assert!(
-            BlockConfig::parse("path=x,indirect=on,iommu=on")
-                .unwrap()
-                .indirect
-        );
-        assert!(!BlockConfig::parse("path=x,indirect=off").unwrap().indirect);
-        assert!(BlockConfig::parse("path=x,indirect=sure").is_err());
-        assert!(BlockConfig::parse("readonly=on").is_err());
-        assert!(BlockConfig::parse("path=x,readonly=maybe").is_err());
-        assert!(BlockConfig::parse("path=x,bogus=1").is_err());
-        assert!(BlockConfig::parse("path=").is_err());
-    }
-
-    #[test]
     fn features_and_config_space() {
         let dk = disk(16);
-        let blk = Block::new(BlockConfig {
+        let blk = Block::new(DiskConfig {
             path: dk.path.clone(),
             readonly: true,
             iommu: true,
-            inline: false,
+            notify: Notify::Thread,
             indirect: false,
         })
         .unwrap();
@@ -1244,11 +1151,11 @@ mod tests {
         let mut far = [0xffu8; 4];
         blk.read_config(u64::MAX - 1, &mut far);
         assert_eq!(far, [0; 4]);
-        let rw = Block::new(BlockConfig {
+        let rw = Block::new(DiskConfig {
             path: dk.path.clone(),
             readonly: false,
             iommu: false,
-            inline: false,
+            notify: Notify::Thread,
             indirect: true,
         })
         .unwrap();
@@ -1279,11 +1186,15 @@ mod tests {
         EventFd,
     ) {
         let dk = disk(8);
-        let mut blk = Block::new(BlockConfig {
+        let mut blk = Block::new(DiskConfig {
             path: dk.path.clone(),
             readonly: false,
             iommu: false,
-            inline,
+            notify: if inline {
+                Notify::Inline
+            } else {
+                Notify::Thread
+            },
             indirect: true,
         })
         .unwrap();
@@ -1490,11 +1401,11 @@ mod tests {
         let dk = disk(8);
         let m = big_mem();
         let (_iommu, ep) = iommu_with(&m, &MAPS);
-        let cfg = BlockConfig {
+        let cfg = DiskConfig {
             path: dk.path.clone(),
             readonly: false,
             iommu: true,
-            inline: true,
+            notify: Notify::Inline,
             indirect: false,
         };
         let vq = MockSplitQueue::create(&m, GuestAddress(0), 16);
@@ -1562,11 +1473,11 @@ mod tests {
             ready: true,
         };
         let mut blk = Block::with_endpoint(
-            BlockConfig {
+            DiskConfig {
                 path: dk.path.clone(),
                 readonly: false,
                 iommu: true,
-                inline: true,
+                notify: Notify::Inline,
                 indirect: false,
             },
             Some(ep),
