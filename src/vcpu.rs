@@ -19,8 +19,8 @@ use crate::lifecycle::{ExitReason, VmControl};
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     /// A KVM vCPU ioctl failed.
-    #[error("vCPU {0}: {1} failed: {2}")]
-    Kvm(u8, &'static str, kvm_ioctls::Error),
+    #[error("vCPU {0}: {1} failed")]
+    Kvm(u8, &'static str, #[source] kvm_ioctls::Error),
     /// Not every MSR was accepted.
     #[error("vCPU {0}: KVM accepted {1} of {2} MSRs")]
     Msrs(u8, usize, usize),

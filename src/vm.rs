@@ -35,11 +35,11 @@ pub const TSS_ADDR: u64 = 0xfffb_d000;
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     /// /dev/kvm could not be opened.
-    #[error("cannot open /dev/kvm: {0}")]
-    OpenKvm(kvm_ioctls::Error),
+    #[error("cannot open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
     /// A VM ioctl failed.
-    #[error("{0} failed: {1}")]
-    Kvm(&'static str, kvm_ioctls::Error),
+    #[error("{0} failed")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
     /// Memory layout or allocation failed.
     #[error(transparent)]
     Memory(#[from] MemoryError),
@@ -47,11 +47,17 @@ pub enum VmError {
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
     /// Host resource (eventfd, thread) failure.
-    #[error("{0}: {1}")]
-    Io(&'static str, std::io::Error),
-    /// Device registration failed.
-    #[error("device setup: {0}")]
-    Device(String),
+    #[error("{0}")]
+    Io(&'static str, #[source] std::io::Error),
+    /// The vCPU count is outside 1..=254.
+    #[error("device setup: unsupported vCPU count {0}")]
+    Cpus(u8),
+    /// Guest RAM has no host mapping.
+    #[error("device setup: guest RAM")]
+    GuestRam(#[source] vm_memory::GuestMemoryError),
+    /// A legacy device could not be placed on its bus.
+    #[error("device setup")]
+    Bus(#[from] crate::bus::BusError),
 }
 
 /// What the VM is made of.
@@ -89,10 +95,7 @@ impl Vm {
     /// Create the VM, its RAM and (optionally) the in-kernel irqchip and PIT.
     pub fn new(config: VmConfig) -> Result<Vm, VmError> {
         if config.cpus == 0 || config.cpus > 254 {
-            return Err(VmError::Device(format!(
-                "unsupported vCPU count {}",
-                config.cpus
-            )));
+            return Err(VmError::Cpus(config.cpus));
         }
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let fd = kvm
@@ -117,7 +120,7 @@ impl Vm {
         for (slot, region) in mem.iter().enumerate() {
             let host = mem
                 .get_host_address(region.start_addr())
-                .map_err(|e| VmError::Device(format!("guest RAM: {e}")))?;
+                .map_err(VmError::GuestRam)?;
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
                 guest_phys_addr: region.start_addr().0,
@@ -163,7 +166,6 @@ impl Vm {
 
     /// COM1 (IRQ 4 through an irqfd), CMOS, i8042, the ACPI PM registers and port 0x80.
     pub fn add_legacy_devices(&self, serial_out: Box<dyn Write + Send>) -> Result<(), VmError> {
-        let dev = |e: crate::bus::BusError| VmError::Device(e.to_string());
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Io("eventfd", e))?;
         if self.config.irqchip {
             self.fd
@@ -172,24 +174,19 @@ impl Vm {
         }
         let serial = SerialDevice::new(irq, serial_out);
         let pio = &self.buses.pio;
-        pio.insert(COM1_PORT.into(), 8, Arc::new(Mutex::new(serial)))
-            .map_err(dev)?;
-        pio.insert(0x70, 2, Arc::new(Mutex::new(Cmos::new())))
-            .map_err(dev)?;
+        pio.insert(COM1_PORT.into(), 8, Arc::new(Mutex::new(serial)))?;
+        pio.insert(0x70, 2, Arc::new(Mutex::new(Cmos::new())))?;
         pio.insert(
             0x60,
             5,
             Arc::new(Mutex::new(I8042::new(self.control.clone()))),
-        )
-        .map_err(dev)?;
+        )?;
         pio.insert(
             SLEEP_CONTROL_PORT.into(),
             3,
             Arc::new(Mutex::new(AcpiPm::new(self.control.clone()))),
-        )
-        .map_err(dev)?;
-        pio.insert(0x80, 1, Arc::new(Mutex::new(Sink)))
-            .map_err(dev)?;
+        )?;
+        pio.insert(0x80, 1, Arc::new(Mutex::new(Sink)))?;
         Ok(())
     }
 
