@@ -1,8 +1,17 @@
-//! Command-line parsing for the `vmm` binary: argv's syntax (`--name value`, `--name=value`,
-//! help, the hidden seccomp self-test); every option's value goes through [`crate::config`].
+//! Command-line parsing for the `vmm` binary: argv into a [`VmConfig`] through the
+//! [`crate::config`] parsers.
 
-use crate::config::{ConfigError, VmConfig, VmConfigBuilder, VmOption};
+use std::path::PathBuf;
+
+use log::LevelFilter;
+
+use crate::config::{
+    self, BlockConfig, ConfigError, NetConfig, SerialOutput, VfioDeviceConfig, ViommuOptions,
+    VmConfig,
+};
 use crate::seccomp::{SeccompMode, ThreadKind};
+
+pub use crate::config::DEFAULT_CMDLINE;
 
 /// Usage text.
 pub const USAGE: &str = "\
@@ -57,34 +66,15 @@ pub enum Command {
     SeccompSelftest(ThreadKind, SeccompMode),
 }
 
-/// A command line `vmm` does not take; the `Display` is the message for the user.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum CliError {
-    /// A word that is not an option.
-    #[error("unexpected argument '{0}'")]
-    UnexpectedArgument(String),
-    /// An option `vmm` does not have.
-    #[error("unknown option '{0}'")]
-    UnknownOption(String),
-    /// The last option has no value.
-    #[error("{0} needs a value")]
-    NeedsValue(String),
-    /// `--seccomp-selftest` names no thread kind.
-    #[error("--seccomp-selftest: unknown thread kind '{0}'")]
-    SelftestKind(String),
-    /// A bad option value, or options that do not fit together.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-}
-
-/// Parse arguments (without the program name); `rust_log` is the `RUST_LOG` variable, the
-/// log level unless `--log-level` is given.
-pub fn parse<I: IntoIterator<Item = String>>(
-    args: I,
-    rust_log: Option<&str>,
-) -> Result<Command, CliError> {
-    let mut config = VmConfigBuilder::new(rust_log);
+/// Parse arguments (without the program name).
+pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, ConfigError> {
+    let mut kernel = None;
+    let mut c = VmConfig::new(PathBuf::new());
     let mut selftest = None;
+    c.log_level = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|l| config::parse_level(&l))
+        .unwrap_or(LevelFilter::Warn);
     let mut it = args.into_iter();
     while let Some(arg) = it.next() {
         if arg == "-h" || arg == "--help" {
@@ -95,36 +85,89 @@ pub fn parse<I: IntoIterator<Item = String>>(
             _ => (arg.clone(), None),
         };
         if !name.starts_with("--") {
-            return Err(CliError::UnexpectedArgument(arg));
+            return Err(ConfigError::Unexpected(arg));
         }
-        let mut value = || match inline.clone() {
-            Some(v) => Ok(v),
-            None => it.next().ok_or_else(|| CliError::NeedsValue(name.clone())),
+        let mut value = || -> Result<String, ConfigError> {
+            match inline.clone() {
+                Some(v) => Ok(v),
+                None => it.next().ok_or(ConfigError::NeedsValue(name.clone())),
+            }
         };
-        if name == "--seccomp-selftest" {
-            let v = value()?;
-            selftest = Some(ThreadKind::parse(&v).ok_or(CliError::SelftestKind(v))?);
-        } else if let Some(option) = VmOption::from_flag(&name) {
-            config.set(option, &value()?)?;
-        } else {
-            return Err(CliError::UnknownOption(name));
+        match name.as_str() {
+            "--kernel" => kernel = Some(PathBuf::from(value()?)),
+            "--initramfs" => c.initramfs = Some(PathBuf::from(value()?)),
+            "--cmdline" => c.cmdline = value()?,
+            "--memory" => {
+                c.memory = config::parse_size(&value()?)
+                    .map_err(|source| ConfigError::Memory { source })?
+            }
+            "--cpus" => {
+                c.cpus =
+                    config::parse_cpus(&value()?).map_err(|source| ConfigError::Cpus { source })?
+            }
+            "--disk" => {
+                let arg = value()?;
+                let d = BlockConfig::parse(&arg).map_err(|source| ConfigError::Disk {
+                    arg: arg.clone(),
+                    source,
+                })?;
+                c.disks.push(d);
+            }
+            "--net" => {
+                let arg = value()?;
+                let n = NetConfig::parse(&arg).map_err(|source| ConfigError::Net {
+                    arg: arg.clone(),
+                    source,
+                })?;
+                c.nets.push(n);
+            }
+            "--device" => {
+                let arg = value()?;
+                let d = VfioDeviceConfig::parse(&arg).map_err(|source| ConfigError::Device {
+                    arg: arg.clone(),
+                    source,
+                })?;
+                c.devices.push(d);
+            }
+            "--viommu" => {
+                let arg = value()?;
+                c.viommu = ViommuOptions::parse(&arg).map_err(|source| ConfigError::Viommu {
+                    arg: arg.clone(),
+                    source,
+                })?;
+            }
+            "--serial" => {
+                let v = value()?;
+                c.serial = SerialOutput::parse(&v).ok_or(ConfigError::Serial(v))?;
+            }
+            "--seccomp" => {
+                c.seccomp = SeccompMode::parse(&value()?).map_err(ConfigError::Seccomp)?
+            }
+            "--seccomp-selftest" => {
+                let v = value()?;
+                selftest = Some(ThreadKind::parse(&v).ok_or(ConfigError::SelftestKind(v))?);
+            }
+            "--log-level" => {
+                let v = value()?;
+                c.log_level = config::parse_level(&v).ok_or(ConfigError::LogLevel(v))?;
+            }
+            _ => return Err(ConfigError::UnknownOption(name)),
         }
     }
     if let Some(kind) = selftest {
-        return Ok(Command::SeccompSelftest(kind, config.seccomp()));
+        return Ok(Command::SeccompSelftest(kind, c.seccomp));
     }
-    Ok(Command::Run(config.build()?))
+    c.kernel = kernel.ok_or(ConfigError::NoKernel)?;
+    c.validate()?;
+    Ok(Command::Run(c))
 }
 
 #[cfg(test)]
 mod tests {
-    use log::LevelFilter;
-
     use super::*;
-    use crate::config::{SerialOutput, ViommuOptions, DEFAULT_CMDLINE};
 
     fn p(a: &[&str]) -> Result<Command, String> {
-        parse(a.iter().map(|s| s.to_string()), None).map_err(|e| e.to_string())
+        parse(a.iter().map(|s| s.to_string())).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -137,7 +180,7 @@ mod tests {
         assert_eq!(c.cmdline, DEFAULT_CMDLINE);
         assert_eq!(c.serial, SerialOutput::Stdout);
         assert_eq!(c.viommu, None);
-        assert_eq!(c.seccomp, SeccompMode::On);
+        assert_eq!(c.seccomp, crate::seccomp::SeccompMode::On);
         let Command::Run(c) = p(&[
             "--kernel=/k",
             "--initramfs",
@@ -228,68 +271,13 @@ mod tests {
         let Command::Run(c) = p(&["--kernel", "k", "--seccomp=log"]).unwrap() else {
             panic!()
         };
-        assert_eq!(c.seccomp, SeccompMode::Log);
+        assert_eq!(c.seccomp, crate::seccomp::SeccompMode::Log);
         assert_eq!(
             p(&["--seccomp-selftest", "vcpu", "--seccomp", "off"]).unwrap(),
-            Command::SeccompSelftest(ThreadKind::Vcpu, SeccompMode::Off)
-        );
-    }
-
-    #[test]
-    fn help_names_every_option() {
-        for o in VmOption::ALL {
-            assert!(
-                USAGE.contains(&format!("\n  {} ", o.flag())),
-                "{} missing from the usage",
-                o.flag()
-            );
-        }
-    }
-
-    #[test]
-    fn the_log_level_defaults_to_rust_log() {
-        let run = |env| match parse(["--kernel".to_string(), "k".to_string()], env) {
-            Ok(Command::Run(c)) => c.log_level,
-            r => panic!("{r:?}"),
-        };
-        assert_eq!(run(None), LevelFilter::Warn);
-        assert_eq!(run(Some("info")), LevelFilter::Info);
-        assert_eq!(run(Some("not-a-level")), LevelFilter::Warn);
-        let Command::Run(c) = parse(
-            ["--log-level", "error", "--kernel", "k"].map(String::from),
-            Some("info"),
-        )
-        .unwrap() else {
-            panic!()
-        };
-        assert_eq!(c.log_level, LevelFilter::Error);
-    }
-
-    #[test]
-    fn errors_keep_their_typed_cause() {
-        let e = parse(
-            ["--kernel", "k", "--disk", "path=x,notify=sometimes"].map(String::from),
-            None,
-        )
-        .unwrap_err();
-        assert!(matches!(
-            e,
-            CliError::Config(ConfigError::Disk {
-                source: crate::config::OptionError::Invalid { .. },
-                ..
-            })
-        ));
-        assert_eq!(
-            e.to_string(),
-            "--disk: notify=sometimes: expected inline or thread"
-        );
-        assert_eq!(
-            parse(["--seccomp-selftest", "gpu"].map(String::from), None).unwrap_err(),
-            CliError::SelftestKind("gpu".into())
-        );
-        assert_eq!(
-            parse(["--kernel=k", "--cpus"].map(String::from), None).unwrap_err(),
-            CliError::NeedsValue("--cpus".into())
+            Command::SeccompSelftest(
+                crate::seccomp::ThreadKind::Vcpu,
+                crate::seccomp::SeccompMode::Off
+            )
         );
     }
 
@@ -316,5 +304,34 @@ mod tests {
         assert!(p(&["--kernel", "k", "--device", "iommu=on"])
             .unwrap_err()
             .contains("--device"));
+    }
+
+    #[test]
+    fn errors_carry_the_option_and_its_typed_cause() {
+        use crate::config::OptionError;
+        use std::error::Error;
+        let e = parse(["--kernel", "k", "--disk", "ro"].map(String::from)).unwrap_err();
+        let ConfigError::Disk { arg, source } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(arg, "ro");
+        assert!(matches!(
+            source,
+            OptionError::NotKeyValue { family: "disk", .. }
+        ));
+        assert_eq!(e.to_string(), "--disk: disk option 'ro' is not key=value");
+        assert!(e.source().unwrap().is::<OptionError>());
+        let e = parse(["--kernel", "k", "--viommu=virtio,poll=x"].map(String::from)).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Viommu { arg, .. } if arg == "virtio,poll=x"),
+            "{e:?}"
+        );
+        let e = parse(["--kernel", "k", "--memory", "1T"].map(String::from)).unwrap_err();
+        assert_eq!(e.to_string(), "--memory: bad size '1T'");
+        assert!(e.source().is_some());
+        assert!(matches!(
+            parse(["--cpus"].map(String::from)),
+            Err(ConfigError::NeedsValue(n)) if n == "--cpus"
+        ));
     }
 }

@@ -1,5 +1,5 @@
 //! The guest-visible IOMMU's counters line printed at exit (its `--viommu` options are
-//! [`crate::config::viommu`]).
+//! [`crate::config::ViommuOptions`]).
 
 use viommu::{CounterSnapshot, Status};
 

@@ -4,25 +4,25 @@
 //! Extension points: [`Machine::pci_bus`] to add PCI devices, [`Machine::add_acpi_table`] to add
 //! a table before [`Machine::boot`].
 //!
-//! With `--viommu virtio` ([`VmConfig::viommu`]) the machine gets a virtio-iommu PCI function
-//! (its slot is reserved at creation, it is plugged at boot once every endpoint is known), every
-//! `iommu=on` disk is registered as an endpoint (ID = its BDF) and translates all its DMA through
-//! it, and a VIOT table describes the topology to the guest.
+//! With `--viommu virtio` ([`crate::config::VmConfig::viommu`]) the machine gets a virtio-iommu
+//! PCI function (its slot is reserved at creation, it is plugged at boot once every endpoint is
+//! known), every `iommu=on` disk is registered as an endpoint (ID = its BDF) and translates all
+//! its DMA through it, and a VIOT table describes the topology to the guest.
 
 use std::io::Write;
-use std::path::PathBuf;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vm_memory::GuestAddressSpace;
 
-use pci::{PciBus, PciError, PciWindows, VirtioDevice, VirtioPciDevice};
-use viommu::host::vfio::GeometryError;
+use pci::{PciBus, PciWindows, VirtioPciDevice};
 use viommu::spec::REQUEST_QUEUE;
-use viommu::{Counters, DomainError, EndpointHandle, Viommu};
+use viommu::{Counters, EndpointHandle, Viommu};
+use virtio_dev::VirtioDevice;
 
 use crate::acpi::{self, AcpiConfig};
 use crate::boot::{self, LinuxBoot};
-use crate::config::{DiskConfig, NetBackendConfig, NetConfig, SerialOutput, VmConfig};
+use crate::config::{BlockConfig, NetBackendConfig, NetConfig, SerialOutput};
 use crate::devices::block::Block;
 use crate::devices::net::{Net, NetPort};
 use crate::devices::polled::Polled;
@@ -31,33 +31,41 @@ use crate::memory::{MMIO32_SIZE, MMIO32_START, PCI_IO_SIZE, PCI_IO_START};
 use crate::pci_host::PciExits;
 use crate::vfio::{DmaSetup, Passthrough, VfioError};
 use crate::viot;
-use crate::vm::{self, Vm, VmError};
+use crate::vm::{Vm, VmConfig, VmError};
 
-/// Machine errors. Each names what failed; its source says why.
+/// Machine errors; each keeps its cause as `source()` (see [`crate::report::Chain`]).
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
     /// VM creation or setup failed.
     #[error(transparent)]
     Vm(#[from] VmError),
     /// A disk could not be opened or attached.
-    #[error("disk {path}")]
+    #[error("disk {name}")]
     Disk {
-        /// The disk's backing file.
-        path: PathBuf,
+        /// The disk's path.
+        name: String,
         /// Why.
+        #[source]
         source: AttachError,
     },
     /// A network port could not be opened or attached.
     #[error("{name}")]
     Net {
-        /// The port as given (`net tap=NAME`, `net hub=ID`).
+        /// `net tap=NAME` or `net hub=ID`.
         name: String,
         /// Why.
+        #[source]
         source: AttachError,
     },
     /// The serial output file could not be created.
-    #[error("serial output {0}")]
-    Serial(PathBuf, #[source] std::io::Error),
+    #[error("serial output {path}")]
+    Serial {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// ACPI tables could not be written.
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
@@ -66,7 +74,7 @@ pub enum MachineError {
     Boot(#[from] boot::BootError),
     /// The virtio-iommu could not be created or plugged.
     #[error("virtio-iommu")]
-    Viommu(#[from] IommuError),
+    Viommu(#[from] ViommuSetupError),
     /// No free PCI slot is left.
     #[error("no free PCI slot for {0}")]
     NoSlot(String),
@@ -75,41 +83,41 @@ pub enum MachineError {
     Vfio(#[from] VfioError),
 }
 
-/// Why a virtio device (disk, port) could not be attached.
+/// Why a virtio disk or port could not be attached.
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
-    /// `iommu=on` but the machine has no vIOMMU.
+    /// `iommu=on` without a vIOMMU.
     #[error("iommu=on needs --viommu virtio")]
     NoViommu,
-    /// The vIOMMU refused the device as an endpoint.
+    /// The vIOMMU refused the endpoint.
     #[error("virtio-iommu endpoint")]
-    Endpoint(#[source] DomainError),
-    /// The backend (disk image, TAP interface) could not be opened.
+    Endpoint(#[source] viommu::DomainError),
+    /// The backend (disk file, TAP interface) could not be opened.
     #[error(transparent)]
     Backend(#[from] std::io::Error),
-    /// The interrupt setup failed.
+    /// The MSI routing could not be set up.
     #[error(transparent)]
     Vm(#[from] VmError),
-    /// The virtio-pci transport or the bus refused the device.
+    /// The virtio-pci transport or the PCI bus refused the device.
     #[error(transparent)]
-    Pci(#[from] PciError),
+    Pci(#[from] pci::PciError),
 }
 
 /// Why the virtio-iommu could not be created or plugged.
 #[derive(Debug, thiserror::Error)]
-pub enum IommuError {
-    /// The assigned devices' host IOMMUs cannot back the configured geometry.
+pub enum ViommuSetupError {
+    /// The host IOMMUs of the assigned devices do not fit the configuration.
     #[error("host IOMMU geometry")]
-    Geometry(#[source] GeometryError),
-    /// The device configuration is invalid.
+    Geometry(#[source] viommu::GeometryError),
+    /// The device refused its configuration.
     #[error(transparent)]
     Config(#[from] viommu::ConfigError),
     /// An assigned device could not become an endpoint.
     #[error(transparent)]
-    Endpoint(#[from] DomainError),
-    /// The virtio-pci transport or the bus refused the device.
+    Endpoint(#[from] viommu::DomainError),
+    /// The virtio-pci transport or the PCI bus refused the device.
     #[error(transparent)]
-    Pci(#[from] PciError),
+    Pci(#[from] pci::PciError),
 }
 
 /// The virtio-iommu between creation and boot: endpoints are registered while disks are
@@ -126,24 +134,26 @@ pub struct Machine {
     /// The VM.
     pub vm: Vm,
     pci: Arc<PciBus>,
-    config: VmConfig,
+    config: crate::config::VmConfig,
     extra_tables: Vec<Vec<u8>>,
-    disks: Vec<(DiskConfig, u8)>,
+    disks: Vec<(BlockConfig, u8)>,
     iommu: Option<PendingIommu>,
     iommu_counters: Option<Arc<Counters>>,
     passthrough: Passthrough,
     hubs: crate::net::Hubs,
     /// Every virtio-net port (MAC, counters), for the exit summary.
     net_ports: Vec<([u8; 6], Arc<NetPort>)>,
+    /// Every disk (path, counters), for the exit summary.
+    disk_stats: Vec<(String, Arc<crate::devices::block::BlockStats>)>,
 }
 
 impl Machine {
     /// Create the VM, legacy devices, the PCI bus and the disks.
-    pub fn new(config: VmConfig) -> Result<Machine, MachineError> {
+    pub fn new(config: crate::config::VmConfig) -> Result<Machine, MachineError> {
         // Threads install their filter under this mode: TAP readers as they start, the main
         // thread and the vCPUs in Vm::run, device workers when the guest starts them.
         crate::seccomp::set_mode(config.seccomp);
-        let vm = Vm::new(vm::VmConfig {
+        let vm = Vm::new(VmConfig {
             cpus: config.cpus,
             memory: config.memory,
             irqchip: true,
@@ -151,7 +161,12 @@ impl Machine {
         let out: Box<dyn Write + Send> = match &config.serial {
             SerialOutput::Stdout => Box::new(std::io::stdout()),
             SerialOutput::File(p) => {
-                Box::new(std::fs::File::create(p).map_err(|e| MachineError::Serial(p.clone(), e))?)
+                Box::new(
+                    std::fs::File::create(p).map_err(|source| MachineError::Serial {
+                        path: p.display().to_string(),
+                        source,
+                    })?,
+                )
             }
         };
         vm.add_legacy_devices(out)?;
@@ -174,12 +189,13 @@ impl Machine {
             passthrough,
             hubs: crate::net::Hubs::new(),
             net_ports: Vec::new(),
+            disk_stats: Vec::new(),
         };
         if let Some(opts) = m.config.viommu.clone() {
             let hosts = m.passthrough.viommu_hosts();
-            let cfg = viommu::host::vfio::viommu_config_for(opts.device_config(), &hosts)
-                .map_err(IommuError::Geometry)?;
-            let mut dev = Viommu::new(cfg).map_err(IommuError::from)?;
+            let cfg = viommu::viommu_config_for(opts.config(), &hosts)
+                .map_err(ViommuSetupError::Geometry)?;
+            let mut dev = Viommu::new(cfg).map_err(ViommuSetupError::from)?;
             if m.passthrough.any_translated() {
                 // Boot bypass for assigned endpoints: all RAM in their containers until the
                 // driver attaches them.
@@ -218,7 +234,7 @@ impl Machine {
 
     /// The attached disks and their PCI device numbers (bus 0, function 0), e.g. to list the
     /// `iommu=on` endpoints in a VIOT.
-    pub fn disks(&self) -> &[(DiskConfig, u8)] {
+    pub fn disks(&self) -> &[(BlockConfig, u8)] {
         &self.disks
     }
 
@@ -238,6 +254,12 @@ impl Machine {
     /// the exit summary.
     pub fn net_ports(&self) -> Vec<([u8; 6], Arc<NetPort>)> {
         self.net_ports.clone()
+    }
+
+    /// Each disk's path and counters; read them after [`Machine::boot`] returns for the exit
+    /// summary.
+    pub fn disk_stats(&self) -> Vec<(String, Arc<crate::devices::block::BlockStats>)> {
+        self.disk_stats.clone()
     }
 
     /// PCI device number of the virtio-iommu (`None` without one).
@@ -282,7 +304,7 @@ impl Machine {
 
     /// Attach a virtio-blk disk; returns its PCI device number. An `iommu=on` disk becomes an
     /// endpoint of the virtio-iommu (which must exist).
-    pub fn add_disk(&mut self, disk: DiskConfig) -> Result<u8, MachineError> {
+    pub fn add_disk(&mut self, disk: BlockConfig) -> Result<u8, MachineError> {
         let name = disk.path.display().to_string();
         let slot = self
             .free_slot()
@@ -294,10 +316,13 @@ impl Machine {
                 None
             };
             let blk = Block::with_endpoint(disk.clone(), endpoint)?;
-            m.plug_virtio(slot, Box::new(blk))
+            let stats = blk.stats().clone();
+            let slot = m.plug_virtio(slot, Box::new(blk))?;
+            m.disk_stats.push((disk.path.display().to_string(), stats));
+            Ok(slot)
         };
         let slot = attach(self).map_err(|source| MachineError::Disk {
-            path: disk.path.clone(),
+            name: name.clone(),
             source,
         })?;
         log::info!(
@@ -334,7 +359,7 @@ impl Machine {
                 iommu
                     .dev
                     .add_host_endpoint(u32::from(bdf), shadow)
-                    .map_err(IommuError::from)?;
+                    .map_err(ViommuSetupError::from)?;
                 iommu.endpoints.push(bdf);
             }
             let slot = self
@@ -400,11 +425,11 @@ impl Machine {
             self.vm.msi_manager()?,
             self.vm.ioevent_manager(),
         )
-        .map_err(IommuError::from)?;
+        .map_err(ViommuSetupError::from)?;
         let slot = self
             .pci
             .add_device_at(iommu.slot, Arc::new(Mutex::new(dev)))
-            .map_err(IommuError::from)?;
+            .map_err(ViommuSetupError::from)?;
         let table = viot::build(viot::bdf(0, slot, 0), &iommu.endpoints);
         self.add_acpi_table(table);
         log::info!(
@@ -447,70 +472,35 @@ impl Machine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::ErrorChain;
-    use crate::seccomp::SeccompMode;
-
-    /// A small machine without seccomp filters; `None` (test skipped) without a usable KVM.
-    fn config() -> Option<VmConfig> {
-        if kvm_ioctls::Kvm::new().is_err() {
-            eprintln!("no /dev/kvm: skipped");
-            return None;
-        }
-        let mut c = VmConfig::new("/nonexistent/bzImage".into());
-        c.memory = 64 << 20;
-        c.cpus = 1;
-        c.seccomp = SeccompMode::Off;
-        Some(c)
-    }
+    use crate::report::Chain;
+    use std::error::Error;
 
     #[test]
-    fn a_missing_disk_names_the_disk_and_keeps_the_cause() {
-        let Some(mut c) = config() else { return };
-        c.disks
-            .push(DiskConfig::parse("path=/nonexistent/disk.img").unwrap());
-        let e = Machine::new(c)
-            .err()
-            .expect("a missing disk file is an error");
-        match &e {
-            MachineError::Disk {
-                path,
-                source: AttachError::Backend(io),
-            } => {
-                assert_eq!(path, &PathBuf::from("/nonexistent/disk.img"));
-                assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
-            }
-            e => panic!("unexpected error {e:?}"),
-        }
+    fn errors_keep_their_causes() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = MachineError::Disk {
+            name: "/d.img".into(),
+            source: AttachError::Backend(io),
+        };
+        assert_eq!(e.to_string(), "disk /d.img");
+        let cause = e.source().unwrap();
+        assert!(matches!(
+            cause.downcast_ref::<AttachError>(),
+            Some(AttachError::Backend(_))
+        ));
+        assert_eq!(Chain(&e).to_string(), "disk /d.img: caused by no such file");
+        let e = MachineError::Net {
+            name: "net hub=0".into(),
+            source: AttachError::NoViommu,
+        };
         assert_eq!(
-            ErrorChain(&e).to_string(),
-            format!(
-                "disk /nonexistent/disk.img: caused by: {}",
-                std::io::Error::from_raw_os_error(libc::ENOENT)
-            )
+            Chain(&e).to_string(),
+            "net hub=0: caused by iommu=on needs --viommu virtio"
         );
-    }
-
-    #[test]
-    fn an_iommu_disk_without_a_viommu_is_refused_at_attach() {
-        // VmConfig::validate refuses this on the command line; a caller building the
-        // configuration itself gets the attach error.
-        let Some(mut c) = config() else { return };
-        c.disks
-            .push(DiskConfig::parse("path=/dev/null,iommu=on").unwrap());
-        let e = Machine::new(c).err().expect("iommu=on without a vIOMMU");
-        assert!(
-            matches!(
-                e,
-                MachineError::Disk {
-                    source: AttachError::NoViommu,
-                    ..
-                }
-            ),
-            "{e:?}"
-        );
+        let e = MachineError::from(VfioError::ContainerGone("/sys/x".into()));
         assert_eq!(
-            ErrorChain(&e).to_string(),
-            "disk /dev/null: caused by: iommu=on needs --viommu virtio"
+            Chain(&e).to_string(),
+            "vfio: caused by /sys/x: container vanished"
         );
     }
 }

@@ -3,14 +3,15 @@
 use std::process::ExitCode;
 
 use vmm::cli::{self, Command};
-use vmm::error::ErrorChain;
 use vmm::lifecycle::ExitReason;
 use vmm::machine::Machine;
 
 fn main() -> ExitCode {
-    let rust_log = std::env::var("RUST_LOG").ok();
-    let config = match cli::parse(std::env::args().skip(1), rust_log.as_deref()) {
-        Ok(Command::Run(c)) => c,
+    let (config, level) = match cli::parse(std::env::args().skip(1)) {
+        Ok(Command::Run(c)) => {
+            let level = c.log_level;
+            (c, level)
+        }
         Ok(Command::SeccompSelftest(kind, mode)) => {
             return ExitCode::from(vmm::seccomp::selftest(kind, mode) as u8);
         }
@@ -18,18 +19,21 @@ fn main() -> ExitCode {
             println!("{}", cli::USAGE);
             return ExitCode::SUCCESS;
         }
-        // The message names the option and what is wrong with its value.
         Err(e) => {
             eprintln!("vmm: {e}\n\n{}", cli::USAGE);
             return ExitCode::from(2);
         }
     };
-    vmm::logger::init(config.log_level);
+    vmm::logger::init(level);
     let result = Machine::new(config).and_then(|m| {
         let counters = m.viommu_counters();
         let vfio = m.vfio_counters();
         let nets = m.net_ports();
+        let disks = m.disk_stats();
         let r = m.boot();
+        for (disk, stats) in &disks {
+            eprintln!("{}", stats.snapshot().summary_line(disk));
+        }
         for (mac, port) in &nets {
             eprintln!("{}", port.stats().snapshot().summary_line(*mac));
         }
@@ -52,7 +56,7 @@ fn main() -> ExitCode {
             ExitCode::from(reason.exit_code() as u8)
         }
         Err(e) => {
-            eprintln!("vmm: error: {}", ErrorChain(&e));
+            eprintln!("vmm: error: {}", vmm::report::Chain(&e));
             ExitCode::from(1)
         }
     }

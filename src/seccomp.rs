@@ -49,6 +49,16 @@ pub enum SeccompMode {
 }
 
 impl SeccompMode {
+    /// Parse `off`, `log` or `on`.
+    pub fn parse(s: &str) -> Result<SeccompMode, String> {
+        match s {
+            "off" => Ok(SeccompMode::Off),
+            "log" => Ok(SeccompMode::Log),
+            "on" => Ok(SeccompMode::On),
+            _ => Err(format!("expected off, log or on, got '{s}'")),
+        }
+    }
+
     fn to_u8(self) -> u8 {
         match self {
             SeccompMode::Off => 0,
@@ -600,7 +610,7 @@ pub fn selftest(kind: ThreadKind, mode: SeccompMode) -> i32 {
         .name("seccomp-selftest".into())
         .spawn(move || {
             if let Err(e) = apply_mode(kind, mode) {
-                eprintln!("seccomp selftest: {e}");
+                eprintln!("seccomp selftest: {}", crate::report::Chain(&e));
                 return 1;
             }
             eprintln!(
@@ -651,7 +661,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kinds_parse() {
+    fn modes_parse() {
+        assert_eq!(SeccompMode::parse("on"), Ok(SeccompMode::On));
+        assert_eq!(SeccompMode::parse("log"), Ok(SeccompMode::Log));
+        assert_eq!(SeccompMode::parse("off"), Ok(SeccompMode::Off));
+        assert!(SeccompMode::parse("strict").is_err());
         for k in ThreadKind::ALL {
             assert_eq!(ThreadKind::parse(k.name()), Some(k));
         }

@@ -5,7 +5,7 @@
 //! `VfioContainer` per IOMMU group (a group keeps its own container for the VM's lifetime) and
 //! opens every `VfioDevice`; [`Passthrough::viommu_hosts`] then gives the
 //! [`HostIommuInfo`] of each container whose devices sit behind the vIOMMU, for
-//! `viommu::host::vfio::viommu_config_for`.
+//! `viommu::viommu_config_for`.
 //!
 //! [`Passthrough::attach`] turns one opened device into a [`VfioPciDevice`] (BARs mapped into
 //! the guest with [`KvmMemorySlots`]) and sets up its DMA:
@@ -32,7 +32,7 @@ use viommu::{
 };
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::config::DeviceConfig;
+use crate::config::VfioDeviceConfig;
 use crate::memory_slots::KvmMemorySlots;
 
 /// Passthrough setup errors (never caused by the guest).
@@ -42,24 +42,32 @@ pub enum VfioError {
     #[error("creating the KVM VFIO device")]
     KvmDevice(#[source] kvm_ioctls::Error),
     /// The device's IOMMU group could not be read.
-    #[error("{0}: no IOMMU group (is the IOMMU on and the device bound to vfio-pci?)")]
+    #[error("{}: no IOMMU group; is the IOMMU on and the device bound to vfio-pci?", .0.display())]
     Group(PathBuf, #[source] io::Error),
     /// Opening /dev/vfio/vfio failed.
     #[error("opening a VFIO container")]
     Container(#[source] vfio_ioctls::VfioError),
     /// Opening the device (group into the container, device fd) failed.
     #[error(
-        "{path}: opening through VFIO failed (driver: {driver}; the function must be bound to \
-         vfio-pci; behind a virtio-iommu, vfio_iommu_type1 needs allow_unsafe_interrupts=1)"
+        "{}: opening through VFIO failed (driver: {driver}; the function must be bound to \
+         vfio-pci; behind a virtio-iommu, vfio_iommu_type1 needs allow_unsafe_interrupts=1)",
+        path.display()
     )]
     Device {
-        /// The device's sysfs path.
+        /// The device.
         path: PathBuf,
-        /// The driver the function is bound to (`none`).
+        /// The host driver it is bound to (`none` if unbound).
         driver: String,
-        /// What VFIO said.
+        /// Why.
+        #[source]
         source: vfio_ioctls::VfioError,
     },
+    /// The device's container was dropped before the device was attached (a VMM bug).
+    #[error("{}: container vanished", .0.display())]
+    ContainerGone(PathBuf),
+    /// The passthrough function could not be plugged into the PCI bus.
+    #[error("{}: plugging", .0.display())]
+    Plug(PathBuf, #[source] pci::PciError),
     /// Two devices of one group disagree on `iommu=`.
     #[error("{0}: IOMMU group {1} mixes iommu=on and iommu=off devices")]
     MixedGroup(PathBuf, u32),
@@ -67,20 +75,14 @@ pub enum VfioError {
     #[error("group {0}: VFIO_IOMMU_GET_INFO")]
     Info(u32, #[source] io::Error),
     /// The passthrough PCI function could not be built.
-    #[error("{0}")]
+    #[error("{}", .0.display())]
     Pci(PathBuf, #[source] pci::VfioPciError),
     /// The static full-RAM mapping failed.
-    #[error("{0}: static DMA mapping of guest RAM")]
+    #[error("{}: static DMA mapping of guest RAM", .0.display())]
     StaticMap(PathBuf, #[source] viommu::HostMapError),
     /// The device is behind the vIOMMU but there is none.
     #[error("{0}: iommu=on needs --viommu virtio")]
     NoViommu(PathBuf),
-    /// The passthrough PCI function could not be plugged into the bus.
-    #[error("{0}: plugging")]
-    Plug(PathBuf, #[source] pci::PciError),
-    /// An opened device's container is gone (a bug, not a host or user error).
-    #[error("{0}: container vanished")]
-    ContainerVanished(PathBuf),
 }
 
 /// Host DMA calls made by the VMM into every VFIO container of the VM (all successful and
@@ -200,7 +202,7 @@ struct Container {
 
 /// A device opened into its container, waiting for [`Passthrough::attach`].
 struct Opened {
-    config: DeviceConfig,
+    config: VfioDeviceConfig,
     group: u32,
     device: Arc<VfioDevice>,
 }
@@ -230,7 +232,11 @@ pub struct Passthrough {
 impl Passthrough {
     /// Open every device of `configs` into its group's container (no device: nothing opened,
     /// no KVM VFIO device).
-    pub fn open(kvm: &Kvm, vm: &Arc<VmFd>, configs: &[DeviceConfig]) -> Result<Self, VfioError> {
+    pub fn open(
+        kvm: &Kvm,
+        vm: &Arc<VmFd>,
+        configs: &[VfioDeviceConfig],
+    ) -> Result<Self, VfioError> {
         let max_slots = u32::try_from(kvm.get_nr_memslots()).unwrap_or(u32::MAX);
         let slots = Arc::new(KvmMemorySlots::new(
             vm.clone(),
@@ -265,7 +271,7 @@ impl Passthrough {
 
     fn open_one(
         &mut self,
-        config: &DeviceConfig,
+        config: &VfioDeviceConfig,
         handle: &Arc<VfioDeviceFd>,
     ) -> Result<(), VfioError> {
         let path = &config.path;
@@ -284,7 +290,7 @@ impl Passthrough {
         let ops: Arc<dyn VfioOps> = new_container.clone();
         let device = VfioDevice::new(path, ops, false).map_err(|source| VfioError::Device {
             path: path.to_path_buf(),
-            driver: driver_name(path),
+            driver: bound_driver(path),
             source,
         })?;
         if let Entry::Vacant(slot) = self.containers.entry(group) {
@@ -392,11 +398,11 @@ impl Passthrough {
         let path = o.config.path.clone();
         let dev = VfioPciDevice::from_vfio_device(o.device, msi, self.slots.clone())
             .map_err(|e| VfioError::Pci(path.clone(), e))?;
-        self.bars.add(dev.bar_maps());
+        self.bars.add(Arc::new(DeviceBars(dev.bar_maps())));
         let c = self
             .containers
             .get_mut(&o.group)
-            .ok_or_else(|| VfioError::ContainerVanished(path.clone()))?;
+            .ok_or_else(|| VfioError::ContainerGone(path.clone()))?;
         let setup = if c.iommu {
             let shadow = c.shadow.get_or_insert_with(|| {
                 Arc::new(
@@ -437,12 +443,26 @@ impl Drop for Passthrough {
     }
 }
 
-/// The driver `path` is bound to (`none`), for the hint of a failed `VfioDevice::new`.
-fn driver_name(path: &Path) -> String {
+/// The host driver `path` is bound to (`none` if unbound), for a failed `VfioDevice::new`.
+fn bound_driver(path: &Path) -> String {
     std::fs::read_link(path.join("driver"))
         .ok()
         .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "none".into())
+}
+
+/// One passthrough device's BAR mmaps as a peer-to-peer target of the vIOMMU's shadow.
+struct DeviceBars(Arc<pci::VfioBarMaps>);
+
+// SAFETY: `VfioBarMaps` lists the VFIO region mmaps of a passthrough device's BARs: device
+// memory shared with the guest, never reached through Rust references.
+unsafe impl viommu::BarResolver for DeviceBars {
+    fn resolve(&self, gpa: u64) -> Option<(u64, u64)> {
+        self.0.mappings().into_iter().find_map(|m| {
+            let off = gpa.checked_sub(m.gpa)?;
+            (off < m.size).then(|| Some((m.host_addr.checked_add(off)?, m.size - off)))?
+        })
+    }
 }
 
 #[cfg(test)]
@@ -450,8 +470,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn vfio_bar_maps_resolver_without_mappings_resolves_nothing() {
+        use viommu::BarResolver;
+        let maps = DeviceBars(Arc::new(pci::VfioBarMaps::default()));
+        assert_eq!(maps.resolve(0x2_0000_0000), None);
+    }
+
+    #[test]
     fn counted_space_counts_every_call_and_failure() {
-        use viommu::host::recording::RecordingMapper;
+        use viommu::RecordingMapper;
         let rec = Arc::new(RecordingMapper::new());
         let counters = Arc::new(DmaCounters::default());
         let space = Counted {
@@ -494,8 +521,7 @@ mod tests {
 
     #[test]
     fn no_devices_opens_nothing() {
-        let Ok(kvm) = Kvm::new() else {
-            eprintln!("no /dev/kvm: skipped");
+        let Some(kvm) = crate::skip::kvm_or_skip("vfio::no_devices_opens_nothing") else {
             return;
         };
         let vm = Arc::new(kvm.create_vm().unwrap());
@@ -508,12 +534,11 @@ mod tests {
 
     #[test]
     fn a_missing_device_is_a_clear_error() {
-        let Ok(kvm) = Kvm::new() else {
-            eprintln!("no /dev/kvm: skipped");
+        let Some(kvm) = crate::skip::kvm_or_skip("vfio::a_missing_device_is_a_clear_error") else {
             return;
         };
         let vm = Arc::new(kvm.create_vm().unwrap());
-        let cfg = DeviceConfig {
+        let cfg = VfioDeviceConfig {
             path: "/sys/bus/pci/devices/ffff:ff:1f.7".into(),
             iommu: false,
         };

@@ -49,15 +49,15 @@ pub enum VmError {
     /// Host resource (eventfd, thread) failure.
     #[error("{0}")]
     Io(&'static str, #[source] std::io::Error),
-    /// The vCPU count is outside 1..=254.
-    #[error("device setup: unsupported vCPU count {0}")]
-    Cpus(u8),
-    /// Guest RAM has no host mapping.
-    #[error("device setup: guest RAM")]
-    GuestRam(#[source] vm_memory::GuestMemoryError),
-    /// A legacy device could not be placed on its bus.
+    /// Unsupported configuration.
+    #[error("device setup: {0}")]
+    Device(String),
+    /// A legacy device could not be registered on a bus.
     #[error("device setup")]
     Bus(#[from] crate::bus::BusError),
+    /// Guest RAM has no host mapping.
+    #[error("device setup: guest RAM")]
+    Ram(#[source] vm_memory::GuestMemoryError),
 }
 
 /// What the VM is made of.
@@ -95,7 +95,10 @@ impl Vm {
     /// Create the VM, its RAM and (optionally) the in-kernel irqchip and PIT.
     pub fn new(config: VmConfig) -> Result<Vm, VmError> {
         if config.cpus == 0 || config.cpus > 254 {
-            return Err(VmError::Cpus(config.cpus));
+            return Err(VmError::Device(format!(
+                "unsupported vCPU count {}",
+                config.cpus
+            )));
         }
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let fd = kvm
@@ -120,7 +123,7 @@ impl Vm {
         for (slot, region) in mem.iter().enumerate() {
             let host = mem
                 .get_host_address(region.start_addr())
-                .map_err(VmError::GuestRam)?;
+                .map_err(VmError::Ram)?;
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
                 guest_phys_addr: region.start_addr().0,
@@ -260,7 +263,8 @@ pub fn run_vcpus(vcpus: Vec<Vcpu>, control: &Arc<VmControl>) -> Result<ExitReaso
         let (gate, ctl) = (go.clone(), control.clone());
         let t = std::thread::Builder::new().name(name).spawn(move || {
             if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu) {
-                let reason = ExitReason::Error(format!("vCPU {}: {e}", vcpu.id));
+                let reason =
+                    ExitReason::Error(format!("vCPU {}: {}", vcpu.id, crate::report::Chain(&e)));
                 ctl.request_stop(reason.clone());
                 return reason;
             }
@@ -276,7 +280,7 @@ pub fn run_vcpus(vcpus: Vec<Vcpu>, control: &Arc<VmControl>) -> Result<ExitReaso
         }
     }
     if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Main) {
-        control.request_stop(ExitReason::Error(e.to_string()));
+        control.request_stop(ExitReason::Error(crate::report::Chain(&e).to_string()));
     }
     go.open();
     // Wait for the stop request.

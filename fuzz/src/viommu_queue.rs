@@ -10,7 +10,7 @@
 
 use crate::failing::FailingMapper;
 use crate::{Enc, Input};
-use pci::{QueueConfig, VirtioDevice, VirtioInterrupt};
+use virtio_dev::{QueueConfig, VirtioDevice, VirtioInterrupt};
 use std::sync::Arc;
 use viommu::{EndpointHandle, HostMapError, Limits, Prot, TranslatedMemory, Viommu, ViommuConfig};
 use vm_memory::{

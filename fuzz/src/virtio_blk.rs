@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use viommu::TranslatedMemory;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
-use vmm::config::DiskConfig;
+use vmm::config::BlockConfig;
 use vmm::devices::block::BlockBackend;
 
 const MEM_SIZE: usize = 0x10_0000;
@@ -69,7 +69,7 @@ fn disk() -> &'static Disk {
         let ro_path = mk("ro");
         let open = |p: &PathBuf, readonly| {
             let ro = if readonly { ",readonly=on" } else { "" };
-            let cfg = DiskConfig::parse(&format!("path={}{ro}", p.display())).expect("config");
+            let cfg = BlockConfig::parse(&format!("path={}{ro}", p.display())).expect("config");
             BlockBackend::open(&cfg).expect("open disk")
         };
         let d = Disk {

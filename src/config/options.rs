@@ -1,158 +1,103 @@
-//! The `key=value[,key=value]` option lists of `--disk`, `--net`, `--device` and `--viommu`:
-//! one splitter and the typed readers every family uses for its values.
-//!
-//! Items are read in order and the first bad one is the error, as a user reads the list.
+//! The `key=value[,key=value]` option lists shared by `--disk`, `--net`, `--device` and
+//! `--viommu`, and the value kinds they have in common.
 
-use std::str::FromStr;
-
-use super::net::MacError;
-
-/// `on|true|yes|1` and `off|false|no|0` (`--disk`, `--net`).
-pub const SWITCH: &[(&str, bool)] = &[
-    ("on", true),
-    ("true", true),
-    ("yes", true),
-    ("1", true),
-    ("off", false),
-    ("false", false),
-    ("no", false),
-    ("0", false),
-];
-
-/// `on` and `off` only (`--device`).
-pub const ON_OFF: &[(&str, bool)] = &[("on", true), ("off", false)];
-
-/// What is wrong in an option value. The `Display` is the message the user reads after the
-/// option's name (`--disk: readonly=maybe: expected on or off`).
+/// An option list that could not be read; the `Display` is the message the user sees.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum OptionError {
-    /// An item without `=`; `noun` names the list's items (`disk option`).
-    #[error("{noun} '{item}' is not key=value")]
+    /// A list element without `=`.
+    #[error("{}option '{part}' is not key=value", prefix(family))]
     NotKeyValue {
-        /// What the list's items are called.
-        noun: &'static str,
-        /// The item as given.
-        item: String,
+        /// The option family (`disk`, `net`, ...; empty for none).
+        family: &'static str,
+        /// The element as given.
+        part: String,
     },
-    /// A key the list does not know, or one whose value may not be empty.
-    #[error("unknown {noun} '{item}'")]
+    /// A key the family does not know (or an empty value where one is needed).
+    #[error("unknown {}option '{part}'", prefix(family))]
     Unknown {
-        /// What the list's items are called.
-        noun: &'static str,
-        /// The item as given (`key=value`).
-        item: String,
+        /// The option family (`disk`, `net`, ...; empty for none).
+        family: &'static str,
+        /// The element as given.
+        part: String,
     },
-    /// A value its key does not accept.
-    #[error("{key}={value}: expected {expected}")]
-    Invalid {
+    /// A known key with a value it does not accept.
+    #[error("{key}={value}: {reason}")]
+    BadValue {
         /// The key.
         key: String,
         /// The value as given.
         value: String,
-        /// What the key accepts.
-        expected: &'static str,
+        /// What was expected or what is wrong, e.g. `expected on or off`.
+        reason: String,
     },
-    /// A whole option value that is none of the accepted forms.
-    #[error("expected {expected}, got '{value}'")]
-    Expected {
-        /// The value as given.
-        value: String,
+    /// A required key is missing, or keys that exclude each other are both given.
+    #[error("{0}")]
+    Required(&'static str),
+    /// The leading word (e.g. `--viommu virtio`) is not one of the accepted ones.
+    #[error("expected {expected}, got '{got}'")]
+    Head {
         /// The accepted forms.
         expected: &'static str,
-    },
-    /// A required key is missing; the message names it.
-    #[error("{0}")]
-    Missing(&'static str),
-    /// Keys that exclude each other were both given; the message names them.
-    #[error("{0}")]
-    Conflict(&'static str),
-    /// `mac=` is not a unicast Ethernet address.
-    #[error("mac={value}: {source}")]
-    Mac {
-        /// The value as given.
-        value: String,
-        /// What is wrong with it.
-        source: MacError,
+        /// The whole value as given.
+        got: String,
     },
 }
 
-/// One `key=value` item of an option list (split at the first `=`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Item<'a> {
-    noun: &'static str,
-    /// The key.
-    pub key: &'a str,
-    /// The value (possibly empty).
-    pub value: &'a str,
+fn prefix(family: &str) -> String {
+    if family.is_empty() {
+        String::new()
+    } else {
+        format!("{family} ")
+    }
 }
 
-/// The items of `list`, split at `,`, in order; an item without `=` is an error where it
-/// stands. `noun` names the items in messages (`disk option`).
-pub fn items<'a>(
-    noun: &'static str,
-    list: &'a str,
-) -> impl Iterator<Item = Result<Item<'a>, OptionError>> + 'a {
-    list.split(',').map(move |part| match part.split_once('=') {
-        Some((key, value)) => Ok(Item { noun, key, value }),
-        None => Err(OptionError::NotKeyValue {
-            noun,
-            item: part.to_string(),
-        }),
+/// The elements of `s` as `(key, value)` pairs, in order, each checked only when reached (so
+/// the first bad element in the list is the one reported). An empty `s` is one empty element.
+pub fn pairs<'a>(
+    family: &'static str,
+    s: &'a str,
+) -> impl Iterator<Item = Result<(&'a str, &'a str), OptionError>> + 'a {
+    s.split(',').map(move |part| {
+        part.split_once('=')
+            .ok_or_else(|| OptionError::NotKeyValue {
+                family,
+                part: part.to_string(),
+            })
     })
 }
 
-impl<'a> Item<'a> {
-    /// This item is not one the list knows.
-    pub fn unknown(&self) -> OptionError {
-        OptionError::Unknown {
-            noun: self.noun,
-            item: format!("{}={}", self.key, self.value),
-        }
+/// The error for an element whose key is unknown to `family`.
+pub fn unknown(family: &'static str, key: &str, value: &str) -> OptionError {
+    OptionError::Unknown {
+        family,
+        part: format!("{key}={value}"),
     }
+}
 
-    /// This item's value is not what its key accepts (`expected`).
-    pub fn invalid(&self, expected: &'static str) -> OptionError {
-        OptionError::Invalid {
-            key: self.key.to_string(),
-            value: self.value.to_string(),
-            expected,
-        }
+/// The error for `key=value` with a value `key` does not take.
+pub fn bad_value(key: &str, value: &str, reason: impl Into<String>) -> OptionError {
+    OptionError::BadValue {
+        key: key.to_string(),
+        value: value.to_string(),
+        reason: reason.into(),
     }
+}
 
-    /// The value, unless it is empty.
-    pub fn non_empty(&self) -> Option<&'a str> {
-        Some(self.value).filter(|v| !v.is_empty())
+/// A switch spelled `on|true|yes|1` or `off|false|no|0`.
+pub fn switch(key: &str, v: &str) -> Result<bool, OptionError> {
+    match v {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(bad_value(key, v, "expected on or off")),
     }
+}
 
-    /// The value of the first of `choices` (word, value) whose word it is.
-    pub fn choice<T: Copy>(
-        &self,
-        choices: &[(&str, T)],
-        expected: &'static str,
-    ) -> Result<T, OptionError> {
-        choices
-            .iter()
-            .find(|(word, _)| *word == self.value)
-            .map(|&(_, v)| v)
-            .ok_or_else(|| self.invalid(expected))
-    }
-
-    /// An on/off switch written as one of [`SWITCH`].
-    pub fn switch(&self) -> Result<bool, OptionError> {
-        self.choice(SWITCH, "on or off")
-    }
-
-    /// The value as a number that `ok` accepts.
-    pub fn number<T: FromStr>(
-        &self,
-        ok: impl Fn(&T) -> bool,
-        expected: &'static str,
-    ) -> Result<T, OptionError> {
-        self.value
-            .parse::<T>()
-            .ok()
-            .filter(|n| ok(n))
-            .ok_or_else(|| self.invalid(expected))
+/// A switch spelled exactly `on` or `off`.
+pub fn on_off(key: &str, v: &str) -> Result<bool, OptionError> {
+    match v {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(bad_value(key, v, "expected on or off")),
     }
 }
 
@@ -160,80 +105,53 @@ impl<'a> Item<'a> {
 mod tests {
     use super::*;
 
-    fn all(list: &str) -> Result<Vec<(&str, &str)>, OptionError> {
-        items("test option", list)
-            .map(|i| i.map(|i| (i.key, i.value)))
-            .collect()
+    #[test]
+    fn pairs_in_order_first_error_wins() {
+        let v: Vec<_> = pairs("disk", "a=1,b=,c=x=y").collect();
+        assert_eq!(v, vec![Ok(("a", "1")), Ok(("b", "")), Ok(("c", "x=y"))]);
+        let mut it = pairs("disk", "a=1,bogus,c");
+        assert_eq!(it.next(), Some(Ok(("a", "1"))));
+        assert_eq!(
+            it.next().unwrap().unwrap_err().to_string(),
+            "disk option 'bogus' is not key=value"
+        );
+        let e = pairs("", "").next().unwrap().unwrap_err();
+        assert_eq!(e.to_string(), "option '' is not key=value");
     }
 
     #[test]
-    fn splits_at_commas_and_the_first_equals() {
+    fn messages() {
         assert_eq!(
-            all("a=1,b=,c=x=y").unwrap(),
-            vec![("a", "1"), ("b", ""), ("c", "x=y")]
+            unknown("net", "x", "1").to_string(),
+            "unknown net option 'x=1'"
         );
-        let e = all("a=1,b,c").unwrap_err();
-        assert_eq!(e.to_string(), "test option 'b' is not key=value");
+        assert_eq!(unknown("", "x", "1").to_string(), "unknown option 'x=1'");
         assert_eq!(
-            all("").unwrap_err().to_string(),
-            "test option '' is not key=value"
+            switch("iommu", "maybe").unwrap_err().to_string(),
+            "iommu=maybe: expected on or off"
         );
-        assert!(all("a=1,").is_err());
+        assert_eq!(
+            OptionError::Head {
+                expected: "a or b",
+                got: "c".into()
+            }
+            .to_string(),
+            "expected a or b, got 'c'"
+        );
     }
 
     #[test]
-    fn the_first_bad_item_is_the_error() {
-        // A bad value before a malformed item is reported first, as the list is read.
-        let mut it = items("test option", "k=maybe,x");
-        assert_eq!(
-            it.next()
-                .unwrap()
-                .unwrap()
-                .switch()
-                .unwrap_err()
-                .to_string(),
-            "k=maybe: expected on or off"
-        );
-        assert!(it.next().unwrap().is_err());
-        assert!(it.next().is_none());
-    }
-
-    fn item(s: &str) -> Item<'_> {
-        items("test option", s).next().unwrap().unwrap()
-    }
-
-    #[test]
-    fn typed_readers() {
-        for (v, want) in SWITCH {
-            assert_eq!(item(&format!("k={v}")).switch(), Ok(*want));
+    fn switches() {
+        for on in ["on", "true", "yes", "1"] {
+            assert_eq!(switch("k", on), Ok(true));
         }
-        assert_eq!(
-            item("k=On").switch(),
-            Err(OptionError::Invalid {
-                key: "k".into(),
-                value: "On".into(),
-                expected: "on or off"
-            })
-        );
-        assert_eq!(item("k=on").choice(ON_OFF, "on or off"), Ok(true));
-        assert!(item("k=yes").choice(ON_OFF, "on or off").is_err());
-        assert_eq!(item("n=12").number::<u32>(|&n| n > 0, "N"), Ok(12));
-        assert_eq!(
-            item("n=0")
-                .number::<u32>(|&n| n > 0, "N")
-                .unwrap_err()
-                .to_string(),
-            "n=0: expected N"
-        );
-        assert!(item("n=-1").number::<u32>(|_| true, "N").is_err());
-        assert!(item("n=99999999999999999999")
-            .number::<u32>(|_| true, "N")
-            .is_err());
-        assert_eq!(item("k=").non_empty(), None);
-        assert_eq!(item("k=v").non_empty(), Some("v"));
-        assert_eq!(
-            item("k=v").unknown().to_string(),
-            "unknown test option 'k=v'"
-        );
+        for off in ["off", "false", "no", "0"] {
+            assert_eq!(switch("k", off), Ok(false));
+        }
+        assert!(switch("k", "").is_err());
+        assert_eq!(on_off("k", "on"), Ok(true));
+        assert_eq!(on_off("k", "off"), Ok(false));
+        assert!(on_off("k", "1").is_err());
+        assert!(on_off("k", "yes").is_err());
     }
 }

@@ -18,8 +18,10 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use pci::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
 use viommu::{EndpointHandle, TranslatedMemory};
+use virtio_dev::{
+    usable_queue, wants_interrupt, ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt,
+};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic,
@@ -71,8 +73,6 @@ pub const VIRTIO_NET_OK: u8 = 0;
 pub const VIRTIO_NET_ERR: u8 = 1;
 /// Control classes we acknowledge: RX mode, MAC table/address, VLAN filter, announce.
 const CTRL_CLASSES_OK: [u8; 4] = [0, 1, 2, 3];
-
-const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 /// A generated MAC: locally administered, unique within the process.
 fn generated_mac() -> [u8; 6] {
@@ -171,15 +171,6 @@ enum NetMemory {
     Direct(GuestMemoryAtomic<GuestMemoryMmap>),
     /// IOVAs of a vIOMMU endpoint.
     Translated(Box<TranslatedMemory>),
-}
-
-/// Whether the driver wants an interrupt (no EVENT_IDX: the avail ring's NO_INTERRUPT flag).
-fn wants_interrupt<M: GuestMemory>(queue: &Queue, mem: &M) -> bool {
-    std::sync::atomic::fence(Ordering::SeqCst);
-    match mem.read_obj::<u16>(GuestAddress(queue.avail_ring())) {
-        Ok(flags) => u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0,
-        Err(_) => true,
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -535,7 +526,7 @@ impl RxRing {
                 }
             }
         }
-        if used && wants_interrupt(&self.queue, rings) {
+        if used && wants_interrupt(&mut self.queue, rings) {
             self.interrupt.signal_queue(RX_QUEUE);
         }
         taken
@@ -971,28 +962,6 @@ impl Drop for Net {
     }
 }
 
-fn build_queue<M: GuestMemory>(qc: &QueueConfig, mem: &M) -> Result<Queue, ActivateError> {
-    if !qc.ready {
-        return Err(ActivateError::BadQueue(format!("{qc:?} is not enabled")));
-    }
-    let mut q = Queue::new(QUEUE_SIZE).map_err(|e| ActivateError::BadQueue(e.to_string()))?;
-    q.set_size(qc.size);
-    let split = |a: GuestAddress| (Some(a.0 as u32), Some((a.0 >> 32) as u32));
-    let (l, h) = split(qc.desc_table);
-    q.set_desc_table_address(l, h);
-    let (l, h) = split(qc.avail_ring);
-    q.set_avail_ring_address(l, h);
-    let (l, h) = split(qc.used_ring);
-    q.set_used_ring_address(l, h);
-    q.set_ready(true);
-    if !q.is_valid(mem) {
-        return Err(ActivateError::BadQueue(format!(
-            "{qc:?} is not a valid queue"
-        )));
-    }
-    Ok(q)
-}
-
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET
@@ -1068,14 +1037,14 @@ impl VirtioDevice for Net {
                 let g = m.memory();
                 queues[..wanted]
                     .iter()
-                    .map(|qc| build_queue(qc, &*g))
+                    .map(|qc| usable_queue(qc, QUEUE_SIZE, false, &*g))
                     .collect::<Result<Vec<_>, _>>()?
             }
             NetMemory::Translated(t) => {
                 let p = t.pin();
                 queues[..wanted]
                     .iter()
-                    .map(|qc| build_queue(qc, &p))
+                    .map(|qc| usable_queue(qc, QUEUE_SIZE, false, &p))
                     .collect::<Result<Vec<_>, _>>()?
             }
         };

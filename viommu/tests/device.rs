@@ -3,10 +3,10 @@
 mod common;
 
 use common::*;
-use pci::VirtioDevice;
 use std::sync::atomic::Ordering;
 use viommu::spec::{F_BYPASS_CONFIG, F_MMIO, F_PROBE, VIRTIO_F_VERSION_1};
 use viommu::{Limits, ResvKind, ResvRegion, Status, ViommuConfig};
+use virtio_dev::VirtioDevice;
 use vm_memory::Bytes;
 
 const EP: u32 = 0x08; // 00:01.0
@@ -443,8 +443,8 @@ fn config_validation() {
 
 #[test]
 fn host_backed_endpoint_statuses_reach_the_tail() {
-    use viommu::host::recording::RecordingMapper;
     use viommu::HostMapError;
+    use viommu::RecordingMapper;
     let rec = std::sync::Arc::new(RecordingMapper::new());
     let (mut d, _) = Driver::new(ViommuConfig::default(), &[EP], None);
     d.dev.add_host_endpoint(0x20, rec.clone()).unwrap();

@@ -15,8 +15,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use pci::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
 use viommu::{EndpointHandle, TranslatedMemory};
+use virtio_dev::{
+    usable_queue, wants_interrupt, ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt,
+};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic,
@@ -24,7 +26,10 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{DiskConfig, Notify};
+use crate::config::BlockConfig;
+
+mod stats;
+pub use stats::{BlockStats, BlockStatsSnapshot};
 
 /// Virtio device type of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -65,7 +70,6 @@ const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
 
 const HEADER_BYTES: u64 = 16;
-const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 const BOUNCE_BYTES: usize = 64 << 10;
 
 /// One descriptor of a chain, copied out of guest memory.
@@ -108,6 +112,7 @@ pub struct BlockBackend {
     sectors: u64,
     readonly: bool,
     id: [u8; ID_BYTES],
+    stats: Arc<BlockStats>,
 }
 
 /// `addr + off`, failing (instead of wrapping) past the end of the address space.
@@ -143,7 +148,7 @@ where
 
 impl BlockBackend {
     /// Open the backing file of `cfg`.
-    pub fn open(cfg: &DiskConfig) -> io::Result<BlockBackend> {
+    pub fn open(cfg: &BlockConfig) -> io::Result<BlockBackend> {
         let file = OpenOptions::new()
             .read(true)
             .write(!cfg.readonly)
@@ -163,7 +168,13 @@ impl BlockBackend {
             sectors: len / SECTOR_SIZE,
             readonly: cfg.readonly,
             id,
+            stats: Arc::default(),
         })
+    }
+
+    /// What this disk did so far.
+    pub fn stats(&self) -> &Arc<BlockStats> {
+        &self.stats
     }
 
     /// Capacity in 512-byte sectors.
@@ -177,6 +188,11 @@ impl BlockBackend {
         mem: &M,
         descs: &[(GuestAddress, u32, bool)],
     ) -> u32 {
+        let stats = &*self.stats;
+        BlockStats::add(&stats.requests, 1);
+        BlockStats::add(&stats.descriptors, descs.len() as u64);
+        // Data segments: every descriptor but the header's and the status byte's.
+        BlockStats::add(&stats.segments, descs.len().saturating_sub(2) as u64);
         // Split into the readable prefix and the writable suffix.
         let first_w = descs.iter().position(|d| d.2).unwrap_or(descs.len());
         let readable: Vec<Seg> = descs[..first_w]
@@ -202,6 +218,7 @@ impl BlockBackend {
             _ => None,
         };
         let Some(status_addr) = status_addr else {
+            BlockStats::add(&stats.errors, 1);
             log::warn!(
                 "virtio-blk: {}",
                 if wrong_dir {
@@ -217,10 +234,12 @@ impl BlockBackend {
         let (status, written) = match self.request(mem, &readable, &writable, data_in) {
             Ok(written) => (VIRTIO_BLK_S_OK, written),
             Err(ReqError::Unsupported(t)) => {
+                BlockStats::add(&stats.errors, 1);
                 log::debug!("virtio-blk: unsupported request type {t}");
                 (VIRTIO_BLK_S_UNSUPP, 0)
             }
             Err(e) => {
+                BlockStats::add(&stats.errors, 1);
                 log::warn!("virtio-blk: request failed: {e}");
                 (VIRTIO_BLK_S_IOERR, 0)
             }
@@ -271,6 +290,8 @@ impl BlockBackend {
                     }
                     Ok(())
                 })?;
+                BlockStats::add(&self.stats.reads, 1);
+                BlockStats::add(&self.stats.read_bytes, data_in);
                 Ok(data_in)
             }
             VIRTIO_BLK_T_OUT => {
@@ -289,12 +310,15 @@ impl BlockBackend {
                     }
                     Ok(())
                 })?;
+                BlockStats::add(&self.stats.writes, 1);
+                BlockStats::add(&self.stats.written_bytes, data_out);
                 Ok(0)
             }
             VIRTIO_BLK_T_FLUSH => {
                 if !self.readonly {
                     self.file.sync_data()?;
                 }
+                BlockStats::add(&self.stats.flushes, 1);
                 Ok(0)
             }
             VIRTIO_BLK_T_GET_ID => {
@@ -342,6 +366,7 @@ impl BlockBackend {
         V: Deref<Target = M>,
         F: FnMut() -> V,
     {
+        BlockStats::add(&self.stats.kicks, 1);
         let mut used_any = false;
         loop {
             if let Err(e) = queue.disable_notification(&*view()) {
@@ -367,6 +392,8 @@ impl BlockBackend {
                     descs.push((d.addr(), d.len(), d.is_write_only()));
                 }
                 let len = if too_long {
+                    BlockStats::add(&self.stats.requests, 1);
+                    BlockStats::add(&self.stats.errors, 1);
                     log::warn!("virtio-blk: {}", ReqError::ChainTooLong);
                     0
                 } else {
@@ -395,22 +422,9 @@ impl BlockBackend {
                 }
             }
         }
-        used_any && wants_interrupt(queue, &*view())
-    }
-}
-
-/// Whether the driver wants an interrupt for the entries just added to the used ring: the
-/// EVENT_IDX rule when negotiated, else the avail ring's VRING_AVAIL_F_NO_INTERRUPT flag
-/// (which virtio-queue does not look at).
-fn wants_interrupt<M: GuestMemory>(queue: &mut Queue, mem: &M) -> bool {
-    let needs = queue.needs_notification(mem).unwrap_or(true);
-    if queue.event_idx_enabled() || !needs {
-        return needs;
-    }
-    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-    match mem.read_obj::<u16>(GuestAddress(queue.avail_ring())) {
-        Ok(flags) => u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0,
-        Err(_) => true,
+        let interrupt = used_any && wants_interrupt(queue, &*view());
+        BlockStats::add(&self.stats.interrupts, u64::from(interrupt));
+        interrupt
     }
 }
 
@@ -454,7 +468,7 @@ struct InlineQueues {
 
 /// The virtio-blk device model.
 pub struct Block {
-    config: DiskConfig,
+    config: BlockConfig,
     endpoint: Option<EndpointHandle>,
     backend: Arc<BlockBackend>,
     features: u64,
@@ -466,13 +480,18 @@ pub struct Block {
 impl Block {
     /// Open the disk described by `cfg` (not behind a vIOMMU: with `iommu=on` it cannot be
     /// activated, use [`Block::with_endpoint`]).
-    pub fn new(cfg: DiskConfig) -> io::Result<Block> {
+    pub fn new(cfg: BlockConfig) -> io::Result<Block> {
         Block::with_endpoint(cfg, None)
+    }
+
+    /// What this disk did so far (shared with its queue server).
+    pub fn stats(&self) -> &Arc<BlockStats> {
+        self.backend.stats()
     }
 
     /// Open the disk described by `cfg`; with `endpoint`, every DMA of the device (rings and
     /// buffers) is translated through that vIOMMU endpoint.
-    pub fn with_endpoint(cfg: DiskConfig, endpoint: Option<EndpointHandle>) -> io::Result<Block> {
+    pub fn with_endpoint(cfg: BlockConfig, endpoint: Option<EndpointHandle>) -> io::Result<Block> {
         let backend = Arc::new(BlockBackend::open(&cfg)?);
         let mut features = VIRTIO_F_VERSION_1
             | VIRTIO_BLK_F_FLUSH
@@ -505,7 +524,7 @@ impl Block {
     }
 
     /// The options the device was created with.
-    pub fn config(&self) -> &DiskConfig {
+    pub fn config(&self) -> &BlockConfig {
         &self.config
     }
 
@@ -531,31 +550,6 @@ impl Drop for Block {
     }
 }
 
-fn build_queue<M: GuestMemory>(
-    qc: &QueueConfig,
-    max: u16,
-    event_idx: bool,
-    mem: &M,
-) -> Result<Queue, ActivateError> {
-    let mut q = Queue::new(max).map_err(|e| ActivateError::BadQueue(e.to_string()))?;
-    q.set_size(qc.size);
-    let split = |a: GuestAddress| (Some(a.0 as u32), Some((a.0 >> 32) as u32));
-    let (l, h) = split(qc.desc_table);
-    q.set_desc_table_address(l, h);
-    let (l, h) = split(qc.avail_ring);
-    q.set_avail_ring_address(l, h);
-    let (l, h) = split(qc.used_ring);
-    q.set_used_ring_address(l, h);
-    q.set_event_idx(event_idx);
-    q.set_ready(true);
-    if !q.is_valid(mem) {
-        return Err(ActivateError::BadQueue(format!(
-            "{qc:?} is not a valid queue"
-        )));
-    }
-    Ok(q)
-}
-
 /// Wait on the kick eventfds and the stop eventfd; serve queues until stopped.
 fn worker_loop(
     backend: Arc<BlockBackend>,
@@ -566,7 +560,7 @@ fn worker_loop(
     interrupt: Arc<dyn VirtioInterrupt>,
 ) {
     if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::BlockWorker) {
-        log::error!("virtio-blk worker: {e}");
+        log::error!("virtio-blk worker: {}", crate::report::Chain(&e));
         return;
     }
     let mut fds: Vec<libc::pollfd> = kicks
@@ -675,18 +669,18 @@ impl VirtioDevice for Block {
                 let guard = m.memory();
                 queues
                     .iter()
-                    .map(|qc| build_queue(qc, QUEUE_SIZE, event_idx, &*guard))
+                    .map(|qc| usable_queue(qc, QUEUE_SIZE, event_idx, &*guard))
                     .collect::<Result<Vec<_>, _>>()?
             }
             DeviceMemory::Translated(t) => {
                 let pinned = t.pin();
                 queues
                     .iter()
-                    .map(|qc| build_queue(qc, QUEUE_SIZE, event_idx, &pinned))
+                    .map(|qc| usable_queue(qc, QUEUE_SIZE, event_idx, &pinned))
                     .collect::<Result<Vec<_>, _>>()?
             }
         };
-        if self.config.notify == Notify::Inline {
+        if self.config.inline {
             self.inline = Some(InlineQueues {
                 mem,
                 queues: qs,
@@ -709,7 +703,7 @@ impl VirtioDevice for Block {
     }
 
     fn inline_notify(&self) -> bool {
-        self.config.notify == Notify::Inline
+        self.config.inline
     }
 
     fn queue_notify(&mut self, queue: u16) {
@@ -728,9 +722,10 @@ impl VirtioDevice for Block {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
     use crate::devices::test_iommu::{push_chain, MockIommu, NoIrq};
-    use std::path::PathBuf;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use virtio_queue::desc::{split::Descriptor as SplitDesc, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -809,11 +804,11 @@ mod tests {
 
     fn backend(sectors: u64, readonly: bool) -> (Disk, BlockBackend) {
         let dk = disk(sectors);
-        let b = BlockBackend::open(&DiskConfig {
+        let b = BlockBackend::open(&BlockConfig {
             path: dk.path.clone(),
             readonly,
             iommu: false,
-            notify: Notify::Thread,
+            inline: false,
             indirect: true,
         })
         .unwrap();
@@ -840,6 +835,51 @@ mod tests {
         m.read_slice(&mut got, GuestAddress(0x2000)).unwrap();
         let file = std::fs::read(&dk.path).unwrap();
         assert_eq!(got, file[1024..2048]);
+    }
+
+    #[test]
+    fn stats_count_requests_descriptors_segments_bytes_and_errors() {
+        let (_dk, b) = backend(8, false);
+        let m = mem();
+        header(&m, 0x1000, VIRTIO_BLK_T_IN, 2);
+        let read = [
+            d(0x1000, 16, 0),
+            d(0x2000, 512, F_WRITE),
+            d(0x2200, 512, F_WRITE),
+            d(0x3000, 1, F_WRITE),
+        ];
+        assert_eq!(run(&b, &m, &read, 0x3000).1, VIRTIO_BLK_S_OK);
+        header(&m, 0x1000, VIRTIO_BLK_T_OUT, 3);
+        let write = [d(0x1000, 16, 0), d(0x2000, 512, 0), d(0x3000, 1, F_WRITE)];
+        assert_eq!(run(&b, &m, &write, 0x3000).1, VIRTIO_BLK_S_OK);
+        header(&m, 0x1000, VIRTIO_BLK_T_FLUSH, 0);
+        let flush = [d(0x1000, 16, 0), d(0x3000, 1, F_WRITE)];
+        assert_eq!(run(&b, &m, &flush, 0x3000).1, VIRTIO_BLK_S_OK);
+        // Out of range: an error status.
+        header(&m, 0x1000, VIRTIO_BLK_T_IN, 100);
+        assert_eq!(run(&b, &m, &read, 0x3000).1, VIRTIO_BLK_S_IOERR);
+        let s = b.stats().snapshot();
+        assert_eq!(
+            s,
+            BlockStatsSnapshot {
+                kicks: 4,
+                requests: 4,
+                reads: 1,
+                writes: 1,
+                flushes: 1,
+                descriptors: 4 + 3 + 2 + 4,
+                segments: 2 + 1 + 2,
+                read_bytes: 1024,
+                written_bytes: 512,
+                interrupts: s.interrupts,
+                errors: 1,
+            }
+        );
+        // Each run completed one chain on a queue whose driver did not suppress interrupts.
+        assert_eq!(s.interrupts, 4);
+        assert!(s
+            .summary_line("d0")
+            .starts_with("blk: disk=d0 kicks=4 requests=4 reads=1 writes=1 flushes=1"));
     }
 
     #[test]
@@ -1124,11 +1164,11 @@ mod tests {
     #[test]
     fn features_and_config_space() {
         let dk = disk(16);
-        let blk = Block::new(DiskConfig {
+        let blk = Block::new(BlockConfig {
             path: dk.path.clone(),
             readonly: true,
             iommu: true,
-            notify: Notify::Thread,
+            inline: false,
             indirect: false,
         })
         .unwrap();
@@ -1151,11 +1191,11 @@ mod tests {
         let mut far = [0xffu8; 4];
         blk.read_config(u64::MAX - 1, &mut far);
         assert_eq!(far, [0; 4]);
-        let rw = Block::new(DiskConfig {
+        let rw = Block::new(BlockConfig {
             path: dk.path.clone(),
             readonly: false,
             iommu: false,
-            notify: Notify::Thread,
+            inline: false,
             indirect: true,
         })
         .unwrap();
@@ -1186,15 +1226,11 @@ mod tests {
         EventFd,
     ) {
         let dk = disk(8);
-        let mut blk = Block::new(DiskConfig {
+        let mut blk = Block::new(BlockConfig {
             path: dk.path.clone(),
             readonly: false,
             iommu: false,
-            notify: if inline {
-                Notify::Inline
-            } else {
-                Notify::Thread
-            },
+            inline,
             indirect: true,
         })
         .unwrap();
@@ -1401,11 +1437,11 @@ mod tests {
         let dk = disk(8);
         let m = big_mem();
         let (_iommu, ep) = iommu_with(&m, &MAPS);
-        let cfg = DiskConfig {
+        let cfg = BlockConfig {
             path: dk.path.clone(),
             readonly: false,
             iommu: true,
-            notify: Notify::Inline,
+            inline: true,
             indirect: false,
         };
         let vq = MockSplitQueue::create(&m, GuestAddress(0), 16);
@@ -1473,11 +1509,11 @@ mod tests {
             ready: true,
         };
         let mut blk = Block::with_endpoint(
-            DiskConfig {
+            BlockConfig {
                 path: dk.path.clone(),
                 readonly: false,
                 iommu: true,
-                notify: Notify::Inline,
+                inline: true,
                 indirect: false,
             },
             Some(ep),
