@@ -1,5 +1,6 @@
 //! The `vmm` binary's command line, end to end: help, a bad option (message, usage, status 2)
-//! and a machine that cannot be built (the error with its causes on one line, status 1).
+//! and a machine that cannot be built (the error with each of its causes once, on one line,
+//! status 1).
 
 use std::process::{Command, Output};
 
@@ -97,5 +98,41 @@ fn a_machine_error_prints_its_causes_on_one_line_with_status_1() {
             "vmm: error: disk /nonexistent/disk.img: caused by {}",
             std::io::Error::from_raw_os_error(libc::ENOENT)
         )
+    );
+}
+
+#[test]
+fn a_kernel_that_is_no_bzimage_is_reported_once() {
+    let kernel = std::env::temp_dir().join(format!("vmm-cli-junk-{}.bzImage", std::process::id()));
+    std::fs::write(&kernel, vec![0x5a; 64 << 10]).unwrap();
+    let k = kernel.to_str().unwrap();
+    let o = vmm(&[
+        "--kernel",
+        k,
+        "--memory",
+        "64M",
+        "--cpus",
+        "1",
+        "--seccomp",
+        "off",
+    ]);
+    let _ = std::fs::remove_file(&kernel);
+    assert_eq!(o.status.code(), Some(1));
+    if kvm_ioctls::Kvm::new().is_err() {
+        vmm::skip::skipped(
+            "vmm_cli::a_kernel_that_is_no_bzimage_is_reported_once",
+            "/dev/kvm not usable: the kernel is never loaded",
+        );
+        return;
+    }
+    // linux-loader's error shows its cause and returns it as its source: printed once.
+    let err = stderr(&o);
+    assert_eq!(
+        err.lines().find(|l| l.starts_with("vmm: error: ")),
+        Some(
+            "vmm: error: cannot load kernel: caused by Kernel Loader: failed to load bzImage \
+             kernel image: Kernel Loader: Invalid bzImage"
+        ),
+        "{err}"
     );
 }
