@@ -49,16 +49,6 @@ pub enum SeccompMode {
 }
 
 impl SeccompMode {
-    /// Parse `off`, `log` or `on`.
-    pub fn parse(s: &str) -> Result<SeccompMode, String> {
-        match s {
-            "off" => Ok(SeccompMode::Off),
-            "log" => Ok(SeccompMode::Log),
-            "on" => Ok(SeccompMode::On),
-            _ => Err(format!("expected off, log or on, got '{s}'")),
-        }
-    }
-
     fn to_u8(self) -> u8 {
         match self {
             SeccompMode::Off => 0,
@@ -661,11 +651,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn modes_parse() {
-        assert_eq!(SeccompMode::parse("on"), Ok(SeccompMode::On));
-        assert_eq!(SeccompMode::parse("log"), Ok(SeccompMode::Log));
-        assert_eq!(SeccompMode::parse("off"), Ok(SeccompMode::Off));
-        assert!(SeccompMode::parse("strict").is_err());
+    fn kinds_parse() {
         for k in ThreadKind::ALL {
             assert_eq!(ThreadKind::parse(k.name()), Some(k));
         }

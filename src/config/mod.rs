@@ -126,6 +126,19 @@ impl VmConfig {
     }
 }
 
+/// Parse `--seccomp`: `off`, `log` or `on`.
+pub fn parse_seccomp(s: &str) -> Result<SeccompMode, OptionError> {
+    match s {
+        "off" => Ok(SeccompMode::Off),
+        "log" => Ok(SeccompMode::Log),
+        "on" => Ok(SeccompMode::On),
+        _ => Err(OptionError::Head {
+            expected: "off, log or on",
+            got: s.to_string(),
+        }),
+    }
+}
+
 /// Parse a log level: `off`, `error`, `warn`, `info`, `debug`, `trace` (any case).
 pub fn parse_level(s: &str) -> Option<LevelFilter> {
     s.parse().ok()
@@ -200,8 +213,12 @@ pub enum ConfigError {
     #[error("--serial: expected stdout or file=PATH, got '{0}'")]
     Serial(String),
     /// `--seccomp`.
-    #[error("--seccomp: {0}")]
-    Seccomp(String),
+    #[error("--seccomp: {source}")]
+    Seccomp {
+        /// Why.
+        #[source]
+        source: OptionError,
+    },
     /// `--seccomp-selftest`.
     #[error("--seccomp-selftest: unknown thread kind '{0}'")]
     SelftestKind(String),
@@ -240,6 +257,22 @@ mod tests {
         for bad in ["", "tty", "file=", "stderr", "file"] {
             assert_eq!(SerialOutput::parse(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn modes_parse() {
+        assert_eq!(parse_seccomp("on"), Ok(SeccompMode::On));
+        assert_eq!(parse_seccomp("log"), Ok(SeccompMode::Log));
+        assert_eq!(parse_seccomp("off"), Ok(SeccompMode::Off));
+        assert!(parse_seccomp("strict").is_err());
+        let e = ConfigError::Seccomp {
+            source: parse_seccomp("On").unwrap_err(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "--seccomp: expected off, log or on, got 'On'"
+        );
+        assert!(e.source().unwrap().is::<OptionError>());
     }
 
     #[test]
