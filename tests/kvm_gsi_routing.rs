@@ -4,12 +4,15 @@
 //! inside its seccomp filter (a forbidden call would end this process with status 159).
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use pci::{MsiIrqManager, MsiMessage, MsiVector, MsixConfig};
 use vmm::seccomp::{self, SeccompMode, ThreadKind};
-use vmm::vcpu::Vcpu;
+
 use vmm::vm::{Vm, VmConfig};
+
+#[path = "support/lapic.rs"]
+mod lapic;
+use lapic::wait_irr;
 
 /// A VM with the in-kernel irqchip, or `None` with `test` recorded as skipped.
 fn irqchip_vm(test: &str) -> Option<Vm> {
@@ -59,29 +62,6 @@ fn msg(vector: u32) -> MsiMessage {
         address: 0xfee0_0000, // APIC ID 0, physical
         data: vector,         // fixed, edge
     }
-}
-
-fn irr_has(vcpu: &Vcpu, vector: u8) -> bool {
-    let lapic = vcpu.fd.get_lapic().unwrap();
-    let off = 0x200 + usize::from(vector / 32) * 0x10;
-    let word = u32::from_le_bytes([
-        lapic.regs[off] as u8,
-        lapic.regs[off + 1] as u8,
-        lapic.regs[off + 2] as u8,
-        lapic.regs[off + 3] as u8,
-    ]);
-    word & (1 << (vector % 32)) != 0
-}
-
-fn wait_irr(vcpu: &Vcpu, vector: u8) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(2) {
-        if irr_has(vcpu, vector) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    false
 }
 
 /// Allocate GSIs until the manager refuses; route every one of them; the full table still

@@ -16,6 +16,10 @@ use vmm::machine::Machine;
 use vmm::vcpu::Vcpu;
 use vmm::vm::{Vm, VmConfig};
 
+#[path = "support/lapic.rs"]
+mod lapic;
+use lapic::{irr_has, wait_irr};
+
 /// Whether /dev/kvm is usable; if not, `test` is recorded as skipped (`vmm::skip`).
 fn kvm_usable(test: &str) -> bool {
     vmm::skip::kvm_or_skip(&format!("kvm_tiny_guests::{test}")).is_some()
@@ -418,29 +422,6 @@ fn i8042_reset_stops_the_vm() {
     let vcpus = vm.create_vcpus().unwrap();
     real_mode(&vcpus[0]);
     assert_eq!(vm.run(vcpus).unwrap(), ExitReason::Reset);
-}
-
-fn irr_has(vcpu: &Vcpu, vector: u8) -> bool {
-    let lapic = vcpu.fd.get_lapic().unwrap();
-    let off = 0x200 + usize::from(vector / 32) * 0x10;
-    let word = u32::from_le_bytes([
-        lapic.regs[off] as u8,
-        lapic.regs[off + 1] as u8,
-        lapic.regs[off + 2] as u8,
-        lapic.regs[off + 3] as u8,
-    ]);
-    word & (1 << (vector % 32)) != 0
-}
-
-fn wait_irr(vcpu: &Vcpu, vector: u8) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(2) {
-        if irr_has(vcpu, vector) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    false
 }
 
 /// Route an MSI to vector V on APIC 0, signal the irqfd, and find V pending in the LAPIC IRR;

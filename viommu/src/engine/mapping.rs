@@ -19,6 +19,19 @@ pub struct Mapping {
 }
 
 impl Mapping {
+    /// A read-only RAM mapping of `[start, end]` to `gpa` (for tests).
+    #[cfg(test)]
+    pub(crate) fn read_only(start: u64, end: u64, gpa: u64) -> Mapping {
+        Mapping {
+            start,
+            end,
+            gpa,
+            read: true,
+            write: false,
+            mmio: false,
+        }
+    }
+
     /// The identity mapping over the whole 64-bit space (identity / bypass).
     pub const IDENTITY: Mapping = Mapping {
         start: 0,

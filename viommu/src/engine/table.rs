@@ -197,14 +197,7 @@ mod tests {
     use super::*;
 
     fn map(start: u64, end: u64, gpa: u64) -> Mapping {
-        Mapping {
-            start,
-            end,
-            gpa,
-            read: true,
-            write: false,
-            mmio: false,
-        }
+        Mapping::read_only(start, end, gpa)
     }
 
     #[test]

@@ -148,14 +148,7 @@ mod tests {
     }
 
     fn map(start: u64, end: u64, gpa: u64) -> Mapping {
-        Mapping {
-            start,
-            end,
-            gpa,
-            read: true,
-            write: false,
-            mmio: false,
-        }
+        Mapping::read_only(start, end, gpa)
     }
 
     #[test]
