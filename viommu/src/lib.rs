@@ -38,6 +38,7 @@
 //! Tables are left-right pairs (`snapshot::DualTable`): O(log n) in-place updates, one
 //! publication per request-queue batch, an UNMAP/DETACH completes only once no device still
 //! holds the previous view.
+#![doc = include_str!("../README.md")]
 
 pub mod counters;
 pub mod device;
@@ -50,7 +51,11 @@ pub mod shadow;
 pub mod snapshot;
 pub mod spec;
 pub mod static_map;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 pub mod translate;
+#[cfg(feature = "vm-memory-iommu")]
+mod vm_iommu;
 
 pub use counters::{CounterSnapshot, Counters};
 pub use device::{ConfigError, Viommu, ViommuConfig};
@@ -63,3 +68,5 @@ pub use snapshot::{Access, Mapping};
 pub use spec::Status;
 pub use static_map::StaticMapping;
 pub use translate::{PinnedView, TranslatedMemory};
+#[cfg(feature = "vm-memory-iommu")]
+pub use vm_iommu::ViewIotlb;

@@ -4,6 +4,7 @@
 //! memory map and calling a [`DmaSpace`] (host virtual addresses): [`vfio::VfioDmaSpace`] on a
 //! VFIO container, or [`recording::RecordingMapper`] in tests (which implements both).
 
+#[cfg(any(test, feature = "test-utils"))]
 pub mod recording;
 pub mod vfio;
 
