@@ -443,7 +443,7 @@ fn config_validation() {
 
 #[test]
 fn host_backed_endpoint_statuses_reach_the_tail() {
-    use viommu::host::recording::RecordingMapper;
+    use viommu::test_utils::RecordingMapper;
     use viommu::HostMapError;
     let rec = std::sync::Arc::new(RecordingMapper::new());
     let (mut d, _) = Driver::new(ViommuConfig::default(), &[EP], None);
