@@ -5,7 +5,6 @@
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use pci::VirtioDevice;
 use viommu::test_utils::{MockDriver, MockLayout, QueueLayout, Segment};
 use viommu::{EndpointHandle, Status};
 use virtio_queue::desc::{split::Descriptor as SplitDesc, RawDescriptor};
@@ -71,8 +70,7 @@ impl<'a> MockIommu<'a> {
             let at = Self::event_buf_at(base, i);
             drv.post_event(&[Segment::writable(at, 24)]).unwrap();
         }
-        let features = dev.device_features();
-        drv.activate(&mut dev, features, Arc::new(NoIrq)).unwrap();
+        drv.activate_offered(&mut dev, Arc::new(NoIrq)).unwrap();
         let io = MockIommu {
             dev,
             drv,

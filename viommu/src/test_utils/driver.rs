@@ -600,6 +600,16 @@ impl MockDriver {
         Ok(())
     }
 
+    /// [`MockDriver::activate`] with every feature the device offers acked.
+    pub fn activate_offered<D: VirtioDevice + ?Sized>(
+        &self,
+        dev: &mut D,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Result<(), MockError> {
+        let features = dev.device_features();
+        self.activate(dev, features, interrupt)
+    }
+
     /// `len` bytes of the buffer area, filled with `fill`.
     pub fn alloc(&mut self, len: usize, fill: u8) -> Result<u64, MockError> {
         let asked = len as u64;
@@ -864,8 +874,7 @@ mod tests {
         let mut dev = Viommu::new(cfg).unwrap();
         let ep = dev.add_endpoint(EP).unwrap();
         let drv = MockDriver::new(mem, MockLayout::packed(0, 0x1_0000, 16, 16)).unwrap();
-        let features = dev.device_features();
-        drv.activate(&mut dev, features, Arc::new(NoInterrupt))
+        drv.activate_offered(&mut dev, Arc::new(NoInterrupt))
             .unwrap();
         (drv, dev, ep)
     }
