@@ -2,7 +2,8 @@
 //! mirrored into a host IOMMU address space. The domain layer calls a [`HostMapper`] with guest
 //! physical addresses; [`crate::shadow::Shadow`] implements it by composing them with the VMM's
 //! memory map and calling a [`DmaSpace`] (host virtual addresses): [`vfio::VfioDmaSpace`] on a
-//! VFIO container, or [`recording::RecordingMapper`] in tests (which implements both).
+//! VFIO container, or `recording::RecordingMapper` in tests (feature `test-utils`; it implements
+//! both).
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod recording;

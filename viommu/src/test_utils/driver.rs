@@ -15,6 +15,7 @@ use crate::spec::{
     PROBE_T_NONE, PROBE_T_RESV_MEM, REQUEST_QUEUE, RESV_MEM_SIZE, TAIL_SIZE, T_ATTACH, T_DETACH,
     T_MAP, T_PROBE, T_UNMAP,
 };
+pub use crate::request::Request;
 use crate::Status;
 use pci::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
 use std::ops::Range;
@@ -246,21 +247,6 @@ impl MockLayout {
     }
 }
 
-/// A typed virtio-iommu request: the readable part of the chain, as the spec structure.
-#[derive(Clone, Copy, Debug)]
-pub enum Request {
-    /// ATTACH.
-    Attach(ReqAttach),
-    /// DETACH.
-    Detach(ReqDetach),
-    /// MAP.
-    Map(ReqMap),
-    /// UNMAP.
-    Unmap(ReqUnmap),
-    /// PROBE.
-    Probe(ReqProbe),
-}
-
 fn head(req_type: u8) -> ReqHead {
     ReqHead {
         req_type,
@@ -268,6 +254,8 @@ fn head(req_type: u8) -> ReqHead {
     }
 }
 
+/// The driver's side of the typed requests the device parses ([`Request`]: the readable part of
+/// the chain, as the spec structure).
 impl Request {
     /// ATTACH `endpoint` to `domain` with ATTACH_F_* `flags` (unknown flags are sent as given).
     pub fn attach(domain: u32, endpoint: u32, flags: u32) -> Self {
@@ -689,8 +677,9 @@ impl MockDriver {
         self.evt.take_used(&self.mem)
     }
 
-    /// The fault records the device completed on the event queue since the last call (entries
-    /// too short for a record, which the device returns unwritten, are skipped).
+    /// The fault records the device completed on the event queue since the last call, like
+    /// [`MockDriver::used_events`] (whose entries it consumes); buffers too short for a record,
+    /// which the device returns unwritten, are skipped.
     pub fn faults(&mut self) -> Result<Vec<FaultRecord>, MockError> {
         let size = std::mem::size_of::<FaultRecord>();
         let mut out = Vec::new();
@@ -716,7 +705,8 @@ impl MockDriver {
     }
 
     /// Send `body` followed by a `reply_len`-byte writable buffer (filled with [`REPLY_FILL`]),
-    /// kick, and return what the device wrote. The buffers are reused by the next request.
+    /// kick, and return what the device wrote. Once completed, the request's buffers are reused
+    /// by the next one.
     pub fn send_bytes<D: VirtioDevice + ?Sized>(
         &mut self,
         dev: &mut D,
@@ -724,35 +714,39 @@ impl MockDriver {
         reply_len: u32,
     ) -> Result<Reply, MockError> {
         let mark = self.next_buf;
-        let res = self.send_at(dev, body, reply_len);
-        // Only a completed chain gives its buffers back.
-        if !matches!(res, Err(MockError::Completion { .. })) {
-            self.next_buf = mark;
+        let queued = self.queue_body(body, reply_len);
+        let (head, reply_at) = match queued {
+            Ok(q) => q,
+            Err(e) => {
+                self.next_buf = mark;
+                return Err(e);
+            }
+        };
+        self.kick(dev);
+        // Until its completion is seen the chain may still be in flight: keep its buffers.
+        let got = self.used_requests()?;
+        match got.as_slice() {
+            [u] if u.id == u32::from(head) => {
+                let bytes = self.read(reply_at, reply_len as usize)?;
+                self.next_buf = mark;
+                Ok(Reply {
+                    used_len: u.len,
+                    bytes,
+                })
+            }
+            _ => Err(MockError::Completion { head, got }),
         }
-        res
     }
 
-    fn send_at<D: VirtioDevice + ?Sized>(
-        &mut self,
-        dev: &mut D,
-        body: &[u8],
-        reply_len: u32,
-    ) -> Result<Reply, MockError> {
+    /// Write `body` and a reply buffer and queue them as one chain: its head, the reply's
+    /// address.
+    fn queue_body(&mut self, body: &[u8], reply_len: u32) -> Result<(u16, u64), MockError> {
+        let blen = u32::try_from(body.len()).map_err(|_| MockError::OutOfBuffers(u64::MAX))?;
         let b = self.alloc(body.len(), 0)?;
         self.mem.write_slice(body, GuestAddress(b))?;
         let r = self.alloc(reply_len as usize, REPLY_FILL)?;
-        let blen = u32::try_from(body.len()).map_err(|_| MockError::OutOfBuffers(u64::MAX))?;
-        let head =
-            self.queue_request(&[Segment::readable(b, blen), Segment::writable(r, reply_len)])?;
-        self.kick(dev);
-        let got = self.used_requests()?;
-        match got.as_slice() {
-            [u] if u.id == u32::from(head) => Ok(Reply {
-                used_len: u.len,
-                bytes: self.read(r, reply_len as usize)?,
-            }),
-            _ => Err(MockError::Completion { head, got }),
-        }
+        let segs = [Segment::readable(b, blen), Segment::writable(r, reply_len)];
+        Ok((self.queue_request(&segs)?, r))
     }
 
     /// Send `req` (a PROBE with room for the device's `probe_size`) and return the reply.
