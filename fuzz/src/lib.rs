@@ -243,7 +243,7 @@ pub mod failing {
         }
         /// Whether an injected failure ever hit a call made after another call of the same
         /// batch had failed, i.e. a rollback: the documented double fault after which the
-        /// host may keep a mapping the engine dropped (viommu/src/shadow.rs).
+        /// host may keep a mapping the engine dropped (viommu/src/engine/shadow.rs).
         pub fn double_fault(&self) -> bool {
             self.state.lock().unwrap().double_fault
         }

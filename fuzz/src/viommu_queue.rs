@@ -10,13 +10,13 @@
 
 use crate::failing::FailingMapper;
 use crate::{Enc, Input};
-use pci::{QueueConfig, VirtioDevice};
 use std::sync::Arc;
 use viommu::spec::{ATTACH_F_BYPASS, TAIL_SIZE};
 use viommu::test_utils::{MockDriver, MockLayout, NoInterrupt, QueueLayout, Request};
 use viommu::{
     EndpointHandle, HostMapError, Limits, Prot, Status, TranslatedMemory, Viommu, ViommuConfig,
 };
+use virtio_dev::{QueueConfig, VirtioDevice};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap, Permissions,
 };

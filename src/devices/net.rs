@@ -18,8 +18,10 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use pci::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
 use viommu::{EndpointHandle, TranslatedMemory};
+use virtio_dev::{
+    usable_queue, wants_interrupt, ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt,
+};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic,
@@ -28,6 +30,7 @@ use vm_memory::{
 use vmm_sys_util::eventfd::EventFd;
 
 use super::rings::{walk_chain, Buffers, Desc, QueueRings};
+use crate::config::{NetBackendConfig, NetConfig};
 use crate::net::{Delivery, FrameSink, Hubs, NetBackend, Tap};
 
 /// Virtio device type of a network card.
@@ -70,87 +73,6 @@ pub const VIRTIO_NET_OK: u8 = 0;
 pub const VIRTIO_NET_ERR: u8 = 1;
 /// Control classes we acknowledge: RX mode, MAC table/address, VLAN filter, announce.
 const CTRL_CLASSES_OK: [u8; 4] = [0, 1, 2, 3];
-
-const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
-
-/// Where a port's frames go.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum NetBackendConfig {
-    /// A TAP interface of this name.
-    Tap(String),
-    /// An in-process hub of this name.
-    Hub(String),
-}
-
-/// `--net` options.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NetConfig {
-    /// Backend.
-    pub backend: NetBackendConfig,
-    /// MAC address (`None`: generated).
-    pub mac: Option<[u8; 6]>,
-    /// Put the device behind the vIOMMU (offers VIRTIO_F_ACCESS_PLATFORM).
-    pub iommu: bool,
-}
-
-fn parse_mac(v: &str) -> Result<[u8; 6], String> {
-    let mut mac = [0u8; 6];
-    let parts: Vec<&str> = v.split(':').collect();
-    if parts.len() != 6 {
-        return Err(format!("mac={v}: expected six hex bytes a:b:c:d:e:f"));
-    }
-    for (m, p) in mac.iter_mut().zip(parts) {
-        *m = u8::from_str_radix(p, 16)
-            .ok()
-            .filter(|_| !p.is_empty() && p.len() <= 2)
-            .ok_or(format!("mac={v}: bad byte '{p}'"))?;
-    }
-    if mac[0] & 1 != 0 {
-        return Err(format!("mac={v}: multicast address"));
-    }
-    Ok(mac)
-}
-
-impl NetConfig {
-    /// Parse `tap=NAME|hub=ID[,mac=52:54:00:12:34:56][,iommu=on]`.
-    pub fn parse(s: &str) -> Result<NetConfig, String> {
-        let mut backend = None;
-        let mut mac = None;
-        let mut iommu = false;
-        for part in s.split(',') {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| format!("net option '{part}' is not key=value"))?;
-            let set = |b: &mut Option<NetBackendConfig>, n: NetBackendConfig| {
-                if b.replace(n).is_some() {
-                    Err("net: give one of tap= or hub=".to_string())
-                } else {
-                    Ok(())
-                }
-            };
-            match k {
-                "tap" if !v.is_empty() && v.len() < 16 => {
-                    set(&mut backend, NetBackendConfig::Tap(v.into()))?
-                }
-                "hub" if !v.is_empty() => set(&mut backend, NetBackendConfig::Hub(v.into()))?,
-                "mac" => mac = Some(parse_mac(v)?),
-                "iommu" => {
-                    iommu = match v {
-                        "on" | "true" | "yes" | "1" => true,
-                        "off" | "false" | "no" | "0" => false,
-                        _ => return Err(format!("iommu={v}: expected on or off")),
-                    }
-                }
-                _ => return Err(format!("unknown net option '{part}'")),
-            }
-        }
-        Ok(NetConfig {
-            backend: backend.ok_or("net needs tap=NAME or hub=ID")?,
-            mac,
-            iommu,
-        })
-    }
-}
 
 /// A generated MAC: locally administered, unique within the process.
 fn generated_mac() -> [u8; 6] {
@@ -249,15 +171,6 @@ enum NetMemory {
     Direct(GuestMemoryAtomic<GuestMemoryMmap>),
     /// IOVAs of a vIOMMU endpoint.
     Translated(Box<TranslatedMemory>),
-}
-
-/// Whether the driver wants an interrupt (no EVENT_IDX: the avail ring's NO_INTERRUPT flag).
-fn wants_interrupt<M: GuestMemory>(queue: &Queue, mem: &M) -> bool {
-    std::sync::atomic::fence(Ordering::SeqCst);
-    match mem.read_obj::<u16>(GuestAddress(queue.avail_ring())) {
-        Ok(flags) => u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0,
-        Err(_) => true,
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -613,7 +526,7 @@ impl RxRing {
                 }
             }
         }
-        if used && wants_interrupt(&self.queue, rings) {
+        if used && wants_interrupt(&mut self.queue, rings) {
             self.interrupt.signal_queue(RX_QUEUE);
         }
         taken
@@ -1049,28 +962,6 @@ impl Drop for Net {
     }
 }
 
-fn build_queue<M: GuestMemory>(qc: &QueueConfig, mem: &M) -> Result<Queue, ActivateError> {
-    if !qc.ready {
-        return Err(ActivateError::BadQueue(format!("{qc:?} is not enabled")));
-    }
-    let mut q = Queue::new(QUEUE_SIZE).map_err(|e| ActivateError::BadQueue(e.to_string()))?;
-    q.set_size(qc.size);
-    let split = |a: GuestAddress| (Some(a.0 as u32), Some((a.0 >> 32) as u32));
-    let (l, h) = split(qc.desc_table);
-    q.set_desc_table_address(l, h);
-    let (l, h) = split(qc.avail_ring);
-    q.set_avail_ring_address(l, h);
-    let (l, h) = split(qc.used_ring);
-    q.set_used_ring_address(l, h);
-    q.set_ready(true);
-    if !q.is_valid(mem) {
-        return Err(ActivateError::BadQueue(format!(
-            "{qc:?} is not a valid queue"
-        )));
-    }
-    Ok(q)
-}
-
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET
@@ -1146,14 +1037,14 @@ impl VirtioDevice for Net {
                 let g = m.memory();
                 queues[..wanted]
                     .iter()
-                    .map(|qc| build_queue(qc, &*g))
+                    .map(|qc| usable_queue(qc, QUEUE_SIZE, false, &*g))
                     .collect::<Result<Vec<_>, _>>()?
             }
             NetMemory::Translated(t) => {
                 let p = t.pin();
                 queues[..wanted]
                     .iter()
-                    .map(|qc| build_queue(qc, &p))
+                    .map(|qc| usable_queue(qc, QUEUE_SIZE, false, &p))
                     .collect::<Result<Vec<_>, _>>()?
             }
         };
@@ -1626,32 +1517,6 @@ mod tests {
         assert_eq!(plain.device_features() & VIRTIO_F_ACCESS_PLATFORM, 0);
         assert_ne!(plain.mac(), n.mac());
         assert_eq!(plain.queue_max_sizes().len(), 3);
-    }
-
-    #[test]
-    fn net_options_parse() {
-        let c = NetConfig::parse("hub=0,mac=52:54:00:ab:cd:ef,iommu=on").unwrap();
-        assert_eq!(c.backend, NetBackendConfig::Hub("0".into()));
-        assert_eq!(c.mac, Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef]));
-        assert!(c.iommu);
-        let t = NetConfig::parse("tap=tap0").unwrap();
-        assert_eq!(
-            (t.backend, t.mac, t.iommu),
-            (NetBackendConfig::Tap("tap0".into()), None, false)
-        );
-        for bad in [
-            "",
-            "mac=52:54:00:00:00:01",
-            "hub=0,tap=t",
-            "hub=0,mac=01:00:00:00:00:00",
-            "hub=0,mac=1:2:3",
-            "hub=0,mac=zz:00:00:00:00:00",
-            "tap=averyveryverylongname",
-            "hub=0,iommu=maybe",
-            "hub=0,speed=10",
-        ] {
-            assert!(NetConfig::parse(bad).is_err(), "{bad}");
-        }
     }
 
     // ---- Behind the vIOMMU. ----

@@ -15,7 +15,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use pci::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
+use virtio_dev::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
 };
@@ -101,7 +101,10 @@ fn poll_loop(
     window: Duration,
 ) {
     if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Poller) {
-        log::error!("polled queue: {e}; serving on kicks only");
+        log::error!(
+            "polled queue: {}; serving on kicks only",
+            crate::report::Chain(&e)
+        );
         return;
     }
     while signal.wait() {

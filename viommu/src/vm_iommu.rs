@@ -15,8 +15,10 @@
 //!
 //! [`TranslatedMemory`]: crate::TranslatedMemory
 
-use crate::snapshot::View;
-use crate::{Access, EndpointHandle, Fault, Mapping};
+use crate::engine::endpoint::EndpointHandle;
+use crate::engine::fault::Fault;
+use crate::engine::mapping::{Access, Mapping};
+use crate::engine::view::View;
 use std::ops::Deref;
 use std::sync::Arc;
 use vm_memory::iommu::{Error, Iommu, Iotlb, IotlbIterator, IovaRange};
@@ -111,7 +113,7 @@ impl Iommu for EndpointHandle {
             let m = match view.translate(cur, want) {
                 Ok(m) => m,
                 Err(miss) => {
-                    self.fault_reporter()
+                    self.fault_sink()
                         .report(Fault::from_miss(self.id(), cur, want, miss));
                     let reason = format!("endpoint {:#x}: {miss:?} at {cur:#x}", self.id());
                     return Err(unresolved(iova, length, reason));
@@ -144,9 +146,10 @@ impl Iommu for EndpointHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::{MAP_F_READ, MAP_F_WRITE};
     use crate::test_utils::{MockDriver, MockLayout, NoInterrupt};
-    use crate::{Viommu, ViommuConfig};
+    use crate::virtio::config::ViommuConfig;
+    use crate::virtio::device::Viommu;
+    use crate::virtio::spec::{MAP_F_READ, MAP_F_WRITE};
     use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap, IommuMemory};
 
     const EP: u32 = 0x08;

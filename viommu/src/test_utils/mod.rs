@@ -10,9 +10,14 @@
 //! - [`InterruptCounter`] and [`NoInterrupt`]: interrupt sinks for the device's activation.
 
 mod driver;
+mod error;
+mod interrupt;
+mod request;
+mod ring;
 
-pub use crate::host::recording::{HostOp, RecordingMapper};
-pub use driver::{
-    InterruptCounter, MockDriver, MockError, MockLayout, NoInterrupt, Property, QueueLayout, Reply,
-    Request, Segment, Used, REPLY_FILL,
-};
+pub use crate::engine::host::recording::{HostOp, RecordingMapper};
+pub use driver::MockDriver;
+pub use error::MockError;
+pub use interrupt::{InterruptCounter, NoInterrupt};
+pub use request::{Property, Reply, Request, REPLY_FILL};
+pub use ring::{MockLayout, QueueLayout, Segment, Used};

@@ -4,10 +4,10 @@
 
 #![allow(dead_code)]
 
-use pci::VirtioDevice;
 use std::sync::Arc;
 use viommu::test_utils::{InterruptCounter, MockDriver, MockLayout, QueueLayout, Request, Segment};
 use viommu::{Viommu, ViommuConfig};
+use virtio_dev::VirtioDevice;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 pub const QSIZE: u16 = 16;

@@ -1,0 +1,469 @@
+//! The shadowing engine: guest mappings (IOVA -> guest-physical) become host DMA mappings
+//! (IOVA -> host virtual address) in one host IOMMU address space.
+//!
+//! [`Shadow`] implements [`HostMapper`], the hook the engine calls with guest-physical
+//! addresses. For each guest mapping it composes IOVA -> GPA with the VMM's GPA -> HVA map:
+//!
+//! - guest RAM: split at `GuestMemoryMmap` region edges (each region is its own host mmap);
+//! - a BAR of an assigned device (peer-to-peer DMA, needed by nested VFIO): resolved through a
+//!   [`BarResolver`] (the VMM plugs each assigned device's BAR mmaps into a [`BarTargets`]);
+//! - the MSI doorbell window and other reserved guest-physical ranges: never mapped,
+//!   [`HostMapError::Invalid`] (INVAL, as the front end answers a MAP over a reserved region);
+//! - anything else (a GPA that is neither RAM nor a mapped BAR): [`HostMapError::OutOfRange`]
+//!   (RANGE, as it answers addresses outside what the device can map), and an IOVA
+//!   outside the host IOMMU's usable ranges ([`ShadowConfig::host_iova_ranges`]) is RANGE
+//!   too, before any host call.
+//!
+//! It then calls its [`DmaSpace`] once per piece and records exactly what it installed, so an
+//! unmap removes exactly those host mappings (VFIO refuses to bisect). A failure part way
+//! through a map unmaps the pieces already installed; one part way through an unmap re-maps
+//! the pieces already removed; either way the error goes back unchanged to the engine (which
+//! owns the guest-visible state and its rollback), and the front end turns it into the request
+//! status (virtio-iommu: NoSpace -> NOMEM (ENOSPC/ENOMEM, e.g. type1's 65535-entry
+//! `dma_entry_limit`), OutOfRange -> RANGE, Invalid -> INVAL (EEXIST), Failed -> DEVERR). If a
+//! rollback call fails too (a double fault, e.g. VFIO refusing to unmap what it just mapped),
+//! it is logged at error level and the host may keep a mapping the guest was told failed; it
+//! only ever points at memory the guest asked to map.
+//!
+//! # Host calls per guest request
+//! - MAP: one `DmaSpace::map` per host address space of the space, times the number of pieces
+//!   (1 unless the GPA range crosses a RAM region or BAR edge). Never split into power-of-two
+//!   chunks, never coalesced with neighbouring guest mappings (a later UNMAP of one of them
+//!   would have to bisect a host mapping). A mapping with neither READ nor WRITE makes no call
+//!   (type1 refuses it; the device can do nothing through it anyway).
+//! - UNMAP: one `DmaSpace::unmap` per recorded piece of each removed mapping, per host space.
+//! - Read-only guest mappings are installed read-only (`VFIO_DMA_MAP_FLAG_READ` alone);
+//!   write-only ones as write-only.
+//!
+//! # Host address spaces
+//! A legacy type1 container cannot take a group whose device is already open, so every
+//! assigned group keeps its own container for the VM's lifetime and gets one [`Shadow`]. The
+//! VMM registers each device with `Viommu::add_host_endpoint(bdf, shadow)`; endpoints sharing
+//! a container (several devices of one group, or groups the VMM put in one container at
+//! start-up) must share the same `Arc<Shadow>`: the engine dedupes host mappers by
+//! pointer, so a MAP costs one call per *container* of the domain, not per endpoint. With
+//! iommufd the intended shape is one IOAS per guest domain (attach the device's HWPT to the
+//! domain's IOAS on ATTACH) and a `DmaSpace` per IOAS; the engine then sees a single
+//! host mapper per domain whatever its endpoints.
+//!
+//! Costs of the other operations (per host address space; n = mappings of the space):
+//! - An endpoint joining a space the container does not already mirror (virtio-iommu ATTACH):
+//!   n map calls (replay); the container's previous contents (old space, if no other endpoint
+//!   of that space uses the same container) are first removed: m unmap calls.
+//! - Moving an endpoint between spaces: the same, unmap old + replay new; a failure part way
+//!   restores the old contents and leaves the endpoint where it was.
+//! - Leaving a space (DETACH): n unmap calls when the container leaves the space; none if
+//!   another endpoint of the space shares it.
+//! - Identity (bypass) spaces: all guest RAM mapped once per container, IOVA == GPA, one call
+//!   per RAM region; leaving the space unmaps them (one call per region).
+//! - Boot bypass: while endpoints in no space are identity (virtio-iommu: `config.bypass` on),
+//!   a container none of whose endpoints is in a space holds all guest RAM the same way (from
+//!   `Viommu::set_guest_ram` / endpoint registration); its first attach first unmaps it (one
+//!   call per region), its last endpoint leaving maps it back, and blocking the default
+//!   empties it.
+//! - RAM added or removed (`Viommu::set_guest_ram` with the new map): one map/unmap per changed
+//!   region in each identity or boot-bypass container. Paging spaces need nothing: the guest
+//!   maps what it wants, and composition reads the current memory map.
+//!
+//! Devices not behind the vIOMMU use [`StaticMapping`](crate::engine::static_map::StaticMapping)
+//! instead.
+
+use crate::engine::arch::{X86_MSI_END, X86_MSI_START};
+use crate::engine::host::vfio::HostIommuInfo;
+use crate::engine::host::{DmaSpace, HostMapError, HostMapper, Prot};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion, MemoryRegionAddress,
+};
+
+/// Most host pieces one guest mapping may compose into (guards against a misbehaving resolver).
+pub const MAX_PIECES: usize = 64;
+
+/// Where a guest-physical address that is not RAM may point: BARs of assigned devices that
+/// are mmapped into this process.
+///
+/// # Safety
+/// Implementations must only return host ranges that are device mmaps (or other memory shared
+/// with the guest and never accessed through Rust references): the shadow maps them into the
+/// host IOMMU, so the device may write there at any time.
+pub unsafe trait BarResolver: Send + Sync {
+    /// If `gpa` lies in a mapped BAR part: the host address of `gpa` and the number of bytes
+    /// from `gpa` to the end of that part (contiguous in both spaces).
+    fn resolve(&self, gpa: u64) -> Option<(u64, u64)>;
+}
+
+/// The BARs of every assigned device, as one resolver the VMM grows as it creates devices.
+#[derive(Default)]
+pub struct BarTargets {
+    list: RwLock<Vec<Arc<dyn BarResolver>>>,
+}
+
+impl BarTargets {
+    /// No BARs.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add one device's BARs (the VMM wraps each passthrough device's BAR mmaps).
+    pub fn add(&self, r: Arc<dyn BarResolver>) {
+        self.list.write().unwrap_or_else(|e| e.into_inner()).push(r);
+    }
+
+    /// Remove a resolver added earlier (device unplugged).
+    pub fn remove(&self, r: &Arc<dyn BarResolver>) {
+        self.list
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|o| !Arc::ptr_eq(o, r));
+    }
+}
+
+// SAFETY: only returns what the resolvers it holds (each an unsafe-impl BarResolver) return.
+unsafe impl BarResolver for BarTargets {
+    fn resolve(&self, gpa: u64) -> Option<(u64, u64)> {
+        self.list
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find_map(|r| r.resolve(gpa))
+    }
+}
+
+/// Limits of one shadow: which guest-physical ranges are never mapped, which IOVAs the host can
+/// translate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShadowConfig {
+    /// Guest-physical ranges (inclusive) never mapped: a MAP touching one fails with INVAL.
+    /// Default: the x86 MSI doorbell window.
+    pub reserved_gpa: Vec<(u64, u64)>,
+    /// IOVA ranges (inclusive) the host IOMMU can translate, e.g. from
+    /// [`crate::engine::host::vfio::HostIommuInfo::iova_ranges`]. A mapping must lie inside one of
+    /// them, else RANGE without a host call. Empty: not checked (the host still refuses).
+    pub host_iova_ranges: Vec<(u64, u64)>,
+}
+
+impl Default for ShadowConfig {
+    fn default() -> Self {
+        ShadowConfig {
+            reserved_gpa: vec![(X86_MSI_START, X86_MSI_END)],
+            host_iova_ranges: Vec::new(),
+        }
+    }
+}
+
+impl HostIommuInfo {
+    /// The shadow limits matching this host: its IOVA ranges, the default reserved GPAs.
+    pub fn shadow_config(&self) -> ShadowConfig {
+        ShadowConfig {
+            host_iova_ranges: self.iova_ranges.clone(),
+            ..ShadowConfig::default()
+        }
+    }
+}
+
+/// One host mapping: IOVA `iova..iova+size` -> host virtual `host_addr..`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Piece {
+    /// First IOVA.
+    pub iova: u64,
+    /// Bytes.
+    pub size: u64,
+    /// Host virtual address of `iova`.
+    pub host_addr: u64,
+}
+
+/// What one guest mapping became in the host: usually one piece, kept inline.
+#[derive(Clone, Debug)]
+struct Entry {
+    size: u64,
+    prot: Prot,
+    first: Option<Piece>,
+    rest: Vec<Piece>,
+}
+
+impl Entry {
+    fn pieces(
+        &self,
+    ) -> std::iter::Chain<std::option::Iter<'_, Piece>, std::slice::Iter<'_, Piece>> {
+        self.first.iter().chain(self.rest.iter())
+    }
+}
+
+fn overlaps(a_start: u64, a_last: u64, b_start: u64, b_last: u64) -> bool {
+    a_start <= b_last && b_start <= a_last
+}
+
+/// Mirrors guest mappings of one guest domain into one host address space (see the module doc).
+pub struct Shadow {
+    space: Arc<dyn DmaSpace>,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    bars: Option<Arc<dyn BarResolver>>,
+    config: ShadowConfig,
+    recorded: Mutex<BTreeMap<u64, Entry>>,
+}
+
+impl Shadow {
+    /// A shadow installing into `space`, resolving guest RAM through `mem` (which follows RAM
+    /// added later), with the default [`ShadowConfig`] and no BAR targets. Every region of
+    /// `mem` is taken to be guest RAM (shared with the guest, accessed through vm-memory only):
+    /// devices may DMA into whatever the guest maps there.
+    pub fn new(space: Arc<dyn DmaSpace>, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> Self {
+        Shadow {
+            space,
+            mem,
+            bars: None,
+            config: ShadowConfig::default(),
+            recorded: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Resolve non-RAM guest-physical addresses through `bars` (peer-to-peer DMA).
+    pub fn with_bars(mut self, bars: Arc<dyn BarResolver>) -> Self {
+        self.bars = Some(bars);
+        self
+    }
+
+    /// Replace the configuration.
+    pub fn with_config(mut self, config: ShadowConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The host address space.
+    pub fn space(&self) -> &Arc<dyn DmaSpace> {
+        &self.space
+    }
+
+    /// Number of guest mappings currently mirrored.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether nothing is mirrored.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// Every host mapping installed, in IOVA order.
+    pub fn host_mappings(&self) -> Vec<Piece> {
+        self.lock()
+            .values()
+            .flat_map(|e| e.pieces().copied().collect::<Vec<_>>())
+            .collect()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, Entry>> {
+        self.recorded.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The host pieces `iova..iova+size` -> guest-physical `gpa..` composes into, without
+    /// installing anything. Errors as [`HostMapper::map`] would return them.
+    pub fn compose(&self, iova: u64, size: u64, gpa: u64) -> Result<Vec<Piece>, HostMapError> {
+        let (_, gpa_last) = self.check(iova, size, gpa)?;
+        let mut pieces = Vec::new();
+        self.compose_into(iova, size, gpa, gpa_last, |p| {
+            pieces.push(p);
+        })?;
+        Ok(pieces)
+    }
+
+    /// Range checks common to every mapping; returns the last IOVA and last GPA.
+    fn check(&self, iova: u64, size: u64, gpa: u64) -> Result<(u64, u64), HostMapError> {
+        let len_m1 = size.checked_sub(1).ok_or(HostMapError::Invalid)?;
+        let last = iova.checked_add(len_m1).ok_or(HostMapError::OutOfRange)?;
+        let gpa_last = gpa.checked_add(len_m1).ok_or(HostMapError::OutOfRange)?;
+        let ranges = &self.config.host_iova_ranges;
+        if !ranges.is_empty() && !ranges.iter().any(|&(s, e)| s <= iova && last <= e) {
+            log::warn!("viommu shadow: IOVA {iova:#x}..={last:#x} outside the host IOMMU's ranges");
+            return Err(HostMapError::OutOfRange);
+        }
+        if let Some(&(s, e)) = self
+            .config
+            .reserved_gpa
+            .iter()
+            .find(|&&(s, e)| overlaps(gpa, gpa_last, s, e))
+        {
+            log::warn!(
+                "viommu shadow: GPA {gpa:#x}..={gpa_last:#x} touches reserved {s:#x}..={e:#x}"
+            );
+            return Err(HostMapError::Invalid);
+        }
+        Ok((last, gpa_last))
+    }
+
+    fn compose_into(
+        &self,
+        iova: u64,
+        size: u64,
+        gpa: u64,
+        gpa_last: u64,
+        mut push: impl FnMut(Piece),
+    ) -> Result<(), HostMapError> {
+        let mem = self.mem.memory();
+        let (mut cur_iova, mut cur_gpa, mut left) = (iova, gpa, size);
+        let mut n = 0;
+        while left > 0 {
+            let (host_addr, avail) = if let Some(r) = mem.find_region(GuestAddress(cur_gpa)) {
+                let off = cur_gpa - r.start_addr().0;
+                let host = r
+                    .get_host_address(MemoryRegionAddress(off))
+                    .map_err(|e| HostMapError::Failed(format!("GPA {cur_gpa:#x}: {e}")))?;
+                (host as u64, r.len() - off)
+            } else if let Some((host, avail)) = self
+                .bars
+                .as_ref()
+                .and_then(|b| b.resolve(cur_gpa))
+                .filter(|&(_, avail)| avail > 0)
+            {
+                (host, avail)
+            } else {
+                log::warn!(
+                    "viommu shadow: GPA {cur_gpa:#x} (of {gpa:#x}..={gpa_last:#x}) is neither \
+                     guest RAM nor a device BAR"
+                );
+                return Err(HostMapError::OutOfRange);
+            };
+            n += 1;
+            if n > MAX_PIECES {
+                log::warn!(
+                    "viommu shadow: GPA {gpa:#x}..={gpa_last:#x} spans more than {MAX_PIECES} \
+                     regions"
+                );
+                return Err(HostMapError::Failed("too many pieces".into()));
+            }
+            let take = left.min(avail);
+            push(Piece {
+                iova: cur_iova,
+                size: take,
+                host_addr,
+            });
+            left -= take;
+            // Cannot overflow: `check` bounded both ends of the whole range.
+            cur_iova = cur_iova.wrapping_add(take);
+            cur_gpa = cur_gpa.wrapping_add(take);
+        }
+        Ok(())
+    }
+
+    /// Unmap every recorded mapping (device teardown). Stops at the first host failure, leaving
+    /// the rest recorded.
+    pub fn clear(&self) -> Result<(), HostMapError> {
+        let mut rec = self.lock();
+        while let Some((&iova, _)) = rec.iter().next() {
+            if let Some(e) = rec.get(&iova).cloned() {
+                self.unmap_entry(&e)?;
+            }
+            rec.remove(&iova);
+        }
+        Ok(())
+    }
+
+    /// Install `pieces`; on failure remove the ones installed and return the error.
+    fn map_pieces<'a>(
+        &self,
+        pieces: impl Iterator<Item = &'a Piece> + Clone,
+        prot: Prot,
+    ) -> Result<(), HostMapError> {
+        for (i, p) in pieces.clone().enumerate() {
+            // SAFETY: every host address comes from a guest RAM region of the VMM's memory map
+            // or from a BarResolver (VFIO BAR mmaps): memory shared with the guest and its
+            // devices, which the VMM only ever accesses volatile / through vm-memory.
+            let res = unsafe { self.space.map(p.iova, p.size, p.host_addr, prot) };
+            if let Err(e) = res {
+                for done in pieces.take(i) {
+                    if let Err(u) = self.space.unmap(done.iova, done.size) {
+                        log::error!(
+                            "viommu shadow: rollback unmap {:#x}+{:#x} failed: {u}",
+                            done.iova,
+                            done.size
+                        );
+                    }
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove every piece of `e`; on failure re-map the ones removed and return the error.
+    fn unmap_entry(&self, e: &Entry) -> Result<(), HostMapError> {
+        for (i, p) in e.pieces().enumerate() {
+            if let Err(err) = self.space.unmap(p.iova, p.size) {
+                log::warn!(
+                    "viommu shadow: host unmap {:#x}+{:#x} failed: {err}",
+                    p.iova,
+                    p.size
+                );
+                for done in e.pieces().take(i) {
+                    // SAFETY: re-installs a mapping this shadow installed before (same origin).
+                    let res =
+                        unsafe { self.space.map(done.iova, done.size, done.host_addr, e.prot) };
+                    if let Err(m) = res {
+                        log::error!(
+                            "viommu shadow: rollback re-map {:#x}+{:#x} failed: {m}",
+                            done.iova,
+                            done.size
+                        );
+                    }
+                }
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl HostMapper for Shadow {
+    fn map(&self, iova: u64, size: u64, gpa: u64, prot: Prot) -> Result<(), HostMapError> {
+        let (last, gpa_last) = self.check(iova, size, gpa)?;
+        let mut rec = self.lock();
+        if let Some((&s, e)) = rec.range(..=last).next_back() {
+            if overlaps(s, s + (e.size - 1), iova, last) {
+                log::warn!(
+                    "viommu shadow: map {iova:#x}..={last:#x} overlaps recorded {s:#x}+{:#x}",
+                    e.size
+                );
+                return Err(HostMapError::Invalid);
+            }
+        }
+        let mut entry = Entry {
+            size,
+            prot,
+            first: None,
+            rest: Vec::new(),
+        };
+        if prot.read || prot.write {
+            self.compose_into(iova, size, gpa, gpa_last, |p| {
+                if entry.first.is_none() {
+                    entry.first = Some(p);
+                } else {
+                    entry.rest.push(p);
+                }
+            })?;
+            self.map_pieces(entry.pieces(), prot)?;
+        }
+        rec.insert(iova, entry);
+        Ok(())
+    }
+
+    fn unmap(&self, iova: u64, size: u64) -> Result<(), HostMapError> {
+        let mut rec = self.lock();
+        match rec.get(&iova) {
+            Some(e) if e.size == size => {
+                self.unmap_entry(e)?;
+                rec.remove(&iova);
+                Ok(())
+            }
+            _ => {
+                log::warn!("viommu shadow: unmap {iova:#x}+{size:#x} is not a recorded mapping");
+                Err(HostMapError::Invalid)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "shadow_tests.rs"]
+pub(crate) mod tests;
