@@ -478,7 +478,7 @@ mod tests {
 
     #[test]
     fn counted_space_counts_every_call_and_failure() {
-        use viommu::RecordingMapper;
+        use viommu::test_utils::RecordingMapper;
         let rec = Arc::new(RecordingMapper::new());
         let counters = Arc::new(DmaCounters::default());
         let space = Counted {

@@ -198,11 +198,11 @@ pub mod fakes {
     }
 }
 
-/// A host mapper that records like [`viommu::RecordingMapper`] and fails the
+/// A host mapper that records like [`viommu::test_utils::RecordingMapper`] and fails the
 /// call chosen by the harness, counting the failures it injected.
 pub mod failing {
     use std::sync::Mutex;
-    use viommu::RecordingMapper;
+    use viommu::test_utils::RecordingMapper;
     use viommu::{HostMapError, HostMapper, Prot};
 
     #[derive(Default)]

@@ -10,9 +10,13 @@
 
 use crate::failing::FailingMapper;
 use crate::{Enc, Input};
-use virtio_dev::{QueueConfig, VirtioDevice, VirtioInterrupt};
 use std::sync::Arc;
-use viommu::{EndpointHandle, HostMapError, Limits, Prot, TranslatedMemory, Viommu, ViommuConfig};
+use viommu::spec::{ATTACH_F_BYPASS, TAIL_SIZE};
+use viommu::test_utils::{MockDriver, MockLayout, NoInterrupt, QueueLayout, Request};
+use viommu::{
+    EndpointHandle, HostMapError, Limits, Prot, Status, TranslatedMemory, Viommu, ViommuConfig,
+};
+use virtio_dev::{QueueConfig, VirtioDevice};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap, Permissions,
 };
@@ -60,12 +64,6 @@ pub mod op {
     pub const FAIL_HOST: u8 = 12;
     /// Number of opcodes.
     pub const COUNT: u8 = 13;
-}
-
-struct NoIrq;
-impl VirtioInterrupt for NoIrq {
-    fn signal_queue(&self, _queue: u16) {}
-    fn signal_config(&self) {}
 }
 
 #[derive(Clone, Copy)]
@@ -212,7 +210,7 @@ impl Harness {
             features,
             queues,
             vec![],
-            Arc::new(NoIrq),
+            Arc::new(NoInterrupt),
         );
     }
 
@@ -263,62 +261,43 @@ impl Harness {
 
     fn request(&mut self, inp: &mut Input) {
         let kind = inp.u8();
-        let mut body = Vec::new();
-        let mut reply = 4u32;
-        match kind % 8 {
+        let mut reply = TAIL_SIZE as u32;
+        // Well-formed requests are the spec structures; kind 6 and 7 are raw bytes.
+        let req = match kind % 8 {
             0 | 1 => {
-                body.push(1);
-                body.extend_from_slice(&[0; 3]);
-                body.extend_from_slice(&domain_sel(inp).to_le_bytes());
-                body.extend_from_slice(&ep_sel(inp).to_le_bytes());
-                let flags: u32 = if kind % 8 == 1 { 1 } else { 0 };
-                body.extend_from_slice(&flags.to_le_bytes());
-                body.extend_from_slice(&[0; 4]);
+                let flags = if kind % 8 == 1 { ATTACH_F_BYPASS } else { 0 };
+                Some(Request::attach(domain_sel(inp), ep_sel(inp), flags))
             }
-            2 => {
-                body.push(2);
-                body.extend_from_slice(&[0; 3]);
-                body.extend_from_slice(&domain_sel(inp).to_le_bytes());
-                body.extend_from_slice(&ep_sel(inp).to_le_bytes());
-                body.extend_from_slice(&[0; 8]);
-            }
+            2 => Some(Request::detach(domain_sel(inp), ep_sel(inp))),
             3 => {
                 let dom = domain_sel(inp);
                 let start = addr_sel(inp);
                 let end = start.wrapping_add(pages_sel(inp)).wrapping_sub(1);
                 let phys = addr_sel(inp);
                 let flags = u32::from(inp.u8() % 16);
-                body.push(3);
-                body.extend_from_slice(&[0; 3]);
-                body.extend_from_slice(&dom.to_le_bytes());
-                body.extend_from_slice(&start.to_le_bytes());
-                body.extend_from_slice(&end.to_le_bytes());
-                body.extend_from_slice(&phys.to_le_bytes());
-                body.extend_from_slice(&flags.to_le_bytes());
+                Some(Request::map(dom, start, end, phys, flags))
             }
             4 => {
                 let dom = domain_sel(inp);
                 let start = addr_sel(inp);
                 let end = start.wrapping_add(pages_sel(inp)).wrapping_sub(1);
-                body.push(4);
-                body.extend_from_slice(&[0; 3]);
-                body.extend_from_slice(&dom.to_le_bytes());
-                body.extend_from_slice(&start.to_le_bytes());
-                body.extend_from_slice(&end.to_le_bytes());
-                body.extend_from_slice(&[0; 4]);
+                Some(Request::unmap(dom, start, end))
             }
             5 => {
-                body.push(5);
-                body.extend_from_slice(&[0; 3]);
-                body.extend_from_slice(&ep_sel(inp).to_le_bytes());
-                body.extend_from_slice(&[0; 64]);
-                reply = PROBE_SIZE + 4;
+                let r = Request::probe(ep_sel(inp));
+                reply = r.reply_len(PROBE_SIZE);
+                Some(r)
             }
-            _ => {
-                body.extend_from_slice(inp.blob(96));
+            _ => None,
+        };
+        let mut body = match req {
+            Some(r) => r.as_bytes().to_vec(),
+            None => {
+                let raw = inp.blob(96).to_vec();
                 reply = u32::from(inp.u8());
+                raw
             }
-        }
+        };
         // Mangling: flip one body byte, split the body, change the reply size, or put the
         // writable buffer first.
         let mangle = inp.u8();
@@ -820,7 +799,7 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
 
 /// A virtio-iommu over `mem` (rings at `ring`..`ring + 0x6000`, request buffers after them)
 /// with endpoint `ep` attached to domain 1 holding `maps` (iova, size, gpa, MAP flags), all
-/// sent through the request queue. For harnesses of devices behind the IOMMU.
+/// sent through the request queue by the mock driver. For harnesses of devices behind the IOMMU.
 pub fn program_endpoint(
     mem: &GuestMemoryMmap,
     ring: u64,
@@ -834,67 +813,19 @@ pub fn program_endpoint(
     })
     .expect("config");
     let handle = dev.add_endpoint(ep).expect("endpoint");
-    let mut req = Ring {
-        base: ring,
-        size: QSIZE,
-        next_desc: 0,
-        avail_idx: 0,
+    let layout = MockLayout {
+        request: QueueLayout::packed(ring, QSIZE),
+        event: QueueLayout::packed(ring + 0x3000, QSIZE),
+        buffers: ring + 0x6000..ring + 0x6200,
     };
-    let used_evt = Ring {
-        base: ring + 0x3000,
-        ..req
-    };
-    let qc = |r: &Ring| QueueConfig {
-        size: QSIZE,
-        desc_table: GuestAddress(r.desc()),
-        avail_ring: GuestAddress(r.avail()),
-        used_ring: GuestAddress(r.used()),
-        ready: true,
-    };
-    dev.activate(
-        GuestMemoryAtomic::new(mem.clone()),
-        dev.device_features(),
-        vec![qc(&req), qc(&used_evt)],
-        vec![],
-        Arc::new(NoIrq),
-    )
-    .expect("activate");
-    let mut bodies: Vec<Vec<u8>> = Vec::new();
-    let mut a = vec![1, 0, 0, 0];
-    a.extend_from_slice(&1u32.to_le_bytes());
-    a.extend_from_slice(&ep.to_le_bytes());
-    a.extend_from_slice(&[0; 8]);
-    bodies.push(a);
-    for &(iova, size, gpa, flags) in maps {
-        let mut m = vec![3, 0, 0, 0];
-        m.extend_from_slice(&1u32.to_le_bytes());
-        m.extend_from_slice(&iova.to_le_bytes());
-        m.extend_from_slice(&(iova + size - 1).to_le_bytes());
-        m.extend_from_slice(&gpa.to_le_bytes());
-        m.extend_from_slice(&flags.to_le_bytes());
-        bodies.push(m);
-    }
-    let buf = ring + 0x6000;
-    for (i, body) in bodies.iter().enumerate() {
-        let b = buf + (i as u64 % 8) * 0x40;
-        mem.write_slice(body, GuestAddress(b)).expect("request");
-        let head = req.next_desc;
-        for (j, (addr, len, flags)) in [(b, body.len() as u32, 1u16), (b + 0x3c, 4, 2)]
-            .into_iter()
-            .enumerate()
-        {
-            let d = req.desc() + 16 * u64::from(req.next_desc);
-            req.next_desc = (req.next_desc + 1) % QSIZE;
-            let next = if j == 0 { req.next_desc } else { 0 };
-            mem.write_obj(addr, GuestAddress(d)).expect("desc");
-            mem.write_obj(len, GuestAddress(d + 8)).expect("desc");
-            mem.write_obj(flags, GuestAddress(d + 12)).expect("desc");
-            mem.write_obj(next, GuestAddress(d + 14)).expect("desc");
-        }
-        Harness::push_avail(&mut req, mem, head);
-        dev.queue_notify(0);
-        let status: u8 = mem.read_obj(GuestAddress(b + 0x3c)).expect("status");
-        assert_eq!(status, 0, "setup request {i} failed");
+    let mut drv = MockDriver::new(mem.clone(), layout).expect("driver layout");
+    drv.activate_offered(&mut dev, Arc::new(NoInterrupt))
+        .expect("activate");
+    let st = drv.attach(&mut dev, 1, ep).expect("attach");
+    assert_eq!(st, Status::Ok, "setup attach failed");
+    for (i, &(iova, size, gpa, flags)) in maps.iter().enumerate() {
+        let st = drv.map(&mut dev, 1, iova, size, gpa, flags).expect("map");
+        assert_eq!(st, Status::Ok, "setup map {i} failed");
     }
     (dev, handle)
 }

@@ -49,12 +49,18 @@
 //!
 //! Tables are left-right pairs: O(log n) in-place updates, one publication per request-queue
 //! batch, an unmap or detach completes only once no device still holds the previous view.
-
+#![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
 pub(crate) mod engine;
 pub(crate) mod virtio;
 pub mod vtd;
+
+/// Test doubles (feature `test-utils`): a mock virtio-iommu driver and a recording host mapper.
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
+#[cfg(feature = "vm-memory-iommu")]
+mod vm_iommu;
 
 /// The virtio-iommu wire format (mock drivers and fuzzers encode requests with its structs).
 pub use virtio::spec;
@@ -70,9 +76,10 @@ pub use engine::space::SpaceKind;
 pub use engine::state::{Attached, Detached, Engine, EngineError};
 pub use engine::translate::{PinnedView, TranslatedMemory};
 pub use engine::view::{Mode, View};
+#[cfg(feature = "vm-memory-iommu")]
+pub use vm_iommu::ViewIotlb;
 
 // Host address spaces: the mapper hook, VFIO, shadowing and the static map.
-pub use engine::host::recording::{HostOp, RecordingMapper};
 pub use engine::host::vfio::{HostIommuInfo, InfoParseError, VfioDmaSpace};
 pub use engine::host::{DmaSpace, HostMapError, HostMapper, Prot};
 pub use engine::shadow::{BarResolver, BarTargets, Piece, Shadow, ShadowConfig, MAX_PIECES};

@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use viommu::RecordingMapper;
+use viommu::test_utils::RecordingMapper;
 use viommu::{HostMapError, HostMapper, Prot, Status, ViommuConfig};
 
 /// Failure injection shared by every mapper of one run: the `fail_at`-th host call overall

@@ -2,9 +2,10 @@
 //! endpoints are mirrored into a host IOMMU address space. The engine calls a [`HostMapper`]
 //! with guest physical addresses; [`Shadow`](crate::engine::shadow::Shadow) implements it by
 //! composing them with the VMM's memory map and calling a [`DmaSpace`] (host virtual
-//! addresses): [`vfio::VfioDmaSpace`] on a VFIO container, or [`recording::RecordingMapper`]
-//! in tests (which implements both).
+//! addresses): [`vfio::VfioDmaSpace`] on a VFIO container, or `recording::RecordingMapper` in
+//! tests (feature `test-utils`; it implements both).
 
+#[cfg(any(test, feature = "test-utils"))]
 pub(crate) mod recording;
 pub(crate) mod vfio;
 
