@@ -16,9 +16,9 @@ mod common;
 
 use common::{attach, map, Driver};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use pci::{QueueConfig, VirtioDevice, VirtioInterrupt};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use virtio_dev::{QueueConfig, VirtioDevice, VirtioInterrupt};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm::devices::net::{Net, NetBackendConfig, NetConfig};
 use vmm::net::Hubs;

@@ -16,9 +16,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vm_memory::GuestAddressSpace;
 
-use pci::{PciBus, PciWindows, VirtioDevice, VirtioPciDevice};
+use pci::{PciBus, PciWindows, VirtioPciDevice};
 use viommu::spec::REQUEST_QUEUE;
 use viommu::{Counters, EndpointHandle, Viommu};
+use virtio_dev::VirtioDevice;
 
 use crate::acpi::{self, AcpiConfig};
 use crate::boot::{self, LinuxBoot};

@@ -25,10 +25,11 @@ use std::sync::Arc;
 
 use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use pci::{MsiIrqManager, VfioPciDevice};
+use pci::{MsiIrqManager, VfioBarMaps, VfioPciDevice};
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioOps};
 use viommu::{
-    BarTargets, DmaSpace, HostIommuInfo, HostMapError, Prot, Shadow, StaticMapping, VfioDmaSpace,
+    BarResolver, BarTargets, DmaSpace, HostIommuInfo, HostMapError, Prot, Shadow, StaticMapping,
+    VfioDmaSpace,
 };
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -231,6 +232,21 @@ pub enum DmaSetup {
     Static,
 }
 
+/// The BARs of one assigned device as the shadows see them: guest-physical addresses in its
+/// mapped BAR parts resolve to their VFIO mmaps (peer-to-peer DMA).
+struct VfioBars(Arc<VfioBarMaps>);
+
+// SAFETY: `VfioBarMaps` lists the VFIO region mmaps of a passthrough device's BARs (device
+// memory mmapped into this process, never accessed through Rust references).
+unsafe impl BarResolver for VfioBars {
+    fn resolve(&self, gpa: u64) -> Option<(u64, u64)> {
+        self.0.mappings().into_iter().find_map(|m| {
+            let off = gpa.checked_sub(m.gpa)?;
+            (off < m.size).then(|| Some((m.host_addr.checked_add(off)?, m.size - off)))?
+        })
+    }
+}
+
 /// Every assigned device of a VM and its host address spaces.
 pub struct Passthrough {
     containers: BTreeMap<u32, Container>,
@@ -412,7 +428,7 @@ impl Passthrough {
         let path = o.config.path.clone();
         let dev = VfioPciDevice::from_vfio_device(o.device, msi, self.slots.clone())
             .map_err(|e| VfioError::Pci(path.clone(), e))?;
-        self.bars.add(dev.bar_maps());
+        self.bars.add(Arc::new(VfioBars(dev.bar_maps())));
         let c = self
             .containers
             .get_mut(&o.group)
@@ -548,6 +564,13 @@ mod tests {
         assert!(!p.any_translated());
         assert!(p.pending().is_empty());
         assert!(p.kvm_vfio.is_none());
+    }
+
+    #[test]
+    fn vfio_bar_maps_resolver_without_mappings_resolves_nothing() {
+        let bars = VfioBars(Arc::new(VfioBarMaps::default()));
+        assert_eq!(bars.resolve(0xe000_0000), None);
+        assert_eq!(bars.resolve(0), None);
     }
 
     #[test]

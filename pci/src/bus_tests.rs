@@ -351,8 +351,8 @@ fn bar_dispatch_follows_decoding_and_moves() {
 }
 
 use crate::msix::tests::FakeMsi;
-use crate::virtio_device::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
 use crate::virtio_pci::VirtioPciDevice;
+use virtio_dev::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 

@@ -20,7 +20,6 @@ pub mod vfio_config;
 pub mod vfio_irq;
 pub mod vfio_pci;
 pub mod virtio_common;
-pub mod virtio_device;
 pub mod virtio_pci;
 
 pub use bar::AddressAllocator;
@@ -33,7 +32,6 @@ pub use msi::MsiConfig;
 pub use msix::MsixConfig;
 pub use vfio_backend::{iommu_group, IrqInfo, RegionInfo, VfioBackend, VfioDeviceBackend};
 pub use vfio_pci::{BarMapping, VfioBarMaps, VfioPciDevice, VfioPciError};
-pub use virtio_device::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
 pub use virtio_pci::VirtioPciDevice;
 
 /// Errors building the PCI topology (never caused by guest accesses, which are only logged).

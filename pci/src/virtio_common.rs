@@ -2,13 +2,13 @@
 //! per-queue setup, plus the interrupt state it shares with the running device.
 
 use crate::msix::MsixConfig;
-use crate::virtio_device::{QueueConfig, VirtioInterrupt};
 use log::{debug, warn};
 use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use virtio_bindings::virtio_config::{
     VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
 };
+use virtio_dev::{QueueConfig, VirtioInterrupt};
 use vm_memory::GuestAddress;
 
 /// "No MSI-X vector" in msix_config and queue_msix_vector.

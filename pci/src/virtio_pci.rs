@@ -12,10 +12,10 @@ use crate::device::{BarKind, BarRegion, PciDevice};
 use crate::irq::{IoEventManager, MsiIrqManager};
 use crate::msix::{MsixConfig, MSIX_CAP_CONTROL};
 use crate::virtio_common::{CommonAction, CommonConfig, VirtioInterruptState};
-use crate::virtio_device::{ActivateError, VirtioDevice, VirtioInterrupt};
 use crate::PciError;
 use log::{debug, warn};
 use std::sync::{Arc, Mutex, MutexGuard};
+use virtio_dev::{ActivateError, VirtioDevice, VirtioInterrupt};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 

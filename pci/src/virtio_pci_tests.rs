@@ -3,9 +3,9 @@
 use super::*;
 use crate::msix::tests::FakeMsi;
 use crate::virtio_common::NO_VECTOR;
-use crate::virtio_device::QueueConfig;
 use std::io;
 use virtio_bindings::virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
+use virtio_dev::QueueConfig;
 use vm_memory::GuestAddress;
 
 const FEATURES: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM) | 0x5;

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use pci::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
 use viommu::{EndpointHandle, TranslatedMemory};
+use virtio_dev::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic,

@@ -18,8 +18,8 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use pci::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
 use viommu::{EndpointHandle, TranslatedMemory};
+use virtio_dev::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic,

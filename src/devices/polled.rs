@@ -15,7 +15,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use pci::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
+use virtio_dev::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
 };

@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use pci::{QueueConfig, VirtioDevice, VirtioInterrupt};
 use viommu::EndpointHandle;
+use virtio_dev::{QueueConfig, VirtioDevice, VirtioInterrupt};
 use virtio_queue::desc::{split::Descriptor as SplitDesc, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};

@@ -12,8 +12,8 @@ use crate::spec::{
     REQUEST_QUEUE, RESV_MEM_SIZE, RESV_MEM_T_MSI, RESV_MEM_T_RESERVED, TAIL_SIZE,
     VIRTIO_F_VERSION_1, VIRTIO_ID_IOMMU, X86_MSI_END, X86_MSI_START,
 };
-use pci::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
 use std::sync::Arc;
+use virtio_dev::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;

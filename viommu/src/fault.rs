@@ -8,9 +8,9 @@ use crate::spec::{
     FaultRecord, EVENT_QUEUE, FAULT_F_ADDRESS, FAULT_F_READ, FAULT_F_WRITE, FAULT_R_DOMAIN,
     FAULT_R_MAPPING, FAULT_SIZE,
 };
-use pci::VirtioInterrupt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
+use virtio_dev::VirtioInterrupt;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{ByteValued, Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 

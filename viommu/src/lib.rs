@@ -14,7 +14,7 @@
 //! // device side, after its own activate(): translate every address through the endpoint
 //! let mem = viommu::TranslatedMemory::from_atomic(&guest_mem_atomic, ep.clone());
 //! let req_mem = mem.pin();                         // one pinned copy per request
-//! // hand `iommu` (Box<dyn pci::VirtioDevice>) to the virtio-pci transport
+//! // hand `iommu` (Box<dyn virtio_dev::VirtioDevice>) to the virtio-pci transport
 //! ```
 //!
 //! Assigned (VFIO) devices: [`shadow::Shadow`] mirrors a domain's mappings into the device's
@@ -26,7 +26,7 @@
 //! let space = Arc::new(viommu::VfioDmaSpace::new(container.clone()));
 //! let info = space.query_info()?;                          // host IOVA ranges, page sizes
 //! let config = viommu::host::vfio::viommu_config_for(ViommuConfig::default(), &[info.clone()])?;
-//! bars.add(vfio_pci_device.bar_maps());                    // Arc<BarTargets>, peer-to-peer
+//! bars.add(Arc::new(DeviceBars(..)));  // Arc<BarTargets>; your `unsafe impl BarResolver`
 //! let shadow = Arc::new(viommu::Shadow::new(space, guest_mem_atomic.clone())
 //!     .with_bars(bars.clone()).with_config(info.shadow_config()));
 //! iommu.add_host_endpoint(bdf, shadow)?;                   // same Arc for one container

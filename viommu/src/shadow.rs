@@ -6,7 +6,8 @@
 //!
 //! - guest RAM: split at `GuestMemoryMmap` region edges (each region is its own host mmap);
 //! - a BAR of an assigned device (peer-to-peer DMA, needed by nested VFIO): resolved through a
-//!   [`BarResolver`] (the VMM plugs each device's `pci::VfioBarMaps` into a [`BarTargets`]);
+//!   [`BarResolver`] (the VMM plugs one per assigned device, over its BAR mmaps, into a
+//!   [`BarTargets`]);
 //! - the MSI doorbell window and other reserved guest-physical ranges: never mapped,
 //!   [`HostMapError::Invalid`] (INVAL, as `domain.rs` answers a MAP over a reserved region);
 //! - anything else (a GPA that is neither RAM nor a mapped BAR): [`HostMapError::OutOfRange`]
@@ -91,16 +92,6 @@ pub unsafe trait BarResolver: Send + Sync {
     fn resolve(&self, gpa: u64) -> Option<(u64, u64)>;
 }
 
-// SAFETY: `VfioBarMaps` lists the VFIO region mmaps of a passthrough device's BARs.
-unsafe impl BarResolver for pci::VfioBarMaps {
-    fn resolve(&self, gpa: u64) -> Option<(u64, u64)> {
-        self.mappings().into_iter().find_map(|m| {
-            let off = gpa.checked_sub(m.gpa)?;
-            (off < m.size).then(|| Some((m.host_addr.checked_add(off)?, m.size - off)))?
-        })
-    }
-}
-
 /// The BARs of every assigned device, as one resolver the VMM grows as it creates devices.
 #[derive(Default)]
 pub struct BarTargets {
@@ -113,7 +104,7 @@ impl BarTargets {
         Self::default()
     }
 
-    /// Add one device's BARs (e.g. `Arc<pci::VfioBarMaps>`).
+    /// Add one device's BARs (the VMM's resolver over its VFIO BAR mmaps).
     pub fn add(&self, r: Arc<dyn BarResolver>) {
         self.list.write().unwrap_or_else(|e| e.into_inner()).push(r);
     }

@@ -153,12 +153,6 @@ fn bar_targets_map_the_bar_mmap() {
 }
 
 #[test]
-fn vfio_bar_maps_resolver_without_mappings_resolves_nothing() {
-    let maps = pci::VfioBarMaps::default();
-    assert_eq!(BarResolver::resolve(&maps, BAR_GPA), None);
-}
-
-#[test]
 fn holes_msi_window_and_host_ranges_are_refused_without_host_calls() {
     let (rec, _mem, s) = shadow();
     // Between RAM (ends at 3 MiB) and the BAR: not backed.

@@ -3,10 +3,10 @@
 mod common;
 
 use common::*;
-use pci::VirtioDevice;
 use std::sync::atomic::Ordering;
 use viommu::spec::{F_BYPASS_CONFIG, F_MMIO, F_PROBE, VIRTIO_F_VERSION_1};
 use viommu::{Limits, ResvKind, ResvRegion, Status, ViommuConfig};
+use virtio_dev::VirtioDevice;
 use vm_memory::Bytes;
 
 const EP: u32 = 0x08; // 00:01.0

@@ -4,11 +4,11 @@
 mod common;
 
 use common::*;
-use pci::VirtioDevice;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use viommu::{TranslatedMemory, ViommuConfig};
+use virtio_dev::VirtioDevice;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
 const EP: u32 = 0x08;

@@ -3,10 +3,10 @@
 
 #![allow(dead_code)]
 
-use pci::{QueueConfig, VirtioDevice, VirtioInterrupt};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use viommu::{Viommu, ViommuConfig};
+use virtio_dev::{QueueConfig, VirtioDevice, VirtioInterrupt};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 pub const QSIZE: u16 = 16;

@@ -1,5 +1,5 @@
-//! The interface between the virtio-pci transport and a virtio device model
-//! (virtio-blk in the VMM, virtio-iommu in the `viommu` crate).
+//! The interface between a virtio transport (the `pci` crate's virtio-pci) and a virtio device
+//! model (virtio-blk and virtio-net in the VMM, virtio-iommu in the `viommu` crate).
 
 use std::sync::Arc;
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
