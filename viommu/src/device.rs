@@ -13,7 +13,10 @@ use crate::spec::{
     VIRTIO_F_VERSION_1, VIRTIO_ID_IOMMU, X86_MSI_END, X86_MSI_START,
 };
 use std::sync::Arc;
-use virtio_dev::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
+use virtio_dev::{
+    build_queue, queue_from_config, wants_interrupt, ActivateError, QueueConfig, VirtioDevice,
+    VirtioInterrupt,
+};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -146,17 +149,6 @@ pub struct Viommu {
 
 fn bit(b: u32) -> u64 {
     1u64 << b
-}
-
-fn to_queue(max: u16, cfg: &QueueConfig) -> Result<Queue, ActivateError> {
-    let bad = |e: virtio_queue::Error| ActivateError::BadQueue(e.to_string());
-    let mut q = Queue::new(max).map_err(bad)?;
-    q.try_set_size(cfg.size).map_err(bad)?;
-    q.try_set_desc_table_address(cfg.desc_table).map_err(bad)?;
-    q.try_set_avail_ring_address(cfg.avail_ring).map_err(bad)?;
-    q.try_set_used_ring_address(cfg.used_ring).map_err(bad)?;
-    q.set_ready(cfg.ready);
-    Ok(q)
 }
 
 impl Viommu {
@@ -388,6 +380,7 @@ impl Viommu {
         let mem = active.mem.memory();
         let probe_size = self.negotiated(F_PROBE).then_some(self.config.probe_size);
         let mut served = 0usize;
+        let since = active.queue.next_used();
         let mut completions = std::mem::take(&mut self.completions);
         loop {
             completions.clear();
@@ -414,7 +407,7 @@ impl Viommu {
                 break;
             }
         }
-        if served > 0 && crate::notify::wants_interrupt(&mut active.queue, &*mem) {
+        if wants_interrupt(&active.queue, &*mem, since) {
             active.interrupt.signal_queue(REQUEST_QUEUE);
         }
         self.completions = completions;
@@ -495,16 +488,12 @@ impl VirtioDevice for Viommu {
                 queues.len()
             )));
         }
-        let req = to_queue(self.queue_sizes[0], &queues[0])?;
-        let evt = to_queue(self.queue_sizes[1], &queues[1])?;
-        let evt_ok = {
+        let (req, evt, evt_ok) = {
             let m = mem.memory();
-            if !req.is_valid(&*m) {
-                return Err(ActivateError::BadQueue(
-                    "request queue not ready or outside guest memory".into(),
-                ));
-            }
-            evt.is_valid(&*m)
+            let req = build_queue(self.queue_sizes[0], &queues[0], false, &*m)?;
+            let evt = queue_from_config(self.queue_sizes[1], &queues[1], false)?;
+            let evt_ok = evt.is_valid(&*m);
+            (req, evt, evt_ok)
         };
         if !evt_ok {
             log::warn!("virtio-iommu: event queue unusable; faults will not be reported");

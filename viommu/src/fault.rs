@@ -10,7 +10,7 @@ use crate::spec::{
 };
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
-use virtio_dev::VirtioInterrupt;
+use virtio_dev::{wants_interrupt, VirtioInterrupt};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{ByteValued, Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -188,6 +188,7 @@ fn deliver(q: &mut EventQueue, fault: &Fault) -> bool {
     let record = fault.record();
     let bytes = record.as_slice();
     let mut delivered = false;
+    let since = q.queue.next_used();
     // Bounded: each iteration consumes one available buffer.
     for _ in 0..q.queue.size() {
         let Some(chain) = q.queue.pop_descriptor_chain(&*mem) else {
@@ -240,7 +241,7 @@ fn deliver(q: &mut EventQueue, fault: &Fault) -> bool {
             break;
         }
     }
-    if crate::notify::wants_interrupt(&mut q.queue, &*mem) {
+    if wants_interrupt(&q.queue, &*mem, since) {
         q.interrupt.signal_queue(EVENT_QUEUE);
     }
     delivered

@@ -44,7 +44,6 @@ pub mod device;
 pub mod domain;
 pub mod fault;
 pub mod host;
-mod notify;
 pub mod request;
 pub mod shadow;
 pub mod snapshot;

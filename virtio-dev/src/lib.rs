@@ -1,7 +1,34 @@
 //! What every virtio device model of the VMM shares, below any transport and any IOMMU:
 //!
 //! - [`VirtioDevice`] and its companions ([`VirtioInterrupt`], [`QueueConfig`],
-//!   [`ActivateError`]): the interface a transport (virtio-pci in the `pci` crate) drives.
+//!   [`ActivateError`]): the interface a transport (virtio-pci in the `pci` crate) drives;
+//! - [`build_queue`]: a `virtio_queue::Queue` from what the driver configured, checked;
+//! - [`wants_interrupt`]: the one used-buffer notification rule (EVENT_IDX or the
+//!   `VRING_AVAIL_F_NO_INTERRUPT` flag), decided once per batch;
+//! - [`Batch`] / [`serve_queue`]: the serve loop of a request queue (pop, handle, complete,
+//!   re-enable notifications, decide the interrupt), in bounded rounds if the device wants.
+//!
+//! Devices keep what is theirs: how a chain is parsed and served, and which memory the rings
+//! and buffers are reached through (guest-physical, or translated by an IOMMU).
+//!
+//! ```
+//! use virtio_dev::{build_queue, serve_queue, QueueConfig};
+//! use vm_memory::{GuestAddress, GuestMemoryMmap};
+//!
+//! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+//! // What the driver wrote into the transport's queue registers.
+//! let qc = QueueConfig {
+//!     size: 16,
+//!     desc_table: GuestAddress(0x1000),
+//!     avail_ring: GuestAddress(0x2000),
+//!     used_ring: GuestAddress(0x3000),
+//!     ready: true,
+//! };
+//! let mut queue = build_queue(256, &qc, false, &mem).unwrap();
+//! // On a kick: serve every chain (used length 0 here), then signal if the driver wants it.
+//! let interrupt = serve_queue(&mut queue, &mem, "example", |_queue, _chain| 0);
+//! assert!(!interrupt, "nothing was available");
+//! ```
 //!
 //! The crate depends only on rust-vmm crates (`virtio-queue`, `vm-memory`, `virtio-bindings`),
 //! so device crates (the virtio-iommu in `viommu`) need neither the transport nor the VMM.
@@ -9,5 +36,13 @@
 #![deny(missing_docs)]
 
 pub mod device;
+pub mod notify;
+pub mod queue;
+pub mod serve;
+#[cfg(test)]
+mod test_ring;
 
 pub use device::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
+pub use notify::wants_interrupt;
+pub use queue::{build_queue, queue_from_config};
+pub use serve::{serve_queue, Batch, Progress};
