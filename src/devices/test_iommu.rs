@@ -5,13 +5,14 @@
 use std::sync::Arc;
 
 use viommu::EndpointHandle;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_dev::{QueueConfig, VirtioDevice, VirtioInterrupt};
 use virtio_queue::desc::{split::Descriptor as SplitDesc, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
+const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
+const F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
 
 /// Append one chain of `(addr, len, device-writable)` descriptors at table index `first`.
 pub(crate) fn push_chain(
