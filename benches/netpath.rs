@@ -25,7 +25,8 @@ use virtio_bindings::virtio_net::{
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_dev::{QueueConfig, VirtioDevice, VirtioInterrupt};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm::devices::net::{Net, NetBackendConfig, NetConfig};
+use vmm::config::{NetBackendConfig, NetConfig};
+use vmm::devices::net::Net;
 use vmm::net::Hubs;
 
 const EP_A: u32 = 0x10;

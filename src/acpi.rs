@@ -57,7 +57,7 @@ pub enum AcpiError {
     #[error("ACPI tables too large ({0} bytes)")]
     TooLarge(usize),
     /// Guest memory write failed.
-    #[error("cannot write ACPI tables: {0}")]
+    #[error("cannot write ACPI tables")]
     Memory(#[from] vm_memory::GuestMemoryError),
 }
 

@@ -53,25 +53,25 @@ pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     /// Kernel image could not be opened.
-    #[error("cannot open kernel {0}: {1}")]
-    KernelOpen(String, std::io::Error),
+    #[error("cannot open kernel {0}")]
+    KernelOpen(String, #[source] std::io::Error),
     /// Kernel image is not a loadable bzImage.
-    #[error("cannot load kernel: {0}")]
+    #[error("cannot load kernel")]
     KernelLoad(#[from] linux_loader::loader::Error),
     /// Initramfs could not be read.
-    #[error("cannot read initramfs {0}: {1}")]
-    Initramfs(String, std::io::Error),
+    #[error("cannot read initramfs {0}")]
+    Initramfs(String, #[source] std::io::Error),
     /// Initramfs does not fit below the PCI hole.
     #[error("initramfs of {0} bytes does not fit in guest RAM")]
     InitramfsTooBig(u64),
     /// Command line invalid or too long.
-    #[error("bad kernel command line: {0}")]
-    Cmdline(linux_loader::cmdline::Error),
+    #[error("bad kernel command line")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
     /// Writing boot structures into guest memory failed.
-    #[error("cannot write boot data to guest memory: {0}")]
+    #[error("cannot write boot data to guest memory")]
     Memory(#[from] vm_memory::GuestMemoryError),
     /// Writing the zero page failed.
-    #[error("cannot write boot parameters: {0}")]
+    #[error("cannot write boot parameters")]
     BootParams(#[from] linux_loader::configurator::Error),
     /// bzImage without a setup header (not a Linux bzImage).
     #[error("kernel has no setup header")]

@@ -163,6 +163,29 @@ impl Buses {
         log::trace!("unhandled port write {port:#x} {data:x?}");
     }
 
+    /// Port read exit of `data.len() / size` elements of `size` bytes each (`rep insb/w/d` gives
+    /// several; a plain `in` one): each element is its own access, in order, as on hardware.
+    /// A size that does not divide the data area (never given by KVM) is one access.
+    pub fn pio_read_elements(&self, port: u16, data: &mut [u8], size: usize) {
+        match element_size(data.len(), size) {
+            Some(size) => data
+                .chunks_exact_mut(size)
+                .for_each(|el| self.pio_read(port, el)),
+            None => self.pio_read(port, data),
+        }
+    }
+
+    /// Port write exit of `data.len() / size` elements (`rep outsb/w/d`); see
+    /// [`Buses::pio_read_elements`].
+    pub fn pio_write_elements(&self, port: u16, data: &[u8], size: usize) {
+        match element_size(data.len(), size) {
+            Some(size) => data
+                .chunks_exact(size)
+                .for_each(|el| self.pio_write(port, el)),
+            None => self.pio_write(port, data),
+        }
+    }
+
     /// MMIO read exit. Unclaimed reads return all ones.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
         if self.mmio.read(addr, data) {
@@ -189,6 +212,11 @@ impl Buses {
         }
         log::debug!("unhandled MMIO write {addr:#x} {data:x?}");
     }
+}
+
+/// The element size of a port I/O exit whose data area is `len` bytes, if it splits evenly.
+fn element_size(len: usize, size: usize) -> Option<usize> {
+    (size > 0 && len.is_multiple_of(size) && len > size).then_some(size)
 }
 
 #[cfg(test)]
@@ -249,5 +277,43 @@ mod tests {
         assert_eq!(d, [0xff; 4]);
         buses.mmio_read(0xd000_0000, &mut d);
         assert_eq!(d, [0xff; 4]);
+    }
+
+    #[test]
+    fn string_port_io_is_one_access_per_element() {
+        let buses = Buses::new();
+        let dev = Arc::new(Mutex::new(Recorder { log: vec![] }));
+        buses.pio.insert(0x80, 4, dev.clone()).unwrap();
+        // rep outsw of three words to port 0x80: three 2-byte writes in order.
+        buses.pio_write_elements(0x80, &[1, 2, 3, 4, 5, 6], 2);
+        // rep insb of four bytes from port 0x81: four 1-byte reads.
+        let mut d = [0u8; 4];
+        buses.pio_read_elements(0x81, &mut d, 1);
+        assert_eq!(d, [1; 4]);
+        // A plain 4-byte out is one access.
+        buses.pio_write_elements(0x80, &[7, 8, 9, 10], 4);
+        // An element count of 2 dwords on a 4-byte range: each dword fits, so both land.
+        buses.pio_write_elements(0x80, &[1, 1, 1, 1, 2, 2, 2, 2], 4);
+        let log = dev.lock().unwrap().log.clone();
+        assert_eq!(
+            log,
+            vec![
+                (true, 0, vec![1, 2]),
+                (true, 0, vec![3, 4]),
+                (true, 0, vec![5, 6]),
+                (false, 1, vec![1]),
+                (false, 1, vec![1]),
+                (false, 1, vec![1]),
+                (false, 1, vec![1]),
+                (true, 0, vec![7, 8, 9, 10]),
+                (true, 0, vec![1, 1, 1, 1]),
+                (true, 0, vec![2, 2, 2, 2]),
+            ]
+        );
+        // Sizes that do not split the area evenly fall back to one access.
+        assert_eq!(element_size(6, 4), None);
+        assert_eq!(element_size(6, 0), None);
+        assert_eq!(element_size(2, 2), None);
+        assert_eq!(element_size(8, 2), Some(2));
     }
 }

@@ -1,18 +1,17 @@
-//! Command-line parsing for the `vmm` binary.
+//! Command-line parsing for the `vmm` binary: argv into a [`VmConfig`] through the
+//! [`crate::config`] parsers.
 
 use std::path::PathBuf;
 
 use log::LevelFilter;
 
-use crate::devices::block::BlockConfig;
-use crate::devices::net::NetConfig;
-use crate::iommu::ViommuOptions;
-use crate::machine::{MachineConfig, SerialOutput};
-use crate::memory::parse_size;
-use crate::vfio::VfioDeviceConfig;
+use crate::config::{
+    self, BlockConfig, ConfigError, NetConfig, SerialOutput, VfioDeviceConfig, ViommuOptions,
+    VmConfig,
+};
+use crate::seccomp::{SeccompMode, ThreadKind};
 
-/// Default kernel command line.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+pub use crate::config::DEFAULT_CMDLINE;
 
 /// Usage text.
 pub const USAGE: &str = "\
@@ -59,31 +58,22 @@ usage: vmm --kernel BZIMAGE [options]
 #[allow(clippy::large_enum_variant)] // built once per process
 pub enum Command {
     /// Boot a machine.
-    Run(MachineConfig, LevelFilter),
+    Run(VmConfig),
     /// Print help.
     Help,
     /// Hidden, for tests (`--seccomp-selftest KIND`): install the filter of thread kind KIND
     /// on a thread, make an allowed call, then a forbidden one (socket), and report.
-    SeccompSelftest(crate::seccomp::ThreadKind, crate::seccomp::SeccompMode),
+    SeccompSelftest(ThreadKind, SeccompMode),
 }
 
 /// Parse arguments (without the program name).
-pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String> {
+pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, ConfigError> {
     let mut kernel = None;
-    let mut initramfs = None;
-    let mut cmdline = DEFAULT_CMDLINE.to_string();
-    let mut memory = 512u64 << 20;
-    let mut cpus = 2u8;
-    let mut disks = Vec::new();
-    let mut devices = Vec::new();
-    let mut nets = Vec::new();
-    let mut serial = SerialOutput::Stdout;
-    let mut viommu = None;
-    let mut seccomp = crate::seccomp::SeccompMode::On;
+    let mut c = VmConfig::new(PathBuf::new());
     let mut selftest = None;
-    let mut level = std::env::var("RUST_LOG")
+    c.log_level = std::env::var("RUST_LOG")
         .ok()
-        .and_then(|l| l.parse().ok())
+        .and_then(|l| config::parse_level(&l))
         .unwrap_or(LevelFilter::Warn);
     let mut it = args.into_iter();
     while let Some(arg) = it.next() {
@@ -95,108 +85,81 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
             _ => (arg.clone(), None),
         };
         if !name.starts_with("--") {
-            return Err(format!("unexpected argument '{arg}'"));
+            return Err(ConfigError::Unexpected(arg));
         }
-        let mut value = || -> Result<String, String> {
+        let mut value = || -> Result<String, ConfigError> {
             match inline.clone() {
                 Some(v) => Ok(v),
-                None => it.next().ok_or(format!("{name} needs a value")),
+                None => it.next().ok_or(ConfigError::NeedsValue(name.clone())),
             }
         };
         match name.as_str() {
             "--kernel" => kernel = Some(PathBuf::from(value()?)),
-            "--initramfs" => initramfs = Some(PathBuf::from(value()?)),
-            "--cmdline" => cmdline = value()?,
+            "--initramfs" => c.initramfs = Some(PathBuf::from(value()?)),
+            "--cmdline" => c.cmdline = value()?,
             "--memory" => {
-                let v = value()?;
-                memory = parse_size(&v).ok_or(format!("--memory: bad size '{v}'"))?;
+                c.memory = config::parse_size(&value()?)
+                    .map_err(|source| ConfigError::Memory { source })?
             }
             "--cpus" => {
-                let v = value()?;
-                cpus = v
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=254).contains(n))
-                    .ok_or(format!("--cpus: expected 1..254, got '{v}'"))?;
+                c.cpus =
+                    config::parse_cpus(&value()?).map_err(|source| ConfigError::Cpus { source })?
             }
             "--disk" => {
-                disks.push(BlockConfig::parse(&value()?).map_err(|e| format!("--disk: {e}"))?)
+                let arg = value()?;
+                let d = BlockConfig::parse(&arg).map_err(|source| ConfigError::Disk {
+                    arg: arg.clone(),
+                    source,
+                })?;
+                c.disks.push(d);
             }
-            "--net" => nets.push(NetConfig::parse(&value()?).map_err(|e| format!("--net: {e}"))?),
-            "--device" => devices
-                .push(VfioDeviceConfig::parse(&value()?).map_err(|e| format!("--device: {e}"))?),
+            "--net" => {
+                let arg = value()?;
+                let n = NetConfig::parse(&arg).map_err(|source| ConfigError::Net {
+                    arg: arg.clone(),
+                    source,
+                })?;
+                c.nets.push(n);
+            }
+            "--device" => {
+                let arg = value()?;
+                let d = VfioDeviceConfig::parse(&arg).map_err(|source| ConfigError::Device {
+                    arg: arg.clone(),
+                    source,
+                })?;
+                c.devices.push(d);
+            }
             "--viommu" => {
-                viommu = ViommuOptions::parse(&value()?).map_err(|e| format!("--viommu: {e}"))?
+                let arg = value()?;
+                c.viommu = ViommuOptions::parse(&arg).map_err(|source| ConfigError::Viommu {
+                    arg: arg.clone(),
+                    source,
+                })?;
             }
             "--serial" => {
                 let v = value()?;
-                serial = if v == "stdout" {
-                    SerialOutput::Stdout
-                } else if let Some(p) = v.strip_prefix("file=").filter(|p| !p.is_empty()) {
-                    SerialOutput::File(p.into())
-                } else {
-                    return Err(format!("--serial: expected stdout or file=PATH, got '{v}'"));
-                };
+                c.serial = SerialOutput::parse(&v).ok_or(ConfigError::Serial(v))?;
             }
             "--seccomp" => {
-                seccomp = crate::seccomp::SeccompMode::parse(&value()?)
-                    .map_err(|e| format!("--seccomp: {e}"))?
+                c.seccomp = SeccompMode::parse(&value()?).map_err(ConfigError::Seccomp)?
             }
             "--seccomp-selftest" => {
                 let v = value()?;
-                selftest = Some(
-                    crate::seccomp::ThreadKind::parse(&v)
-                        .ok_or(format!("--seccomp-selftest: unknown thread kind '{v}'"))?,
-                );
+                selftest = Some(ThreadKind::parse(&v).ok_or(ConfigError::SelftestKind(v))?);
             }
             "--log-level" => {
                 let v = value()?;
-                level = crate::logger::parse_level(&v)
-                    .ok_or(format!("--log-level: bad level '{v}'"))?;
+                c.log_level = config::parse_level(&v).ok_or(ConfigError::LogLevel(v))?;
             }
-            _ => return Err(format!("unknown option '{name}'")),
+            _ => return Err(ConfigError::UnknownOption(name)),
         }
     }
     if let Some(kind) = selftest {
-        return Ok(Command::SeccompSelftest(kind, seccomp));
+        return Ok(Command::SeccompSelftest(kind, c.seccomp));
     }
-    let kernel = kernel.ok_or("--kernel is required")?;
-    if viommu.is_none() {
-        if let Some(d) = disks.iter().find(|d| d.iommu) {
-            return Err(format!(
-                "--disk path={},iommu=on: the disk must sit behind a vIOMMU, add --viommu virtio",
-                d.path.display()
-            ));
-        }
-        if nets.iter().any(|n| n.iommu) {
-            return Err(
-                "--net ...,iommu=on: the port must sit behind a vIOMMU, add --viommu virtio".into(),
-            );
-        }
-        if let Some(d) = devices.iter().find(|d| d.iommu) {
-            return Err(format!(
-                "--device path={},iommu=on: the device must sit behind a vIOMMU, add --viommu \
-                 virtio",
-                d.path.display()
-            ));
-        }
-    }
-    Ok(Command::Run(
-        MachineConfig {
-            kernel,
-            initramfs,
-            cmdline,
-            memory,
-            cpus,
-            disks,
-            serial,
-            viommu,
-            devices,
-            nets,
-            seccomp,
-        },
-        level,
-    ))
+    c.kernel = kernel.ok_or(ConfigError::NoKernel)?;
+    c.validate()?;
+    Ok(Command::Run(c))
 }
 
 #[cfg(test)]
@@ -204,12 +167,12 @@ mod tests {
     use super::*;
 
     fn p(a: &[&str]) -> Result<Command, String> {
-        parse(a.iter().map(|s| s.to_string()))
+        parse(a.iter().map(|s| s.to_string())).map_err(|e| e.to_string())
     }
 
     #[test]
     fn defaults_and_full_set() {
-        let Command::Run(c, _) = p(&["--kernel", "/k"]).unwrap() else {
+        let Command::Run(c) = p(&["--kernel", "/k"]).unwrap() else {
             panic!()
         };
         assert_eq!(c.memory, 512 << 20);
@@ -218,7 +181,7 @@ mod tests {
         assert_eq!(c.serial, SerialOutput::Stdout);
         assert_eq!(c.viommu, None);
         assert_eq!(c.seccomp, crate::seccomp::SeccompMode::On);
-        let Command::Run(c, l) = p(&[
+        let Command::Run(c) = p(&[
             "--kernel=/k",
             "--initramfs",
             "/i",
@@ -256,7 +219,7 @@ mod tests {
             })
         );
         assert_eq!(c.serial, SerialOutput::File("/tmp/s".into()));
-        assert_eq!(l, LevelFilter::Debug);
+        assert_eq!(c.log_level, LevelFilter::Debug);
     }
 
     #[test]
@@ -305,7 +268,7 @@ mod tests {
         assert!(p(&["--kernel", "k", "--seccomp", "strict"])
             .unwrap_err()
             .contains("--seccomp"));
-        let Command::Run(c, _) = p(&["--kernel", "k", "--seccomp=log"]).unwrap() else {
+        let Command::Run(c) = p(&["--kernel", "k", "--seccomp=log"]).unwrap() else {
             panic!()
         };
         assert_eq!(c.seccomp, crate::seccomp::SeccompMode::Log);
@@ -320,7 +283,7 @@ mod tests {
 
     #[test]
     fn vfio_devices() {
-        let Command::Run(c, _) = p(&[
+        let Command::Run(c) = p(&[
             "--kernel",
             "k",
             "--device",
@@ -341,5 +304,34 @@ mod tests {
         assert!(p(&["--kernel", "k", "--device", "iommu=on"])
             .unwrap_err()
             .contains("--device"));
+    }
+
+    #[test]
+    fn errors_carry_the_option_and_its_typed_cause() {
+        use crate::config::OptionError;
+        use std::error::Error;
+        let e = parse(["--kernel", "k", "--disk", "ro"].map(String::from)).unwrap_err();
+        let ConfigError::Disk { arg, source } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(arg, "ro");
+        assert!(matches!(
+            source,
+            OptionError::NotKeyValue { family: "disk", .. }
+        ));
+        assert_eq!(e.to_string(), "--disk: disk option 'ro' is not key=value");
+        assert!(e.source().unwrap().is::<OptionError>());
+        let e = parse(["--kernel", "k", "--viommu=virtio,poll=x"].map(String::from)).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Viommu { arg, .. } if arg == "virtio,poll=x"),
+            "{e:?}"
+        );
+        let e = parse(["--kernel", "k", "--memory", "1T"].map(String::from)).unwrap_err();
+        assert_eq!(e.to_string(), "--memory: bad size '1T'");
+        assert!(e.source().is_some());
+        assert!(matches!(
+            parse(["--cpus"].map(String::from)),
+            Err(ConfigError::NeedsValue(n)) if n == "--cpus"
+        ));
     }
 }

@@ -16,8 +16,15 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Number of IOAPIC pins (GSIs 0..24 are the IOAPIC's).
 pub const IOAPIC_PINS: u32 = 24;
-/// Upper bound of GSIs handed out for MSI vectors (KVM_MAX_IRQ_ROUTES).
+/// Upper bound of GSI numbers (KVM_MAX_IRQ_ROUTES: KVM refuses a route at or above it).
 pub const MAX_GSI: u32 = 4096;
+/// Routes KVM accepts in one KVM_SET_GSI_ROUTING table (KVM_MAX_IRQ_ROUTES).
+pub const MAX_ROUTES: usize = 4096;
+/// The default IOAPIC/PIC routes (16 PIC + 24 IOAPIC entries).
+const DEFAULT_ROUTES: usize = 40;
+/// MSI vectors that can hold a GSI at once: every one may be routed, and the whole table
+/// (defaults included) must still fit in [`MAX_ROUTES`], or every commit would fail.
+pub const MAX_MSI_GSIS: usize = MAX_ROUTES - DEFAULT_ROUTES;
 
 /// The routing table and the GSI allocator, independent of KVM (unit-testable).
 #[derive(Debug, Clone)]
@@ -79,8 +86,11 @@ impl RoutingTable {
         }
     }
 
-    /// Reserve a GSI above the IOAPIC pins.
+    /// Reserve a GSI above the IOAPIC pins (at most [`MAX_MSI_GSIS`] at once).
     pub fn allocate(&mut self) -> io::Result<u32> {
+        if self.allocated.len() >= MAX_MSI_GSIS {
+            return Err(io::Error::other("out of GSIs"));
+        }
         let gsi = match self.free.pop() {
             Some(g) => g,
             None if self.next < MAX_GSI => {
@@ -93,18 +103,38 @@ impl RoutingTable {
         Ok(gsi)
     }
 
-    /// Set or clear the MSI route of an allocated GSI.
-    pub fn set_route(&mut self, gsi: u32, msg: Option<MsiMessage>) -> io::Result<()> {
+    /// Set or clear the MSI route of an allocated GSI; returns the route it had.
+    pub fn set_route(
+        &mut self,
+        gsi: u32,
+        msg: Option<MsiMessage>,
+    ) -> io::Result<Option<MsiMessage>> {
         if !self.allocated.contains(&gsi) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("GSI {gsi} is not allocated"),
             ));
         }
-        match msg {
+        Ok(match msg {
             Some(m) => self.msi.insert(gsi, m),
             None => self.msi.remove(&gsi),
-        };
+        })
+    }
+
+    /// Change `gsi`'s route and `commit` the whole table; if the commit fails the table is
+    /// left exactly as it was (so one refused route cannot make every later commit fail).
+    pub fn update(
+        &mut self,
+        gsi: u32,
+        msg: Option<MsiMessage>,
+        commit: impl FnOnce(&RoutingTable) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let old = self.set_route(gsi, msg)?;
+        if let Err(e) = commit(self) {
+            // `gsi` is allocated (checked above), so restoring cannot fail.
+            let _ = self.set_route(gsi, old);
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -166,9 +196,7 @@ impl MsiIrqManager for KvmMsiIrqManager {
     }
 
     fn set_route(&self, gsi: u32, msg: Option<MsiMessage>) -> io::Result<()> {
-        let mut t = self.lock();
-        t.set_route(gsi, msg)?;
-        self.commit(&t)
+        self.lock().update(gsi, msg, |t| self.commit(t))
     }
 
     fn release(&self, vector: MsiVector) {
@@ -260,13 +288,62 @@ mod tests {
         assert_eq!(t.allocate().unwrap(), a);
     }
 
+    const MSG: MsiMessage = MsiMessage {
+        address: 0xfee0_0000,
+        data: 0x30,
+    };
+
     #[test]
-    fn allocation_is_bounded() {
+    fn allocation_is_bounded_so_every_route_fits_in_one_table() {
         let mut t = RoutingTable::new();
-        let mut n = 0;
-        while t.allocate().is_ok() {
-            n += 1;
+        assert_eq!(t.entries().len(), DEFAULT_ROUTES);
+        let mut gsis = vec![];
+        while let Ok(g) = t.allocate() {
+            assert!(g < MAX_GSI);
+            gsis.push(g);
         }
-        assert_eq!(n, MAX_GSI - IOAPIC_PINS);
+        assert_eq!(gsis.len(), MAX_MSI_GSIS);
+        for g in &gsis {
+            t.set_route(*g, Some(MSG)).unwrap();
+        }
+        // KVM takes at most KVM_MAX_IRQ_ROUTES entries: the full table must still commit.
+        assert_eq!(t.entries().len(), MAX_ROUTES);
+        assert!(KvmIrqRouting::from_entries(&t.entries()).is_ok());
+        // A released GSI can be allocated again, and only then.
+        t.release(gsis[7]);
+        assert_eq!(t.allocate().unwrap(), gsis[7]);
+        assert!(t.allocate().is_err());
+    }
+
+    #[test]
+    fn a_failed_commit_leaves_the_table_unchanged() {
+        let mut t = RoutingTable::new();
+        let a = t.allocate().unwrap();
+        let b = t.allocate().unwrap();
+        t.update(a, Some(MSG), |_| Ok(())).unwrap();
+        let before = t.entries().len();
+        let refuse = |_: &RoutingTable| Err(io::Error::other("refused"));
+        // A new route refused: gone again.
+        assert!(t.update(b, Some(MSG), refuse).is_err());
+        assert_eq!(t.entries().len(), before);
+        // A change of an existing route refused: the old message stays.
+        let other = MsiMessage {
+            address: 0xfee0_1000,
+            data: 0x31,
+        };
+        assert!(t.update(a, Some(other), refuse).is_err());
+        assert_eq!(t.msi.get(&a), Some(&MSG));
+        // A removal refused: the route stays.
+        assert!(t.update(a, None, refuse).is_err());
+        assert_eq!(t.msi.get(&a), Some(&MSG));
+        // Later commits see exactly the committed table.
+        let mut seen = 0;
+        t.update(b, Some(other), |t| {
+            seen = t.entries().len();
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, before + 1);
+        assert!(t.update(99, Some(MSG), |_| Ok(())).is_err());
     }
 }

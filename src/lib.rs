@@ -4,14 +4,15 @@
 //! One file per idea: `memory` (layout, e820), `boot` (Linux boot protocol), `acpi` (tables),
 //! `vm` (KVM VM assembly), `vcpu` (registers, run loop), `bus` (exit dispatch), `irq` (GSI
 //! routing, irqfd, ioeventfd), `pci_host` (exits into the `pci` crate), `devices` (serial,
-//! legacy, virtio-blk), `iommu` (the virtio-iommu options and exit counters), `viot` (the ACPI
-//! table naming the IOMMU and its endpoints), `machine` (a bootable Linux machine), `cli` and
-//! `logger` for the binary.
+//! legacy, virtio-blk), `iommu` (the virtio-iommu exit counters), `viot` (the ACPI table
+//! naming the IOMMU and its endpoints), `machine` (a bootable Linux machine), `config` (the
+//! typed options), `cli`, `report` (error chains) and `logger` for the binary.
 
 pub mod acpi;
 pub mod boot;
 pub mod bus;
 pub mod cli;
+pub mod config;
 pub mod devices;
 pub mod iommu;
 pub mod irq;
@@ -22,7 +23,9 @@ pub mod memory;
 pub mod memory_slots;
 pub mod net;
 pub mod pci_host;
+pub mod report;
 pub mod seccomp;
+pub mod skip;
 pub mod vcpu;
 pub mod vfio;
 pub mod viot;

@@ -18,11 +18,6 @@ impl Log for StderrLogger {
 
 static LOGGER: StderrLogger = StderrLogger;
 
-/// Parse a level name (`off`, `error`, `warn`, `info`, `debug`, `trace`).
-pub fn parse_level(s: &str) -> Option<LevelFilter> {
-    s.parse().ok()
-}
-
 /// Install the stderr logger at `level` (a no-op if a logger is already installed).
 pub fn init(level: LevelFilter) {
     if log::set_logger(&LOGGER).is_ok() {

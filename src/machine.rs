@@ -4,14 +4,13 @@
 //! Extension points: [`Machine::pci_bus`] to add PCI devices, [`Machine::add_acpi_table`] to add
 //! a table before [`Machine::boot`].
 //!
-//! With `--viommu virtio` ([`MachineConfig::viommu`]) the machine gets a virtio-iommu PCI function
-//! (its slot is reserved at creation, it is plugged at boot once every endpoint is known), every
-//! `iommu=on` disk is registered as an endpoint (ID = its BDF) and translates all its DMA through
-//! it, and a VIOT table describes the topology to the guest.
+//! With `--viommu virtio` ([`crate::config::VmConfig::viommu`]) the machine gets a virtio-iommu
+//! PCI function (its slot is reserved at creation, it is plugged at boot once every endpoint is
+//! known), every `iommu=on` disk is registered as an endpoint (ID = its BDF) and translates all
+//! its DMA through it, and a VIOT table describes the topology to the guest.
 
 use std::io::Write;
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vm_memory::GuestAddressSpace;
@@ -23,68 +22,50 @@ use virtio_dev::VirtioDevice;
 
 use crate::acpi::{self, AcpiConfig};
 use crate::boot::{self, LinuxBoot};
-use crate::devices::block::{Block, BlockConfig};
-use crate::devices::net::{Net, NetBackendConfig, NetConfig, NetPort};
+use crate::config::{BlockConfig, NetBackendConfig, NetConfig, SerialOutput};
+use crate::devices::block::Block;
+use crate::devices::net::{Net, NetPort};
 use crate::devices::polled::Polled;
-use crate::iommu::ViommuOptions;
 use crate::lifecycle::ExitReason;
 use crate::memory::{MMIO32_SIZE, MMIO32_START, PCI_IO_SIZE, PCI_IO_START};
 use crate::pci_host::PciExits;
-use crate::vfio::{DmaSetup, Passthrough, VfioDeviceConfig, VfioError};
+use crate::vfio::{DmaSetup, Passthrough, VfioError};
 use crate::viot;
 use crate::vm::{Vm, VmConfig, VmError};
 
-/// Where the guest's serial output goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SerialOutput {
-    /// The VMM's stdout.
-    Stdout,
-    /// A file (created or truncated).
-    File(PathBuf),
-}
-
-/// Everything needed to boot a guest.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MachineConfig {
-    /// bzImage.
-    pub kernel: PathBuf,
-    /// Optional initramfs.
-    pub initramfs: Option<PathBuf>,
-    /// Kernel command line.
-    pub cmdline: String,
-    /// RAM in bytes.
-    pub memory: u64,
-    /// vCPU count.
-    pub cpus: u8,
-    /// virtio-blk disks, in PCI slot order.
-    pub disks: Vec<BlockConfig>,
-    /// Serial output.
-    pub serial: SerialOutput,
-    /// The guest-visible IOMMU (`None`: no vIOMMU; `iommu=on` disks are then refused).
-    pub viommu: Option<ViommuOptions>,
-    /// Host PCI functions passed through with VFIO, plugged after the disks.
-    pub devices: Vec<VfioDeviceConfig>,
-    /// virtio-net ports (`--net`), plugged after the disks.
-    pub nets: Vec<NetConfig>,
-    /// seccomp filters on every VMM thread once the machine is built (`--seccomp`).
-    pub seccomp: crate::seccomp::SeccompMode,
-}
-
-/// Machine errors.
+/// Machine errors; each keeps its cause as `source()` (see [`crate::report::Chain`]).
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
     /// VM creation or setup failed.
     #[error(transparent)]
     Vm(#[from] VmError),
     /// A disk could not be opened or attached.
-    #[error("disk {0}: {1}")]
-    Disk(String, String),
+    #[error("disk {name}")]
+    Disk {
+        /// The disk's path.
+        name: String,
+        /// Why.
+        #[source]
+        source: AttachError,
+    },
     /// A network port could not be opened or attached.
-    #[error("{0}: {1}")]
-    Net(String, String),
+    #[error("{name}")]
+    Net {
+        /// `net tap=NAME` or `net hub=ID`.
+        name: String,
+        /// Why.
+        #[source]
+        source: AttachError,
+    },
     /// The serial output file could not be created.
-    #[error("serial output {0}: {1}")]
-    Serial(String, std::io::Error),
+    #[error("serial output {path}")]
+    Serial {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// ACPI tables could not be written.
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
@@ -92,14 +73,51 @@ pub enum MachineError {
     #[error(transparent)]
     Boot(#[from] boot::BootError),
     /// The virtio-iommu could not be created or plugged.
-    #[error("virtio-iommu: {0}")]
-    Viommu(String),
+    #[error("virtio-iommu")]
+    Viommu(#[from] ViommuSetupError),
     /// No free PCI slot is left.
     #[error("no free PCI slot for {0}")]
     NoSlot(String),
     /// A VFIO passthrough device could not be opened or attached.
-    #[error("vfio: {0}")]
+    #[error("vfio")]
     Vfio(#[from] VfioError),
+}
+
+/// Why a virtio disk or port could not be attached.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// `iommu=on` without a vIOMMU.
+    #[error("iommu=on needs --viommu virtio")]
+    NoViommu,
+    /// The vIOMMU refused the endpoint.
+    #[error("virtio-iommu endpoint")]
+    Endpoint(#[source] viommu::DomainError),
+    /// The backend (disk file, TAP interface) could not be opened.
+    #[error(transparent)]
+    Backend(#[from] std::io::Error),
+    /// The MSI routing could not be set up.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The virtio-pci transport or the PCI bus refused the device.
+    #[error(transparent)]
+    Pci(#[from] pci::PciError),
+}
+
+/// Why the virtio-iommu could not be created or plugged.
+#[derive(Debug, thiserror::Error)]
+pub enum ViommuSetupError {
+    /// The host IOMMUs of the assigned devices do not fit the configuration.
+    #[error("host IOMMU geometry")]
+    Geometry(#[source] viommu::GeometryError),
+    /// The device refused its configuration.
+    #[error(transparent)]
+    Config(#[from] viommu::ConfigError),
+    /// An assigned device could not become an endpoint.
+    #[error(transparent)]
+    Endpoint(#[from] viommu::DomainError),
+    /// The virtio-pci transport or the PCI bus refused the device.
+    #[error(transparent)]
+    Pci(#[from] pci::PciError),
 }
 
 /// The virtio-iommu between creation and boot: endpoints are registered while disks are
@@ -116,7 +134,7 @@ pub struct Machine {
     /// The VM.
     pub vm: Vm,
     pci: Arc<PciBus>,
-    config: MachineConfig,
+    config: crate::config::VmConfig,
     extra_tables: Vec<Vec<u8>>,
     disks: Vec<(BlockConfig, u8)>,
     iommu: Option<PendingIommu>,
@@ -125,11 +143,13 @@ pub struct Machine {
     hubs: crate::net::Hubs,
     /// Every virtio-net port (MAC, counters), for the exit summary.
     net_ports: Vec<([u8; 6], Arc<NetPort>)>,
+    /// Every disk (path, counters), for the exit summary.
+    disk_stats: Vec<(String, Arc<crate::devices::block::BlockStats>)>,
 }
 
 impl Machine {
     /// Create the VM, legacy devices, the PCI bus and the disks.
-    pub fn new(config: MachineConfig) -> Result<Machine, MachineError> {
+    pub fn new(config: crate::config::VmConfig) -> Result<Machine, MachineError> {
         // Threads install their filter under this mode: TAP readers as they start, the main
         // thread and the vCPUs in Vm::run, device workers when the guest starts them.
         crate::seccomp::set_mode(config.seccomp);
@@ -140,10 +160,14 @@ impl Machine {
         })?;
         let out: Box<dyn Write + Send> = match &config.serial {
             SerialOutput::Stdout => Box::new(std::io::stdout()),
-            SerialOutput::File(p) => Box::new(
-                std::fs::File::create(p)
-                    .map_err(|e| MachineError::Serial(p.display().to_string(), e))?,
-            ),
+            SerialOutput::File(p) => {
+                Box::new(
+                    std::fs::File::create(p).map_err(|source| MachineError::Serial {
+                        path: p.display().to_string(),
+                        source,
+                    })?,
+                )
+            }
         };
         vm.add_legacy_devices(out)?;
         let pci = Arc::new(PciBus::new(PciWindows {
@@ -165,12 +189,13 @@ impl Machine {
             passthrough,
             hubs: crate::net::Hubs::new(),
             net_ports: Vec::new(),
+            disk_stats: Vec::new(),
         };
         if let Some(opts) = m.config.viommu.clone() {
             let hosts = m.passthrough.viommu_hosts();
-            let cfg = viommu::host::vfio::viommu_config_for(opts.config(), &hosts)
-                .map_err(|e| MachineError::Viommu(format!("host IOMMU geometry: {e}")))?;
-            let mut dev = Viommu::new(cfg).map_err(|e| MachineError::Viommu(e.to_string()))?;
+            let cfg = viommu::viommu_config_for(opts.config(), &hosts)
+                .map_err(ViommuSetupError::Geometry)?;
+            let mut dev = Viommu::new(cfg).map_err(ViommuSetupError::from)?;
             if m.passthrough.any_translated() {
                 // Boot bypass for assigned endpoints: all RAM in their containers until the
                 // driver attaches them.
@@ -231,6 +256,12 @@ impl Machine {
         self.net_ports.clone()
     }
 
+    /// Each disk's path and counters; read them after [`Machine::boot`] returns for the exit
+    /// summary.
+    pub fn disk_stats(&self) -> Vec<(String, Arc<crate::devices::block::BlockStats>)> {
+        self.disk_stats.clone()
+    }
+
     /// PCI device number of the virtio-iommu (`None` without one).
     pub fn viommu_slot(&self) -> Option<u8> {
         self.iommu.as_ref().map(|i| i.slot)
@@ -248,33 +279,27 @@ impl Machine {
 
     /// Register the device about to be plugged at `slot` as an endpoint of the virtio-iommu
     /// (which must exist).
-    fn iommu_endpoint(&mut self, slot: u8) -> Result<EndpointHandle, String> {
-        let iommu = self
-            .iommu
-            .as_mut()
-            .ok_or("iommu=on needs --viommu virtio")?;
+    fn iommu_endpoint(&mut self, slot: u8) -> Result<EndpointHandle, AttachError> {
+        let iommu = self.iommu.as_mut().ok_or(AttachError::NoViommu)?;
         let bdf = viot::bdf(0, slot, 0);
         let ep = iommu
             .dev
             .add_endpoint(u32::from(bdf))
-            .map_err(|e| format!("virtio-iommu endpoint: {e}"))?;
+            .map_err(AttachError::Endpoint)?;
         iommu.endpoints.push(bdf);
         Ok(ep)
     }
 
     /// Put a virtio device model behind the virtio-pci transport at device number `slot`.
-    fn plug_virtio(&mut self, slot: u8, model: Box<dyn VirtioDevice>) -> Result<u8, String> {
-        let msi = self.vm.msi_manager().map_err(|e| e.to_string())?;
+    fn plug_virtio(&mut self, slot: u8, model: Box<dyn VirtioDevice>) -> Result<u8, AttachError> {
+        let msi = self.vm.msi_manager()?;
         let dev = VirtioPciDevice::new(
             model,
             self.vm.memory.clone(),
             msi,
             self.vm.ioevent_manager(),
-        )
-        .map_err(|e| e.to_string())?;
-        self.pci
-            .add_device_at(slot, Arc::new(Mutex::new(dev)))
-            .map_err(|e| e.to_string())
+        )?;
+        Ok(self.pci.add_device_at(slot, Arc::new(Mutex::new(dev)))?)
     }
 
     /// Attach a virtio-blk disk; returns its PCI device number. An `iommu=on` disk becomes an
@@ -284,16 +309,22 @@ impl Machine {
         let slot = self
             .free_slot()
             .ok_or_else(|| MachineError::NoSlot(format!("disk {name}")))?;
-        let attach = |m: &mut Self| -> Result<u8, String> {
+        let attach = |m: &mut Self| -> Result<u8, AttachError> {
             let endpoint = if disk.iommu {
                 Some(m.iommu_endpoint(slot)?)
             } else {
                 None
             };
-            let blk = Block::with_endpoint(disk.clone(), endpoint).map_err(|e| e.to_string())?;
-            m.plug_virtio(slot, Box::new(blk))
+            let blk = Block::with_endpoint(disk.clone(), endpoint)?;
+            let stats = blk.stats().clone();
+            let slot = m.plug_virtio(slot, Box::new(blk))?;
+            m.disk_stats.push((disk.path.display().to_string(), stats));
+            Ok(slot)
         };
-        let slot = attach(self).map_err(|e| MachineError::Disk(name.clone(), e))?;
+        let slot = attach(self).map_err(|source| MachineError::Disk {
+            name: name.clone(),
+            source,
+        })?;
         log::info!(
             "disk {name} at PCI 00:{slot:02x}.0{}",
             if disk.iommu {
@@ -328,13 +359,13 @@ impl Machine {
                 iommu
                     .dev
                     .add_host_endpoint(u32::from(bdf), shadow)
-                    .map_err(|e| MachineError::Viommu(e.to_string()))?;
+                    .map_err(ViommuSetupError::from)?;
                 iommu.endpoints.push(bdf);
             }
             let slot = self
                 .pci
                 .add_device_at(slot, Arc::new(Mutex::new(dev)))
-                .map_err(|e| VfioError::Device(path.clone(), format!("plugging: {e}")))?;
+                .map_err(|e| VfioError::Plug(path.clone(), e))?;
             log::info!("VFIO device {name} at PCI 00:{slot:02x}.0");
         }
         Ok(())
@@ -350,18 +381,21 @@ impl Machine {
         let slot = self
             .free_slot()
             .ok_or_else(|| MachineError::NoSlot(name.clone()))?;
-        let attach = |m: &mut Self| -> Result<(u8, [u8; 6]), String> {
+        let attach = |m: &mut Self| -> Result<(u8, [u8; 6]), AttachError> {
             let endpoint = if net.iommu {
                 Some(m.iommu_endpoint(slot)?)
             } else {
                 None
             };
-            let dev = Net::new(net.clone(), endpoint, &m.hubs).map_err(|e| e.to_string())?;
+            let dev = Net::new(net.clone(), endpoint, &m.hubs)?;
             let mac = dev.mac();
             m.net_ports.push((mac, dev.port().clone()));
             Ok((m.plug_virtio(slot, Box::new(dev))?, mac))
         };
-        let (slot, mac) = attach(self).map_err(|e| MachineError::Net(name.clone(), e))?;
+        let (slot, mac) = attach(self).map_err(|source| MachineError::Net {
+            name: name.clone(),
+            source,
+        })?;
         log::info!(
             "{name} mac {:02x?} at PCI 00:{slot:02x}.0{}",
             mac,
@@ -391,11 +425,11 @@ impl Machine {
             self.vm.msi_manager()?,
             self.vm.ioevent_manager(),
         )
-        .map_err(|e| MachineError::Viommu(e.to_string()))?;
+        .map_err(ViommuSetupError::from)?;
         let slot = self
             .pci
             .add_device_at(iommu.slot, Arc::new(Mutex::new(dev)))
-            .map_err(|e| MachineError::Viommu(e.to_string()))?;
+            .map_err(ViommuSetupError::from)?;
         let table = viot::build(viot::bdf(0, slot, 0), &iommu.endpoints);
         self.add_acpi_table(table);
         log::info!(
@@ -432,5 +466,41 @@ impl Machine {
         let vcpus = self.vm.create_vcpus()?;
         self.vm.configure_boot_vcpu(&vcpus, &info)?;
         Ok(self.vm.run(vcpus)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::Chain;
+    use std::error::Error;
+
+    #[test]
+    fn errors_keep_their_causes() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = MachineError::Disk {
+            name: "/d.img".into(),
+            source: AttachError::Backend(io),
+        };
+        assert_eq!(e.to_string(), "disk /d.img");
+        let cause = e.source().unwrap();
+        assert!(matches!(
+            cause.downcast_ref::<AttachError>(),
+            Some(AttachError::Backend(_))
+        ));
+        assert_eq!(Chain(&e).to_string(), "disk /d.img: caused by no such file");
+        let e = MachineError::Net {
+            name: "net hub=0".into(),
+            source: AttachError::NoViommu,
+        };
+        assert_eq!(
+            Chain(&e).to_string(),
+            "net hub=0: caused by iommu=on needs --viommu virtio"
+        );
+        let e = MachineError::from(VfioError::ContainerGone("/sys/x".into()));
+        assert_eq!(
+            Chain(&e).to_string(),
+            "vfio: caused by /sys/x: container vanished"
+        );
     }
 }

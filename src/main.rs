@@ -8,7 +8,10 @@ use vmm::machine::Machine;
 
 fn main() -> ExitCode {
     let (config, level) = match cli::parse(std::env::args().skip(1)) {
-        Ok(Command::Run(c, l)) => (c, l),
+        Ok(Command::Run(c)) => {
+            let level = c.log_level;
+            (c, level)
+        }
         Ok(Command::SeccompSelftest(kind, mode)) => {
             return ExitCode::from(vmm::seccomp::selftest(kind, mode) as u8);
         }
@@ -26,7 +29,11 @@ fn main() -> ExitCode {
         let counters = m.viommu_counters();
         let vfio = m.vfio_counters();
         let nets = m.net_ports();
+        let disks = m.disk_stats();
         let r = m.boot();
+        for (disk, stats) in &disks {
+            eprintln!("{}", stats.snapshot().summary_line(disk));
+        }
         for (mac, port) in &nets {
             eprintln!("{}", port.stats().snapshot().summary_line(*mac));
         }
@@ -49,7 +56,7 @@ fn main() -> ExitCode {
             ExitCode::from(reason.exit_code() as u8)
         }
         Err(e) => {
-            eprintln!("vmm: error: {e}");
+            eprintln!("vmm: error: {}", vmm::report::Chain(&e));
             ExitCode::from(1)
         }
     }

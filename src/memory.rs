@@ -59,7 +59,7 @@ pub enum MemoryError {
     )]
     BadSize(u64),
     /// mmap of guest RAM failed.
-    #[error("cannot allocate guest RAM: {0}")]
+    #[error("cannot allocate guest RAM")]
     Alloc(#[from] vm_memory::mmap::FromRangesError),
 }
 
@@ -178,18 +178,6 @@ pub fn align_up(v: u64, align: u64) -> u64 {
     (v + align - 1) & !(align - 1)
 }
 
-/// Parse a size like `512M`, `2G`, `65536K` or a plain byte count.
-pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.chars().last()? {
-        'k' | 'K' => (&s[..s.len() - 1], 1u64 << 10),
-        'm' | 'M' => (&s[..s.len() - 1], 1 << 20),
-        'g' | 'G' => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    num.parse::<u64>().ok()?.checked_mul(mult)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,15 +221,5 @@ mod tests {
         assert!(Layout::new(1 << 20).is_err());
         assert!(Layout::new(1 << 40).is_err());
         assert!(Layout::new((64 << 20) + 1).is_err());
-    }
-
-    #[test]
-    fn sizes_parse() {
-        assert_eq!(parse_size("512M"), Some(512 << 20));
-        assert_eq!(parse_size("2G"), Some(2 << 30));
-        assert_eq!(parse_size("4096"), Some(4096));
-        assert_eq!(parse_size("x"), None);
-        assert_eq!(parse_size(""), None);
-        assert_eq!(parse_size("99999999999999999999G"), None);
     }
 }

@@ -128,8 +128,8 @@ pub enum SeccompError {
     #[error("seccomp filter for {0} threads: {1}")]
     Build(&'static str, String),
     /// The kernel refused the filter.
-    #[error("installing the seccomp filter for {0} threads: {1}")]
-    Apply(&'static str, seccompiler::Error),
+    #[error("installing the seccomp filter for {0} threads")]
+    Apply(&'static str, #[source] seccompiler::Error),
 }
 
 static MODE: AtomicU8 = AtomicU8::new(0);
@@ -616,7 +616,7 @@ pub fn selftest(kind: ThreadKind, mode: SeccompMode) -> i32 {
         .name("seccomp-selftest".into())
         .spawn(move || {
             if let Err(e) = apply_mode(kind, mode) {
-                eprintln!("seccomp selftest: {e}");
+                eprintln!("seccomp selftest: {}", crate::report::Chain(&e));
                 return 1;
             }
             eprintln!(

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH,
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH,
     KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -19,8 +19,8 @@ use crate::lifecycle::{ExitReason, VmControl};
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     /// A KVM vCPU ioctl failed.
-    #[error("vCPU {0}: {1} failed: {2}")]
-    Kvm(u8, &'static str, kvm_ioctls::Error),
+    #[error("vCPU {0}: {1} failed")]
+    Kvm(u8, &'static str, #[source] kvm_ioctls::Error),
     /// Not every MSR was accepted.
     #[error("vCPU {0}: KVM accepted {1} of {2} MSRs")]
     Msrs(u8, usize, usize),
@@ -248,14 +248,21 @@ impl Vcpu {
             if self.control.stopping() {
                 break;
             }
+            // The element size of string port I/O is only in the kvm_run page, which the exit's
+            // data slice already borrows; read it through a raw pointer (see below).
+            let run: *const kvm_run = self.fd.get_kvm_run();
             let stop = match self.fd.run() {
                 Ok(exit) => match exit {
                     VcpuExit::IoIn(port, data) => {
-                        self.buses.pio_read(port, data);
+                        // SAFETY: see `pio_element_size`.
+                        let size = unsafe { pio_element_size(run) };
+                        self.buses.pio_read_elements(port, data, size);
                         None
                     }
                     VcpuExit::IoOut(port, data) => {
-                        self.buses.pio_write(port, data);
+                        // SAFETY: see `pio_element_size`.
+                        let size = unsafe { pio_element_size(run) };
+                        self.buses.pio_write_elements(port, data, size);
                         None
                     }
                     VcpuExit::MmioRead(addr, data) => {
@@ -318,6 +325,20 @@ impl Vcpu {
             .reason()
             .unwrap_or(ExitReason::Error("stopped without a reason".into()))
     }
+}
+
+/// The size of one element of the port I/O exit in `run` (1, 2 or 4 bytes; a string
+/// instruction's exit carries `count` of them back to back).
+///
+/// # Safety
+/// `run` must point to this vCPU's mmapped `kvm_run` after a `KVM_EXIT_IO` exit (kvm-ioctls
+/// checked the exit reason before handing out `VcpuExit::IoIn/IoOut`), so `io` is the live
+/// union member. Only that one byte is read, through a raw place (no reference is made): the
+/// exit's data slice lies at `io.data_offset`, a page past the structure, and does not overlap it.
+unsafe fn pio_element_size(run: *const kvm_run) -> usize {
+    // SAFETY: the caller's contract above; `io.size` is a plain u8 inside the mapping.
+    let size = unsafe { std::ptr::addr_of!((*run).__bindgen_anon_1.io.size).read_volatile() };
+    usize::from(size)
 }
 
 #[cfg(test)]

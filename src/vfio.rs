@@ -5,7 +5,7 @@
 //! `VfioContainer` per IOMMU group (a group keeps its own container for the VM's lifetime) and
 //! opens every `VfioDevice`; [`Passthrough::viommu_hosts`] then gives the
 //! [`HostIommuInfo`] of each container whose devices sit behind the vIOMMU, for
-//! `viommu::host::vfio::viommu_config_for`.
+//! `viommu::viommu_config_for`.
 //!
 //! [`Passthrough::attach`] turns one opened device into a [`VfioPciDevice`] (BARs mapped into
 //! the guest with [`KvmMemorySlots`]) and sets up its DMA:
@@ -25,78 +25,61 @@ use std::sync::Arc;
 
 use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use pci::{MsiIrqManager, VfioBarMaps, VfioPciDevice};
+use pci::{MsiIrqManager, VfioPciDevice};
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioOps};
 use viommu::{
-    BarResolver, BarTargets, DmaSpace, HostIommuInfo, HostMapError, Prot, Shadow, StaticMapping,
-    VfioDmaSpace,
+    BarTargets, DmaSpace, HostIommuInfo, HostMapError, Prot, Shadow, StaticMapping, VfioDmaSpace,
 };
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
+use crate::config::VfioDeviceConfig;
 use crate::memory_slots::KvmMemorySlots;
-
-/// One `--device` option.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VfioDeviceConfig {
-    /// `/sys/bus/pci/devices/DDDD:BB:DD.F` of a function bound to vfio-pci.
-    pub path: PathBuf,
-    /// Behind the virtio-iommu (needs `--viommu virtio`); else the static full-RAM mapping.
-    pub iommu: bool,
-}
-
-impl VfioDeviceConfig {
-    /// Parse `path=SYSFS[,iommu=on|off]`.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let mut path = None;
-        let mut iommu = false;
-        for part in s.split(',') {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| format!("option '{part}' is not key=value"))?;
-            match k {
-                "path" if !v.is_empty() => path = Some(PathBuf::from(v)),
-                "iommu" => {
-                    iommu = match v {
-                        "on" => true,
-                        "off" => false,
-                        _ => return Err(format!("iommu={v}: expected on or off")),
-                    }
-                }
-                _ => return Err(format!("unknown option '{part}'")),
-            }
-        }
-        let path = path.ok_or("path=/sys/bus/pci/devices/BDF is required")?;
-        Ok(VfioDeviceConfig { path, iommu })
-    }
-}
 
 /// Passthrough setup errors (never caused by the guest).
 #[derive(Debug, thiserror::Error)]
 pub enum VfioError {
     /// KVM_CREATE_DEVICE(VFIO) failed.
-    #[error("creating the KVM VFIO device: {0}")]
-    KvmDevice(kvm_ioctls::Error),
+    #[error("creating the KVM VFIO device")]
+    KvmDevice(#[source] kvm_ioctls::Error),
     /// The device's IOMMU group could not be read.
-    #[error("{0}: no IOMMU group ({1}); is the IOMMU on and the device bound to vfio-pci?")]
-    Group(PathBuf, io::Error),
+    #[error("{}: no IOMMU group; is the IOMMU on and the device bound to vfio-pci?", .0.display())]
+    Group(PathBuf, #[source] io::Error),
     /// Opening /dev/vfio/vfio failed.
-    #[error("opening a VFIO container: {0}")]
-    Container(String),
+    #[error("opening a VFIO container")]
+    Container(#[source] vfio_ioctls::VfioError),
     /// Opening the device (group into the container, device fd) failed.
-    #[error("{0}: {1}")]
-    Device(PathBuf, String),
+    #[error(
+        "{}: opening through VFIO failed (driver: {driver}; the function must be bound to \
+         vfio-pci; behind a virtio-iommu, vfio_iommu_type1 needs allow_unsafe_interrupts=1)",
+        path.display()
+    )]
+    Device {
+        /// The device.
+        path: PathBuf,
+        /// The host driver it is bound to (`none` if unbound).
+        driver: String,
+        /// Why.
+        #[source]
+        source: vfio_ioctls::VfioError,
+    },
+    /// The device's container was dropped before the device was attached (a VMM bug).
+    #[error("{}: container vanished", .0.display())]
+    ContainerGone(PathBuf),
+    /// The passthrough function could not be plugged into the PCI bus.
+    #[error("{}: plugging", .0.display())]
+    Plug(PathBuf, #[source] pci::PciError),
     /// Two devices of one group disagree on `iommu=`.
     #[error("{0}: IOMMU group {1} mixes iommu=on and iommu=off devices")]
     MixedGroup(PathBuf, u32),
     /// VFIO_IOMMU_GET_INFO failed.
-    #[error("group {0}: VFIO_IOMMU_GET_INFO: {1}")]
-    Info(u32, io::Error),
+    #[error("group {0}: VFIO_IOMMU_GET_INFO")]
+    Info(u32, #[source] io::Error),
     /// The passthrough PCI function could not be built.
-    #[error("{0}: {1}")]
-    Pci(PathBuf, pci::VfioPciError),
+    #[error("{}", .0.display())]
+    Pci(PathBuf, #[source] pci::VfioPciError),
     /// The static full-RAM mapping failed.
-    #[error("{0}: static DMA mapping of guest RAM: {1}")]
-    StaticMap(PathBuf, viommu::HostMapError),
+    #[error("{}: static DMA mapping of guest RAM", .0.display())]
+    StaticMap(PathBuf, #[source] viommu::HostMapError),
     /// The device is behind the vIOMMU but there is none.
     #[error("{0}: iommu=on needs --viommu virtio")]
     NoViommu(PathBuf),
@@ -232,21 +215,6 @@ pub enum DmaSetup {
     Static,
 }
 
-/// The BARs of one assigned device as the shadows see them: guest-physical addresses in its
-/// mapped BAR parts resolve to their VFIO mmaps (peer-to-peer DMA).
-struct VfioBars(Arc<VfioBarMaps>);
-
-// SAFETY: `VfioBarMaps` lists the VFIO region mmaps of a passthrough device's BARs (device
-// memory mmapped into this process, never accessed through Rust references).
-unsafe impl BarResolver for VfioBars {
-    fn resolve(&self, gpa: u64) -> Option<(u64, u64)> {
-        self.0.mappings().into_iter().find_map(|m| {
-            let off = gpa.checked_sub(m.gpa)?;
-            (off < m.size).then(|| Some((m.host_addr.checked_add(off)?, m.size - off)))?
-        })
-    }
-}
-
 /// Every assigned device of a VM and its host address spaces.
 pub struct Passthrough {
     containers: BTreeMap<u32, Container>,
@@ -315,14 +283,16 @@ impl Passthrough {
         }
         let new_container = match self.containers.get(&group) {
             Some(c) => c.container.clone(),
-            None => Arc::new(
-                VfioContainer::new(Some(handle.clone()))
-                    .map_err(|e| VfioError::Container(e.to_string()))?,
-            ),
+            None => {
+                Arc::new(VfioContainer::new(Some(handle.clone())).map_err(VfioError::Container)?)
+            }
         };
         let ops: Arc<dyn VfioOps> = new_container.clone();
-        let device = VfioDevice::new(path, ops, false)
-            .map_err(|e| VfioError::Device(path.to_path_buf(), device_hint(path, &e)))?;
+        let device = VfioDevice::new(path, ops, false).map_err(|source| VfioError::Device {
+            path: path.to_path_buf(),
+            driver: bound_driver(path),
+            source,
+        })?;
         if let Entry::Vacant(slot) = self.containers.entry(group) {
             let vfio = Arc::new(VfioDmaSpace::new(new_container.clone()));
             let info = vfio.query_info().map_err(|e| VfioError::Info(group, e))?;
@@ -428,11 +398,11 @@ impl Passthrough {
         let path = o.config.path.clone();
         let dev = VfioPciDevice::from_vfio_device(o.device, msi, self.slots.clone())
             .map_err(|e| VfioError::Pci(path.clone(), e))?;
-        self.bars.add(Arc::new(VfioBars(dev.bar_maps())));
+        self.bars.add(Arc::new(DeviceBars(dev.bar_maps())));
         let c = self
             .containers
             .get_mut(&o.group)
-            .ok_or_else(|| VfioError::Device(path.clone(), "container vanished".into()))?;
+            .ok_or_else(|| VfioError::ContainerGone(path.clone()))?;
         let setup = if c.iommu {
             let shadow = c.shadow.get_or_insert_with(|| {
                 Arc::new(
@@ -473,16 +443,26 @@ impl Drop for Passthrough {
     }
 }
 
-/// A readable reason for a failed `VfioDevice::new`, with the usual causes.
-fn device_hint(path: &Path, e: &vfio_ioctls::VfioError) -> String {
-    let driver = std::fs::read_link(path.join("driver"))
+/// The host driver `path` is bound to (`none` if unbound), for a failed `VfioDevice::new`.
+fn bound_driver(path: &Path) -> String {
+    std::fs::read_link(path.join("driver"))
         .ok()
         .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| "none".into());
-    format!(
-        "opening through VFIO failed: {e} (driver: {driver}; the function must be bound to \
-         vfio-pci; behind a virtio-iommu, vfio_iommu_type1 needs allow_unsafe_interrupts=1)"
-    )
+        .unwrap_or_else(|| "none".into())
+}
+
+/// One passthrough device's BAR mmaps as a peer-to-peer target of the vIOMMU's shadow.
+struct DeviceBars(Arc<pci::VfioBarMaps>);
+
+// SAFETY: `VfioBarMaps` lists the VFIO region mmaps of a passthrough device's BARs: device
+// memory shared with the guest, never reached through Rust references.
+unsafe impl viommu::BarResolver for DeviceBars {
+    fn resolve(&self, gpa: u64) -> Option<(u64, u64)> {
+        self.0.mappings().into_iter().find_map(|m| {
+            let off = gpa.checked_sub(m.gpa)?;
+            (off < m.size).then(|| Some((m.host_addr.checked_add(off)?, m.size - off)))?
+        })
+    }
 }
 
 #[cfg(test)]
@@ -490,28 +470,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parse_device_option() {
-        let d = VfioDeviceConfig::parse("path=/sys/bus/pci/devices/0000:00:18.0").unwrap();
-        assert_eq!(d.path, PathBuf::from("/sys/bus/pci/devices/0000:00:18.0"));
-        assert!(!d.iommu);
-        let d = VfioDeviceConfig::parse("path=/x,iommu=on").unwrap();
-        assert!(d.iommu);
-        assert!(!VfioDeviceConfig::parse("iommu=off,path=/x").unwrap().iommu);
-        for bad in [
-            "",
-            "path=",
-            "/x",
-            "path=/x,iommu=yes",
-            "path=/x,frob=1",
-            "iommu=on",
-        ] {
-            assert!(VfioDeviceConfig::parse(bad).is_err(), "{bad:?}");
-        }
+    fn vfio_bar_maps_resolver_without_mappings_resolves_nothing() {
+        use viommu::BarResolver;
+        let maps = DeviceBars(Arc::new(pci::VfioBarMaps::default()));
+        assert_eq!(maps.resolve(0x2_0000_0000), None);
     }
 
     #[test]
     fn counted_space_counts_every_call_and_failure() {
-        use viommu::host::recording::RecordingMapper;
+        use viommu::RecordingMapper;
         let rec = Arc::new(RecordingMapper::new());
         let counters = Arc::new(DmaCounters::default());
         let space = Counted {
@@ -554,8 +521,7 @@ mod tests {
 
     #[test]
     fn no_devices_opens_nothing() {
-        let Ok(kvm) = Kvm::new() else {
-            eprintln!("no /dev/kvm: skipped");
+        let Some(kvm) = crate::skip::kvm_or_skip("vfio::no_devices_opens_nothing") else {
             return;
         };
         let vm = Arc::new(kvm.create_vm().unwrap());
@@ -567,16 +533,8 @@ mod tests {
     }
 
     #[test]
-    fn vfio_bar_maps_resolver_without_mappings_resolves_nothing() {
-        let bars = VfioBars(Arc::new(VfioBarMaps::default()));
-        assert_eq!(bars.resolve(0xe000_0000), None);
-        assert_eq!(bars.resolve(0), None);
-    }
-
-    #[test]
     fn a_missing_device_is_a_clear_error() {
-        let Ok(kvm) = Kvm::new() else {
-            eprintln!("no /dev/kvm: skipped");
+        let Some(kvm) = crate::skip::kvm_or_skip("vfio::a_missing_device_is_a_clear_error") else {
             return;
         };
         let vm = Arc::new(kvm.create_vm().unwrap());

@@ -35,11 +35,11 @@ pub const TSS_ADDR: u64 = 0xfffb_d000;
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     /// /dev/kvm could not be opened.
-    #[error("cannot open /dev/kvm: {0}")]
-    OpenKvm(kvm_ioctls::Error),
+    #[error("cannot open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
     /// A VM ioctl failed.
-    #[error("{0} failed: {1}")]
-    Kvm(&'static str, kvm_ioctls::Error),
+    #[error("{0} failed")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
     /// Memory layout or allocation failed.
     #[error(transparent)]
     Memory(#[from] MemoryError),
@@ -47,11 +47,17 @@ pub enum VmError {
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
     /// Host resource (eventfd, thread) failure.
-    #[error("{0}: {1}")]
-    Io(&'static str, std::io::Error),
-    /// Device registration failed.
+    #[error("{0}")]
+    Io(&'static str, #[source] std::io::Error),
+    /// Unsupported configuration.
     #[error("device setup: {0}")]
     Device(String),
+    /// A legacy device could not be registered on a bus.
+    #[error("device setup")]
+    Bus(#[from] crate::bus::BusError),
+    /// Guest RAM has no host mapping.
+    #[error("device setup: guest RAM")]
+    Ram(#[source] vm_memory::GuestMemoryError),
 }
 
 /// What the VM is made of.
@@ -117,7 +123,7 @@ impl Vm {
         for (slot, region) in mem.iter().enumerate() {
             let host = mem
                 .get_host_address(region.start_addr())
-                .map_err(|e| VmError::Device(format!("guest RAM: {e}")))?;
+                .map_err(VmError::Ram)?;
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
                 guest_phys_addr: region.start_addr().0,
@@ -163,7 +169,6 @@ impl Vm {
 
     /// COM1 (IRQ 4 through an irqfd), CMOS, i8042, the ACPI PM registers and port 0x80.
     pub fn add_legacy_devices(&self, serial_out: Box<dyn Write + Send>) -> Result<(), VmError> {
-        let dev = |e: crate::bus::BusError| VmError::Device(e.to_string());
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Io("eventfd", e))?;
         if self.config.irqchip {
             self.fd
@@ -172,24 +177,19 @@ impl Vm {
         }
         let serial = SerialDevice::new(irq, serial_out);
         let pio = &self.buses.pio;
-        pio.insert(COM1_PORT.into(), 8, Arc::new(Mutex::new(serial)))
-            .map_err(dev)?;
-        pio.insert(0x70, 2, Arc::new(Mutex::new(Cmos::new())))
-            .map_err(dev)?;
+        pio.insert(COM1_PORT.into(), 8, Arc::new(Mutex::new(serial)))?;
+        pio.insert(0x70, 2, Arc::new(Mutex::new(Cmos::new())))?;
         pio.insert(
             0x60,
             5,
             Arc::new(Mutex::new(I8042::new(self.control.clone()))),
-        )
-        .map_err(dev)?;
+        )?;
         pio.insert(
             SLEEP_CONTROL_PORT.into(),
             3,
             Arc::new(Mutex::new(AcpiPm::new(self.control.clone()))),
-        )
-        .map_err(dev)?;
-        pio.insert(0x80, 1, Arc::new(Mutex::new(Sink)))
-            .map_err(dev)?;
+        )?;
+        pio.insert(0x80, 1, Arc::new(Mutex::new(Sink)))?;
         Ok(())
     }
 
@@ -263,7 +263,8 @@ pub fn run_vcpus(vcpus: Vec<Vcpu>, control: &Arc<VmControl>) -> Result<ExitReaso
         let (gate, ctl) = (go.clone(), control.clone());
         let t = std::thread::Builder::new().name(name).spawn(move || {
             if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu) {
-                let reason = ExitReason::Error(format!("vCPU {}: {e}", vcpu.id));
+                let reason =
+                    ExitReason::Error(format!("vCPU {}: {}", vcpu.id, crate::report::Chain(&e)));
                 ctl.request_stop(reason.clone());
                 return reason;
             }
@@ -279,7 +280,7 @@ pub fn run_vcpus(vcpus: Vec<Vcpu>, control: &Arc<VmControl>) -> Result<ExitReaso
         }
     }
     if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Main) {
-        control.request_stop(ExitReason::Error(e.to_string()));
+        control.request_stop(ExitReason::Error(crate::report::Chain(&e).to_string()));
     }
     go.open();
     // Wait for the stop request.

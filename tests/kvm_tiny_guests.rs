@@ -1,7 +1,7 @@
 //! Fast tests on the host's /dev/kvm with tiny guests assembled here (hand-written machine
 //! code): exit dispatch (port I/O, MMIO, HLT), PCI config cycles through CF8/CFC, ACPI power
 //! off, stopping every vCPU, and MSI delivery through irqfd + GSI routing.
-//! Every test prints why and passes when /dev/kvm is unusable.
+//! When /dev/kvm is unusable every test reports itself skipped (`vmm::skip`), never passed.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -10,20 +10,15 @@ use kvm_bindings::kvm_segment;
 use pci::{MsiIrqManager, MsiMessage};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vmm::bus::BusDevice;
-use vmm::devices::block::BlockConfig;
+use vmm::config::{self, BlockConfig, SerialOutput};
 use vmm::lifecycle::ExitReason;
-use vmm::machine::{Machine, MachineConfig, SerialOutput};
+use vmm::machine::Machine;
 use vmm::vcpu::Vcpu;
 use vmm::vm::{Vm, VmConfig};
 
-fn kvm_usable() -> bool {
-    match kvm_ioctls::Kvm::new() {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("skipping: /dev/kvm not usable ({e})");
-            false
-        }
-    }
+/// Whether /dev/kvm is usable; if not, `test` is recorded as skipped (`vmm::skip`).
+fn kvm_usable(test: &str) -> bool {
+    vmm::skip::kvm_or_skip(&format!("kvm_tiny_guests::{test}")).is_some()
 }
 
 const CODE: u64 = 0x1000;
@@ -106,7 +101,7 @@ fn bare_vm() -> Vm {
 
 #[test]
 fn port_io_and_hlt_exits_reach_the_right_device() {
-    if !kvm_usable() {
+    if !kvm_usable("port_io_and_hlt_exits_reach_the_right_device") {
         return;
     }
     let vm = bare_vm();
@@ -143,8 +138,57 @@ fn port_io_and_hlt_exits_reach_the_right_device() {
 }
 
 #[test]
+fn string_port_io_is_one_access_per_element() {
+    if !kvm_usable("string_port_io_is_one_access_per_element") {
+        return;
+    }
+    let vm = bare_vm();
+    let dev = recorder(0x3c);
+    vm.buses.pio.insert(0x500, 2, dev.clone()).unwrap();
+    vm.memory
+        .memory()
+        .write_slice(&[1, 2, 3, 4, 5, 6], GuestAddress(0x2000))
+        .unwrap();
+    load(
+        &vm,
+        &[
+            0xfc, // cld
+            0xbe, 0x00, 0x20, // mov si, 0x2000
+            0xba, 0x00, 0x05, // mov dx, 0x500
+            0xb9, 0x03, 0x00, // mov cx, 3
+            0xf3, 0x6f, // rep outsw: three 2-byte writes
+            0xbf, 0x00, 0x21, // mov di, 0x2100
+            0xb9, 0x04, 0x00, // mov cx, 4
+            0xf3, 0x6c, // rep insb: four 1-byte reads
+            0xf4, // hlt
+        ],
+    );
+    let mut vcpus = vm.create_vcpus().unwrap();
+    real_mode(&vcpus[0]);
+    assert_eq!(vcpus[0].run(), ExitReason::Halted);
+    let mut got = [0u8; 4];
+    vm.memory
+        .memory()
+        .read_slice(&mut got, GuestAddress(0x2100))
+        .unwrap();
+    assert_eq!(got, [0x3c; 4], "every element of rep insb read the device");
+    assert_eq!(
+        dev.lock().unwrap().log,
+        vec![
+            ('w', 0, vec![1, 2]),
+            ('w', 0, vec![3, 4]),
+            ('w', 0, vec![5, 6]),
+            ('r', 0, vec![0x3c]),
+            ('r', 0, vec![0x3c]),
+            ('r', 0, vec![0x3c]),
+            ('r', 0, vec![0x3c]),
+        ]
+    );
+}
+
+#[test]
 fn mmio_exits_reach_the_right_device() {
-    if !kvm_usable() {
+    if !kvm_usable("mmio_exits_reach_the_right_device") {
         return;
     }
     let vm = bare_vm();
@@ -187,11 +231,11 @@ fn temp_disk() -> std::path::PathBuf {
 /// control register, all from real mode, in a full machine (irqchip, PCI bus, virtio-blk).
 #[test]
 fn pci_config_cycles_and_acpi_poweroff() {
-    if !kvm_usable() {
+    if !kvm_usable("pci_config_cycles_and_acpi_poweroff") {
         return;
     }
     let disk = temp_disk();
-    let machine = Machine::new(MachineConfig {
+    let machine = Machine::new(config::VmConfig {
         kernel: "/nonexistent".into(),
         initramfs: None,
         cmdline: String::new(),
@@ -209,6 +253,7 @@ fn pci_config_cycles_and_acpi_poweroff() {
         devices: Vec::new(),
         nets: Vec::new(),
         seccomp: vmm::seccomp::SeccompMode::Off,
+        log_level: log::LevelFilter::Warn,
     })
     .unwrap();
     load(
@@ -254,7 +299,7 @@ fn pci_config_cycles_and_acpi_poweroff() {
 /// KVM_RUN); the BSP powers off and every thread must be stopped and joined.
 #[test]
 fn poweroff_stops_every_vcpu_thread() {
-    if !kvm_usable() {
+    if !kvm_usable("poweroff_stops_every_vcpu_thread") {
         return;
     }
     let vm = Vm::new(VmConfig {
@@ -286,7 +331,7 @@ fn poweroff_stops_every_vcpu_thread() {
 /// An i8042 pulse-reset (0xFE to port 0x64) stops the VM as a reset.
 #[test]
 fn i8042_reset_stops_the_vm() {
-    if !kvm_usable() {
+    if !kvm_usable("i8042_reset_stops_the_vm") {
         return;
     }
     let vm = bare_vm();
@@ -324,7 +369,7 @@ fn wait_irr(vcpu: &Vcpu, vector: u8) -> bool {
 /// re-routing and unrouting take effect.
 #[test]
 fn msi_through_irqfd_and_gsi_routing_reaches_the_lapic() {
-    if !kvm_usable() {
+    if !kvm_usable("msi_through_irqfd_and_gsi_routing_reaches_the_lapic") {
         return;
     }
     let vm = Vm::new(VmConfig {
@@ -377,7 +422,7 @@ fn msi_through_irqfd_and_gsi_routing_reaches_the_lapic() {
 /// (an access near 1 GiB goes through the page tables and exits as MMIO), RSI = zero page.
 #[test]
 fn long_mode_boot_state() {
-    if !kvm_usable() {
+    if !kvm_usable("long_mode_boot_state") {
         return;
     }
     let vm = bare_vm();

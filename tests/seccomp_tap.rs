@@ -84,7 +84,10 @@ fn tap_reader_delivers_frames_under_its_filter() {
     let tap = match Tap::open(&name, sink.clone()) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("skipped: cannot open a TAP ({e})");
+            vmm::skip::skipped(
+                "seccomp_tap::tap_reader_delivers_frames_under_its_filter",
+                &format!("cannot open a TAP ({e})"),
+            );
             return;
         }
     };

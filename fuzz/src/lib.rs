@@ -198,11 +198,11 @@ pub mod fakes {
     }
 }
 
-/// A host mapper that records like [`viommu::host::recording::RecordingMapper`] and fails the
+/// A host mapper that records like [`viommu::RecordingMapper`] and fails the
 /// call chosen by the harness, counting the failures it injected.
 pub mod failing {
     use std::sync::Mutex;
-    use viommu::host::recording::RecordingMapper;
+    use viommu::RecordingMapper;
     use viommu::{HostMapError, HostMapper, Prot};
 
     #[derive(Default)]
@@ -243,7 +243,7 @@ pub mod failing {
         }
         /// Whether an injected failure ever hit a call made after another call of the same
         /// batch had failed, i.e. a rollback: the documented double fault after which the
-        /// host may keep a mapping the engine dropped (viommu/src/shadow.rs).
+        /// host may keep a mapping the engine dropped (viommu/src/engine/shadow.rs).
         pub fn double_fault(&self) -> bool {
             self.state.lock().unwrap().double_fault
         }

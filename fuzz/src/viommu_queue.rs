@@ -10,9 +10,9 @@
 
 use crate::failing::FailingMapper;
 use crate::{Enc, Input};
+use virtio_dev::{QueueConfig, VirtioDevice, VirtioInterrupt};
 use std::sync::Arc;
 use viommu::{EndpointHandle, HostMapError, Limits, Prot, TranslatedMemory, Viommu, ViommuConfig};
-use virtio_dev::{QueueConfig, VirtioDevice, VirtioInterrupt};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap, Permissions,
 };

@@ -12,7 +12,8 @@ use std::sync::OnceLock;
 use viommu::TranslatedMemory;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
-use vmm::devices::block::{BlockBackend, BlockConfig};
+use vmm::config::BlockConfig;
+use vmm::devices::block::BlockBackend;
 
 const MEM_SIZE: usize = 0x10_0000;
 const DISK_BYTES: u64 = 64 * 1024;

@@ -8,7 +8,7 @@
 
 use crate::irq::{MsiIrqManager, MsiMessage};
 use crate::vectors::VectorRoutes;
-use log::warn;
+use log::{debug, warn};
 use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -248,8 +248,12 @@ impl MsiConfig {
     }
 
     fn fire(&mut self, v: usize) {
-        let msg = self.message(v);
-        self.routes.fire(v, || msg);
+        if !self.routes.fire(v) {
+            // Its routing failed when the guest programmed it: keep it pending, the next
+            // config write that routes it delivers it.
+            debug!("msi: vector {v} has no route; left pending");
+            self.pending |= 1 << v;
+        }
     }
 }
 

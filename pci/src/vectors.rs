@@ -77,16 +77,22 @@ impl VectorRoutes {
         }
     }
 
-    /// Raise vector `v`, routing it to `msg()` first if it has no route.
-    pub(crate) fn fire(&mut self, v: usize, msg: impl FnOnce() -> MsiMessage) {
-        if self.routes[v].is_none() && !self.set_route(v, Some(msg())) {
-            return;
+    /// Raise vector `v` through its irqfd; false (nothing raised) when it has no route.
+    ///
+    /// Routes are only ever programmed where the guest changes them (config and MSI-X table
+    /// writes, on a vCPU thread); devices raise vectors from worker threads too, whose seccomp
+    /// filter forbids the routing ioctl, so an unrouted vector (its routing failed) is left
+    /// for the caller to keep pending until a later guest write routes it.
+    pub(crate) fn fire(&mut self, v: usize) -> bool {
+        if self.routes.get(v).copied().flatten().is_none() {
+            return false;
         }
         if let Some(vector) = &self.vectors[v] {
             if let Err(e) = vector.irqfd.write(1) {
                 warn!("{}: irqfd write for vector {v} failed: {e}", self.label);
             }
         }
+        true
     }
 }
 

@@ -621,5 +621,30 @@ mod tests {
         let mut d = [0u8; 8];
         c.read(u64::MAX - 3, &mut d);
         assert_eq!(d, [0; 8]);
+        // What the hostile writes left: read-only fields intact, only offered features acked,
+        // every queue size a power of two within its maximum, and a reset restores the start.
+        assert_eq!(r(&c, 0x12, 2), 2, "num_queues is read-only");
+        assert_eq!(
+            c.acked_features() & !FEATURES,
+            0,
+            "only offered features acked"
+        );
+        for q in 0..2u64 {
+            w(&mut c, 0x16, 2, q);
+            let size = r(&c, 0x18, 2);
+            assert!(
+                size.is_power_of_two() && size <= 256,
+                "queue {q} size {size}"
+            );
+        }
+        w(&mut c, 0x16, 2, 0xffff);
+        assert_eq!(r(&c, 0x18, 2), 0, "no queue behind an out-of-range select");
+        assert_eq!(w(&mut c, 0x14, 1, 0), CommonAction::Reset);
+        c.reset();
+        assert_eq!(c.status(), 0);
+        assert_eq!(c.acked_features(), 0);
+        w(&mut c, 0x16, 2, 1);
+        assert_eq!(r(&c, 0x18, 2), 64, "reset restores queue 1's size");
+        assert_eq!(r(&c, 0x1c, 2), 0, "and disables it");
     }
 }

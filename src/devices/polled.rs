@@ -99,7 +99,10 @@ fn poll_loop(
     window: Duration,
 ) {
     if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Poller) {
-        log::error!("polled queue: {e}; serving on kicks only");
+        log::error!(
+            "polled queue: {}; serving on kicks only",
+            crate::report::Chain(&e)
+        );
         return;
     }
     while signal.wait() {

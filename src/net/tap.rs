@@ -119,7 +119,7 @@ impl NetBackend for Tap {
 
 fn reader_loop(file: &File, stop: &EventFd, sink: &dyn FrameSink) {
     if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::TapReader) {
-        log::error!("tap reader: {e}");
+        log::error!("tap reader: {}", crate::report::Chain(&e));
         return;
     }
     let mut buf = vec![0u8; READ_BYTES];

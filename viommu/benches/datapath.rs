@@ -38,7 +38,7 @@ const HOST_EP: u32 = 0x10;
 const BASE: u64 = 0x1_0000_0000;
 
 /// A host mapper that records the mapping set and counts calls, checking overlaps like VFIO
-/// type1 (the same work as `viommu::host::recording::RecordingMapper` minus its call log, which
+/// type1 (the same work as `viommu::RecordingMapper` minus its call log, which
 /// would grow without bound over millions of iterations).
 #[derive(Default)]
 struct CountingMapper {

@@ -1,15 +1,15 @@
 //! Cost of the shadowing engine itself (run with `cargo bench -p viommu --bench shadow`): a
-//! guest MAP + UNMAP through the domain layer into a `Shadow` over a host space that does
+//! guest MAP + UNMAP through the rules and the engine into a `Shadow` over a host space that does
 //! nothing, with 1 to 100 000 mappings already mirrored; i.e. what we add on top of the VFIO
 //! ioctl per request.
 
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
-use viommu::domain::{Domains, Geometry, Limits};
-use viommu::fault::FaultReporter;
-use viommu::host::{DmaSpace, HostMapError, HostMapper, Prot};
 use viommu::spec::{MAP_F_READ, MAP_F_WRITE};
+use viommu::FaultReporter;
+use viommu::{DmaSpace, HostMapError, HostMapper, Prot};
+use viommu::{Domains, Geometry, Limits};
 use viommu::{Shadow, Status};
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 

@@ -1,9 +1,10 @@
-//! Where MAP/UNMAP time goes in the domain layer (run with `cargo bench -p viommu --bench tablecost`).
+//! Where MAP/UNMAP time goes in the rules and the engine (run with
+//! `cargo bench -p viommu --bench tablecost`).
 
 use std::sync::Arc;
 use std::time::Instant;
-use viommu::domain::{Domains, Geometry, Limits};
-use viommu::fault::FaultReporter;
+use viommu::FaultReporter;
+use viommu::{Domains, Geometry, Limits};
 
 fn main() {
     for &n in &[1u64, 1_000, 100_000] {

@@ -1,11 +1,22 @@
-//! The guest-visible IOMMU: the virtio-iommu device model, per-domain mapping tables, the
-//! translation snapshots emulated devices read, and the shadowing engine that installs guest
-//! mappings in the host IOMMU.
+//! The guest-visible IOMMU: one engine and its front ends.
 //!
-//! Data flows one way: [`device`] pops a chain, [`request`] parses it, [`domain`] applies the
-//! spec's rules (mirroring into [`host`] mappers), and [`snapshot`] publishes per-endpoint views
-//! that [`translate::TranslatedMemory`] reads lock-free for the devices behind the IOMMU;
-//! misses become [`fault`] events.
+//! - `engine/`: address spaces (domains) and their mapping tables, endpoints, the published
+//!   views emulated devices translate through, the shadowing into host DMA address spaces
+//!   (VFIO), the static full-RAM map, faults (a [`FaultSink`]) and limits. It knows nothing of
+//!   virtio or VT-d: a front end calls [`Engine`] in neutral words ("endpoint E is in space D",
+//!   "D maps R -> G with A", "unmap R", "E is identity / blocked", "publish") and turns each
+//!   answer ([`Attached`], [`EngineError`], ...) into its own.
+//! - `virtio/`: the virtio-iommu device ([`Viommu`]): the wire format ([`spec`]), request
+//!   parsing, the spec's rules ([`Domains`]), the event queue ([`FaultReporter`]), counters and
+//!   the configuration ([`ViommuConfig`]).
+//! - `vtd/`: the emulated Intel VT-d (next).
+//!
+//! Data flows one way: front end -> engine -> host mappers / published views. For the
+//! virtio-iommu: the device pops a chain, the request parser types it, the rules check it and
+//! call the engine, which mirrors the change into the [`HostMapper`]s of the space's endpoints
+//! and publishes one [`View`] per endpoint (once per request-queue batch) that
+//! [`TranslatedMemory`] reads lock-free for the devices behind the IOMMU; misses become
+//! [`Fault`]s, which the front end reports (virtio: event-queue records).
 //!
 //! VMM usage:
 //! ```text
@@ -17,15 +28,15 @@
 //! // hand `iommu` (Box<dyn virtio_dev::VirtioDevice>) to the virtio-pci transport
 //! ```
 //!
-//! Assigned (VFIO) devices: [`shadow::Shadow`] mirrors a domain's mappings into the device's
-//! container (IOVA -> GPA -> host address, split at RAM-region and BAR edges, exact unmaps,
-//! rollback); devices not behind the vIOMMU get [`static_map::StaticMapping`] (all guest RAM,
-//! IOVA == GPA, RAM added later too). See the [`shadow`] module doc for host calls per request.
+//! Assigned (VFIO) devices: a [`Shadow`] mirrors a space's mappings into the device's container
+//! (IOVA -> GPA -> host address, split at RAM-region and BAR edges, exact unmaps, rollback);
+//! devices not behind the vIOMMU get a [`StaticMapping`] (all guest RAM, IOVA == GPA, RAM added
+//! later too). See the [`Shadow`] doc for host calls per request.
 //! ```text
 //! // per assigned group, after opening its device into its own container:
 //! let space = Arc::new(viommu::VfioDmaSpace::new(container.clone()));
 //! let info = space.query_info()?;                          // host IOVA ranges, page sizes
-//! let config = viommu::host::vfio::viommu_config_for(ViommuConfig::default(), &[info.clone()])?;
+//! let config = viommu::viommu_config_for(ViommuConfig::default(), &[info.clone()])?;
 //! bars.add(Arc::new(DeviceBars(..)));  // Arc<BarTargets>; your `unsafe impl BarResolver`
 //! let shadow = Arc::new(viommu::Shadow::new(space, guest_mem_atomic.clone())
 //!     .with_bars(bars.clone()).with_config(info.shadow_config()));
@@ -35,30 +46,43 @@
 //! let statics = viommu::StaticMapping::new(space, &*guest_mem_atomic.memory())?;
 //! ```
 //!
-//! Tables are left-right pairs (`snapshot::DualTable`): O(log n) in-place updates, one
-//! publication per request-queue batch, an UNMAP/DETACH completes only once no device still
-//! holds the previous view.
+//! Tables are left-right pairs: O(log n) in-place updates, one publication per request-queue
+//! batch, an unmap or detach completes only once no device still holds the previous view.
 
-pub mod counters;
-pub mod device;
-pub mod domain;
-pub mod fault;
-pub mod host;
-pub mod request;
-pub mod shadow;
-pub mod snapshot;
-pub mod spec;
-pub mod static_map;
-pub mod translate;
+#![deny(missing_docs)]
 
-pub use counters::{CounterSnapshot, Counters};
-pub use device::{ConfigError, Viommu, ViommuConfig};
-pub use domain::{DomainError, EndpointHandle, Geometry, Limits, ResvKind, ResvRegion};
-pub use fault::{Fault, FaultRateLimit};
-pub use host::vfio::{HostIommuInfo, VfioDmaSpace};
-pub use host::{DmaSpace, HostMapError, HostMapper, Prot};
-pub use shadow::{BarResolver, BarTargets, Shadow, ShadowConfig};
-pub use snapshot::{Access, Mapping};
-pub use spec::Status;
-pub use static_map::StaticMapping;
-pub use translate::{PinnedView, TranslatedMemory};
+pub(crate) mod engine;
+pub(crate) mod virtio;
+pub(crate) mod vtd;
+
+/// The virtio-iommu wire format (mock drivers and fuzzers encode requests with its structs).
+pub use virtio::spec;
+
+// The engine: its API for front ends, and what devices and the VMM hold.
+pub use engine::arch::{X86_MSI_END, X86_MSI_START};
+pub use engine::endpoint::{DomainError, EndpointHandle};
+pub use engine::fault::{Fault, FaultRateLimit, FaultSink};
+pub use engine::geometry::{Geometry, ResvKind, ResvRegion};
+pub use engine::limits::Limits;
+pub use engine::mapping::{Access, Mapping, Miss};
+pub use engine::space::SpaceKind;
+pub use engine::state::{Attached, Detached, Engine, EngineError};
+pub use engine::translate::{PinnedView, TranslatedMemory};
+pub use engine::view::{Mode, View};
+
+// Host address spaces: the mapper hook, VFIO, shadowing and the static map.
+pub use engine::host::recording::{HostOp, RecordingMapper};
+pub use engine::host::vfio::{HostIommuInfo, InfoParseError, VfioDmaSpace};
+pub use engine::host::{DmaSpace, HostMapError, HostMapper, Prot};
+pub use engine::shadow::{BarResolver, BarTargets, Piece, Shadow, ShadowConfig, MAX_PIECES};
+pub use engine::static_map::{StaticMapping, StaticRange};
+
+// The virtio-iommu front end.
+pub use virtio::config::{
+    viommu_config_for, ConfigError, GeometryError, ViommuConfig, MAX_PROBE_SIZE,
+};
+pub use virtio::counters::{CounterSnapshot, Counters};
+pub use virtio::device::Viommu;
+pub use virtio::event::FaultReporter;
+pub use virtio::rules::Domains;
+pub use virtio::spec::Status;

@@ -443,8 +443,8 @@ fn config_validation() {
 
 #[test]
 fn host_backed_endpoint_statuses_reach_the_tail() {
-    use viommu::host::recording::RecordingMapper;
     use viommu::HostMapError;
+    use viommu::RecordingMapper;
     let rec = std::sync::Arc::new(RecordingMapper::new());
     let (mut d, _) = Driver::new(ViommuConfig::default(), &[EP], None);
     d.dev.add_host_endpoint(0x20, rec.clone()).unwrap();

@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use viommu::host::recording::RecordingMapper;
+use viommu::RecordingMapper;
 use viommu::{HostMapError, HostMapper, Prot, Status, ViommuConfig};
 
 /// Failure injection shared by every mapper of one run: the `fail_at`-th host call overall
@@ -276,7 +276,7 @@ fn inject_everywhere(boot_bypass: bool) -> usize {
                 let failed_before = r.failed();
                 let status = r.send(req);
                 if r.failed() > failed_before {
-                    if status == err.status() as u8 {
+                    if status == Status::from(err) as u8 {
                         // Refused: nothing changed, and a retry behaves like the clean run.
                         refused += 1;
                         assert_eq!(engine(&r.d), before, "engine changed by {what}");

@@ -4,10 +4,10 @@
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use viommu::domain::{Domains, EndpointHandle, Geometry, Limits};
-use viommu::fault::FaultReporter;
-use viommu::snapshot::Miss;
+use viommu::FaultReporter;
+use viommu::Miss;
 use viommu::{Access, Status};
+use viommu::{Domains, EndpointHandle, Geometry, Limits};
 
 const PAGE: u64 = 0x1000;
 const EPS: [u32; 3] = [0x08, 0x10, 0x18];

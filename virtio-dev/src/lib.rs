@@ -1,10 +1,13 @@
-//! What every virtio device model of the VMM shares, below any transport and any IOMMU:
+//! What every virtio device model of the VMM shares, below both the transport (`pci`'s
+//! virtio-pci) and the devices (virtio-blk and virtio-net in the VMM, virtio-iommu in
+//! `viommu`), so that neither depends on the other:
 //!
 //! - [`VirtioDevice`] and its companions ([`VirtioInterrupt`], [`QueueConfig`],
-//!   [`ActivateError`]): the interface a transport (virtio-pci in the `pci` crate) drives;
-//! - [`build_queue`]: a `virtio_queue::Queue` from what the driver configured, checked;
-//! - [`wants_interrupt`]: the one used-buffer notification rule (EVENT_IDX or the
-//!   `VRING_AVAIL_F_NO_INTERRUPT` flag), decided once per batch;
+//!   [`ActivateError`]): the interface the transport drives;
+//! - [`build_queue`] / [`usable_queue`]: a [`virtio_queue::Queue`] from what the driver
+//!   configured;
+//! - [`wants_interrupt`]: the one interrupt-suppression rule (EVENT_IDX or
+//!   `VRING_AVAIL_F_NO_INTERRUPT`), decided once per batch of used-ring updates;
 //! - [`Batch`] / [`serve_queue`]: the serve loop of a request queue (pop, handle, complete,
 //!   re-enable notifications, decide the interrupt), in bounded rounds if the device wants.
 //!
@@ -12,7 +15,7 @@
 //! and buffers are reached through (guest-physical, or translated by an IOMMU).
 //!
 //! ```
-//! use virtio_dev::{build_queue, serve_queue, QueueConfig};
+//! use virtio_dev::{serve_queue, usable_queue, QueueConfig};
 //! use vm_memory::{GuestAddress, GuestMemoryMmap};
 //!
 //! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
@@ -24,7 +27,7 @@
 //!     used_ring: GuestAddress(0x3000),
 //!     ready: true,
 //! };
-//! let mut queue = build_queue(256, &qc, false, &mem).unwrap();
+//! let mut queue = usable_queue(&qc, 256, false, &mem).unwrap();
 //! // On a kick: serve every chain (used length 0 here), then signal if the driver wants it.
 //! let interrupt = serve_queue(&mut queue, &mem, "example", |_queue, _chain| 0);
 //! assert!(!interrupt, "nothing was available");
@@ -35,14 +38,14 @@
 
 #![deny(missing_docs)]
 
-pub mod device;
-pub mod notify;
-pub mod queue;
-pub mod serve;
+mod device;
+mod notify;
+mod queue;
+mod serve;
 #[cfg(test)]
 mod test_ring;
 
 pub use device::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
-pub use notify::wants_interrupt;
-pub use queue::{build_queue, queue_from_config};
+pub use notify::{need_event, wants_interrupt};
+pub use queue::{build_queue, usable_queue};
 pub use serve::{serve_queue, Batch, Progress};

@@ -2,7 +2,7 @@
 //! places its used ring over the end of the available ring, `used_event` included).
 
 use crate::device::QueueConfig;
-use crate::queue::build_queue;
+use crate::queue::usable_queue;
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -39,7 +39,7 @@ impl<'a> Ring<'a> {
             used_ring: GuestAddress(USED),
             ready: true,
         };
-        build_queue(256, &qc, event_idx, self.m).unwrap()
+        usable_queue(&qc, 256, event_idx, self.m).unwrap()
     }
 
     /// Make `n` one-descriptor chains available (descriptor i: 0x10 + i writable bytes).

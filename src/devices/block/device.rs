@@ -21,14 +21,9 @@ use virtio_queue::Queue;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::request::Requests;
-use super::{BlockBackend, BlockConfig, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX};
+use super::{BlockBackend, BlockStats, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX};
+use crate::config::BlockConfig;
 use crate::devices::virtio::{Desc, DeviceMemory};
-
-/// Chains served under one pinned view behind the vIOMMU: one. A request may hold the view
-/// through up to [`super::MAX_REQUEST_BYTES`] of file I/O, and an UNMAP waits for every
-/// holder of the old view, so a pin covers a single request.
-const CHAINS_PER_PIN: usize = 1;
 
 /// Queue state of an activated device, served inline (on the kicking vCPU thread) or by the
 /// worker thread.
@@ -53,8 +48,7 @@ impl Queues {
             log::warn!("virtio-blk: notify for absent queue {i}");
             return;
         };
-        let mut requests = Requests { backend, descs };
-        if mem.serve(q, None, CHAINS_PER_PIN, &mut requests) {
+        if backend.serve(mem, q, descs) {
             interrupt.signal_queue(i as u16);
         }
     }
@@ -76,6 +70,11 @@ impl Block {
     /// activated, use [`Block::with_endpoint`]).
     pub fn new(cfg: BlockConfig) -> io::Result<Block> {
         Block::with_endpoint(cfg, None)
+    }
+
+    /// What this disk did so far (shared with its queue server).
+    pub fn stats(&self) -> &Arc<BlockStats> {
+        self.backend.stats()
     }
 
     /// Open the disk described by `cfg`; with `endpoint`, every DMA of the device (rings and
@@ -159,7 +158,7 @@ impl Drop for Block {
 /// Wait on the kick eventfds and the stop eventfd; serve queues until stopped.
 fn worker_loop(backend: Arc<BlockBackend>, mut queues: Queues, kicks: Vec<EventFd>, stop: EventFd) {
     if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::BlockWorker) {
-        log::error!("virtio-blk worker: {e}");
+        log::error!("virtio-blk worker: {}", crate::report::Chain(&e));
         return;
     }
     let mut fds: Vec<libc::pollfd> = kicks

@@ -6,22 +6,24 @@
 //! `UNSUPP` for unknown request types) when it has a writable status byte, and is completed
 //! with used length 0 otherwise; the device keeps working.
 //!
-//! - [`options`]: the `--disk` options;
 //! - [`request`]: the backing file and one request (a chain) served against it;
 //! - [`device`]: the virtio device (features, config space, activation, inline or worker
-//!   thread serving) on the shared layer ([`super::virtio`], `virtio_dev`).
+//!   thread serving) on the shared layer ([`super::virtio`], `virtio_dev`);
+//! - [`stats`]: what the disk did (the exit summary's `blk:` lines).
+//!
+//! Its options are [`crate::config::BlockConfig`].
 
 pub mod device;
-pub mod options;
 pub mod request;
+pub mod stats;
 #[cfg(test)]
 mod tests;
 
 use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
 
 pub use device::Block;
-pub use options::BlockConfig;
 pub use request::BlockBackend;
+pub use stats::{BlockStats, BlockStatsSnapshot};
 
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;

@@ -7,6 +7,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
     virtio_blk_outhdr, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -16,12 +17,17 @@ use virtio_dev::serve_queue;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
-use super::{BlockConfig, ID_BYTES, MAX_REQUEST_BYTES, SECTOR_SIZE};
-use crate::devices::virtio::{Buffers, ChainHandler, Desc};
+use super::{BlockStats, ID_BYTES, MAX_REQUEST_BYTES, SECTOR_SIZE};
+use crate::config::BlockConfig;
+use crate::devices::virtio::{Buffers, ChainHandler, Desc, DeviceMemory};
 
 /// `struct virtio_blk_outhdr`: type, ioprio, sector.
 const HEADER_BYTES: u64 = std::mem::size_of::<virtio_blk_outhdr>() as u64;
 const BOUNCE_BYTES: usize = 64 << 10;
+/// Chains served under one pinned view behind the vIOMMU: one. A request may hold the view
+/// through up to [`MAX_REQUEST_BYTES`] of file I/O, and an UNMAP waits for every holder of the
+/// old view, so a pin covers a single request.
+const CHAINS_PER_PIN: usize = 1;
 
 /// One descriptor of a chain, copied out of guest memory.
 #[derive(Clone, Copy, Debug)]
@@ -63,6 +69,7 @@ pub struct BlockBackend {
     sectors: u64,
     readonly: bool,
     id: [u8; ID_BYTES],
+    stats: Arc<BlockStats>,
 }
 
 /// `addr + off`, failing (instead of wrapping) past the end of the address space.
@@ -118,7 +125,13 @@ impl BlockBackend {
             sectors: len / SECTOR_SIZE,
             readonly: cfg.readonly,
             id,
+            stats: Arc::default(),
         })
+    }
+
+    /// What this disk did so far.
+    pub fn stats(&self) -> &Arc<BlockStats> {
+        &self.stats
     }
 
     /// Capacity in 512-byte sectors.
@@ -132,6 +145,11 @@ impl BlockBackend {
         mem: &M,
         descs: &[(GuestAddress, u32, bool)],
     ) -> u32 {
+        let stats = &*self.stats;
+        BlockStats::add(&stats.requests, 1);
+        BlockStats::add(&stats.descriptors, descs.len() as u64);
+        // Data segments: every descriptor but the header's and the status byte's.
+        BlockStats::add(&stats.segments, descs.len().saturating_sub(2) as u64);
         // Split into the readable prefix and the writable suffix.
         let first_w = descs.iter().position(|d| d.2).unwrap_or(descs.len());
         let readable: Vec<Seg> = descs[..first_w]
@@ -157,6 +175,7 @@ impl BlockBackend {
             _ => None,
         };
         let Some(status_addr) = status_addr else {
+            BlockStats::add(&stats.errors, 1);
             log::warn!(
                 "virtio-blk: {}",
                 if wrong_dir {
@@ -172,10 +191,12 @@ impl BlockBackend {
         let (status, written) = match self.request(mem, &readable, &writable, data_in) {
             Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
             Err(ReqError::Unsupported(t)) => {
+                BlockStats::add(&stats.errors, 1);
                 log::debug!("virtio-blk: unsupported request type {t}");
                 (VIRTIO_BLK_S_UNSUPP as u8, 0)
             }
             Err(e) => {
+                BlockStats::add(&stats.errors, 1);
                 log::warn!("virtio-blk: request failed: {e}");
                 (VIRTIO_BLK_S_IOERR as u8, 0)
             }
@@ -226,6 +247,8 @@ impl BlockBackend {
                     }
                     Ok(())
                 })?;
+                BlockStats::add(&self.stats.reads, 1);
+                BlockStats::add(&self.stats.read_bytes, data_in);
                 Ok(data_in)
             }
             VIRTIO_BLK_T_OUT => {
@@ -244,12 +267,15 @@ impl BlockBackend {
                     }
                     Ok(())
                 })?;
+                BlockStats::add(&self.stats.writes, 1);
+                BlockStats::add(&self.stats.written_bytes, data_out);
                 Ok(0)
             }
             VIRTIO_BLK_T_FLUSH => {
                 if !self.readonly {
                     self.file.sync_data()?;
                 }
+                BlockStats::add(&self.stats.flushes, 1);
                 Ok(0)
             }
             VIRTIO_BLK_T_GET_ID => {
@@ -280,13 +306,36 @@ impl BlockBackend {
         Ok(sector * SECTOR_SIZE)
     }
 
-    /// Pop and serve every available chain of `queue`; returns true if the driver wants an
-    /// interrupt for the completions.
+    /// Pop and serve every available chain of `queue` through `mem`; returns true if the
+    /// driver wants an interrupt for the completions.
     pub fn process_queue<M: GuestMemory>(&self, queue: &mut Queue, mem: &M) -> bool {
+        BlockStats::add(&self.stats.kicks, 1);
         let mut descs = Vec::new();
-        serve_queue(queue, mem, "virtio-blk", |q, chain| {
+        let interrupt = serve_queue(queue, mem, "virtio-blk", |q, chain| {
             self.serve_chain(q, chain, mem, &mut descs)
-        })
+        });
+        BlockStats::add(&self.stats.interrupts, u64::from(interrupt));
+        interrupt
+    }
+
+    /// Serve `queue` after a kick through the device's memory (behind the vIOMMU: one pinned
+    /// view per request, so each runs against one consistent view and an UNMAP completes only
+    /// after it finished); `descs` is scratch kept between kicks. Returns true if the driver
+    /// wants an interrupt.
+    pub(super) fn serve(
+        &self,
+        mem: &DeviceMemory,
+        queue: &mut Queue,
+        descs: &mut Vec<Desc>,
+    ) -> bool {
+        BlockStats::add(&self.stats.kicks, 1);
+        let mut requests = Requests {
+            backend: self,
+            descs,
+        };
+        let interrupt = mem.serve(queue, None, CHAINS_PER_PIN, &mut requests);
+        BlockStats::add(&self.stats.interrupts, u64::from(interrupt));
+        interrupt
     }
 
     /// Serve one chain of `queue`: its descriptors (at most twice the queue size; a longer
@@ -303,6 +352,8 @@ impl BlockBackend {
         descs.clear();
         for d in chain {
             if descs.len() >= max {
+                BlockStats::add(&self.stats.requests, 1);
+                BlockStats::add(&self.stats.errors, 1);
                 log::warn!("virtio-blk: {}", ReqError::ChainTooLong);
                 return 0;
             }
@@ -312,13 +363,10 @@ impl BlockBackend {
     }
 }
 
-/// The requests of a queue, served by a backend (the device's handler for the shared serve
-/// loop).
-pub(super) struct Requests<'a> {
-    /// The disk.
-    pub backend: &'a BlockBackend,
-    /// Scratch for one chain's descriptors.
-    pub descs: &'a mut Vec<Desc>,
+/// The requests of a queue, served by a backend (its handler for the shared serve loop).
+struct Requests<'a> {
+    backend: &'a BlockBackend,
+    descs: &'a mut Vec<Desc>,
 }
 
 impl ChainHandler for Requests<'_> {

@@ -20,7 +20,8 @@ use super::ctrl::CtrlChains;
 use super::rx::NetPort;
 use super::stats::bump;
 use super::tx::{TxBatch, TxChains};
-use super::{NetBackendConfig, NetConfig, CTRL_QUEUE, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use super::{CTRL_QUEUE, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use crate::config::{NetBackendConfig, NetConfig};
 use crate::devices::virtio::{Desc, DeviceMemory, QueueRings};
 use crate::net::{FrameSink, Hubs, NetBackend, Tap};
 

@@ -14,14 +14,14 @@
 //! Every chain is hostile: a bad TX chain is completed with used length 0 and counted, a bad
 //! RX chain is completed empty, oversized frames are dropped; nothing panics.
 //!
-//! - [`options`]: the `--net` options;
 //! - [`device`]: the virtio device (features, config space, activation, kicks);
 //! - [`rx`]: the port's receive side and backlog; [`tx`]: the transmit queue; [`ctrl`]: the
 //!   control queue; [`stats`]: the port's counters.
+//!
+//! Its options are [`crate::config::NetConfig`].
 
 pub mod ctrl;
 pub mod device;
-pub mod options;
 pub mod rx;
 pub mod stats;
 #[cfg(test)]
@@ -31,7 +31,6 @@ pub mod tx;
 use virtio_bindings::virtio_net::virtio_net_hdr_v1;
 
 pub use device::Net;
-pub use options::{NetBackendConfig, NetConfig};
 pub use rx::NetPort;
 pub use stats::{NetStats, NetStatsSnapshot};
 

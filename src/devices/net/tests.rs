@@ -2,6 +2,7 @@
 //! interrupts, bad chains, control), config space, and both ports behind the vIOMMU.
 
 use super::*;
+use crate::config::{NetBackendConfig, NetConfig};
 use crate::devices::test_iommu::{push_chain, MockIommu};
 use crate::net::{Delivery, FrameSink, Hubs};
 use std::sync::{Arc, Mutex};

@@ -15,7 +15,7 @@
 
 use viommu::{EndpointHandle, PinnedView, TranslatedMemory};
 use virtio_bindings::virtio_config::VIRTIO_F_ACCESS_PLATFORM;
-use virtio_dev::{build_queue, ActivateError, Batch, Progress, QueueConfig};
+use virtio_dev::{usable_queue, ActivateError, Batch, Progress, QueueConfig};
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -72,7 +72,7 @@ fn queues_in<M: GuestMemory>(
 ) -> Result<Vec<Queue>, ActivateError> {
     configs
         .iter()
-        .map(|qc| build_queue(max_size, qc, event_idx, mem))
+        .map(|qc| usable_queue(qc, max_size, event_idx, mem))
         .collect()
 }
 

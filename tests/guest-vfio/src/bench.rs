@@ -2,7 +2,7 @@
 
 use crate::dma::DmaBuf;
 use crate::{now_ns, pick_iova, Error, VfioHandle};
-use viommu::host::{DmaSpace, HostMapError, Prot};
+use viommu::{DmaSpace, HostMapError, Prot};
 
 /// Map one `size`-byte buffer at `count` consecutive IOVAs, then unmap them one by one; prints
 /// `maps_per_s=... unmaps_per_s=...`.

@@ -8,7 +8,7 @@ use crate::dma::{BarIo, DmaBuf};
 use crate::ring::{Desc, Layout, Mem, SplitQueue, DESC_F_NEXT, DESC_F_WRITE};
 use crate::{fnv1a64, hex, now_ns, pick_iova, Error, VfioHandle};
 use pci::vfio_backend::{VfioBackend, VFIO_PCI_CONFIG_REGION_INDEX};
-use viommu::host::Prot;
+use viommu::Prot;
 
 // virtio_pci_common_cfg offsets.
 const DEVICE_FEATURE_SELECT: u64 = 0;

@@ -1,5 +1,5 @@
 //! `guest-vfio`: runs inside a (L2) guest on a PCI function bound to vfio-pci and drives it
-//! through the viommu crate's own VFIO backend (`viommu::host::vfio`) against /dev/vfio:
+//! through the viommu crate's own VFIO backend (`viommu::VfioDmaSpace`) against /dev/vfio:
 //!
 //! - `maps --size 4096|2097152 --count N`: map/unmap rates (`maps_per_s=... unmaps_per_s=...`);
 //! - `errors`: VFIO type1 semantics the shadow engine relies on (EEXIST on overlap, EINVAL on
@@ -27,7 +27,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
-use viommu::host::vfio::{HostIommuInfo, VfioDmaSpace};
+use viommu::{HostIommuInfo, VfioDmaSpace};
 
 /// Everything that can go wrong.
 #[derive(Debug, thiserror::Error)]

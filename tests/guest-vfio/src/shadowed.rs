@@ -11,8 +11,8 @@ use crate::blk::{print_result, read_via, ReadResult};
 use crate::ring::Mem;
 use crate::{pick_iova, Error, VfioHandle};
 use std::sync::Arc;
-use viommu::host::vfio::VfioDmaSpace;
-use viommu::host::{DmaSpace, HostMapper, Prot};
+use viommu::VfioDmaSpace;
+use viommu::{DmaSpace, HostMapper, Prot};
 use viommu::{Shadow, StaticMapping};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 

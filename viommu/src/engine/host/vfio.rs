@@ -1,6 +1,7 @@
 //! A [`DmaSpace`] on a VFIO type1 container (`vfio_ioctls::VfioContainer` or any open
 //! `/dev/vfio/vfio` fd with a group attached and the IOMMU set), and the query of what the host
-//! IOMMU behind it can translate, turned into the virtio-iommu geometry the guest is told.
+//! IOMMU behind it can translate ([`HostIommuInfo`]; the front end's config turns it into the
+//! geometry the guest is told).
 //!
 //! The ioctls are issued directly (vfio-ioctls 0.10 always maps read/write and hides errnos):
 //! `VFIO_IOMMU_MAP_DMA` with `VFIO_DMA_MAP_FLAG_READ`/`WRITE` from [`Prot`],
@@ -14,10 +15,6 @@
 //! compat, nothing mapped) -> Invalid, a short unmap -> Failed.
 
 use super::{DmaSpace, HostMapError, Prot};
-use crate::device::{ViommuConfig, MAX_PROBE_SIZE};
-use crate::domain::{ResvKind, ResvRegion};
-use crate::shadow::ShadowConfig;
-use crate::spec::RESV_MEM_SIZE;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, OnceLock};
@@ -66,28 +63,6 @@ pub enum InfoParseError {
     BadRange(u64, u64),
 }
 
-/// The host's limits cannot be expressed in the virtio-iommu config.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum GeometryError {
-    /// No page size is both advertised by the config and supported by the host.
-    #[error("no common page size (config {config:#x}, host {host:#x})")]
-    NoCommonPageSize {
-        /// The config's mask.
-        config: u64,
-        /// The host's bitmap.
-        host: u64,
-    },
-    /// No host IOVA range intersects the configured input range.
-    #[error("no host IOVA range inside the input range")]
-    NoIovaRange,
-    /// Too many holes to report in `MAX_PROBE_SIZE` bytes of PROBE properties.
-    #[error("{0} reserved regions do not fit in a PROBE reply")]
-    TooManyRegions(usize),
-    /// The resulting config is invalid.
-    #[error(transparent)]
-    Config(#[from] crate::device::ConfigError),
-}
-
 fn rd_u16(b: &[u8], off: usize) -> Option<u16> {
     Some(u16::from_ne_bytes(b.get(off..off + 2)?.try_into().ok()?))
 }
@@ -98,32 +73,6 @@ fn rd_u32(b: &[u8], off: usize) -> Option<u32> {
 
 fn rd_u64(b: &[u8], off: usize) -> Option<u64> {
     Some(u64::from_ne_bytes(b.get(off..off + 8)?.try_into().ok()?))
-}
-
-/// `ranges` minus every range of `cut` (all inclusive), in order.
-fn subtract(ranges: &[(u64, u64)], cut: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
-    for &(s, e) in ranges {
-        let mut pieces = vec![(s, e)];
-        for &(cs, ce) in cut {
-            let mut next = Vec::new();
-            for (ps, pe) in pieces {
-                if ce < ps || cs > pe {
-                    next.push((ps, pe));
-                    continue;
-                }
-                if cs > ps {
-                    next.push((ps, cs - 1));
-                }
-                if ce < pe {
-                    next.push((ce + 1, pe));
-                }
-            }
-            pieces = next;
-        }
-        out.extend(pieces);
-    }
-    out
 }
 
 impl HostIommuInfo {
@@ -220,78 +169,6 @@ impl HostIommuInfo {
         }
     }
 
-    /// Restrict `config` to what this host can do: `page_size_mask` intersected with the host's
-    /// page sizes, the input range narrowed to the host's IOVA ranges, every hole between them
-    /// reported as a RESV_MEM reserved region (minus regions already reserved, e.g. the MSI
-    /// window), and `probe_size` grown to hold them. The result is validated.
-    pub fn apply_to(&self, config: &mut ViommuConfig) -> Result<(), GeometryError> {
-        let g = &mut config.geometry;
-        if self.page_sizes != 0 {
-            let mask = g.page_size_mask & self.page_sizes;
-            if mask == 0 {
-                return Err(GeometryError::NoCommonPageSize {
-                    config: g.page_size_mask,
-                    host: self.page_sizes,
-                });
-            }
-            if mask.trailing_zeros() > 12 {
-                log::warn!(
-                    "viommu: host IOMMU granule {:#x} exceeds 4 KiB: x86 guests cannot use it",
-                    1u64 << mask.trailing_zeros()
-                );
-            }
-            g.page_size_mask = mask;
-        }
-        if !self.iova_ranges.is_empty() {
-            let clipped: Vec<(u64, u64)> = self
-                .iova_ranges
-                .iter()
-                .map(|&(s, e)| (s.max(g.input_start), e.min(g.input_end)))
-                .filter(|&(s, e)| s <= e)
-                .collect();
-            let (Some(first), Some(last)) = (clipped.first(), clipped.last()) else {
-                return Err(GeometryError::NoIovaRange);
-            };
-            g.input_start = first.0;
-            g.input_end = last.1;
-            let holes: Vec<(u64, u64)> = clipped
-                .windows(2)
-                .filter(|w| w[0].1 < u64::MAX && w[0].1 + 1 < w[1].0)
-                .map(|w| (w[0].1 + 1, w[1].0 - 1))
-                .collect();
-            let existing: Vec<(u64, u64)> = config
-                .reserved_regions
-                .iter()
-                .map(|r| (r.start, r.end))
-                .collect();
-            for (start, end) in subtract(&holes, &existing) {
-                config.reserved_regions.push(ResvRegion {
-                    start,
-                    end,
-                    kind: ResvKind::Reserved,
-                });
-            }
-        }
-        let n = config.reserved_regions.len();
-        let need = n * RESV_MEM_SIZE;
-        if need > MAX_PROBE_SIZE as usize {
-            return Err(GeometryError::TooManyRegions(n));
-        }
-        if (config.probe_size as usize) < need {
-            config.probe_size = need as u32;
-        }
-        config.validate()?;
-        Ok(())
-    }
-
-    /// The shadow limits matching this host: its IOVA ranges, the default reserved GPAs.
-    pub fn shadow_config(&self) -> ShadowConfig {
-        ShadowConfig {
-            host_iova_ranges: self.iova_ranges.clone(),
-            ..ShadowConfig::default()
-        }
-    }
-
     /// Whether `iova..=last` lies in one reported range (true when none are reported).
     pub fn contains(&self, iova: u64, last: u64) -> bool {
         self.iova_ranges.is_empty()
@@ -300,20 +177,6 @@ impl HostIommuInfo {
                 .iter()
                 .any(|&(s, e)| s <= iova && last <= e)
     }
-}
-
-/// `base` restricted to what every container in `hosts` can do (see
-/// [`HostIommuInfo::apply_to`]); `base` unchanged when `hosts` is empty.
-pub fn viommu_config_for(
-    base: ViommuConfig,
-    hosts: &[HostIommuInfo],
-) -> Result<ViommuConfig, GeometryError> {
-    let mut config = base;
-    if let Some((first, rest)) = hosts.split_first() {
-        let all = rest.iter().fold(first.clone(), |acc, h| acc.intersect(h));
-        all.apply_to(&mut config)?;
-    }
-    Ok(config)
 }
 
 /// `VFIO_IOMMU_GET_INFO` on the container `fd` (a group must be attached and the IOMMU set).
@@ -485,7 +348,7 @@ impl DmaSpace for VfioDmaSpace {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::{X86_MSI_END, X86_MSI_START};
+    use crate::engine::arch::{X86_MSI_END, X86_MSI_START};
 
     /// A GET_INFO reply as the kernel lays it out: info, IOVA-range cap, DMA-avail cap.
     fn reply(pgsizes: u64, ranges: &[(u64, u64)], avail: Option<u32>) -> Vec<u8> {
@@ -585,135 +448,6 @@ mod tests {
     }
 
     #[test]
-    fn geometry_from_a_39_bit_host() {
-        let info = HostIommuInfo {
-            page_sizes: 0x4020_1000,
-            iova_ranges: vec![
-                (0, 0xfedf_ffff),
-                (0xfef0_0000, 0x7f_ffff_ffff),
-                (0x80_0000_1000, 0x80_ffff_ffff),
-            ],
-            dma_avail: None,
-        };
-        let mut cfg = ViommuConfig::default();
-        info.apply_to(&mut cfg).unwrap();
-        assert_eq!(cfg.geometry.page_size_mask, 0x4020_1000);
-        assert_eq!(cfg.geometry.input_start, 0);
-        assert_eq!(cfg.geometry.input_end, 0x80_ffff_ffff);
-        // The MSI hole is already the MSI region; the other hole becomes RESV_MEM reserved.
-        assert_eq!(
-            cfg.reserved_regions,
-            vec![
-                ResvRegion {
-                    start: X86_MSI_START,
-                    end: X86_MSI_END,
-                    kind: ResvKind::Msi
-                },
-                ResvRegion {
-                    start: 0x80_0000_0000,
-                    end: 0x80_0000_0fff,
-                    kind: ResvKind::Reserved
-                },
-            ]
-        );
-        assert_eq!(
-            info.shadow_config().host_iova_ranges,
-            info.iova_ranges.clone()
-        );
-        // A host hole partly overlapping the MSI region: only the rest is added.
-        let info = HostIommuInfo {
-            page_sizes: 0,
-            iova_ranges: vec![(0, 0xfebf_ffff), (0xfef0_0000, 0xffff_ffff)],
-            dma_avail: None,
-        };
-        let mut cfg = ViommuConfig::default();
-        info.apply_to(&mut cfg).unwrap();
-        assert_eq!(
-            cfg.geometry.page_size_mask, !0xfff,
-            "unknown page sizes keep the mask"
-        );
-        assert_eq!(cfg.geometry.input_end, 0xffff_ffff);
-        assert_eq!(
-            cfg.reserved_regions[1],
-            ResvRegion {
-                start: 0xfec0_0000,
-                end: 0xfedf_ffff,
-                kind: ResvKind::Reserved
-            }
-        );
-    }
-
-    #[test]
-    fn geometry_errors_and_probe_size_growth() {
-        let mut cfg = ViommuConfig::default();
-        let info = HostIommuInfo {
-            page_sizes: 0x800,
-            ..Default::default()
-        };
-        assert!(matches!(
-            info.apply_to(&mut cfg),
-            Err(GeometryError::NoCommonPageSize { .. })
-        ));
-        let mut cfg = ViommuConfig::default();
-        let info = HostIommuInfo {
-            iova_ranges: vec![(1 << 50, 1 << 51)],
-            ..Default::default()
-        };
-        assert_eq!(info.apply_to(&mut cfg), Err(GeometryError::NoIovaRange));
-        // Many holes: probe_size grows to hold them.
-        let ranges: Vec<(u64, u64)> = (0..100u64)
-            .map(|i| (i << 33, (i << 33) + 0xffff_ffff))
-            .collect();
-        let info = HostIommuInfo {
-            iova_ranges: ranges,
-            ..Default::default()
-        };
-        let mut cfg = ViommuConfig::default();
-        info.apply_to(&mut cfg).unwrap();
-        assert_eq!(cfg.reserved_regions.len(), 1 + 99);
-        assert_eq!(cfg.probe_size as usize, 100 * RESV_MEM_SIZE);
-        // Too many to report.
-        let ranges: Vec<(u64, u64)> = (0..4000u64).map(|i| (i << 20, (i << 20) + 0xfff)).collect();
-        let info = HostIommuInfo {
-            iova_ranges: ranges,
-            ..Default::default()
-        };
-        let mut cfg = ViommuConfig::default();
-        assert!(matches!(
-            info.apply_to(&mut cfg),
-            Err(GeometryError::TooManyRegions(_))
-        ));
-    }
-
-    #[test]
-    fn config_for_several_hosts() {
-        let a = HostIommuInfo {
-            page_sizes: 0x4020_1000,
-            iova_ranges: x86_39(),
-            dma_avail: None,
-        };
-        let b = HostIommuInfo {
-            page_sizes: 0x1000,
-            iova_ranges: vec![(0, (1 << 48) - 1)],
-            dma_avail: None,
-        };
-        let cfg = viommu_config_for(ViommuConfig::default(), &[a, b]).unwrap();
-        assert_eq!(cfg.geometry.page_size_mask, 0x1000);
-        assert_eq!(cfg.geometry.input_end, (1 << 39) - 1);
-        assert_eq!(
-            cfg.reserved_regions.len(),
-            1,
-            "the only hole is the MSI window"
-        );
-        assert_eq!(
-            viommu_config_for(ViommuConfig::default(), &[])
-                .unwrap()
-                .geometry,
-            ViommuConfig::default().geometry
-        );
-    }
-
-    #[test]
     fn intersection_of_two_containers() {
         let a = HostIommuInfo {
             page_sizes: 0x4020_1000,
@@ -730,16 +464,6 @@ mod tests {
         assert_eq!(c.iova_ranges, vec![(0x8000, 0xffff), (0x2_0000, 0x2_7fff)]);
         assert_eq!(c.dma_avail, Some(10));
         assert_eq!(a.intersect(&HostIommuInfo::default()), a);
-    }
-
-    #[test]
-    fn subtract_cuts_holes() {
-        assert_eq!(
-            subtract(&[(0, 100)], &[(10, 20), (50, 200)]),
-            vec![(0, 9), (21, 49)]
-        );
-        assert_eq!(subtract(&[(0, u64::MAX)], &[(0, u64::MAX)]), vec![]);
-        assert_eq!(subtract(&[(5, 6)], &[]), vec![(5, 6)]);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Event counters of one virtio-iommu: readable by tests at any time and logged at exit.
 
-use crate::spec::Status;
+use crate::virtio::spec::Status;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Live counters, shared between the device, its endpoints and the fault reporter.

@@ -1,33 +1,32 @@
 //! The shadowing engine: guest mappings (IOVA -> guest-physical) become host DMA mappings
 //! (IOVA -> host virtual address) in one host IOMMU address space.
 //!
-//! [`Shadow`] implements [`HostMapper`], the hook the domain layer calls with guest-physical
+//! [`Shadow`] implements [`HostMapper`], the hook the engine calls with guest-physical
 //! addresses. For each guest mapping it composes IOVA -> GPA with the VMM's GPA -> HVA map:
 //!
 //! - guest RAM: split at `GuestMemoryMmap` region edges (each region is its own host mmap);
 //! - a BAR of an assigned device (peer-to-peer DMA, needed by nested VFIO): resolved through a
-//!   [`BarResolver`] (the VMM plugs one per assigned device, over its BAR mmaps, into a
-//!   [`BarTargets`]);
+//!   [`BarResolver`] (the VMM plugs each assigned device's BAR mmaps into a [`BarTargets`]);
 //! - the MSI doorbell window and other reserved guest-physical ranges: never mapped,
-//!   [`HostMapError::Invalid`] (INVAL, as `domain.rs` answers a MAP over a reserved region);
+//!   [`HostMapError::Invalid`] (INVAL, as the front end answers a MAP over a reserved region);
 //! - anything else (a GPA that is neither RAM nor a mapped BAR): [`HostMapError::OutOfRange`]
-//!   (RANGE, as `domain.rs` answers addresses outside what the device can map), and an IOVA
+//!   (RANGE, as it answers addresses outside what the device can map), and an IOVA
 //!   outside the host IOMMU's usable ranges ([`ShadowConfig::host_iova_ranges`]) is RANGE
 //!   too, before any host call.
 //!
 //! It then calls its [`DmaSpace`] once per piece and records exactly what it installed, so an
 //! unmap removes exactly those host mappings (VFIO refuses to bisect). A failure part way
-//! through a MAP unmaps the pieces already installed; one part way through an unmap re-maps the
-//! pieces already removed; either way the error goes back unchanged, and the domain layer (which
-//! owns the guest-visible state and its rollback) turns it into the request status:
-//! NoSpace -> NOMEM (ENOSPC/ENOMEM, e.g. type1's 65535-entry `dma_entry_limit`), OutOfRange ->
-//! RANGE, Invalid -> INVAL (EEXIST), Failed -> DEVERR. If a rollback call fails too (a double
-//! fault, e.g. VFIO refusing to unmap what it just mapped), it is logged at error level and the
-//! host may keep a mapping the guest was told failed; it only ever points at memory the guest
-//! asked to map.
+//! through a map unmaps the pieces already installed; one part way through an unmap re-maps
+//! the pieces already removed; either way the error goes back unchanged to the engine (which
+//! owns the guest-visible state and its rollback), and the front end turns it into the request
+//! status (virtio-iommu: NoSpace -> NOMEM (ENOSPC/ENOMEM, e.g. type1's 65535-entry
+//! `dma_entry_limit`), OutOfRange -> RANGE, Invalid -> INVAL (EEXIST), Failed -> DEVERR). If a
+//! rollback call fails too (a double fault, e.g. VFIO refusing to unmap what it just mapped),
+//! it is logged at error level and the host may keep a mapping the guest was told failed; it
+//! only ever points at memory the guest asked to map.
 //!
 //! # Host calls per guest request
-//! - MAP: one `DmaSpace::map` per host address space of the domain, times the number of pieces
+//! - MAP: one `DmaSpace::map` per host address space of the space, times the number of pieces
 //!   (1 unless the GPA range crosses a RAM region or BAR edge). Never split into power-of-two
 //!   chunks, never coalesced with neighbouring guest mappings (a later UNMAP of one of them
 //!   would have to bisect a host mapping). A mapping with neither READ nor WRITE makes no call
@@ -41,34 +40,37 @@
 //! assigned group keeps its own container for the VM's lifetime and gets one [`Shadow`]. The
 //! VMM registers each device with `Viommu::add_host_endpoint(bdf, shadow)`; endpoints sharing
 //! a container (several devices of one group, or groups the VMM put in one container at
-//! start-up) must share the same `Arc<Shadow>`: the domain layer dedupes host mappers by
+//! start-up) must share the same `Arc<Shadow>`: the engine dedupes host mappers by
 //! pointer, so a MAP costs one call per *container* of the domain, not per endpoint. With
 //! iommufd the intended shape is one IOAS per guest domain (attach the device's HWPT to the
-//! domain's IOAS on ATTACH) and a `DmaSpace` per IOAS; the domain layer then sees a single
+//! domain's IOAS on ATTACH) and a `DmaSpace` per IOAS; the engine then sees a single
 //! host mapper per domain whatever its endpoints.
 //!
-//! Costs of the other operations (per host address space; n = mappings of the domain):
-//! - ATTACH to a domain the container does not already mirror: n map calls (replay); the
-//!   container's previous contents (old domain, if no other endpoint of that domain uses the
-//!   same container) are first removed: m unmap calls.
-//! - Moving an endpoint between domains: the same, unmap old + replay new; a failure part way
+//! Costs of the other operations (per host address space; n = mappings of the space):
+//! - An endpoint joining a space the container does not already mirror (virtio-iommu ATTACH):
+//!   n map calls (replay); the container's previous contents (old space, if no other endpoint
+//!   of that space uses the same container) are first removed: m unmap calls.
+//! - Moving an endpoint between spaces: the same, unmap old + replay new; a failure part way
 //!   restores the old contents and leaves the endpoint where it was.
-//! - DETACH: n unmap calls when the container leaves the domain; none if another endpoint of
-//!   the domain shares it.
-//! - Bypass (identity) domains: all guest RAM mapped once per container, IOVA == GPA, one
-//!   call per RAM region; leaving the domain unmaps them (one call per region).
-//! - Boot bypass: while `config.bypass` is on, a container none of whose endpoints is attached
-//!   holds all guest RAM the same way (from `Viommu::set_guest_ram` / endpoint registration);
-//!   its first ATTACH first unmaps it (one call per region), a DETACH of its last attached
-//!   endpoint maps it back, turning `config.bypass` off empties it.
+//! - Leaving a space (DETACH): n unmap calls when the container leaves the space; none if
+//!   another endpoint of the space shares it.
+//! - Identity (bypass) spaces: all guest RAM mapped once per container, IOVA == GPA, one call
+//!   per RAM region; leaving the space unmaps them (one call per region).
+//! - Boot bypass: while endpoints in no space are identity (virtio-iommu: `config.bypass` on),
+//!   a container none of whose endpoints is in a space holds all guest RAM the same way (from
+//!   `Viommu::set_guest_ram` / endpoint registration); its first attach first unmaps it (one
+//!   call per region), its last endpoint leaving maps it back, and blocking the default
+//!   empties it.
 //! - RAM added or removed (`Viommu::set_guest_ram` with the new map): one map/unmap per changed
-//!   region in each identity or boot-bypass container. Translated domains need nothing: the
-//!   guest maps what it wants, and composition reads the current memory map.
+//!   region in each identity or boot-bypass container. Paging spaces need nothing: the guest
+//!   maps what it wants, and composition reads the current memory map.
 //!
-//! Devices not behind the vIOMMU use [`crate::static_map::StaticMapping`] instead.
+//! Devices not behind the vIOMMU use [`StaticMapping`](crate::engine::static_map::StaticMapping)
+//! instead.
 
-use crate::host::{DmaSpace, HostMapError, HostMapper, Prot};
-use crate::spec::{X86_MSI_END, X86_MSI_START};
+use crate::engine::arch::{X86_MSI_END, X86_MSI_START};
+use crate::engine::host::vfio::HostIommuInfo;
+use crate::engine::host::{DmaSpace, HostMapError, HostMapper, Prot};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use vm_memory::{
@@ -104,7 +106,7 @@ impl BarTargets {
         Self::default()
     }
 
-    /// Add one device's BARs (the VMM's resolver over its VFIO BAR mmaps).
+    /// Add one device's BARs (the VMM wraps each passthrough device's BAR mmaps).
     pub fn add(&self, r: Arc<dyn BarResolver>) {
         self.list.write().unwrap_or_else(|e| e.into_inner()).push(r);
     }
@@ -137,7 +139,7 @@ pub struct ShadowConfig {
     /// Default: the x86 MSI doorbell window.
     pub reserved_gpa: Vec<(u64, u64)>,
     /// IOVA ranges (inclusive) the host IOMMU can translate, e.g. from
-    /// [`crate::host::vfio::HostIommuInfo::iova_ranges`]. A mapping must lie inside one of
+    /// [`crate::engine::host::vfio::HostIommuInfo::iova_ranges`]. A mapping must lie inside one of
     /// them, else RANGE without a host call. Empty: not checked (the host still refuses).
     pub host_iova_ranges: Vec<(u64, u64)>,
 }
@@ -147,6 +149,16 @@ impl Default for ShadowConfig {
         ShadowConfig {
             reserved_gpa: vec![(X86_MSI_START, X86_MSI_END)],
             host_iova_ranges: Vec::new(),
+        }
+    }
+}
+
+impl HostIommuInfo {
+    /// The shadow limits matching this host: its IOVA ranges, the default reserved GPAs.
+    pub fn shadow_config(&self) -> ShadowConfig {
+        ShadowConfig {
+            host_iova_ranges: self.iova_ranges.clone(),
+            ..ShadowConfig::default()
         }
     }
 }
@@ -454,4 +466,4 @@ impl HostMapper for Shadow {
 
 #[cfg(test)]
 #[path = "shadow_tests.rs"]
-mod tests;
+pub(crate) mod tests;

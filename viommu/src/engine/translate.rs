@@ -1,16 +1,18 @@
-//! Guest memory as a device behind the IOMMU sees it: a `vm_memory::GuestMemory` whose
-//! addresses are IOVAs of one endpoint. Every access loads the endpoint's published view once
-//! (lock-free), translates range by range (a buffer may span IOVA-adjacent mappings), and only
-//! ever touches guest RAM. A miss fails the access and raises a fault on the event queue.
+//! The engine's device-side read path. Guest memory as a device behind the IOMMU sees it: a
+//! `vm_memory::GuestMemory` whose addresses are IOVAs of one endpoint. Every access loads the
+//! endpoint's published view once (lock-free), translates range by range (a buffer may span
+//! IOVA-adjacent mappings), and only ever touches guest RAM. A miss fails the access and
+//! raises a fault (the front end reports it: virtio-iommu on its event queue).
 //!
 //! The fast path: a device pins one view per batch of work ([`TranslatedMemory::pin_view`]),
 //! recent translations are cached per memory (8 entries, tagged with the view generation and
 //! clipped to one RAM region), and packet-sized copies ([`TranslatedMemory::read_into`],
 //! [`TranslatedMemory::write_from`]) go to the region directly, one access per mapping piece.
 
-use crate::domain::EndpointHandle;
-use crate::fault::Fault;
-use crate::snapshot::{Access, Mapping, View};
+use crate::engine::endpoint::EndpointHandle;
+use crate::engine::fault::Fault;
+use crate::engine::mapping::{Access, Mapping};
+use crate::engine::view::View;
 use std::cell::Cell;
 use std::iter::FusedIterator;
 use std::sync::Arc;
@@ -151,8 +153,8 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
         }
     }
 
-    /// A copy that keeps the current view for its whole life: use one per request, so an UNMAP
-    /// or DETACH completes only after the request finished with the old mappings.
+    /// A copy that keeps the current view for its whole life: use one per request, so an unmap
+    /// or a detach completes only after the request finished with the old mappings.
     pub fn pin(&self) -> Self {
         TranslatedMemory {
             mem: self.mem.clone(),
@@ -356,7 +358,7 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
 
     /// Pin the current view for one batch of work, borrowing this memory (and sharing its
     /// translation cache, which stays warm from batch to batch) instead of copying it like
-    /// [`Self::pin`]: one reference count for the whole batch. An UNMAP or DETACH completes
+    /// [`Self::pin`]: one reference count for the whole batch. An unmap or a detach completes
     /// only after the batch dropped it.
     pub fn pin_view(&self) -> PinnedView<'_, M> {
         PinnedView {

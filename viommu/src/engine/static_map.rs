@@ -12,7 +12,7 @@
 //! statics.add_region(&new_region)?;                                    // RAM hot-added later
 //! ```
 
-use crate::host::{DmaSpace, HostMapError, Prot};
+use crate::engine::host::{DmaSpace, HostMapError, Prot};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};

@@ -2,7 +2,7 @@
 //! from guest memory is trusted after this point; a chain that does not parse is returned
 //! unwritten with used length 0.
 
-use crate::spec::{
+use crate::virtio::spec::{
     ReqAttach, ReqDetach, ReqHead, ReqMap, ReqProbe, ReqUnmap, TAIL_SIZE, T_ATTACH, T_DETACH,
     T_MAP, T_PROBE, T_UNMAP,
 };
@@ -16,7 +16,7 @@ const MAX_READABLE: usize = size_of::<ReqProbe>();
 /// Writable descriptors accepted in one chain.
 const MAX_WRITE_SEGS: usize = 8;
 
-/// A validated request (reserved fields are checked by the handler, which must answer INVAL).
+/// A request of the right size for its type (the rules check its reserved fields).
 #[derive(Clone, Copy, Debug)]
 pub enum Request {
     /// ATTACH.
@@ -98,11 +98,6 @@ impl Reply {
     /// Total writable bytes.
     pub fn len(&self) -> u64 {
         self.total
-    }
-
-    /// Whether there is no writable byte.
-    pub fn is_empty(&self) -> bool {
-        self.total == 0
     }
 
     fn push(&mut self, addr: u64, len: u32) -> Result<(), ParseError> {

@@ -1,13 +1,12 @@
-//! The host-mapper hook: where guest mappings of domains with host-backed (VFIO) endpoints are
-//! mirrored into a host IOMMU address space. The domain layer calls a [`HostMapper`] with guest
-//! physical addresses; [`crate::shadow::Shadow`] implements it by composing them with the VMM's
-//! memory map and calling a [`DmaSpace`] (host virtual addresses): [`vfio::VfioDmaSpace`] on a
-//! VFIO container, or [`recording::RecordingMapper`] in tests (which implements both).
+//! The host-mapper hook: where guest mappings of address spaces with host-backed (VFIO)
+//! endpoints are mirrored into a host IOMMU address space. The engine calls a [`HostMapper`]
+//! with guest physical addresses; [`Shadow`](crate::engine::shadow::Shadow) implements it by
+//! composing them with the VMM's memory map and calling a [`DmaSpace`] (host virtual
+//! addresses): [`vfio::VfioDmaSpace`] on a VFIO container, or [`recording::RecordingMapper`]
+//! in tests (which implements both).
 
-pub mod recording;
-pub mod vfio;
-
-use crate::spec::Status;
+pub(crate) mod recording;
+pub(crate) mod vfio;
 
 /// Access rights of one host mapping.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -41,18 +40,6 @@ pub enum HostMapError {
     /// Anything else.
     #[error("host mapper failed: {0}")]
     Failed(String),
-}
-
-impl HostMapError {
-    /// The request status the guest sees for this failure.
-    pub fn status(&self) -> Status {
-        match self {
-            HostMapError::NoSpace => Status::NoMem,
-            HostMapError::OutOfRange => Status::Range,
-            HostMapError::Invalid => Status::Inval,
-            HostMapError::Failed(_) => Status::DevErr,
-        }
-    }
 }
 
 /// One host address space that mirrors a guest domain. `iova..iova+size` maps to guest-physical

@@ -1,5 +1,5 @@
 //! A [`HostMapper`] that records every call, checks them like VFIO type1 would, and fails on
-//! demand, so tests can verify what the domain layer asks of the host and its rollbacks. It is
+//! demand, so tests can verify what the engine asks of the host and its rollbacks. It is
 //! also a [`DmaSpace`](super::DmaSpace) (then the recorded `gpa` is the host address), to test the shadow engine.
 
 use super::{HostMapError, HostMapper, Prot};
@@ -111,7 +111,7 @@ impl HostMapper for RecordingMapper {
     fn unmap(&self, iova: u64, size: u64) -> Result<(), HostMapError> {
         let mut s = self.lock();
         Self::injected(&mut s)?;
-        // The domain layer only unmaps exactly what it mapped.
+        // The engine only unmaps exactly what it mapped.
         match s.mappings.get(&iova) {
             Some(&(sz, _, _)) if sz == size => {
                 s.mappings.remove(&iova);

@@ -75,11 +75,6 @@ pub const FAULT_F_WRITE: u32 = 1 << 1;
 /// Fault flag: `address` is valid.
 pub const FAULT_F_ADDRESS: u32 = 1 << 8;
 
-/// The x86 MSI doorbell window every x86 endpoint reports as RESV_MEM_T_MSI.
-pub const X86_MSI_START: u64 = 0xfee0_0000;
-/// Last byte of the x86 MSI window.
-pub const X86_MSI_END: u64 = 0xfeef_ffff;
-
 /// Request status values written to the tail.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -1,8 +1,10 @@
-//! The `--disk` options.
+//! `--disk path=FILE[,readonly=on][,iommu=on][,notify=inline|thread][,indirect=on|off]`.
 
 use std::path::PathBuf;
 
-/// `--disk` options.
+use super::options::{bad_value, pairs, switch, unknown, OptionError};
+
+/// `--disk` options: one virtio-blk device backed by a raw file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockConfig {
     /// Backing file (raw image).
@@ -20,43 +22,33 @@ pub struct BlockConfig {
     pub indirect: bool,
 }
 
-fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
-    match v {
-        "on" | "true" | "yes" | "1" => Ok(true),
-        "off" | "false" | "no" | "0" => Ok(false),
-        _ => Err(format!("{key}={v}: expected on or off")),
-    }
-}
-
 impl BlockConfig {
     /// Parse `path=FILE[,readonly=on][,iommu=on][,notify=inline|thread][,indirect=on|off]`.
-    pub fn parse(s: &str) -> Result<BlockConfig, String> {
+    pub fn parse(s: &str) -> Result<BlockConfig, OptionError> {
         let mut path = None;
         let mut readonly = false;
         let mut iommu = false;
         let mut inline = true;
         let mut indirect = None;
-        for part in s.split(',') {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| format!("disk option '{part}' is not key=value"))?;
+        for kv in pairs("disk", s) {
+            let (k, v) = kv?;
             match k {
                 "path" if !v.is_empty() => path = Some(PathBuf::from(v)),
-                "readonly" => readonly = parse_bool(k, v)?,
-                "iommu" => iommu = parse_bool(k, v)?,
-                "indirect" => indirect = Some(parse_bool(k, v)?),
+                "readonly" => readonly = switch(k, v)?,
+                "iommu" => iommu = switch(k, v)?,
+                "indirect" => indirect = Some(switch(k, v)?),
                 "notify" => {
                     inline = match v {
                         "inline" => true,
                         "thread" => false,
-                        _ => return Err(format!("notify={v}: expected inline or thread")),
+                        _ => return Err(bad_value(k, v, "expected inline or thread")),
                     }
                 }
-                _ => return Err(format!("unknown disk option '{part}'")),
+                _ => return Err(unknown("disk", k, v)),
             }
         }
         Ok(BlockConfig {
-            path: path.ok_or("disk needs path=FILE")?,
+            path: path.ok_or(OptionError::Required("disk needs path=FILE"))?,
             readonly,
             iommu,
             inline,
@@ -100,5 +92,29 @@ mod tests {
         assert!(BlockConfig::parse("path=x,readonly=maybe").is_err());
         assert!(BlockConfig::parse("path=x,bogus=1").is_err());
         assert!(BlockConfig::parse("path=").is_err());
+    }
+
+    #[test]
+    fn disk_error_messages() {
+        let e = |s: &str| BlockConfig::parse(s).unwrap_err().to_string();
+        assert_eq!(e("ro"), "disk option 'ro' is not key=value");
+        assert_eq!(e("path=x,bogus=1"), "unknown disk option 'bogus=1'");
+        assert_eq!(e("path="), "unknown disk option 'path='");
+        assert_eq!(e("readonly=on"), "disk needs path=FILE");
+        assert_eq!(
+            e("path=x,readonly=maybe"),
+            "readonly=maybe: expected on or off"
+        );
+        assert_eq!(
+            e("path=x,notify=poll"),
+            "notify=poll: expected inline or thread"
+        );
+        // The first bad element is the one reported.
+        assert_eq!(e("path=x,iommu=2,junk"), "iommu=2: expected on or off");
+        assert!(
+            BlockConfig::parse("path=x,readonly=yes,iommu=1")
+                .unwrap()
+                .readonly
+        );
     }
 }

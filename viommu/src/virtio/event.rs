@@ -1,106 +1,37 @@
-//! Fault reporting: devices behind the IOMMU that touch an unmapped IOVA (or lack the right)
-//! raise a fault; it is rate-limited and written to a buffer the driver posted on the event
-//! queue, or dropped cleanly when there is none.
+//! The virtio-iommu event queue: the engine's faults become `struct virtio_iommu_fault` records,
+//! rate-limited and written to a buffer the driver posted, or dropped cleanly when there is
+//! none. [`FaultReporter`] is the [`FaultSink`] of every endpoint of one virtio-iommu.
 
-use crate::counters::Counters;
-use crate::snapshot::{Access, Miss};
-use crate::spec::{
+use crate::engine::fault::{Fault, FaultRateLimit, FaultSink, RateLimiter};
+use crate::engine::mapping::{Access, Miss};
+use crate::virtio::counters::Counters;
+use crate::virtio::spec::{
     FaultRecord, EVENT_QUEUE, FAULT_F_ADDRESS, FAULT_F_READ, FAULT_F_WRITE, FAULT_R_DOMAIN,
     FAULT_R_MAPPING, FAULT_SIZE,
 };
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
-use virtio_dev::{wants_interrupt, VirtioInterrupt};
+use virtio_dev::VirtioInterrupt;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{ByteValued, Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
-/// One translation fault.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Fault {
-    /// FAULT_R_* reason.
-    pub reason: u8,
-    /// FAULT_F_* flags.
-    pub flags: u32,
-    /// Endpoint ID.
-    pub endpoint: u32,
-    /// Faulting IOVA.
-    pub address: u64,
-}
-
-impl Fault {
-    /// The fault for a failed translation of `address` by `endpoint`.
-    pub fn from_miss(endpoint: u32, address: u64, access: Access, miss: Miss) -> Self {
-        let reason = match miss {
-            Miss::NoDomain => FAULT_R_DOMAIN,
-            Miss::NoMapping => FAULT_R_MAPPING,
-        };
-        let rw = match access {
-            Access::Read => FAULT_F_READ,
-            Access::Write => FAULT_F_WRITE,
-            Access::ReadWrite => FAULT_F_READ | FAULT_F_WRITE,
-        };
-        Fault {
-            reason,
-            flags: rw | FAULT_F_ADDRESS,
-            endpoint,
-            address,
-        }
-    }
-
-    /// The event-queue record.
-    pub fn record(&self) -> FaultRecord {
-        FaultRecord {
-            reason: self.reason,
-            flags: self.flags.into(),
-            endpoint: self.endpoint.into(),
-            address: self.address.into(),
-            ..Default::default()
-        }
-    }
-}
-
-/// Token bucket limiting how many faults reach the guest (and the log).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FaultRateLimit {
-    /// Faults allowed in a burst.
-    pub burst: u32,
-    /// Sustained faults per second.
-    pub per_second: u32,
-}
-
-impl Default for FaultRateLimit {
-    fn default() -> Self {
-        FaultRateLimit {
-            burst: 32,
-            per_second: 100,
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Bucket {
-    limit: FaultRateLimit,
-    tokens: f64,
-    last: Option<Instant>,
-}
-
-impl Bucket {
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        let cap = f64::from(self.limit.burst);
-        self.tokens = match self.last {
-            None => cap,
-            Some(t) => (self.tokens
-                + now.duration_since(t).as_secs_f64() * f64::from(self.limit.per_second))
-            .min(cap),
-        };
-        self.last = Some(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+/// The event-queue record of `fault`: reason DOMAIN for a blocked endpoint, MAPPING for a
+/// missing mapping or right; the access as READ/WRITE flags; the address always valid.
+pub(crate) fn record(fault: &Fault) -> FaultRecord {
+    let reason = match fault.miss {
+        Miss::NoDomain => FAULT_R_DOMAIN,
+        Miss::NoMapping => FAULT_R_MAPPING,
+    };
+    let rw = match fault.access {
+        Access::Read => FAULT_F_READ,
+        Access::Write => FAULT_F_WRITE,
+        Access::ReadWrite => FAULT_F_READ | FAULT_F_WRITE,
+    };
+    FaultRecord {
+        reason,
+        flags: (rw | FAULT_F_ADDRESS).into(),
+        endpoint: fault.endpoint.into(),
+        address: fault.address.into(),
+        ..Default::default()
     }
 }
 
@@ -112,7 +43,7 @@ pub(crate) struct EventQueue {
 }
 
 struct State {
-    bucket: Bucket,
+    bucket: RateLimiter,
     queue: Option<EventQueue>,
 }
 
@@ -134,11 +65,7 @@ impl FaultReporter {
         FaultReporter {
             counters,
             state: Mutex::new(State {
-                bucket: Bucket {
-                    limit,
-                    tokens: 0.0,
-                    last: None,
-                },
+                bucket: RateLimiter::new(limit),
                 queue: None,
             }),
         }
@@ -151,25 +78,28 @@ impl FaultReporter {
     pub(crate) fn set_queue(&self, queue: Option<EventQueue>) {
         self.lock().queue = queue;
     }
+}
 
+impl FaultSink for FaultReporter {
     /// Report `fault`: counted always, then rate-limited, then written to the next event buffer
     /// (dropped when there is none). Returns whether it reached the guest.
-    pub fn report(&self, fault: Fault) -> bool {
+    fn report(&self, fault: Fault) -> bool {
         self.counters.fault();
         let mut st = self.lock();
         if !st.bucket.take() {
             self.counters.fault_dropped();
             return false;
         }
+        let record = record(&fault);
         log::warn!(
             "virtio-iommu: fault endpoint {:#x} address {:#x} reason {} flags {:#x}",
             fault.endpoint,
             fault.address,
-            fault.reason,
-            fault.flags
+            record.reason,
+            u32::from(record.flags)
         );
         let delivered = match st.queue.as_mut() {
-            Some(q) => deliver(q, &fault),
+            Some(q) => deliver(q, &record),
             None => false,
         };
         if delivered {
@@ -181,11 +111,10 @@ impl FaultReporter {
     }
 }
 
-/// Write `fault` to the first usable buffer. Buffers too small or unwritable are returned with
-/// used length 0 (a record is never split across buffers).
-fn deliver(q: &mut EventQueue, fault: &Fault) -> bool {
+/// Write `record` to the first usable buffer. Buffers too small or unwritable are returned
+/// with used length 0 (a record is never split across buffers).
+fn deliver(q: &mut EventQueue, record: &FaultRecord) -> bool {
     let mem = q.mem.memory();
-    let record = fault.record();
     let bytes = record.as_slice();
     let mut delivered = false;
     let since = q.queue.next_used();
@@ -241,7 +170,7 @@ fn deliver(q: &mut EventQueue, fault: &Fault) -> bool {
             break;
         }
     }
-    if wants_interrupt(&q.queue, &*mem, since) {
+    if virtio_dev::wants_interrupt(&q.queue, &*mem, since) {
         q.interrupt.signal_queue(EVENT_QUEUE);
     }
     delivered
@@ -275,7 +204,7 @@ mod tests {
     #[test]
     fn record_layout() {
         let f = Fault::from_miss(0x10, 0xdead_0000, Access::Write, Miss::NoMapping);
-        let r = f.record();
+        let r = record(&f);
         let b = r.as_slice();
         assert_eq!(b[0], FAULT_R_MAPPING);
         assert_eq!(&b[1..4], &[0, 0, 0]);

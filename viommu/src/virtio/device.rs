@@ -1,132 +1,28 @@
 //! The virtio-iommu device (type 23) behind the virtio-pci transport: features, config space,
 //! the request queue (served inline on the vCPU thread that kicked) and the event queue.
 
-use crate::counters::Counters;
-use crate::domain::{DomainError, Domains, EndpointHandle, Geometry, Limits, ResvKind, ResvRegion};
-use crate::fault::{EventQueue, FaultRateLimit, FaultReporter};
-use crate::host::HostMapper;
-use crate::request::{parse, Reply, Request};
-use crate::spec::{
-    IommuConfig, ProbeProperty, ProbeResvMem, Status, CONFIG_BYPASS_OFFSET, EVENT_QUEUE,
-    F_BYPASS_CONFIG, F_DOMAIN_RANGE, F_INPUT_RANGE, F_MAP_UNMAP, F_MMIO, F_PROBE, PROBE_T_RESV_MEM,
-    REQUEST_QUEUE, RESV_MEM_SIZE, RESV_MEM_T_MSI, RESV_MEM_T_RESERVED, TAIL_SIZE,
-    VIRTIO_F_VERSION_1, VIRTIO_ID_IOMMU, X86_MSI_END, X86_MSI_START,
+use crate::engine::endpoint::{DomainError, EndpointHandle};
+use crate::engine::host::HostMapper;
+use crate::virtio::config::{ConfigError, ViommuConfig};
+use crate::virtio::counters::Counters;
+use crate::virtio::event::{EventQueue, FaultReporter};
+use crate::virtio::request::{parse, ParseError, Reply, Request};
+use crate::virtio::rules::Domains;
+use crate::virtio::spec::{
+    IommuConfig, Status, CONFIG_BYPASS_OFFSET, EVENT_QUEUE, F_BYPASS_CONFIG, F_DOMAIN_RANGE,
+    F_INPUT_RANGE, F_MAP_UNMAP, F_MMIO, F_PROBE, REQUEST_QUEUE, TAIL_SIZE, VIRTIO_F_VERSION_1,
+    VIRTIO_ID_IOMMU,
 };
 use std::sync::Arc;
 use virtio_dev::{
-    build_queue, queue_from_config, wants_interrupt, ActivateError, QueueConfig, VirtioDevice,
-    VirtioInterrupt,
+    build_queue, wants_interrupt, ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt,
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-/// Largest `probe_size` accepted (the PROBE reply is built in a host buffer of that size).
-pub const MAX_PROBE_SIZE: u32 = 64 * 1024;
 /// Chains served per notification before publishing and completing them.
 const MAX_CHAINS_PER_NOTIFY: usize = 1 << 16;
-
-/// Everything configurable about one virtio-iommu.
-#[derive(Clone, Debug)]
-pub struct ViommuConfig {
-    /// Advertised geometry (page sizes, input range, domain range).
-    pub geometry: Geometry,
-    /// Reserved regions reported by PROBE and refused to MAP. Default: the x86 MSI window.
-    pub reserved_regions: Vec<ResvRegion>,
-    /// Size of the PROBE property area.
-    pub probe_size: u32,
-    /// Initial (and system-reset) value of `config.bypass`.
-    pub bypass: bool,
-    /// Offer VIRTIO_IOMMU_F_MMIO.
-    pub mmio: bool,
-    /// Caps on domains, endpoints and mappings.
-    pub limits: Limits,
-    /// Maximum size of each queue.
-    pub queue_size: u16,
-    /// Rate of faults reaching the guest.
-    pub fault_rate: FaultRateLimit,
-}
-
-impl Default for ViommuConfig {
-    fn default() -> Self {
-        ViommuConfig {
-            geometry: Geometry::default(),
-            reserved_regions: vec![ResvRegion {
-                start: X86_MSI_START,
-                end: X86_MSI_END,
-                kind: ResvKind::Msi,
-            }],
-            probe_size: 512,
-            bypass: true,
-            mmio: true,
-            limits: Limits::default(),
-            queue_size: 256,
-            fault_rate: FaultRateLimit::default(),
-        }
-    }
-}
-
-/// A configuration the device cannot honour.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ConfigError {
-    /// `page_size_mask` is 0.
-    #[error("page_size_mask must have at least one bit")]
-    EmptyPageMask,
-    /// Input or domain range with start > end.
-    #[error("empty input or domain range")]
-    EmptyRange,
-    /// A reserved region with start > end, or two that overlap.
-    #[error("reserved region {0:#x}..={1:#x} is empty or overlaps another")]
-    BadReservedRegion(u64, u64),
-    /// More than one MSI region.
-    #[error("at most one MSI reserved region")]
-    TwoMsiRegions,
-    /// The reserved regions do not fit in `probe_size`, or it is too large.
-    #[error("probe_size {0} cannot hold the reserved regions (or exceeds {MAX_PROBE_SIZE})")]
-    ProbeSize(u32),
-    /// Queue size 0 or not a power of two.
-    #[error("queue size {0} must be a power of two")]
-    QueueSize(u16),
-}
-
-impl ViommuConfig {
-    /// The most heap a guest can make the device hold under these limits (see
-    /// [`Viommu::memory_estimate`]).
-    pub fn memory_bound(&self) -> usize {
-        self.limits
-            .memory_bound()
-            .saturating_add(usize::from(self.queue_size) * std::mem::size_of::<(u16, u32)>())
-    }
-
-    /// Check the configuration.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let g = &self.geometry;
-        if g.page_size_mask == 0 {
-            return Err(ConfigError::EmptyPageMask);
-        }
-        if g.input_start > g.input_end || g.domain_start > g.domain_end {
-            return Err(ConfigError::EmptyRange);
-        }
-        let mut sorted = self.reserved_regions.clone();
-        sorted.sort_by_key(|r| r.start);
-        for (i, r) in sorted.iter().enumerate() {
-            if r.start > r.end || (i > 0 && sorted[i - 1].end >= r.start) {
-                return Err(ConfigError::BadReservedRegion(r.start, r.end));
-            }
-        }
-        if sorted.iter().filter(|r| r.kind == ResvKind::Msi).count() > 1 {
-            return Err(ConfigError::TwoMsiRegions);
-        }
-        let need = sorted.len() * RESV_MEM_SIZE;
-        if self.probe_size > MAX_PROBE_SIZE || (self.probe_size as usize) < need {
-            return Err(ConfigError::ProbeSize(self.probe_size));
-        }
-        if self.queue_size == 0 || !self.queue_size.is_power_of_two() {
-            return Err(ConfigError::QueueSize(self.queue_size));
-        }
-        Ok(())
-    }
-}
 
 struct Active {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
@@ -183,7 +79,7 @@ impl Viommu {
     }
 
     /// Register an endpoint whose DMA goes through the host IOMMU `host` (e.g. VFIO); the
-    /// domain layer mirrors its domain's mappings there.
+    /// engine mirrors its domain's mappings there.
     pub fn add_host_endpoint(
         &mut self,
         id: u32,
@@ -248,35 +144,8 @@ impl Viommu {
         }
     }
 
-    /// The PROBE property area for an endpoint: one RESV_MEM per reserved region, zero-filled.
-    fn probe_properties(&self) -> Vec<u8> {
-        let mut out = vec![0u8; self.config.probe_size as usize + TAIL_SIZE];
-        let mut off = 0;
-        for r in self.domains.reserved_regions() {
-            let prop = ProbeResvMem {
-                head: ProbeProperty {
-                    ptype: PROBE_T_RESV_MEM.into(),
-                    length: ((RESV_MEM_SIZE - std::mem::size_of::<ProbeProperty>()) as u16).into(),
-                },
-                subtype: match r.kind {
-                    ResvKind::Msi => RESV_MEM_T_MSI,
-                    ResvKind::Reserved => RESV_MEM_T_RESERVED,
-                },
-                reserved: [0; 3],
-                start: r.start.into(),
-                end: r.end.into(),
-            };
-            // validate() guarantees the properties fit in probe_size.
-            if let Some(dst) = out.get_mut(off..off + RESV_MEM_SIZE) {
-                dst.copy_from_slice(prop.as_slice());
-            }
-            off += RESV_MEM_SIZE;
-        }
-        out
-    }
-
-    /// Execute one parsed request; returns its status (the reply body for PROBE is written by
-    /// the caller).
+    /// Count and execute one parsed request ([`Domains`] applies the spec's rules); returns its
+    /// status (the reply body for PROBE is written by the caller).
     fn execute(&mut self, req: &Request) -> Status {
         match req {
             Request::Attach(_) => self.counters.attach(),
@@ -285,54 +154,14 @@ impl Viommu {
             Request::Unmap(_) => self.counters.unmap(),
             Request::Probe(_) => self.counters.probe(),
         }
-        if !req.head_reserved_zero() {
-            return Status::Inval;
-        }
-        match req {
-            Request::Attach(r) => {
-                if r.reserved != [0; 4] {
-                    return Status::Inval;
-                }
-                self.domains
-                    .attach(r.domain.into(), r.endpoint.into(), r.flags.into())
-            }
-            Request::Detach(r) => {
-                if r.reserved != [0; 8] {
-                    return Status::Inval;
-                }
-                self.domains.detach(r.domain.into(), r.endpoint.into())
-            }
-            Request::Map(r) => self.domains.map(
-                r.domain.into(),
-                r.virt_start.into(),
-                r.virt_end.into(),
-                r.phys_start.into(),
-                r.flags.into(),
-            ),
-            Request::Unmap(r) => {
-                if r.reserved != [0; 4] {
-                    return Status::Inval;
-                }
-                self.domains
-                    .unmap(r.domain.into(), r.virt_start.into(), r.virt_end.into())
-            }
-            Request::Probe(r) => {
-                if r.reserved != [0; 64] {
-                    return Status::Inval;
-                }
-                if !self.domains.has_endpoint(r.endpoint.into()) {
-                    return Status::NoEnt;
-                }
-                Status::Ok
-            }
-        }
+        self.domains.apply(req)
     }
 
     /// Serve one chain; returns the used length.
     fn serve(
         &mut self,
         head: u16,
-        reply_result: Result<(Request, Reply), crate::request::ParseError>,
+        reply_result: Result<(Request, Reply), ParseError>,
         mem: &GuestMemoryMmap,
     ) -> u32 {
         let (req, reply) = match reply_result {
@@ -351,7 +180,7 @@ impl Viommu {
         let tail = [status as u8, 0, 0, 0];
         let written = if matches!(req, Request::Probe(_)) {
             let mut data = if status == Status::Ok {
-                self.probe_properties()
+                self.domains.probe_properties(self.config.probe_size)
             } else {
                 vec![0u8; self.config.probe_size as usize + TAIL_SIZE]
             };
@@ -488,12 +317,16 @@ impl VirtioDevice for Viommu {
                 queues.len()
             )));
         }
-        let (req, evt, evt_ok) = {
+        let req = build_queue(&queues[0], self.queue_sizes[0], false)?;
+        let evt = build_queue(&queues[1], self.queue_sizes[1], false)?;
+        let evt_ok = {
             let m = mem.memory();
-            let req = build_queue(self.queue_sizes[0], &queues[0], false, &*m)?;
-            let evt = queue_from_config(self.queue_sizes[1], &queues[1], false)?;
-            let evt_ok = evt.is_valid(&*m);
-            (req, evt, evt_ok)
+            if !req.is_valid(&*m) {
+                return Err(ActivateError::BadQueue(
+                    "request queue not ready or outside guest memory".into(),
+                ));
+            }
+            evt.is_valid(&*m)
         };
         if !evt_ok {
             log::warn!("virtio-iommu: event queue unusable; faults will not be reported");
