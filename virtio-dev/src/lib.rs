@@ -45,7 +45,7 @@ mod serve;
 #[cfg(test)]
 mod test_ring;
 
-pub use device::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
+pub use device::{read_config_space, ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
 pub use notify::{need_event, wants_interrupt};
 pub use queue::{build_queue, usable_queue};
 pub use serve::{serve_queue, Batch, Progress};

@@ -34,6 +34,9 @@ pub struct Batch {
     since: u16,
     /// Driver notifications are disabled by this batch.
     quiet: bool,
+    /// A chain was popped since notifications were last disabled (in this round or an earlier
+    /// one).
+    popped: bool,
 }
 
 impl Batch {
@@ -43,6 +46,7 @@ impl Batch {
             device,
             since: queue.next_used(),
             quiet: false,
+            popped: false,
         }
     }
 
@@ -64,10 +68,10 @@ impl Batch {
                     break;
                 }
                 self.quiet = true;
+                self.popped = false;
             }
-            let mut popped = false;
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                popped = true;
+                self.popped = true;
                 let head = chain.head_index();
                 let len = f(queue, chain);
                 if let Err(e) = queue.add_used(mem, head, len) {
@@ -80,7 +84,10 @@ impl Batch {
             }
             self.quiet = false;
             match queue.enable_notification(mem) {
-                Ok(true) if !popped => {
+                // More is available but nothing could be popped since notifications went off:
+                // the driver's avail index is ahead of ours by more than the queue size, or
+                // the ring is unreadable. Stop instead of spinning.
+                Ok(true) if !self.popped => {
                     log::error!(
                         "{}: avail index out of range; ignoring the queue until reset",
                         self.device

@@ -140,11 +140,7 @@ impl BlockBackend {
     }
 
     /// Process one chain (given as its descriptors); returns the used length.
-    fn execute<M: GuestMemory + ?Sized>(
-        &self,
-        mem: &M,
-        descs: &[(GuestAddress, u32, bool)],
-    ) -> u32 {
+    fn execute<M: GuestMemory + ?Sized>(&self, mem: &M, descs: &[Desc]) -> u32 {
         let stats = &*self.stats;
         BlockStats::add(&stats.requests, 1);
         BlockStats::add(&stats.descriptors, descs.len() as u64);
@@ -152,20 +148,16 @@ impl BlockBackend {
         BlockStats::add(&stats.segments, descs.len().saturating_sub(2) as u64);
         // Split into the readable prefix and the writable suffix.
         let first_w = descs.iter().position(|d| d.2).unwrap_or(descs.len());
-        let readable: Vec<Seg> = descs[..first_w]
-            .iter()
-            .map(|d| Seg {
-                addr: d.0,
-                len: d.1.into(),
-            })
-            .collect();
-        let writable: Vec<Seg> = descs[first_w..]
-            .iter()
-            .map(|d| Seg {
-                addr: d.0,
-                len: d.1.into(),
-            })
-            .collect();
+        let segs = |ds: &[Desc]| -> Vec<Seg> {
+            ds.iter()
+                .map(|d| Seg {
+                    addr: d.0,
+                    len: d.1.into(),
+                })
+                .collect()
+        };
+        let readable = segs(&descs[..first_w]);
+        let writable = segs(&descs[first_w..]);
         let wrong_dir = descs[first_w..].iter().any(|d| !d.2);
         // The status byte is the last byte of the last descriptor, if it is writable.
         let status_addr = match descs.last() {

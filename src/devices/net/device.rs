@@ -11,7 +11,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
-use virtio_dev::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
+use virtio_dev::{read_config_space, ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
 use virtio_queue::Queue;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -207,13 +207,7 @@ impl VirtioDevice for Net {
         cfg[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
         cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
         cfg[10..12].copy_from_slice(&1500u16.to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| cfg.get(o as usize))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_space(&cfg, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
