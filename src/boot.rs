@@ -247,11 +247,10 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/images");
         let kernel = dir.join("vmlinuz");
         if !kernel.exists() {
-            eprintln!(
-                "skipping: {} not built (guest-images/build.sh)",
-                kernel.display()
+            return crate::skip::skipped(
+                "boot::real_bzimage_zero_page",
+                &format!("{} not built (guest-images/build.sh)", kernel.display()),
             );
-            return;
         }
         let initrd = std::env::temp_dir().join(format!("vmm-boot-initrd-{}", std::process::id()));
         std::fs::write(&initrd, vec![0xa5u8; 100_000]).unwrap();

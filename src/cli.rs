@@ -141,7 +141,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, ConfigE
                 c.serial = SerialOutput::parse(&v).ok_or(ConfigError::Serial(v))?;
             }
             "--seccomp" => {
-                c.seccomp = SeccompMode::parse(&value()?).map_err(ConfigError::Seccomp)?
+                c.seccomp = config::parse_seccomp(&value()?)
+                    .map_err(|source| ConfigError::Seccomp { source })?
             }
             "--seccomp-selftest" => {
                 let v = value()?;

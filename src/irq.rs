@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
     kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MAX_IRQ_ROUTES,
 };
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use pci::{IoEventManager, MsiIrqManager, MsiMessage, MsiVector};
@@ -16,10 +16,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Number of IOAPIC pins (GSIs 0..24 are the IOAPIC's).
 pub const IOAPIC_PINS: u32 = 24;
-/// Upper bound of GSI numbers (KVM_MAX_IRQ_ROUTES: KVM refuses a route at or above it).
-pub const MAX_GSI: u32 = 4096;
-/// Routes KVM accepts in one KVM_SET_GSI_ROUTING table (KVM_MAX_IRQ_ROUTES).
-pub const MAX_ROUTES: usize = 4096;
+/// Upper bound of GSI numbers (KVM refuses a route with `gsi >= KVM_MAX_IRQ_ROUTES`).
+pub const MAX_GSI: u32 = KVM_MAX_IRQ_ROUTES as u32;
+/// Most entries one KVM_SET_GSI_ROUTING takes, the IOAPIC/PIC defaults included.
+pub const MAX_ROUTES: usize = KVM_MAX_IRQ_ROUTES;
 /// The default IOAPIC/PIC routes (16 PIC + 24 IOAPIC entries).
 const DEFAULT_ROUTES: usize = 40;
 /// MSI vectors that can hold a GSI at once: every one may be routed, and the whole table
@@ -27,6 +27,12 @@ const DEFAULT_ROUTES: usize = 40;
 pub const MAX_MSI_GSIS: usize = MAX_ROUTES - DEFAULT_ROUTES;
 
 /// The routing table and the GSI allocator, independent of KVM (unit-testable).
+///
+/// Changes are transactional: [`RoutingTable::set_route`] and [`RoutingTable::release`] hand
+/// the would-be table to a commit function (KVM_SET_GSI_ROUTING) and keep the change only when
+/// it succeeds, so the table always matches what KVM last accepted. The allocator hands out at
+/// most as many GSIs as can all be routed at once ([`RoutingTable::capacity`]): the table
+/// never outgrows what one commit takes.
 #[derive(Debug, Clone)]
 pub struct RoutingTable {
     defaults: Vec<kvm_irq_routing_entry>,
@@ -34,6 +40,9 @@ pub struct RoutingTable {
     allocated: BTreeSet<u32>,
     next: u32,
     free: Vec<u32>,
+    /// Released GSIs whose route removal KVM has not accepted yet: KVM may still route them,
+    /// so they are reused only after the next successful commit.
+    retired: Vec<u32>,
 }
 
 fn irqchip_entry(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
@@ -83,13 +92,25 @@ impl RoutingTable {
             allocated: BTreeSet::new(),
             next: IOAPIC_PINS,
             free: Vec::new(),
+            retired: Vec::new(),
         }
     }
 
-    /// Reserve a GSI above the IOAPIC pins (at most [`MAX_MSI_GSIS`] at once).
+    /// How many GSIs can be allocated at once ([`MAX_MSI_GSIS`]): every one of them fits a
+    /// commit with its route.
+    pub fn capacity(&self) -> usize {
+        MAX_ROUTES - self.defaults.len()
+    }
+
+    /// Reserve a GSI above the IOAPIC pins (`OutOfMemory` once [`RoutingTable::capacity`]
+    /// GSIs are allocated).
     pub fn allocate(&mut self) -> io::Result<u32> {
-        if self.allocated.len() >= MAX_MSI_GSIS {
-            return Err(io::Error::other("out of GSIs"));
+        let in_use = self.allocated.len() + self.retired.len();
+        if in_use >= self.capacity() {
+            return Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!("out of GSIs: all {} MSI routes in use", self.capacity()),
+            ));
         }
         let gsi = match self.free.pop() {
             Some(g) => g,
@@ -97,53 +118,97 @@ impl RoutingTable {
                 self.next += 1;
                 self.next - 1
             }
-            None => return Err(io::Error::other("out of GSIs")),
+            None => {
+                return Err(io::Error::new(
+                    io::ErrorKind::OutOfMemory,
+                    "out of GSI numbers",
+                ))
+            }
         };
         self.allocated.insert(gsi);
         Ok(gsi)
     }
 
-    /// Set or clear the MSI route of an allocated GSI; returns the route it had.
+    /// The MSI route of `gsi`, if it has one.
+    pub fn route(&self, gsi: u32) -> Option<MsiMessage> {
+        self.msi.get(&gsi).copied()
+    }
+
+    /// Set or clear the MSI route of an allocated GSI and hand the resulting table to
+    /// `commit`; the change is kept only if `commit` succeeds (otherwise the table is as
+    /// before and the error is returned). A change that changes nothing commits nothing.
     pub fn set_route(
         &mut self,
         gsi: u32,
         msg: Option<MsiMessage>,
-    ) -> io::Result<Option<MsiMessage>> {
+        commit: impl FnOnce(&[kvm_irq_routing_entry]) -> io::Result<()>,
+    ) -> io::Result<()> {
         if !self.allocated.contains(&gsi) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("GSI {gsi} is not allocated"),
             ));
         }
-        Ok(match msg {
-            Some(m) => self.msi.insert(gsi, m),
-            None => self.msi.remove(&gsi),
-        })
+        let old = self.route(gsi);
+        if old == msg {
+            return Ok(());
+        }
+        self.put(gsi, msg);
+        let entries = self.entries();
+        let result = if entries.len() > MAX_ROUTES {
+            Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!("{} routes, KVM takes {MAX_ROUTES}", entries.len()),
+            ))
+        } else {
+            commit(&entries)
+        };
+        match result {
+            Ok(()) => self.committed(),
+            Err(_) => self.put(gsi, old),
+        }
+        result
     }
 
-    /// Change `gsi`'s route and `commit` the whole table; if the commit fails the table is
-    /// left exactly as it was (so one refused route cannot make every later commit fail).
-    pub fn update(
+    /// Return a GSI to the pool, removing its route first (committed with `commit`). When that
+    /// commit fails the GSI is held back until a later commit succeeds, as KVM may still route
+    /// it; with `reuse` false (its irqfd could not be detached) it is never handed out again.
+    pub fn release(
         &mut self,
         gsi: u32,
-        msg: Option<MsiMessage>,
-        commit: impl FnOnce(&RoutingTable) -> io::Result<()>,
+        reuse: bool,
+        commit: impl FnOnce(&[kvm_irq_routing_entry]) -> io::Result<()>,
     ) -> io::Result<()> {
-        let old = self.set_route(gsi, msg)?;
-        if let Err(e) = commit(self) {
-            // `gsi` is allocated (checked above), so restoring cannot fail.
-            let _ = self.set_route(gsi, old);
-            return Err(e);
+        if !self.allocated.remove(&gsi) {
+            return Ok(());
         }
-        Ok(())
+        let routed = self.msi.remove(&gsi).is_some();
+        let result = if routed {
+            commit(&self.entries())
+        } else {
+            Ok(())
+        };
+        match (&result, reuse) {
+            (Ok(()), true) => self.free.push(gsi),
+            (Err(_), true) => self.retired.push(gsi),
+            (_, false) => {}
+        }
+        if routed && result.is_ok() {
+            self.committed();
+        }
+        result
     }
 
-    /// Return a GSI to the pool (its route goes with it).
-    pub fn release(&mut self, gsi: u32) {
-        if self.allocated.remove(&gsi) {
-            self.msi.remove(&gsi);
-            self.free.push(gsi);
-        }
+    fn put(&mut self, gsi: u32, msg: Option<MsiMessage>) {
+        match msg {
+            Some(m) => self.msi.insert(gsi, m),
+            None => self.msi.remove(&gsi),
+        };
+    }
+
+    /// KVM accepted the table: no retired GSI is routed any more.
+    fn committed(&mut self) {
+        self.free.append(&mut self.retired);
     }
 
     /// All entries to hand to KVM_SET_GSI_ROUTING.
@@ -167,7 +232,7 @@ impl KvmMsiIrqManager {
             vm,
             table: Mutex::new(RoutingTable::new()),
         };
-        m.commit(&m.lock())?;
+        m.commit(&m.lock().entries())?;
         Ok(m)
     }
 
@@ -175,8 +240,8 @@ impl KvmMsiIrqManager {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn commit(&self, t: &RoutingTable) -> io::Result<()> {
-        let routing = KvmIrqRouting::from_entries(&t.entries())
+    fn commit(&self, entries: &[kvm_irq_routing_entry]) -> io::Result<()> {
+        let routing = KvmIrqRouting::from_entries(entries)
             .map_err(|e| io::Error::other(format!("routing table: {e:?}")))?;
         self.vm
             .set_gsi_routing(&routing)
@@ -187,26 +252,35 @@ impl KvmMsiIrqManager {
 impl MsiIrqManager for KvmMsiIrqManager {
     fn allocate(&self) -> io::Result<MsiVector> {
         let gsi = self.lock().allocate()?;
-        let irqfd = EventFd::new(libc::EFD_NONBLOCK)?;
+        let undo = |e: io::Error| {
+            // Never routed: nothing to commit.
+            let _ = self.lock().release(gsi, true, |_| Ok(()));
+            e
+        };
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(undo)?;
         if let Err(e) = self.vm.register_irqfd(&irqfd, gsi) {
-            self.lock().release(gsi);
-            return Err(io::Error::from_raw_os_error(e.errno()));
+            return Err(undo(io::Error::from_raw_os_error(e.errno())));
         }
         Ok(MsiVector { gsi, irqfd })
     }
 
     fn set_route(&self, gsi: u32, msg: Option<MsiMessage>) -> io::Result<()> {
-        self.lock().update(gsi, msg, |t| self.commit(t))
+        self.lock().set_route(gsi, msg, |e| self.commit(e))
     }
 
     fn release(&self, vector: MsiVector) {
-        if let Err(e) = self.vm.unregister_irqfd(&vector.irqfd, vector.gsi) {
-            log::warn!("unregister irqfd for GSI {}: {e}", vector.gsi);
-        }
+        // A GSI whose irqfd stays attached is never handed out again: the old eventfd would
+        // raise the next owner's interrupt.
+        let detached = match self.vm.unregister_irqfd(&vector.irqfd, vector.gsi) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("unregister irqfd for GSI {}: {e}", vector.gsi);
+                false
+            }
+        };
         let mut t = self.lock();
-        t.release(vector.gsi);
-        if let Err(e) = self.commit(&t) {
-            log::warn!("commit GSI routing after release: {e}");
+        if let Err(e) = t.release(vector.gsi, detached, |e| self.commit(e)) {
+            log::warn!("commit GSI routing after releasing GSI {}: {e}", vector.gsi);
         }
     }
 }
@@ -259,17 +333,26 @@ mod tests {
         assert!(!pins.iter().any(|p| p.0 >= 16 && p.1 != KVM_IRQCHIP_IOAPIC));
     }
 
+    fn ok(_: &[kvm_irq_routing_entry]) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn refused(_: &[kvm_irq_routing_entry]) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EINVAL))
+    }
+
+    const MSG: MsiMessage = MsiMessage {
+        address: 0x1_fee0_1000,
+        data: 0x41,
+    };
+
     #[test]
     fn msi_routes_follow_allocation() {
         let mut t = RoutingTable::new();
         let a = t.allocate().unwrap();
         let b = t.allocate().unwrap();
         assert_eq!((a, b), (24, 25));
-        let msg = MsiMessage {
-            address: 0x1_fee0_1000,
-            data: 0x41,
-        };
-        t.set_route(b, Some(msg)).unwrap();
+        t.set_route(b, Some(MSG), ok).unwrap();
         let e = t.entries();
         let m = e.iter().find(|x| x.type_ == KVM_IRQ_ROUTING_MSI).unwrap();
         assert_eq!(m.gsi, b);
@@ -279,71 +362,94 @@ mod tests {
             assert_eq!(m.u.msi.address_hi, 1);
             assert_eq!(m.u.msi.data, 0x41);
         }
-        t.set_route(b, None).unwrap();
+        t.set_route(b, None, ok).unwrap();
         assert_eq!(t.entries().len(), 40);
-        assert!(t.set_route(99, Some(msg)).is_err());
-        t.set_route(a, Some(msg)).unwrap();
-        t.release(a);
+        assert!(t.set_route(99, Some(MSG), ok).is_err());
+        t.set_route(a, Some(MSG), ok).unwrap();
+        t.release(a, true, ok).unwrap();
         assert_eq!(t.entries().len(), 40);
         assert_eq!(t.allocate().unwrap(), a);
     }
 
-    const MSG: MsiMessage = MsiMessage {
-        address: 0xfee0_0000,
-        data: 0x30,
-    };
-
     #[test]
-    fn allocation_is_bounded_so_every_route_fits_in_one_table() {
+    fn allocation_is_bounded_so_every_gsi_can_be_routed() {
         let mut t = RoutingTable::new();
-        assert_eq!(t.entries().len(), DEFAULT_ROUTES);
-        let mut gsis = vec![];
+        let mut gsis = Vec::new();
         while let Ok(g) = t.allocate() {
-            assert!(g < MAX_GSI);
             gsis.push(g);
         }
         assert_eq!(gsis.len(), MAX_MSI_GSIS);
-        for g in &gsis {
-            t.set_route(*g, Some(MSG)).unwrap();
+        assert_eq!(t.capacity(), gsis.len());
+        assert_eq!(RoutingTable::new().entries().len(), DEFAULT_ROUTES);
+        assert!(gsis.iter().all(|&g| (IOAPIC_PINS..MAX_GSI).contains(&g)));
+        assert_eq!(t.allocate().unwrap_err().kind(), io::ErrorKind::OutOfMemory);
+        let mut commits = 0;
+        for &g in &gsis {
+            t.set_route(g, Some(MSG), |e| {
+                assert!(e.len() <= MAX_ROUTES);
+                commits += 1;
+                Ok(())
+            })
+            .unwrap();
         }
-        // KVM takes at most KVM_MAX_IRQ_ROUTES entries: the full table must still commit.
+        assert_eq!(commits, gsis.len());
+        // KVM takes at most KVM_MAX_IRQ_ROUTES entries: the full table still commits.
         assert_eq!(t.entries().len(), MAX_ROUTES);
         assert!(KvmIrqRouting::from_entries(&t.entries()).is_ok());
-        // A released GSI can be allocated again, and only then.
-        t.release(gsis[7]);
-        assert_eq!(t.allocate().unwrap(), gsis[7]);
-        assert!(t.allocate().is_err());
     }
 
     #[test]
-    fn a_failed_commit_leaves_the_table_unchanged() {
+    fn a_refused_commit_changes_nothing() {
         let mut t = RoutingTable::new();
         let a = t.allocate().unwrap();
         let b = t.allocate().unwrap();
-        t.update(a, Some(MSG), |_| Ok(())).unwrap();
-        let before = t.entries().len();
-        let refuse = |_: &RoutingTable| Err(io::Error::other("refused"));
-        // A new route refused: gone again.
-        assert!(t.update(b, Some(MSG), refuse).is_err());
-        assert_eq!(t.entries().len(), before);
-        // A change of an existing route refused: the old message stays.
-        let other = MsiMessage {
-            address: 0xfee0_1000,
-            data: 0x31,
-        };
-        assert!(t.update(a, Some(other), refuse).is_err());
-        assert_eq!(t.msi.get(&a), Some(&MSG));
-        // A removal refused: the route stays.
-        assert!(t.update(a, None, refuse).is_err());
-        assert_eq!(t.msi.get(&a), Some(&MSG));
-        // Later commits see exactly the committed table.
-        let mut seen = 0;
-        t.update(b, Some(other), |t| {
-            seen = t.entries().len();
+        t.set_route(a, Some(MSG), ok).unwrap();
+        let before = t.clone();
+        let other = MsiMessage { data: 0x42, ..MSG };
+        // A new route, a changed one, a removed one: all refused, all undone.
+        assert!(t.set_route(b, Some(other), refused).is_err());
+        assert!(t.set_route(a, Some(other), refused).is_err());
+        assert!(t.set_route(a, None, refused).is_err());
+        assert_eq!(t.route(a), Some(MSG));
+        assert_eq!(t.route(b), None);
+        assert_eq!(t.entries().len(), before.entries().len());
+        // The next commit sees exactly the accepted table plus its own change.
+        t.set_route(b, Some(other), |e| {
+            assert_eq!(e.len(), 42);
             Ok(())
         })
         .unwrap();
-        assert_eq!(seen, before + 1);
-        assert!(t.update(99, Some(MSG), |_| Ok(())).is_err());
+        assert_eq!(t.route(b), Some(other));
+        // Unchanged routes commit nothing.
+        t.set_route(b, Some(other), |_| panic!("no-op commit"))
+            .unwrap();
+        t.set_route(99, None, |_| panic!("unallocated GSI"))
+            .unwrap_err();
+    }
+
+    #[test]
+    fn a_gsi_whose_route_removal_was_refused_is_reused_only_after_a_commit() {
+        let mut t = RoutingTable::new();
+        let a = t.allocate().unwrap();
+        let b = t.allocate().unwrap();
+        t.set_route(a, Some(MSG), ok).unwrap();
+        assert!(t.release(a, true, refused).is_err());
+        // KVM may still route `a`: it is not handed out again yet, and still counts.
+        let mut held = t.clone();
+        let mut n = 0;
+        while let Ok(g) = held.allocate() {
+            assert_ne!(g, a);
+            n += 1;
+        }
+        assert_eq!(n, t.capacity() - 2, "b and the held-back a are in use");
+        t.set_route(b, Some(MSG), ok).unwrap();
+        assert_eq!(t.allocate().unwrap(), a, "reused after a successful commit");
+        // An unrouted release needs no commit; with `reuse` false the GSI never comes back.
+        let c = t.allocate().unwrap();
+        t.release(c, false, |_| panic!("nothing to commit"))
+            .unwrap();
+        while let Ok(g) = t.allocate() {
+            assert_ne!(g, c);
+        }
     }
 }

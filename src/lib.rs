@@ -5,8 +5,9 @@
 //! `vm` (KVM VM assembly), `vcpu` (registers, run loop), `bus` (exit dispatch), `irq` (GSI
 //! routing, irqfd, ioeventfd), `pci_host` (exits into the `pci` crate), `devices` (serial,
 //! legacy, virtio-blk), `iommu` (the virtio-iommu exit counters), `viot` (the ACPI table
-//! naming the IOMMU and its endpoints), `machine` (a bootable Linux machine), `config` (the
-//! typed options), `cli`, `report` (error chains) and `logger` for the binary.
+//! naming the IOMMU and its endpoints), `dmar` (the ACPI table of the emulated VT-d, not wired
+//! yet), `machine` (a bootable Linux machine), `config` (the typed options), `cli`, `report`
+//! (error chains) and `logger` for the binary.
 
 pub mod acpi;
 pub mod boot;
@@ -14,6 +15,7 @@ pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod devices;
+pub mod dmar;
 pub mod iommu;
 pub mod irq;
 pub mod lifecycle;

@@ -148,7 +148,6 @@ impl pci::MemorySlotManager for KvmMemorySlots {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvm_ioctls::Kvm;
     use pci::MemorySlotManager;
 
     fn anon(len: usize) -> u64 {
@@ -167,16 +166,19 @@ mod tests {
         p as u64
     }
 
-    fn slots(max: u32) -> Option<KvmMemorySlots> {
-        let kvm = Kvm::new().ok()?;
-        let vm = kvm.create_vm().ok()?;
+    /// Slots on a fresh VM; `None` (`test` recorded as skipped) without a usable /dev/kvm.
+    fn slots(test: &str, max: u32) -> Option<KvmMemorySlots> {
+        let kvm = crate::skip::kvm_or_skip(test)?;
+        let vm = kvm.create_vm().expect("KVM_CREATE_VM");
         Some(KvmMemorySlots::new(Arc::new(vm), max, false))
     }
 
     #[test]
     fn ids_above_ram_reused_and_bounded() {
-        let Some(s) = slots(FIRST_DEVICE_SLOT + 2) else {
-            eprintln!("no /dev/kvm: skipped");
+        let Some(s) = slots(
+            "memory_slots::ids_above_ram_reused_and_bounded",
+            FIRST_DEVICE_SLOT + 2,
+        ) else {
             return;
         };
         let host = anon(0x4000);
@@ -199,8 +201,10 @@ mod tests {
 
     #[test]
     fn bad_requests_are_refused() {
-        let Some(s) = slots(FIRST_DEVICE_SLOT + 8) else {
-            eprintln!("no /dev/kvm: skipped");
+        let Some(s) = slots(
+            "memory_slots::bad_requests_are_refused",
+            FIRST_DEVICE_SLOT + 8,
+        ) else {
             return;
         };
         let host = anon(0x2000);

@@ -28,8 +28,8 @@ use kvm_bindings::{
     kvm_userspace_memory_region, KVMIO,
 };
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
+    BackendError, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
 };
 use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr};
 
@@ -49,16 +49,6 @@ pub enum SeccompMode {
 }
 
 impl SeccompMode {
-    /// Parse `off`, `log` or `on`.
-    pub fn parse(s: &str) -> Result<SeccompMode, String> {
-        match s {
-            "off" => Ok(SeccompMode::Off),
-            "log" => Ok(SeccompMode::Log),
-            "on" => Ok(SeccompMode::On),
-            _ => Err(format!("expected off, log or on, got '{s}'")),
-        }
-    }
-
     fn to_u8(self) -> u8 {
         match self {
             SeccompMode::Off => 0,
@@ -125,8 +115,8 @@ impl ThreadKind {
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
     /// The rules did not compile.
-    #[error("seccomp filter for {0} threads: {1}")]
-    Build(&'static str, String),
+    #[error("seccomp filter for {0} threads")]
+    Build(&'static str, #[source] BackendError),
     /// The kernel refused the filter.
     #[error("installing the seccomp filter for {0} threads")]
     Apply(&'static str, #[source] seccompiler::Error),
@@ -177,16 +167,16 @@ const CLONE_THREAD_FLAGS: u64 = (libc::CLONE_VM
 
 type Rules = BTreeMap<i64, Vec<SeccompRule>>;
 
-fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, String> {
-    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value).map_err(|e| e.to_string())
+fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, BackendError> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
 }
 
-fn rule(conds: Vec<SeccompCondition>) -> Result<SeccompRule, String> {
-    SeccompRule::new(conds).map_err(|e| e.to_string())
+fn rule(conds: Vec<SeccompCondition>) -> Result<SeccompRule, BackendError> {
+    SeccompRule::new(conds)
 }
 
 /// One rule per value: argument `arg` equals one of `values`.
-fn arg_in(arg: u8, values: &[u64]) -> Result<Vec<SeccompRule>, String> {
+fn arg_in(arg: u8, values: &[u64]) -> Result<Vec<SeccompRule>, BackendError> {
     values
         .iter()
         .map(|&v| rule(vec![cond(arg, SeccompCmpOp::Eq, v)?]))
@@ -201,7 +191,7 @@ fn allow(rules: &mut Rules, calls: &[libc::c_long]) {
 
 /// Calls every thread makes: locks, memory allocation, eventfd and log I/O, signal return
 /// (the vCPU kick), thread exit.
-fn base_rules() -> Result<Rules, String> {
+fn base_rules() -> Result<Rules, BackendError> {
     let mut r = Rules::new();
     allow(
         &mut r,
@@ -237,7 +227,7 @@ fn base_rules() -> Result<Rules, String> {
         ],
     );
     // Anonymous or file mappings, never executable.
-    let no_exec = || -> Result<Vec<SeccompRule>, String> {
+    let no_exec = || -> Result<Vec<SeccompRule>, BackendError> {
         Ok(vec![rule(vec![cond(
             2,
             SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
@@ -254,7 +244,7 @@ fn base_rules() -> Result<Rules, String> {
 }
 
 /// Calls of a thread that may create threads and stack filters on them.
-fn spawn_rules(r: &mut Rules) -> Result<(), String> {
+fn spawn_rules(r: &mut Rules) -> Result<(), BackendError> {
     r.insert(
         libc::SYS_clone,
         vec![rule(vec![cond(
@@ -301,7 +291,7 @@ fn file_io(r: &mut Rules) {
 }
 
 /// Eventfds created and duplicated when the guest (re)activates a device.
-fn eventfd_setup(r: &mut Rules) -> Result<(), String> {
+fn eventfd_setup(r: &mut Rules) -> Result<(), BackendError> {
     allow(r, &[libc::SYS_eventfd2, libc::SYS_dup]);
     r.insert(
         libc::SYS_fcntl,
@@ -319,7 +309,7 @@ fn eventfd_setup(r: &mut Rules) -> Result<(), String> {
     Ok(())
 }
 
-fn ioctls(r: &mut Rules, requests: &[u64]) -> Result<(), String> {
+fn ioctls(r: &mut Rules, requests: &[u64]) -> Result<(), BackendError> {
     r.insert(libc::SYS_ioctl, arg_in(1, requests)?);
     Ok(())
 }
@@ -365,7 +355,7 @@ pub fn main_ioctls() -> Vec<u64> {
 /// The allow list of a thread kind: system call number -> argument rules (empty: any
 /// arguments).
 pub fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
-    let build = || -> Result<Rules, String> {
+    let build = || -> Result<Rules, BackendError> {
         let mut r = base_rules()?;
         match kind {
             ThreadKind::Main => {
@@ -407,10 +397,8 @@ pub fn allowed_counts(kind: ThreadKind) -> Result<(usize, usize), SeccompError> 
     Ok((r.len(), ioctls))
 }
 
-fn arch() -> Result<TargetArch, String> {
-    std::env::consts::ARCH
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| e.to_string())
+fn arch() -> Result<TargetArch, BackendError> {
+    std::env::consts::ARCH.try_into()
 }
 
 /// The BPF program of `kind` under `mode` (`None` for [`SeccompMode::Off`]).
@@ -420,32 +408,28 @@ pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>,
         SeccompMode::Log => SeccompAction::Log,
         SeccompMode::On => SeccompAction::Trap,
     };
-    let err = |e: String| SeccompError::Build(kind.name(), e);
+    let err = |e: BackendError| SeccompError::Build(kind.name(), e);
     let f = SeccompFilter::new(
         rules(kind)?,
         mismatch,
         SeccompAction::Allow,
         arch().map_err(err)?,
     )
-    .map_err(|e| err(e.to_string()))?;
-    let prog: BpfProgram = f
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| err(e.to_string()))?;
+    .map_err(err)?;
+    let prog: BpfProgram = f.try_into().map_err(err)?;
     Ok(Some(prog))
 }
 
 /// The filter stacked under a spawning thread's: `clone3` fails with ENOSYS (glibc then uses
 /// `clone`, whose flags the main filter checks).
-fn clone3_filter() -> Result<BpfProgram, String> {
+fn clone3_filter() -> Result<BpfProgram, BackendError> {
     let f = SeccompFilter::new(
         [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
         SeccompAction::Allow,
         SeccompAction::Errno(libc::ENOSYS as u32),
         arch()?,
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     f.try_into()
-        .map_err(|e: seccompiler::BackendError| e.to_string())
 }
 
 /// A fixed buffer for the SIGSYS report (no allocation in a signal handler).
@@ -667,11 +651,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn modes_parse() {
-        assert_eq!(SeccompMode::parse("on"), Ok(SeccompMode::On));
-        assert_eq!(SeccompMode::parse("log"), Ok(SeccompMode::Log));
-        assert_eq!(SeccompMode::parse("off"), Ok(SeccompMode::Off));
-        assert!(SeccompMode::parse("strict").is_err());
+    fn kinds_parse() {
         for k in ThreadKind::ALL {
             assert_eq!(ThreadKind::parse(k.name()), Some(k));
         }

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT,
+    KVM_PIO_PAGE_OFFSET, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
@@ -47,6 +47,12 @@ const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+
+/// Where KVM leaves the data of a port I/O exit in the vCPU mapping: the page after the
+/// kvm_run structure (KVM_PIO_PAGE_OFFSET), whole elements only.
+const PIO_DATA: std::ops::Range<usize> =
+    KVM_PIO_PAGE_OFFSET as usize * 4096..(KVM_PIO_PAGE_OFFSET as usize + 1) * 4096;
+const _: () = assert!(std::mem::size_of::<kvm_bindings::kvm_run>() <= PIO_DATA.start);
 
 const X86_CR0_PE: u64 = 1;
 const X86_CR0_ET: u64 = 1 << 4;
@@ -242,27 +248,51 @@ impl Vcpu {
         format!("{regs} {sregs}")
     }
 
+    /// Serve the KVM_EXIT_IO the vCPU just made: `count` elements of `size` bytes in the run
+    /// area's data page (kvm-ioctls' `VcpuExit::IoIn/IoOut` hand over the bytes without the
+    /// element size), one bus access per element.
+    fn port_io(&mut self) {
+        let id = self.id;
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_IO, so `io` is the active union member.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        let size = usize::from(io.size);
+        let len = size.saturating_mul(io.count as usize);
+        let Some(start) = usize::try_from(io.data_offset)
+            .ok()
+            .filter(|&o| o >= PIO_DATA.start && o.saturating_add(len) <= PIO_DATA.end)
+        else {
+            log::error!(
+                "vCPU {id}: port I/O exit with {} x {size} bytes at offset {:#x}, outside the data page",
+                io.count,
+                io.data_offset
+            );
+            return;
+        };
+        let base = std::ptr::from_mut(run).cast::<u8>();
+        // SAFETY: the vCPU mapping kvm-ioctls made (KVM_GET_VCPU_MMAP_SIZE bytes: the kvm_run
+        // structure, then KVM's PIO data page, then more) covers [start, start + len), checked
+        // above to lie within the data page, past the kvm_run structure; kvm-ioctls' own
+        // `VcpuExit::IoIn/IoOut` slice is this one. Nothing else refers to those bytes while
+        // this thread is out of KVM_RUN.
+        let data = unsafe { std::slice::from_raw_parts_mut(base.add(start), len) };
+        match u32::from(io.direction) {
+            KVM_EXIT_IO_IN => self.buses.pio_read_elements(io.port, data, size),
+            KVM_EXIT_IO_OUT => self.buses.pio_write_elements(io.port, data, size),
+            d => log::error!("vCPU {id}: port I/O exit with direction {d}"),
+        }
+    }
+
     /// Run until the VM stops; returns the reason this vCPU saw (or the VM's).
     pub fn run(&mut self) -> ExitReason {
         loop {
             if self.control.stopping() {
                 break;
             }
-            // The element size of string port I/O is only in the kvm_run page, which the exit's
-            // data slice already borrows; read it through a raw pointer (see below).
-            let run: *const kvm_run = self.fd.get_kvm_run();
             let stop = match self.fd.run() {
                 Ok(exit) => match exit {
-                    VcpuExit::IoIn(port, data) => {
-                        // SAFETY: see `pio_element_size`.
-                        let size = unsafe { pio_element_size(run) };
-                        self.buses.pio_read_elements(port, data, size);
-                        None
-                    }
-                    VcpuExit::IoOut(port, data) => {
-                        // SAFETY: see `pio_element_size`.
-                        let size = unsafe { pio_element_size(run) };
-                        self.buses.pio_write_elements(port, data, size);
+                    VcpuExit::IoIn(..) | VcpuExit::IoOut(..) => {
+                        self.port_io();
                         None
                     }
                     VcpuExit::MmioRead(addr, data) => {
@@ -325,20 +355,6 @@ impl Vcpu {
             .reason()
             .unwrap_or(ExitReason::Error("stopped without a reason".into()))
     }
-}
-
-/// The size of one element of the port I/O exit in `run` (1, 2 or 4 bytes; a string
-/// instruction's exit carries `count` of them back to back).
-///
-/// # Safety
-/// `run` must point to this vCPU's mmapped `kvm_run` after a `KVM_EXIT_IO` exit (kvm-ioctls
-/// checked the exit reason before handing out `VcpuExit::IoIn/IoOut`), so `io` is the live
-/// union member. Only that one byte is read, through a raw place (no reference is made): the
-/// exit's data slice lies at `io.data_offset`, a page past the structure, and does not overlap it.
-unsafe fn pio_element_size(run: *const kvm_run) -> usize {
-    // SAFETY: the caller's contract above; `io.size` is a plain u8 inside the mapping.
-    let size = unsafe { std::ptr::addr_of!((*run).__bindgen_anon_1.io.size).read_volatile() };
-    usize::from(size)
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 
 use crate::irq::{MsiIrqManager, MsiMessage};
 use crate::vectors::VectorRoutes;
-use log::{debug, warn};
+use log::warn;
 use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -247,11 +247,9 @@ impl MsiConfig {
         }
     }
 
+    /// Deliver vector `v`, or keep it pending when it has no route (see `VectorRoutes::fire`).
     fn fire(&mut self, v: usize) {
         if !self.routes.fire(v) {
-            // Its routing failed when the guest programmed it: keep it pending, the next
-            // config write that routes it delivers it.
-            debug!("msi: vector {v} has no route; left pending");
             self.pending |= 1 << v;
         }
     }
@@ -344,6 +342,35 @@ mod tests {
             assert_eq!(fake.last_route(g), Some(None));
         }
         assert!(m.deliverable_irqfd(0).is_none());
+    }
+
+    /// A vector KVM refused a route for is raised without any manager call (workers raise
+    /// vectors); it stays pending until a capability write (a vCPU) routes and delivers it.
+    #[test]
+    fn raising_an_unrouted_vector_leaves_it_pending_without_manager_calls() {
+        let fake = Arc::new(FakeMsi::default());
+        *fake.fail_route.lock().unwrap() = true;
+        let mut m = MsiConfig::new(0, fake.clone());
+        w32(&mut m, 4, 0xfee0_0000);
+        w16(&mut m, 8, 0x31);
+        w16(&mut m, 2, 1);
+        let gsi = m.routes.gsi(0).unwrap();
+        assert!(m.deliverable_irqfd(0).is_none(), "no route");
+        let calls = *fake.calls.lock().unwrap();
+        m.trigger(0);
+        m.trigger(0);
+        assert_eq!(
+            *fake.calls.lock().unwrap(),
+            calls,
+            "no manager call on trigger"
+        );
+        assert!(m.pending(0));
+        assert_eq!(fake.fired(gsi), 0);
+        *fake.fail_route.lock().unwrap() = false;
+        w16(&mut m, 8, 0x31);
+        assert!(m.deliverable_irqfd(0).is_some());
+        assert!(!m.pending(0));
+        assert_eq!(fake.fired(gsi), 1);
     }
 
     #[test]

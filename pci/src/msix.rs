@@ -274,11 +274,9 @@ impl MsixConfig {
         }
     }
 
+    /// Deliver vector `v`, or keep it pending when it has no route (see `VectorRoutes::fire`).
     fn fire(&mut self, v: usize) {
         if !self.routes.fire(v) {
-            // Its routing failed when the guest programmed it: keep it pending, the next
-            // write that routes it delivers it.
-            debug!("msix: vector {v} has no route; left pending");
             self.set_pending(v, true);
         }
     }
@@ -309,6 +307,10 @@ pub(crate) mod tests {
         pub irqfds: Mutex<Vec<(u32, EventFd)>>,
         pub released: Mutex<Vec<u32>>,
         pub fail_allocate: Mutex<bool>,
+        /// Refuse every route change (a commit KVM refused).
+        pub fail_route: Mutex<bool>,
+        /// Calls of `allocate` and `set_route`, failed ones included.
+        pub calls: Mutex<u32>,
     }
 
     impl FakeMsi {
@@ -331,6 +333,7 @@ pub(crate) mod tests {
 
     impl MsiIrqManager for FakeMsi {
         fn allocate(&self) -> io::Result<MsiVector> {
+            *self.calls.lock().unwrap() += 1;
             if *self.fail_allocate.lock().unwrap() {
                 return Err(io::Error::other("no GSI"));
             }
@@ -342,6 +345,10 @@ pub(crate) mod tests {
             Ok(MsiVector { gsi, irqfd })
         }
         fn set_route(&self, gsi: u32, msg: Option<MsiMessage>) -> io::Result<()> {
+            *self.calls.lock().unwrap() += 1;
+            if *self.fail_route.lock().unwrap() {
+                return Err(io::Error::other("routing table full"));
+            }
             self.routes.lock().unwrap().push((gsi, msg));
             Ok(())
         }
@@ -493,28 +500,51 @@ pub(crate) mod tests {
         assert_eq!(*fake.released.lock().unwrap(), vec![gsi]);
     }
 
+    /// Raising a vector that has no GSI or no route (the VMM ran out, or KVM refused the
+    /// table) calls nothing on the manager: device workers raise vectors and may not make
+    /// the allocation and routing calls. The interrupt stays pending; the next table write
+    /// (on a vCPU) retries and delivers it once.
     #[test]
-    fn allocation_failure_keeps_working() {
+    fn raising_an_unrouted_vector_leaves_it_pending_without_manager_calls() {
         let fake = Arc::new(FakeMsi::default());
         *fake.fail_allocate.lock().unwrap() = true;
-        let mut m = MsixConfig::new(1, fake.clone()).unwrap();
+        *fake.fail_route.lock().unwrap() = true;
+        let mut m = MsixConfig::new(2, fake.clone()).unwrap();
         m.set_control(CONTROL_ENABLE);
         write_entry(&mut m, 0, 0xfee0_0000, 0x30, false);
-        m.trigger(0);
+        assert!(m.routes.gsi(0).is_none(), "no GSI");
         *fake.fail_allocate.lock().unwrap() = false;
-        // Raising a vector never allocates or routes (devices raise from worker threads,
-        // whose seccomp filter forbids the routing ioctl): the interrupt stays pending...
-        m.trigger(0);
-        assert!(fake.irqfds.lock().unwrap().is_empty());
-        assert!(fake.routes.lock().unwrap().is_empty());
-        assert!(m.pending(0));
-        // ...until the guest's next write of the entry (a vCPU thread) routes and delivers it.
-        write_entry(&mut m, 0, 0xfee0_0000, 0x30, false);
-        let gsi = fake.irqfds.lock().unwrap()[0].0;
-        assert_eq!(fake.fired(gsi), 1);
+        write_entry(&mut m, 1, 0xfee0_0000, 0x31, false);
+        let gsi1 = m.routes.gsi(1).expect("vector 1 has a GSI");
+        assert!(m.deliverable_irqfd(1).is_none(), "vector 1 has no route");
+
+        let calls = *fake.calls.lock().unwrap();
+        for _ in 0..3 {
+            m.trigger(0);
+            m.trigger(1);
+        }
+        assert_eq!(
+            *fake.calls.lock().unwrap(),
+            calls,
+            "no manager call on trigger"
+        );
+        assert!(m.pending(0) && m.pending(1));
+        assert_eq!(fake.fired(gsi1), 0);
+        let mut pba = [0u8; 8];
+        m.pba_read(0, &mut pba);
+        assert_eq!(pba[0], 0b11);
+
+        // Room again: a table write retries and delivers the pending interrupt once.
+        *fake.fail_route.lock().unwrap() = false;
+        m.table_write(16 + 8, &0x31u32.to_le_bytes());
+        assert!(!m.pending(1));
+        assert_eq!(fake.fired(gsi1), 1);
+        m.table_write(8, &0x30u32.to_le_bytes());
+        let gsi0 = m.routes.gsi(0).expect("vector 0 has a GSI now");
         assert!(!m.pending(0));
+        assert_eq!(fake.fired(gsi0), 1);
         m.trigger(0);
-        assert_eq!(fake.fired(gsi), 1);
+        assert_eq!(fake.fired(gsi0), 1, "routed: delivered directly");
     }
 
     #[test]

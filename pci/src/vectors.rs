@@ -3,7 +3,7 @@
 //! writing its irqfd, and released (route removed) when the owner is dropped.
 
 use crate::irq::{MsiIrqManager, MsiMessage, MsiVector};
-use log::warn;
+use log::{debug, warn};
 use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -77,20 +77,23 @@ impl VectorRoutes {
         }
     }
 
-    /// Raise vector `v` through its irqfd; false (nothing raised) when it has no route.
-    ///
-    /// Routes are only ever programmed where the guest changes them (config and MSI-X table
-    /// writes, on a vCPU thread); devices raise vectors from worker threads too, whose seccomp
-    /// filter forbids the routing ioctl, so an unrouted vector (its routing failed) is left
-    /// for the caller to keep pending until a later guest write routes it.
+    /// Raise vector `v` through its irqfd. False, and nothing done, when it has no GSI or no
+    /// route: the caller keeps it pending and the next [`VectorRoutes::set_route`] (on a vCPU,
+    /// after a guest write) retries. Raising never allocates or routes: device worker threads
+    /// raise vectors, and their seccomp filters allow neither eventfd creation nor KVM ioctls.
     pub(crate) fn fire(&mut self, v: usize) -> bool {
-        if self.routes.get(v).copied().flatten().is_none() {
+        let Some(vector) = self.vectors[v]
+            .as_ref()
+            .filter(|_| self.routes[v].is_some())
+        else {
+            debug!(
+                "{}: vector {v} raised without a route, left pending",
+                self.label
+            );
             return false;
-        }
-        if let Some(vector) = &self.vectors[v] {
-            if let Err(e) = vector.irqfd.write(1) {
-                warn!("{}: irqfd write for vector {v} failed: {e}", self.label);
-            }
+        };
+        if let Err(e) = vector.irqfd.write(1) {
+            warn!("{}: irqfd write for vector {v} failed: {e}", self.label);
         }
         true
     }

@@ -126,6 +126,19 @@ impl VmConfig {
     }
 }
 
+/// Parse `--seccomp`: `off`, `log` or `on`.
+pub fn parse_seccomp(s: &str) -> Result<SeccompMode, OptionError> {
+    match s {
+        "off" => Ok(SeccompMode::Off),
+        "log" => Ok(SeccompMode::Log),
+        "on" => Ok(SeccompMode::On),
+        _ => Err(OptionError::Head {
+            expected: "off, log or on",
+            got: s.to_string(),
+        }),
+    }
+}
+
 /// Parse a log level: `off`, `error`, `warn`, `info`, `debug`, `trace` (any case).
 pub fn parse_level(s: &str) -> Option<LevelFilter> {
     s.parse().ok()
@@ -200,8 +213,12 @@ pub enum ConfigError {
     #[error("--serial: expected stdout or file=PATH, got '{0}'")]
     Serial(String),
     /// `--seccomp`.
-    #[error("--seccomp: {0}")]
-    Seccomp(String),
+    #[error("--seccomp: {source}")]
+    Seccomp {
+        /// Why.
+        #[source]
+        source: OptionError,
+    },
     /// `--seccomp-selftest`.
     #[error("--seccomp-selftest: unknown thread kind '{0}'")]
     SelftestKind(String),
@@ -240,6 +257,22 @@ mod tests {
         for bad in ["", "tty", "file=", "stderr", "file"] {
             assert_eq!(SerialOutput::parse(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn modes_parse() {
+        assert_eq!(parse_seccomp("on"), Ok(SeccompMode::On));
+        assert_eq!(parse_seccomp("log"), Ok(SeccompMode::Log));
+        assert_eq!(parse_seccomp("off"), Ok(SeccompMode::Off));
+        assert!(parse_seccomp("strict").is_err());
+        let e = ConfigError::Seccomp {
+            source: parse_seccomp("On").unwrap_err(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "--seccomp: expected off, log or on, got 'On'"
+        );
+        assert!(e.source().unwrap().is::<OptionError>());
     }
 
     #[test]
@@ -287,5 +320,53 @@ mod tests {
         };
         assert_eq!(e.to_string(), "--memory: bad size 'lots'");
         assert!(e.source().unwrap().is::<SizeError>());
+    }
+
+    /// Every option value comes from the user: each family's parser, given mangled versions of
+    /// good values, returns a value or an error and never panics.
+    #[test]
+    fn mangled_values_never_panic() {
+        let seeds = [
+            "path=/a/b.img,readonly=on,iommu=on,notify=thread,indirect=off",
+            "tap=tap0,mac=52:54:00:12:34:56,iommu=on",
+            "hub=0,mac=52:54:00:ab:cd:ef",
+            "path=/sys/bus/pci/devices/0000:00:18.0,iommu=on",
+            "virtio,bypass=0,max-domains=8,max-mappings=4096,poll=250",
+            "512M",
+            "file=/tmp/s",
+            "254",
+            "log",
+        ];
+        let pieces = [
+            ",", "=", ":", "", "0", "k", "G", "-", "+", "é", "\u{0}", " ", "ff",
+        ];
+        let mut tried = 0usize;
+        for seed in seeds {
+            let cuts: Vec<usize> = (0..=seed.len())
+                .filter(|&i| seed.is_char_boundary(i))
+                .collect();
+            for (n, &i) in cuts.iter().enumerate() {
+                let next = cuts.get(n + 1).copied().unwrap_or(seed.len());
+                for p in pieces {
+                    // `p` inserted at i, and in place of the character at i.
+                    for v in [
+                        format!("{}{p}{}", &seed[..i], &seed[i..]),
+                        format!("{}{p}{}", &seed[..i], &seed[next..]),
+                    ] {
+                        let _ = BlockConfig::parse(&v);
+                        let _ = NetConfig::parse(&v);
+                        let _ = VfioDeviceConfig::parse(&v);
+                        let _ = ViommuOptions::parse(&v).map(|o| o.map(|o| o.config()));
+                        let _ = parse_size(&v);
+                        let _ = parse_cpus(&v);
+                        let _ = SerialOutput::parse(&v);
+                        let _ = parse_seccomp(&v);
+                        let _ = parse_level(&v);
+                        tried += 1;
+                    }
+                }
+            }
+        }
+        assert!(tried > 5_000, "{tried}");
     }
 }

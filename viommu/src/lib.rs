@@ -9,7 +9,8 @@
 //! - `virtio/`: the virtio-iommu device ([`Viommu`]): the wire format ([`spec`]), request
 //!   parsing, the spec's rules ([`Domains`]), the event queue ([`FaultReporter`]), counters and
 //!   the configuration ([`ViommuConfig`]).
-//! - `vtd/`: the emulated Intel VT-d (next).
+//! - `vtd/`: the emulated Intel VT-d front end: its building blocks (register file, invalidation
+//!   queue, root/context tables, second-level walk, diff, fault records), not wired yet.
 //!
 //! Data flows one way: front end -> engine -> host mappers / published views. For the
 //! virtio-iommu: the device pops a chain, the request parser types it, the rules check it and
@@ -53,7 +54,7 @@
 
 pub(crate) mod engine;
 pub(crate) mod virtio;
-pub(crate) mod vtd;
+pub mod vtd;
 
 /// The virtio-iommu wire format (mock drivers and fuzzers encode requests with its structs).
 pub use virtio::spec;

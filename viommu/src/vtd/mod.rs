@@ -1,4 +1,43 @@
-//! The emulated Intel VT-d front end (issue 14): the register file, the invalidation queue,
-//! the walk of the guest's root/context/second-level tables and its diff against the engine's
-//! state, and fault records. Empty until then; it will call the same
-//! [`Engine`](crate::engine::state::Engine) as the virtio-iommu front end.
+//! The emulated Intel VT-d front end: the building blocks of one DMA-remapping unit (DRHD), each
+//! a self-contained, tested piece that touches neither the engine nor the VMM.
+//!
+//! ```text
+//! guest writes IQT (vCPU exit)            guest writes GCMD/RTADDR/CCMD/IOTLB
+//!   -> regs        register file: W1C, read-only bits, GSTS updated within the write; Actions out
+//!   -> queue       descriptors from IQH to IQT ([`descriptor`]: reserved bits -> IQE)
+//!   -> tables      root/context entry of a source id -> domain, pass-through or fault
+//!   -> walk        the second-level table over the invalidated range -> maximal runs
+//!   -> diff        runs vs the engine's mappings for that range -> Unmap/Map changes
+//!   -> engine      (next step) map / unmap, attach / switch / detach; publish
+//!   -> queue       invalidation wait: status write only after the handler returned
+//! ```
+//! Faults from emulated devices come back into [`fault`] (records, FSTS, the fault MSI) through
+//! [`regs::Registers::record_fault`]. [`caps`] says what the unit implements: legacy mode,
+//! caching mode, 39/48-bit second-level tables with 2 MiB and 1 GiB pages, pass-through, queued
+//! and register-based invalidation, page-selective invalidation over the whole address space.
+//! Without ECAP.SMTS Linux uses legacy mode; without FLTS its domains use second-level tables,
+//! which caching mode lets us shadow.
+//!
+//! Not wired yet (issue 14): the MMIO device that owns a [`regs::Registers`] and carries out its
+//! actions, the hookup to the engine (context invalidations -> endpoint attach/switch/detach or
+//! identity; IOTLB invalidations -> [`walk::walk_range`] + [`diff::diff`] -> engine map/unmap;
+//! device faults -> [`tables::lookup_context`] + [`walk::translate`] -> fault records), the
+//! `--viommu vtd` option and the DMAR table in the machine (the builder is `vmm::dmar`).
+//!
+//! Out of scope: interrupt remapping (IRTA, IR descriptors, x2APIC; ECAP.IR is 0 and
+//! interrupt-entry-cache descriptors are no-ops), scalable mode (PASID tables, first-level and
+//! nested translation, 256-bit descriptors; TTM and types >= 6 are rejected), device-TLB / ATS
+//! (ECAP.DT is 0; device-TLB descriptors are no-ops), page requests, more than one DRHD.
+
+pub mod caps;
+pub mod descriptor;
+pub mod diff;
+pub mod fault;
+pub mod invalidation;
+pub mod queue;
+pub mod regs;
+pub mod tables;
+pub mod walk;
+
+#[cfg(test)]
+mod flow_tests;
