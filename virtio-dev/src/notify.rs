@@ -81,6 +81,43 @@ mod tests {
         since
     }
 
+    /// A queue of 16 with one used entry added (returns it and the used index before it);
+    /// avail flags and used_event as given.
+    fn one_used(m: &GuestMemoryMmap, event_idx: bool, flags: u16, used_event: u16) -> (Queue, u16) {
+        let mut r = Ring::new(m);
+        r.post(1);
+        r.set_avail_flags(flags);
+        r.set_used_event(used_event);
+        let mut q = r.queue(event_idx);
+        let since = complete(&mut q, m, 1);
+        (q, since)
+    }
+
+    #[test]
+    fn no_interrupt_flag_without_event_idx() {
+        let m = mem();
+        let (q, since) = one_used(&m, false, 0, 0);
+        assert!(wants_interrupt(&q, &m, since));
+        let flag = VRING_AVAIL_F_NO_INTERRUPT as u16;
+        let (q, since) = one_used(&m, false, flag, 0);
+        assert!(!wants_interrupt(&q, &m, since));
+    }
+
+    #[test]
+    fn event_idx_decides_when_negotiated() {
+        let m = mem();
+        // used_event 0: the driver wants an interrupt once entry 0 is used (next_used 1).
+        let (q, since) = one_used(&m, true, 0, 0);
+        assert!(wants_interrupt(&q, &m, since));
+        // used_event 5: not yet.
+        let (q, since) = one_used(&m, true, 0, 5);
+        assert!(!wants_interrupt(&q, &m, since));
+        // The NO_INTERRUPT flag is ignored under EVENT_IDX (the driver uses used_event).
+        let flag = VRING_AVAIL_F_NO_INTERRUPT as u16;
+        let (q, since) = one_used(&m, true, flag, 0);
+        assert!(wants_interrupt(&q, &m, since));
+    }
+
     #[test]
     fn need_event_is_the_window_of_the_batch() {
         // Entries 3 and 4 written (old 3, new 5): asked for after 3 or 4, not 2 or 5.
@@ -175,7 +212,7 @@ mod tests {
     }
 
     #[test]
-    fn an_unreadable_suppression_word_interrupts() {
+    fn unreadable_ring_gets_the_interrupt() {
         let m = mem();
         for event_idx in [false, true] {
             let mut r = Ring::new(&m);
