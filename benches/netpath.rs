@@ -18,6 +18,11 @@ use common::{attach, map, Driver};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use virtio_bindings::virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
+};
+use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_dev::{QueueConfig, VirtioDevice, VirtioInterrupt};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm::config::{NetBackendConfig, NetConfig};
@@ -39,13 +44,6 @@ const FRAME: u32 = 12 + 64;
 const RX_BUF: u32 = 2048;
 /// Where the net rings and buffers live (the iommu driver uses the first 2 MiB).
 const NET_BASE: u64 = 0x20_0000;
-
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
-const VIRTIO_NET_F_MAC: u64 = 1 << 5;
-const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
-const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
-const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
 
 struct NoIrq;
 impl VirtioInterrupt for NoIrq {
@@ -84,7 +82,7 @@ impl Ring {
     fn post(&mut self, mem: &GuestMemoryMmap, buf: u64, len: u32, write: bool) {
         let i = self.avail_idx % QSIZE;
         let d = self.desc() + 16 * u64::from(i);
-        let flags: u16 = if write { 2 } else { 0 };
+        let flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
         mem.write_obj((self.win + buf).to_le(), GuestAddress(d))
             .unwrap();
         mem.write_obj(len.to_le(), GuestAddress(d + 8)).unwrap();
@@ -146,11 +144,18 @@ fn setup(viommu: bool) -> Setup {
     };
     let (wa, wb) = if viommu { (WIN_A, WIN_B) } else { (0, 0) };
     let hubs = Hubs::new();
-    let mut features =
-        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_MRG_RXBUF;
-    features |= VIRTIO_NET_F_CTRL_VQ;
+    let mut features: u64 = [
+        VIRTIO_F_VERSION_1,
+        VIRTIO_NET_F_MAC,
+        VIRTIO_NET_F_STATUS,
+        VIRTIO_NET_F_MRG_RXBUF,
+        VIRTIO_NET_F_CTRL_VQ,
+    ]
+    .iter()
+    .map(|b| 1 << b)
+    .sum();
     if viommu {
-        features |= VIRTIO_F_ACCESS_PLATFORM;
+        features |= 1 << VIRTIO_F_ACCESS_PLATFORM;
     }
     let mut devs = Vec::new();
     let mut rings = Vec::new();

@@ -365,7 +365,7 @@ impl VirtioDevice for Null {
         &[128]
     }
     fn device_features(&self) -> u64 {
-        1 << 32
+        1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1
     }
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0x77);

@@ -15,14 +15,12 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use virtio_bindings::virtio_ring::VRING_USED_F_NO_NOTIFY;
 use virtio_dev::{ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
 };
 use vmm_sys_util::eventfd::EventFd;
-
-/// `VRING_USED_F_NO_NOTIFY`: the device asks the driver not to kick.
-const VRING_USED_F_NO_NOTIFY: u16 = 1;
 
 type Shared = Arc<Mutex<Box<dyn VirtioDevice>>>;
 
@@ -82,7 +80,7 @@ struct Ring {
 }
 
 fn set_no_notify(mem: &GuestMemoryMmap, ring: Ring, on: bool) {
-    let flags = if on { VRING_USED_F_NO_NOTIFY } else { 0 };
+    let flags = if on { VRING_USED_F_NO_NOTIFY as u16 } else { 0 };
     if let Err(e) = mem.write_obj(flags.to_le(), ring.used_flags) {
         log::warn!("polled queue: cannot write used flags: {e}");
     }
@@ -260,6 +258,7 @@ mod tests {
     use super::*;
     use crate::devices::test_iommu::NoIrq;
     use std::sync::atomic::AtomicU64;
+    use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 
     const AVAIL: u64 = 0x1000;
     const USED: u64 = 0x2000;
@@ -279,7 +278,7 @@ mod tests {
             &[16, 16]
         }
         fn device_features(&self) -> u64 {
-            1 << 32
+            1 << VIRTIO_F_VERSION_1
         }
         fn read_config(&self, _offset: u64, data: &mut [u8]) {
             data.fill(0x42);
@@ -342,7 +341,7 @@ mod tests {
         };
         p.activate(
             GuestMemoryAtomic::new(mem.clone()),
-            1 << 32,
+            1 << VIRTIO_F_VERSION_1,
             vec![qc, qc],
             vec![],
             Arc::new(NoIrq),
@@ -357,7 +356,9 @@ mod tests {
         mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
         p.queue_notify(0);
         assert!(calls.load(Ordering::SeqCst) >= 1);
-        wait_for("NO_NOTIFY set", || used_flags() == VRING_USED_F_NO_NOTIFY);
+        wait_for("NO_NOTIFY set", || {
+            used_flags() == VRING_USED_F_NO_NOTIFY as u16
+        });
         // New requests without a kick are served by the poller.
         for idx in 2..6u16 {
             mem.write_obj(idx, GuestAddress(AVAIL + 2)).unwrap();

@@ -7,12 +7,13 @@ use std::sync::Arc;
 
 use viommu::test_utils::{MockDriver, MockLayout, QueueLayout, Segment};
 use viommu::{EndpointHandle, Status};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDesc, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::GuestMemoryMmap;
 
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
+const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
+const F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
 
 /// Append one chain of `(addr, len, device-writable)` descriptors at table index `first`.
 pub(crate) fn push_chain(

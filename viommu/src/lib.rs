@@ -38,7 +38,7 @@
 //! let space = Arc::new(viommu::VfioDmaSpace::new(container.clone()));
 //! let info = space.query_info()?;                          // host IOVA ranges, page sizes
 //! let config = viommu::viommu_config_for(ViommuConfig::default(), &[info.clone()])?;
-//! bars.add(vfio_pci_device.bar_maps());                    // Arc<BarTargets>, peer-to-peer
+//! bars.add(Arc::new(DeviceBars(..)));  // Arc<BarTargets>; your `unsafe impl BarResolver`
 //! let shadow = Arc::new(viommu::Shadow::new(space, guest_mem_atomic.clone())
 //!     .with_bars(bars.clone()).with_config(info.shadow_config()));
 //! iommu.add_host_endpoint(bdf, shadow)?;                   // same Arc for one container

@@ -77,6 +77,11 @@ fn a_miss_fails_the_access_and_raises_a_fault_event() {
     // No more event buffers: the next fault is dropped cleanly.
     assert!(tm.write_slice(&[1], GuestAddress(0x90000)).is_err());
     assert!(d.used_evt().is_empty());
+    assert_eq!(
+        d.irq.queue[1].load(Ordering::SeqCst),
+        1,
+        "no interrupt without a used buffer"
+    );
     let c = d.dev.counters().snapshot();
     assert_eq!((c.faults, c.faults_delivered, c.faults_dropped), (2, 1, 1));
 }

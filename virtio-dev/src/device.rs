@@ -1,5 +1,5 @@
-//! The interface between the virtio-pci transport and a virtio device model
-//! (virtio-blk in the VMM, virtio-iommu in the `viommu` crate).
+//! The interface between a virtio transport (the `pci` crate's virtio-pci) and a virtio device
+//! model (virtio-blk and virtio-net in the VMM, virtio-iommu in the `viommu` crate).
 
 use std::sync::Arc;
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
@@ -72,4 +72,35 @@ pub trait VirtioDevice: Send {
     }
     /// Process queue `queue` now (only called when [`VirtioDevice::inline_notify`] is true).
     fn queue_notify(&mut self, _queue: u16) {}
+}
+
+/// Fill `data` from the device configuration structure `space` at `offset`; bytes past its end
+/// (or past the end of the address space) read as 0. What [`VirtioDevice::read_config`] does for
+/// a device whose configuration is a plain byte array.
+pub fn read_config_space(space: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = offset
+            .checked_add(i as u64)
+            .and_then(|o| usize::try_from(o).ok())
+            .and_then(|o| space.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_past_the_end_are_zero() {
+        let space = [1u8, 2, 3, 4];
+        let mut d = [0xffu8; 3];
+        read_config_space(&space, 1, &mut d);
+        assert_eq!(d, [2, 3, 4]);
+        read_config_space(&space, 3, &mut d);
+        assert_eq!(d, [4, 0, 0]);
+        read_config_space(&space, u64::MAX - 1, &mut d);
+        assert_eq!(d, [0, 0, 0]);
+    }
 }

@@ -72,8 +72,15 @@ mod tests {
                 "{size}"
             );
         }
+        // Rings off the spec's alignment (the queue would otherwise keep address 0).
         let mut c = cfg(64, 0x1000);
-        c.used_ring = GuestAddress(0x3001);
+        c.used_ring = GuestAddress(0x3002);
+        assert!(build_queue(&c, 256, false).is_err());
+        let mut c = cfg(64, 0x1000);
+        c.avail_ring = GuestAddress(0x2001);
+        assert!(build_queue(&c, 256, false).is_err());
+        let mut c = cfg(64, 0x1008);
+        c.avail_ring = GuestAddress(0x2000);
         assert!(build_queue(&c, 256, false).is_err());
         // Rings past the end of memory: built, but not usable.
         assert!(build_queue(&cfg(64, 0xf000), 256, false).is_ok());

@@ -209,6 +209,7 @@ impl Viommu {
         let mem = active.mem.memory();
         let probe_size = self.negotiated(F_PROBE).then_some(self.config.probe_size);
         let mut served = 0usize;
+        let since = active.queue.next_used();
         let mut completions = std::mem::take(&mut self.completions);
         loop {
             completions.clear();
@@ -235,7 +236,7 @@ impl Viommu {
                 break;
             }
         }
-        if served > 0 && wants_interrupt(&mut active.queue, &*mem) {
+        if wants_interrupt(&active.queue, &*mem, since) {
             active.interrupt.signal_queue(REQUEST_QUEUE);
         }
         self.completions = completions;

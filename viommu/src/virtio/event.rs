@@ -117,6 +117,7 @@ fn deliver(q: &mut EventQueue, record: &FaultRecord) -> bool {
     let mem = q.mem.memory();
     let bytes = record.as_slice();
     let mut delivered = false;
+    let since = q.queue.next_used();
     // Bounded: each iteration consumes one available buffer.
     for _ in 0..q.queue.size() {
         let Some(chain) = q.queue.pop_descriptor_chain(&*mem) else {
@@ -169,7 +170,7 @@ fn deliver(q: &mut EventQueue, record: &FaultRecord) -> bool {
             break;
         }
     }
-    if virtio_dev::wants_interrupt(&mut q.queue, &*mem) {
+    if virtio_dev::wants_interrupt(&q.queue, &*mem, since) {
         q.interrupt.signal_queue(EVENT_QUEUE);
     }
     delivered

@@ -4,14 +4,14 @@
 use vm_memory::{ByteValued, Le16, Le32, Le64};
 
 /// Virtio device ID of the IOMMU.
-pub const VIRTIO_ID_IOMMU: u32 = 23;
+pub use virtio_bindings::virtio_ids::VIRTIO_ID_IOMMU;
 /// Index of the request queue.
 pub const REQUEST_QUEUE: u16 = 0;
 /// Index of the event queue.
 pub const EVENT_QUEUE: u16 = 1;
 
 /// `VIRTIO_F_VERSION_1`.
-pub const VIRTIO_F_VERSION_1: u32 = 32;
+pub use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 /// `VIRTIO_IOMMU_F_INPUT_RANGE`.
 pub const F_INPUT_RANGE: u32 = 0;
 /// `VIRTIO_IOMMU_F_DOMAIN_RANGE`.

@@ -17,7 +17,8 @@
 //! descriptor table is the only ring memory a chain reads.
 
 use viommu::{Access, PinnedView};
-use virtio_queue::{Queue, QueueT};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap,
 };
@@ -51,10 +52,6 @@ impl Buffers for PinnedView<'_> {
         self.write_from(data, at)
     }
 }
-
-const VRING_DESC_F_NEXT: u16 = 1;
-const VRING_DESC_F_WRITE: u16 = 2;
-const VRING_DESC_F_INDIRECT: u16 = 4;
 
 /// The rings of one queue as the driver gave them (IOVAs), and where the queue points now.
 #[derive(Debug)]
@@ -133,6 +130,18 @@ impl QueueRings {
     }
 }
 
+/// The descriptors of `chain` (just popped from `queue`; its descriptor table is read through
+/// the chain's memory) in `out`, cleared first; `None` if the chain is malformed (see
+/// [`walk_chain`]).
+pub fn chain_descs<'d, M: GuestMemory>(
+    queue: &Queue,
+    chain: &DescriptorChain<&M>,
+    out: &'d mut Vec<Desc>,
+) -> Option<&'d [Desc]> {
+    out.clear();
+    walk_chain(chain.memory(), queue, chain.head_index(), out).then_some(&out[..])
+}
+
 /// Append the descriptors of the chain at `head` in `queue`'s descriptor table (read through
 /// `mem`) to `out`; false (and `out` as it was) if the chain is malformed: an index out of
 /// the table, a loop (longer than the table), an indirect descriptor, or unreadable.
@@ -156,11 +165,15 @@ pub fn walk_chain<M: GuestMemory>(mem: &M, queue: &Queue, head: u16, out: &mut V
         let len = u32::from_le_bytes(raw[8..12].try_into().unwrap_or_default());
         let flags = u16::from_le_bytes([raw[12], raw[13]]);
         let next = u16::from_le_bytes([raw[14], raw[15]]);
-        if flags & VRING_DESC_F_INDIRECT != 0 {
+        if flags & VRING_DESC_F_INDIRECT as u16 != 0 {
             break;
         }
-        out.push((GuestAddress(addr), len, flags & VRING_DESC_F_WRITE != 0));
-        if flags & VRING_DESC_F_NEXT == 0 {
+        out.push((
+            GuestAddress(addr),
+            len,
+            flags & VRING_DESC_F_WRITE as u16 != 0,
+        ));
+        if flags & VRING_DESC_F_NEXT as u16 == 0 {
             return true;
         }
         idx = next;
@@ -194,8 +207,8 @@ mod tests {
     fn chains_are_walked_and_bad_ones_refused() {
         let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let q = queue(0x1000);
-        desc(&m, 0x1000, 0, 0x5000, 12, VRING_DESC_F_NEXT, 3);
-        desc(&m, 0x1000, 3, 0x6000, 100, VRING_DESC_F_WRITE, 0);
+        desc(&m, 0x1000, 0, 0x5000, 12, VRING_DESC_F_NEXT as u16, 3);
+        desc(&m, 0x1000, 3, 0x6000, 100, VRING_DESC_F_WRITE as u16, 0);
         let mut out = vec![(GuestAddress(1), 1, false)];
         assert!(walk_chain(&m, &q, 0, &mut out));
         assert_eq!(
@@ -206,9 +219,9 @@ mod tests {
             ]
         );
         // A loop, an index past the table, an indirect descriptor: refused, `out` untouched.
-        desc(&m, 0x1000, 1, 0x5000, 1, VRING_DESC_F_NEXT, 1);
-        desc(&m, 0x1000, 2, 0x5000, 1, VRING_DESC_F_NEXT, 9);
-        desc(&m, 0x1000, 4, 0x5000, 16, VRING_DESC_F_INDIRECT, 0);
+        desc(&m, 0x1000, 1, 0x5000, 1, VRING_DESC_F_NEXT as u16, 1);
+        desc(&m, 0x1000, 2, 0x5000, 1, VRING_DESC_F_NEXT as u16, 9);
+        desc(&m, 0x1000, 4, 0x5000, 16, VRING_DESC_F_INDIRECT as u16, 0);
         for head in [1, 2, 4, 8] {
             let mut out = Vec::new();
             assert!(!walk_chain(&m, &q, head, &mut out), "head {head}");
