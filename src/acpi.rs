@@ -34,7 +34,8 @@ pub const RESET_VALUE: u8 = 0x01;
 /// SLP_TYP value advertised for S5 in `_S5_`.
 pub const S5_SLEEP_TYPE: u8 = 5;
 
-const OEM_ID: [u8; 6] = *b"RVMMIO";
+/// OEM ID of every ACPI table the VMM builds.
+pub const OEM_ID: [u8; 6] = *b"RVMMIO";
 const OEM_TABLE_ID: [u8; 8] = *b"VMMIOMMU";
 
 /// Inputs for the ACPI tables.

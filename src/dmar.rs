@@ -28,7 +28,7 @@ pub const DRHD_LEN: usize = 16;
 /// Length of a device scope with one path entry.
 pub const SCOPE_LEN: usize = 8;
 
-const OEM_ID: [u8; 6] = *b"RVMMIO";
+use crate::acpi::OEM_ID;
 const OEM_TABLE_ID: [u8; 8] = *b"VMMDMAR ";
 
 /// Which PCI functions (segment 0) translate through the unit.

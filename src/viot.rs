@@ -20,7 +20,7 @@ pub const NODE_PCI_RANGE: u8 = 1;
 /// Node type of a virtio-pci IOMMU.
 pub const NODE_VIRTIO_IOMMU_PCI: u8 = 3;
 
-const OEM_ID: [u8; 6] = *b"RVMMIO";
+use crate::acpi::OEM_ID;
 const OEM_TABLE_ID: [u8; 8] = *b"VMMVIOT ";
 
 /// A PCI function on segment 0 as `bus << 8 | device << 3 | function`.
