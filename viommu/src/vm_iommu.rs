@@ -79,7 +79,7 @@ fn unresolved(iova: GuestAddress, length: usize, reason: String) -> Error {
 /// it, a lookup per piece), then `IommuMemory` walks guest memory region by region;
 /// [`TranslatedMemory`] keeps a small per-memory cache of recent mappings tagged with the view
 /// generation and copies into the RAM region directly. Measured with `cargo bench -p viommu
-/// --bench iommu_memory` (release, 64 one-page mappings, the 2-core development machine under
+/// --features vm-memory-iommu --bench iommu_memory` (release, 64 one-page mappings, the 2-core development machine under
 /// load, so the ratios matter more than the absolute figures): an 8-byte read costs
 /// XXREAD; a 1500-byte copy across two mappings XXCOPY.
 ///
