@@ -604,7 +604,14 @@ impl Engine {
         }
         let left_destroyed = match old {
             Some(o) => self.remove_from_space(endpoint, o, true),
-            None => false,
+            None => {
+                // Leaving boot bypass for a paging space removes access to all guest RAM:
+                // like an unmap, the publication waits for requests pinning the identity view.
+                if self.default_identity && kind == SpaceKind::Paging {
+                    self.sync_needed = true;
+                }
+                false
+            }
         };
         let d = self.spaces.entry(space).or_insert_with(|| Space::new(kind));
         d.endpoints.push(endpoint);

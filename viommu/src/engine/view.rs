@@ -1,7 +1,7 @@
 //! Published, immutable translation state. The engine owns the master tables and publishes one
 //! [`View`] per endpoint through an `ArcSwap`; devices load it without locking. Removing access
-//! (unmap, leaving a space, identity off) completes only once no reader still holds the old
-//! view (publishing waits for that).
+//! (unmap, leaving a space, identity off, an endpoint leaving bypass for a paging space)
+//! completes only once no reader still holds the old view (publishing waits for that).
 
 use super::fault::FaultSink;
 use super::mapping::{Access, Mapping, Miss};
