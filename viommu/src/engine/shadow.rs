@@ -72,6 +72,7 @@ use crate::engine::arch::{X86_MSI_END, X86_MSI_START};
 use crate::engine::host::vfio::HostIommuInfo;
 use crate::engine::host::{DmaSpace, HostMapError, HostMapper, Prot};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
@@ -184,6 +185,11 @@ struct Entry {
 }
 
 impl Entry {
+    /// Host records it counts for (see [`HostMapper::records`]): one per piece, at least one.
+    fn weight(&self) -> usize {
+        1 + self.rest.len()
+    }
+
     fn pieces(
         &self,
     ) -> std::iter::Chain<std::option::Iter<'_, Piece>, std::slice::Iter<'_, Piece>> {
@@ -202,6 +208,9 @@ pub struct Shadow {
     bars: Option<Arc<dyn BarResolver>>,
     config: ShadowConfig,
     recorded: Mutex<BTreeMap<u64, Entry>>,
+    /// Sum of the recorded entries' weights: every insert into / removal from `recorded` goes
+    /// through [`Shadow::record`] / [`Shadow::forget`] so that it stays exact.
+    weight: AtomicUsize,
 }
 
 impl Shadow {
@@ -216,6 +225,7 @@ impl Shadow {
             bars: None,
             config: ShadowConfig::default(),
             recorded: Mutex::new(BTreeMap::new()),
+            weight: AtomicUsize::new(0),
         }
     }
 
@@ -256,6 +266,21 @@ impl Shadow {
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, Entry>> {
         self.recorded.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Record `e` at `iova` (the caller holds `rec`, this shadow's lock).
+    fn record(&self, rec: &mut BTreeMap<u64, Entry>, iova: u64, e: Entry) {
+        self.weight.fetch_add(e.weight(), Ordering::Relaxed);
+        if let Some(old) = rec.insert(iova, e) {
+            self.weight.fetch_sub(old.weight(), Ordering::Relaxed);
+        }
+    }
+
+    /// Forget the entry at `iova` (the caller holds `rec`, this shadow's lock).
+    fn forget(&self, rec: &mut BTreeMap<u64, Entry>, iova: u64) {
+        if let Some(old) = rec.remove(&iova) {
+            self.weight.fetch_sub(old.weight(), Ordering::Relaxed);
+        }
     }
 
     /// The host pieces `iova..iova+size` -> guest-physical `gpa..` composes into, without
@@ -355,7 +380,7 @@ impl Shadow {
             if let Some(e) = rec.get(&iova).cloned() {
                 self.unmap_entry(&e)?;
             }
-            rec.remove(&iova);
+            self.forget(&mut rec, iova);
         }
         Ok(())
     }
@@ -444,7 +469,7 @@ impl HostMapper for Shadow {
             })?;
             self.map_pieces(entry.pieces(), prot)?;
         }
-        rec.insert(iova, entry);
+        self.record(&mut rec, iova, entry);
         Ok(())
     }
 
@@ -453,7 +478,7 @@ impl HostMapper for Shadow {
         match rec.get(&iova) {
             Some(e) if e.size == size => {
                 self.unmap_entry(e)?;
-                rec.remove(&iova);
+                self.forget(&mut rec, iova);
                 Ok(())
             }
             _ => {
@@ -461,6 +486,10 @@ impl HostMapper for Shadow {
                 Err(HostMapError::Invalid)
             }
         }
+    }
+
+    fn records(&self) -> usize {
+        self.weight.load(Ordering::Relaxed)
     }
 }
 

@@ -14,7 +14,7 @@ use super::endpoint::{DomainError, Endpoint, EndpointHandle};
 use super::fault::FaultSink;
 use super::geometry::{Geometry, ResvRegion};
 use super::host::{HostMapError, HostMapper};
-use super::limits::{Limits, ENDPOINT_BYTES, SPACE_BYTES};
+use super::limits::{Limits, ENDPOINT_BYTES, HOST_RECORD_BYTES, SPACE_BYTES};
 use super::mapping::Mapping;
 use super::mirror::{
     map_all, prot, restore, same_host, size_of_mapping, unmap_all, unmap_best_effort,
@@ -103,6 +103,11 @@ fn collect(table: &Table) -> Vec<Mapping> {
     table.values().copied().collect()
 }
 
+/// Host mapping records `hosts` (distinct host mappers) hold together.
+fn records_of(hosts: &[Arc<dyn HostMapper>]) -> usize {
+    hosts.iter().map(|h| h.records()).sum()
+}
+
 /// Every address space and endpoint of one IOMMU.
 pub struct Engine {
     geometry: Geometry,
@@ -115,6 +120,9 @@ pub struct Engine {
     /// Host address spaces holding guest RAM for boot bypass (all their endpoints in no space
     /// while the default is identity).
     idle_mapped: Vec<Arc<dyn HostMapper>>,
+    /// Every distinct host mapper of the registered endpoints (their records are counted
+    /// against `Limits::max_host_records`).
+    host_mappers: Vec<Arc<dyn HostMapper>>,
     total_mappings: usize,
     endpoints: BTreeMap<u32, Endpoint>,
     spaces: BTreeMap<u32, Space>,
@@ -142,6 +150,7 @@ impl Engine {
             faults,
             ram: Vec::new(),
             idle_mapped: Vec::new(),
+            host_mappers: Vec::new(),
             total_mappings: 0,
             endpoints: BTreeMap::new(),
             spaces: BTreeMap::new(),
@@ -208,6 +217,11 @@ impl Engine {
             },
         };
         let shared = Arc::new(EndpointShared::new(id, view, self.faults.clone()));
+        if let Some(h) = &host {
+            if !self.host_mappers.iter().any(|o| same_host(o, h)) {
+                self.host_mappers.push(h.clone());
+            }
+        }
         self.endpoints.insert(
             id,
             Endpoint {
@@ -251,16 +265,24 @@ impl Engine {
         self.total_mappings
     }
 
+    /// Host mapping records all host mappers hold together (what
+    /// `Limits::max_host_records` caps).
+    pub fn host_records(&self) -> usize {
+        records_of(&self.host_mappers)
+    }
+
     /// Estimated heap bytes held for guest-created and registered state: every space with
-    /// all copies of its table, every endpoint with its view. Bounded by
-    /// [`Limits::memory_bound`].
+    /// all copies of its table, every endpoint with its view, the host mappers' records.
+    /// Bounded by [`Limits::memory_bound`].
     pub fn memory_estimate(&self) -> usize {
         let spaces: usize = self
             .spaces
             .values()
             .map(|d| SPACE_BYTES + d.table.heap_estimate() + d.endpoints.capacity() * 4)
             .sum();
-        spaces + self.endpoints.len() * ENDPOINT_BYTES
+        spaces
+            + self.endpoints.len() * ENDPOINT_BYTES
+            + self.host_records().saturating_mul(HOST_RECORD_BYTES)
     }
 
     fn mark_space(&mut self, id: u32) {
@@ -589,12 +611,27 @@ impl Engine {
                     Some(d) => self.host_contents(d.is_identity(), d.table.state()),
                     None => self.host_contents(kind == SpaceKind::Identity, &Table::new()),
                 };
-                if let Err(e) = map_all(&h, &contents) {
-                    log::warn!("virtio-iommu: ATTACH {endpoint:#x} -> {space}: host: {e}");
+                let res = match map_all(&h, &contents) {
+                    Ok(()) if self.host_records() > self.limits.max_host_records => {
+                        log::warn!(
+                            "virtio-iommu: ATTACH {endpoint:#x} -> {space}: host mapping \
+                             record limit {} reached",
+                            self.limits.max_host_records
+                        );
+                        unmap_best_effort(&h, &contents);
+                        Err(EngineError::TooManyMappings)
+                    }
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        log::warn!("virtio-iommu: ATTACH {endpoint:#x} -> {space}: host: {e}");
+                        Err(e.into())
+                    }
+                };
+                if let Err(e) = res {
                     for m in &release {
                         restore(&h, m);
                     }
-                    return Err(e.into());
+                    return Err(e);
                 }
                 new_host = Some(h.clone());
             }
@@ -702,6 +739,18 @@ impl Engine {
             let Some(size) = size_of_mapping(&m) else {
                 return Err(EngineError::OutOfRange);
             };
+            // Every host records the mapping at least once: refuse before the host calls when
+            // that alone would pass the cap, and undo them when the pieces did.
+            let cap = self.limits.max_host_records;
+            let over = |hosts: &[Arc<dyn HostMapper>], extra: usize| {
+                records_of(hosts).saturating_add(extra) > cap
+            };
+            if over(&self.host_mappers, d.hosts.len()) {
+                log::warn!(
+                    "virtio-iommu: MAP in domain {space}: host mapping record limit {cap} reached"
+                );
+                return Err(EngineError::TooManyMappings);
+            }
             for (i, h) in d.hosts.iter().enumerate() {
                 if let Err(e) = h.map(m.start, size, m.gpa, prot(&m)) {
                     log::warn!(
@@ -713,6 +762,17 @@ impl Engine {
                     }
                     return Err(e.into());
                 }
+            }
+            if over(&self.host_mappers, 0) {
+                log::warn!(
+                    "virtio-iommu: MAP {:#x}+{size:#x} in domain {space}: host mapping record \
+                     limit {cap} reached",
+                    m.start
+                );
+                for h in &d.hosts {
+                    unmap_best_effort(h, std::slice::from_ref(&m));
+                }
+                return Err(EngineError::TooManyMappings);
             }
         }
         d.table.insert(m);
