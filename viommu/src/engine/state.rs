@@ -6,7 +6,9 @@
 //! call returns what changed or an [`EngineError`], which the front end turns into its answer.
 //!
 //! State is bounded by [`Limits`]; every change is mirrored into the host mappers of the
-//! space's endpoints (one call per host address space, rolled back on failure); identity
+//! space's endpoints (one call per host address space, rolled back on failure; a rollback
+//! unmap that keeps failing marks its host address space as needing reset, see
+//! `mirror::Stale`); identity
 //! spaces, and host endpoints in no space while the default is identity (boot bypass), hold
 //! guest RAM identity-mapped in their host address spaces.
 
@@ -16,9 +18,7 @@ use super::geometry::{Geometry, ResvRegion};
 use super::host::{HostMapError, HostMapper};
 use super::limits::{Limits, ENDPOINT_BYTES, HOST_RECORD_BYTES, SPACE_BYTES};
 use super::mapping::Mapping;
-use super::mirror::{
-    map_all, prot, restore, same_host, size_of_mapping, unmap_all, unmap_best_effort,
-};
+use super::mirror::{map_all, prot, restore, same_host, size_of_mapping, unmap_all, Stale};
 use super::space::{Space, SpaceKind};
 use super::table::Table;
 use super::view::{EndpointShared, Mode, View};
@@ -74,6 +74,10 @@ pub enum EngineError {
     /// A host mapper refused (after rollback).
     #[error("host: {0}")]
     Host(#[from] HostMapError),
+    /// A host address space of the request may hold a stale mapping (undoing an earlier
+    /// change failed): nothing more is mapped into it until that is removed (reset).
+    #[error("a host address space needs reset")]
+    HostNeedsReset,
 }
 
 /// What [`Engine::attach`] changed.
@@ -123,6 +127,8 @@ pub struct Engine {
     /// Every distinct host mapper of the registered endpoints (their records are counted
     /// against `Limits::max_host_records`).
     host_mappers: Vec<Arc<dyn HostMapper>>,
+    /// Host address spaces whose cleanup failed (see [`Stale`]).
+    stale: Stale,
     total_mappings: usize,
     endpoints: BTreeMap<u32, Endpoint>,
     spaces: BTreeMap<u32, Space>,
@@ -151,6 +157,7 @@ impl Engine {
             ram: Vec::new(),
             idle_mapped: Vec::new(),
             host_mappers: Vec::new(),
+            stale: Stale::default(),
             total_mappings: 0,
             endpoints: BTreeMap::new(),
             spaces: BTreeMap::new(),
@@ -373,6 +380,7 @@ impl Engine {
         self.total_mappings = 0;
         self.dirty_spaces.clear();
         self.sync_needed = true;
+        self.stale.retry_all();
         self.sync_idle_hosts();
         self.publish();
     }
@@ -437,8 +445,12 @@ impl Engine {
             hosts.extend(d.hosts.iter().cloned());
         }
         for h in &hosts {
-            unmap_best_effort(h, &removed);
-            if let Err(e) = map_all(h, &added) {
+            self.stale.unmap_all(h, &removed);
+            if self.stale.blocks(h) {
+                log::warn!("virtio-iommu: new guest RAM not mapped into a host that needs reset");
+                continue;
+            }
+            if let Err(e) = map_all(h, &added, &mut self.stale) {
                 log::error!("virtio-iommu: mapping new guest RAM into a host address space: {e}");
             }
         }
@@ -491,7 +503,14 @@ impl Engine {
             if self.idle_mapped.iter().any(|m| same_host(m, &h)) {
                 continue;
             }
-            match map_all(&h, &self.ram) {
+            if self.stale.blocks(&h) {
+                log::warn!(
+                    "virtio-iommu: no boot-bypass RAM for a host address space that needs \
+                     reset; its devices cannot DMA until attached"
+                );
+                continue;
+            }
+            match map_all(&h, &self.ram, &mut self.stale) {
                 Ok(()) => self.idle_mapped.push(h),
                 Err(e) => log::warn!(
                     "virtio-iommu: boot-bypass map of guest RAM into a host address space: \
@@ -539,7 +558,7 @@ impl Engine {
                     } else {
                         collect(d.table.state())
                     };
-                    unmap_best_effort(&h, &contents);
+                    self.stale.unmap_all(&h, &contents);
                 }
             }
         }
@@ -600,25 +619,33 @@ impl Engine {
                 None if idle => self.ram.clone(),
                 None => Vec::new(),
             };
+            let known = self
+                .spaces
+                .get(&space)
+                .is_some_and(|d| d.hosts.iter().any(|o| same_host(o, &h)));
+            // Replaying into a host address space that may hold a stale mapping: refused.
+            if !known && self.stale.blocks(&h) {
+                log::debug!("virtio-iommu: ATTACH {endpoint:#x} -> {space}: host needs reset");
+                return Err(EngineError::HostNeedsReset);
+            }
             if let Err(e) = unmap_all(std::slice::from_ref(&h), &release) {
                 log::warn!("virtio-iommu: ATTACH {endpoint:#x} -> {space}: host unmap: {e}");
                 return Err(e.into());
             }
             let target = self.spaces.get(&space);
-            let known = target.is_some_and(|d| d.hosts.iter().any(|o| same_host(o, &h)));
             if !known {
                 let contents = match target {
                     Some(d) => self.host_contents(d.is_identity(), d.table.state()),
                     None => self.host_contents(kind == SpaceKind::Identity, &Table::new()),
                 };
-                let res = match map_all(&h, &contents) {
+                let res = match map_all(&h, &contents, &mut self.stale) {
                     Ok(()) if self.host_records() > self.limits.max_host_records => {
                         log::warn!(
                             "virtio-iommu: ATTACH {endpoint:#x} -> {space}: host mapping \
                              record limit {} reached",
                             self.limits.max_host_records
                         );
-                        unmap_best_effort(&h, &contents);
+                        self.stale.unmap_all(&h, &contents);
                         Err(EngineError::TooManyMappings)
                     }
                     Ok(()) => Ok(()),
@@ -745,6 +772,10 @@ impl Engine {
             let over = |hosts: &[Arc<dyn HostMapper>], extra: usize| {
                 records_of(hosts).saturating_add(extra) > cap
             };
+            if d.hosts.iter().any(|h| self.stale.blocks(h)) {
+                log::debug!("virtio-iommu: MAP in domain {space}: a host needs reset");
+                return Err(EngineError::HostNeedsReset);
+            }
             if over(&self.host_mappers, d.hosts.len()) {
                 log::warn!(
                     "virtio-iommu: MAP in domain {space}: host mapping record limit {cap} reached"
@@ -758,7 +789,7 @@ impl Engine {
                         m.start
                     );
                     for prev in &d.hosts[..i] {
-                        unmap_best_effort(prev, std::slice::from_ref(&m));
+                        self.stale.unmap(prev, &m);
                     }
                     return Err(e.into());
                 }
@@ -770,7 +801,7 @@ impl Engine {
                     m.start
                 );
                 for h in &d.hosts {
-                    unmap_best_effort(h, std::slice::from_ref(&m));
+                    self.stale.unmap(h, &m);
                 }
                 return Err(EngineError::TooManyMappings);
             }

@@ -54,6 +54,8 @@ impl From<&EngineError> for Status {
             | EngineError::WouldSplit => Status::Range,
             EngineError::TooManySpaces | EngineError::TooManyMappings => Status::NoMem,
             EngineError::Host(h) => h.into(),
+            // A container that may hold a stale mapping: "Internal device error".
+            EngineError::HostNeedsReset => Status::DevErr,
         }
     }
 }
