@@ -48,7 +48,9 @@
 //! ```
 //!
 //! Tables are left-right pairs: O(log n) in-place updates, one publication per request-queue
-//! batch, an unmap or detach completes only once no device still holds the previous view.
+//! batch, an unmap or detach completes only once no device still holds the previous view, or,
+//! for one held past the pin deadline (a stuck backend), once that view is revoked and no
+//! access through it is in progress (see [`View`] and [`Viommu::set_pin_deadline`]).
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 

@@ -560,3 +560,156 @@ fn no_identity_access_survives_attach_or_bypass_off() {
     );
     assert!(w.pinned_identity.load(SeqCst) >= MIN_PINNED);
 }
+
+/// Issue 16, 2.7: a request stuck in its backend (blk holds its pin across file I/O) while
+/// the guest UNMAPs its buffer. The UNMAP waits the pin deadline, then revokes the old view
+/// and completes; the request's later accesses see the current mappings: the write into the
+/// unmapped buffer fails (guest memory untouched), the status byte, still mapped, is written.
+#[test]
+fn unmap_past_the_deadline_revokes_a_stuck_request() {
+    let cfg = ViommuConfig {
+        bypass: false,
+        ..Default::default()
+    };
+    let (mut d, h) = Driver::new(cfg, &[EP], None);
+    d.dev.set_pin_deadline(Duration::from_millis(200));
+    let tm = TranslatedMemory::new(d.mem.clone(), h[0].clone());
+    assert_eq!(d.status(&attach(1, EP, 0)), OK);
+    assert_eq!(d.status(&map(1, 0x10000, 0x10fff, 0x50000, RW)), OK);
+    assert_eq!(d.status(&map(1, 0x20000, 0x20fff, 0x60000, RW)), OK);
+    let pinned = tm.pin();
+    let (started, started_rx) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let t = std::thread::spawn(move || {
+        let mut b = [0u8; 4];
+        pinned.read_slice(&mut b, GuestAddress(0x10000)).unwrap();
+        started.send(()).unwrap();
+        // The backend's file I/O, stuck until the test lets it go (or 10 s).
+        let _ = release_rx.recv_timeout(Duration::from_secs(10));
+        let data = pinned.write_slice(&[7; 4], GuestAddress(0x10000));
+        let status = pinned.write_slice(&[1], GuestAddress(0x20000));
+        (data.is_err(), status.is_ok())
+    });
+    started_rx.recv().unwrap();
+    let t0 = Instant::now();
+    assert_eq!(d.status(&unmap(1, 0x10000, 0x10fff)), OK);
+    let took = t0.elapsed();
+    let _ = release.send(());
+    let (data_failed, status_written) = t.join().unwrap();
+    assert!(
+        took < Duration::from_secs(5),
+        "UNMAP waited {took:?} for a stuck request"
+    );
+    assert!(
+        took >= Duration::from_millis(200),
+        "UNMAP did not wait: {took:?}"
+    );
+    assert!(
+        data_failed,
+        "a request wrote through the old view after the UNMAP completed"
+    );
+    assert_eq!(d.read(0x50000, 4), vec![0; 4]);
+    assert!(
+        status_written,
+        "the still-mapped status byte was not written"
+    );
+    assert_eq!(d.read(0x60000, 1), vec![1]);
+}
+
+/// A device that took guest-physical addresses out of its pinned view (prepared rings, a host
+/// mapper) reaches memory without the engine: its view cannot be revoked, so the UNMAP waits
+/// for it past the deadline.
+#[test]
+fn unmap_waits_past_the_deadline_for_addresses_taken_out() {
+    let cfg = ViommuConfig {
+        bypass: false,
+        ..Default::default()
+    };
+    let (mut d, h) = Driver::new(cfg, &[EP], None);
+    d.dev.set_pin_deadline(Duration::from_millis(100));
+    let tm = TranslatedMemory::new(d.mem.clone(), h[0].clone());
+    assert_eq!(d.status(&attach(1, EP, 0)), OK);
+    assert_eq!(d.status(&map(1, 0x10000, 0x10fff, 0x50000, RW)), OK);
+    let pinned = tm.pin();
+    let done = Arc::new(AtomicBool::new(false));
+    let done2 = done.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        let gpas = pinned.translate_quiet(0x10000, 4, viommu::Access::Write);
+        assert_eq!(gpas, Some(vec![(0x50000, 4)]));
+        tx.send(()).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        // Through the backend, as a device with prepared rings does.
+        pinned
+            .backend()
+            .write_slice(&[7; 4], GuestAddress(0x50000))
+            .unwrap();
+        done2.store(true, SeqCst);
+    });
+    rx.recv().unwrap();
+    assert_eq!(d.status(&unmap(1, 0x10000, 0x10fff)), OK);
+    assert!(
+        done.load(SeqCst),
+        "UNMAP completed while a device still held addresses from the old view"
+    );
+    t.join().unwrap();
+}
+
+/// Reads from a slow backend straight into guest memory (`read_volatile_from` a file that
+/// takes `delay`): one access in progress for the whole time.
+struct SlowSource {
+    delay: Duration,
+    started: std::sync::mpsc::Sender<()>,
+    wrote: Arc<AtomicBool>,
+}
+
+impl vm_memory::ReadVolatile for SlowSource {
+    fn read_volatile<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        buf: &mut vm_memory::VolatileSlice<B>,
+    ) -> Result<usize, vm_memory::VolatileMemoryError> {
+        let _ = self.started.send(());
+        std::thread::sleep(self.delay);
+        let n = buf.len().min(4);
+        buf.copy_from(&[9u8; 4][..n]);
+        self.wrote.store(true, SeqCst);
+        Ok(n)
+    }
+}
+
+/// Past the deadline the UNMAP revokes the old view but still waits for an access already in
+/// progress through it (here a slow read into the buffer): it never completes while a device
+/// is writing through the old translation.
+#[test]
+fn unmap_past_the_deadline_waits_for_an_access_in_progress() {
+    let cfg = ViommuConfig {
+        bypass: false,
+        ..Default::default()
+    };
+    let (mut d, h) = Driver::new(cfg, &[EP], None);
+    d.dev.set_pin_deadline(Duration::from_millis(100));
+    let tm = TranslatedMemory::new(d.mem.clone(), h[0].clone());
+    assert_eq!(d.status(&attach(1, EP, 0)), OK);
+    assert_eq!(d.status(&map(1, 0x10000, 0x10fff, 0x50000, RW)), OK);
+    let pinned = tm.pin();
+    let wrote = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut src = SlowSource {
+        delay: Duration::from_millis(500),
+        started: tx,
+        wrote: wrote.clone(),
+    };
+    let t = std::thread::spawn(move || {
+        pinned
+            .read_volatile_from(GuestAddress(0x10000), &mut src, 4)
+            .unwrap()
+    });
+    rx.recv().unwrap();
+    assert_eq!(d.status(&unmap(1, 0x10000, 0x10fff)), OK);
+    assert!(
+        wrote.load(SeqCst),
+        "UNMAP completed while an access through the old view was in progress"
+    );
+    assert_eq!(t.join().unwrap(), 4);
+    assert_eq!(d.read(0x50000, 4), vec![9; 4]);
+}

@@ -21,9 +21,10 @@ use super::mapping::Mapping;
 use super::mirror::{map_all, prot, restore, same_host, size_of_mapping, unmap_all, Stale};
 use super::space::{Space, SpaceKind};
 use super::table::Table;
-use super::view::{EndpointShared, Mode, View};
+use super::view::{EndpointShared, Mode, View, PIN_DEADLINE};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Why the engine refused an operation. Nothing changed when it returns one.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -136,6 +137,8 @@ pub struct Engine {
     dirty_endpoints: Vec<u32>,
     sync_needed: bool,
     generation: u64,
+    /// How long removing access waits for devices before revoking old views.
+    pin_deadline: Duration,
 }
 
 impl Engine {
@@ -165,6 +168,7 @@ impl Engine {
             dirty_endpoints: Vec::new(),
             sync_needed: false,
             generation: 0,
+            pin_deadline: PIN_DEADLINE,
         }
     }
 
@@ -183,6 +187,12 @@ impl Engine {
         self.default_identity
     }
 
+    /// How long removing access waits for a device to let go of an old view before revoking
+    /// it (default [`PIN_DEADLINE`]; see the `view` module).
+    pub fn set_pin_deadline(&mut self, deadline: Duration) {
+        self.pin_deadline = deadline;
+    }
+
     #[cfg(test)]
     pub(crate) fn limits_mut(&mut self) -> &mut Limits {
         &mut self.limits
@@ -196,10 +206,7 @@ impl Engine {
             Some(d) if d.is_identity() => Mode::Bypass,
             Some(d) => Mode::Translate(d.published.clone().unwrap_or_default()),
         };
-        View {
-            generation: self.generation,
-            mode,
-        }
+        View::new(self.generation, mode)
     }
 
     /// Register an endpoint (a PCI BDF); `host` when its DMA goes through a host IOMMU.
@@ -215,14 +222,12 @@ impl Engine {
             return Err(DomainError::TooManyEndpoints(self.limits.max_endpoints));
         }
         self.generation += 1;
-        let view = View {
-            generation: self.generation,
-            mode: if self.default_identity {
-                Mode::Bypass
-            } else {
-                Mode::Deny
-            },
+        let mode = if self.default_identity {
+            Mode::Bypass
+        } else {
+            Mode::Deny
         };
+        let view = View::new(self.generation, mode);
         let shared = Arc::new(EndpointShared::new(id, view, self.faults.clone()));
         if let Some(h) = &host {
             if !self.host_mappers.iter().any(|o| same_host(o, h)) {
@@ -338,7 +343,7 @@ impl Engine {
             if let Some(ep) = self.endpoints.get_mut(&id) {
                 ep.dirty = false;
             }
-            shared.publish(view, sync);
+            shared.publish(view, sync, self.pin_deadline);
         }
     }
 

@@ -159,6 +159,12 @@ impl Domains {
         self.engine.publish();
     }
 
+    /// How long removing access waits for a device holding an old view before revoking it
+    /// (see [`Engine::set_pin_deadline`]).
+    pub fn set_pin_deadline(&mut self, deadline: std::time::Duration) {
+        self.engine.set_pin_deadline(deadline);
+    }
+
     /// Change `config.bypass` and publish the unattached endpoints' new views.
     pub fn set_bypass(&mut self, on: bool) {
         self.engine.set_default_identity(on);
