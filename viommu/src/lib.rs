@@ -77,7 +77,7 @@ pub use engine::mapping::{Access, Mapping, Miss};
 pub use engine::space::SpaceKind;
 pub use engine::state::{Attached, Detached, Engine, EngineError};
 pub use engine::translate::{PinnedView, TranslatedMemory};
-pub use engine::view::{Mode, View};
+pub use engine::view::{Mode, View, PIN_DEADLINE};
 #[cfg(feature = "vm-memory-iommu")]
 pub use vm_iommu::ViewIotlb;
 

@@ -156,7 +156,7 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
     /// A copy that keeps the current view for its whole life: use one per request, so an unmap
     /// or a detach completes only after the request finished with the old mappings (or, if
     /// it holds the view past the pin deadline, revokes it: the copy's later accesses then see
-    /// the current mappings; see [`crate::engine::view`]).
+    /// the current mappings; see [`View`]).
     pub fn pin(&self) -> Self {
         TranslatedMemory {
             mem: self.mem.clone(),
@@ -272,7 +272,7 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
     }
 
     /// Enter `view` for one access, or the endpoint's current view if `view` was revoked
-    /// (held past the pin deadline: see [`crate::engine::view`]).
+    /// (held past the pin deadline: see [`View`]).
     #[inline]
     fn enter<'v>(&self, view: ViewRef<'v>) -> Entered<'v> {
         if view.get().try_enter() {
@@ -391,7 +391,7 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
     }
 
     /// The guest-physical pieces of `iova..iova+len`; they are used outside this call, so the
-    /// view they come from can no longer be revoked (see [`crate::engine::view`]).
+    /// view they come from can no longer be revoked (see [`View`]).
     fn translate_with(
         &self,
         view: ViewRef<'_>,

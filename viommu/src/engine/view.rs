@@ -62,7 +62,11 @@ pub enum Mode {
     Translate(Arc<Table>),
 }
 
-/// What one endpoint sees at one point in time.
+/// What one endpoint sees at one point in time. Removing access waits for the devices holding
+/// the old view, at most the pin deadline ([`PIN_DEADLINE`] by default); past it the old view
+/// is revoked (its later accesses see the current mappings) unless addresses were taken out
+/// of it with [`View::translate`] or `TranslatedMemory::translate*`, in which case the wait
+/// goes on until the holder lets go.
 #[derive(Debug)]
 pub struct View {
     /// Increases with every publication (caches compare it).
