@@ -31,11 +31,15 @@ pub struct ViewIotlb {
     iotlb: Iotlb,
     /// Keeps the view `iotlb` was filled from: a removal of access waits for it.
     view: arc_swap::Guard<Arc<View>>,
+    /// The view's gate counted this access.
+    counted: bool,
 }
 
 impl Drop for ViewIotlb {
     fn drop(&mut self) {
-        self.view.exit();
+        if self.counted {
+            self.view.exit();
+        }
     }
 }
 
@@ -112,9 +116,11 @@ impl Iommu for EndpointHandle {
             ));
         };
         // Entered at once, exited when `tlb` drops (whichever way this returns).
+        let (view, counted) = self.shared.enter_current();
         let mut tlb = ViewIotlb {
             iotlb: Iotlb::new(),
-            view: self.shared.enter_current(),
+            view,
+            counted,
         };
         let view = &tlb.view;
         let want = access_of(access);

@@ -275,10 +275,15 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
     /// (held past the pin deadline: see [`View`]).
     #[inline]
     fn enter<'v>(&self, view: ViewRef<'v>) -> Entered<'v> {
-        if view.get().try_enter() {
-            Entered(view)
-        } else {
-            Entered(ViewRef::Loaded(self.endpoint.shared.enter_current()))
+        match view.get().try_enter() {
+            Some(counted) => Entered { view, counted },
+            None => {
+                let (current, counted) = self.endpoint.shared.enter_current();
+                Entered {
+                    view: ViewRef::Loaded(current),
+                    counted,
+                }
+            }
         }
     }
 
@@ -444,19 +449,25 @@ impl ViewRef<'_> {
 
 /// A view entered for one access (a removal of access past the pin deadline waits for the
 /// accesses in progress through the views it revokes); exits on drop.
-struct Entered<'a>(ViewRef<'a>);
+struct Entered<'a> {
+    view: ViewRef<'a>,
+    /// The gate counted this access (not for a view that handed addresses out).
+    counted: bool,
+}
 
 impl Entered<'_> {
     #[inline]
     fn get(&self) -> &View {
-        self.0.get()
+        self.view.get()
     }
 }
 
 impl Drop for Entered<'_> {
     #[inline]
     fn drop(&mut self) {
-        self.0.get().exit();
+        if self.counted {
+            self.view.get().exit();
+        }
     }
 }
 

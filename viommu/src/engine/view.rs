@@ -22,13 +22,14 @@
 //! be revoked that way, since its holder reaches memory without entering the gate: for it,
 //! step 2 waits for the holder to let go, however long (logged). So the removal never
 //! completes while a device can still use an old translation; a device that takes addresses
-//! out of a view must not hold its pin across blocking work.
+//! out of a view must not hold its pin across blocking work. (Accesses through such a view
+//! are not counted either: one atomic load instead of two read-modify-writes per access.)
 
 use super::fault::FaultSink;
 use super::mapping::{Access, Mapping, Miss};
 use super::table::{lookup, Table};
 use arc_swap::ArcSwap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,16 +38,19 @@ pub const PIN_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Set in [`Gate::state`] once the view is revoked.
 const REVOKED: usize = 1 << (usize::BITS - 1);
+/// Set in [`Gate::state`] once guest-physical addresses were handed out of the view (it can
+/// no longer be revoked, so its accesses need not be counted either).
+const RAW: usize = 1 << (usize::BITS - 2);
+/// The count of accesses in progress in [`Gate::state`].
+const COUNT: usize = !(REVOKED | RAW);
 
-/// Accesses in progress through one view, and whether it was revoked (see the module doc).
-/// One atomic word: an access that enters after the revocation sees it, one that entered
-/// before is counted.
+/// Accesses in progress through one view, and whether it was revoked or handed addresses out
+/// (see the module doc). One atomic word: an access that enters after the revocation sees it,
+/// one that entered before is counted; [`RAW`] is only ever set from inside a counted access,
+/// so the revoker, which waits for those, always learns of it.
 #[derive(Debug, Default)]
 struct Gate {
-    /// Accesses in progress; [`REVOKED`] once revoked.
     state: AtomicUsize,
-    /// Guest-physical addresses were handed out of the view.
-    raw: AtomicBool,
 }
 
 /// How an endpoint's accesses are treated.
@@ -90,8 +94,16 @@ impl View {
     /// any access of the engine's, so the view can no longer be revoked (see the module doc).
     #[inline]
     pub fn translate(&self, iova: u64, access: Access) -> Result<Mapping, Miss> {
+        let Some(counted) = self.try_enter() else {
+            // Revoked: this view no longer translates.
+            return Err(Miss::NoMapping);
+        };
         self.mark_raw();
-        self.find(iova, access)
+        let r = self.find(iova, access);
+        if counted {
+            self.exit();
+        }
+        r
     }
 
     /// [`Self::translate`] for an access that entered the view (or hands the address out
@@ -108,42 +120,55 @@ impl View {
         }
     }
 
-    /// Start one access through the view; false (and nothing started) if it was revoked.
+    /// Start one access through the view: `Some(true)` if counted (end it with
+    /// [`Self::exit`]), `Some(false)` if the view handed addresses out (never revoked: nothing
+    /// to count, a removal waits for every holder), `None` (nothing started) if revoked.
     #[inline]
-    pub(crate) fn try_enter(&self) -> bool {
+    pub(crate) fn try_enter(&self) -> Option<bool> {
+        if self.gate.state.load(Ordering::Relaxed) & RAW != 0 {
+            return Some(false);
+        }
         let s = self.gate.state.fetch_add(1, Ordering::Acquire);
         if s & REVOKED != 0 {
             self.gate.state.fetch_sub(1, Ordering::Release);
-            return false;
+            return (s & RAW != 0).then_some(false);
         }
-        true
+        Some(true)
     }
 
-    /// End an access started with [`Self::try_enter`].
+    /// End an access [`Self::try_enter`] counted.
     #[inline]
     pub(crate) fn exit(&self) {
         self.gate.state.fetch_sub(1, Ordering::Release);
     }
 
-    /// Guest-physical addresses from this view are used outside the engine's accesses.
+    /// Guest-physical addresses from this view are used outside the engine's accesses. Only
+    /// from inside an access started with [`Self::try_enter`].
     #[inline]
     pub(crate) fn mark_raw(&self) {
-        if !self.gate.raw.load(Ordering::Relaxed) {
-            self.gate.raw.store(true, Ordering::Release);
+        if self.gate.state.load(Ordering::Relaxed) & RAW == 0 {
+            self.gate.state.fetch_or(RAW, Ordering::Release);
         }
     }
 
-    /// Whether the view was revoked (held past the pin deadline by a device).
+    /// Whether the view was revoked (held past the pin deadline by a device) while it could
+    /// be: its accesses now go through the endpoint's current view.
     pub fn revoked(&self) -> bool {
-        self.gate.state.load(Ordering::Acquire) & REVOKED != 0
+        let s = self.gate.state.load(Ordering::Acquire);
+        s & REVOKED != 0 && s & RAW == 0
     }
 
-    fn revoke(&self) {
-        self.gate.state.fetch_or(REVOKED, Ordering::AcqRel);
+    /// Revoke; whether addresses had been handed out (then the revocation does not hold).
+    fn revoke(&self) -> bool {
+        self.gate.state.fetch_or(REVOKED, Ordering::AcqRel) & RAW != 0
     }
 
     fn accesses(&self) -> usize {
-        self.gate.state.load(Ordering::Acquire) & !REVOKED
+        self.gate.state.load(Ordering::Acquire) & COUNT
+    }
+
+    fn raw(&self) -> bool {
+        self.gate.state.load(Ordering::Acquire) & RAW != 0
     }
 }
 
@@ -184,13 +209,14 @@ impl EndpointShared {
         self.view.load_full()
     }
 
-    /// The current view, entered for one access (the caller exits it). Loops only if a
-    /// publication and a revocation both happened between loading and entering.
-    pub(crate) fn enter_current(&self) -> arc_swap::Guard<Arc<View>> {
+    /// The current view, entered for one access, and whether that access is counted (the
+    /// caller then exits it). Loops only if a publication and a revocation both happened
+    /// between loading and entering.
+    pub(crate) fn enter_current(&self) -> (arc_swap::Guard<Arc<View>>, bool) {
         loop {
             let v = self.view.load();
-            if v.try_enter() {
-                return v;
+            if let Some(counted) = v.try_enter() {
+                return (v, counted);
             }
             std::hint::spin_loop();
         }
@@ -222,9 +248,11 @@ fn wait_unshared(endpoint: u32, old: Arc<View>, until: Option<Instant>, deadline
     if wait_for(|| Arc::strong_count(&old) == 1, until, &what) {
         return;
     }
-    old.revoke();
-    wait_for(|| old.accesses() == 0, None, &what);
-    if !old.gate.raw.load(Ordering::Acquire) {
+    let raw = old.revoke();
+    if !raw {
+        wait_for(|| old.accesses() == 0, None, &what);
+    }
+    if !raw && !old.raw() {
         log::error!(
             "virtio-iommu: endpoint {endpoint:#x}: a device held an old view past {deadline:?} \
              (a stuck backend?); revoked it: its further accesses see the current mappings"
@@ -321,11 +349,18 @@ mod tests {
             }
             // An access in progress when the deadline passes is waited for; with addresses
             // taken out of the view, so is the pin itself (dropped 150 ms after the access).
-            assert!(pinned.try_enter());
+            let counted = pinned.try_enter();
+            assert_eq!(
+                counted,
+                Some(!raw),
+                "accesses of a raw view are not counted"
+            );
             let p2 = pinned.clone();
             let t = std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_millis(150));
-                p2.exit();
+                if counted == Some(true) {
+                    p2.exit();
+                }
                 std::thread::sleep(Duration::from_millis(150));
                 drop(p2);
             });
@@ -340,7 +375,8 @@ mod tests {
                 Some(v) => {
                     assert!(took < Duration::from_millis(300), "{took:?}");
                     assert!(v.revoked());
-                    assert!(!v.try_enter(), "a revoked view admits no access");
+                    assert_eq!(v.try_enter(), None, "a revoked view admits no access");
+                    assert!(v.translate(0, Access::Read).is_err());
                 }
                 None => {
                     assert!(took >= Duration::from_millis(300), "{took:?}");
