@@ -8,9 +8,10 @@
 //! State is bounded by [`Limits`]; every change is mirrored into the host mappers of the
 //! space's endpoints (one call per host address space, rolled back on failure; a rollback
 //! unmap that keeps failing marks its host address space as needing reset, see
-//! `mirror::Stale`); identity
-//! spaces, and host endpoints in no space while the default is identity (boot bypass), hold
-//! guest RAM identity-mapped in their host address spaces.
+//! `mirror::Stale`); identity spaces, and host endpoints in no space while the default is
+//! identity (boot bypass), hold guest RAM identity-mapped in their host address spaces.
+//! Removing access waits for the devices still using the old views, at most the pin
+//! deadline ([`Engine::set_pin_deadline`]); see [`View`] for what happens past it.
 
 use super::endpoint::{DomainError, Endpoint, EndpointHandle};
 use super::fault::FaultSink;
