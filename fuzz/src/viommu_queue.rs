@@ -105,6 +105,7 @@ fn config() -> ViommuConfig {
             max_endpoints: 8,
             max_mappings_per_domain: 16,
             max_total_mappings: 24,
+            ..Default::default()
         },
         queue_size: QSIZE,
         ..Default::default()

@@ -48,7 +48,9 @@
 //! ```
 //!
 //! Tables are left-right pairs: O(log n) in-place updates, one publication per request-queue
-//! batch, an unmap or detach completes only once no device still holds the previous view.
+//! batch, an unmap or detach completes only once no device still holds the previous view, or,
+//! for one held past the pin deadline (a stuck backend), once that view is revoked and no
+//! access through it is in progress (see [`View`] and [`Viommu::set_pin_deadline`]).
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
@@ -75,7 +77,7 @@ pub use engine::mapping::{Access, Mapping, Miss};
 pub use engine::space::SpaceKind;
 pub use engine::state::{Attached, Detached, Engine, EngineError};
 pub use engine::translate::{PinnedView, TranslatedMemory};
-pub use engine::view::{Mode, View};
+pub use engine::view::{Mode, View, PIN_DEADLINE};
 #[cfg(feature = "vm-memory-iommu")]
 pub use vm_iommu::ViewIotlb;
 

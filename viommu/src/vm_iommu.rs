@@ -25,12 +25,22 @@ use vm_memory::iommu::{Error, Iommu, Iotlb, IotlbIterator, IovaRange};
 use vm_memory::{GuestAddress, Permissions};
 
 /// The IOTLB one translation of an endpoint hands `IommuMemory`: the pieces of that range,
-/// from the view it holds until the access is done.
+/// from the view it holds (and has entered) until the access is done.
 #[derive(Debug)]
 pub struct ViewIotlb {
     iotlb: Iotlb,
     /// Keeps the view `iotlb` was filled from: a removal of access waits for it.
-    _view: arc_swap::Guard<Arc<View>>,
+    view: arc_swap::Guard<Arc<View>>,
+    /// The view's gate counted this access.
+    counted: bool,
+}
+
+impl Drop for ViewIotlb {
+    fn drop(&mut self) {
+        if self.counted {
+            self.view.exit();
+        }
+    }
 }
 
 impl Deref for ViewIotlb {
@@ -105,12 +115,19 @@ impl Iommu for EndpointHandle {
                 "range wraps the IOVA space".into(),
             ));
         };
-        let view = self.view();
+        // Entered at once, exited when `tlb` drops (whichever way this returns).
+        let (view, counted) = self.shared.enter_current();
+        let mut tlb = ViewIotlb {
+            iotlb: Iotlb::new(),
+            view,
+            counted,
+        };
+        let view = &tlb.view;
         let want = access_of(access);
         let mut iotlb = Iotlb::new();
         let mut cur = iova.0;
         while cur < end {
-            let m = match view.translate(cur, want) {
+            let m = match view.find(cur, want) {
                 Ok(m) => m,
                 Err(miss) => {
                     self.fault_sink()
@@ -131,7 +148,7 @@ impl Iommu for EndpointHandle {
             )?;
             cur = piece_end;
         }
-        let tlb = ViewIotlb { iotlb, _view: view };
+        tlb.iotlb = iotlb;
         Iotlb::lookup(tlb, iova, length, access).map_err(|fails| {
             // Unreachable: the IOTLB holds every piece of the range, each allowing `access`.
             let reason = format!(

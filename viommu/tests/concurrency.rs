@@ -307,3 +307,409 @@ fn unmap_waits_for_a_request_pinned_before_an_intervening_map() {
     t.join().unwrap();
     assert_eq!(d.read(0x50000, 4), vec![7; 4]);
 }
+
+/// A request pinned at `pin` while `op` removes its access: `op` must not return before the
+/// request finished (it reads, holds the view 200 ms, writes through it). Returns whether
+/// the write happened through the old view.
+fn removal_waits_for(
+    d: &mut Driver,
+    tm: &TranslatedMemory<GuestMemoryMmap>,
+    iova: u64,
+    op: impl FnOnce(&mut Driver),
+    what: &str,
+) {
+    let pinned = tm.pin();
+    let done = Arc::new(AtomicBool::new(false));
+    let done2 = done.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        let mut b = [0u8; 4];
+        pinned.read_slice(&mut b, GuestAddress(iova)).unwrap();
+        tx.send(()).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        pinned.write_slice(&[7; 4], GuestAddress(iova)).unwrap();
+        done2.store(true, SeqCst);
+    });
+    rx.recv().unwrap();
+    op(d);
+    assert!(
+        done.load(SeqCst),
+        "{what} completed while a request still used the old view"
+    );
+    t.join().unwrap();
+}
+
+/// Issue 16, 2.2: an endpoint unattached while `bypass=1` reaches all guest RAM; ATTACH to a
+/// paging domain removes that, so it must wait for a request that pinned the identity view.
+#[test]
+fn attach_from_bypass_waits_for_a_request_pinned_on_identity() {
+    let cfg = ViommuConfig {
+        bypass: true,
+        ..Default::default()
+    };
+    let (mut d, h) = Driver::new(cfg, &[EP], None);
+    let tm = TranslatedMemory::new(d.mem.clone(), h[0].clone());
+    removal_waits_for(
+        &mut d,
+        &tm,
+        0x50000,
+        |d| assert_eq!(d.status(&attach(1, EP, 0)), OK),
+        "ATTACH",
+    );
+    assert_eq!(d.read(0x50000, 4), vec![7; 4]);
+    assert!(tm.read_obj::<u32>(GuestAddress(0x50000)).is_err());
+}
+
+/// `config.bypass` 1 -> 0 blocks unattached endpoints: it waits for identity pins too.
+#[test]
+fn bypass_off_waits_for_a_request_pinned_on_identity() {
+    let cfg = ViommuConfig {
+        bypass: true,
+        ..Default::default()
+    };
+    let (mut d, h) = Driver::new(cfg, &[EP], None);
+    let tm = TranslatedMemory::new(d.mem.clone(), h[0].clone());
+    removal_waits_for(&mut d, &tm, 0x50000, |d| d.set_bypass(false), "bypass=0");
+    assert_eq!(d.read(0x50000, 4), vec![7; 4]);
+    assert!(tm.read_obj::<u32>(GuestAddress(0x50000)).is_err());
+}
+
+/// A device reset detaches every endpoint: it waits for requests pinned on a mapping, and on
+/// a bypass domain.
+#[test]
+fn reset_waits_for_pinned_requests() {
+    use virtio_dev::VirtioDevice;
+    for bypass_domain in [false, true] {
+        let cfg = ViommuConfig {
+            bypass: false,
+            ..Default::default()
+        };
+        let (mut d, h) = Driver::new(cfg, &[EP], None);
+        let tm = TranslatedMemory::new(d.mem.clone(), h[0].clone());
+        let iova = if bypass_domain {
+            assert_eq!(d.status(&attach(1, EP, 1)), OK);
+            0x50000
+        } else {
+            assert_eq!(d.status(&attach(1, EP, 0)), OK);
+            assert_eq!(d.status(&map(1, 0x10000, 0x10fff, 0x50000, RW)), OK);
+            0x10000
+        };
+        removal_waits_for(&mut d, &tm, iova, |d| d.dev.reset(), "reset");
+        assert_eq!(d.read(0x50000, 4), vec![7; 4]);
+        assert!(tm.read_obj::<u32>(GuestAddress(iova)).is_err());
+    }
+}
+
+/// What GPA `IOVA_BASE` holds: a read of it through the endpoint is an identity read.
+const IDENTITY: u64 = 0x1d1d_1d1d_1d1d_1d1d;
+/// Closes each bypass run must see (each waits for the pinned readers: slower than UNMAPs on
+/// a loaded machine; the bug this guards against showed within 60).
+const MIN_CLOSES: u64 = 100;
+
+/// The bypass windows: the mapper counts identity-closing operations once they completed
+/// (ATTACH from bypass, `bypass=0`) and identity-opening ones before it sends them (DETACH
+/// back to bypass, `bypass=1`). An identity read that started after close number C completed
+/// must end before open number C was announced.
+#[derive(Default)]
+struct Windows {
+    closed: AtomicU64,
+    opened: AtomicU64,
+    stop: AtomicBool,
+    identity: AtomicU64,
+    mapped: AtomicU64,
+    denied: AtomicU64,
+    pinned_identity: AtomicU64,
+    slot: Slot,
+}
+
+fn bypass_reader(tm: TranslatedMemory<GuestMemoryMmap>, w: Arc<Windows>) {
+    let mut n = 0u64;
+    let at = GuestAddress(IOVA_BASE);
+    while !w.stop.load(SeqCst) {
+        n += 1;
+        if n % 64 == 0 {
+            let p = tm.pin();
+            let closed = w.closed.load(SeqCst);
+            let retired = w.slot.retired.load(SeqCst);
+            let first = p.read_obj::<u64>(at);
+            for _ in 0..200 {
+                std::hint::spin_loop();
+            }
+            let second = p.read_obj::<u64>(at);
+            assert_eq!(
+                first.as_ref().ok(),
+                second.as_ref().ok(),
+                "pinned view changed"
+            );
+            match first {
+                Ok(IDENTITY) => {
+                    assert_eq!(
+                        w.closed.load(SeqCst),
+                        closed,
+                        "identity closed while a request held the identity view"
+                    );
+                    w.pinned_identity.fetch_add(1, SeqCst);
+                }
+                Ok(t) => {
+                    let k = t & 0xffff_ffff_ffff;
+                    assert!(k > retired && w.slot.retired.load(SeqCst) < k);
+                }
+                Err(_) => {}
+            }
+            continue;
+        }
+        let closed = w.closed.load(SeqCst);
+        let retired = w.slot.retired.load(SeqCst);
+        match tm.read_obj::<u64>(at) {
+            Ok(IDENTITY) => {
+                let opened = w.opened.load(SeqCst);
+                assert!(
+                    opened >= closed,
+                    "identity read after close {closed} completed (opens sent: {opened})"
+                );
+                w.identity.fetch_add(1, SeqCst);
+            }
+            Ok(t) => {
+                let k = t & 0xffff_ffff_ffff;
+                assert!(k > retired, "read mapping {k} after its DETACH completed");
+                assert!(k <= w.slot.announced.load(SeqCst));
+                w.mapped.fetch_add(1, SeqCst);
+            }
+            Err(_) => {
+                w.denied.fetch_add(1, SeqCst);
+            }
+        }
+    }
+}
+
+/// Issue 16, 2.2 under load: readers (some pinned) on an endpoint that goes from bypass to a
+/// paging domain and back (ATTACH/DETACH), or from bypass to blocked and back (`bypass`
+/// 0/1), while they read.
+#[test]
+fn no_identity_access_survives_attach_or_bypass_off() {
+    let cfg = ViommuConfig {
+        bypass: true,
+        ..Default::default()
+    };
+    let (mut d, h) = Driver::new(cfg, &[EP], None);
+    d.mem.write_obj(IDENTITY, GuestAddress(IOVA_BASE)).unwrap();
+    let w = Arc::new(Windows::default());
+    let threads: Vec<_> = (0..READERS)
+        .map(|_| {
+            let tm = TranslatedMemory::new(d.mem.clone(), h[0].clone());
+            let w = w.clone();
+            std::thread::spawn(move || bypass_reader(tm, w))
+        })
+        .collect();
+    let start = Instant::now();
+    let mut closes = 0u64;
+    let mut k = 0u64;
+    let enough = |closes: u64, w: &Windows| {
+        closes >= MIN_CLOSES
+            && w.identity.load(SeqCst) >= MIN_READS
+            && w.mapped.load(SeqCst) >= MIN_READS
+            && w.denied.load(SeqCst) >= MIN_READS
+            && w.pinned_identity.load(SeqCst) >= MIN_PINNED
+    };
+    while start.elapsed() < MIN_TIME || (!enough(closes, &w) && start.elapsed() < MAX_TIME) {
+        closes += 1;
+        if closes % 2 == 0 {
+            k += 1;
+            d.mem
+                .write_obj(tag(0, k), GuestAddress(page(0, k)))
+                .unwrap();
+            w.slot.announced.store(k, SeqCst);
+            batch(
+                &mut d,
+                &[
+                    attach(1, EP, 0),
+                    map(1, IOVA_BASE, IOVA_BASE + P - 1, page(0, k), R),
+                ],
+            );
+            w.closed.fetch_add(1, SeqCst);
+            std::thread::sleep(Duration::from_micros(50));
+            w.opened.fetch_add(1, SeqCst);
+            batch(&mut d, &[detach(1, EP)]);
+            w.slot.retired.store(k, SeqCst);
+        } else {
+            d.set_bypass(false);
+            w.closed.fetch_add(1, SeqCst);
+            std::thread::sleep(Duration::from_micros(50));
+            w.opened.fetch_add(1, SeqCst);
+            d.set_bypass(true);
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
+    w.stop.store(true, SeqCst);
+    for t in threads {
+        t.join().expect("a reader saw identity after it was closed");
+    }
+    eprintln!(
+        "bypass: {closes} closes; readers: {} identity, {} mapped, {} denied, {} pinned identity",
+        w.identity.load(SeqCst),
+        w.mapped.load(SeqCst),
+        w.denied.load(SeqCst),
+        w.pinned_identity.load(SeqCst)
+    );
+    assert!(closes >= MIN_CLOSES, "only {closes} closes");
+    assert!(
+        w.identity.load(SeqCst) >= MIN_READS
+            && w.mapped.load(SeqCst) >= MIN_READS
+            && w.denied.load(SeqCst) >= MIN_READS,
+        "readers too slow"
+    );
+    assert!(w.pinned_identity.load(SeqCst) >= MIN_PINNED);
+}
+
+/// Issue 16, 2.7: a request stuck in its backend (blk holds its pin across file I/O) while
+/// the guest UNMAPs its buffer. The UNMAP waits the pin deadline, then revokes the old view
+/// and completes; the request's later accesses see the current mappings: the write into the
+/// unmapped buffer fails (guest memory untouched), the status byte, still mapped, is written.
+#[test]
+fn unmap_past_the_deadline_revokes_a_stuck_request() {
+    let cfg = ViommuConfig {
+        bypass: false,
+        ..Default::default()
+    };
+    let (mut d, h) = Driver::new(cfg, &[EP], None);
+    d.dev.set_pin_deadline(Duration::from_millis(200));
+    let tm = TranslatedMemory::new(d.mem.clone(), h[0].clone());
+    assert_eq!(d.status(&attach(1, EP, 0)), OK);
+    assert_eq!(d.status(&map(1, 0x10000, 0x10fff, 0x50000, RW)), OK);
+    assert_eq!(d.status(&map(1, 0x20000, 0x20fff, 0x60000, RW)), OK);
+    let pinned = tm.pin();
+    let (started, started_rx) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let t = std::thread::spawn(move || {
+        let mut b = [0u8; 4];
+        pinned.read_slice(&mut b, GuestAddress(0x10000)).unwrap();
+        started.send(()).unwrap();
+        // The backend's file I/O, stuck until the test lets it go (or 10 s).
+        let _ = release_rx.recv_timeout(Duration::from_secs(10));
+        let data = pinned.write_slice(&[7; 4], GuestAddress(0x10000));
+        let status = pinned.write_slice(&[1], GuestAddress(0x20000));
+        (data.is_err(), status.is_ok())
+    });
+    started_rx.recv().unwrap();
+    let t0 = Instant::now();
+    assert_eq!(d.status(&unmap(1, 0x10000, 0x10fff)), OK);
+    let took = t0.elapsed();
+    let _ = release.send(());
+    let (data_failed, status_written) = t.join().unwrap();
+    assert!(
+        took < Duration::from_secs(5),
+        "UNMAP waited {took:?} for a stuck request"
+    );
+    assert!(
+        took >= Duration::from_millis(200),
+        "UNMAP did not wait: {took:?}"
+    );
+    assert!(
+        data_failed,
+        "a request wrote through the old view after the UNMAP completed"
+    );
+    assert_eq!(d.read(0x50000, 4), vec![0; 4]);
+    assert!(
+        status_written,
+        "the still-mapped status byte was not written"
+    );
+    assert_eq!(d.read(0x60000, 1), vec![1]);
+}
+
+/// A device that took guest-physical addresses out of its pinned view (prepared rings, a host
+/// mapper) reaches memory without the engine: its view cannot be revoked, so the UNMAP waits
+/// for it past the deadline.
+#[test]
+fn unmap_waits_past_the_deadline_for_addresses_taken_out() {
+    let cfg = ViommuConfig {
+        bypass: false,
+        ..Default::default()
+    };
+    let (mut d, h) = Driver::new(cfg, &[EP], None);
+    d.dev.set_pin_deadline(Duration::from_millis(100));
+    let tm = TranslatedMemory::new(d.mem.clone(), h[0].clone());
+    assert_eq!(d.status(&attach(1, EP, 0)), OK);
+    assert_eq!(d.status(&map(1, 0x10000, 0x10fff, 0x50000, RW)), OK);
+    let pinned = tm.pin();
+    let done = Arc::new(AtomicBool::new(false));
+    let done2 = done.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        let gpas = pinned.translate_quiet(0x10000, 4, viommu::Access::Write);
+        assert_eq!(gpas, Some(vec![(0x50000, 4)]));
+        tx.send(()).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        // Through the backend, as a device with prepared rings does.
+        pinned
+            .backend()
+            .write_slice(&[7; 4], GuestAddress(0x50000))
+            .unwrap();
+        done2.store(true, SeqCst);
+    });
+    rx.recv().unwrap();
+    assert_eq!(d.status(&unmap(1, 0x10000, 0x10fff)), OK);
+    assert!(
+        done.load(SeqCst),
+        "UNMAP completed while a device still held addresses from the old view"
+    );
+    t.join().unwrap();
+}
+
+/// Reads from a slow backend straight into guest memory (`read_volatile_from` a file that
+/// takes `delay`): one access in progress for the whole time.
+struct SlowSource {
+    delay: Duration,
+    started: std::sync::mpsc::Sender<()>,
+    wrote: Arc<AtomicBool>,
+}
+
+impl vm_memory::ReadVolatile for SlowSource {
+    fn read_volatile<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        buf: &mut vm_memory::VolatileSlice<B>,
+    ) -> Result<usize, vm_memory::VolatileMemoryError> {
+        let _ = self.started.send(());
+        std::thread::sleep(self.delay);
+        let n = buf.len().min(4);
+        buf.copy_from(&[9u8; 4][..n]);
+        self.wrote.store(true, SeqCst);
+        Ok(n)
+    }
+}
+
+/// Past the deadline the UNMAP revokes the old view but still waits for an access already in
+/// progress through it (here a slow read into the buffer): it never completes while a device
+/// is writing through the old translation.
+#[test]
+fn unmap_past_the_deadline_waits_for_an_access_in_progress() {
+    let cfg = ViommuConfig {
+        bypass: false,
+        ..Default::default()
+    };
+    let (mut d, h) = Driver::new(cfg, &[EP], None);
+    d.dev.set_pin_deadline(Duration::from_millis(100));
+    let tm = TranslatedMemory::new(d.mem.clone(), h[0].clone());
+    assert_eq!(d.status(&attach(1, EP, 0)), OK);
+    assert_eq!(d.status(&map(1, 0x10000, 0x10fff, 0x50000, RW)), OK);
+    let pinned = tm.pin();
+    let wrote = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut src = SlowSource {
+        delay: Duration::from_millis(500),
+        started: tx,
+        wrote: wrote.clone(),
+    };
+    let t = std::thread::spawn(move || {
+        pinned
+            .read_volatile_from(GuestAddress(0x10000), &mut src, 4)
+            .unwrap()
+    });
+    rx.recv().unwrap();
+    assert_eq!(d.status(&unmap(1, 0x10000, 0x10fff)), OK);
+    assert!(
+        wrote.load(SeqCst),
+        "UNMAP completed while an access through the old view was in progress"
+    );
+    assert_eq!(t.join().unwrap(), 4);
+    assert_eq!(d.read(0x50000, 4), vec![9; 4]);
+}

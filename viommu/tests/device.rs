@@ -51,6 +51,7 @@ fn every_error_status() {
             max_endpoints: 8,
             max_mappings_per_domain: 2,
             max_total_mappings: 100,
+            ..Default::default()
         },
         ..Default::default()
     };

@@ -8,9 +8,11 @@ mod common;
 
 use common::*;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use viommu::test_utils::RecordingMapper;
-use viommu::{HostMapError, HostMapper, Prot, Status, ViommuConfig};
+use viommu::{HostMapError, HostMapper, Prot, Shadow, Status, ViommuConfig};
+use virtio_dev::VirtioDevice;
 
 /// Failure injection shared by every mapper of one run: the `fail_at`-th host call overall
 /// fails with `err`.
@@ -397,4 +399,196 @@ fn host_mapping_limit_gives_nomem_and_rolls_back_the_other_host() {
     assert_eq!(d.dev.domains().endpoint_domain(C), Some(None));
     let c = d.dev.counters().snapshot();
     assert_eq!(c.status(Status::NoMem), 5);
+}
+
+/// A recording mapper whose next `map_failures` maps and next `unmap_failures` unmaps fail
+/// with NoSpace / Failed (a VFIO container that refuses to unmap what it just mapped).
+/// Also fails the map call numbered `fail_map_at` (counting from 0).
+struct Flaky {
+    rec: RecordingMapper,
+    map_failures: AtomicU64,
+    unmap_failures: AtomicU64,
+    maps: AtomicU64,
+    fail_map_at: AtomicU64,
+}
+
+impl Default for Flaky {
+    fn default() -> Self {
+        Flaky {
+            rec: RecordingMapper::new(),
+            map_failures: AtomicU64::new(0),
+            unmap_failures: AtomicU64::new(0),
+            maps: AtomicU64::new(0),
+            fail_map_at: AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+fn take(n: &AtomicU64) -> bool {
+    n.fetch_update(SeqCst, SeqCst, |v| v.checked_sub(1)).is_ok()
+}
+
+impl HostMapper for Flaky {
+    fn map(&self, iova: u64, size: u64, gpa: u64, prot: Prot) -> Result<(), HostMapError> {
+        let n = self.maps.fetch_add(1, SeqCst);
+        if take(&self.map_failures) || n == self.fail_map_at.load(SeqCst) {
+            return Err(HostMapError::NoSpace);
+        }
+        self.rec.map(iova, size, gpa, prot)
+    }
+    fn unmap(&self, iova: u64, size: u64) -> Result<(), HostMapError> {
+        if take(&self.unmap_failures) {
+            return Err(HostMapError::Failed("injected unmap failure".into()));
+        }
+        self.rec.unmap(iova, size)
+    }
+}
+
+impl viommu::DmaSpace for Flaky {
+    /// Records only; never touches `host_addr`.
+    unsafe fn map(
+        &self,
+        iova: u64,
+        size: u64,
+        host_addr: u64,
+        prot: Prot,
+    ) -> Result<(), HostMapError> {
+        HostMapper::map(self, iova, size, host_addr, prot)
+    }
+    fn unmap(&self, iova: u64, size: u64) -> Result<(), HostMapError> {
+        HostMapper::unmap(self, iova, size)
+    }
+}
+
+/// What the engine says host `eps` must hold equals what it holds.
+fn host_matches(d: &Driver, h: &Flaky, eps: &[u32]) -> bool {
+    h.rec.mappings() == expected_host(d, eps)
+}
+
+/// A MAP into a domain with two host address spaces fails in the second; undoing it in the
+/// first fails too (a double fault). A transient failure is retried away; a lasting one leaves
+/// the first container marked: nothing more is mapped into it (DEVERR) until the stale
+/// mapping could be removed, which is retried on later requests and on reset.
+#[test]
+fn failed_rollback_is_retried_then_blocks_the_container() {
+    let cfg = ViommuConfig {
+        bypass: false,
+        ..Default::default()
+    };
+    let (mut d, _) = Driver::new(cfg, &[], None);
+    let h1 = Arc::new(Flaky::default());
+    let h2 = Arc::new(Flaky::default());
+    d.dev.add_host_endpoint(A, h1.clone()).unwrap();
+    d.dev.add_host_endpoint(C, h2.clone()).unwrap();
+    assert_eq!(d.status(&attach(1, A, 0)), OK);
+    assert_eq!(d.status(&attach(1, C, 0)), OK);
+    assert_eq!(d.status(&map(1, 0, P - 1, 0x100 * P, RW)), OK);
+
+    // Transient: the rollback's first unmap fails, a retry succeeds.
+    h2.map_failures.store(1, SeqCst);
+    h1.unmap_failures.store(1, SeqCst);
+    assert_eq!(d.status(&map(1, P, 2 * P - 1, 0x101 * P, RW)), NOMEM);
+    assert!(
+        host_matches(&d, &h1, &[A]),
+        "stale mapping after a retried rollback"
+    );
+    assert_eq!(d.status(&map(1, P, 2 * P - 1, 0x101 * P, RW)), OK);
+
+    // Lasting: every retry fails; the container holds a mapping the guest never got.
+    h2.map_failures.store(1, SeqCst);
+    h1.unmap_failures.store(1000, SeqCst);
+    assert_eq!(d.status(&map(1, 2 * P, 3 * P - 1, 0x102 * P, RW)), NOMEM);
+    assert!(h1.unmap_failures.load(SeqCst) < 1000, "no rollback tried");
+    assert!(
+        h1.unmap_failures.load(SeqCst) > 1000 - 10,
+        "rollback retried without bound"
+    );
+    // Marked: further MAPs are refused before reaching either host.
+    let maps = (h1.maps.load(SeqCst), h2.maps.load(SeqCst));
+    assert_eq!(d.status(&map(1, 3 * P, 4 * P - 1, 0x103 * P, RW)), DEVERR);
+    assert_eq!(d.status(&map(1, 3 * P, 4 * P - 1, 0x103 * P, RW)), DEVERR);
+    assert_eq!((h1.maps.load(SeqCst), h2.maps.load(SeqCst)), maps);
+    assert_eq!(d.dev.domains().mappings(1).unwrap().len(), 2);
+    // ...and so is replaying a domain into it.
+    assert_eq!(d.status(&attach(2, A, 0)), DEVERR);
+    assert_eq!(d.dev.domains().endpoint_domain(A), Some(Some(1)));
+    // The other container is unaffected: a domain of its own still works.
+    assert_eq!(d.status(&attach(3, C, 0)), OK);
+    assert_eq!(d.status(&map(3, 0, P - 1, 0x200 * P, R)), OK);
+    assert!(host_matches(&d, &h2, &[C]));
+
+    // The host heals: the next request on the container removes the stale mapping first.
+    h1.unmap_failures.store(0, SeqCst);
+    assert_eq!(d.status(&map(1, 3 * P, 4 * P - 1, 0x103 * P, RW)), OK);
+    assert!(
+        host_matches(&d, &h1, &[A]),
+        "stale mapping left after healing"
+    );
+
+    // Lasting again, then a device reset while it still fails, then after it heals.
+    assert_eq!(d.status(&attach(1, C, 0)), OK);
+    h2.map_failures.store(1, SeqCst);
+    h1.unmap_failures.store(1000, SeqCst);
+    assert_eq!(d.status(&map(1, 4 * P, 5 * P - 1, 0x104 * P, RW)), NOMEM);
+    assert!(h1.rec.mappings().contains_key(&(4 * P)));
+    h1.unmap_failures.store(0, SeqCst);
+    d.dev.reset();
+    assert!(
+        h1.rec.mappings().is_empty() && h2.rec.mappings().is_empty(),
+        "reset left host mappings: {:?}",
+        h1.rec.mappings()
+    );
+}
+
+/// The same double fault inside a shadow: a guest mapping crossing two RAM regions is two host
+/// mappings; the second fails and removing the first fails too. The shadow retries, then keeps
+/// the piece as stale and refuses to map anything (DEVERR) until it could remove it.
+#[test]
+fn failed_rollback_inside_a_shadow_blocks_its_container() {
+    let ram = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[
+        (vm_memory::GuestAddress(0), P as usize),
+        (vm_memory::GuestAddress(P), P as usize),
+    ])
+    .unwrap();
+    let host = Arc::new(Flaky::default());
+    let shadow = Arc::new(Shadow::new(
+        host.clone(),
+        vm_memory::GuestMemoryAtomic::new(ram),
+    ));
+    let cfg = ViommuConfig {
+        bypass: false,
+        ..Default::default()
+    };
+    let (mut d, _) = Driver::new(cfg, &[], None);
+    d.dev.add_host_endpoint(A, shadow.clone()).unwrap();
+    assert_eq!(d.status(&attach(1, A, 0)), OK);
+    // Transient: retried away.
+    host.fail_map_at.store(host.maps.load(SeqCst) + 1, SeqCst);
+    host.unmap_failures.store(1, SeqCst);
+    assert_eq!(d.status(&map(1, 0x10 * P, 0x12 * P - 1, 0, RW)), NOMEM);
+    assert!(
+        host.rec.mappings().is_empty(),
+        "stale piece after a retried rollback"
+    );
+    // Lasting.
+    host.fail_map_at.store(host.maps.load(SeqCst) + 1, SeqCst);
+    host.unmap_failures.store(1000, SeqCst);
+    assert_eq!(d.status(&map(1, 0x10 * P, 0x12 * P - 1, 0, RW)), NOMEM);
+    assert_eq!(host.rec.mappings().len(), 1, "the stale piece");
+    assert!(host.unmap_failures.load(SeqCst) > 1000 - 10);
+    let maps = host.maps.load(SeqCst);
+    assert_eq!(d.status(&map(1, 0x20 * P, 0x21 * P - 1, 0, RW)), DEVERR);
+    assert_eq!(
+        host.maps.load(SeqCst),
+        maps,
+        "mapped into a container needing reset"
+    );
+    assert!(d.dev.domains().mappings(1).unwrap().is_empty());
+    // Healed: the next MAP removes the stale piece first.
+    host.unmap_failures.store(0, SeqCst);
+    assert_eq!(d.status(&map(1, 0x20 * P, 0x21 * P - 1, 0, RW)), OK);
+    let want: Vec<u64> = shadow.host_mappings().iter().map(|p| p.iova).collect();
+    let got: Vec<u64> = host.rec.mappings().keys().copied().collect();
+    assert_eq!(got, want);
+    assert_eq!(got, vec![0x20 * P]);
 }

@@ -8,7 +8,9 @@ mod common;
 use common::*;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use viommu::{DomainError, Limits, Status, ViommuConfig};
+use std::sync::Arc;
+use viommu::test_utils::RecordingMapper;
+use viommu::{DomainError, Limits, Shadow, Status, ViommuConfig};
 
 /// Counts the heap bytes each thread holds (tests run on their own threads; the device
 /// serves requests inline on the caller's thread).
@@ -65,6 +67,7 @@ fn limits() -> Limits {
         max_endpoints: 5,
         max_mappings_per_domain: 8,
         max_total_mappings: 12,
+        ..Default::default()
     }
 }
 
@@ -227,6 +230,7 @@ fn memory_never_exceeds_the_bound() {
             max_endpoints: 4,
             max_mappings_per_domain: 400,
             max_total_mappings: 1000,
+            ..Default::default()
         },
         ..Default::default()
     };
@@ -272,4 +276,100 @@ fn memory_never_exceeds_the_bound() {
         d.dev.counters().snapshot().statuses
     );
     assert!(nomem > 0, "the mix never reached a cap");
+}
+
+/// 64 guest RAM regions of one page each, back to back from GPA 0: a 64-page mapping of GPA 0
+/// composes into 64 host pieces in a shadow.
+fn fragmented_ram() -> vm_memory::GuestMemoryAtomic<vm_memory::GuestMemoryMmap> {
+    let ranges: Vec<_> = (0..64u64)
+        .map(|i| (vm_memory::GuestAddress(i * P), P as usize))
+        .collect();
+    let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap();
+    vm_memory::GuestMemoryAtomic::new(mem)
+}
+
+/// A host endpoint behind a shadow of fragmented RAM, attached to domain 1.
+fn shadowed(cfg: ViommuConfig) -> (Driver, Arc<RecordingMapper>, Arc<Shadow>) {
+    let (mut d, _) = Driver::new(cfg, &[], None);
+    let host = Arc::new(RecordingMapper::new());
+    let shadow = Arc::new(Shadow::new(host.clone(), fragmented_ram()));
+    d.dev.add_host_endpoint(EPS[0], shadow.clone()).unwrap();
+    assert_eq!(d.status(&attach(1, EPS[0], 0)), OK);
+    (d, host, shadow)
+}
+
+/// Issue 16, 2.6: what a shadow records for the host (one piece per RAM region a mapping
+/// crosses, up to `MAX_PIECES` per mapping) is part of the memory estimate.
+#[test]
+fn shadow_records_count_in_the_memory_estimate() {
+    let cfg = ViommuConfig {
+        bypass: false,
+        ..Default::default()
+    };
+    let (mut d, host, shadow) = shadowed(cfg.clone());
+    let est0 = d.dev.memory_estimate();
+    for i in 0..8u64 {
+        d.reset_data();
+        let iova = 0x100_0000 + i * 64 * P;
+        assert_eq!(d.status(&map(1, iova, iova + 64 * P - 1, 0, RW)), OK);
+    }
+    assert_eq!(shadow.host_mappings().len(), 8 * 64);
+    assert_eq!(host.mappings().len(), 8 * 64);
+    let grown = d.dev.memory_estimate() - est0;
+    // At the very least each extra piece's 24 bytes (the shadow's real heap is more).
+    let pieces = 8 * 63 * std::mem::size_of::<viommu::Piece>();
+    assert!(
+        grown >= pieces,
+        "estimate grew {grown} bytes for 8 mappings of 64 host pieces each"
+    );
+    assert!(d.dev.memory_estimate() <= cfg.memory_bound());
+    // And it shrinks back when they go.
+    assert_eq!(d.status(&unmap(1, 0, u64::MAX >> 16)), OK);
+    assert!(shadow.is_empty());
+    assert!(d.dev.memory_estimate() < est0 + 4096);
+}
+
+/// Issue 16, 2.6: past `Limits::max_host_records` a MAP (or an ATTACH replay) gets NOMEM and
+/// leaves the host and the engine unchanged, so the records stay under the memory bound.
+#[test]
+fn host_records_past_the_cap_give_nomem() {
+    let cfg = ViommuConfig {
+        bypass: false,
+        limits: Limits {
+            max_host_records: 200,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let (mut d, host, shadow) = shadowed(cfg.clone());
+    for i in 0..4u64 {
+        d.reset_data();
+        let iova = 0x100_0000 + i * 64 * P;
+        let s = d.status(&map(1, iova, iova + 64 * P - 1, 0, RW));
+        assert_eq!(s, if i < 3 { OK } else { NOMEM }, "map {i}");
+        assert!(d.dev.memory_estimate() <= cfg.memory_bound());
+    }
+    assert_eq!(d.dev.domains().mappings(1).unwrap().len(), 3);
+    assert_eq!(host.mappings().len(), 3 * 64, "the refused MAP was undone");
+    assert_eq!(shadow.len(), 3);
+    // Single-page mappings still fit up to the cap: 192 + 8.
+    for i in 0..9u64 {
+        d.reset_data();
+        let s = d.status(&map(1, i * P, (i + 1) * P - 1, 0, RW));
+        assert_eq!(s, if i < 8 { OK } else { NOMEM }, "page {i}");
+    }
+    assert_eq!(host.mappings().len(), 200);
+    // A second container joining the domain would record all 11 mappings again: refused.
+    let host2 = Arc::new(RecordingMapper::new());
+    let shadow2 = Arc::new(Shadow::new(host2.clone(), fragmented_ram()));
+    d.dev.add_host_endpoint(EPS[1], shadow2.clone()).unwrap();
+    assert_eq!(d.status(&attach(1, EPS[1], 0)), NOMEM);
+    assert!(host2.mappings().is_empty() && shadow2.is_empty());
+    assert_eq!(d.dev.domains().endpoint_domain(EPS[1]), Some(None));
+    // Room again after an UNMAP.
+    assert_eq!(d.status(&unmap(1, 0x100_0000, 0x100_0000 + 64 * P - 1)), OK);
+    assert_eq!(
+        d.status(&map(1, 0x200_0000, 0x200_0000 + 64 * P - 1, 0, RW)),
+        OK
+    );
 }

@@ -17,6 +17,10 @@ pub struct Limits {
     pub max_mappings_per_domain: usize,
     /// Mappings in all address spaces together (bounds the memory a guest can make us hold).
     pub max_total_mappings: usize,
+    /// Host mapping records all host mappers (shadows of VFIO containers) hold together: one
+    /// per host mapping piece, at least one per mirrored mapping. A guest mapping is recorded
+    /// once per container of its space, in up to `shadow::MAX_PIECES` pieces.
+    pub max_host_records: usize,
 }
 
 /// Heap bytes of one address space apart from its table entries (map node, struct, host list).
@@ -24,13 +28,18 @@ pub(crate) const SPACE_BYTES: usize = 256 + std::mem::size_of::<Space>();
 /// Heap bytes of one endpoint (map node, shared part, its published view).
 pub(crate) const ENDPOINT_BYTES: usize =
     256 + std::mem::size_of::<Endpoint>() + std::mem::size_of::<EndpointShared>();
+/// Most heap bytes one host mapping record (see `HostMapper::records`) costs its mapper: for a
+/// shadow, its share of a B-tree node holding the entry (at least half full) and of the
+/// entry's piece vector (at most twice as long as needed).
+pub(crate) const HOST_RECORD_BYTES: usize = 256;
 
 impl Limits {
     /// The most heap [`Engine::memory_estimate`](super::state::Engine::memory_estimate) can
     /// report under these limits between request batches: every live mapping in up to three
     /// table copies (the published one and a retired one at most twice as large, or a private
     /// and the published one) and four change-log slots, plus per address space 64 spare
-    /// entries, a small log and its bookkeeping, plus the endpoints.
+    /// entries, a small log and its bookkeeping, plus the endpoints, plus every host mapping
+    /// record.
     pub fn memory_bound(&self) -> usize {
         let op = TABLE_LOG_ENTRY_BYTES;
         let entry = TABLE_BYTES_PER_ENTRY;
@@ -40,6 +49,7 @@ impl Limits {
             .saturating_mul(per_mapping)
             .saturating_add(self.max_domains.saturating_mul(per_domain))
             .saturating_add(self.max_endpoints.saturating_mul(ENDPOINT_BYTES))
+            .saturating_add(self.max_host_records.saturating_mul(HOST_RECORD_BYTES))
     }
 }
 
@@ -50,6 +60,7 @@ impl Default for Limits {
             max_endpoints: 1024,
             max_mappings_per_domain: 1 << 18,
             max_total_mappings: 1 << 20,
+            max_host_records: 1 << 20,
         }
     }
 }

@@ -21,9 +21,12 @@
 //! owns the guest-visible state and its rollback), and the front end turns it into the request
 //! status (virtio-iommu: NoSpace -> NOMEM (ENOSPC/ENOMEM, e.g. type1's 65535-entry
 //! `dma_entry_limit`), OutOfRange -> RANGE, Invalid -> INVAL (EEXIST), Failed -> DEVERR). If a
-//! rollback call fails too (a double fault, e.g. VFIO refusing to unmap what it just mapped),
-//! it is logged at error level and the host may keep a mapping the guest was told failed; it
-//! only ever points at memory the guest asked to map.
+//! rollback unmap fails too (a double fault, e.g. VFIO refusing to unmap what it just mapped),
+//! it is retried [`CLEANUP_TRIES`] times; if it still fails the piece is kept as stale (it
+//! only ever points at memory the guest asked to map), logged at error level, and the shadow
+//! maps nothing more (Failed -> DEVERR) until a later call could remove it (each map tries
+//! once more, as does [`Shadow::clear`]). A failed rollback re-map (after a failed unmap) only
+//! loses a mapping: logged.
 //!
 //! # Host calls per guest request
 //! - MAP: one `DmaSpace::map` per host address space of the space, times the number of pieces
@@ -72,6 +75,7 @@ use crate::engine::arch::{X86_MSI_END, X86_MSI_START};
 use crate::engine::host::vfio::HostIommuInfo;
 use crate::engine::host::{DmaSpace, HostMapError, HostMapper, Prot};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
@@ -80,6 +84,9 @@ use vm_memory::{
 
 /// Most host pieces one guest mapping may compose into (guards against a misbehaving resolver).
 pub const MAX_PIECES: usize = 64;
+
+/// Attempts at a rollback unmap before its piece is kept as stale.
+pub(crate) const CLEANUP_TRIES: usize = 3;
 
 /// Where a guest-physical address that is not RAM may point: BARs of assigned devices that
 /// are mmapped into this process.
@@ -184,6 +191,11 @@ struct Entry {
 }
 
 impl Entry {
+    /// Host records it counts for (see [`HostMapper::records`]): one per piece, at least one.
+    fn weight(&self) -> usize {
+        1 + self.rest.len()
+    }
+
     fn pieces(
         &self,
     ) -> std::iter::Chain<std::option::Iter<'_, Piece>, std::slice::Iter<'_, Piece>> {
@@ -202,6 +214,11 @@ pub struct Shadow {
     bars: Option<Arc<dyn BarResolver>>,
     config: ShadowConfig,
     recorded: Mutex<BTreeMap<u64, Entry>>,
+    /// Sum of the recorded entries' weights: every insert into / removal from `recorded` goes
+    /// through [`Shadow::record`] / [`Shadow::forget`] so that it stays exact.
+    weight: AtomicUsize,
+    /// Pieces a failed rollback left installed: while any remain, nothing more is mapped.
+    stale: Mutex<Vec<Piece>>,
 }
 
 impl Shadow {
@@ -216,6 +233,8 @@ impl Shadow {
             bars: None,
             config: ShadowConfig::default(),
             recorded: Mutex::new(BTreeMap::new()),
+            weight: AtomicUsize::new(0),
+            stale: Mutex::new(Vec::new()),
         }
     }
 
@@ -256,6 +275,56 @@ impl Shadow {
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, Entry>> {
         self.recorded.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Try once more to remove the stale pieces; whether none remain.
+    fn stale_cleared(&self) -> bool {
+        let mut stale = self.stale.lock().unwrap_or_else(|e| e.into_inner());
+        if stale.is_empty() {
+            return true;
+        }
+        stale.retain(|p| self.space.unmap(p.iova, p.size).is_err());
+        if stale.is_empty() {
+            log::info!("viommu shadow: stale host mappings removed; mapping again");
+        }
+        stale.is_empty()
+    }
+
+    /// Remove `p` (rollback), retried; if it still fails, keep it as stale.
+    fn undo(&self, p: &Piece) {
+        let mut last = None;
+        for _ in 0..CLEANUP_TRIES {
+            match self.space.unmap(p.iova, p.size) {
+                Ok(()) => return,
+                Err(e) => last = Some(e),
+            }
+        }
+        let e = last.map(|e| e.to_string()).unwrap_or_default();
+        let mut stale = self.stale.lock().unwrap_or_else(|e| e.into_inner());
+        if stale.is_empty() {
+            log::error!(
+                "viommu shadow: rollback unmap {:#x}+{:#x} failed {CLEANUP_TRIES} times ({e}): \
+                 the host keeps a stale mapping; mapping nothing more until it is removed",
+                p.iova,
+                p.size
+            );
+        }
+        stale.push(*p);
+    }
+
+    /// Record `e` at `iova` (the caller holds `rec`, this shadow's lock).
+    fn record(&self, rec: &mut BTreeMap<u64, Entry>, iova: u64, e: Entry) {
+        self.weight.fetch_add(e.weight(), Ordering::Relaxed);
+        if let Some(old) = rec.insert(iova, e) {
+            self.weight.fetch_sub(old.weight(), Ordering::Relaxed);
+        }
+    }
+
+    /// Forget the entry at `iova` (the caller holds `rec`, this shadow's lock).
+    fn forget(&self, rec: &mut BTreeMap<u64, Entry>, iova: u64) {
+        if let Some(old) = rec.remove(&iova) {
+            self.weight.fetch_sub(old.weight(), Ordering::Relaxed);
+        }
     }
 
     /// The host pieces `iova..iova+size` -> guest-physical `gpa..` composes into, without
@@ -351,11 +420,14 @@ impl Shadow {
     /// the rest recorded.
     pub fn clear(&self) -> Result<(), HostMapError> {
         let mut rec = self.lock();
+        if !self.stale_cleared() {
+            return Err(HostMapError::Failed("stale host mappings remain".into()));
+        }
         while let Some((&iova, _)) = rec.iter().next() {
             if let Some(e) = rec.get(&iova).cloned() {
                 self.unmap_entry(&e)?;
             }
-            rec.remove(&iova);
+            self.forget(&mut rec, iova);
         }
         Ok(())
     }
@@ -373,13 +445,7 @@ impl Shadow {
             let res = unsafe { self.space.map(p.iova, p.size, p.host_addr, prot) };
             if let Err(e) = res {
                 for done in pieces.take(i) {
-                    if let Err(u) = self.space.unmap(done.iova, done.size) {
-                        log::error!(
-                            "viommu shadow: rollback unmap {:#x}+{:#x} failed: {u}",
-                            done.iova,
-                            done.size
-                        );
-                    }
+                    self.undo(done);
                 }
                 return Err(e);
             }
@@ -419,6 +485,12 @@ impl HostMapper for Shadow {
     fn map(&self, iova: u64, size: u64, gpa: u64, prot: Prot) -> Result<(), HostMapError> {
         let (last, gpa_last) = self.check(iova, size, gpa)?;
         let mut rec = self.lock();
+        if !self.stale_cleared() {
+            log::debug!("viommu shadow: map {iova:#x}+{size:#x} refused: stale host mappings");
+            return Err(HostMapError::Failed(
+                "stale host mapping: needs reset".into(),
+            ));
+        }
         if let Some((&s, e)) = rec.range(..=last).next_back() {
             if overlaps(s, s + (e.size - 1), iova, last) {
                 log::warn!(
@@ -444,7 +516,7 @@ impl HostMapper for Shadow {
             })?;
             self.map_pieces(entry.pieces(), prot)?;
         }
-        rec.insert(iova, entry);
+        self.record(&mut rec, iova, entry);
         Ok(())
     }
 
@@ -453,7 +525,7 @@ impl HostMapper for Shadow {
         match rec.get(&iova) {
             Some(e) if e.size == size => {
                 self.unmap_entry(e)?;
-                rec.remove(&iova);
+                self.forget(&mut rec, iova);
                 Ok(())
             }
             _ => {
@@ -461,6 +533,10 @@ impl HostMapper for Shadow {
                 Err(HostMapError::Invalid)
             }
         }
+    }
+
+    fn records(&self) -> usize {
+        self.weight.load(Ordering::Relaxed)
     }
 }
 

@@ -6,24 +6,26 @@
 //! call returns what changed or an [`EngineError`], which the front end turns into its answer.
 //!
 //! State is bounded by [`Limits`]; every change is mirrored into the host mappers of the
-//! space's endpoints (one call per host address space, rolled back on failure); identity
-//! spaces, and host endpoints in no space while the default is identity (boot bypass), hold
-//! guest RAM identity-mapped in their host address spaces.
+//! space's endpoints (one call per host address space, rolled back on failure; a rollback
+//! unmap that keeps failing marks its host address space as needing reset, see
+//! `mirror::Stale`); identity spaces, and host endpoints in no space while the default is
+//! identity (boot bypass), hold guest RAM identity-mapped in their host address spaces.
+//! Removing access waits for the devices still using the old views, at most the pin
+//! deadline ([`Engine::set_pin_deadline`]); see [`View`] for what happens past it.
 
 use super::endpoint::{DomainError, Endpoint, EndpointHandle};
 use super::fault::FaultSink;
 use super::geometry::{Geometry, ResvRegion};
 use super::host::{HostMapError, HostMapper};
-use super::limits::{Limits, ENDPOINT_BYTES, SPACE_BYTES};
+use super::limits::{Limits, ENDPOINT_BYTES, HOST_RECORD_BYTES, SPACE_BYTES};
 use super::mapping::Mapping;
-use super::mirror::{
-    map_all, prot, restore, same_host, size_of_mapping, unmap_all, unmap_best_effort,
-};
+use super::mirror::{map_all, prot, restore, same_host, size_of_mapping, unmap_all, Stale};
 use super::space::{Space, SpaceKind};
 use super::table::Table;
-use super::view::{EndpointShared, Mode, View};
+use super::view::{EndpointShared, Mode, View, PIN_DEADLINE};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Why the engine refused an operation. Nothing changed when it returns one.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -74,6 +76,10 @@ pub enum EngineError {
     /// A host mapper refused (after rollback).
     #[error("host: {0}")]
     Host(#[from] HostMapError),
+    /// A host address space of the request may hold a stale mapping (undoing an earlier
+    /// change failed): nothing more is mapped into it until that is removed (reset).
+    #[error("a host address space needs reset")]
+    HostNeedsReset,
 }
 
 /// What [`Engine::attach`] changed.
@@ -103,6 +109,11 @@ fn collect(table: &Table) -> Vec<Mapping> {
     table.values().copied().collect()
 }
 
+/// Host mapping records `hosts` (distinct host mappers) hold together.
+fn records_of(hosts: &[Arc<dyn HostMapper>]) -> usize {
+    hosts.iter().map(|h| h.records()).sum()
+}
+
 /// Every address space and endpoint of one IOMMU.
 pub struct Engine {
     geometry: Geometry,
@@ -115,6 +126,11 @@ pub struct Engine {
     /// Host address spaces holding guest RAM for boot bypass (all their endpoints in no space
     /// while the default is identity).
     idle_mapped: Vec<Arc<dyn HostMapper>>,
+    /// Every distinct host mapper of the registered endpoints (their records are counted
+    /// against `Limits::max_host_records`).
+    host_mappers: Vec<Arc<dyn HostMapper>>,
+    /// Host address spaces whose cleanup failed (see [`Stale`]).
+    stale: Stale,
     total_mappings: usize,
     endpoints: BTreeMap<u32, Endpoint>,
     spaces: BTreeMap<u32, Space>,
@@ -122,6 +138,8 @@ pub struct Engine {
     dirty_endpoints: Vec<u32>,
     sync_needed: bool,
     generation: u64,
+    /// How long removing access waits for devices before revoking old views.
+    pin_deadline: Duration,
 }
 
 impl Engine {
@@ -142,6 +160,8 @@ impl Engine {
             faults,
             ram: Vec::new(),
             idle_mapped: Vec::new(),
+            host_mappers: Vec::new(),
+            stale: Stale::default(),
             total_mappings: 0,
             endpoints: BTreeMap::new(),
             spaces: BTreeMap::new(),
@@ -149,6 +169,7 @@ impl Engine {
             dirty_endpoints: Vec::new(),
             sync_needed: false,
             generation: 0,
+            pin_deadline: PIN_DEADLINE,
         }
     }
 
@@ -167,6 +188,12 @@ impl Engine {
         self.default_identity
     }
 
+    /// How long removing access waits for a device to let go of an old view before revoking
+    /// it (default [`PIN_DEADLINE`]; see the `view` module).
+    pub fn set_pin_deadline(&mut self, deadline: Duration) {
+        self.pin_deadline = deadline;
+    }
+
     #[cfg(test)]
     pub(crate) fn limits_mut(&mut self) -> &mut Limits {
         &mut self.limits
@@ -180,10 +207,7 @@ impl Engine {
             Some(d) if d.is_identity() => Mode::Bypass,
             Some(d) => Mode::Translate(d.published.clone().unwrap_or_default()),
         };
-        View {
-            generation: self.generation,
-            mode,
-        }
+        View::new(self.generation, mode)
     }
 
     /// Register an endpoint (a PCI BDF); `host` when its DMA goes through a host IOMMU.
@@ -199,15 +223,18 @@ impl Engine {
             return Err(DomainError::TooManyEndpoints(self.limits.max_endpoints));
         }
         self.generation += 1;
-        let view = View {
-            generation: self.generation,
-            mode: if self.default_identity {
-                Mode::Bypass
-            } else {
-                Mode::Deny
-            },
+        let mode = if self.default_identity {
+            Mode::Bypass
+        } else {
+            Mode::Deny
         };
+        let view = View::new(self.generation, mode);
         let shared = Arc::new(EndpointShared::new(id, view, self.faults.clone()));
+        if let Some(h) = &host {
+            if !self.host_mappers.iter().any(|o| same_host(o, h)) {
+                self.host_mappers.push(h.clone());
+            }
+        }
         self.endpoints.insert(
             id,
             Endpoint {
@@ -251,16 +278,24 @@ impl Engine {
         self.total_mappings
     }
 
+    /// Host mapping records all host mappers hold together (what
+    /// `Limits::max_host_records` caps).
+    pub fn host_records(&self) -> usize {
+        records_of(&self.host_mappers)
+    }
+
     /// Estimated heap bytes held for guest-created and registered state: every space with
-    /// all copies of its table, every endpoint with its view. Bounded by
-    /// [`Limits::memory_bound`].
+    /// all copies of its table, every endpoint with its view, the host mappers' records.
+    /// Bounded by [`Limits::memory_bound`].
     pub fn memory_estimate(&self) -> usize {
         let spaces: usize = self
             .spaces
             .values()
             .map(|d| SPACE_BYTES + d.table.heap_estimate() + d.endpoints.capacity() * 4)
             .sum();
-        spaces + self.endpoints.len() * ENDPOINT_BYTES
+        spaces
+            + self.endpoints.len() * ENDPOINT_BYTES
+            + self.host_records().saturating_mul(HOST_RECORD_BYTES)
     }
 
     fn mark_space(&mut self, id: u32) {
@@ -309,7 +344,7 @@ impl Engine {
             if let Some(ep) = self.endpoints.get_mut(&id) {
                 ep.dirty = false;
             }
-            shared.publish(view, sync);
+            shared.publish(view, sync, self.pin_deadline);
         }
     }
 
@@ -351,6 +386,7 @@ impl Engine {
         self.total_mappings = 0;
         self.dirty_spaces.clear();
         self.sync_needed = true;
+        self.stale.retry_all();
         self.sync_idle_hosts();
         self.publish();
     }
@@ -415,8 +451,12 @@ impl Engine {
             hosts.extend(d.hosts.iter().cloned());
         }
         for h in &hosts {
-            unmap_best_effort(h, &removed);
-            if let Err(e) = map_all(h, &added) {
+            self.stale.unmap_all(h, &removed);
+            if self.stale.blocks(h) {
+                log::warn!("virtio-iommu: new guest RAM not mapped into a host that needs reset");
+                continue;
+            }
+            if let Err(e) = map_all(h, &added, &mut self.stale) {
                 log::error!("virtio-iommu: mapping new guest RAM into a host address space: {e}");
             }
         }
@@ -469,7 +509,14 @@ impl Engine {
             if self.idle_mapped.iter().any(|m| same_host(m, &h)) {
                 continue;
             }
-            match map_all(&h, &self.ram) {
+            if self.stale.blocks(&h) {
+                log::warn!(
+                    "virtio-iommu: no boot-bypass RAM for a host address space that needs \
+                     reset; its devices cannot DMA until attached"
+                );
+                continue;
+            }
+            match map_all(&h, &self.ram, &mut self.stale) {
                 Ok(()) => self.idle_mapped.push(h),
                 Err(e) => log::warn!(
                     "virtio-iommu: boot-bypass map of guest RAM into a host address space: \
@@ -517,7 +564,7 @@ impl Engine {
                     } else {
                         collect(d.table.state())
                     };
-                    unmap_best_effort(&h, &contents);
+                    self.stale.unmap_all(&h, &contents);
                 }
             }
         }
@@ -578,23 +625,46 @@ impl Engine {
                 None if idle => self.ram.clone(),
                 None => Vec::new(),
             };
+            let known = self
+                .spaces
+                .get(&space)
+                .is_some_and(|d| d.hosts.iter().any(|o| same_host(o, &h)));
+            // Replaying into a host address space that may hold a stale mapping: refused.
+            if !known && self.stale.blocks(&h) {
+                log::debug!("virtio-iommu: ATTACH {endpoint:#x} -> {space}: host needs reset");
+                return Err(EngineError::HostNeedsReset);
+            }
             if let Err(e) = unmap_all(std::slice::from_ref(&h), &release) {
                 log::warn!("virtio-iommu: ATTACH {endpoint:#x} -> {space}: host unmap: {e}");
                 return Err(e.into());
             }
             let target = self.spaces.get(&space);
-            let known = target.is_some_and(|d| d.hosts.iter().any(|o| same_host(o, &h)));
             if !known {
                 let contents = match target {
                     Some(d) => self.host_contents(d.is_identity(), d.table.state()),
                     None => self.host_contents(kind == SpaceKind::Identity, &Table::new()),
                 };
-                if let Err(e) = map_all(&h, &contents) {
-                    log::warn!("virtio-iommu: ATTACH {endpoint:#x} -> {space}: host: {e}");
+                let res = match map_all(&h, &contents, &mut self.stale) {
+                    Ok(()) if self.host_records() > self.limits.max_host_records => {
+                        log::warn!(
+                            "virtio-iommu: ATTACH {endpoint:#x} -> {space}: host mapping \
+                             record limit {} reached",
+                            self.limits.max_host_records
+                        );
+                        self.stale.unmap_all(&h, &contents);
+                        Err(EngineError::TooManyMappings)
+                    }
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        log::warn!("virtio-iommu: ATTACH {endpoint:#x} -> {space}: host: {e}");
+                        Err(e.into())
+                    }
+                };
+                if let Err(e) = res {
                     for m in &release {
                         restore(&h, m);
                     }
-                    return Err(e.into());
+                    return Err(e);
                 }
                 new_host = Some(h.clone());
             }
@@ -604,7 +674,14 @@ impl Engine {
         }
         let left_destroyed = match old {
             Some(o) => self.remove_from_space(endpoint, o, true),
-            None => false,
+            None => {
+                // Leaving boot bypass for a paging space removes access to all guest RAM:
+                // like an unmap, the publication waits for requests pinning the identity view.
+                if self.default_identity && kind == SpaceKind::Paging {
+                    self.sync_needed = true;
+                }
+                false
+            }
         };
         let d = self.spaces.entry(space).or_insert_with(|| Space::new(kind));
         d.endpoints.push(endpoint);
@@ -695,6 +772,22 @@ impl Engine {
             let Some(size) = size_of_mapping(&m) else {
                 return Err(EngineError::OutOfRange);
             };
+            // Every host records the mapping at least once: refuse before the host calls when
+            // that alone would pass the cap, and undo them when the pieces did.
+            let cap = self.limits.max_host_records;
+            let over = |hosts: &[Arc<dyn HostMapper>], extra: usize| {
+                records_of(hosts).saturating_add(extra) > cap
+            };
+            if d.hosts.iter().any(|h| self.stale.blocks(h)) {
+                log::debug!("virtio-iommu: MAP in domain {space}: a host needs reset");
+                return Err(EngineError::HostNeedsReset);
+            }
+            if over(&self.host_mappers, d.hosts.len()) {
+                log::warn!(
+                    "virtio-iommu: MAP in domain {space}: host mapping record limit {cap} reached"
+                );
+                return Err(EngineError::TooManyMappings);
+            }
             for (i, h) in d.hosts.iter().enumerate() {
                 if let Err(e) = h.map(m.start, size, m.gpa, prot(&m)) {
                     log::warn!(
@@ -702,10 +795,21 @@ impl Engine {
                         m.start
                     );
                     for prev in &d.hosts[..i] {
-                        unmap_best_effort(prev, std::slice::from_ref(&m));
+                        self.stale.unmap(prev, &m);
                     }
                     return Err(e.into());
                 }
+            }
+            if over(&self.host_mappers, 0) {
+                log::warn!(
+                    "virtio-iommu: MAP {:#x}+{size:#x} in domain {space}: host mapping record \
+                     limit {cap} reached",
+                    m.start
+                );
+                for h in &d.hosts {
+                    self.stale.unmap(h, &m);
+                }
+                return Err(EngineError::TooManyMappings);
             }
         }
         d.table.insert(m);

@@ -154,7 +154,9 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
     }
 
     /// A copy that keeps the current view for its whole life: use one per request, so an unmap
-    /// or a detach completes only after the request finished with the old mappings.
+    /// or a detach completes only after the request finished with the old mappings (or, if
+    /// it holds the view past the pin deadline, revokes it: the copy's later accesses then see
+    /// the current mappings; see [`View`]).
     pub fn pin(&self) -> Self {
         TranslatedMemory {
             mem: self.mem.clone(),
@@ -217,7 +219,7 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
         if let Some(c) = self.cache.find(view.generation, iova, access) {
             return Some((c.mapping, Some((c.region, c.region_gpa))));
         }
-        match view.translate(iova, access) {
+        match view.find(iova, access) {
             Ok(m) => Some(match self.clip(view.generation, m, iova) {
                 Some(c) => {
                     self.cache.insert(c);
@@ -266,22 +268,40 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
     /// Translate `iova..iova+len` into guest-physical ranges (for callers that do their own
     /// accesses, e.g. a host mapper). A miss raises a fault and returns `None`.
     pub fn translate(&self, iova: u64, len: u64, access: Access) -> Option<Vec<(u64, u64)>> {
-        self.translate_with(self.view().get(), iova, len, access, true)
+        self.translate_with(self.view(), iova, len, access, true)
+    }
+
+    /// Enter `view` for one access, or the endpoint's current view if `view` was revoked
+    /// (held past the pin deadline: see [`View`]).
+    #[inline]
+    fn enter<'v>(&self, view: ViewRef<'v>) -> Entered<'v> {
+        match view.get().try_enter() {
+            Some(counted) => Entered { view, counted },
+            None => {
+                let (current, counted) = self.endpoint.shared.enter_current();
+                Entered {
+                    view: ViewRef::Loaded(current),
+                    counted,
+                }
+            }
+        }
     }
 
     /// Copy `buf.len()` bytes at IOVA `iova` into `buf`: like `read_slice`, but each piece
     /// (one cached mapping) is a single backend access at its guest-physical address, without
     /// the generic slice iteration. A miss raises a fault.
     pub fn read_into(&self, buf: &mut [u8], iova: GuestAddress) -> GuestMemoryResult<()> {
-        self.read_into_view(self.view().get(), buf, iova)
+        self.read_into_view(self.view(), buf, iova)
     }
 
     fn read_into_view(
         &self,
-        view: &View,
+        view: ViewRef<'_>,
         buf: &mut [u8],
         iova: GuestAddress,
     ) -> GuestMemoryResult<()> {
+        let entered = self.enter(view);
+        let view = entered.get();
         let mut done = 0usize;
         while done < buf.len() {
             let (at, n) = self.piece(view, iova.0, done, buf.len(), Access::Read)?;
@@ -297,15 +317,17 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
 
     /// Write `data` at IOVA `iova`, piece by piece like [`Self::read_into`].
     pub fn write_from(&self, data: &[u8], iova: GuestAddress) -> GuestMemoryResult<()> {
-        self.write_from_view(self.view().get(), data, iova)
+        self.write_from_view(self.view(), data, iova)
     }
 
     fn write_from_view(
         &self,
-        view: &View,
+        view: ViewRef<'_>,
         data: &[u8],
         iova: GuestAddress,
     ) -> GuestMemoryResult<()> {
+        let entered = self.enter(view);
+        let view = entered.get();
         let mut done = 0usize;
         while done < data.len() {
             let (at, n) = self.piece(view, iova.0, done, data.len(), Access::Write)?;
@@ -353,7 +375,7 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
     /// [`Self::translate`] without raising a fault on a miss (for a device checking whether
     /// a range is mapped before relying on it).
     pub fn translate_quiet(&self, iova: u64, len: u64, access: Access) -> Option<Vec<(u64, u64)>> {
-        self.translate_with(self.view().get(), iova, len, access, false)
+        self.translate_with(self.view(), iova, len, access, false)
     }
 
     /// Pin the current view for one batch of work, borrowing this memory (and sharing its
@@ -373,14 +395,19 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
         self.view().get().generation
     }
 
+    /// The guest-physical pieces of `iova..iova+len`; they are used outside this call, so the
+    /// view they come from can no longer be revoked (see [`View`]).
     fn translate_with(
         &self,
-        view: &View,
+        view: ViewRef<'_>,
         iova: u64,
         len: u64,
         access: Access,
         report: bool,
     ) -> Option<Vec<(u64, u64)>> {
+        let entered = self.enter(view);
+        let view = entered.get();
+        view.mark_raw();
         let mut out = Vec::new();
         let mut cur = iova;
         let mut left = len;
@@ -411,6 +438,7 @@ enum ViewRef<'a> {
 }
 
 impl ViewRef<'_> {
+    #[inline]
     fn get(&self) -> &View {
         match self {
             ViewRef::Pinned(v) => v,
@@ -419,10 +447,35 @@ impl ViewRef<'_> {
     }
 }
 
-/// The slices of one IOVA range, translated lazily; the view is loaded once at creation.
+/// A view entered for one access (a removal of access past the pin deadline waits for the
+/// accesses in progress through the views it revokes); exits on drop.
+struct Entered<'a> {
+    view: ViewRef<'a>,
+    /// The gate counted this access (not for a view that handed addresses out).
+    counted: bool,
+}
+
+impl Entered<'_> {
+    #[inline]
+    fn get(&self) -> &View {
+        self.view.get()
+    }
+}
+
+impl Drop for Entered<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        if self.counted {
+            self.view.get().exit();
+        }
+    }
+}
+
+/// The slices of one IOVA range, translated lazily; the view is loaded (and entered: the
+/// slices are used while the iterator lives) once at creation.
 pub struct TranslatedSlices<'a, M: GuestMemoryBackend> {
     owner: &'a TranslatedMemory<M>,
-    view: ViewRef<'a>,
+    view: Entered<'a>,
     iova: u64,
     remaining: usize,
     access: Access,
@@ -439,7 +492,7 @@ impl<'a, M: GuestMemoryBackend> TranslatedSlices<'a, M> {
     ) -> Self {
         TranslatedSlices {
             owner,
-            view,
+            view: owner.enter(view),
             iova: addr.0,
             remaining: count,
             access: access_of(access),
@@ -555,17 +608,19 @@ impl<M: GuestMemoryBackend> PinnedView<'_, M> {
     /// See [`TranslatedMemory::translate_quiet`].
     pub fn translate_quiet(&self, iova: u64, len: u64, access: Access) -> Option<Vec<(u64, u64)>> {
         self.mem
-            .translate_with(&self.view, iova, len, access, false)
+            .translate_with(ViewRef::Pinned(&self.view), iova, len, access, false)
     }
 
     /// See [`TranslatedMemory::read_into`].
     pub fn read_into(&self, buf: &mut [u8], iova: GuestAddress) -> GuestMemoryResult<()> {
-        self.mem.read_into_view(&self.view, buf, iova)
+        self.mem
+            .read_into_view(ViewRef::Pinned(&self.view), buf, iova)
     }
 
     /// See [`TranslatedMemory::write_from`].
     pub fn write_from(&self, data: &[u8], iova: GuestAddress) -> GuestMemoryResult<()> {
-        self.mem.write_from_view(&self.view, data, iova)
+        self.mem
+            .write_from_view(ViewRef::Pinned(&self.view), data, iova)
     }
 }
 

@@ -1,14 +1,57 @@
 //! Published, immutable translation state. The engine owns the master tables and publishes one
-//! [`View`] per endpoint through an `ArcSwap`; devices load it without locking. Removing access
-//! (unmap, leaving a space, identity off) completes only once no reader still holds the old
-//! view (publishing waits for that).
+//! [`View`] per endpoint through an `ArcSwap`; devices load it without locking.
+//!
+//! # Removing access
+//! Removing access (unmap, leaving a space, identity off, an endpoint leaving bypass for a
+//! paging space) completes only once no device can use the old view's translations any more.
+//! Publishing waits for that, in two steps:
+//!
+//! 1. Until every reader let go of the old views (a request drops its pin when done), at
+//!    most the pin deadline ([`PIN_DEADLINE`] unless the engine was given another).
+//! 2. Past it (a stuck backend: a blk request holding its pin across file I/O that does not
+//!    return), the old views are *revoked*: from then on every access through a revoked view
+//!    translates through the endpoint's current view instead (it sees the removal: an access
+//!    to what was unmapped fails, one to what is still mapped works, so the request can still
+//!    complete with an error status). Publishing then waits for the accesses already in
+//!    progress through the old views (each access enters the view's gate for its duration,
+//!    memory copies and slices handed to `vm-memory` alike), which does not depend on the
+//!    backend, and completes. This is logged at error level.
+//!
+//! A view from which guest-physical addresses were taken out (`TranslatedMemory::translate`,
+//! `translate_quiet`, [`View::translate`]: a device's prepared rings, a host mapper) cannot
+//! be revoked that way, since its holder reaches memory without entering the gate: for it,
+//! step 2 waits for the holder to let go, however long (logged). So the removal never
+//! completes while a device can still use an old translation; a device that takes addresses
+//! out of a view must not hold its pin across blocking work. (Accesses through such a view
+//! are not counted either: one atomic load instead of two read-modify-writes per access.)
 
 use super::fault::FaultSink;
 use super::mapping::{Access, Mapping, Miss};
 use super::table::{lookup, Table};
 use arc_swap::ArcSwap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// How long removing access waits for a device to let go of an old view before revoking it.
+pub const PIN_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Set in [`Gate::state`] once the view is revoked.
+const REVOKED: usize = 1 << (usize::BITS - 1);
+/// Set in [`Gate::state`] once guest-physical addresses were handed out of the view (it can
+/// no longer be revoked, so its accesses need not be counted either).
+const RAW: usize = 1 << (usize::BITS - 2);
+/// The count of accesses in progress in [`Gate::state`].
+const COUNT: usize = !(REVOKED | RAW);
+
+/// Accesses in progress through one view, and whether it was revoked or handed addresses out
+/// (see the module doc). One atomic word: an access that enters after the revocation sees it,
+/// one that entered before is counted; [`RAW`] is only ever set from inside a counted access,
+/// so the revoker, which waits for those, always learns of it.
+#[derive(Debug, Default)]
+struct Gate {
+    state: AtomicUsize,
+}
 
 /// How an endpoint's accesses are treated.
 #[derive(Clone, Debug)]
@@ -23,19 +66,50 @@ pub enum Mode {
     Translate(Arc<Table>),
 }
 
-/// What one endpoint sees at one point in time.
+/// What one endpoint sees at one point in time. Removing access waits for the devices holding
+/// the old view, at most the pin deadline ([`PIN_DEADLINE`] by default); past it the old view
+/// is revoked (its later accesses see the current mappings) unless addresses were taken out
+/// of it with [`View::translate`] or `TranslatedMemory::translate*`, in which case the wait
+/// goes on until the holder lets go.
 #[derive(Debug)]
 pub struct View {
     /// Increases with every publication (caches compare it).
     pub generation: u64,
     /// Translation mode.
     pub mode: Mode,
+    gate: Gate,
 }
 
 impl View {
-    /// The mapping that serves `iova` for `access`.
+    /// A view of `mode`, publication number `generation`.
+    pub(crate) fn new(generation: u64, mode: Mode) -> Self {
+        View {
+            generation,
+            mode,
+            gate: Gate::default(),
+        }
+    }
+
+    /// The mapping that serves `iova` for `access`. Its guest-physical address is used outside
+    /// any access of the engine's, so the view can no longer be revoked (see the module doc).
     #[inline]
     pub fn translate(&self, iova: u64, access: Access) -> Result<Mapping, Miss> {
+        let Some(counted) = self.try_enter() else {
+            // Revoked: this view no longer translates.
+            return Err(Miss::NoMapping);
+        };
+        self.mark_raw();
+        let r = self.find(iova, access);
+        if counted {
+            self.exit();
+        }
+        r
+    }
+
+    /// [`Self::translate`] for an access that entered the view (or hands the address out
+    /// and said so with [`Self::mark_raw`]).
+    #[inline]
+    pub(crate) fn find(&self, iova: u64, access: Access) -> Result<Mapping, Miss> {
         match &self.mode {
             Mode::Bypass => Ok(Mapping::IDENTITY),
             Mode::Deny => Err(Miss::NoDomain),
@@ -44,6 +118,57 @@ impl View {
                 _ => Err(Miss::NoMapping),
             },
         }
+    }
+
+    /// Start one access through the view: `Some(true)` if counted (end it with
+    /// [`Self::exit`]), `Some(false)` if the view handed addresses out (never revoked: nothing
+    /// to count, a removal waits for every holder), `None` (nothing started) if revoked.
+    #[inline]
+    pub(crate) fn try_enter(&self) -> Option<bool> {
+        if self.gate.state.load(Ordering::Relaxed) & RAW != 0 {
+            return Some(false);
+        }
+        let s = self.gate.state.fetch_add(1, Ordering::Acquire);
+        if s & REVOKED != 0 {
+            self.gate.state.fetch_sub(1, Ordering::Release);
+            return (s & RAW != 0).then_some(false);
+        }
+        Some(true)
+    }
+
+    /// End an access [`Self::try_enter`] counted.
+    #[inline]
+    pub(crate) fn exit(&self) {
+        self.gate.state.fetch_sub(1, Ordering::Release);
+    }
+
+    /// Guest-physical addresses from this view are used outside the engine's accesses. Only
+    /// from inside an access started with [`Self::try_enter`].
+    #[inline]
+    pub(crate) fn mark_raw(&self) {
+        if self.gate.state.load(Ordering::Relaxed) & RAW == 0 {
+            self.gate.state.fetch_or(RAW, Ordering::Release);
+        }
+    }
+
+    /// Whether the view was revoked (held past the pin deadline by a device) while it could
+    /// be: its accesses now go through the endpoint's current view.
+    pub fn revoked(&self) -> bool {
+        let s = self.gate.state.load(Ordering::Acquire);
+        s & REVOKED != 0 && s & RAW == 0
+    }
+
+    /// Revoke; whether addresses had been handed out (then the revocation does not hold).
+    fn revoke(&self) -> bool {
+        self.gate.state.fetch_or(REVOKED, Ordering::AcqRel) & RAW != 0
+    }
+
+    fn accesses(&self) -> usize {
+        self.gate.state.load(Ordering::Acquire) & COUNT
+    }
+
+    fn raw(&self) -> bool {
+        self.gate.state.load(Ordering::Acquire) & RAW != 0
     }
 }
 
@@ -84,15 +209,30 @@ impl EndpointShared {
         self.view.load_full()
     }
 
-    /// Publish `view`; when `sync`, return only once no reader holds any earlier view (a
-    /// request may have pinned one published before the previous one).
-    pub(crate) fn publish(&self, view: View, sync: bool) {
+    /// The current view, entered for one access, and whether that access is counted (the
+    /// caller then exits it). Loops only if a publication and a revocation both happened
+    /// between loading and entering.
+    pub(crate) fn enter_current(&self) -> (arc_swap::Guard<Arc<View>>, bool) {
+        loop {
+            let v = self.view.load();
+            if let Some(counted) = v.try_enter() {
+                return (v, counted);
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Publish `view`; when `sync`, return only once no device can use any earlier view (a
+    /// request may have pinned one published before the previous one): readers let go within
+    /// `deadline`, or the views were revoked (see the module doc).
+    pub(crate) fn publish(&self, view: View, sync: bool, deadline: Duration) {
         let old = self.view.swap(Arc::new(view));
         let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
         retired.push(old);
         if sync {
+            let until = Instant::now().checked_add(deadline);
             for v in retired.drain(..) {
-                wait_unshared(self.id, v);
+                wait_unshared(self.id, v, until, deadline);
             }
         } else {
             retired.retain(|v| Arc::strong_count(v) > 1);
@@ -100,17 +240,44 @@ impl EndpointShared {
     }
 }
 
-/// Wait until `old` is the last reference. `ArcSwap::swap` has already converted every
-/// outstanding lock-free guard into a counted reference, so the strong count is exact.
-fn wait_unshared(endpoint: u32, old: Arc<View>) {
-    wait_for(
-        || Arc::strong_count(&old) == 1,
-        &format_args!("view of endpoint {endpoint:#x}"),
+/// Wait until no device can use `old`: it is the last reference (`ArcSwap::swap` has already
+/// converted every outstanding lock-free guard into a counted reference, so the strong count
+/// is exact), or, past `until`, it is revoked and no access through it is in progress.
+fn wait_unshared(endpoint: u32, old: Arc<View>, until: Option<Instant>, deadline: Duration) {
+    let what = ViewOf(endpoint);
+    if wait_for(|| Arc::strong_count(&old) == 1, until, &what) {
+        return;
+    }
+    let raw = old.revoke();
+    if !raw {
+        wait_for(|| old.accesses() == 0, None, &what);
+    }
+    if !raw && !old.raw() {
+        log::error!(
+            "virtio-iommu: endpoint {endpoint:#x}: a device held an old view past {deadline:?} \
+             (a stuck backend?); revoked it: its further accesses see the current mappings"
+        );
+        return;
+    }
+    log::error!(
+        "virtio-iommu: endpoint {endpoint:#x}: a device held an old view past {deadline:?} and \
+         took addresses out of it: cannot revoke, waiting for it to let go"
     );
+    wait_for(|| Arc::strong_count(&old) == 1, None, &what);
 }
 
-/// Spin, then yield, until `done()`; log once if a reader is slow.
-fn wait_for(done: impl Fn() -> bool, what: &dyn std::fmt::Display) {
+/// "view of endpoint E", for the logs.
+struct ViewOf(u32);
+
+impl std::fmt::Display for ViewOf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "view of endpoint {:#x}", self.0)
+    }
+}
+
+/// Spin, then yield, until `done()` (true) or `until` passed (false); log once if a reader
+/// is slow.
+fn wait_for(done: impl Fn() -> bool, until: Option<Instant>, what: &dyn std::fmt::Display) -> bool {
     let mut spins = 0u32;
     let mut started: Option<Instant> = None;
     let mut warned = false;
@@ -121,6 +288,9 @@ fn wait_for(done: impl Fn() -> bool, what: &dyn std::fmt::Display) {
             continue;
         }
         let t0 = *started.get_or_insert_with(Instant::now);
+        if until.is_some_and(|u| Instant::now() >= u) {
+            return false;
+        }
         if !warned && t0.elapsed() > SLOW_READER {
             log::warn!(
                 "virtio-iommu: a device still uses an old {what} after {SLOW_READER:?}; \
@@ -130,6 +300,7 @@ fn wait_for(done: impl Fn() -> bool, what: &dyn std::fmt::Display) {
         }
         std::thread::yield_now();
     }
+    true
 }
 
 #[cfg(test)]
@@ -155,31 +326,72 @@ mod tests {
     fn view_checks_rights() {
         let mut t = Table::new();
         t.insert(0, map(0, 0xfff, 0));
-        let v = View {
-            generation: 1,
-            mode: Mode::Translate(Arc::new(t)),
-        };
+        let v = View::new(1, Mode::Translate(Arc::new(t)));
         assert!(v.translate(0x10, Access::Read).is_ok());
         assert_eq!(v.translate(0x10, Access::Write), Err(Miss::NoMapping));
         assert_eq!(v.translate(0x1000, Access::Read), Err(Miss::NoMapping));
-        let d = View {
-            generation: 1,
-            mode: Mode::Deny,
-        };
+        let d = View::new(1, Mode::Deny);
         assert_eq!(d.translate(0, Access::Read), Err(Miss::NoDomain));
+    }
+
+    #[test]
+    fn a_view_held_past_the_deadline_is_revoked_unless_addresses_left_it() {
+        let faults: Arc<dyn FaultSink> = Arc::new(NoSink);
+        for raw in [false, true] {
+            let ep = Arc::new(EndpointShared::new(
+                1,
+                View::new(0, Mode::Bypass),
+                faults.clone(),
+            ));
+            let pinned = ep.load_full();
+            if raw {
+                assert!(pinned.translate(0x1000, Access::Read).is_ok());
+            }
+            // An access in progress when the deadline passes is waited for; with addresses
+            // taken out of the view, so is the pin itself (dropped 150 ms after the access).
+            let counted = pinned.try_enter();
+            assert_eq!(
+                counted,
+                Some(!raw),
+                "accesses of a raw view are not counted"
+            );
+            let p2 = pinned.clone();
+            let t = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(150));
+                if counted == Some(true) {
+                    p2.exit();
+                }
+                std::thread::sleep(Duration::from_millis(150));
+                drop(p2);
+            });
+            let held = if raw { None } else { Some(pinned.clone()) };
+            let weak = Arc::downgrade(&pinned);
+            drop(pinned);
+            let t0 = Instant::now();
+            ep.publish(View::new(1, Mode::Deny), true, Duration::from_millis(20));
+            let took = t0.elapsed();
+            assert!(took >= Duration::from_millis(150), "{took:?}");
+            match held {
+                Some(v) => {
+                    assert!(took < Duration::from_millis(300), "{took:?}");
+                    assert!(v.revoked());
+                    assert_eq!(v.try_enter(), None, "a revoked view admits no access");
+                    assert!(v.translate(0, Access::Read).is_err());
+                }
+                None => {
+                    assert!(took >= Duration::from_millis(300), "{took:?}");
+                    assert!(weak.upgrade().is_none());
+                }
+            }
+            assert!(!ep.load().revoked());
+            t.join().unwrap();
+        }
     }
 
     #[test]
     fn publish_waits_for_pinned_readers() {
         let faults: Arc<dyn FaultSink> = Arc::new(NoSink);
-        let ep = Arc::new(EndpointShared::new(
-            1,
-            View {
-                generation: 0,
-                mode: Mode::Bypass,
-            },
-            faults,
-        ));
+        let ep = Arc::new(EndpointShared::new(1, View::new(0, Mode::Bypass), faults));
         let pinned = ep.load_full();
         let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let barrier = Arc::new(std::sync::Barrier::new(2));
@@ -194,13 +406,7 @@ mod tests {
         });
         barrier.wait();
         drop(pinned);
-        ep.publish(
-            View {
-                generation: 1,
-                mode: Mode::Deny,
-            },
-            true,
-        );
+        ep.publish(View::new(1, Mode::Deny), true, PIN_DEADLINE);
         assert!(released.load(std::sync::atomic::Ordering::SeqCst));
         t.join().unwrap();
         assert_eq!(ep.load().generation, 1);

@@ -120,6 +120,12 @@ impl Viommu {
         &self.domains
     }
 
+    /// How long an UNMAP (or any removal of access) waits for a device holding the old
+    /// translations before revoking them (default `PIN_DEADLINE`, 5 s).
+    pub fn set_pin_deadline(&mut self, deadline: std::time::Duration) {
+        self.domains.set_pin_deadline(deadline);
+    }
+
     /// System reset: like a device reset, and `config.bypass` returns to its initial value.
     pub fn system_reset(&mut self) {
         self.reset();

@@ -54,6 +54,8 @@ impl From<&EngineError> for Status {
             | EngineError::WouldSplit => Status::Range,
             EngineError::TooManySpaces | EngineError::TooManyMappings => Status::NoMem,
             EngineError::Host(h) => h.into(),
+            // A container that may hold a stale mapping: "Internal device error".
+            EngineError::HostNeedsReset => Status::DevErr,
         }
     }
 }
@@ -155,6 +157,12 @@ impl Domains {
     /// still reads an old view.
     pub fn publish(&mut self) {
         self.engine.publish();
+    }
+
+    /// How long removing access waits for a device holding an old view before revoking it
+    /// (see [`Engine::set_pin_deadline`]).
+    pub fn set_pin_deadline(&mut self, deadline: std::time::Duration) {
+        self.engine.set_pin_deadline(deadline);
     }
 
     /// Change `config.bypass` and publish the unattached endpoints' new views.

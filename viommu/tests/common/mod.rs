@@ -87,6 +87,11 @@ impl Driver {
         self.drv.kick(&mut self.dev);
     }
 
+    /// Write `config.bypass`.
+    pub fn set_bypass(&mut self, on: bool) {
+        self.drv.set_bypass(&mut self.dev, on);
+    }
+
     pub fn set_no_interrupt(&mut self, on: bool) {
         self.drv.set_request_interrupts(!on).unwrap();
     }

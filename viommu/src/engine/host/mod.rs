@@ -50,6 +50,14 @@ pub trait HostMapper: Send + Sync {
     fn map(&self, iova: u64, size: u64, gpa: u64, prot: Prot) -> Result<(), HostMapError>;
     /// Remove exactly one mapping previously installed with the same `iova` and `size`.
     fn unmap(&self, iova: u64, size: u64) -> Result<(), HostMapError>;
+    /// How many host mapping records it holds for the mappings installed: one per host
+    /// mapping piece, at least one per installed mapping, each at most 256 heap bytes.
+    /// Counted against [`Limits::max_host_records`](crate::Limits::max_host_records) and
+    /// [`Limits::memory_bound`](crate::Limits::memory_bound). A mapper that keeps no
+    /// per-mapping state says 0.
+    fn records(&self) -> usize {
+        0
+    }
 }
 
 /// One host IOMMU address space taking host virtual addresses: a VFIO type1 container today, an

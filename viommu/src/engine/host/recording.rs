@@ -121,6 +121,10 @@ impl HostMapper for RecordingMapper {
             _ => Err(HostMapError::Invalid),
         }
     }
+
+    fn records(&self) -> usize {
+        self.lock().mappings.len()
+    }
 }
 
 impl super::DmaSpace for RecordingMapper {
