@@ -294,68 +294,8 @@ impl MsixConfig {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::irq::MsiVector;
-    use std::io;
-    use std::sync::Mutex;
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-    /// Records allocations, routes and releases; keeps a clone of every irqfd to count writes.
-    #[derive(Default)]
-    pub(crate) struct FakeMsi {
-        pub next_gsi: Mutex<u32>,
-        pub routes: Mutex<Vec<(u32, Option<MsiMessage>)>>,
-        pub irqfds: Mutex<Vec<(u32, EventFd)>>,
-        pub released: Mutex<Vec<u32>>,
-        pub fail_allocate: Mutex<bool>,
-        /// Refuse every route change (a commit KVM refused).
-        pub fail_route: Mutex<bool>,
-        /// Calls of `allocate` and `set_route`, failed ones included.
-        pub calls: Mutex<u32>,
-    }
-
-    impl FakeMsi {
-        /// Interrupts injected on `gsi` since the last call.
-        pub fn fired(&self, gsi: u32) -> u64 {
-            let fds = self.irqfds.lock().unwrap();
-            let (_, fd) = fds.iter().find(|(g, _)| *g == gsi).expect("gsi allocated");
-            fd.read().unwrap_or(0)
-        }
-
-        pub fn last_route(&self, gsi: u32) -> Option<Option<MsiMessage>> {
-            let routes = self.routes.lock().unwrap();
-            routes
-                .iter()
-                .rev()
-                .find(|(g, _)| *g == gsi)
-                .map(|(_, m)| *m)
-        }
-    }
-
-    impl MsiIrqManager for FakeMsi {
-        fn allocate(&self) -> io::Result<MsiVector> {
-            *self.calls.lock().unwrap() += 1;
-            if *self.fail_allocate.lock().unwrap() {
-                return Err(io::Error::other("no GSI"));
-            }
-            let mut next = self.next_gsi.lock().unwrap();
-            let gsi = 100 + *next;
-            *next += 1;
-            let irqfd = EventFd::new(EFD_NONBLOCK)?;
-            self.irqfds.lock().unwrap().push((gsi, irqfd.try_clone()?));
-            Ok(MsiVector { gsi, irqfd })
-        }
-        fn set_route(&self, gsi: u32, msg: Option<MsiMessage>) -> io::Result<()> {
-            *self.calls.lock().unwrap() += 1;
-            if *self.fail_route.lock().unwrap() {
-                return Err(io::Error::other("routing table full"));
-            }
-            self.routes.lock().unwrap().push((gsi, msg));
-            Ok(())
-        }
-        fn release(&self, vector: MsiVector) {
-            self.released.lock().unwrap().push(vector.gsi);
-        }
-    }
+    pub(crate) use crate::test_utils::FakeMsi;
 
     fn write_entry(m: &mut MsixConfig, v: u64, addr: u64, data: u32, masked: bool) {
         m.table_write(v * 16, &(addr as u32).to_le_bytes());

@@ -12,7 +12,10 @@
 //! - Reset: a PCI Express FLR by the guest, or [`VfioPciDevice::reset`] (VMM reset), disables the
 //!   interrupts, resets the emulated state and issues VFIO_DEVICE_RESET.
 //! - Peer-to-peer: [`VfioBarMaps`] publishes where BAR memory is mapped (guest-physical and
-//!   host-virtual), so the DMA shadow engine can map a guest IOVA that targets a BAR.
+//!   host-virtual), so the DMA shadow engine can map a guest IOVA that targets a BAR, and tells
+//!   its [`BarObserver`] when parts appear or disappear (memory decode on/off, a BAR moved, a
+//!   reset, the device dropped) so that engine can revoke or re-point those DMA mappings.
+//!   Parts disappear before the device stops decoding or is reset.
 
 use crate::config::{PciConfigSpace, PciHeader, BAR0, BAR_END, COMMAND, NUM_BARS};
 use crate::config::{COMMAND_IO, COMMAND_MEMORY};
@@ -65,13 +68,36 @@ pub struct BarMapping {
     pub host_addr: u64,
 }
 
+/// Told when BAR parts of a passthrough device stop or start being mapped into the guest
+/// (the VMM forwards it to the vIOMMU's shadows, which mirror DMA into BARs). Called on the
+/// thread that changed the device, with none of [`VfioBarMaps`]' locks held; `removed` parts
+/// are still decoded by the device during the call.
+pub trait BarObserver: Send + Sync {
+    /// `removed` parts are no longer mapped, `added` ones are now (guest-physical).
+    fn bars_changed(&self, removed: &[BarMapping], added: &[BarMapping]);
+}
+
 /// The BAR mappings of one passthrough device, shared with whoever resolves DMA targets.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct VfioBarMaps {
     maps: RwLock<Vec<BarMapping>>,
+    observer: RwLock<Option<Arc<dyn BarObserver>>>,
+}
+
+impl std::fmt::Debug for VfioBarMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VfioBarMaps")
+            .field("maps", &self.mappings())
+            .finish_non_exhaustive()
+    }
 }
 
 impl VfioBarMaps {
+    /// Tell `observer` about every later change (replaces an earlier observer).
+    pub fn set_observer(&self, observer: Arc<dyn BarObserver>) {
+        *self.observer.write().unwrap_or_else(|e| e.into_inner()) = Some(observer);
+    }
+
     /// Every BAR part mapped into the guest right now.
     pub fn mappings(&self) -> Vec<BarMapping> {
         self.maps.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -90,7 +116,23 @@ impl VfioBarMaps {
     }
 
     fn set(&self, maps: Vec<BarMapping>) {
-        *self.maps.write().unwrap_or_else(|e| e.into_inner()) = maps;
+        let old = std::mem::replace(
+            &mut *self.maps.write().unwrap_or_else(|e| e.into_inner()),
+            maps.clone(),
+        );
+        let removed: Vec<BarMapping> = old.iter().filter(|m| !maps.contains(m)).copied().collect();
+        let added: Vec<BarMapping> = maps.iter().filter(|m| !old.contains(m)).copied().collect();
+        if removed.is_empty() && added.is_empty() {
+            return;
+        }
+        let observer = self
+            .observer
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(o) = observer {
+            o.bars_changed(&removed, &added);
+        }
     }
 }
 
