@@ -310,6 +310,9 @@ pub struct FakeMsi {
     pub fail_route: Mutex<bool>,
     /// Calls of `allocate` and `set_route`, failed ones included.
     pub calls: Mutex<u32>,
+    /// Routing-table commits (one per `set_route`, one per `set_routes` batch), failed ones
+    /// included.
+    pub commits: Mutex<u32>,
 }
 
 impl FakeMsi {
@@ -345,12 +348,23 @@ impl MsiIrqManager for FakeMsi {
     }
     fn set_route(&self, gsi: u32, msg: Option<MsiMessage>) -> io::Result<()> {
         *self.calls.lock().unwrap() += 1;
+        *self.commits.lock().unwrap() += 1;
         if *self.fail_route.lock().unwrap() {
             return Err(io::Error::other("routing table full"));
         }
         self.routes.lock().unwrap().push((gsi, msg));
         Ok(())
     }
+    fn set_routes(&self, routes: &[(u32, Option<MsiMessage>)]) -> io::Result<()> {
+        *self.calls.lock().unwrap() += 1;
+        *self.commits.lock().unwrap() += 1;
+        if *self.fail_route.lock().unwrap() {
+            return Err(io::Error::other("routing table full"));
+        }
+        self.routes.lock().unwrap().extend_from_slice(routes);
+        Ok(())
+    }
+
     fn release(&self, vector: MsiVector) {
         self.released.lock().unwrap().push(vector.gsi);
     }
