@@ -168,13 +168,13 @@ impl DmaSpace for Prequeried {
         let Err(e) = (unsafe { self.space.map_raw(iova, size, host_addr, prot) }) else {
             return Ok(());
         };
-        log::warn!("vfio: map {iova:#x}+{size:#x} -> {host_addr:#x}: {e}");
+        virtio_dev::guest_warn!("vfio: map {iova:#x}+{size:#x} -> {host_addr:#x}: {e}");
         let last = iova.saturating_add(size.saturating_sub(1));
         let in_range = !self.info.iova_ranges.is_empty() && self.info.contains(iova, last);
         Err(match e.raw_os_error() {
             Some(libc::EEXIST) => HostMapError::Invalid,
             Some(libc::ENOSPC) | Some(libc::ENOMEM) => {
-                log::warn!(
+                virtio_dev::guest_warn!(
                     "vfio: the container is out of mappings or locked memory (type1 \
                      dma_entry_limit defaults to 65535; RLIMIT_MEMLOCK)"
                 );

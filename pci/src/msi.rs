@@ -8,7 +8,6 @@
 
 use crate::irq::{MsiIrqManager, MsiMessage};
 use crate::vectors::VectorRoutes;
-use log::warn;
 use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -142,7 +141,7 @@ impl MsiConfig {
     /// Raise `vector`: deliver it, or set its pending bit if it is masked.
     pub fn trigger(&mut self, vector: usize) {
         if !self.enabled() || vector >= self.num_vectors() {
-            warn!("msi: vector {vector} raised while not enabled");
+            virtio_dev::guest_warn!("msi: vector {vector} raised while not enabled");
             return;
         }
         if self.masked(vector) {

@@ -178,7 +178,7 @@ impl MsixConfig {
     pub fn table_write(&mut self, offset: u64, data: &[u8]) {
         let aligned = matches!(data.len(), 4 | 8) && offset & (data.len() as u64 - 1) == 0;
         if !aligned || offset.saturating_add(data.len() as u64) > self.table_size() {
-            warn!(
+            virtio_dev::guest_warn!(
                 "msix: ignored table write at {offset:#x} size {}",
                 data.len()
             );

@@ -53,7 +53,10 @@ impl VectorRoutes {
             match self.msi.allocate() {
                 Ok(vector) => self.vectors[v] = Some(vector),
                 Err(e) => {
-                    warn!("{}: cannot allocate a GSI for vector {v}: {e}", self.label);
+                    virtio_dev::guest_warn!(
+                        "{}: cannot allocate a GSI for vector {v}: {e}",
+                        self.label
+                    );
                     return false;
                 }
             }
@@ -67,9 +70,10 @@ impl VectorRoutes {
                 true
             }
             Err(e) => {
-                warn!(
+                virtio_dev::guest_warn!(
                     "{}: cannot route vector {v} (gsi {}): {e}",
-                    self.label, vector.gsi
+                    self.label,
+                    vector.gsi
                 );
                 self.routes[v] = None;
                 false
@@ -96,7 +100,10 @@ impl VectorRoutes {
                 match self.msi.allocate() {
                     Ok(vector) => self.vectors[v] = Some(vector),
                     Err(e) => {
-                        warn!("{}: cannot allocate a GSI for vector {v}: {e}", self.label);
+                        virtio_dev::guest_warn!(
+                            "{}: cannot allocate a GSI for vector {v}: {e}",
+                            self.label
+                        );
                         continue;
                     }
                 }
@@ -147,7 +154,7 @@ impl VectorRoutes {
             return false;
         };
         if let Err(e) = vector.irqfd.write(1) {
-            warn!("{}: irqfd write for vector {v} failed: {e}", self.label);
+            virtio_dev::guest_warn!("{}: irqfd write for vector {v} failed: {e}", self.label);
         }
         true
     }

@@ -321,7 +321,7 @@ impl VfioPciDevice {
         self.sync_bars();
         match self.backend.reset() {
             Ok(()) => debug!("vfio: device reset"),
-            Err(e) => warn!("vfio: device reset failed: {e}"),
+            Err(e) => virtio_dev::guest_warn!("vfio: device reset failed: {e}"),
         }
     }
 
@@ -336,9 +336,10 @@ impl VfioPciDevice {
             changed = true;
             for slot in bar.slots.drain(..) {
                 if let Err(e) = self.slots.unmap(slot.id) {
-                    warn!(
+                    virtio_dev::guest_warn!(
                         "vfio: unmapping slot {} of BAR {}: {e}",
-                        slot.id, slot.mapping.bar
+                        slot.id,
+                        slot.mapping.bar
                     );
                 }
             }
@@ -361,7 +362,7 @@ impl VfioPciDevice {
                 };
                 match self.slots.map(gpa, m.size, m.host_addr, !bar.writable) {
                     Ok(id) => bar.slots.push(Slot { id, mapping }),
-                    Err(e) => warn!(
+                    Err(e) => virtio_dev::guest_warn!(
                         "vfio: mapping BAR {} at {gpa:#x} size {:#x} failed ({e}); accesses will exit",
                         bar.region.index, m.size
                     ),
@@ -501,7 +502,7 @@ impl VfioPciDevice {
                 .backend
                 .region_write(VFIO_PCI_CONFIG_REGION_INDEX, o as u64, &data)
             {
-                warn!("vfio: config write at {o:#x} failed: {e}");
+                virtio_dev::guest_warn!("vfio: config write at {o:#x} failed: {e}");
             }
             i += size;
         }
@@ -690,7 +691,7 @@ impl PciDevice for VfioPciDevice {
     fn config_read(&mut self, offset: u16, data: &mut [u8]) {
         data.fill(0xff);
         if !valid_config_access(offset, data.len()) {
-            warn!("vfio: bad config read at {offset:#x} size {}", data.len());
+            virtio_dev::guest_warn!("vfio: bad config read at {offset:#x} size {}", data.len());
             return;
         }
         let sources: Vec<ByteSource> = (0..data.len() as u16)
@@ -716,7 +717,7 @@ impl PciDevice for VfioPciDevice {
                 self.backend
                     .region_read(VFIO_PCI_CONFIG_REGION_INDEX, u64::from(offset), dev)
             {
-                warn!("vfio: config read at {offset:#x} failed: {e}");
+                virtio_dev::guest_warn!("vfio: config read at {offset:#x} failed: {e}");
                 dev.fill(0xff);
             }
         }
@@ -757,7 +758,7 @@ impl PciDevice for VfioPciDevice {
 
     fn config_write(&mut self, offset: u16, data: &[u8]) {
         if !valid_config_access(offset, data.len()) {
-            warn!("vfio: bad config write at {offset:#x} size {}", data.len());
+            virtio_dev::guest_warn!("vfio: bad config write at {offset:#x} size {}", data.len());
             return;
         }
         let old_command = self.shadow.command();
@@ -820,7 +821,7 @@ impl PciDevice for VfioPciDevice {
 
     fn bar_assigned(&mut self, index: u8, address: u64) {
         if self.bar(index).is_none() {
-            warn!("vfio: address assigned to absent BAR {index}");
+            virtio_dev::guest_warn!("vfio: address assigned to absent BAR {index}");
             return;
         }
         self.shadow.set_bar_address(index, address);
@@ -834,7 +835,7 @@ impl PciDevice for VfioPciDevice {
     fn bar_read(&mut self, index: u8, offset: u64, data: &mut [u8]) {
         data.fill(0xff);
         if !self.check_bar_access(index, offset, data.len()) {
-            warn!(
+            virtio_dev::guest_warn!(
                 "vfio: bad read of BAR {index} at {offset:#x} size {}",
                 data.len()
             );
@@ -853,12 +854,14 @@ impl PciDevice for VfioPciDevice {
                 }
             }
             Some(MsixHit::Straddle) => {
-                warn!("vfio: BAR {index} read at {offset:#x} straddles the MSI-X structures")
+                virtio_dev::guest_warn!(
+                    "vfio: BAR {index} read at {offset:#x} straddles the MSI-X structures"
+                )
             }
             None => {
                 let region = VFIO_PCI_BAR0_REGION_INDEX + u32::from(index);
                 if let Err(e) = self.backend.region_read(region, offset, data) {
-                    warn!("vfio: read of BAR {index} at {offset:#x} failed: {e}");
+                    virtio_dev::guest_warn!("vfio: read of BAR {index} at {offset:#x} failed: {e}");
                     data.fill(0xff);
                 }
             }
@@ -867,7 +870,7 @@ impl PciDevice for VfioPciDevice {
 
     fn bar_write(&mut self, index: u8, offset: u64, data: &[u8]) {
         if !self.check_bar_access(index, offset, data.len()) {
-            warn!(
+            virtio_dev::guest_warn!(
                 "vfio: bad write of BAR {index} at {offset:#x} size {}",
                 data.len()
             );
@@ -883,12 +886,16 @@ impl PciDevice for VfioPciDevice {
             }
             Some(MsixHit::Pba(_)) => debug!("vfio: write to the MSI-X PBA ignored"),
             Some(MsixHit::Straddle) => {
-                warn!("vfio: BAR {index} write at {offset:#x} straddles the MSI-X structures")
+                virtio_dev::guest_warn!(
+                    "vfio: BAR {index} write at {offset:#x} straddles the MSI-X structures"
+                )
             }
             None => {
                 let region = VFIO_PCI_BAR0_REGION_INDEX + u32::from(index);
                 if let Err(e) = self.backend.region_write(region, offset, data) {
-                    warn!("vfio: write of BAR {index} at {offset:#x} failed: {e}");
+                    virtio_dev::guest_warn!(
+                        "vfio: write of BAR {index} at {offset:#x} failed: {e}"
+                    );
                 }
             }
         }

@@ -98,7 +98,7 @@ struct Ring {
 fn set_no_notify(mem: &GuestMemoryMmap, ring: Ring, on: bool) {
     let flags = if on { VRING_USED_F_NO_NOTIFY as u16 } else { 0 };
     if let Err(e) = mem.write_obj(flags.to_le(), ring.used_flags) {
-        log::warn!("polled queue: cannot write used flags: {e}");
+        virtio_dev::guest_warn!("polled queue: cannot write used flags: {e}");
     }
 }
 

@@ -327,7 +327,9 @@ impl Shadow {
         let gpa_last = gpa.checked_add(len_m1).ok_or(HostMapError::OutOfRange)?;
         let ranges = &self.config.host_iova_ranges;
         if !ranges.is_empty() && !ranges.iter().any(|&(s, e)| s <= iova && last <= e) {
-            log::warn!("viommu shadow: IOVA {iova:#x}..={last:#x} outside the host IOMMU's ranges");
+            virtio_dev::guest_warn!(
+                "viommu shadow: IOVA {iova:#x}..={last:#x} outside the host IOMMU's ranges"
+            );
             return Err(HostMapError::OutOfRange);
         }
         if let Some(&(s, e)) = self
@@ -336,7 +338,7 @@ impl Shadow {
             .iter()
             .find(|&&(s, e)| overlaps(gpa, gpa_last, s, e))
         {
-            log::warn!(
+            virtio_dev::guest_warn!(
                 "viommu shadow: GPA {gpa:#x}..={gpa_last:#x} touches reserved {s:#x}..={e:#x}"
             );
             return Err(HostMapError::Invalid);
@@ -372,7 +374,7 @@ impl Shadow {
                 (host, avail, true)
             } else {
                 if log {
-                    log::warn!(
+                    virtio_dev::guest_warn!(
                         "viommu shadow: GPA {cur_gpa:#x} (of {gpa:#x}..={gpa_last:#x}) is \
                          neither guest RAM nor a device BAR"
                     );
@@ -381,7 +383,7 @@ impl Shadow {
             };
             n += 1;
             if n > MAX_PIECES {
-                log::warn!(
+                virtio_dev::guest_warn!(
                     "viommu shadow: GPA {gpa:#x}..={gpa_last:#x} spans more than {MAX_PIECES} \
                      regions"
                 );
@@ -438,7 +440,7 @@ impl Shadow {
             }
             if e.first.is_some() {
                 if let Err(err) = self.unmap_entry(e) {
-                    log::error!(
+                    virtio_dev::guest_error!(
                         "viommu shadow: revoking {iova:#x}+{:#x} (GPA {:#x}, a BAR that \
                          changed) failed: {err}; the host keeps the old mapping",
                         e.size,
@@ -458,7 +460,7 @@ impl Shadow {
                     moved += 1;
                 }
                 Err(err) => {
-                    log::error!(
+                    virtio_dev::guest_error!(
                         "viommu shadow: re-mapping {iova:#x}+{:#x} onto the BAR now at GPA \
                          {:#x} failed: {err}; left revoked",
                         e.size,
@@ -520,7 +522,7 @@ impl Shadow {
     fn unmap_entry(&self, e: &Entry) -> Result<(), HostMapError> {
         for (i, p) in e.pieces().enumerate() {
             if let Err(err) = self.space.unmap(p.iova, p.size) {
-                log::warn!(
+                virtio_dev::guest_warn!(
                     "viommu shadow: host unmap {:#x}+{:#x} failed: {err}",
                     p.iova,
                     p.size
@@ -550,7 +552,7 @@ impl HostMapper for Shadow {
         let mut rec = self.lock();
         if let Some((&s, e)) = rec.range(..=last).next_back() {
             if overlaps(s, s + (e.size - 1), iova, last) {
-                log::warn!(
+                virtio_dev::guest_warn!(
                     "viommu shadow: map {iova:#x}..={last:#x} overlaps recorded {s:#x}+{:#x}",
                     e.size
                 );
@@ -589,7 +591,9 @@ impl HostMapper for Shadow {
                 Ok(())
             }
             _ => {
-                log::warn!("viommu shadow: unmap {iova:#x}+{size:#x} is not a recorded mapping");
+                virtio_dev::guest_warn!(
+                    "viommu shadow: unmap {iova:#x}+{size:#x} is not a recorded mapping"
+                );
                 Err(HostMapError::Invalid)
             }
         }

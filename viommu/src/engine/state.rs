@@ -558,7 +558,7 @@ impl Engine {
                     .and_then(|o| self.spaces.get(&o))
                     .is_some_and(|o| o.endpoints.len() == 1);
                 if self.spaces.len() - usize::from(frees) >= self.limits.max_domains {
-                    log::warn!(
+                    virtio_dev::guest_warn!(
                         "virtio-iommu: ATTACH {endpoint:#x} -> {space}: domain limit {} reached",
                         self.limits.max_domains
                     );
@@ -579,7 +579,9 @@ impl Engine {
                 None => Vec::new(),
             };
             if let Err(e) = unmap_all(std::slice::from_ref(&h), &release) {
-                log::warn!("virtio-iommu: ATTACH {endpoint:#x} -> {space}: host unmap: {e}");
+                virtio_dev::guest_warn!(
+                    "virtio-iommu: ATTACH {endpoint:#x} -> {space}: host unmap: {e}"
+                );
                 return Err(e.into());
             }
             let target = self.spaces.get(&space);
@@ -590,7 +592,9 @@ impl Engine {
                     None => self.host_contents(kind == SpaceKind::Identity, &Table::new()),
                 };
                 if let Err(e) = map_all(&h, &contents) {
-                    log::warn!("virtio-iommu: ATTACH {endpoint:#x} -> {space}: host: {e}");
+                    virtio_dev::guest_warn!(
+                        "virtio-iommu: ATTACH {endpoint:#x} -> {space}: host: {e}"
+                    );
                     for m in &release {
                         restore(&h, m);
                     }
@@ -635,7 +639,9 @@ impl Engine {
         if let Some(h) = ep.host.clone() {
             let release = self.host_release(endpoint, space);
             if let Err(e) = unmap_all(std::slice::from_ref(&h), &release) {
-                log::warn!("virtio-iommu: DETACH {endpoint:#x} from {space}: host: {e}");
+                virtio_dev::guest_warn!(
+                    "virtio-iommu: DETACH {endpoint:#x} from {space}: host: {e}"
+                );
                 return Err(e.into());
             }
         }
@@ -683,7 +689,7 @@ impl Engine {
         if d.table.len() >= self.limits.max_mappings_per_domain
             || self.total_mappings >= self.limits.max_total_mappings
         {
-            log::warn!(
+            virtio_dev::guest_warn!(
                 "virtio-iommu: MAP in domain {space}: mapping limit reached ({} per domain, {} \
                  in total)",
                 self.limits.max_mappings_per_domain,
@@ -697,7 +703,7 @@ impl Engine {
             };
             for (i, h) in d.hosts.iter().enumerate() {
                 if let Err(e) = h.map(m.start, size, m.gpa, prot(&m)) {
-                    log::warn!(
+                    virtio_dev::guest_warn!(
                         "virtio-iommu: MAP {:#x}+{size:#x} in {space}: host: {e}",
                         m.start
                     );
@@ -744,7 +750,9 @@ impl Engine {
         if !d.hosts.is_empty() {
             covered.reverse();
             if let Err(e) = unmap_all(&d.hosts, &covered) {
-                log::warn!("virtio-iommu: UNMAP {start:#x}..={end:#x} in {space}: host: {e}");
+                virtio_dev::guest_warn!(
+                    "virtio-iommu: UNMAP {start:#x}..={end:#x} in {space}: host: {e}"
+                );
                 return Err(e.into());
             }
         }

@@ -231,14 +231,14 @@ impl Viommu {
         let (req, reply) = match reply_result {
             Ok(x) => x,
             Err(e) => {
-                log::warn!("virtio-iommu: malformed request (head {head}): {e}");
+                virtio_dev::guest_warn!("virtio-iommu: malformed request (head {head}): {e}");
                 self.counters.malformed();
                 return 0;
             }
         };
         let status = self.execute(&req);
         if status != Status::Ok {
-            log::warn!("virtio-iommu: {req:?} -> {status:?}");
+            virtio_dev::guest_warn!("virtio-iommu: {req:?} -> {status:?}");
         }
         self.counters.status(status);
         let tail = [status as u8, 0, 0, 0];
@@ -258,7 +258,7 @@ impl Viommu {
             // Bounded by MAX_PROBE_SIZE + TAIL_SIZE.
             Ok(n) => n as u32,
             Err(e) => {
-                log::warn!("virtio-iommu: cannot write reply (head {head}): {e}");
+                virtio_dev::guest_warn!("virtio-iommu: cannot write reply (head {head}): {e}");
                 0
             }
         }
@@ -296,7 +296,7 @@ impl Viommu {
             self.domains.publish();
             for &(head, len) in &completions {
                 if let Err(e) = active.queue.add_used(&*mem, head, len) {
-                    log::warn!("virtio-iommu: request queue used ring: {e}");
+                    virtio_dev::guest_warn!("virtio-iommu: request queue used ring: {e}");
                 }
             }
             let full_round = completions.len() >= usize::from(active.queue.size());
@@ -366,7 +366,7 @@ impl VirtioDevice for Viommu {
         let allowed = self.active.is_none() || self.negotiated(F_BYPASS_CONFIG);
         match (offset, data) {
             (CONFIG_BYPASS_OFFSET, [v @ (0 | 1)]) if allowed => self.domains.set_bypass(*v == 1),
-            _ => log::warn!(
+            _ => virtio_dev::guest_warn!(
                 "virtio-iommu: ignored config write at {offset:#x} ({} bytes)",
                 data.len()
             ),
@@ -399,7 +399,9 @@ impl VirtioDevice for Viommu {
             evt.is_valid(&*m)
         };
         if !evt_ok {
-            log::warn!("virtio-iommu: event queue unusable; faults will not be reported");
+            virtio_dev::guest_warn!(
+                "virtio-iommu: event queue unusable; faults will not be reported"
+            );
         }
         {
             use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -446,7 +448,7 @@ impl VirtioDevice for Viommu {
             REQUEST_QUEUE => self.process_requests(),
             // Event buffers are consumed when faults happen; nothing is queued meanwhile.
             EVENT_QUEUE => {}
-            q => log::warn!("virtio-iommu: notify for unknown queue {q}"),
+            q => virtio_dev::guest_warn!("virtio-iommu: notify for unknown queue {q}"),
         }
     }
 }
