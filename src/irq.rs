@@ -170,6 +170,52 @@ impl RoutingTable {
         result
     }
 
+    /// Several route changes ([`RoutingTable::set_route`] each) handed to `commit` as one
+    /// table: all kept if it succeeds, none if it fails or any GSI is not allocated. Changes
+    /// that change nothing are dropped; when none is left nothing is committed.
+    pub fn set_routes(
+        &mut self,
+        changes: &[(u32, Option<MsiMessage>)],
+        commit: impl FnOnce(&[kvm_irq_routing_entry]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        if let Some(&(gsi, _)) = changes.iter().find(|(g, _)| !self.allocated.contains(g)) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("GSI {gsi} is not allocated"),
+            ));
+        }
+        let mut old = Vec::with_capacity(changes.len());
+        for &(gsi, msg) in changes {
+            let before = self.route(gsi);
+            if before != msg {
+                old.push((gsi, before));
+                self.put(gsi, msg);
+            }
+        }
+        if old.is_empty() {
+            return Ok(());
+        }
+        let entries = self.entries();
+        let result = if entries.len() > MAX_ROUTES {
+            Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!("{} routes, KVM takes {MAX_ROUTES}", entries.len()),
+            ))
+        } else {
+            commit(&entries)
+        };
+        match result {
+            Ok(()) => self.committed(),
+            Err(_) => {
+                // Undo in reverse: a GSI listed twice gets its original route back.
+                for (gsi, msg) in old.into_iter().rev() {
+                    self.put(gsi, msg);
+                }
+            }
+        }
+        result
+    }
+
     /// Return a GSI to the pool, removing its route first (committed with `commit`). When that
     /// commit fails the GSI is held back until a later commit succeeds, as KVM may still route
     /// it; with `reuse` false (its irqfd could not be detached) it is never handed out again.
@@ -266,6 +312,10 @@ impl MsiIrqManager for KvmMsiIrqManager {
 
     fn set_route(&self, gsi: u32, msg: Option<MsiMessage>) -> io::Result<()> {
         self.lock().set_route(gsi, msg, |e| self.commit(e))
+    }
+
+    fn set_routes(&self, routes: &[(u32, Option<MsiMessage>)]) -> io::Result<()> {
+        self.lock().set_routes(routes, |e| self.commit(e))
     }
 
     fn release(&self, vector: MsiVector) {
@@ -451,5 +501,42 @@ mod tests {
         while let Ok(g) = t.allocate() {
             assert_ne!(g, c);
         }
+    }
+
+    #[test]
+    fn batched_route_changes_commit_once_all_or_nothing() {
+        let mut t = RoutingTable::new();
+        let gsis: Vec<u32> = (0..100).map(|_| t.allocate().unwrap()).collect();
+        let msg = |i: u32| MsiMessage {
+            address: 0xfee0_0000,
+            data: 0x40 + i,
+        };
+        let all: Vec<(u32, Option<MsiMessage>)> = gsis.iter().map(|&g| (g, Some(msg(g)))).collect();
+        let mut commits = 0;
+        t.set_routes(&all, |e| {
+            commits += 1;
+            assert_eq!(e.len(), 140);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(commits, 1);
+        // Nothing changes: no commit.
+        t.set_routes(&all, |_| panic!("committed an unchanged table"))
+            .unwrap();
+        // A refused commit keeps the table as before, a GSI listed twice included.
+        let before = t.route(gsis[0]);
+        let refused = [(gsis[0], None), (gsis[0], Some(msg(7))), (gsis[1], None)];
+        assert!(t
+            .set_routes(&refused, |_| Err(io::Error::other("no")))
+            .is_err());
+        assert_eq!(t.route(gsis[0]), before);
+        assert_eq!(t.route(gsis[1]), Some(msg(gsis[1])));
+        assert_eq!(t.entries().len(), 140);
+        // An unallocated GSI refuses the whole batch.
+        assert!(t.set_routes(&[(gsis[0], None), (9999, None)], ok).is_err());
+        assert_eq!(t.route(gsis[0]), before);
+        let none: Vec<_> = gsis.iter().map(|&g| (g, None)).collect();
+        t.set_routes(&none, ok).unwrap();
+        assert_eq!(t.entries().len(), 40);
     }
 }

@@ -414,11 +414,10 @@ impl Machine {
         let Some(iommu) = self.iommu.take() else {
             return Ok(());
         };
-        let model: Box<dyn VirtioDevice> = if iommu.poll.is_zero() {
-            Box::new(iommu.dev)
-        } else {
-            Box::new(Polled::new(Box::new(iommu.dev), REQUEST_QUEUE, iommu.poll))
-        };
+        // Always wrapped: its thread continues a notification cut short at the device's
+        // per-notification budget (and polls when `poll` is set).
+        let model: Box<dyn VirtioDevice> =
+            Box::new(Polled::new(Box::new(iommu.dev), REQUEST_QUEUE, iommu.poll));
         let dev = VirtioPciDevice::new(
             model,
             self.vm.memory.clone(),

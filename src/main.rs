@@ -31,6 +31,8 @@ fn main() -> ExitCode {
         let nets = m.net_ports();
         let disks = m.disk_stats();
         let r = m.boot();
+        // Guest-triggered warnings suppressed by the rate limit and not reported yet.
+        virtio_dev::log_limit::flush();
         for (disk, stats) in &disks {
             eprintln!("{}", stats.snapshot().summary_line(disk));
         }

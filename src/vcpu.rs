@@ -262,7 +262,7 @@ impl Vcpu {
             .ok()
             .filter(|&o| o >= PIO_DATA.start && o.saturating_add(len) <= PIO_DATA.end)
         else {
-            log::error!(
+            virtio_dev::guest_error!(
                 "vCPU {id}: port I/O exit with {} x {size} bytes at offset {:#x}, outside the data page",
                 io.count,
                 io.data_offset
@@ -279,7 +279,7 @@ impl Vcpu {
         match u32::from(io.direction) {
             KVM_EXIT_IO_IN => self.buses.pio_read_elements(io.port, data, size),
             KVM_EXIT_IO_OUT => self.buses.pio_write_elements(io.port, data, size),
-            d => log::error!("vCPU {id}: port I/O exit with direction {d}"),
+            d => virtio_dev::guest_error!("vCPU {id}: port I/O exit with direction {d}"),
         }
     }
 

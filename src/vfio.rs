@@ -12,7 +12,9 @@
 //! - `iommu=on`: the container is mirrored by one [`Shadow`] (shared by every device of the
 //!   container), registered with `Viommu::add_host_endpoint(bdf, shadow)`; guest MAP/UNMAP
 //!   requests become VFIO_IOMMU_MAP/UNMAP_DMA. Guest-physical addresses in another assigned
-//!   device's BAR resolve through [`BarTargets`] (peer-to-peer).
+//!   device's BAR resolve through [`BarTargets`] (peer-to-peer); when a BAR stops decoding,
+//!   moves or resets, [`BarWatch`] tells every shadow, which revokes (or re-points) the host
+//!   mappings into it before the device stops decoding.
 //! - `iommu=off`: the container holds the static full-RAM mapping ([`StaticMapping`], IOVA ==
 //!   GPA) from device creation on. The VMM has no RAM hot-add, so the RAM map never changes;
 //!   `StaticMapping::add_region` is the hook for it.
@@ -166,13 +168,13 @@ impl DmaSpace for Prequeried {
         let Err(e) = (unsafe { self.space.map_raw(iova, size, host_addr, prot) }) else {
             return Ok(());
         };
-        log::warn!("vfio: map {iova:#x}+{size:#x} -> {host_addr:#x}: {e}");
+        virtio_dev::guest_warn!("vfio: map {iova:#x}+{size:#x} -> {host_addr:#x}: {e}");
         let last = iova.saturating_add(size.saturating_sub(1));
         let in_range = !self.info.iova_ranges.is_empty() && self.info.contains(iova, last);
         Err(match e.raw_os_error() {
             Some(libc::EEXIST) => HostMapError::Invalid,
             Some(libc::ENOSPC) | Some(libc::ENOMEM) => {
-                log::warn!(
+                virtio_dev::guest_warn!(
                     "vfio: the container is out of mappings or locked memory (type1 \
                      dma_entry_limit defaults to 65535; RLIMIT_MEMLOCK)"
                 );
@@ -399,17 +401,22 @@ impl Passthrough {
         let dev = VfioPciDevice::from_vfio_device(o.device, msi, self.slots.clone())
             .map_err(|e| VfioError::Pci(path.clone(), e))?;
         self.bars.add(Arc::new(DeviceBars(dev.bar_maps())));
+        dev.bar_maps()
+            .set_observer(Arc::new(BarWatch(self.bars.clone())));
         let c = self
             .containers
             .get_mut(&o.group)
             .ok_or_else(|| VfioError::ContainerGone(path.clone()))?;
         let setup = if c.iommu {
+            let bars = &self.bars;
             let shadow = c.shadow.get_or_insert_with(|| {
-                Arc::new(
+                let s = Arc::new(
                     Shadow::new(c.space.clone(), mem.clone())
-                        .with_bars(self.bars.clone())
+                        .with_bars(bars.clone())
                         .with_config(c.info.shadow_config()),
-                )
+                );
+                bars.watch(&s);
+                s
             });
             DmaSetup::Translated(shadow.clone())
         } else {
@@ -465,6 +472,22 @@ unsafe impl viommu::BarResolver for DeviceBars {
     }
 }
 
+/// Forwards a passthrough device's BAR changes (decode off/on, moves, resets) to every shadow
+/// resolving through the shared [`BarTargets`]: the PCI side knows nothing of the vIOMMU.
+struct BarWatch(Arc<BarTargets>);
+
+impl pci::BarObserver for BarWatch {
+    fn bars_changed(&self, removed: &[pci::BarMapping], added: &[pci::BarMapping]) {
+        let ranges: Vec<(u64, u64)> = removed
+            .iter()
+            .chain(added)
+            .filter(|m| m.size > 0)
+            .map(|m| (m.gpa, m.gpa.saturating_add(m.size - 1)))
+            .collect();
+        self.0.changed(&ranges);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -474,6 +497,62 @@ mod tests {
         use viommu::BarResolver;
         let maps = DeviceBars(Arc::new(pci::VfioBarMaps::default()));
         assert_eq!(maps.resolve(0x2_0000_0000), None);
+    }
+
+    /// Peer-to-peer DMA into an assigned device's BAR (the fake VFIO device of the pci tests,
+    /// wired as `Passthrough::attach` wires it) through a shadow on the recording mapper:
+    /// decode off, FLR and a BAR move revoke the host mapping, decode on brings it back.
+    #[test]
+    fn iova_mappings_into_a_bar_follow_its_decoding_resets_and_moves() {
+        use pci::test_utils::{FakeMsi, FakeSlots, FakeVfio};
+        use pci::PciDevice;
+        use viommu::test_utils::RecordingMapper;
+        use viommu::HostMapper;
+        let fake = Arc::new(FakeVfio::new());
+        let mut dev = VfioPciDevice::new(
+            fake.clone(),
+            Arc::new(FakeMsi::default()),
+            Arc::new(FakeSlots::default()),
+        )
+        .unwrap();
+        let bars = Arc::new(BarTargets::new());
+        bars.add(Arc::new(DeviceBars(dev.bar_maps())));
+        dev.bar_maps()
+            .set_observer(Arc::new(BarWatch(bars.clone())));
+        let rec = Arc::new(RecordingMapper::new());
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 0x10_0000)]).unwrap(),
+        );
+        let shadow = Arc::new(Shadow::new(rec.clone(), mem).with_bars(bars.clone()));
+        bars.watch(&shadow);
+        // BAR 3 (its mmappable page at offset 0x1000) at 0xe000_0000, memory decode on.
+        dev.bar_assigned(3, 0xe000_0000);
+        dev.config_write(0x04, &[0x06, 0x00]);
+        let bar3 = |d: &VfioPciDevice| d.bar_maps().mappings().into_iter().find(|m| m.bar == 3);
+        let host = bar3(&dev).unwrap().host_addr;
+        shadow
+            .map(0x4000_0000, 0x1000, 0xe000_1000, Prot::RW)
+            .unwrap();
+        let mapped = || rec.mappings().get(&0x4000_0000).map(|&(_, h, _)| h);
+        assert_eq!(mapped(), Some(host));
+        // Memory decode off: revoked.
+        dev.config_write(0x04, &[0x04, 0x00]);
+        assert_eq!(mapped(), None, "DMA into a BAR that does not decode");
+        dev.config_write(0x04, &[0x06, 0x00]);
+        assert_eq!(mapped(), Some(host));
+        // FLR (PCIe Device Control at 0x78 with Initiate FLR): revoked before the reset.
+        dev.config_write(0x78, &[0x10, 0xa8]);
+        assert_eq!(*fake.resets.lock().unwrap(), 1);
+        assert_eq!(mapped(), None, "DMA into a BAR across a reset");
+        dev.config_write(0x04, &[0x06, 0x00]);
+        assert_eq!(mapped(), Some(host));
+        // The BAR moves: the old guest-physical address reaches nothing.
+        dev.config_write(0x1c, &0xd000_0000u32.to_le_bytes());
+        assert_eq!(bar3(&dev).unwrap().gpa, 0xd000_1000);
+        assert_eq!(mapped(), None, "DMA into a BAR that moved away");
+        // The guest's UNMAP of the revoked mapping still succeeds.
+        shadow.unmap(0x4000_0000, 0x1000).unwrap();
+        assert!(rec.mappings().is_empty());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use crate::bar::AddressAllocator;
 use crate::config::{overlaps, PciConfigSpace, PciHeader, BAR0, BAR_END, COMMAND};
 use crate::device::{BarKind, BarRegion, PciDevice};
 use crate::PciError;
-use log::{debug, warn};
+use log::debug;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -300,7 +300,7 @@ impl PciBus {
 
     fn ecam_target(offset: u64) -> Option<(u8, u8, u8, u16)> {
         if offset >= 1 << 28 {
-            warn!("pci: ECAM offset {offset:#x} beyond 256 buses");
+            virtio_dev::guest_warn!("pci: ECAM offset {offset:#x} beyond 256 buses");
             return None;
         }
         Some((
@@ -314,7 +314,9 @@ impl PciBus {
     fn cf8_target(&self, port: u16, len: usize) -> Option<(u8, u8, u8, u16)> {
         let byte = port - CONFIG_DATA_PORT;
         if usize::from(byte) + len > 4 {
-            warn!("pci: config data access at {port:#x} size {len} crosses the data port");
+            virtio_dev::guest_warn!(
+                "pci: config data access at {port:#x} size {len} crosses the data port"
+            );
             return None;
         }
         let a = self.config_address.load(Ordering::Acquire);
@@ -338,7 +340,7 @@ impl PciBus {
 
     fn config_read(&self, bus: u8, dev: u8, func: u8, reg: u16, data: &mut [u8]) {
         if !valid_config_access(reg, data.len()) {
-            warn!(
+            virtio_dev::guest_warn!(
                 "pci: bad config read {bus:02x}:{dev:02x}.{func} reg {reg:#x} size {}",
                 data.len()
             );
@@ -353,7 +355,7 @@ impl PciBus {
 
     fn config_write(&self, bus: u8, dev: u8, func: u8, reg: u16, data: &[u8]) {
         if !valid_config_access(reg, data.len()) {
-            warn!(
+            virtio_dev::guest_warn!(
                 "pci: bad config write {bus:02x}:{dev:02x}.{func} reg {reg:#x} size {}",
                 data.len()
             );
@@ -412,7 +414,9 @@ impl PciBus {
             return false;
         };
         if len == 0 || len > 8 || u128::from(addr) + len as u128 > end {
-            warn!("pci: BAR access at {addr:#x} size {len} crosses the end of BAR {bar}");
+            virtio_dev::guest_warn!(
+                "pci: BAR access at {addr:#x} size {len} crosses the end of BAR {bar}"
+            );
             return true;
         }
         f(&mut *lock(&device), bar, offset);

@@ -239,7 +239,7 @@ impl PciConfigSpace {
         match checked_range(offset, data.len()) {
             Some(r) => data.copy_from_slice(&self.regs[r]),
             None => {
-                warn!("pci: bad config read at {offset:#x} size {}", data.len());
+                virtio_dev::guest_warn!("pci: bad config read at {offset:#x} size {}", data.len());
                 data.fill(0xff);
             }
         }
@@ -248,7 +248,7 @@ impl PciConfigSpace {
     /// Guest write of 1, 2 or 4 naturally aligned bytes; only writable bits change.
     pub fn write(&mut self, offset: u16, data: &[u8]) {
         let Some(r) = checked_range(offset, data.len()) else {
-            warn!("pci: bad config write at {offset:#x} size {}", data.len());
+            virtio_dev::guest_warn!("pci: bad config write at {offset:#x} size {}", data.len());
             return;
         };
         for (i, v) in r.zip(data) {

@@ -29,6 +29,15 @@ pub trait MsiIrqManager: Send + Sync {
     fn allocate(&self) -> io::Result<MsiVector>;
     /// Route `gsi` to `msg` (Some) or remove its route (None), then commit the routing table.
     fn set_route(&self, gsi: u32, msg: Option<MsiMessage>) -> io::Result<()>;
+    /// Several route changes at once (a whole MSI-X enable or disable), committed together
+    /// where the VMM can: one KVM_SET_GSI_ROUTING instead of one per vector, all or nothing.
+    /// The default makes one [`MsiIrqManager::set_route`] each and stops at the first failure.
+    fn set_routes(&self, routes: &[(u32, Option<MsiMessage>)]) -> io::Result<()> {
+        for &(gsi, msg) in routes {
+            self.set_route(gsi, msg)?;
+        }
+        Ok(())
+    }
     /// Free a vector allocated by [`MsiIrqManager::allocate`].
     fn release(&self, vector: MsiVector);
 }

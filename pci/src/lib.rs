@@ -14,6 +14,8 @@ pub mod irq;
 pub mod memory_slot;
 pub mod msi;
 pub mod msix;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 mod vectors;
 pub mod vfio_backend;
 pub mod vfio_config;
@@ -31,7 +33,7 @@ pub use memory_slot::MemorySlotManager;
 pub use msi::MsiConfig;
 pub use msix::MsixConfig;
 pub use vfio_backend::{iommu_group, IrqInfo, RegionInfo, VfioBackend, VfioDeviceBackend};
-pub use vfio_pci::{BarMapping, VfioBarMaps, VfioPciDevice, VfioPciError};
+pub use vfio_pci::{BarMapping, BarObserver, VfioBarMaps, VfioPciDevice, VfioPciError};
 pub use virtio_pci::VirtioPciDevice;
 
 /// Errors building the PCI topology (never caused by guest accesses, which are only logged).

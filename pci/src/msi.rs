@@ -8,7 +8,6 @@
 
 use crate::irq::{MsiIrqManager, MsiMessage};
 use crate::vectors::VectorRoutes;
-use log::warn;
 use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -142,7 +141,7 @@ impl MsiConfig {
     /// Raise `vector`: deliver it, or set its pending bit if it is masked.
     pub fn trigger(&mut self, vector: usize) {
         if !self.enabled() || vector >= self.num_vectors() {
-            warn!("msi: vector {vector} raised while not enabled");
+            virtio_dev::guest_warn!("msi: vector {vector} raised while not enabled");
             return;
         }
         if self.masked(vector) {
@@ -225,24 +224,29 @@ impl MsiConfig {
         }
     }
 
-    /// Bring every route up to date; fire pending vectors that became deliverable.
+    /// Bring every route up to date, the changes in one commit (a data write re-routes every
+    /// enabled vector); fire pending vectors that became deliverable.
     fn update(&mut self) {
         if !self.enabled() {
             self.pending = 0;
         }
+        let changes: Vec<(usize, Option<MsiMessage>)> = (0..MSI_MAX_VECTORS)
+            .filter_map(|v| {
+                let want = self.deliverable(v).then(|| self.message(v));
+                let stale = !self.enabled() || v >= self.num_vectors();
+                match want {
+                    Some(msg) if self.routes.route(v) != Some(msg) => Some((v, Some(msg))),
+                    None if stale && self.routes.route(v).is_some() => Some((v, None)),
+                    _ => None,
+                }
+            })
+            .collect();
+        self.routes.set_routes(&changes);
         for v in 0..MSI_MAX_VECTORS {
-            if self.deliverable(v) {
-                let msg = self.message(v);
-                if self.routes.route(v) != Some(msg) && !self.routes.set_route(v, Some(msg)) {
-                    continue;
-                }
-                if self.pending(v) {
-                    self.pending &= !(1 << v);
-                    self.fire(v);
-                }
-            } else if self.routes.route(v).is_some() && (!self.enabled() || v >= self.num_vectors())
-            {
-                self.routes.set_route(v, None);
+            let routed = self.deliverable(v) && self.routes.route(v) == Some(self.message(v));
+            if routed && self.pending(v) {
+                self.pending &= !(1 << v);
+                self.fire(v);
             }
         }
     }
@@ -387,5 +391,26 @@ mod tests {
         assert_eq!(fake.last_route(gsi), Some(None));
         drop(m);
         assert_eq!(*fake.released.lock().unwrap(), vec![gsi]);
+    }
+
+    #[test]
+    fn enabling_or_retargeting_all_vectors_commits_once() {
+        let fake = Arc::new(FakeMsi::default());
+        // 32 vectors capable (MMC 5), 64-bit, per-vector masking.
+        let mut m = MsiConfig::new(0x018a, fake.clone());
+        w32(&mut m, 4, 0xfee0_1000);
+        w32(&mut m, 8, 0);
+        w16(&mut m, 12, 0x4000);
+        let commits = || *fake.commits.lock().unwrap();
+        w16(&mut m, 2, (5 << 4) | 1); // enable 32 vectors
+        assert_eq!(m.num_vectors(), 32);
+        assert_eq!(commits(), 1, "32 routes, one commit");
+        w16(&mut m, 12, 0x4020); // new data: every vector re-routed
+        assert_eq!(commits(), 2);
+        w16(&mut m, 12, 0x4020); // the same again: nothing
+        assert_eq!(commits(), 2);
+        w16(&mut m, 2, 0); // disable: every route removed
+        assert_eq!(commits(), 3);
+        assert!((0..32).all(|v| m.deliverable_irqfd(v).is_none()));
     }
 }

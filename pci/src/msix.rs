@@ -132,12 +132,35 @@ impl MsixConfig {
         self.enabled = enabled;
         self.function_masked = masked;
         if was_enabled && !enabled {
-            for v in 0..self.entries.len() {
-                self.routes.set_route(v, None);
-            }
+            self.clear_routes();
         }
+        self.refresh_all();
+    }
+
+    /// Remove every vector's route, in one commit.
+    fn clear_routes(&mut self) {
+        let changes: Vec<(usize, Option<MsiMessage>)> = (0..self.entries.len())
+            .filter(|&v| self.routes.route(v).is_some())
+            .map(|v| (v, None))
+            .collect();
+        self.routes.set_routes(&changes);
+    }
+
+    /// [`MsixConfig::refresh`] of every vector, the route changes in one commit (an MSI-X
+    /// enable or unmask of the function re-routes up to 2048 vectors).
+    fn refresh_all(&mut self) {
+        let changes: Vec<(usize, Option<MsiMessage>)> = (0..self.entries.len())
+            .filter(|&v| self.deliverable(v))
+            .map(|v| (v, Some(self.entries[v].message())))
+            .filter(|&(v, msg)| self.routes.route(v) != msg)
+            .collect();
+        self.routes.set_routes(&changes);
         for v in 0..self.entries.len() {
-            self.refresh(v);
+            let routed = self.routes.route(v) == Some(self.entries[v].message());
+            if self.deliverable(v) && routed && self.pending(v as u16) {
+                self.set_pending(v, false);
+                self.fire(v);
+            }
         }
     }
 
@@ -155,7 +178,7 @@ impl MsixConfig {
     pub fn table_write(&mut self, offset: u64, data: &[u8]) {
         let aligned = matches!(data.len(), 4 | 8) && offset & (data.len() as u64 - 1) == 0;
         if !aligned || offset.saturating_add(data.len() as u64) > self.table_size() {
-            warn!(
+            virtio_dev::guest_warn!(
                 "msix: ignored table write at {offset:#x} size {}",
                 data.len()
             );
@@ -218,10 +241,8 @@ impl MsixConfig {
     /// zero message, no pending bits. Allocated GSIs are kept for reuse, their routes removed.
     pub fn reset(&mut self) {
         self.set_control(0);
+        self.clear_routes();
         for v in 0..self.entries.len() {
-            if self.routes.route(v).is_some() {
-                self.routes.set_route(v, None);
-            }
             self.entries[v] = Entry {
                 control: VECTOR_MASKED,
                 ..Entry::default()
@@ -294,68 +315,8 @@ impl MsixConfig {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::irq::MsiVector;
-    use std::io;
-    use std::sync::Mutex;
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-    /// Records allocations, routes and releases; keeps a clone of every irqfd to count writes.
-    #[derive(Default)]
-    pub(crate) struct FakeMsi {
-        pub next_gsi: Mutex<u32>,
-        pub routes: Mutex<Vec<(u32, Option<MsiMessage>)>>,
-        pub irqfds: Mutex<Vec<(u32, EventFd)>>,
-        pub released: Mutex<Vec<u32>>,
-        pub fail_allocate: Mutex<bool>,
-        /// Refuse every route change (a commit KVM refused).
-        pub fail_route: Mutex<bool>,
-        /// Calls of `allocate` and `set_route`, failed ones included.
-        pub calls: Mutex<u32>,
-    }
-
-    impl FakeMsi {
-        /// Interrupts injected on `gsi` since the last call.
-        pub fn fired(&self, gsi: u32) -> u64 {
-            let fds = self.irqfds.lock().unwrap();
-            let (_, fd) = fds.iter().find(|(g, _)| *g == gsi).expect("gsi allocated");
-            fd.read().unwrap_or(0)
-        }
-
-        pub fn last_route(&self, gsi: u32) -> Option<Option<MsiMessage>> {
-            let routes = self.routes.lock().unwrap();
-            routes
-                .iter()
-                .rev()
-                .find(|(g, _)| *g == gsi)
-                .map(|(_, m)| *m)
-        }
-    }
-
-    impl MsiIrqManager for FakeMsi {
-        fn allocate(&self) -> io::Result<MsiVector> {
-            *self.calls.lock().unwrap() += 1;
-            if *self.fail_allocate.lock().unwrap() {
-                return Err(io::Error::other("no GSI"));
-            }
-            let mut next = self.next_gsi.lock().unwrap();
-            let gsi = 100 + *next;
-            *next += 1;
-            let irqfd = EventFd::new(EFD_NONBLOCK)?;
-            self.irqfds.lock().unwrap().push((gsi, irqfd.try_clone()?));
-            Ok(MsiVector { gsi, irqfd })
-        }
-        fn set_route(&self, gsi: u32, msg: Option<MsiMessage>) -> io::Result<()> {
-            *self.calls.lock().unwrap() += 1;
-            if *self.fail_route.lock().unwrap() {
-                return Err(io::Error::other("routing table full"));
-            }
-            self.routes.lock().unwrap().push((gsi, msg));
-            Ok(())
-        }
-        fn release(&self, vector: MsiVector) {
-            self.released.lock().unwrap().push(vector.gsi);
-        }
-    }
+    pub(crate) use crate::test_utils::FakeMsi;
 
     fn write_entry(m: &mut MsixConfig, v: u64, addr: u64, data: u32, masked: bool) {
         m.table_write(v * 16, &(addr as u32).to_le_bytes());
@@ -577,5 +538,69 @@ pub(crate) mod tests {
         m.trigger(2);
         m.trigger(u16::MAX);
         assert!(fake.irqfds.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn enable_disable_and_reset_of_many_vectors_commit_the_routing_table_once() {
+        let fake = Arc::new(FakeMsi::default());
+        let n = 64u64;
+        let mut m = MsixConfig::new(n as usize, fake.clone()).unwrap();
+        for v in 0..n {
+            write_entry(&mut m, v, 0xfee0_0000, 0x40 + v as u32, false);
+        }
+        let commits = || *fake.commits.lock().unwrap();
+        assert_eq!(commits(), 0, "nothing is routed while MSI-X is disabled");
+        m.set_control(CONTROL_ENABLE);
+        assert_eq!(commits(), 1, "64 routes, one commit");
+        assert_eq!(fake.routes.lock().unwrap().len(), 64);
+        // Writes that change nothing commit nothing: the same message again, the same control,
+        // masking and unmasking the function.
+        write_entry(&mut m, 5, 0xfee0_0000, 0x45, false);
+        m.set_control(CONTROL_ENABLE);
+        m.set_control(CONTROL_ENABLE | CONTROL_FUNCTION_MASK);
+        m.set_control(CONTROL_ENABLE);
+        assert_eq!(commits(), 1);
+        // A masked vector raised, then the function unmasked: delivered after the route.
+        m.set_control(CONTROL_ENABLE | CONTROL_FUNCTION_MASK);
+        m.trigger(7);
+        assert!(m.pending(7));
+        m.set_control(CONTROL_ENABLE);
+        assert!(!m.pending(7));
+        let gsi7 = m.routes.gsi(7).unwrap();
+        assert_eq!(fake.fired(gsi7), 1);
+        // One vector reprogrammed as drivers do (masked first): one commit.
+        m.table_write(3 * 16 + 12, &1u32.to_le_bytes());
+        write_entry(&mut m, 3, 0xfee0_1000, 0x99, true);
+        write_entry(&mut m, 3, 0xfee0_1000, 0x99, false);
+        assert_eq!(commits(), 2);
+        // Disable: every route removed in one commit; reset likewise.
+        m.set_control(0);
+        assert_eq!(commits(), 3);
+        assert!((0..n).all(|v| fake.last_route(m.routes.gsi(v as usize).unwrap()) == Some(None)));
+        m.set_control(CONTROL_ENABLE);
+        assert_eq!(commits(), 4);
+        m.reset();
+        assert_eq!(commits(), 5);
+        m.reset();
+        assert_eq!(commits(), 5, "nothing left to remove");
+    }
+
+    #[test]
+    fn a_refused_batch_falls_back_to_one_route_per_vector() {
+        let fake = Arc::new(FakeMsi::default());
+        let mut m = MsixConfig::new(4, fake.clone()).unwrap();
+        for v in 0..4 {
+            write_entry(&mut m, v, 0xfee0_0000, 0x40 + v as u32, false);
+        }
+        *fake.fail_route.lock().unwrap() = true;
+        m.set_control(CONTROL_ENABLE);
+        assert!(
+            (0..4).all(|v| m.deliverable_irqfd(v).is_none()),
+            "nothing routed"
+        );
+        *fake.fail_route.lock().unwrap() = false;
+        m.set_control(0);
+        m.set_control(CONTROL_ENABLE);
+        assert!((0..4).all(|v| m.deliverable_irqfd(v).is_some()));
     }
 }

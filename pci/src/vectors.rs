@@ -53,7 +53,10 @@ impl VectorRoutes {
             match self.msi.allocate() {
                 Ok(vector) => self.vectors[v] = Some(vector),
                 Err(e) => {
-                    warn!("{}: cannot allocate a GSI for vector {v}: {e}", self.label);
+                    virtio_dev::guest_warn!(
+                        "{}: cannot allocate a GSI for vector {v}: {e}",
+                        self.label
+                    );
                     return false;
                 }
             }
@@ -67,13 +70,71 @@ impl VectorRoutes {
                 true
             }
             Err(e) => {
-                warn!(
+                virtio_dev::guest_warn!(
                     "{}: cannot route vector {v} (gsi {}): {e}",
-                    self.label, vector.gsi
+                    self.label,
+                    vector.gsi
                 );
                 self.routes[v] = None;
                 false
             }
+        }
+    }
+
+    /// Program the routes of several vectors (`(vector, route)`), allocating GSIs on first use,
+    /// in one [`MsiIrqManager::set_routes`] commit; vectors whose route would not change are
+    /// left alone (no commit at all when none changes). If the batch is refused, each vector
+    /// is retried alone (as [`VectorRoutes::set_route`]), so one bad vector does not keep the
+    /// others unrouted.
+    pub(crate) fn set_routes(&mut self, changes: &[(usize, Option<MsiMessage>)]) {
+        let mut batch = Vec::with_capacity(changes.len());
+        let mut vectors = Vec::with_capacity(changes.len());
+        for &(v, msg) in changes {
+            if v >= self.vectors.len() || self.routes[v] == msg {
+                continue;
+            }
+            if self.vectors[v].is_none() {
+                if msg.is_none() {
+                    continue;
+                }
+                match self.msi.allocate() {
+                    Ok(vector) => self.vectors[v] = Some(vector),
+                    Err(e) => {
+                        virtio_dev::guest_warn!(
+                            "{}: cannot allocate a GSI for vector {v}: {e}",
+                            self.label
+                        );
+                        continue;
+                    }
+                }
+            }
+            if let Some(vector) = &self.vectors[v] {
+                batch.push((vector.gsi, msg));
+                vectors.push((v, msg));
+            }
+        }
+        match batch.len() {
+            0 => {}
+            1 => {
+                let (v, msg) = vectors[0];
+                self.set_route(v, msg);
+            }
+            _ => match self.msi.set_routes(&batch) {
+                Ok(()) => {
+                    for (v, msg) in vectors {
+                        self.routes[v] = msg;
+                    }
+                }
+                Err(e) => {
+                    debug!(
+                        "{}: batched route change refused ({e}); one by one",
+                        self.label
+                    );
+                    for (v, msg) in vectors {
+                        self.set_route(v, msg);
+                    }
+                }
+            },
         }
     }
 
@@ -93,7 +154,7 @@ impl VectorRoutes {
             return false;
         };
         if let Err(e) = vector.irqfd.write(1) {
-            warn!("{}: irqfd write for vector {v} failed: {e}", self.label);
+            virtio_dev::guest_warn!("{}: irqfd write for vector {v} failed: {e}", self.label);
         }
         true
     }

@@ -9,7 +9,7 @@
 //! does not cost 2048 file descriptors up front.
 
 use crate::vfio_backend::VfioBackend;
-use log::{debug, warn};
+use log::debug;
 use std::os::fd::{AsRawFd, RawFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -92,7 +92,7 @@ impl VfioIrqSync {
                     self.enabled = Some(n);
                     self.current = fds;
                 }
-                Err(e) => warn!(
+                Err(e) => virtio_dev::guest_warn!(
                     "vfio: enabling irq index {} with {n} vectors failed: {e}",
                     self.index
                 ),
@@ -111,7 +111,7 @@ impl VfioIrqSync {
             }
             match backend.set_irq_eventfds(self.index, start as u32, &fds[start..v]) {
                 Ok(()) => self.current[start..v].copy_from_slice(&fds[start..v]),
-                Err(e) => warn!(
+                Err(e) => virtio_dev::guest_warn!(
                     "vfio: setting vectors {start}..{v} of irq index {} failed: {e}",
                     self.index
                 ),
@@ -142,7 +142,7 @@ impl VfioIrqSync {
 
     fn disable_vfio(&mut self, backend: &dyn VfioBackend) {
         if let Err(e) = backend.disable_irq(self.index) {
-            warn!("vfio: disabling irq index {} failed: {e}", self.index);
+            virtio_dev::guest_warn!("vfio: disabling irq index {} failed: {e}", self.index);
         }
         self.enabled = None;
         self.current.clear();
@@ -152,7 +152,7 @@ impl VfioIrqSync {
         if self.pending_fds[v].is_none() {
             match EventFd::new(EFD_NONBLOCK) {
                 Ok(fd) => self.pending_fds[v] = Some(fd),
-                Err(e) => warn!("vfio: no pending eventfd for vector {v}: {e}"),
+                Err(e) => virtio_dev::guest_warn!("vfio: no pending eventfd for vector {v}: {e}"),
             }
         }
         self.pending_fds[v].as_ref().map_or(-1, |fd| fd.as_raw_fd())

@@ -12,7 +12,10 @@
 //! - Reset: a PCI Express FLR by the guest, or [`VfioPciDevice::reset`] (VMM reset), disables the
 //!   interrupts, resets the emulated state and issues VFIO_DEVICE_RESET.
 //! - Peer-to-peer: [`VfioBarMaps`] publishes where BAR memory is mapped (guest-physical and
-//!   host-virtual), so the DMA shadow engine can map a guest IOVA that targets a BAR.
+//!   host-virtual), so the DMA shadow engine can map a guest IOVA that targets a BAR, and tells
+//!   its [`BarObserver`] when parts appear or disappear (memory decode on/off, a BAR moved, a
+//!   reset, the device dropped) so that engine can revoke or re-point those DMA mappings.
+//!   Parts disappear before the device stops decoding or is reset.
 
 use crate::config::{PciConfigSpace, PciHeader, BAR0, BAR_END, COMMAND, NUM_BARS};
 use crate::config::{COMMAND_IO, COMMAND_MEMORY};
@@ -65,13 +68,36 @@ pub struct BarMapping {
     pub host_addr: u64,
 }
 
+/// Told when BAR parts of a passthrough device stop or start being mapped into the guest
+/// (the VMM forwards it to the vIOMMU's shadows, which mirror DMA into BARs). Called on the
+/// thread that changed the device, with none of [`VfioBarMaps`]' locks held; `removed` parts
+/// are still decoded by the device during the call.
+pub trait BarObserver: Send + Sync {
+    /// `removed` parts are no longer mapped, `added` ones are now (guest-physical).
+    fn bars_changed(&self, removed: &[BarMapping], added: &[BarMapping]);
+}
+
 /// The BAR mappings of one passthrough device, shared with whoever resolves DMA targets.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct VfioBarMaps {
     maps: RwLock<Vec<BarMapping>>,
+    observer: RwLock<Option<Arc<dyn BarObserver>>>,
+}
+
+impl std::fmt::Debug for VfioBarMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VfioBarMaps")
+            .field("maps", &self.mappings())
+            .finish_non_exhaustive()
+    }
 }
 
 impl VfioBarMaps {
+    /// Tell `observer` about every later change (replaces an earlier observer).
+    pub fn set_observer(&self, observer: Arc<dyn BarObserver>) {
+        *self.observer.write().unwrap_or_else(|e| e.into_inner()) = Some(observer);
+    }
+
     /// Every BAR part mapped into the guest right now.
     pub fn mappings(&self) -> Vec<BarMapping> {
         self.maps.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -90,7 +116,23 @@ impl VfioBarMaps {
     }
 
     fn set(&self, maps: Vec<BarMapping>) {
-        *self.maps.write().unwrap_or_else(|e| e.into_inner()) = maps;
+        let old = std::mem::replace(
+            &mut *self.maps.write().unwrap_or_else(|e| e.into_inner()),
+            maps.clone(),
+        );
+        let removed: Vec<BarMapping> = old.iter().filter(|m| !maps.contains(m)).copied().collect();
+        let added: Vec<BarMapping> = maps.iter().filter(|m| !old.contains(m)).copied().collect();
+        if removed.is_empty() && added.is_empty() {
+            return;
+        }
+        let observer = self
+            .observer
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(o) = observer {
+            o.bars_changed(&removed, &added);
+        }
     }
 }
 
@@ -279,7 +321,7 @@ impl VfioPciDevice {
         self.sync_bars();
         match self.backend.reset() {
             Ok(()) => debug!("vfio: device reset"),
-            Err(e) => warn!("vfio: device reset failed: {e}"),
+            Err(e) => virtio_dev::guest_warn!("vfio: device reset failed: {e}"),
         }
     }
 
@@ -294,9 +336,10 @@ impl VfioPciDevice {
             changed = true;
             for slot in bar.slots.drain(..) {
                 if let Err(e) = self.slots.unmap(slot.id) {
-                    warn!(
+                    virtio_dev::guest_warn!(
                         "vfio: unmapping slot {} of BAR {}: {e}",
-                        slot.id, slot.mapping.bar
+                        slot.id,
+                        slot.mapping.bar
                     );
                 }
             }
@@ -319,7 +362,7 @@ impl VfioPciDevice {
                 };
                 match self.slots.map(gpa, m.size, m.host_addr, !bar.writable) {
                     Ok(id) => bar.slots.push(Slot { id, mapping }),
-                    Err(e) => warn!(
+                    Err(e) => virtio_dev::guest_warn!(
                         "vfio: mapping BAR {} at {gpa:#x} size {:#x} failed ({e}); accesses will exit",
                         bar.region.index, m.size
                     ),
@@ -459,7 +502,7 @@ impl VfioPciDevice {
                 .backend
                 .region_write(VFIO_PCI_CONFIG_REGION_INDEX, o as u64, &data)
             {
-                warn!("vfio: config write at {o:#x} failed: {e}");
+                virtio_dev::guest_warn!("vfio: config write at {o:#x} failed: {e}");
             }
             i += size;
         }
@@ -648,7 +691,7 @@ impl PciDevice for VfioPciDevice {
     fn config_read(&mut self, offset: u16, data: &mut [u8]) {
         data.fill(0xff);
         if !valid_config_access(offset, data.len()) {
-            warn!("vfio: bad config read at {offset:#x} size {}", data.len());
+            virtio_dev::guest_warn!("vfio: bad config read at {offset:#x} size {}", data.len());
             return;
         }
         let sources: Vec<ByteSource> = (0..data.len() as u16)
@@ -674,7 +717,7 @@ impl PciDevice for VfioPciDevice {
                 self.backend
                     .region_read(VFIO_PCI_CONFIG_REGION_INDEX, u64::from(offset), dev)
             {
-                warn!("vfio: config read at {offset:#x} failed: {e}");
+                virtio_dev::guest_warn!("vfio: config read at {offset:#x} failed: {e}");
                 dev.fill(0xff);
             }
         }
@@ -715,7 +758,7 @@ impl PciDevice for VfioPciDevice {
 
     fn config_write(&mut self, offset: u16, data: &[u8]) {
         if !valid_config_access(offset, data.len()) {
-            warn!("vfio: bad config write at {offset:#x} size {}", data.len());
+            virtio_dev::guest_warn!("vfio: bad config write at {offset:#x} size {}", data.len());
             return;
         }
         let old_command = self.shadow.command();
@@ -778,7 +821,7 @@ impl PciDevice for VfioPciDevice {
 
     fn bar_assigned(&mut self, index: u8, address: u64) {
         if self.bar(index).is_none() {
-            warn!("vfio: address assigned to absent BAR {index}");
+            virtio_dev::guest_warn!("vfio: address assigned to absent BAR {index}");
             return;
         }
         self.shadow.set_bar_address(index, address);
@@ -792,7 +835,7 @@ impl PciDevice for VfioPciDevice {
     fn bar_read(&mut self, index: u8, offset: u64, data: &mut [u8]) {
         data.fill(0xff);
         if !self.check_bar_access(index, offset, data.len()) {
-            warn!(
+            virtio_dev::guest_warn!(
                 "vfio: bad read of BAR {index} at {offset:#x} size {}",
                 data.len()
             );
@@ -811,12 +854,14 @@ impl PciDevice for VfioPciDevice {
                 }
             }
             Some(MsixHit::Straddle) => {
-                warn!("vfio: BAR {index} read at {offset:#x} straddles the MSI-X structures")
+                virtio_dev::guest_warn!(
+                    "vfio: BAR {index} read at {offset:#x} straddles the MSI-X structures"
+                )
             }
             None => {
                 let region = VFIO_PCI_BAR0_REGION_INDEX + u32::from(index);
                 if let Err(e) = self.backend.region_read(region, offset, data) {
-                    warn!("vfio: read of BAR {index} at {offset:#x} failed: {e}");
+                    virtio_dev::guest_warn!("vfio: read of BAR {index} at {offset:#x} failed: {e}");
                     data.fill(0xff);
                 }
             }
@@ -825,7 +870,7 @@ impl PciDevice for VfioPciDevice {
 
     fn bar_write(&mut self, index: u8, offset: u64, data: &[u8]) {
         if !self.check_bar_access(index, offset, data.len()) {
-            warn!(
+            virtio_dev::guest_warn!(
                 "vfio: bad write of BAR {index} at {offset:#x} size {}",
                 data.len()
             );
@@ -841,12 +886,16 @@ impl PciDevice for VfioPciDevice {
             }
             Some(MsixHit::Pba(_)) => debug!("vfio: write to the MSI-X PBA ignored"),
             Some(MsixHit::Straddle) => {
-                warn!("vfio: BAR {index} write at {offset:#x} straddles the MSI-X structures")
+                virtio_dev::guest_warn!(
+                    "vfio: BAR {index} write at {offset:#x} straddles the MSI-X structures"
+                )
             }
             None => {
                 let region = VFIO_PCI_BAR0_REGION_INDEX + u32::from(index);
                 if let Err(e) = self.backend.region_write(region, offset, data) {
-                    warn!("vfio: write of BAR {index} at {offset:#x} failed: {e}");
+                    virtio_dev::guest_warn!(
+                        "vfio: write of BAR {index} at {offset:#x} failed: {e}"
+                    );
                 }
             }
         }

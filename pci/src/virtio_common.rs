@@ -237,7 +237,7 @@ impl CommonConfig {
             [a, b, c, d] => u64::from(u32::from_le_bytes([a, b, c, d])),
             [a, b, c, d, e, f, g, h] => u64::from_le_bytes([a, b, c, d, e, f, g, h]),
             _ => {
-                warn!(
+                virtio_dev::guest_warn!(
                     "virtio-pci: common config write of {} bytes ignored",
                     data.len()
                 );
@@ -257,7 +257,7 @@ impl CommonConfig {
             (0x20..=0x37, 4 | 8) if offset & (data.len() as u64 - 1) == 0 => {
                 self.write_queue_address(offset, data.len(), value)
             }
-            _ => warn!(
+            _ => virtio_dev::guest_warn!(
                 "virtio-pci: common config write at {offset:#x} size {} ignored",
                 data.len()
             ),
@@ -303,7 +303,9 @@ impl CommonConfig {
 
     fn write_driver_features(&mut self, value: u32) {
         if self.status & status::FEATURES_OK != 0 {
-            warn!("virtio-pci: driver features written after FEATURES_OK, ignored");
+            virtio_dev::guest_warn!(
+                "virtio-pci: driver features written after FEATURES_OK, ignored"
+            );
             return;
         }
         let shift = match self.driver_feature_select {
@@ -316,7 +318,7 @@ impl CommonConfig {
         };
         let offered = (self.device_features >> shift) as u32;
         if value & !offered != 0 {
-            warn!(
+            virtio_dev::guest_warn!(
                 "virtio-pci: driver acked unoffered features {:#x} (word {})",
                 value & !offered,
                 shift / 32
@@ -346,7 +348,9 @@ impl CommonConfig {
         let old = self.status;
         // The driver may only add bits; DEVICE_NEEDS_RESET belongs to the device.
         if old & !value & !status::DEVICE_NEEDS_RESET != 0 {
-            warn!("virtio-pci: status {old:#x} -> {value:#x} clears bits, ignored");
+            virtio_dev::guest_warn!(
+                "virtio-pci: status {old:#x} -> {value:#x} clears bits, ignored"
+            );
             return CommonAction::None;
         }
         let mut new = (value & !status::DEVICE_NEEDS_RESET) | (old & status::DEVICE_NEEDS_RESET);
@@ -357,7 +361,7 @@ impl CommonConfig {
             new &= !status::FEATURES_OK;
         }
         if new & status::DRIVER_OK != 0 && new & status::FEATURES_OK == 0 {
-            warn!("virtio-pci: DRIVER_OK without FEATURES_OK, ignored");
+            virtio_dev::guest_warn!("virtio-pci: DRIVER_OK without FEATURES_OK, ignored");
             new &= !status::DRIVER_OK;
         }
         self.status = new;
@@ -373,11 +377,15 @@ impl CommonConfig {
         let version_1 = 1u64 << VIRTIO_F_VERSION_1;
         let platform = 1u64 << VIRTIO_F_ACCESS_PLATFORM;
         if self.acked_features & version_1 == 0 {
-            warn!("virtio-pci: driver did not accept VIRTIO_F_VERSION_1, FEATURES_OK refused");
+            virtio_dev::guest_warn!(
+                "virtio-pci: driver did not accept VIRTIO_F_VERSION_1, FEATURES_OK refused"
+            );
             return false;
         }
         if self.device_features & platform != 0 && self.acked_features & platform == 0 {
-            warn!("virtio-pci: driver refused VIRTIO_F_ACCESS_PLATFORM, FEATURES_OK refused");
+            virtio_dev::guest_warn!(
+                "virtio-pci: driver refused VIRTIO_F_ACCESS_PLATFORM, FEATURES_OK refused"
+            );
             return false;
         }
         true
@@ -387,17 +395,21 @@ impl CommonConfig {
     fn configurable_queue(&mut self, what: &str) -> Option<&mut QueueState> {
         let sel = self.queue_select;
         if self.status & status::DRIVER_OK != 0 {
-            warn!("virtio-pci: queue {sel} {what} written after DRIVER_OK, ignored");
+            virtio_dev::guest_warn!(
+                "virtio-pci: queue {sel} {what} written after DRIVER_OK, ignored"
+            );
             return None;
         }
         match self.queues.get_mut(usize::from(sel)) {
             Some(q) if q.enabled => {
-                warn!("virtio-pci: queue {sel} {what} written while enabled, ignored");
+                virtio_dev::guest_warn!(
+                    "virtio-pci: queue {sel} {what} written while enabled, ignored"
+                );
                 None
             }
             Some(q) => Some(q),
             None => {
-                warn!("virtio-pci: {what} write for absent queue {sel}, ignored");
+                virtio_dev::guest_warn!("virtio-pci: {what} write for absent queue {sel}, ignored");
                 None
             }
         }
@@ -409,7 +421,7 @@ impl CommonConfig {
             return;
         };
         if size == 0 || size > q.max_size || (!packed && !size.is_power_of_two()) {
-            warn!(
+            virtio_dev::guest_warn!(
                 "virtio-pci: invalid queue size {size} (max {}), ignored",
                 q.max_size
             );
@@ -423,13 +435,15 @@ impl CommonConfig {
         let sel = usize::from(self.queue_select);
         match self.interrupt.queue_vectors.get(sel) {
             Some(slot) => slot.store(v, Ordering::Release),
-            None => warn!("virtio-pci: msix vector write for absent queue {sel}, ignored"),
+            None => virtio_dev::guest_warn!(
+                "virtio-pci: msix vector write for absent queue {sel}, ignored"
+            ),
         }
     }
 
     fn write_queue_enable(&mut self, value: u16) {
         if value != 1 {
-            warn!("virtio-pci: queue_enable write of {value} ignored");
+            virtio_dev::guest_warn!("virtio-pci: queue_enable write of {value} ignored");
             return;
         }
         if let Some(q) = self.configurable_queue("enable") {

@@ -13,7 +13,7 @@ use crate::irq::{IoEventManager, MsiIrqManager};
 use crate::msix::{MsixConfig, MSIX_CAP_CONTROL};
 use crate::virtio_common::{CommonAction, CommonConfig, VirtioInterruptState};
 use crate::PciError;
-use log::{debug, warn};
+use log::debug;
 use std::sync::{Arc, Mutex, MutexGuard};
 use virtio_dev::{ActivateError, VirtioDevice, VirtioInterrupt};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -261,7 +261,7 @@ impl VirtioPciDevice {
         for (q, fd) in self.kicks.iter().enumerate() {
             let addr = base + q as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
             if let Err(e) = self.ioevents.register(fd, addr) {
-                warn!("virtio-pci: ioeventfd for queue {q} at {addr:#x} failed: {e}; notifying through MMIO exits");
+                virtio_dev::guest_warn!("virtio-pci: ioeventfd for queue {q} at {addr:#x} failed: {e}; notifying through MMIO exits");
                 self.unregister_kicks(base, q);
                 return;
             }
@@ -274,7 +274,9 @@ impl VirtioPciDevice {
         for (q, fd) in self.kicks.iter().enumerate().take(count) {
             let addr = base + q as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
             if let Err(e) = self.ioevents.unregister(fd, addr) {
-                warn!("virtio-pci: removing ioeventfd for queue {q} at {addr:#x} failed: {e}");
+                virtio_dev::guest_warn!(
+                    "virtio-pci: removing ioeventfd for queue {q} at {addr:#x} failed: {e}"
+                );
             }
         }
     }
@@ -282,7 +284,7 @@ impl VirtioPciDevice {
     fn notify(&mut self, offset: u64) {
         let q = offset / u64::from(NOTIFY_OFF_MULTIPLIER);
         let Some(kick) = self.kicks.get(q as usize) else {
-            warn!("virtio-pci: notify for absent queue {q}");
+            virtio_dev::guest_warn!("virtio-pci: notify for absent queue {q}");
             return;
         };
         if !self.activated {
@@ -292,7 +294,7 @@ impl VirtioPciDevice {
         if self.inline_notify {
             self.device.queue_notify(q as u16);
         } else if let Err(e) = kick.write(1) {
-            warn!("virtio-pci: kick for queue {q} failed: {e}");
+            virtio_dev::guest_warn!("virtio-pci: kick for queue {q} failed: {e}");
         }
     }
 
@@ -357,7 +359,7 @@ impl VirtioPciDevice {
         match result {
             Ok(()) => self.activated = true,
             Err(e) => {
-                warn!(
+                virtio_dev::guest_warn!(
                     "virtio-pci: device type {} failed to activate: {e}",
                     self.device.device_type()
                 );
@@ -401,7 +403,7 @@ impl PciDevice for VirtioPciDevice {
 
     fn bar_assigned(&mut self, index: u8, address: u64) {
         if index != VIRTIO_BAR {
-            warn!("virtio-pci: address assigned to absent BAR {index}");
+            virtio_dev::guest_warn!("virtio-pci: address assigned to absent BAR {index}");
             return;
         }
         self.config.set_bar_address(index, address);
@@ -416,7 +418,7 @@ impl PciDevice for VirtioPciDevice {
         data.fill(0);
         let region = region(offset, data.len());
         if index != VIRTIO_BAR || data.is_empty() || data.len() > 8 || region.is_none() {
-            warn!(
+            virtio_dev::guest_warn!(
                 "virtio-pci: bad read of BAR {index} at {offset:#x} size {}",
                 data.len()
             );
@@ -435,7 +437,7 @@ impl PciDevice for VirtioPciDevice {
     fn bar_write(&mut self, index: u8, offset: u64, data: &[u8]) {
         let region = region(offset, data.len());
         if index != VIRTIO_BAR || data.is_empty() || data.len() > 8 || region.is_none() {
-            warn!(
+            virtio_dev::guest_warn!(
                 "virtio-pci: bad write of BAR {index} at {offset:#x} size {}",
                 data.len()
             );

@@ -68,7 +68,7 @@ impl BusDevice for AcpiPm {
             if typ == S5_SLEEP_TYPE {
                 self.control.request_stop(ExitReason::PowerOff);
             } else {
-                log::warn!("guest asked for unsupported sleep type {typ}");
+                virtio_dev::guest_warn!("guest asked for unsupported sleep type {typ}");
             }
         } else if port == RESET_PORT && v == RESET_VALUE {
             self.control.request_stop(ExitReason::Reset);

@@ -9,6 +9,12 @@
 //! it, and after `window` without work clears the flag, re-checks the ring (the standard
 //! flag / barrier / re-read handshake, so no request is ever stranded) and sleeps until the
 //! next kick. CPU time is spent only while the guest is actively issuing requests.
+//!
+//! The same thread continues a notification the device cut short at its per-notification
+//! budget ([`VirtioDevice::queue_pending`]; the virtio-iommu bounds the work it does under its
+//! lock per exit): the driver already kicked and waits for those chains, so the poller serves
+//! the rest, one budget at a time, releasing the device lock in between. With a zero `window`
+//! that is all it does (no polling, kicks stay on).
 
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -35,6 +41,8 @@ struct Signal {
     cv: Condvar,
     sleeping: AtomicBool,
     stop: AtomicBool,
+    /// A notification was cut short: serve again even if the avail index did not move.
+    more: AtomicBool,
 }
 
 impl Signal {
@@ -44,6 +52,14 @@ impl Signal {
             st.0 = true;
             self.cv.notify_one();
         }
+    }
+
+    /// Wake the poller even if it is not asleep yet (a continuation must never be lost).
+    fn kick(&self) {
+        self.more.store(true, Ordering::Release);
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.0 = true;
+        self.cv.notify_one();
     }
 
     fn stop(&self) {
@@ -82,12 +98,19 @@ struct Ring {
 fn set_no_notify(mem: &GuestMemoryMmap, ring: Ring, on: bool) {
     let flags = if on { VRING_USED_F_NO_NOTIFY as u16 } else { 0 };
     if let Err(e) = mem.write_obj(flags.to_le(), ring.used_flags) {
-        log::warn!("polled queue: cannot write used flags: {e}");
+        virtio_dev::guest_warn!("polled queue: cannot write used flags: {e}");
     }
 }
 
 fn avail_idx(mem: &GuestMemoryMmap, ring: Ring) -> Option<u16> {
     mem.read_obj::<u16>(ring.avail_idx).ok().map(u16::from_le)
+}
+
+/// One `queue_notify` under the device lock; whether the device left work for another.
+fn serve(dev: &Shared, queue: u16) -> bool {
+    let mut d = lock(dev);
+    d.queue_notify(queue);
+    d.queue_pending(queue)
 }
 
 fn poll_loop(
@@ -106,6 +129,14 @@ fn poll_loop(
         return;
     }
     while signal.wait() {
+        if window.is_zero() {
+            // Continuation only: serve what the last notification left, one budget at a time.
+            signal.more.store(false, Ordering::Release);
+            while !signal.stop.load(Ordering::Acquire) && serve(&dev, queue) {
+                std::thread::yield_now();
+            }
+            continue;
+        }
         set_no_notify(&mem, ring, true);
         fence(Ordering::SeqCst);
         let mut seen = None;
@@ -116,9 +147,13 @@ fn poll_loop(
                 return;
             }
             let idx = avail_idx(&mem, ring);
-            if idx.is_none() || idx != seen {
+            if idx.is_none() || idx != seen || signal.more.swap(false, Ordering::AcqRel) {
                 seen = idx;
-                lock(&dev).queue_notify(queue);
+                if serve(&dev, queue) && idx.is_some() {
+                    // Cut short at the device's budget: go again even though the index is
+                    // unchanged.
+                    seen = None;
+                }
                 last_work = Instant::now();
                 if idx.is_none() {
                     // The ring is unreadable: stop polling, the inline path still works.
@@ -152,7 +187,8 @@ pub struct Polled {
 
 impl Polled {
     /// Wrap `dev` (which must serve inline) and poll its queue `queue` for up to `window`
-    /// after the last request.
+    /// after the last request; a zero `window` only continues notifications the device cut
+    /// short.
     pub fn new(dev: Box<dyn VirtioDevice>, queue: u16, window: Duration) -> Polled {
         Polled {
             queue_sizes: dev.queue_max_sizes().to_vec(),
@@ -244,12 +280,26 @@ impl VirtioDevice for Polled {
     }
 
     fn queue_notify(&mut self, queue: u16) {
-        lock(&self.dev).queue_notify(queue);
-        if queue == self.queue {
-            if let Some(p) = &self.poller {
-                p.signal.wake();
-            }
+        let pending = serve(&self.dev, queue);
+        if queue != self.queue {
+            return;
         }
+        match &self.poller {
+            Some(p) if !p.thread.is_finished() => {
+                if pending {
+                    p.signal.kick();
+                } else if !self.window.is_zero() {
+                    p.signal.wake();
+                }
+            }
+            // No poller thread (it could not start): finish inline.
+            _ => while pending && serve(&self.dev, queue) {},
+        }
+    }
+
+    fn queue_pending(&self, _queue: u16) -> bool {
+        // Continued here (see the module doc).
+        false
     }
 }
 
@@ -386,5 +436,107 @@ mod tests {
         mem.write_obj(9u16, GuestAddress(AVAIL + 2)).unwrap();
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(calls.load(Ordering::SeqCst), before);
+    }
+
+    /// An inline device that serves one unit of work per notification and reports the rest
+    /// as pending, like the virtio-iommu at its budget.
+    struct Budgeted {
+        left: Arc<AtomicU64>,
+        calls: Arc<AtomicU64>,
+        /// Calls made by the poller thread.
+        poller_calls: Arc<AtomicU64>,
+    }
+
+    impl VirtioDevice for Budgeted {
+        fn device_type(&self) -> u32 {
+            23
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 16]
+        }
+        fn device_features(&self) -> u64 {
+            1 << VIRTIO_F_VERSION_1
+        }
+        fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
+        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+        fn activate(
+            &mut self,
+            _mem: GuestMemoryAtomic<GuestMemoryMmap>,
+            _acked: u64,
+            _queues: Vec<QueueConfig>,
+            _kicks: Vec<EventFd>,
+            _irq: Arc<dyn VirtioInterrupt>,
+        ) -> Result<(), ActivateError> {
+            Ok(())
+        }
+        fn reset(&mut self) {}
+        fn inline_notify(&self) -> bool {
+            true
+        }
+        fn queue_notify(&mut self, _queue: u16) {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if std::thread::current().name() == Some("vq-poll") {
+                self.poller_calls.fetch_add(1, Ordering::SeqCst);
+            }
+            let _ = self
+                .left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| l.checked_sub(1));
+        }
+        fn queue_pending(&self, _queue: u16) -> bool {
+            self.left.load(Ordering::SeqCst) > 0
+        }
+    }
+
+    #[test]
+    fn a_notification_cut_short_is_continued_by_the_thread_not_the_vcpu() {
+        for window in [Duration::ZERO, Duration::from_millis(5)] {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+            let left = Arc::new(AtomicU64::new(0));
+            let calls = Arc::new(AtomicU64::new(0));
+            let poller_calls = Arc::new(AtomicU64::new(0));
+            let dev = Budgeted {
+                left: left.clone(),
+                calls: calls.clone(),
+                poller_calls: poller_calls.clone(),
+            };
+            let mut p = Polled::new(Box::new(dev), 0, window);
+            let qc = QueueConfig {
+                size: 16,
+                desc_table: GuestAddress(0),
+                avail_ring: GuestAddress(AVAIL),
+                used_ring: GuestAddress(USED),
+                ready: true,
+            };
+            p.activate(
+                GuestMemoryAtomic::new(mem.clone()),
+                1 << VIRTIO_F_VERSION_1,
+                vec![qc, qc],
+                vec![],
+                Arc::new(NoIrq),
+            )
+            .unwrap();
+            // A kick with nothing left over: one call, no continuation, kicks stay on.
+            p.queue_notify(0);
+            std::thread::sleep(Duration::from_millis(30));
+            let idle = calls.load(Ordering::SeqCst);
+            if window.is_zero() {
+                assert_eq!(idle, 1, "a zero window never polls");
+                assert_eq!(mem.read_obj::<u16>(GuestAddress(USED)).unwrap(), 0);
+            }
+            // A kick that leaves 50 budgets of work: the vCPU serves one, the thread the rest.
+            left.store(51, Ordering::SeqCst);
+            let (before, by_poller) = (
+                calls.load(Ordering::SeqCst),
+                poller_calls.load(Ordering::SeqCst),
+            );
+            p.queue_notify(0);
+            wait_for("the continuation drained the work", || {
+                left.load(Ordering::SeqCst) == 0
+            });
+            let by_vcpu = (calls.load(Ordering::SeqCst) - before)
+                - (poller_calls.load(Ordering::SeqCst) - by_poller);
+            assert_eq!(by_vcpu, 1, "the vCPU thread did one budget");
+            p.reset();
+        }
     }
 }

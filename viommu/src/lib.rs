@@ -92,7 +92,7 @@ pub use virtio::config::{
     viommu_config_for, ConfigError, GeometryError, ViommuConfig, MAX_PROBE_SIZE,
 };
 pub use virtio::counters::{CounterSnapshot, Counters};
-pub use virtio::device::Viommu;
+pub use virtio::device::{Viommu, HOST_CALLS_PER_NOTIFY};
 pub use virtio::event::FaultReporter;
 pub use virtio::rules::Domains;
 pub use virtio::spec::Status;

@@ -476,3 +476,154 @@ fn host_backed_endpoint_statuses_reach_the_tail() {
     assert_eq!(d.status(&unmap(1, 0x10000, 0x1ffff)), OK);
     assert!(rec.mappings().is_empty());
 }
+
+/// Queue `body` as one request chain (readable body, 4-byte writable tail), no kick.
+fn queue_body(d: &mut Driver, body: &[u8]) -> u16 {
+    let at = d.alloc(body.len(), 0);
+    d.mem
+        .write_slice(body, vm_memory::GuestAddress(at))
+        .unwrap();
+    let tail = d.alloc(4, 0xaa);
+    d.queue_req(&[(at, body.len() as u32, false), (tail, 4, true)])
+}
+
+#[test]
+fn attach_ping_pong_of_a_host_endpoint_is_bounded_per_notification_and_none_is_lost() {
+    use std::sync::Arc;
+    use viommu::test_utils::RecordingMapper;
+    use viommu::HOST_CALLS_PER_NOTIFY;
+    const HOST: u32 = 0x20;
+    let m = 3000u64;
+    let rec = Arc::new(RecordingMapper::new());
+    let (mut d, _) = Driver::new(ViommuConfig::default(), &[EP], None);
+    d.dev.add_host_endpoint(HOST, rec.clone()).unwrap();
+    assert_eq!(d.status(&attach(1, EP, 0)), OK);
+    for i in 0..m {
+        let iova = 0x100_0000 + i * 0x1000;
+        assert_eq!(d.status(&map(1, iova, iova + 0xfff, 0x40000, RW)), OK);
+    }
+    d.reset_data();
+    // Eight ATTACHes of the host endpoint, alternating between the full domain 1 and the
+    // empty domain 2: each replays or removes the m mappings in the host.
+    for k in 0..8 {
+        queue_body(&mut d, &attach(if k % 2 == 0 { 1 } else { 2 }, HOST, 0));
+    }
+    let mut served = 0;
+    let mut notifications = 0;
+    loop {
+        let before = d.dev.host_calls();
+        d.kick();
+        notifications += 1;
+        let calls = d.dev.host_calls() - before;
+        assert!(
+            calls < HOST_CALLS_PER_NOTIFY + 2 * m + 1,
+            "{calls} host calls in one notification"
+        );
+        let used = d.used_req();
+        served += used.len();
+        assert!(used.iter().all(|&(_, len)| len == 4));
+        if !d.dev.queue_pending(viommu::spec::REQUEST_QUEUE) {
+            break;
+        }
+        assert!(notifications < 20, "the continuation never ends");
+    }
+    assert_eq!(served, 8, "every ATTACH completed, none lost");
+    assert!(
+        notifications >= 4,
+        "cut into {notifications} notification(s)"
+    );
+    assert_eq!(d.dev.domains().endpoint_domain(HOST), Some(Some(2)));
+    assert!(rec.mappings().is_empty(), "domain 2 is empty");
+}
+
+/// A host mapper that, like a hostile driver on another vCPU, makes another request available
+/// on every host map call, so a notification never runs out of chains.
+struct Refill {
+    mem: vm_memory::GuestMemoryMmap,
+    avail: u64,
+    heads: std::sync::Mutex<(bool, u16, Vec<u16>)>, // (on, next avail idx, heads to post)
+}
+
+impl Refill {
+    fn post(&self) {
+        let mut st = self.heads.lock().unwrap();
+        if !st.0 {
+            return;
+        }
+        for i in 0..st.2.len() {
+            let (idx, head) = (st.1, st.2[i]);
+            let slot = self.avail + 4 + 2 * u64::from(idx % QSIZE);
+            self.mem
+                .write_obj(head, vm_memory::GuestAddress(slot))
+                .unwrap();
+            st.1 = idx.wrapping_add(1);
+            self.mem
+                .write_obj(st.1, vm_memory::GuestAddress(self.avail + 2))
+                .unwrap();
+        }
+    }
+}
+
+impl viommu::HostMapper for Refill {
+    fn map(&self, _: u64, _: u64, _: u64, _: viommu::Prot) -> Result<(), viommu::HostMapError> {
+        self.post();
+        Ok(())
+    }
+    fn unmap(&self, _: u64, _: u64) -> Result<(), viommu::HostMapError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_driver_refilling_the_queue_during_a_notification_gets_one_round_per_notification() {
+    use std::sync::Arc;
+    const HOST: u32 = 0x20;
+    let cfg = ViommuConfig {
+        bypass: false,
+        ..ViommuConfig::default()
+    };
+    let (mut d, _) = Driver::new(cfg, &[EP], None);
+    let refill = Arc::new(Refill {
+        mem: d.mem.clone(),
+        avail: viommu::test_utils::QueueLayout::packed(0x1_0000, QSIZE).avail_ring,
+        heads: std::sync::Mutex::new((false, 0, Vec::new())),
+    });
+    d.dev.add_host_endpoint(HOST, refill.clone()).unwrap();
+    assert_eq!(d.status(&attach(1, EP, 0)), OK);
+    assert_eq!(d.status(&map(1, 0x10000, 0x10fff, 0x40000, RW)), OK);
+    d.reset_data();
+    // A: ATTACH host -> 1 (one host map, which makes B and A available again), B: ATTACH
+    // host -> 2 (one unmap; again: nothing): the queue never drains.
+    let avail_idx = |d: &Driver| -> u16 {
+        d.mem
+            .read_obj(vm_memory::GuestAddress(refill.avail + 2))
+            .unwrap()
+    };
+    let start = avail_idx(&d);
+    let a = queue_body(&mut d, &attach(1, HOST, 0));
+    let b = queue_body(&mut d, &attach(2, HOST, 0));
+    *refill.heads.lock().unwrap() = (true, avail_idx(&d), vec![b, a]);
+    d.kick();
+    let used = d.used_req().len();
+    assert_eq!(
+        used,
+        usize::from(QSIZE),
+        "one round of chains per notification"
+    );
+    assert!(d.dev.queue_pending(viommu::spec::REQUEST_QUEUE));
+    // The driver stops refilling: the continuation drains what is left.
+    refill.heads.lock().unwrap().0 = false;
+    let mut rounds = 0;
+    while d.dev.queue_pending(viommu::spec::REQUEST_QUEUE) {
+        d.kick();
+        rounds += 1;
+        assert!(rounds < 10);
+    }
+    let posted = refill.heads.lock().unwrap().1.wrapping_sub(start);
+    let total = used + d.used_req().len();
+    assert_eq!(
+        total,
+        usize::from(posted),
+        "every chain made available was served"
+    );
+}

@@ -71,7 +71,16 @@ pub trait VirtioDevice: Send {
         false
     }
     /// Process queue `queue` now (only called when [`VirtioDevice::inline_notify`] is true).
+    /// A device may stop at a per-notification budget (bounded work under its lock per exit)
+    /// and say so through [`VirtioDevice::queue_pending`].
     fn queue_notify(&mut self, _queue: u16) {}
+    /// Whether the last [`VirtioDevice::queue_notify`] of `queue` stopped at its budget with
+    /// chains still available. The driver will not notify again for them (it already did), so
+    /// whoever delivers notifications must call `queue_notify` again soon: from a worker
+    /// thread, or on the next exit.
+    fn queue_pending(&self, _queue: u16) -> bool {
+        false
+    }
 }
 
 /// Fill `data` from the device configuration structure `space` at `offset`; bytes past its end

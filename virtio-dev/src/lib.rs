@@ -9,7 +9,9 @@
 //! - [`wants_interrupt`]: the one interrupt-suppression rule (EVENT_IDX or
 //!   `VRING_AVAIL_F_NO_INTERRUPT`), decided once per batch of used-ring updates;
 //! - [`Batch`] / [`serve_queue`]: the serve loop of a request queue (pop, handle, complete,
-//!   re-enable notifications, decide the interrupt), in bounded rounds if the device wants.
+//!   re-enable notifications, decide the interrupt), in bounded rounds if the device wants;
+//! - [`guest_warn!`] / [`guest_error!`] ([`log_limit`]): log lines the guest can trigger at
+//!   will, rate-limited per call site with a count of what was suppressed.
 //!
 //! Devices keep what is theirs: how a chain is parsed and served, and which memory the rings
 //! and buffers are reached through (guest-physical, or translated by an IOMMU).
@@ -39,6 +41,7 @@
 #![deny(missing_docs)]
 
 mod device;
+pub mod log_limit;
 mod notify;
 mod queue;
 mod serve;

@@ -64,7 +64,7 @@ impl Batch {
         loop {
             if !self.quiet {
                 if let Err(e) = queue.disable_notification(mem) {
-                    log::warn!("{}: disable notification: {e}", self.device);
+                    crate::guest_warn!("{}: disable notification: {e}", self.device);
                     break;
                 }
                 self.quiet = true;
@@ -75,7 +75,7 @@ impl Batch {
                 let head = chain.head_index();
                 let len = f(queue, chain);
                 if let Err(e) = queue.add_used(mem, head, len) {
-                    log::warn!("{}: add_used: {e}", self.device);
+                    crate::guest_warn!("{}: add_used: {e}", self.device);
                 }
                 served += 1;
                 if served >= max {
@@ -88,7 +88,7 @@ impl Batch {
                 // the driver's avail index is ahead of ours by more than the queue size, or
                 // the ring is unreadable. Stop instead of spinning.
                 Ok(true) if !self.popped => {
-                    log::error!(
+                    crate::guest_error!(
                         "{}: avail index out of range; ignoring the queue until reset",
                         self.device
                     );
@@ -97,7 +97,7 @@ impl Batch {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
-                    log::warn!("{}: enable notification: {e}", self.device);
+                    crate::guest_warn!("{}: enable notification: {e}", self.device);
                     break;
                 }
             }

@@ -45,7 +45,7 @@ impl Queues {
             descs,
         } = self;
         let Some(q) = queues.get_mut(i) else {
-            log::warn!("virtio-blk: notify for absent queue {i}");
+            virtio_dev::guest_warn!("virtio-blk: notify for absent queue {i}");
             return;
         };
         if backend.serve(mem, q, descs) {

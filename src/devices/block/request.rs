@@ -168,7 +168,7 @@ impl BlockBackend {
         };
         let Some(status_addr) = status_addr else {
             BlockStats::add(&stats.errors, 1);
-            log::warn!(
+            virtio_dev::guest_warn!(
                 "virtio-blk: {}",
                 if wrong_dir {
                     ReqError::WrongDirection
@@ -189,14 +189,14 @@ impl BlockBackend {
             }
             Err(e) => {
                 BlockStats::add(&stats.errors, 1);
-                log::warn!("virtio-blk: request failed: {e}");
+                virtio_dev::guest_warn!("virtio-blk: request failed: {e}");
                 (VIRTIO_BLK_S_IOERR as u8, 0)
             }
         };
         match mem.write_obj(status, status_addr) {
             Ok(()) => (written + 1) as u32,
             Err(e) => {
-                log::warn!("virtio-blk: cannot write status byte: {e}");
+                virtio_dev::guest_warn!("virtio-blk: cannot write status byte: {e}");
                 0
             }
         }
@@ -346,7 +346,7 @@ impl BlockBackend {
             if descs.len() >= max {
                 BlockStats::add(&self.stats.requests, 1);
                 BlockStats::add(&self.stats.errors, 1);
-                log::warn!("virtio-blk: {}", ReqError::ChainTooLong);
+                virtio_dev::guest_warn!("virtio-blk: {}", ReqError::ChainTooLong);
                 return 0;
             }
             descs.push((d.addr(), d.len(), d.is_write_only()));

@@ -26,7 +26,7 @@ fn ctrl_command<M: GuestMemory>(mem: &M, descs: &[Desc]) -> u32 {
     let ack_at = match descs.last() {
         Some(&(a, l, true)) if l > 0 && descs[first_w..].iter().all(|d| d.2) => a,
         _ => {
-            log::warn!("virtio-net: control command without an ack byte");
+            virtio_dev::guest_warn!("virtio-net: control command without an ack byte");
             return 0;
         }
     };

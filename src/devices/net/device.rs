@@ -282,7 +282,7 @@ impl VirtioDevice for Net {
                 self.serve_tx()
             }
             CTRL_QUEUE => self.serve_ctrl(),
-            q => log::warn!("virtio-net: notify for absent queue {q}"),
+            q => virtio_dev::guest_warn!("virtio-net: notify for absent queue {q}"),
         }
     }
 }

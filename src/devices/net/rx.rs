@@ -137,11 +137,13 @@ impl RxRing {
                 }
                 None => {
                     self.descs.truncate(from);
-                    log::warn!("virtio-net: malformed RX chain {head}, completed empty");
+                    virtio_dev::guest_warn!(
+                        "virtio-net: malformed RX chain {head}, completed empty"
+                    );
                     bump(&stats.rx_bad_chains);
                     if self.chains.is_empty() {
                         if let Err(e) = self.queue.add_used(rings, head, 0) {
-                            log::warn!("virtio-net: add_used: {e}");
+                            virtio_dev::guest_warn!("virtio-net: add_used: {e}");
                         }
                         continue;
                     }
@@ -180,7 +182,7 @@ impl RxRing {
             let len = match write_chain(bufs, &self.descs[from..end], [h, f]) {
                 Ok(n) => n as u32,
                 Err(e) => {
-                    log::warn!("virtio-net: RX buffer write: {e}");
+                    virtio_dev::guest_warn!("virtio-net: RX buffer write: {e}");
                     failed = true;
                     0
                 }
@@ -218,14 +220,14 @@ impl RxRing {
             let at = GuestAddress(self.queue.used_ring()).checked_add(4 + slot * 8);
             if let Some(at) = at {
                 if let Err(e) = mem.write_slice(&elem, at) {
-                    log::warn!("virtio-net: used ring write: {e}");
+                    virtio_dev::guest_warn!("virtio-net: used ring write: {e}");
                 }
             }
         }
         self.queue.set_next_used(first.wrapping_add(n as u16 - 1));
         let (head, _, len) = self.chains[n - 1];
         if let Err(e) = self.queue.add_used(mem, head, len as u32) {
-            log::warn!("virtio-net: add_used: {e}");
+            virtio_dev::guest_warn!("virtio-net: add_used: {e}");
         }
     }
 }
@@ -440,13 +442,13 @@ fn set_notify<M: GuestMemory>(q: &mut Queue, mem: &M, on: bool) -> bool {
                 }
             }
             Err(e) => {
-                log::warn!("virtio-net: enable notification: {e}");
+                virtio_dev::guest_warn!("virtio-net: enable notification: {e}");
                 false
             }
         }
     } else {
         if let Err(e) = q.disable_notification(mem) {
-            log::warn!("virtio-net: disable notification: {e}");
+            virtio_dev::guest_warn!("virtio-net: disable notification: {e}");
         }
         false
     }

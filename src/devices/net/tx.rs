@@ -60,7 +60,7 @@ fn tx_chain<M: Buffers>(
             batch.flush(backend);
         }
     } else {
-        log::warn!("virtio-net: malformed or oversized TX chain dropped");
+        virtio_dev::guest_warn!("virtio-net: malformed or oversized TX chain dropped");
         bump(&stats.tx_errors);
     }
     0

@@ -95,7 +95,7 @@ impl DeviceMemory {
                 "iommu=on {device} without a vIOMMU endpoint"
             ))),
             (Some(_), true) if acked_features & (1 << VIRTIO_F_ACCESS_PLATFORM) == 0 => {
-                log::warn!("{device}: driver did not accept VIRTIO_F_ACCESS_PLATFORM");
+                virtio_dev::guest_warn!("{device}: driver did not accept VIRTIO_F_ACCESS_PLATFORM");
                 Err(ActivateError::BadQueue(
                     "VIRTIO_F_ACCESS_PLATFORM not accepted by the driver".into(),
                 ))

@@ -68,6 +68,22 @@
 //!   region in each identity or boot-bypass container. Paging spaces need nothing: the guest
 //!   maps what it wants, and composition reads the current memory map.
 //!
+//! # BARs that stop decoding, move or reset
+//! A guest mapping names a guest-physical address, not a BAR: DMA through it must reach
+//! whatever decodes at that address *now*. When an assigned device's BAR stops decoding
+//! (memory decode off, function reset / FLR, device removed) or moves, the VMM calls
+//! [`Shadow::bars_changed`] (through [`BarTargets::changed`]) with the guest-physical ranges
+//! whose BAR mapping appeared or disappeared, before the device stops decoding. Every recorded
+//! mapping that went through the [`BarResolver`] and overlaps one of them is composed again
+//! against the current map: pieces that still compose the same are left alone, changed ones
+//! are unmapped and the new composition installed, and a mapping that no longer composes
+//! (its GPA is now neither RAM nor a mapped BAR) is *revoked*: its host pieces are removed but
+//! the guest mapping stays recorded, so it comes back when a BAR decodes there again (decode
+//! on, the BAR moved back) and the guest's later UNMAP still succeeds. Re-composing at the edge
+//! is the only choice: VFIO type1 has no page-request path, so a host IOMMU fault cannot be
+//! turned into a lazy re-map ("refault") later. The cost is one scan of the recorded mappings
+//! per BAR change plus one host call per affected piece.
+//!
 //! Devices not behind the vIOMMU use [`StaticMapping`](crate::engine::static_map::StaticMapping)
 //! instead.
 
@@ -76,7 +92,7 @@ use crate::engine::host::vfio::HostIommuInfo;
 use crate::engine::host::{DmaSpace, HostMapError, HostMapper, Prot};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
     GuestMemoryRegion, MemoryRegionAddress,
@@ -105,6 +121,8 @@ pub unsafe trait BarResolver: Send + Sync {
 #[derive(Default)]
 pub struct BarTargets {
     list: RwLock<Vec<Arc<dyn BarResolver>>>,
+    /// Shadows told when a BAR mapping changes.
+    watchers: RwLock<Vec<Weak<Shadow>>>,
 }
 
 impl BarTargets {
@@ -124,6 +142,29 @@ impl BarTargets {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|o| !Arc::ptr_eq(o, r));
+    }
+
+    /// Tell `shadow` (which resolves through these targets) about [`BarTargets::changed`].
+    /// Held weakly: a dropped shadow is forgotten.
+    pub fn watch(&self, shadow: &Arc<Shadow>) {
+        let mut w = self.watchers.write().unwrap_or_else(|e| e.into_inner());
+        w.retain(|s| s.strong_count() > 0);
+        w.push(Arc::downgrade(shadow));
+    }
+
+    /// BAR mappings appeared or disappeared at the guest-physical `ranges` (inclusive): every
+    /// watching shadow re-composes the mappings that target them ([`Shadow::bars_changed`]).
+    pub fn changed(&self, ranges: &[(u64, u64)]) {
+        let live: Vec<Arc<Shadow>> = self
+            .watchers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for s in live {
+            s.bars_changed(ranges);
+        }
     }
 }
 
@@ -185,7 +226,11 @@ pub struct Piece {
 #[derive(Clone, Debug)]
 struct Entry {
     size: u64,
+    gpa: u64,
     prot: Prot,
+    /// Composed through the BAR resolver (re-composed when a BAR changes; no pieces while
+    /// revoked).
+    bar: bool,
     first: Option<Piece>,
     rest: Vec<Piece>,
 }
@@ -194,6 +239,12 @@ impl Entry {
     /// Host records it counts for (see [`HostMapper::records`]): one per piece, at least one.
     fn weight(&self) -> usize {
         1 + self.rest.len()
+    }
+
+    fn set_pieces(&mut self, pieces: Vec<Piece>) {
+        let mut it = pieces.into_iter();
+        self.first = it.next();
+        self.rest = it.collect();
     }
 
     fn pieces(
@@ -320,6 +371,14 @@ impl Shadow {
         }
     }
 
+    /// Replace the host pieces of a recorded entry, keeping the record count exact (the caller
+    /// holds this shadow's lock).
+    fn set_pieces(&self, e: &mut Entry, pieces: Vec<Piece>) {
+        self.weight.fetch_sub(e.weight(), Ordering::Relaxed);
+        e.set_pieces(pieces);
+        self.weight.fetch_add(e.weight(), Ordering::Relaxed);
+    }
+
     /// Forget the entry at `iova` (the caller holds `rec`, this shadow's lock).
     fn forget(&self, rec: &mut BTreeMap<u64, Entry>, iova: u64) {
         if let Some(old) = rec.remove(&iova) {
@@ -332,7 +391,7 @@ impl Shadow {
     pub fn compose(&self, iova: u64, size: u64, gpa: u64) -> Result<Vec<Piece>, HostMapError> {
         let (_, gpa_last) = self.check(iova, size, gpa)?;
         let mut pieces = Vec::new();
-        self.compose_into(iova, size, gpa, gpa_last, |p| {
+        self.compose_into(iova, size, gpa, gpa_last, true, |p, _| {
             pieces.push(p);
         })?;
         Ok(pieces)
@@ -345,7 +404,9 @@ impl Shadow {
         let gpa_last = gpa.checked_add(len_m1).ok_or(HostMapError::OutOfRange)?;
         let ranges = &self.config.host_iova_ranges;
         if !ranges.is_empty() && !ranges.iter().any(|&(s, e)| s <= iova && last <= e) {
-            log::warn!("viommu shadow: IOVA {iova:#x}..={last:#x} outside the host IOMMU's ranges");
+            virtio_dev::guest_warn!(
+                "viommu shadow: IOVA {iova:#x}..={last:#x} outside the host IOMMU's ranges"
+            );
             return Err(HostMapError::OutOfRange);
         }
         if let Some(&(s, e)) = self
@@ -354,7 +415,7 @@ impl Shadow {
             .iter()
             .find(|&&(s, e)| overlaps(gpa, gpa_last, s, e))
         {
-            log::warn!(
+            virtio_dev::guest_warn!(
                 "viommu shadow: GPA {gpa:#x}..={gpa_last:#x} touches reserved {s:#x}..={e:#x}"
             );
             return Err(HostMapError::Invalid);
@@ -368,52 +429,130 @@ impl Shadow {
         size: u64,
         gpa: u64,
         gpa_last: u64,
-        mut push: impl FnMut(Piece),
+        log: bool,
+        mut push: impl FnMut(Piece, bool),
     ) -> Result<(), HostMapError> {
         let mem = self.mem.memory();
         let (mut cur_iova, mut cur_gpa, mut left) = (iova, gpa, size);
         let mut n = 0;
         while left > 0 {
-            let (host_addr, avail) = if let Some(r) = mem.find_region(GuestAddress(cur_gpa)) {
+            let (host_addr, avail, bar) = if let Some(r) = mem.find_region(GuestAddress(cur_gpa)) {
                 let off = cur_gpa - r.start_addr().0;
                 let host = r
                     .get_host_address(MemoryRegionAddress(off))
                     .map_err(|e| HostMapError::Failed(format!("GPA {cur_gpa:#x}: {e}")))?;
-                (host as u64, r.len() - off)
+                (host as u64, r.len() - off, false)
             } else if let Some((host, avail)) = self
                 .bars
                 .as_ref()
                 .and_then(|b| b.resolve(cur_gpa))
                 .filter(|&(_, avail)| avail > 0)
             {
-                (host, avail)
+                (host, avail, true)
             } else {
-                log::warn!(
-                    "viommu shadow: GPA {cur_gpa:#x} (of {gpa:#x}..={gpa_last:#x}) is neither \
-                     guest RAM nor a device BAR"
-                );
+                if log {
+                    virtio_dev::guest_warn!(
+                        "viommu shadow: GPA {cur_gpa:#x} (of {gpa:#x}..={gpa_last:#x}) is \
+                         neither guest RAM nor a device BAR"
+                    );
+                }
                 return Err(HostMapError::OutOfRange);
             };
             n += 1;
             if n > MAX_PIECES {
-                log::warn!(
+                virtio_dev::guest_warn!(
                     "viommu shadow: GPA {gpa:#x}..={gpa_last:#x} spans more than {MAX_PIECES} \
                      regions"
                 );
                 return Err(HostMapError::Failed("too many pieces".into()));
             }
             let take = left.min(avail);
-            push(Piece {
-                iova: cur_iova,
-                size: take,
-                host_addr,
-            });
+            push(
+                Piece {
+                    iova: cur_iova,
+                    size: take,
+                    host_addr,
+                },
+                bar,
+            );
             left -= take;
             // Cannot overflow: `check` bounded both ends of the whole range.
             cur_iova = cur_iova.wrapping_add(take);
             cur_gpa = cur_gpa.wrapping_add(take);
         }
         Ok(())
+    }
+
+    /// BAR mappings appeared or disappeared at the guest-physical `ranges` (inclusive):
+    /// re-compose every recorded mapping that went through the BAR resolver and overlaps one
+    /// of them (see "BARs that stop decoding, move or reset" in the module doc). Host failures
+    /// are logged; a mapping whose old pieces cannot be removed keeps them recorded (so a later
+    /// change or the guest's UNMAP retries), one whose new pieces cannot be installed stays
+    /// revoked.
+    pub fn bars_changed(&self, ranges: &[(u64, u64)]) {
+        if ranges.is_empty() {
+            return;
+        }
+        let mut rec = self.lock();
+        let affected: Vec<u64> = rec
+            .iter()
+            .filter(|(_, e)| {
+                let last = e.gpa.saturating_add(e.size - 1);
+                e.bar && ranges.iter().any(|&(s, l)| overlaps(e.gpa, last, s, l))
+            })
+            .map(|(&iova, _)| iova)
+            .collect();
+        let (mut revoked, mut moved) = (0usize, 0usize);
+        for iova in affected {
+            let Some(e) = rec.get_mut(&iova) else {
+                continue;
+            };
+            let gpa_last = e.gpa + (e.size - 1);
+            let mut new = Vec::new();
+            let composed = self
+                .compose_into(iova, e.size, e.gpa, gpa_last, false, |p, _| new.push(p))
+                .is_ok();
+            if composed && e.pieces().eq(new.iter()) {
+                continue;
+            }
+            if e.first.is_some() {
+                if let Err(err) = self.unmap_entry(e) {
+                    virtio_dev::guest_error!(
+                        "viommu shadow: revoking {iova:#x}+{:#x} (GPA {:#x}, a BAR that \
+                         changed) failed: {err}; the host keeps the old mapping",
+                        e.size,
+                        e.gpa
+                    );
+                    continue;
+                }
+                self.set_pieces(e, Vec::new());
+            }
+            if !composed {
+                revoked += 1;
+                continue;
+            }
+            match self.map_pieces(new.iter(), e.prot) {
+                Ok(()) => {
+                    self.set_pieces(e, new);
+                    moved += 1;
+                }
+                Err(err) => {
+                    virtio_dev::guest_error!(
+                        "viommu shadow: re-mapping {iova:#x}+{:#x} onto the BAR now at GPA \
+                         {:#x} failed: {err}; left revoked",
+                        e.size,
+                        e.gpa
+                    );
+                    revoked += 1;
+                }
+            }
+        }
+        if revoked + moved > 0 {
+            log::debug!(
+                "viommu shadow: BAR change at {ranges:x?}: {revoked} mapping(s) revoked, \
+                 {moved} re-mapped"
+            );
+        }
     }
 
     /// Unmap every recorded mapping (device teardown). Stops at the first host failure, leaving
@@ -457,7 +596,7 @@ impl Shadow {
     fn unmap_entry(&self, e: &Entry) -> Result<(), HostMapError> {
         for (i, p) in e.pieces().enumerate() {
             if let Err(err) = self.space.unmap(p.iova, p.size) {
-                log::warn!(
+                virtio_dev::guest_warn!(
                     "viommu shadow: host unmap {:#x}+{:#x} failed: {err}",
                     p.iova,
                     p.size
@@ -493,7 +632,7 @@ impl HostMapper for Shadow {
         }
         if let Some((&s, e)) = rec.range(..=last).next_back() {
             if overlaps(s, s + (e.size - 1), iova, last) {
-                log::warn!(
+                virtio_dev::guest_warn!(
                     "viommu shadow: map {iova:#x}..={last:#x} overlaps recorded {s:#x}+{:#x}",
                     e.size
                 );
@@ -502,12 +641,15 @@ impl HostMapper for Shadow {
         }
         let mut entry = Entry {
             size,
+            gpa,
             prot,
+            bar: false,
             first: None,
             rest: Vec::new(),
         };
         if prot.read || prot.write {
-            self.compose_into(iova, size, gpa, gpa_last, |p| {
+            self.compose_into(iova, size, gpa, gpa_last, true, |p, bar| {
+                entry.bar |= bar;
                 if entry.first.is_none() {
                     entry.first = Some(p);
                 } else {
@@ -529,7 +671,9 @@ impl HostMapper for Shadow {
                 Ok(())
             }
             _ => {
-                log::warn!("viommu shadow: unmap {iova:#x}+{size:#x} is not a recorded mapping");
+                virtio_dev::guest_warn!(
+                    "viommu shadow: unmap {iova:#x}+{size:#x} is not a recorded mapping"
+                );
                 Err(HostMapError::Invalid)
             }
         }

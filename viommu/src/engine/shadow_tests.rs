@@ -388,3 +388,120 @@ fn static_mapping_failure_leaves_nothing_mapped() {
         assert!(rec.mappings().is_empty(), "failing call {n}");
     }
 }
+
+/// A BAR whose guest address the test moves (None: not decoding), "mmapped" at `BAR_HOST`.
+struct MovableBar(Mutex<Option<u64>>);
+
+// SAFETY: only used with the recording mapper, which never accesses the addresses.
+unsafe impl BarResolver for MovableBar {
+    fn resolve(&self, gpa: u64) -> Option<(u64, u64)> {
+        let base = (*self.0.lock().unwrap())?;
+        let off = gpa.checked_sub(base)?;
+        (off < BAR_SIZE).then(|| (BAR_HOST + off, BAR_SIZE - off))
+    }
+}
+
+fn movable_shadow() -> (
+    Arc<RecordingMapper>,
+    Arc<MovableBar>,
+    Arc<BarTargets>,
+    Arc<Shadow>,
+) {
+    let rec = Arc::new(RecordingMapper::new());
+    let bar = Arc::new(MovableBar(Mutex::new(Some(BAR_GPA))));
+    let targets = Arc::new(BarTargets::new());
+    targets.add(bar.clone());
+    let s = Arc::new(Shadow::new(rec.clone(), memory()).with_bars(targets.clone()));
+    targets.watch(&s);
+    (rec, bar, targets, s)
+}
+
+#[test]
+fn a_bar_that_stops_decoding_loses_its_host_mappings_and_gets_them_back() {
+    let (rec, bar, targets, s) = movable_shadow();
+    let ram = hva(&s.mem, 0x3000);
+    HostMapper::map(&*s, 0x5000_0000, 0x2000, BAR_GPA + 0x1000, Prot::RW).unwrap();
+    HostMapper::map(&*s, 0x6000_0000, 0x1000, 0x3000, Prot::RW).unwrap();
+    assert_eq!(rec.mappings().len(), 2);
+    // Decode off: the BAR's part is revoked, the RAM mapping untouched.
+    *bar.0.lock().unwrap() = None;
+    targets.changed(&[(BAR_GPA, BAR_GPA + BAR_SIZE - 1)]);
+    assert_eq!(
+        rec.mappings().into_iter().collect::<Vec<_>>(),
+        vec![(0x6000_0000, (0x1000, ram, Prot::RW))],
+        "the BAR mapping left the host IOMMU"
+    );
+    assert_eq!(s.len(), 2, "the guest mapping stays recorded");
+    // A change elsewhere does not touch it.
+    let ops = rec.ops().len();
+    targets.changed(&[(0x9000_0000, 0x9000_ffff)]);
+    assert_eq!(rec.ops().len(), ops);
+    // Decode on again: back at the same host address.
+    *bar.0.lock().unwrap() = Some(BAR_GPA);
+    targets.changed(&[(BAR_GPA, BAR_GPA + BAR_SIZE - 1)]);
+    assert_eq!(
+        rec.mappings().get(&0x5000_0000),
+        Some(&(0x2000, BAR_HOST + 0x1000, Prot::RW))
+    );
+    // Unchanged composition: no host call.
+    let ops = rec.ops().len();
+    targets.changed(&[(BAR_GPA, BAR_GPA + BAR_SIZE - 1)]);
+    assert_eq!(rec.ops().len(), ops);
+    // Revoked, then unmapped by the guest: no host call, nothing left.
+    *bar.0.lock().unwrap() = None;
+    targets.changed(&[(BAR_GPA, BAR_GPA + BAR_SIZE - 1)]);
+    let ops = rec.ops().len();
+    HostMapper::unmap(&*s, 0x5000_0000, 0x2000).unwrap();
+    assert_eq!(rec.ops().len(), ops);
+    assert_eq!(s.len(), 1);
+    // Revocations and re-mappings kept the record count exact: one entry of one piece left.
+    assert_eq!(HostMapper::records(&*s), 1);
+}
+
+#[test]
+fn a_moved_bar_is_not_followed_and_a_bar_moved_in_is_picked_up() {
+    let (rec, bar, targets, s) = movable_shadow();
+    let new_base = BAR_GPA + 0x100_0000;
+    HostMapper::map(&*s, 0x5000_0000, 0x1000, BAR_GPA, Prot::RW).unwrap();
+    HostMapper::map(&*s, 0x5100_0000, 0x1000, new_base + 0x2000, Prot::RW)
+        .expect_err("nothing decodes there yet");
+    // The BAR moves: the old address no longer reaches it.
+    *bar.0.lock().unwrap() = Some(new_base);
+    targets.changed(&[
+        (BAR_GPA, BAR_GPA + BAR_SIZE - 1),
+        (new_base, new_base + BAR_SIZE - 1),
+    ]);
+    assert!(rec.mappings().is_empty(), "{:x?}", rec.mappings());
+    // A mapping made after the move reaches the new place; moving back restores the first.
+    HostMapper::map(&*s, 0x5100_0000, 0x1000, new_base + 0x2000, Prot::RW).unwrap();
+    *bar.0.lock().unwrap() = Some(BAR_GPA);
+    targets.changed(&[
+        (BAR_GPA, BAR_GPA + BAR_SIZE - 1),
+        (new_base, new_base + BAR_SIZE - 1),
+    ]);
+    assert_eq!(
+        rec.mappings().into_iter().collect::<Vec<_>>(),
+        vec![(0x5000_0000, (0x1000, BAR_HOST, Prot::RW))]
+    );
+    assert_eq!(s.len(), 2);
+}
+
+#[test]
+fn a_failed_revocation_keeps_the_mapping_recorded_for_a_retry() {
+    let (rec, bar, targets, s) = movable_shadow();
+    HostMapper::map(&*s, 0x5000_0000, 0x1000, BAR_GPA, Prot::RW).unwrap();
+    *bar.0.lock().unwrap() = None;
+    rec.fail_call(0, HostMapError::Failed("busy".into()));
+    targets.changed(&[(BAR_GPA, BAR_GPA + BAR_SIZE - 1)]);
+    assert_eq!(
+        s.host_mappings().len(),
+        1,
+        "still installed, still recorded"
+    );
+    targets.changed(&[(BAR_GPA, BAR_GPA + BAR_SIZE - 1)]);
+    assert!(s.host_mappings().is_empty());
+    assert!(rec.mappings().is_empty());
+    drop(s);
+    // A dropped shadow is no longer told.
+    targets.changed(&[(BAR_GPA, BAR_GPA + BAR_SIZE - 1)]);
+}

@@ -605,7 +605,7 @@ impl Engine {
                     .and_then(|o| self.spaces.get(&o))
                     .is_some_and(|o| o.endpoints.len() == 1);
                 if self.spaces.len() - usize::from(frees) >= self.limits.max_domains {
-                    log::warn!(
+                    virtio_dev::guest_warn!(
                         "virtio-iommu: ATTACH {endpoint:#x} -> {space}: domain limit {} reached",
                         self.limits.max_domains
                     );
@@ -635,7 +635,9 @@ impl Engine {
                 return Err(EngineError::HostNeedsReset);
             }
             if let Err(e) = unmap_all(std::slice::from_ref(&h), &release) {
-                log::warn!("virtio-iommu: ATTACH {endpoint:#x} -> {space}: host unmap: {e}");
+                virtio_dev::guest_warn!(
+                    "virtio-iommu: ATTACH {endpoint:#x} -> {space}: host unmap: {e}"
+                );
                 return Err(e.into());
             }
             let target = self.spaces.get(&space);
@@ -646,7 +648,7 @@ impl Engine {
                 };
                 let res = match map_all(&h, &contents, &mut self.stale) {
                     Ok(()) if self.host_records() > self.limits.max_host_records => {
-                        log::warn!(
+                        virtio_dev::guest_warn!(
                             "virtio-iommu: ATTACH {endpoint:#x} -> {space}: host mapping \
                              record limit {} reached",
                             self.limits.max_host_records
@@ -656,7 +658,7 @@ impl Engine {
                     }
                     Ok(()) => Ok(()),
                     Err(e) => {
-                        log::warn!("virtio-iommu: ATTACH {endpoint:#x} -> {space}: host: {e}");
+                        virtio_dev::guest_warn!("virtio-iommu: ATTACH {endpoint:#x} -> {space}: host: {e}");
                         Err(e.into())
                     }
                 };
@@ -712,7 +714,9 @@ impl Engine {
         if let Some(h) = ep.host.clone() {
             let release = self.host_release(endpoint, space);
             if let Err(e) = unmap_all(std::slice::from_ref(&h), &release) {
-                log::warn!("virtio-iommu: DETACH {endpoint:#x} from {space}: host: {e}");
+                virtio_dev::guest_warn!(
+                    "virtio-iommu: DETACH {endpoint:#x} from {space}: host: {e}"
+                );
                 return Err(e.into());
             }
         }
@@ -760,7 +764,7 @@ impl Engine {
         if d.table.len() >= self.limits.max_mappings_per_domain
             || self.total_mappings >= self.limits.max_total_mappings
         {
-            log::warn!(
+            virtio_dev::guest_warn!(
                 "virtio-iommu: MAP in domain {space}: mapping limit reached ({} per domain, {} \
                  in total)",
                 self.limits.max_mappings_per_domain,
@@ -790,7 +794,7 @@ impl Engine {
             }
             for (i, h) in d.hosts.iter().enumerate() {
                 if let Err(e) = h.map(m.start, size, m.gpa, prot(&m)) {
-                    log::warn!(
+                    virtio_dev::guest_warn!(
                         "virtio-iommu: MAP {:#x}+{size:#x} in {space}: host: {e}",
                         m.start
                     );
@@ -848,7 +852,9 @@ impl Engine {
         if !d.hosts.is_empty() {
             covered.reverse();
             if let Err(e) = unmap_all(&d.hosts, &covered) {
-                log::warn!("virtio-iommu: UNMAP {start:#x}..={end:#x} in {space}: host: {e}");
+                virtio_dev::guest_warn!(
+                    "virtio-iommu: UNMAP {start:#x}..={end:#x} in {space}: host: {e}"
+                );
                 return Err(e.into());
             }
         }

@@ -511,7 +511,7 @@ impl<'a, M: GuestMemoryBackend> TranslatedSlices<'a, M> {
             Place::Gpa(gpa) => owner.mem.to_region_addr(gpa),
         };
         let Some((region, off)) = found else {
-            log::warn!(
+            virtio_dev::guest_warn!(
                 "virtio-iommu: endpoint {:#x}: IOVA {iova:#x} is not mapped to guest RAM",
                 owner.endpoint.id(),
             );

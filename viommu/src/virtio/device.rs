@@ -1,5 +1,17 @@
 //! The virtio-iommu device (type 23) behind the virtio-pci transport: features, config space,
 //! the request queue (served inline on the vCPU thread that kicked) and the event queue.
+//!
+//! # Work per notification
+//! One notification serves at most one round of chains (the queue size: every request a driver
+//! can have outstanding at once) and stops early, after the request that crossed it, once the
+//! requests of this notification made [`HOST_CALLS_PER_NOTIFY`] host mapper calls (an ATTACH
+//! of a host endpoint replays its new domain: one call per mapping). What is left is reported
+//! by [`VirtioDevice::queue_pending`] and served by the next `queue_notify` (the VMM's
+//! continuation thread calls it at once, see `devices::polled`). One request is never split:
+//! the guest may see ATTACH complete only once the container holds exactly the new domain, so
+//! the cost of one ATTACH stays one replay (at most the domain's mapping limit); a ping-pong of
+//! ATTACHes costs one replay per ATTACH, as the isolation demands, but at most about
+//! `HOST_CALLS_PER_NOTIFY` (plus one request's own) per notification under the device lock.
 
 use crate::engine::endpoint::{DomainError, EndpointHandle};
 use crate::engine::host::HostMapper;
@@ -13,6 +25,7 @@ use crate::virtio::spec::{
     F_INPUT_RANGE, F_MAP_UNMAP, F_MMIO, F_PROBE, REQUEST_QUEUE, TAIL_SIZE, VIRTIO_F_VERSION_1,
     VIRTIO_ID_IOMMU,
 };
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use virtio_dev::{
     build_queue, wants_interrupt, ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt,
@@ -21,8 +34,33 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-/// Chains served per notification before publishing and completing them.
-const MAX_CHAINS_PER_NOTIFY: usize = 1 << 16;
+/// Host mapper calls (VFIO map/unmap) after which a notification stops serving requests; the
+/// rest is served by the next one (see the module doc).
+pub const HOST_CALLS_PER_NOTIFY: u64 = 4096;
+
+/// A host mapper that counts the calls made through it (the work budget of a notification).
+struct Metered {
+    inner: Arc<dyn HostMapper>,
+    calls: Arc<AtomicU64>,
+}
+
+impl HostMapper for Metered {
+    fn map(
+        &self,
+        iova: u64,
+        size: u64,
+        gpa: u64,
+        prot: crate::engine::host::Prot,
+    ) -> Result<(), crate::engine::host::HostMapError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.map(iova, size, gpa, prot)
+    }
+
+    fn unmap(&self, iova: u64, size: u64) -> Result<(), crate::engine::host::HostMapError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.unmap(iova, size)
+    }
+}
 
 struct Active {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
@@ -41,6 +79,13 @@ pub struct Viommu {
     acked: u64,
     active: Option<Active>,
     completions: Vec<(u16, u32)>,
+    /// Host mapper calls made through every host endpoint's mapper.
+    host_calls: Arc<AtomicU64>,
+    /// The wrapper of each host mapper registered (same mapper, same wrapper: the engine
+    /// dedupes host address spaces by pointer).
+    metered: Vec<(Arc<dyn HostMapper>, Arc<dyn HostMapper>)>,
+    /// The last notification stopped at its budget with requests left.
+    pending: bool,
 }
 
 fn bit(b: u32) -> u64 {
@@ -70,6 +115,9 @@ impl Viommu {
             acked: 0,
             active: None,
             completions: Vec::new(),
+            host_calls: Arc::new(AtomicU64::new(0)),
+            metered: Vec::new(),
+            pending: false,
         })
     }
 
@@ -85,7 +133,23 @@ impl Viommu {
         id: u32,
         host: Arc<dyn HostMapper>,
     ) -> Result<EndpointHandle, DomainError> {
-        self.domains.add_endpoint(id, Some(host))
+        let metered = match self.metered.iter().find(|(h, _)| Arc::ptr_eq(h, &host)) {
+            Some((_, m)) => m.clone(),
+            None => {
+                let m: Arc<dyn HostMapper> = Arc::new(Metered {
+                    inner: host.clone(),
+                    calls: self.host_calls.clone(),
+                });
+                self.metered.push((host, m.clone()));
+                m
+            }
+        };
+        self.domains.add_endpoint(id, Some(metered))
+    }
+
+    /// Host mapper calls made so far through the host endpoints' mappers.
+    pub fn host_calls(&self) -> u64 {
+        self.host_calls.load(Ordering::Relaxed)
     }
 
     /// Guest RAM as `(start, len)` ranges: identity-mapped into the host address spaces of
@@ -173,14 +237,14 @@ impl Viommu {
         let (req, reply) = match reply_result {
             Ok(x) => x,
             Err(e) => {
-                log::warn!("virtio-iommu: malformed request (head {head}): {e}");
+                virtio_dev::guest_warn!("virtio-iommu: malformed request (head {head}): {e}");
                 self.counters.malformed();
                 return 0;
             }
         };
         let status = self.execute(&req);
         if status != Status::Ok {
-            log::warn!("virtio-iommu: {req:?} -> {status:?}");
+            virtio_dev::guest_warn!("virtio-iommu: {req:?} -> {status:?}");
         }
         self.counters.status(status);
         let tail = [status as u8, 0, 0, 0];
@@ -200,47 +264,53 @@ impl Viommu {
             // Bounded by MAX_PROBE_SIZE + TAIL_SIZE.
             Ok(n) => n as u32,
             Err(e) => {
-                log::warn!("virtio-iommu: cannot write reply (head {head}): {e}");
+                virtio_dev::guest_warn!("virtio-iommu: cannot write reply (head {head}): {e}");
                 0
             }
         }
     }
 
-    /// Pop and serve every available request, publish the resulting views once, then complete
-    /// the chains (an UNMAP completes only after no device can use the old mapping).
+    /// Pop and serve the available requests up to this notification's budget (see the module
+    /// doc), publish the resulting views once, then complete the chains (an UNMAP completes
+    /// only after no device can use the old mapping).
     fn process_requests(&mut self) {
+        self.pending = false;
         let Some(mut active) = self.active.take() else {
             return;
         };
         let mem = active.mem.memory();
         let probe_size = self.negotiated(F_PROBE).then_some(self.config.probe_size);
-        let mut served = 0usize;
         let since = active.queue.next_used();
         let mut completions = std::mem::take(&mut self.completions);
-        loop {
-            completions.clear();
-            while completions.len() < usize::from(active.queue.size()) {
-                let Some(chain) = active.queue.pop_descriptor_chain(&*mem) else {
-                    break;
-                };
-                let head = chain.head_index();
-                let parsed = parse(chain, probe_size);
-                let len = self.serve(head, parsed, &mem);
-                completions.push((head, len));
-            }
-            if completions.is_empty() {
+        let calls_at_start = self.host_calls();
+        completions.clear();
+        let mut over_budget = false;
+        while completions.len() < usize::from(active.queue.size()) {
+            if self.host_calls().wrapping_sub(calls_at_start) >= HOST_CALLS_PER_NOTIFY {
+                over_budget = true;
                 break;
             }
+            let Some(chain) = active.queue.pop_descriptor_chain(&*mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let parsed = parse(chain, probe_size);
+            let len = self.serve(head, parsed, &mem);
+            completions.push((head, len));
+        }
+        if !completions.is_empty() {
             self.domains.publish();
             for &(head, len) in &completions {
                 if let Err(e) = active.queue.add_used(&*mem, head, len) {
-                    log::warn!("virtio-iommu: request queue used ring: {e}");
+                    virtio_dev::guest_warn!("virtio-iommu: request queue used ring: {e}");
                 }
             }
-            served += completions.len();
-            if served >= MAX_CHAINS_PER_NOTIFY {
-                break;
-            }
+            let full_round = completions.len() >= usize::from(active.queue.size());
+            self.pending = (over_budget || full_round)
+                && active
+                    .queue
+                    .avail_idx(&*mem, std::sync::atomic::Ordering::Acquire)
+                    .is_ok_and(|idx| idx.0 != active.queue.next_avail());
         }
         if wants_interrupt(&active.queue, &*mem, since) {
             active.interrupt.signal_queue(REQUEST_QUEUE);
@@ -302,7 +372,7 @@ impl VirtioDevice for Viommu {
         let allowed = self.active.is_none() || self.negotiated(F_BYPASS_CONFIG);
         match (offset, data) {
             (CONFIG_BYPASS_OFFSET, [v @ (0 | 1)]) if allowed => self.domains.set_bypass(*v == 1),
-            _ => log::warn!(
+            _ => virtio_dev::guest_warn!(
                 "virtio-iommu: ignored config write at {offset:#x} ({} bytes)",
                 data.len()
             ),
@@ -335,7 +405,9 @@ impl VirtioDevice for Viommu {
             evt.is_valid(&*m)
         };
         if !evt_ok {
-            log::warn!("virtio-iommu: event queue unusable; faults will not be reported");
+            virtio_dev::guest_warn!(
+                "virtio-iommu: event queue unusable; faults will not be reported"
+            );
         }
         {
             use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -362,6 +434,7 @@ impl VirtioDevice for Viommu {
 
     fn reset(&mut self) {
         self.active = None;
+        self.pending = false;
         self.faults.set_queue(None);
         self.acked = 0;
         self.domains.set_negotiated(true, self.config.mmio);
@@ -372,12 +445,16 @@ impl VirtioDevice for Viommu {
         true
     }
 
+    fn queue_pending(&self, queue: u16) -> bool {
+        queue == REQUEST_QUEUE && self.pending && self.active.is_some()
+    }
+
     fn queue_notify(&mut self, queue: u16) {
         match queue {
             REQUEST_QUEUE => self.process_requests(),
             // Event buffers are consumed when faults happen; nothing is queued meanwhile.
             EVENT_QUEUE => {}
-            q => log::warn!("virtio-iommu: notify for unknown queue {q}"),
+            q => virtio_dev::guest_warn!("virtio-iommu: notify for unknown queue {q}"),
         }
     }
 }

@@ -158,11 +158,13 @@ fn deliver(q: &mut EventQueue, record: &FaultRecord) -> bool {
         let used = if ok && written == FAULT_SIZE {
             FAULT_SIZE as u32
         } else {
-            log::warn!("virtio-iommu: unusable event buffer (head {head}), returned empty");
+            virtio_dev::guest_warn!(
+                "virtio-iommu: unusable event buffer (head {head}), returned empty"
+            );
             0
         };
         if q.queue.add_used(&*mem, head, used).is_err() {
-            log::warn!("virtio-iommu: event queue used ring not writable");
+            virtio_dev::guest_warn!("virtio-iommu: event queue used ring not writable");
             break;
         }
         if used != 0 {

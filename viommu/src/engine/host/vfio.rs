@@ -315,9 +315,9 @@ impl DmaSpace for VfioDmaSpace {
             Some(libc::EINVAL) if !self.in_host_range(iova, size) => HostMapError::OutOfRange,
             _ => HostMapError::Failed(format!("VFIO_IOMMU_MAP_DMA: {e}")),
         };
-        log::warn!("viommu vfio: map {iova:#x}+{size:#x} -> {host_addr:#x}: {e}");
+        virtio_dev::guest_warn!("viommu vfio: map {iova:#x}+{size:#x} -> {host_addr:#x}: {e}");
         if err == HostMapError::NoSpace {
-            log::warn!(
+            virtio_dev::guest_warn!(
                 "viommu vfio: the container is out of mappings or locked memory (type1 \
                  dma_entry_limit defaults to 65535; RLIMIT_MEMLOCK)"
             );
@@ -329,13 +329,15 @@ impl DmaSpace for VfioDmaSpace {
         match self.unmap_raw(iova, size) {
             Ok(n) if n == size => Ok(()),
             Ok(n) => {
-                log::warn!("viommu vfio: unmap {iova:#x}+{size:#x} removed {n:#x} bytes");
+                virtio_dev::guest_warn!(
+                    "viommu vfio: unmap {iova:#x}+{size:#x} removed {n:#x} bytes"
+                );
                 Err(HostMapError::Failed(format!(
                     "unmapped {n:#x} of {size:#x} bytes"
                 )))
             }
             Err(e) => {
-                log::warn!("viommu vfio: unmap {iova:#x}+{size:#x}: {e}");
+                virtio_dev::guest_warn!("viommu vfio: unmap {iova:#x}+{size:#x}: {e}");
                 Err(match e.raw_os_error() {
                     Some(libc::EINVAL) | Some(libc::ENOENT) => HostMapError::Invalid,
                     _ => HostMapError::Failed(format!("VFIO_IOMMU_UNMAP_DMA: {e}")),
