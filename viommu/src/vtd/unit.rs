@@ -29,7 +29,7 @@ use super::diff::{diff, Change};
 use super::fault::{should_record, Fault, FaultReason};
 use super::invalidation::{ContextInvalidation, Invalidation, IotlbInvalidation, IotlbScope};
 use super::queue;
-use super::regs::{Action, MsiMessage, Registers};
+use super::regs::{offset, Action, MsiMessage, Registers};
 use super::tables::{lookup_context, ContextEntry, PageTable, TableFault, Translation};
 use super::walk::{translate, walk_range, Perm, Run};
 use crate::engine::endpoint::{DomainError, EndpointHandle};
@@ -53,8 +53,15 @@ const MAX_PENDING_FAULTS: usize = 64;
 /// Sends the unit's interrupts (fault event, invalidation completion event): the VMM
 /// implements it with its MSI layer.
 pub trait MsiSender: Send + Sync {
-    /// Deliver `msi` to the guest.
+    /// Deliver `msi` to the guest. Fault events may be sent from any thread that does DMA.
     fn send(&self, msi: MsiMessage);
+
+    /// The guest programmed the fault event registers (FEADDR/FEUADDR/FEDATA) to `msi`, on the
+    /// vCPU thread of that write: a sender may prepare its route here so that [`Self::send`]
+    /// is a plain signal from any thread.
+    fn program(&self, msi: MsiMessage) {
+        let _ = msi;
+    }
 }
 
 /// What one unit implements and how much guest-created state it may hold.
@@ -340,7 +347,28 @@ impl UnitState {
         }
     }
 
+    fn reg32(&mut self, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        self.regs.read(offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+
     fn write(&mut self, offset: u64, data: &[u8]) {
+        let end = offset.saturating_add(data.len() as u64);
+        if offset < offset::FEUADDR + 4 && end > offset::FEDATA {
+            self.write_actions(offset, data);
+            let msi = MsiMessage {
+                address: u64::from(self.reg32(offset::FEUADDR)) << 32
+                    | u64::from(self.reg32(offset::FEADDR)),
+                data: self.reg32(offset::FEDATA),
+            };
+            self.msi.program(msi);
+        } else {
+            self.write_actions(offset, data);
+        }
+    }
+
+    fn write_actions(&mut self, offset: u64, data: &[u8]) {
         let mut actions: VecDeque<Action> = self.regs.write(offset, data).into();
         while let Some(a) = actions.pop_front() {
             match a {

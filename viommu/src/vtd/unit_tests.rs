@@ -24,11 +24,15 @@ const GCMD_SRTP: u32 = 1 << 30;
 const GCMD_QIE: u32 = 1 << 26;
 
 #[derive(Default)]
-struct Msis(Mutex<Vec<MsiMessage>>);
+struct Msis(Mutex<Vec<MsiMessage>>, Mutex<Option<MsiMessage>>);
 
 impl MsiSender for Msis {
     fn send(&self, msi: MsiMessage) {
         self.0.lock().unwrap().push(msi);
+    }
+
+    fn program(&self, msi: MsiMessage) {
+        *self.1.lock().unwrap() = Some(msi);
     }
 }
 
@@ -287,9 +291,16 @@ fn linux_bring_up_map_psi_unmap_switch_and_fault() {
     let dev = g.device(&ep);
     g.bring_up();
     g.w32(offset::FEDATA, 0x42);
-    g.w32(offset::FEADDR, 0xfee0_1000);
-    g.w32(offset::FEUADDR, 0);
+    g.w64(offset::FEADDR, 0xfee0_1000);
     g.w32(offset::FECTL, 0);
+    assert_eq!(
+        *g.msis.1.lock().unwrap(),
+        Some(MsiMessage {
+            address: 0xfee0_1000,
+            data: 0x42
+        }),
+        "the sender learns the route when the guest programs it"
+    );
 
     // A DMA domain (DID 1) for the disk.
     let slpt = g.attach(DISK, 1);
