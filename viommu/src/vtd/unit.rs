@@ -307,6 +307,11 @@ impl Unit {
         self.lock().engine.mappings(u32::from(did))
     }
 
+    /// The root table latched by the last GCMD.SRTP.
+    pub fn root_table(&self) -> Option<super::tables::RootTable> {
+        self.lock().regs.root_table()
+    }
+
     /// Estimated heap bytes of guest-created state (bounded by the limits).
     pub fn memory_estimate(&self) -> usize {
         self.lock().engine.memory_estimate()
