@@ -158,8 +158,19 @@ fn get(c: &[(String, u64)], name: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("counter {name} missing"))
 }
 
-/// The unit saw invalidations, no fault and no error; mappings as the mode implies.
+/// The unit saw invalidations, no fault and no error, logged no warning; mappings as the mode
+/// implies.
 fn vtd_counters_check(o: &Outcome, translated: bool) -> Result<(), String> {
+    let warnings: Vec<&str> = o
+        .vmm_log
+        .lines()
+        .filter(|l| {
+            (l.starts_with("[vmm WARN") || l.starts_with("[vmm ERROR")) && l.contains("vtd")
+        })
+        .collect();
+    if !warnings.is_empty() {
+        return Err(format!("the VMM logged:\n{}", warnings.join("\n")));
+    }
     let c = vtd_counters(o)?;
     for bad in ["errors", "faults"] {
         let n = get(&c, bad)?;
