@@ -7,6 +7,9 @@
 //! - `vtd-pt`: `iommu=pt`: pass-through context entries (identity group), no mapping at all.
 //! - `vtd-rebind`: the disk's driver unbound and bound again three times, data intact each time.
 //! - `vtd-net`: two virtio-net ports on one hub behind the unit exchange ARP through the hub.
+//! - `vtd-fault`: the disk's driver unbound, the function driven by hand (/dev/mem) with rings
+//!   at unmapped IOVAs: the device's DMA faults and Linux prints `DMAR: [DMA Read NO_PASID]
+//!   Request device [00:01.0] fault addr ...`.
 //! - `qemu-vtd-strict` (opt-in): the reference, QEMU's `intel-iommu,caching-mode=on` running
 //!   the strict script.
 //!
@@ -60,6 +63,46 @@ for r in 1 2 3; do
     sum=$(dd if=/dev/vda bs=65536 count=16 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
     echo "REBIND-$r $drv $sum"
 done
+"#;
+
+/// Guest script of `vtd-fault`: unbind the disk's driver (its DMA domain stays, now without a
+/// mapping), then drive the virtio-pci function by hand through /dev/mem with rings at IOVAs
+/// the guest never mapped: the device's DMA at DRIVER_OK must fault, and Linux's DMAR fault
+/// handler must name the device and the address.
+const FAULT_SH: &str = r#"
+echo "$bdf" >/sys/bus/pci/drivers/virtio-pci/unbind || { echo "unbind failed"; exit 21; }
+i=0
+while [ -b /dev/vda ] && [ $i -lt 30 ]; do sleep 1; i=$((i + 1)); done
+bar=$(head -n 1 "/sys/bus/pci/devices/$bdf/resource" | cut -d' ' -f1)
+echo "BAR0 $bar"
+# Memory decode and bus mastering (unbinding cleared the latter).
+printf '\006\000' | dd of="/sys/bus/pci/devices/$bdf/config" bs=1 seek=4 count=2 conv=notrunc 2>/dev/null
+w() { devmem "$(printf '0x%x' $((bar + $1)))" "$2" "$3"; }
+r() { devmem "$(printf '0x%x' $((bar + $1)))" "$2"; }
+w 0x14 8 0
+w 0x14 8 1
+w 0x14 8 3
+w 0x08 32 1
+w 0x0c 32 3
+w 0x14 8 11
+echo "FEATURES-STATUS $(r 0x14 8)"
+w 0x16 16 0
+w 0x20 32 0x100000
+w 0x24 32 0
+w 0x28 32 0x101000
+w 0x2c 32 0
+w 0x30 32 0x102000
+w 0x34 32 0
+w 0x1c 16 1
+w 0x14 8 15
+sleep 1
+w 0x3000 16 0
+sleep 2
+echo "DEVICE-STATUS $(r 0x14 8)"
+echo FAULT-DMESG-BEGIN
+dmesg | grep -E 'DMAR' | grep -iE 'fault' || true
+echo FAULT-DMESG-END
+exit 0
 "#;
 
 /// What a scenario asks of the guest's IOMMU setup.
@@ -158,16 +201,20 @@ fn get(c: &[(String, u64)], name: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("counter {name} missing"))
 }
 
-/// The unit saw invalidations, no fault and no error, logged no warning; mappings as the mode
-/// implies.
-fn vtd_counters_check(o: &Outcome, translated: bool) -> Result<(), String> {
-    let warnings: Vec<&str> = o
-        .vmm_log
+/// VT-d warnings and errors in the VMM's log.
+fn vtd_warnings(o: &Outcome) -> Vec<&str> {
+    o.vmm_log
         .lines()
         .filter(|l| {
             (l.starts_with("[vmm WARN") || l.starts_with("[vmm ERROR")) && l.contains("vtd")
         })
-        .collect();
+        .collect()
+}
+
+/// The unit saw invalidations, no fault and no error, logged no warning; mappings as the mode
+/// implies.
+fn vtd_counters_check(o: &Outcome, translated: bool) -> Result<(), String> {
+    let warnings = vtd_warnings(o);
     if !warnings.is_empty() {
         return Err(format!("the VMM logged:\n{}", warnings.join("\n")));
     }
@@ -312,9 +359,58 @@ fn net_case() -> Case {
     })
 }
 
-/// `vtd-strict`, `vtd-pt`, `vtd-rebind`, `vtd-net` and the opt-in `qemu-vtd-strict`.
+/// `vtd-fault`: a DMA to IOVAs the guest never mapped is refused, recorded, and reported by
+/// Linux with the device and the address.
+fn fault_case() -> Case {
+    let name = "vtd-fault";
+    let image = scratch_dir().join(format!("{name}.img"));
+    make_disk(&image, &pattern(0xfa17, MIB));
+    let script = format!("{DMESG_SH}{DISK_INFO_SH}{FAULT_SH}");
+    let mut args = Scenario::base_args(Program::Vmm, 1, 512, false);
+    args.extend(["--viommu", "vtd", "--disk", "path={disk0},iommu=on"].map(String::from));
+    let scenario = Scenario::vmm(name, script)
+        .disk(&image)
+        .args(args)
+        .cmdline_extra("intel_iommu=on")
+        .timeout(Duration::from_secs(300));
+    Case::new(scenario, move |o| {
+        clean_exit(o)?;
+        disk_group_check(o, Mode::Strict, Some(DISK_BDF))?;
+        match value(&o.serial, "FEATURES-STATUS") {
+            Some("0x0B") | Some("0x0b") => {}
+            other => return Err(format!("FEATURES_OK not accepted: status {other:?}")),
+        }
+        let log = section(&o.serial, "FAULT-DMESG-BEGIN", "FAULT-DMESG-END")
+            .ok_or("the fault section is missing")?;
+        for l in &log {
+            println!("    {name}: {}", l.trim());
+        }
+        let want = "Request device [00:01.0] fault addr 0x10";
+        if !log
+            .iter()
+            .any(|l| l.contains("[DMA Read NO_PASID]") && l.contains(want))
+        {
+            return Err(format!("no 'DMAR: [DMA Read NO_PASID] {want}...' line"));
+        }
+        for l in vtd_warnings(o) {
+            println!("    {name}: vmm: {l}");
+        }
+        let c = vtd_counters(o)?;
+        let (faults, errors) = (get(&c, "faults")?, get(&c, "errors")?);
+        if faults == 0 || errors != 0 {
+            return Err(format!(
+                "faults={faults} errors={errors}, want faults > 0, no error"
+            ));
+        }
+        Ok(())
+    })
+}
+
+/// `vtd-strict`, `vtd-pt`, `vtd-rebind`, `vtd-net`, `vtd-fault` and the opt-in
+/// `qemu-vtd-strict`.
 pub fn cases() -> Vec<Case> {
     vec![
+        fault_case(),
         disk_case("vtd-strict", Mode::Strict, Program::Vmm),
         disk_case("vtd-pt", Mode::PassThrough, Program::Vmm),
         disk_case("vtd-rebind", Mode::Rebind, Program::Vmm),
