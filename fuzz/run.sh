@@ -11,10 +11,10 @@ cd "$(dirname "$0")"
 SECONDS_EACH=${FUZZ_SECONDS:-60}
 # FUZZ_NO_BLK=1: leave out virtio_blk and the `vmm` crate (e.g. while it does not build).
 FEATURES=()
-ALL=(viommu_queue virtio_pci pci_config virtio_blk)
+ALL=(viommu_queue virtio_pci pci_config virtio_blk vtd_unit)
 if [ -n "${FUZZ_NO_BLK:-}" ]; then
     FEATURES=(--no-default-features)
-    ALL=(viommu_queue virtio_pci pci_config)
+    ALL=(viommu_queue virtio_pci pci_config vtd_unit)
 fi
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use log::LevelFilter;
 
 use crate::config::{
-    self, BlockConfig, ConfigError, NetConfig, SerialOutput, VfioDeviceConfig, ViommuOptions,
+    self, BlockConfig, ConfigError, IommuChoice, NetConfig, SerialOutput, VfioDeviceConfig,
     VmConfig,
 };
 use crate::seccomp::{SeccompMode, ThreadKind};
@@ -45,6 +45,12 @@ usage: vmm --kernel BZIMAGE [options]
                         microseconds after the last request (default 0 = kicks only; a
                         poller needs a spare host CPU: under nested TCG on 2 busy cores it
                         measured slower)
+  --viommu vtd[,aw=39|48][,max-domains=N][,max-mappings=N]
+                        an emulated Intel VT-d instead (legacy mode, caching mode, no
+                        interrupt remapping): its registers at 0xfed90000 and an ACPI DMAR
+                        table; iommu=on disks and ports sit behind it (boot the guest with
+                        intel_iommu=on); aw: widest second-level table (default 48);
+                        VFIO devices with iommu=on are not supported behind it yet
   --serial stdout|file=PATH
                         where COM1 output goes (default: stdout)
   --seccomp off|log|on  system-call filters on every VMM thread once the machine is built
@@ -131,10 +137,15 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, ConfigE
             }
             "--viommu" => {
                 let arg = value()?;
-                c.viommu = ViommuOptions::parse(&arg).map_err(|source| ConfigError::Viommu {
+                let choice = IommuChoice::parse(&arg).map_err(|source| ConfigError::Viommu {
                     arg: arg.clone(),
                     source,
                 })?;
+                (c.viommu, c.vtd) = match choice {
+                    IommuChoice::Off => (None, None),
+                    IommuChoice::Virtio(o) => (Some(o), None),
+                    IommuChoice::Vtd(o) => (None, Some(o)),
+                };
             }
             "--serial" => {
                 let v = value()?;
@@ -166,6 +177,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, ConfigE
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{ViommuOptions, VtdOptions};
 
     fn p(a: &[&str]) -> Result<Command, String> {
         parse(a.iter().map(|s| s.to_string())).map_err(|e| e.to_string())
@@ -334,5 +346,57 @@ mod tests {
             parse(["--cpus"].map(String::from)),
             Err(ConfigError::NeedsValue(n)) if n == "--cpus"
         ));
+    }
+
+    #[test]
+    fn viommu_vtd() {
+        let Command::Run(c) = p(&[
+            "--kernel",
+            "k",
+            "--viommu",
+            "vtd,aw=39",
+            "--disk",
+            "path=/d,iommu=on",
+        ])
+        .unwrap() else {
+            panic!("run")
+        };
+        assert_eq!(c.viommu, None);
+        assert_eq!(
+            c.vtd,
+            Some(VtdOptions {
+                aw: viommu::vtd::caps::AddressWidth::Bits39,
+                ..VtdOptions::default()
+            })
+        );
+        // The last --viommu wins.
+        let Command::Run(c) =
+            p(&["--kernel", "k", "--viommu", "vtd", "--viommu", "virtio"]).unwrap()
+        else {
+            panic!("run")
+        };
+        assert_eq!((c.viommu, c.vtd), (Some(ViommuOptions::default()), None));
+        let e = p(&[
+            "--kernel",
+            "k",
+            "--viommu",
+            "vtd",
+            "--device",
+            "path=/sys/bus/pci/devices/0000:00:05.0,iommu=on",
+        ])
+        .unwrap_err();
+        assert!(e.contains("not supported yet"), "{e}");
+        let e = p(&["--kernel", "k", "--viommu", "vtd,aw=40"]).unwrap_err();
+        assert!(e.contains("aw=40: expected 39 or 48"), "{e}");
+        // VFIO without iommu=on is fine next to the unit.
+        assert!(p(&[
+            "--kernel",
+            "k",
+            "--viommu",
+            "vtd",
+            "--device",
+            "path=/sys/bus/pci/devices/0000:00:05.0"
+        ])
+        .is_ok());
     }
 }

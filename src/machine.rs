@@ -8,6 +8,11 @@
 //! PCI function (its slot is reserved at creation, it is plugged at boot once every endpoint is
 //! known), every `iommu=on` disk is registered as an endpoint (ID = its BDF) and translates all
 //! its DMA through it, and a VIOT table describes the topology to the guest.
+//!
+//! With `--viommu vtd` ([`crate::config::VmConfig::vtd`]) the machine gets an emulated Intel VT-d
+//! unit instead: its register page at [`dmar::DEFAULT_REGISTER_BASE`] on the MMIO bus, every
+//! `iommu=on` disk and port an endpoint of it (ID = its BDF, translating through the unit's
+//! views), and a DMAR table listing them (INCLUDE_PCI_ALL when every device is behind it).
 
 use std::io::Write;
 
@@ -26,12 +31,15 @@ use crate::config::{BlockConfig, NetBackendConfig, NetConfig, SerialOutput};
 use crate::devices::block::Block;
 use crate::devices::net::{Net, NetPort};
 use crate::devices::polled::Polled;
+use crate::dmar;
+use crate::iommu::{VtdInterrupts, VtdMmio};
 use crate::lifecycle::ExitReason;
 use crate::memory::{MMIO32_SIZE, MMIO32_START, PCI_IO_SIZE, PCI_IO_START};
 use crate::pci_host::PciExits;
 use crate::vfio::{DmaSetup, Passthrough, VfioError};
 use crate::viot;
 use crate::vm::{Vm, VmConfig, VmError};
+use viommu::vtd::unit::Unit;
 
 /// Machine errors; each keeps its cause as `source()` (see [`crate::report::Chain`]).
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +83,9 @@ pub enum MachineError {
     /// The virtio-iommu could not be created or plugged.
     #[error("virtio-iommu")]
     Viommu(#[from] ViommuSetupError),
+    /// The VT-d unit could not be set up.
+    #[error("vtd")]
+    Vtd(#[from] VtdSetupError),
     /// No free PCI slot is left.
     #[error("no free PCI slot for {0}")]
     NoSlot(String),
@@ -90,7 +101,7 @@ pub enum AttachError {
     #[error("iommu=on needs --viommu virtio")]
     NoViommu,
     /// The vIOMMU refused the endpoint.
-    #[error("virtio-iommu endpoint")]
+    #[error("vIOMMU endpoint")]
     Endpoint(#[source] viommu::DomainError),
     /// The backend (disk file, TAP interface) could not be opened.
     #[error(transparent)]
@@ -120,6 +131,27 @@ pub enum ViommuSetupError {
     Pci(#[from] pci::PciError),
 }
 
+/// Why the VT-d unit could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum VtdSetupError {
+    /// Its interrupt vector could not be allocated.
+    #[error("fault event interrupt")]
+    Interrupt(#[source] std::io::Error),
+    /// Its register page overlaps another MMIO device.
+    #[error("register page")]
+    Mmio(#[source] crate::bus::BusError),
+    /// The DMAR table could not be built.
+    #[error("DMAR table")]
+    Dmar(#[source] dmar::DmarError),
+}
+
+/// The VT-d unit between creation and boot: endpoints are registered while devices are added,
+/// the DMAR table is built at boot.
+struct PendingVtd {
+    unit: Unit,
+    endpoints: Vec<u16>,
+}
+
 /// The virtio-iommu between creation and boot: endpoints are registered while disks are
 /// added, the device is plugged (and the VIOT built) at boot.
 struct PendingIommu {
@@ -139,6 +171,8 @@ pub struct Machine {
     disks: Vec<(BlockConfig, u8)>,
     iommu: Option<PendingIommu>,
     iommu_counters: Option<Arc<Counters>>,
+    vtd: Option<PendingVtd>,
+    vtd_counters: Option<Arc<viommu::vtd::counters::Counters>>,
     passthrough: Passthrough,
     hubs: crate::net::Hubs,
     /// Every virtio-net port (MAC, counters), for the exit summary.
@@ -186,6 +220,8 @@ impl Machine {
             disks: Vec::new(),
             iommu: None,
             iommu_counters: None,
+            vtd: None,
+            vtd_counters: None,
             passthrough,
             hubs: crate::net::Hubs::new(),
             net_ports: Vec::new(),
@@ -212,6 +248,9 @@ impl Machine {
                 poll: Duration::from_micros(opts.poll_us),
             });
         }
+        if let Some(opts) = m.config.vtd {
+            m.create_vtd(opts)?;
+        }
         for disk in m.config.disks.clone() {
             m.add_disk(disk)?;
         }
@@ -236,6 +275,34 @@ impl Machine {
     /// `iommu=on` endpoints in a VIOT.
     pub fn disks(&self) -> &[(BlockConfig, u8)] {
         &self.disks
+    }
+
+    /// Create the VT-d unit and map its register page.
+    fn create_vtd(&mut self, opts: crate::config::VtdOptions) -> Result<(), MachineError> {
+        let irq = self.vm.msi_manager()?;
+        let msi = VtdInterrupts::new(self.vm.fd.clone(), irq).map_err(VtdSetupError::Interrupt)?;
+        let unit = Unit::new(opts.config(), self.vm.memory.clone(), Arc::new(msi));
+        self.vm
+            .buses
+            .mmio
+            .insert(
+                dmar::DEFAULT_REGISTER_BASE,
+                viommu::vtd::caps::REGISTER_SET_SIZE,
+                Arc::new(Mutex::new(VtdMmio(unit.clone()))),
+            )
+            .map_err(VtdSetupError::Mmio)?;
+        self.vtd_counters = Some(unit.counters());
+        self.vtd = Some(PendingVtd {
+            unit,
+            endpoints: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// The VT-d unit's live counters (`None` without `--viommu vtd`); read them after
+    /// [`Machine::boot`] returns for the exit summary.
+    pub fn vtd_counters(&self) -> Option<Arc<viommu::vtd::counters::Counters>> {
+        self.vtd_counters.clone()
     }
 
     /// The vIOMMU's live counters (`None` without `--viommu virtio`); read them after
@@ -280,6 +347,12 @@ impl Machine {
     /// Register the device about to be plugged at `slot` as an endpoint of the virtio-iommu
     /// (which must exist).
     fn iommu_endpoint(&mut self, slot: u8) -> Result<EndpointHandle, AttachError> {
+        if let Some(vtd) = self.vtd.as_mut() {
+            let bdf = viot::bdf(0, slot, 0);
+            let ep = vtd.unit.add_endpoint(bdf).map_err(AttachError::Endpoint)?;
+            vtd.endpoints.push(bdf);
+            return Ok(ep);
+        }
         let iommu = self.iommu.as_mut().ok_or(AttachError::NoViommu)?;
         let bdf = viot::bdf(0, slot, 0);
         let ep = iommu
@@ -327,11 +400,7 @@ impl Machine {
         })?;
         log::info!(
             "disk {name} at PCI 00:{slot:02x}.0{}",
-            if disk.iommu {
-                " behind the virtio-iommu"
-            } else {
-                ""
-            }
+            if disk.iommu { self.iommu_name() } else { "" }
         );
         self.disks.push((disk, slot));
         Ok(slot)
@@ -399,13 +468,50 @@ impl Machine {
         log::info!(
             "{name} mac {:02x?} at PCI 00:{slot:02x}.0{}",
             mac,
-            if net.iommu {
-                " behind the virtio-iommu"
-            } else {
-                ""
-            }
+            if net.iommu { self.iommu_name() } else { "" }
         );
         Ok(slot)
+    }
+
+    /// How the log names the vIOMMU a device sits behind.
+    fn iommu_name(&self) -> &'static str {
+        if self.vtd.is_some() {
+            " behind the VT-d unit"
+        } else {
+            " behind the virtio-iommu"
+        }
+    }
+
+    /// Add the DMAR table describing the VT-d unit: INCLUDE_PCI_ALL when every PCI device
+    /// (disks, ports, VFIO functions) is behind it, else one scope per endpoint.
+    fn describe_vtd(&mut self) -> Result<(), MachineError> {
+        let Some(vtd) = self.vtd.take() else {
+            return Ok(());
+        };
+        let all = self.config.disks.iter().all(|d| d.iommu)
+            && self.config.nets.iter().all(|n| n.iommu)
+            && self.config.devices.is_empty()
+            && !vtd.endpoints.is_empty();
+        let scope = if all {
+            dmar::Scope::AllPci
+        } else {
+            dmar::Scope::Endpoints(vtd.endpoints.clone())
+        };
+        let caps = vtd.unit.capabilities();
+        let table = dmar::build(&dmar::DmarConfig {
+            host_address_width: caps.haw() as u8,
+            register_base: dmar::DEFAULT_REGISTER_BASE,
+            scope,
+        })
+        .map_err(VtdSetupError::Dmar)?;
+        self.add_acpi_table(table);
+        log::info!(
+            "vtd: unit at {:#x}, endpoints {:x?}{}",
+            dmar::DEFAULT_REGISTER_BASE,
+            vtd.endpoints,
+            if all { " (INCLUDE_PCI_ALL)" } else { "" }
+        );
+        Ok(())
     }
 
     /// Plug the pending virtio-iommu at its reserved slot and add the VIOT describing it and
@@ -441,6 +547,7 @@ impl Machine {
     /// Write ACPI tables, load the kernel, and run all vCPUs until the guest stops.
     pub fn boot(mut self) -> Result<ExitReason, MachineError> {
         self.plug_iommu()?;
+        self.describe_vtd()?;
         let mem = self.vm.memory.memory();
         let rsdp = acpi::write(
             &*mem,

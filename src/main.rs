@@ -27,6 +27,7 @@ fn main() -> ExitCode {
     vmm::logger::init(level);
     let result = Machine::new(config).and_then(|m| {
         let counters = m.viommu_counters();
+        let vtd = m.vtd_counters();
         let vfio = m.vfio_counters();
         let nets = m.net_ports();
         let disks = m.disk_stats();
@@ -45,6 +46,9 @@ fn main() -> ExitCode {
         // One parseable line, whatever the log level (see vmm::iommu::summary_line).
         if let Some(c) = counters {
             eprintln!("{}", vmm::iommu::summary_line(&c.snapshot()));
+        }
+        if let Some(c) = vtd {
+            eprintln!("{}", vmm::iommu::vtd_summary_line(&c.snapshot()));
         }
         r
     });

@@ -27,6 +27,8 @@ mod selftest;
 mod stress;
 #[path = "guests/vfio.rs"]
 mod vfio;
+#[path = "guests/vtd.rs"]
+mod vtd;
 
 use std::process::ExitCode;
 
@@ -39,6 +41,7 @@ fn all_cases() -> Vec<Case> {
     v.extend(vfio::cases());
     v.extend(net::cases());
     v.extend(stress::cases());
+    v.extend(vtd::cases());
     v.extend(boot::viommu_reference_cases());
     v.extend(rigcheck::cases());
     v

@@ -332,6 +332,7 @@ fn pci_config_cycles_and_acpi_poweroff() {
         }],
         serial: SerialOutput::File(std::env::temp_dir().join("vmm-kvm-test-serial.txt")),
         viommu: None,
+        vtd: None,
         devices: Vec::new(),
         nets: Vec::new(),
         seccomp: vmm::seccomp::SeccompMode::Off,

@@ -26,7 +26,7 @@ pub use disk::BlockConfig;
 pub use net::{NetBackendConfig, NetConfig};
 pub use options::OptionError;
 pub use size::{parse_cpus, parse_size, CpusError, SizeError};
-pub use viommu::ViommuOptions;
+pub use viommu::{IommuChoice, ViommuOptions, VtdOptions};
 
 /// Default kernel command line.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
@@ -78,8 +78,10 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// Host PCI functions passed through with VFIO, plugged after the disks.
     pub devices: Vec<VfioDeviceConfig>,
-    /// The guest-visible IOMMU (`None`: no vIOMMU; `iommu=on` devices are then refused).
+    /// The guest-visible virtio-iommu (`None`: none; `iommu=on` devices then need `vtd`).
     pub viommu: Option<ViommuOptions>,
+    /// The emulated Intel VT-d (`--viommu vtd`; never together with `viommu`).
+    pub vtd: Option<VtdOptions>,
     /// Serial output.
     pub serial: SerialOutput,
     /// seccomp filters on every VMM thread once the machine is built (`--seccomp`).
@@ -101,6 +103,7 @@ impl VmConfig {
             nets: Vec::new(),
             devices: Vec::new(),
             viommu: None,
+            vtd: None,
             serial: SerialOutput::Stdout,
             seccomp: SeccompMode::On,
             log_level: LevelFilter::Warn,
@@ -110,6 +113,15 @@ impl VmConfig {
     /// Check the options against each other: an `iommu=on` disk, port or device needs a
     /// vIOMMU.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.viommu.is_some() && self.vtd.is_some() {
+            return Err(ConfigError::TwoIommus);
+        }
+        if self.vtd.is_some() {
+            if let Some(d) = self.devices.iter().find(|d| d.iommu) {
+                return Err(ConfigError::DeviceBehindVtd(d.path.clone()));
+            }
+            return Ok(());
+        }
         if self.viommu.is_some() {
             return Ok(());
         }
@@ -240,6 +252,16 @@ pub enum ConfigError {
         .0.display()
     )]
     DeviceNeedsViommu(PathBuf),
+    /// `--device ...,iommu=on` with `--viommu vtd` (assigned devices behind VT-d are issue 15).
+    #[error(
+        "--device path={},iommu=on: VFIO devices behind --viommu vtd are not supported yet; \
+         use --viommu virtio or iommu=off",
+        .0.display()
+    )]
+    DeviceBehindVtd(PathBuf),
+    /// Both a virtio-iommu and a VT-d (the configuration API allows it, the command line not).
+    #[error("one vIOMMU at a time: virtio or vtd")]
+    TwoIommus,
 }
 
 #[cfg(test)]
@@ -280,6 +302,27 @@ mod tests {
         assert_eq!(parse_level("debug"), Some(LevelFilter::Debug));
         assert_eq!(parse_level("OFF"), Some(LevelFilter::Off));
         assert_eq!(parse_level("loud"), None);
+    }
+
+    #[test]
+    fn vtd_refuses_vfio_behind_it_and_a_second_iommu() {
+        let mut c = VmConfig::new("k".into());
+        c.vtd = Some(VtdOptions::default());
+        c.disks
+            .push(BlockConfig::parse("path=/d,iommu=on").unwrap());
+        assert!(c.validate().is_ok());
+        c.devices
+            .push(VfioDeviceConfig::parse("path=/x,iommu=on").unwrap());
+        let e = c.validate().unwrap_err();
+        assert!(matches!(e, ConfigError::DeviceBehindVtd(_)));
+        assert_eq!(
+            e.to_string(),
+            "--device path=/x,iommu=on: VFIO devices behind --viommu vtd are not supported \
+             yet; use --viommu virtio or iommu=off"
+        );
+        c.devices.clear();
+        c.viommu = Some(ViommuOptions::default());
+        assert!(matches!(c.validate(), Err(ConfigError::TwoIommus)));
     }
 
     #[test]
@@ -357,6 +400,7 @@ mod tests {
                         let _ = NetConfig::parse(&v);
                         let _ = VfioDeviceConfig::parse(&v);
                         let _ = ViommuOptions::parse(&v).map(|o| o.map(|o| o.config()));
+                        let _ = IommuChoice::parse(&v);
                         let _ = parse_size(&v);
                         let _ = parse_cpus(&v);
                         let _ = SerialOutput::parse(&v);

@@ -1,5 +1,8 @@
-//! `--viommu off|virtio[,bypass=0|1][,max-domains=N][,max-mappings=N][,poll=US]`.
+//! `--viommu off|virtio[,bypass=0|1][,max-domains=N][,max-mappings=N][,poll=US]|
+//! vtd[,aw=39|48][,max-domains=N][,max-mappings=N]`.
 
+use viommu::vtd::caps::AddressWidth;
+use viommu::vtd::unit::UnitConfig;
 use viommu::ViommuConfig;
 
 use super::options::{bad_value, pairs, unknown, OptionError};
@@ -10,7 +13,8 @@ use super::options::{bad_value, pairs, unknown, OptionError};
 pub const DEFAULT_POLL_US: u64 = 0;
 
 /// The accepted forms of `--viommu`, as the error message names them.
-const FORMS: &str = "off or virtio[,bypass=0|1][,max-domains=N][,max-mappings=N][,poll=US]";
+const FORMS: &str = "off, virtio[,bypass=0|1][,max-domains=N][,max-mappings=N][,poll=US] or \
+                     vtd[,aw=39|48][,max-domains=N][,max-mappings=N]";
 
 /// `--viommu virtio[,bypass=0|1][,max-domains=N][,max-mappings=N][,poll=US]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,6 +110,95 @@ impl ViommuOptions {
     }
 }
 
+/// `--viommu vtd[,aw=39|48][,max-domains=N][,max-mappings=N]`: one emulated Intel VT-d
+/// DMA-remapping unit (legacy mode, caching mode, no interrupt remapping).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VtdOptions {
+    /// Maximum guest address width (MGAW; 48 also offers 39-bit tables).
+    pub aw: AddressWidth,
+    /// Cap on live domains (contexts past it are blocked).
+    pub max_domains: Option<usize>,
+    /// Cap on mappings, per domain and in total (runs past it stay unmapped).
+    pub max_mappings: Option<usize>,
+}
+
+impl Default for VtdOptions {
+    fn default() -> Self {
+        VtdOptions {
+            aw: AddressWidth::Bits48,
+            max_domains: None,
+            max_mappings: None,
+        }
+    }
+}
+
+impl VtdOptions {
+    /// Parse the options after `vtd` (`None`: none given).
+    fn parse(rest: Option<&str>) -> Result<VtdOptions, OptionError> {
+        let mut o = VtdOptions::default();
+        for kv in rest.into_iter().flat_map(|r| pairs("viommu", r)) {
+            let (k, v) = kv?;
+            match k {
+                "aw" => {
+                    o.aw = v
+                        .parse::<u32>()
+                        .ok()
+                        .and_then(AddressWidth::from_bits)
+                        .ok_or_else(|| bad_value(k, v, "expected 39 or 48"))?
+                }
+                "max-domains" => o.max_domains = Some(parse_count(k, v)?),
+                "max-mappings" => o.max_mappings = Some(parse_count(k, v)?),
+                _ => return Err(unknown("viommu", k, v)),
+            }
+        }
+        Ok(o)
+    }
+
+    /// The unit's configuration: engine defaults with these caps applied.
+    pub fn config(&self) -> UnitConfig {
+        let mut c = UnitConfig {
+            aw: self.aw,
+            ..UnitConfig::default()
+        };
+        if let Some(n) = self.max_domains {
+            c.limits.max_domains = n;
+        }
+        if let Some(n) = self.max_mappings {
+            c.limits.max_total_mappings = n;
+            c.limits.max_mappings_per_domain = c.limits.max_mappings_per_domain.min(n);
+        }
+        c
+    }
+}
+
+/// What `--viommu` asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IommuChoice {
+    /// No vIOMMU.
+    Off,
+    /// A virtio-iommu.
+    Virtio(ViommuOptions),
+    /// An emulated Intel VT-d.
+    Vtd(VtdOptions),
+}
+
+impl IommuChoice {
+    /// Parse the value of `--viommu`.
+    pub fn parse(s: &str) -> Result<IommuChoice, OptionError> {
+        let (head, rest) = match s.split_once(',') {
+            Some((h, r)) => (h, Some(r)),
+            None => (s, None),
+        };
+        if head == "vtd" {
+            return VtdOptions::parse(rest).map(IommuChoice::Vtd);
+        }
+        Ok(match ViommuOptions::parse(s)? {
+            Some(o) => IommuChoice::Virtio(o),
+            None => IommuChoice::Off,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,8 +251,8 @@ mod tests {
         let e = |s: &str| ViommuOptions::parse(s).unwrap_err().to_string();
         assert_eq!(
             e("off,bypass=1"),
-            "expected off or virtio[,bypass=0|1][,max-domains=N][,max-mappings=N][,poll=US], \
-             got 'off,bypass=1'"
+            "expected off, virtio[,bypass=0|1][,max-domains=N][,max-mappings=N][,poll=US] or \
+             vtd[,aw=39|48][,max-domains=N][,max-mappings=N], got 'off,bypass=1'"
         );
         assert_eq!(
             e("virtio,bypass"),
@@ -182,5 +275,45 @@ mod tests {
                 .unwrap()
                 .bypass
         );
+    }
+
+    #[test]
+    fn vtd_options() {
+        let p = |s: &str| IommuChoice::parse(s);
+        assert_eq!(p("vtd").unwrap(), IommuChoice::Vtd(VtdOptions::default()));
+        assert_eq!(p("off").unwrap(), IommuChoice::Off);
+        assert_eq!(
+            p("virtio").unwrap(),
+            IommuChoice::Virtio(ViommuOptions::default())
+        );
+        let IommuChoice::Vtd(o) = p("vtd,aw=39,max-domains=4,max-mappings=100").unwrap() else {
+            panic!("vtd")
+        };
+        assert_eq!(
+            o,
+            VtdOptions {
+                aw: AddressWidth::Bits39,
+                max_domains: Some(4),
+                max_mappings: Some(100)
+            }
+        );
+        let c = o.config();
+        assert_eq!(c.aw, AddressWidth::Bits39);
+        assert_eq!(c.limits.max_domains, 4);
+        assert_eq!(c.limits.max_total_mappings, 100);
+        assert_eq!(c.limits.max_mappings_per_domain, 100);
+        assert_eq!(VtdOptions::default().config().aw, AddressWidth::Bits48);
+        let e = |s: &str| p(s).unwrap_err().to_string();
+        assert_eq!(e("vtd,aw=57"), "aw=57: expected 39 or 48");
+        assert_eq!(e("vtd,aw=x"), "aw=x: expected 39 or 48");
+        assert_eq!(e("vtd,bypass=1"), "unknown viommu option 'bypass=1'");
+        assert_eq!(e("vtd,poll=10"), "unknown viommu option 'poll=10'");
+        assert_eq!(
+            e("vtd,max-domains=0"),
+            "max-domains=0: expected a positive number"
+        );
+        assert_eq!(e("vtd,"), "viommu option '' is not key=value");
+        assert!(e("intel").starts_with("expected off, virtio"));
+        assert!(p("vtdx").is_err());
     }
 }

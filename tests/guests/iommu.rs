@@ -137,7 +137,7 @@ fn vmm_counters_check(o: &Outcome, mode: Mode) -> Result<(), String> {
 
 /// The core boot test's round trip: the guest read the host's first MiB, wrote its token
 /// pattern to the second MiB and read it back, and the image file holds exactly that.
-fn round_trip_check(
+pub(crate) fn round_trip_check(
     o: &Outcome,
     image: &PathBuf,
     first_md5: &str,

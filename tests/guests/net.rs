@@ -23,7 +23,7 @@ use crate::common::{
 };
 
 /// Guest script: bring both ports up, ARP across the hub, print the counters.
-const ARPING_SH: &str = r#"
+pub(crate) const ARPING_SH: &str = r#"
 set -e
 for i in $a $b; do
     ip link set "$i" up

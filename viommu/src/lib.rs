@@ -9,8 +9,9 @@
 //! - `virtio/`: the virtio-iommu device ([`Viommu`]): the wire format ([`spec`]), request
 //!   parsing, the spec's rules ([`Domains`]), the event queue ([`FaultReporter`]), counters and
 //!   the configuration ([`ViommuConfig`]).
-//! - `vtd/`: the emulated Intel VT-d front end: its building blocks (register file, invalidation
-//!   queue, root/context tables, second-level walk, diff, fault records), not wired yet.
+//! - `vtd/`: the emulated Intel VT-d front end ([`vtd::unit::Unit`], one DMA-remapping unit):
+//!   register file, invalidation queue, root/context tables, second-level walk, diff, fault
+//!   records, driving the same engine.
 //!
 //! Data flows one way: front end -> engine -> host mappers / published views. For the
 //! virtio-iommu: the device pops a chain, the request parser types it, the rules check it and

@@ -263,6 +263,23 @@ impl Engine {
         self.spaces.get(&space).map(|d| collect(d.table.state()))
     }
 
+    /// The mappings of `space` that intersect `start..=end`, in IOVA order, each whole
+    /// (`None` if the space does not exist). O(log n + k), for front ends that resync a range.
+    pub fn mappings_in(&self, space: u32, start: u64, end: u64) -> Option<Vec<Mapping>> {
+        let t = self.spaces.get(&space)?.table.state();
+        let mut out: Vec<Mapping> = t
+            .range(..start)
+            .next_back()
+            .map(|(_, m)| *m)
+            .filter(|m| m.end >= start)
+            .into_iter()
+            .collect();
+        if start <= end {
+            out.extend(t.range(start..=end).map(|(_, m)| *m));
+        }
+        Some(out)
+    }
+
     /// The kind of `space` (`None` if it does not exist).
     pub fn space_kind(&self, space: u32) -> Option<SpaceKind> {
         self.spaces.get(&space).map(|d| d.kind)
@@ -658,7 +675,9 @@ impl Engine {
                     }
                     Ok(()) => Ok(()),
                     Err(e) => {
-                        virtio_dev::guest_warn!("virtio-iommu: ATTACH {endpoint:#x} -> {space}: host: {e}");
+                        virtio_dev::guest_warn!(
+                            "virtio-iommu: ATTACH {endpoint:#x} -> {space}: host: {e}"
+                        );
                         Err(e.into())
                     }
                 };

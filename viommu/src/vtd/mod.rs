@@ -8,7 +8,7 @@
 //!   -> tables      root/context entry of a source id -> domain, pass-through or fault
 //!   -> walk        the second-level table over the invalidated range -> maximal runs
 //!   -> diff        runs vs the engine's mappings for that range -> Unmap/Map changes
-//!   -> engine      (next step) map / unmap, attach / switch / detach; publish
+//!   -> engine      map / unmap, attach / switch / detach; publish ([`unit`])
 //!   -> queue       invalidation wait: status write only after the handler returned
 //! ```
 //! Faults from emulated devices come back into [`fault`] (records, FSTS, the fault MSI) through
@@ -18,11 +18,12 @@
 //! Without ECAP.SMTS Linux uses legacy mode; without FLTS its domains use second-level tables,
 //! which caching mode lets us shadow.
 //!
-//! Not wired yet (issue 14): the MMIO device that owns a [`regs::Registers`] and carries out its
-//! actions, the hookup to the engine (context invalidations -> endpoint attach/switch/detach or
-//! identity; IOTLB invalidations -> [`walk::walk_range`] + [`diff::diff`] -> engine map/unmap;
-//! device faults -> [`tables::lookup_context`] + [`walk::translate`] -> fault records), the
-//! `--viommu vtd` option and the DMAR table in the machine (the builder is `vmm::dmar`).
+//! [`unit::Unit`] composes them into one DMA-remapping unit on the engine: the MMIO register
+//! page, context invalidations -> endpoint attach/switch/detach or identity, IOTLB
+//! invalidations -> [`walk::walk_range`] + [`diff::diff`] -> engine map/unmap, device faults ->
+//! [`tables::lookup_context`] + [`walk::translate`] -> fault records and the fault MSI through
+//! the VMM's [`unit::MsiSender`]. The VMM maps the page and builds the DMAR table
+//! (`vmm::dmar`).
 //!
 //! Out of scope: interrupt remapping (IRTA, IR descriptors, x2APIC; ECAP.IR is 0 and
 //! interrupt-entry-cache descriptors are no-ops), scalable mode (PASID tables, first-level and
@@ -30,6 +31,7 @@
 //! (ECAP.DT is 0; device-TLB descriptors are no-ops), page requests, more than one DRHD.
 
 pub mod caps;
+pub mod counters;
 pub mod descriptor;
 pub mod diff;
 pub mod fault;
@@ -37,6 +39,7 @@ pub mod invalidation;
 pub mod queue;
 pub mod regs;
 pub mod tables;
+pub mod unit;
 pub mod walk;
 
 #[cfg(test)]

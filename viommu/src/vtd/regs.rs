@@ -436,7 +436,9 @@ impl Registers {
             let root = if ttm == 0 {
                 RootTable::Legacy(self.rtaddr & self.caps.haw_page_mask())
             } else {
-                log::warn!("vtd: root table mode {ttm} is not legacy mode; DMA will fault");
+                virtio_dev::guest_warn!(
+                    "vtd: root table mode {ttm} is not legacy mode; DMA will fault"
+                );
                 RootTable::Unsupported { ttm }
             };
             self.root = Some(root);
