@@ -60,6 +60,10 @@ impl HostMapper for Metered {
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.inner.unmap(iova, size)
     }
+
+    fn records(&self) -> usize {
+        self.inner.records()
+    }
 }
 
 struct Active {
