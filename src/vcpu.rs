@@ -14,6 +14,7 @@ use crate::boot::{
 };
 use crate::bus::Buses;
 use crate::lifecycle::{ExitReason, VmControl};
+use crate::watchdog::{ExitKind, VcpuProbe};
 
 /// vCPU setup errors.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,7 @@ pub struct Vcpu {
     pub fd: VcpuFd,
     buses: Arc<Buses>,
     control: Arc<VmControl>,
+    probe: Arc<VcpuProbe>,
 }
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
@@ -114,7 +116,13 @@ impl Vcpu {
             fd,
             buses,
             control,
+            probe: Arc::new(VcpuProbe::new()),
         }
+    }
+
+    /// The state this vCPU publishes on every exit, for the hang watchdog.
+    pub fn probe(&self) -> Arc<VcpuProbe> {
+        self.probe.clone()
     }
 
     fn kvm<T>(&self, what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VcpuError> {
@@ -285,59 +293,71 @@ impl Vcpu {
 
     /// Run until the VM stops; returns the reason this vCPU saw (or the VM's).
     pub fn run(&mut self) -> ExitReason {
+        let reason = self.run_loop();
+        self.probe.stopped();
+        reason
+    }
+
+    fn run_loop(&mut self) -> ExitReason {
         loop {
             if self.control.stopping() {
                 break;
             }
+            self.probe.entering_run();
             let stop = match self.fd.run() {
-                Ok(exit) => match exit {
-                    VcpuExit::IoIn(..) | VcpuExit::IoOut(..) => {
-                        self.port_io();
-                        None
-                    }
-                    VcpuExit::MmioRead(addr, data) => {
-                        self.buses.mmio_read(addr, data);
-                        None
-                    }
-                    VcpuExit::MmioWrite(addr, data) => {
-                        self.buses.mmio_write(addr, data);
-                        None
-                    }
-                    VcpuExit::Hlt => Some(ExitReason::Halted),
-                    VcpuExit::Shutdown => {
-                        // Linux resets through ACPI or port 0xcf9 first; a shutdown exit is a
-                        // triple fault (or `reboot=t`), worth the registers in the log.
-                        log::warn!(
+                Ok(exit) => {
+                    let (kind, addr, len) = exit_summary(&exit);
+                    self.probe.exited(kind, addr, len);
+                    match exit {
+                        VcpuExit::IoIn(..) | VcpuExit::IoOut(..) => {
+                            self.port_io();
+                            None
+                        }
+                        VcpuExit::MmioRead(addr, data) => {
+                            self.buses.mmio_read(addr, data);
+                            None
+                        }
+                        VcpuExit::MmioWrite(addr, data) => {
+                            self.buses.mmio_write(addr, data);
+                            None
+                        }
+                        VcpuExit::Hlt => Some(ExitReason::Halted),
+                        VcpuExit::Shutdown => {
+                            // Linux resets through ACPI or port 0xcf9 first; a shutdown exit is a
+                            // triple fault (or `reboot=t`), worth the registers in the log.
+                            log::warn!(
                             "vCPU {}: shutdown exit (triple fault or reboot=t): guest reset; {}",
                             self.id,
                             self.state_summary()
                         );
-                        Some(ExitReason::Reset)
-                    }
-                    VcpuExit::SystemEvent(kind, data) => match kind {
-                        KVM_SYSTEM_EVENT_SHUTDOWN => Some(ExitReason::PowerOff),
-                        KVM_SYSTEM_EVENT_RESET => Some(ExitReason::Reset),
-                        KVM_SYSTEM_EVENT_CRASH => Some(ExitReason::Error(format!(
-                            "vCPU {}: guest crash event {data:x?}",
-                            self.id
-                        ))),
-                        other => {
-                            log::warn!("vCPU {}: ignoring system event {other}", self.id);
-                            None
+                            Some(ExitReason::Reset)
                         }
-                    },
-                    VcpuExit::Intr => None,
-                    VcpuExit::InternalError => Some(ExitReason::Error(self.internal_error())),
-                    VcpuExit::FailEntry(reason, cpu) => Some(ExitReason::Error(format!(
+                        VcpuExit::SystemEvent(kind, data) => match kind {
+                            KVM_SYSTEM_EVENT_SHUTDOWN => Some(ExitReason::PowerOff),
+                            KVM_SYSTEM_EVENT_RESET => Some(ExitReason::Reset),
+                            KVM_SYSTEM_EVENT_CRASH => Some(ExitReason::Error(format!(
+                                "vCPU {}: guest crash event {data:x?}",
+                                self.id
+                            ))),
+                            other => {
+                                log::warn!("vCPU {}: ignoring system event {other}", self.id);
+                                None
+                            }
+                        },
+                        VcpuExit::Intr => None,
+                        VcpuExit::InternalError => Some(ExitReason::Error(self.internal_error())),
+                        VcpuExit::FailEntry(reason, cpu) => Some(ExitReason::Error(format!(
                         "vCPU {}: VM entry failed, hardware reason {reason:#x} on host CPU {cpu}",
                         self.id
                     ))),
-                    other => Some(ExitReason::Error(format!(
-                        "vCPU {}: unexpected exit {other:?}",
-                        self.id
-                    ))),
-                },
+                        other => Some(ExitReason::Error(format!(
+                            "vCPU {}: unexpected exit {other:?}",
+                            self.id
+                        ))),
+                    }
+                }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.probe.exited(ExitKind::Interrupted, 0, 0);
                     self.fd.set_kvm_immediate_exit(0);
                     None
                 }
@@ -354,6 +374,23 @@ impl Vcpu {
         self.control
             .reason()
             .unwrap_or(ExitReason::Error("stopped without a reason".into()))
+    }
+}
+
+/// What the watchdog probe records of an exit: its kind, port or address, and size.
+fn exit_summary(exit: &VcpuExit<'_>) -> (ExitKind, u64, u32) {
+    let len = |d: &[u8]| u32::try_from(d.len()).unwrap_or(u32::MAX);
+    match exit {
+        VcpuExit::IoIn(port, d) => (ExitKind::IoIn, u64::from(*port), len(d)),
+        VcpuExit::IoOut(port, d) => (ExitKind::IoOut, u64::from(*port), len(d)),
+        VcpuExit::MmioRead(addr, d) => (ExitKind::MmioRead, *addr, len(d)),
+        VcpuExit::MmioWrite(addr, d) => (ExitKind::MmioWrite, *addr, len(d)),
+        VcpuExit::Hlt => (ExitKind::Hlt, 0, 0),
+        VcpuExit::Shutdown => (ExitKind::Shutdown, 0, 0),
+        VcpuExit::SystemEvent(kind, _) => (ExitKind::SystemEvent, u64::from(*kind), 0),
+        VcpuExit::Intr => (ExitKind::Interrupted, 0, 0),
+        VcpuExit::InternalError | VcpuExit::FailEntry(..) => (ExitKind::Failure, 0, 0),
+        _ => (ExitKind::Other, 0, 0),
     }
 }
 
