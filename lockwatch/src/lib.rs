@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Instant;
 
-/// Locks one thread can record at once (deeper nesting is locked but not recorded).
+/// Locks one thread can record at once (more are locked but not recorded).
 pub const MAX_DEPTH: usize = 6;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
@@ -65,7 +65,6 @@ struct Slot {
 struct ThreadRecord {
     tid: i32,
     name: String,
-    depth: AtomicUsize,
     slots: [Slot; MAX_DEPTH],
 }
 
@@ -99,7 +98,6 @@ fn with_record<R>(f: impl FnOnce(&ThreadRecord) -> R) -> Option<R> {
             let rec = Arc::new(ThreadRecord {
                 tid: gettid(),
                 name: std::thread::current().name().unwrap_or("?").to_string(),
-                depth: AtomicUsize::new(0),
                 slots: Default::default(),
             });
             let mut all = threads().lock().unwrap_or_else(PoisonError::into_inner);
@@ -121,7 +119,8 @@ pub fn name<T: ?Sized>(m: &Mutex<T>, label: impl Into<String>) {
         .insert(addr_of(m), label.into());
 }
 
-/// A held lock: the `MutexGuard`, and the slot of this thread's record that shows it.
+/// A held lock: the `MutexGuard`, and the slot of this thread's record that shows it (`None`:
+/// not recorded).
 pub struct Guard<'a, T: ?Sized> {
     inner: MutexGuard<'a, T>,
     slot: Option<usize>,
@@ -136,40 +135,34 @@ pub fn lock<T: ?Sized>(m: &Mutex<T>) -> Guard<'_, T> {
             slot: None,
         };
     }
+    // The first free slot, not a depth: guards may be dropped in any order.
     let slot = with_record(|r| {
-        let d = r.depth.load(Ordering::Relaxed);
-        r.depth.store(d + 1, Ordering::Relaxed);
-        let s = r.slots.get(d)?;
+        let (d, s) = r
+            .slots
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.state.load(Ordering::Relaxed) == FREE)?;
         s.addr.store(addr_of(m), Ordering::Relaxed);
         s.since.store(now_ms(), Ordering::Relaxed);
         s.state.store(WAITING, Ordering::Release);
         Some(d)
-    });
+    })
+    .flatten();
     let inner = m.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(Some(d)) = slot {
+    if let Some(d) = slot {
         let _ = with_record(|r| {
             let s = &r.slots[d];
             s.since.store(now_ms(), Ordering::Relaxed);
             s.state.store(HELD, Ordering::Release);
         });
     }
-    Guard {
-        inner,
-        // A guard whose lock was not recorded (too deep) still unwinds the depth.
-        slot: slot.map(|s| s.unwrap_or(usize::MAX)),
-    }
+    Guard { inner, slot }
 }
 
 impl<T: ?Sized> Drop for Guard<'_, T> {
     fn drop(&mut self) {
         if let Some(d) = self.slot {
-            let _ = with_record(|r| {
-                if let Some(s) = r.slots.get(d) {
-                    s.state.store(FREE, Ordering::Release);
-                }
-                let depth = r.depth.load(Ordering::Relaxed);
-                r.depth.store(depth.saturating_sub(1), Ordering::Relaxed);
-            });
+            let _ = with_record(|r| r.slots[d].state.store(FREE, Ordering::Release));
         }
     }
 }
@@ -310,6 +303,19 @@ mod tests {
             assert_eq!(me.locks.len(), 2);
             assert!(me.locks[1].label.starts_with("lock@0x"));
         }
+        assert!(snapshot().iter().all(|t| t.tid != gettid()));
+        // Guards dropped out of order: each drop clears its own record.
+        let ga = lock(&a);
+        let gb = lock(&b);
+        drop(ga);
+        let c = Mutex::new(());
+        name(&c, "c");
+        let gc = lock(&c);
+        drop(gb);
+        let me = snapshot().into_iter().find(|t| t.tid == gettid()).unwrap();
+        assert_eq!(me.locks.len(), 1);
+        assert_eq!(me.locks[0].label, "c");
+        drop(gc);
         assert!(snapshot().iter().all(|t| t.tid != gettid()));
         set_enabled(false);
         let _g = lock(&a);
