@@ -305,57 +305,53 @@ impl Vcpu {
             }
             self.probe.entering_run();
             let stop = match self.fd.run() {
-                Ok(exit) => {
-                    let (kind, addr, len) = exit_summary(&exit);
-                    self.probe.exited(kind, addr, len);
-                    match exit {
-                        VcpuExit::IoIn(..) | VcpuExit::IoOut(..) => {
-                            self.port_io();
-                            None
-                        }
-                        VcpuExit::MmioRead(addr, data) => {
-                            self.buses.mmio_read(addr, data);
-                            None
-                        }
-                        VcpuExit::MmioWrite(addr, data) => {
-                            self.buses.mmio_write(addr, data);
-                            None
-                        }
-                        VcpuExit::Hlt => Some(ExitReason::Halted),
-                        VcpuExit::Shutdown => {
-                            // Linux resets through ACPI or port 0xcf9 first; a shutdown exit is a
-                            // triple fault (or `reboot=t`), worth the registers in the log.
-                            log::warn!(
+                Ok(exit) => match observed(&self.probe, exit) {
+                    VcpuExit::IoIn(..) | VcpuExit::IoOut(..) => {
+                        self.port_io();
+                        None
+                    }
+                    VcpuExit::MmioRead(addr, data) => {
+                        self.buses.mmio_read(addr, data);
+                        None
+                    }
+                    VcpuExit::MmioWrite(addr, data) => {
+                        self.buses.mmio_write(addr, data);
+                        None
+                    }
+                    VcpuExit::Hlt => Some(ExitReason::Halted),
+                    VcpuExit::Shutdown => {
+                        // Linux resets through ACPI or port 0xcf9 first; a shutdown exit is a
+                        // triple fault (or `reboot=t`), worth the registers in the log.
+                        log::warn!(
                             "vCPU {}: shutdown exit (triple fault or reboot=t): guest reset; {}",
                             self.id,
                             self.state_summary()
                         );
-                            Some(ExitReason::Reset)
+                        Some(ExitReason::Reset)
+                    }
+                    VcpuExit::SystemEvent(kind, data) => match kind {
+                        KVM_SYSTEM_EVENT_SHUTDOWN => Some(ExitReason::PowerOff),
+                        KVM_SYSTEM_EVENT_RESET => Some(ExitReason::Reset),
+                        KVM_SYSTEM_EVENT_CRASH => Some(ExitReason::Error(format!(
+                            "vCPU {}: guest crash event {data:x?}",
+                            self.id
+                        ))),
+                        other => {
+                            log::warn!("vCPU {}: ignoring system event {other}", self.id);
+                            None
                         }
-                        VcpuExit::SystemEvent(kind, data) => match kind {
-                            KVM_SYSTEM_EVENT_SHUTDOWN => Some(ExitReason::PowerOff),
-                            KVM_SYSTEM_EVENT_RESET => Some(ExitReason::Reset),
-                            KVM_SYSTEM_EVENT_CRASH => Some(ExitReason::Error(format!(
-                                "vCPU {}: guest crash event {data:x?}",
-                                self.id
-                            ))),
-                            other => {
-                                log::warn!("vCPU {}: ignoring system event {other}", self.id);
-                                None
-                            }
-                        },
-                        VcpuExit::Intr => None,
-                        VcpuExit::InternalError => Some(ExitReason::Error(self.internal_error())),
-                        VcpuExit::FailEntry(reason, cpu) => Some(ExitReason::Error(format!(
+                    },
+                    VcpuExit::Intr => None,
+                    VcpuExit::InternalError => Some(ExitReason::Error(self.internal_error())),
+                    VcpuExit::FailEntry(reason, cpu) => Some(ExitReason::Error(format!(
                         "vCPU {}: VM entry failed, hardware reason {reason:#x} on host CPU {cpu}",
                         self.id
                     ))),
-                        other => Some(ExitReason::Error(format!(
-                            "vCPU {}: unexpected exit {other:?}",
-                            self.id
-                        ))),
-                    }
-                }
+                    other => Some(ExitReason::Error(format!(
+                        "vCPU {}: unexpected exit {other:?}",
+                        self.id
+                    ))),
+                },
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.probe.exited(ExitKind::Interrupted, 0, 0);
                     self.fd.set_kvm_immediate_exit(0);
@@ -377,10 +373,10 @@ impl Vcpu {
     }
 }
 
-/// What the watchdog probe records of an exit: its kind, port or address, and size.
-fn exit_summary(exit: &VcpuExit<'_>) -> (ExitKind, u64, u32) {
+/// Publishes `exit` in `probe` (its kind, port or address, and size) and hands it back.
+fn observed<'a>(probe: &VcpuProbe, exit: VcpuExit<'a>) -> VcpuExit<'a> {
     let len = |d: &[u8]| u32::try_from(d.len()).unwrap_or(u32::MAX);
-    match exit {
+    let (kind, addr, n) = match &exit {
         VcpuExit::IoIn(port, d) => (ExitKind::IoIn, u64::from(*port), len(d)),
         VcpuExit::IoOut(port, d) => (ExitKind::IoOut, u64::from(*port), len(d)),
         VcpuExit::MmioRead(addr, d) => (ExitKind::MmioRead, *addr, len(d)),
@@ -391,7 +387,9 @@ fn exit_summary(exit: &VcpuExit<'_>) -> (ExitKind, u64, u32) {
         VcpuExit::Intr => (ExitKind::Interrupted, 0, 0),
         VcpuExit::InternalError | VcpuExit::FailEntry(..) => (ExitKind::Failure, 0, 0),
         _ => (ExitKind::Other, 0, 0),
-    }
+    };
+    probe.exited(kind, addr, n);
+    exit
 }
 
 #[cfg(test)]
