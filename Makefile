@@ -12,9 +12,9 @@ FILTER ?=
 # `make test KEEP_GOING=1` runs every stage even after a failure.
 KEEP_GOING ?=
 
-# Integration test targets of every crate except the real-guest one (stage 2, includes the
-# host-KVM tiny-guest tests kvm_*).
-INTEGRATION_TESTS := $(sort $(filter-out guests,$(basename $(notdir \
+# Integration test targets of every crate except the real-guest ones (`guests`, `soak`; stage 2,
+# includes the host-KVM tiny-guest tests kvm_*).
+INTEGRATION_TESTS := $(sort $(filter-out guests soak,$(basename $(notdir \
 	$(wildcard tests/*.rs */tests/*.rs tests/*/tests/*.rs)))))
 
 STAGE_TIMES := $(CURDIR)/.cache/stage-times.tsv
