@@ -12,9 +12,9 @@ FILTER ?=
 # `make test KEEP_GOING=1` runs every stage even after a failure.
 KEEP_GOING ?=
 
-# Integration test targets of every crate except the real-guest one (stage 2, includes the
-# host-KVM tiny-guest tests kvm_*).
-INTEGRATION_TESTS := $(sort $(filter-out guests,$(basename $(notdir \
+# Integration test targets of every crate except the real-guest ones (`guests`, `soak`; stage 2,
+# includes the host-KVM tiny-guest tests kvm_*).
+INTEGRATION_TESTS := $(sort $(filter-out guests soak,$(basename $(notdir \
 	$(wildcard tests/*.rs */tests/*.rs tests/*/tests/*.rs)))))
 
 # Features the test stages (lint, unit, integration) turn on: the optional vm-memory IOMMU glue,
@@ -32,7 +32,7 @@ export VMM_SKIP_LOG := $(CURDIR)/target/skipped.txt
 TESTS_TIMED := SKIP_LOG=$(VMM_SKIP_LOG) $(TIMED)
 
 .PHONY: help all deps guest-image guest-image-dpdk vmm-static run test test-lint test-unit test-integration test-images \
-	test-guests bench bench-micro bench-guest-programs clean distclean
+	test-guests soak bench bench-micro bench-guest-programs clean distclean
 
 all: vmm-static guest-image
 
@@ -98,6 +98,19 @@ test-images:
 ## --workspace keeps stage 1's feature resolution, so the dependencies are not built twice.
 test-guests:
 	$(TIMED) 4-guests env RIG_NO_BUILD=1 $(CARGO) test --workspace $(TEST_FEATURES) --test guests -- $(FILTER)
+
+## soak: issue 16's soak: the two-disk rebind workload and stress-rebind-strict's, SOAK_RUNS times
+## each under our vmm (with --watchdog) and QEMU, interleaved in the same L1 boots, with and
+## without the vIOMMU, 1 and 2 vCPUs; pass / guest reset / hang / L1 failure per cell and per 100
+## runs in target/soak/report.md, each run's evidence in target/soak/runs/.
+## `make soak SOAK_RUNS=1 SOAK_ARGS="--cells rebind3-vmm --watchdog 30"` narrows it.
+SOAK_RUNS ?= 20
+SOAK_ARGS ?=
+soak: vmm-static
+	@start=$$(date +%s); rc=0; \
+	RIG_NO_BUILD=1 $(CARGO) test --workspace --test soak -- --runs $(SOAK_RUNS) $(SOAK_ARGS) || rc=$$?; \
+	echo "==> make soak: $$( [ $$rc = 0 ] && echo ok || echo FAILED ) in $$(( $$(date +%s) - start )) s"; \
+	exit $$rc
 
 ## bench: the vIOMMU side by side with QEMU: criterion microbenchmarks, then the same L2 guest
 ## under our vmm and QEMU (interleaved, median of BENCH_RUNS); tables in target/bench/report.md

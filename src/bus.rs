@@ -52,6 +52,7 @@ impl Bus {
                 return Err(BusError::Overlap(base, len));
             }
         }
+        lockwatch::name(&*dev, format!("port/MMIO device at {base:#x}"));
         ranges.insert(base, (len, dev));
         Ok(())
     }
@@ -72,9 +73,7 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr, data.len()) {
             Some((off, dev)) => {
-                dev.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .read(off, data);
+                lockwatch::lock(&*dev).read(off, data);
                 true
             }
             None => false,
@@ -85,9 +84,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr, data.len()) {
             Some((off, dev)) => {
-                dev.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .write(off, data);
+                lockwatch::lock(&*dev).write(off, data);
                 true
             }
             None => false,

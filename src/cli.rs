@@ -7,7 +7,7 @@ use log::LevelFilter;
 
 use crate::config::{
     self, BlockConfig, ConfigError, IommuChoice, NetConfig, SerialOutput, VfioDeviceConfig,
-    VmConfig,
+    VmConfig, WatchdogOptions, WATCHDOG_ENV,
 };
 use crate::seccomp::{SeccompMode, ThreadKind};
 
@@ -57,6 +57,12 @@ usage: vmm --kernel BZIMAGE [options]
                         (default: on): on stops the VMM on a forbidden call (exit status
                         159, the call named on stderr), log lets the kernel log it
   --log-level LEVEL     off, error, warn, info, debug, trace (default: warn, or RUST_LOG)
+  --watchdog SECS[,kmsg=on]
+                        hang watchdog (default: off, or VMM_WATCHDOG=SECS[,kmsg=on]): when
+                        no vCPU makes progress, or one vCPU stays in one exit handler, for
+                        SECS seconds, log one report (each vCPU's last exit, the device
+                        locks held, every VMM thread's kernel state); kmsg=on copies it to
+                        /dev/kmsg
   -h, --help            show this help";
 
 /// Parsed command line.
@@ -159,6 +165,10 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, ConfigE
                 let v = value()?;
                 selftest = Some(ThreadKind::parse(&v).ok_or(ConfigError::SelftestKind(v))?);
             }
+            "--watchdog" => {
+                let arg = value()?;
+                c.watchdog = Some(watchdog(&arg)?);
+            }
             "--log-level" => {
                 let v = value()?;
                 c.log_level = config::parse_level(&v).ok_or(ConfigError::LogLevel(v))?;
@@ -169,9 +179,21 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, ConfigE
     if let Some(kind) = selftest {
         return Ok(Command::SeccompSelftest(kind, c.seccomp));
     }
+    if c.watchdog.is_none() {
+        if let Some(arg) = std::env::var(WATCHDOG_ENV).ok().filter(|v| !v.is_empty()) {
+            c.watchdog = Some(watchdog(&arg)?);
+        }
+    }
     c.kernel = kernel.ok_or(ConfigError::NoKernel)?;
     c.validate()?;
     Ok(Command::Run(c))
+}
+
+fn watchdog(arg: &str) -> Result<WatchdogOptions, ConfigError> {
+    WatchdogOptions::parse(arg).map_err(|source| ConfigError::Watchdog {
+        arg: arg.to_string(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -292,6 +314,22 @@ mod tests {
                 crate::seccomp::SeccompMode::Off
             )
         );
+    }
+
+    #[test]
+    fn watchdog_flag() {
+        let Command::Run(c) = p(&["--kernel", "k", "--watchdog", "20,kmsg=on"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            c.watchdog,
+            Some(WatchdogOptions {
+                limit_secs: 20,
+                kmsg: true
+            })
+        );
+        let e = p(&["--kernel", "k", "--watchdog", "0"]).unwrap_err();
+        assert!(e.starts_with("--watchdog: SECS=0"), "{e}");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! legacy, virtio-blk), `iommu` (the virtio-iommu exit counters), `viot` (the ACPI table
 //! naming the IOMMU and its endpoints), `dmar` (the ACPI table of the emulated VT-d, not wired
 //! yet), `machine` (a bootable Linux machine), `config` (the typed options), `cli`, `report`
-//! (error chains) and `logger` for the binary.
+//! (error chains), `watchdog` (the hang watchdog) and `logger` for the binary.
 
 pub mod acpi;
 pub mod boot;
@@ -32,3 +32,4 @@ pub mod vcpu;
 pub mod vfio;
 pub mod viot;
 pub mod vm;
+pub mod watchdog;

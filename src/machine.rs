@@ -571,7 +571,19 @@ impl Machine {
         drop(mem);
         let vcpus = self.vm.create_vcpus()?;
         self.vm.configure_boot_vcpu(&vcpus, &info)?;
-        Ok(self.vm.run(vcpus)?)
+        // Started before the main thread's seccomp filter; it installs its own.
+        let watchdog = match &self.config.watchdog {
+            Some(w) => Some(
+                crate::watchdog::Watchdog::start(w, vcpus.iter().map(|v| v.probe()).collect())
+                    .map_err(|e| VmError::Io("watchdog thread", e))?,
+            ),
+            None => None,
+        };
+        let r = self.vm.run(vcpus);
+        if let Some(w) = watchdog {
+            w.stop();
+        }
+        Ok(r?)
     }
 }
 

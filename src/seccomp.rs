@@ -82,19 +82,23 @@ pub enum ThreadKind {
     Poller,
     /// A TAP reader: reads frames, writes them into guest buffers, irqfds.
     TapReader,
+    /// The hang watchdog (`--watchdog`): reads `/proc/self/task/*` (files opened read-only),
+    /// logs, sleeps.
+    Watchdog,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 6] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::BlockWorker,
         ThreadKind::Poller,
         ThreadKind::TapReader,
+        ThreadKind::Watchdog,
     ];
 
-    /// Parse a kind name (`main`, `vcpu`, `blk-worker`, `poller`, `tap-reader`).
+    /// Parse a kind name (`main`, `vcpu`, `blk-worker`, `poller`, `tap-reader`, `watchdog`).
     pub fn parse(s: &str) -> Option<ThreadKind> {
         Self::ALL.into_iter().find(|k| k.name() == s)
     }
@@ -107,6 +111,7 @@ impl ThreadKind {
             ThreadKind::BlockWorker => "blk-worker",
             ThreadKind::Poller => "poller",
             ThreadKind::TapReader => "tap-reader",
+            ThreadKind::Watchdog => "watchdog",
         }
     }
 }
@@ -384,6 +389,30 @@ pub fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Seccom
             ThreadKind::TapReader => {
                 allow(&mut r, &[libc::SYS_poll, libc::SYS_ppoll]);
             }
+            ThreadKind::Watchdog => {
+                // Directory listing and whole-file reads of /proc; never a file opened for
+                // writing (the kmsg copy is opened before the filter).
+                let write_flags =
+                    (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC) as u64;
+                r.insert(
+                    libc::SYS_openat,
+                    vec![rule(vec![cond(
+                        2,
+                        SeccompCmpOp::MaskedEq(write_flags),
+                        0,
+                    )?])?],
+                );
+                allow(
+                    &mut r,
+                    &[
+                        libc::SYS_getdents64,
+                        libc::SYS_statx,
+                        libc::SYS_fstat,
+                        libc::SYS_newfstatat,
+                        libc::SYS_lseek,
+                    ],
+                );
+            }
         }
         Ok(r)
     };
@@ -631,6 +660,13 @@ pub fn selftest(kind: ThreadKind, mode: SeccompMode) -> i32 {
                     other => eprintln!("seccomp selftest: worker thread failed: {other:?}"),
                 }
             }
+            if kind == ThreadKind::Watchdog {
+                // What a report reads: every thread's /proc files.
+                let mut out = String::new();
+                crate::watchdog::thread_states(&mut out);
+                let threads = out.lines().filter(|l| l.contains(": state ")).count();
+                eprintln!("seccomp selftest: watchdog read the state of {threads} threads");
+            }
             // SAFETY: a plain socket() call; the fd is closed below if it is returned.
             let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
             eprintln!("seccomp selftest: forbidden call returned {fd}");
@@ -693,6 +729,11 @@ mod tests {
                 libc::SYS_fork,
                 libc::SYS_kill,
             ] {
+                // The watchdog opens /proc files, read-only (checked in a child below).
+                if k == ThreadKind::Watchdog && forbidden == libc::SYS_openat {
+                    assert_eq!(r[&forbidden].len(), 1);
+                    continue;
+                }
                 assert!(!r.contains_key(&forbidden), "{k:?} allows {forbidden}");
             }
         }
@@ -775,6 +816,34 @@ mod tests {
             assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
             (out, status)
         }
+    }
+
+    #[test]
+    fn watchdog_filter_opens_read_only() {
+        let (out, st) = in_child(
+            ThreadKind::Watchdog,
+            |_| {
+                // SAFETY: raw calls on a NUL-terminated literal path and the fd returned.
+                unsafe {
+                    let fd = libc::openat(
+                        libc::AT_FDCWD,
+                        c"/proc/self/stat".as_ptr(),
+                        libc::O_RDONLY | libc::O_CLOEXEC,
+                    );
+                    fd >= 0 && libc::close(fd) == 0
+                }
+            },
+            // SAFETY: a raw openat for writing; the filter must stop it.
+            || unsafe {
+                i64::from(libc::openat(
+                    libc::AT_FDCWD,
+                    c"/dev/null".as_ptr(),
+                    libc::O_WRONLY | libc::O_CLOEXEC,
+                ))
+            },
+        );
+        assert_eq!(out, b"A");
+        assert!(killed_by_sigsys(st), "status {st:#x}");
     }
 
     fn killed_by_sigsys(status: i32) -> bool {

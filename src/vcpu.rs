@@ -14,6 +14,7 @@ use crate::boot::{
 };
 use crate::bus::Buses;
 use crate::lifecycle::{ExitReason, VmControl};
+use crate::watchdog::{ExitKind, VcpuProbe};
 
 /// vCPU setup errors.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,7 @@ pub struct Vcpu {
     pub fd: VcpuFd,
     buses: Arc<Buses>,
     control: Arc<VmControl>,
+    probe: Arc<VcpuProbe>,
 }
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
@@ -114,7 +116,13 @@ impl Vcpu {
             fd,
             buses,
             control,
+            probe: Arc::new(VcpuProbe::new()),
         }
+    }
+
+    /// The state this vCPU publishes on every exit, for the hang watchdog.
+    pub fn probe(&self) -> Arc<VcpuProbe> {
+        self.probe.clone()
     }
 
     fn kvm<T>(&self, what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VcpuError> {
@@ -285,12 +293,19 @@ impl Vcpu {
 
     /// Run until the VM stops; returns the reason this vCPU saw (or the VM's).
     pub fn run(&mut self) -> ExitReason {
+        let reason = self.run_loop();
+        self.probe.stopped();
+        reason
+    }
+
+    fn run_loop(&mut self) -> ExitReason {
         loop {
             if self.control.stopping() {
                 break;
             }
+            self.probe.entering_run();
             let stop = match self.fd.run() {
-                Ok(exit) => match exit {
+                Ok(exit) => match observed(&self.probe, exit) {
                     VcpuExit::IoIn(..) | VcpuExit::IoOut(..) => {
                         self.port_io();
                         None
@@ -338,6 +353,7 @@ impl Vcpu {
                     ))),
                 },
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.probe.exited(ExitKind::Interrupted, 0, 0);
                     self.fd.set_kvm_immediate_exit(0);
                     None
                 }
@@ -355,6 +371,25 @@ impl Vcpu {
             .reason()
             .unwrap_or(ExitReason::Error("stopped without a reason".into()))
     }
+}
+
+/// Publishes `exit` in `probe` (its kind, port or address, and size) and hands it back.
+fn observed<'a>(probe: &VcpuProbe, exit: VcpuExit<'a>) -> VcpuExit<'a> {
+    let len = |d: &[u8]| u32::try_from(d.len()).unwrap_or(u32::MAX);
+    let (kind, addr, n) = match &exit {
+        VcpuExit::IoIn(port, d) => (ExitKind::IoIn, u64::from(*port), len(d)),
+        VcpuExit::IoOut(port, d) => (ExitKind::IoOut, u64::from(*port), len(d)),
+        VcpuExit::MmioRead(addr, d) => (ExitKind::MmioRead, *addr, len(d)),
+        VcpuExit::MmioWrite(addr, d) => (ExitKind::MmioWrite, *addr, len(d)),
+        VcpuExit::Hlt => (ExitKind::Hlt, 0, 0),
+        VcpuExit::Shutdown => (ExitKind::Shutdown, 0, 0),
+        VcpuExit::SystemEvent(kind, _) => (ExitKind::SystemEvent, u64::from(*kind), 0),
+        VcpuExit::Intr => (ExitKind::Interrupted, 0, 0),
+        VcpuExit::InternalError | VcpuExit::FailEntry(..) => (ExitKind::Failure, 0, 0),
+        _ => (ExitKind::Other, 0, 0),
+    };
+    probe.exited(kind, addr, n);
+    exit
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ mod vtd;
 
 use std::process::ExitCode;
 
-use common::{selects, Case};
+use common::{selects, verdict, Case, Verdict};
 
 fn all_cases() -> Vec<Case> {
     let mut v = selftest::cases();
@@ -45,50 +45,6 @@ fn all_cases() -> Vec<Case> {
     v.extend(boot::viommu_reference_cases());
     v.extend(rigcheck::cases());
     v
-}
-
-/// Run again, up to its `retries`, every case that failed because its L2 guest reset itself
-/// ([`rig::Outcome::guest_reset_itself`]); the new outcome replaces the old.
-fn retry_guest_resets(cases: &[Case], outcomes: &mut [rig::Outcome]) {
-    for attempt in 1.. {
-        let again: Vec<usize> = (0..cases.len())
-            .filter(|&i| {
-                let (c, o) = (&cases[i], &outcomes[i]);
-                attempt <= c.retries
-                    && o.guest_reset_itself(c.scenario.program)
-                    && (c.check)(o).is_err()
-            })
-            .collect();
-        if again.is_empty() {
-            return;
-        }
-        for &i in &again {
-            let (c, o) = (&cases[i], &outcomes[i]);
-            println!(
-                "RETRY {} (attempt {} of {}): the L2 guest reset itself (triple fault) before its \
-                 script finished, a fault of nested KVM on QEMU TCG that QEMU as the L2 VMM shows \
-                 too; last console lines:\n{}",
-                c.scenario.name,
-                attempt + 1,
-                c.retries + 1,
-                o.serial_tail(8)
-            );
-        }
-        let scenarios: Vec<rig::Scenario> =
-            again.iter().map(|&i| cases[i].scenario.clone()).collect();
-        match rig::run(&scenarios) {
-            Ok(o) if o.len() == again.len() => {
-                for (k, &i) in again.iter().enumerate() {
-                    outcomes[i] = o[k].clone();
-                }
-            }
-            Ok(_) => return,
-            Err(e) => {
-                eprintln!("guests: rig failed on the retry: {e}");
-                return;
-            }
-        }
-    }
 }
 
 fn main() -> ExitCode {
@@ -113,39 +69,71 @@ fn main() -> ExitCode {
     }
 
     let scenarios: Vec<rig::Scenario> = cases.iter().map(|c| c.scenario.clone()).collect();
-    let mut outcomes = match rig::run(&scenarios) {
+    let outcomes = match rig::run(&scenarios) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("guests: rig failed: {e}");
             return ExitCode::FAILURE;
         }
     };
-    if outcomes.len() == cases.len() {
-        retry_guest_resets(&cases, &mut outcomes);
-    }
 
-    let mut failed = Vec::new();
+    // No retries: a guest reset fails the scenario unless the scenario documents an
+    // environment cause (common::EnvCause); an L1 that froze or died is an environment
+    // failure, reported apart from ours (the rig ran the rest in a fresh L1).
+    let (mut failed, mut env_failed, mut env_resets) = (Vec::new(), Vec::new(), Vec::new());
     for (case, outcome) in cases.iter().zip(&outcomes) {
         let name = &case.scenario.name;
-        match (case.check)(outcome) {
-            Ok(()) => println!("PASS {name} ({:.1} s)", outcome.duration.as_secs_f64()),
-            Err(why) => {
-                println!(
-                    "FAIL {name} ({:.1} s): {why}",
-                    outcome.duration.as_secs_f64()
-                );
-                println!("---- {name}: L2 console (last 40 lines) ----");
-                println!("{}", outcome.serial_tail(40));
-                println!("---- {name}: VMM stderr (last 40 lines) ----");
-                println!("{}", rig::tail_lines(&outcome.vmm_log, 40));
-                if !outcome.l1_log.trim().is_empty() {
-                    println!("---- {name}: L1 kernel log during the scenario (last 20 lines) ----");
-                    println!("{}", rig::tail_lines(&outcome.l1_log, 20));
-                }
-                println!("---- end of {name} ----");
-                failed.push(name.clone());
+        let secs = outcome.duration.as_secs_f64();
+        let (v, why) = verdict(case, outcome);
+        let why = why.unwrap_or_default();
+        match v {
+            Verdict::Pass => {
+                println!("PASS {name} ({secs:.1} s)");
+                continue;
             }
+            Verdict::L1Failure => {
+                println!("ENV-FAIL {name}: {why}: an environment failure, not our vmm's result");
+                if let Some(f) = &outcome.l1_failure {
+                    println!("---- {name}: L1 console (last lines) ----");
+                    println!("{}", f.console_tail);
+                }
+                println!("---- {name}: L2 console before L1 failed (last 20 lines) ----");
+                println!("{}", outcome.serial_tail(20));
+                println!("---- end of {name} ----");
+                env_failed.push(name.clone());
+                continue;
+            }
+            Verdict::GuestReset => match &case.env_cause {
+                Some(c) => {
+                    println!(
+                        "ENV-RESET {name} ({secs:.1} s): the L2 guest reset itself; documented \
+                         environment cause: {} (soak: {}); not a pass",
+                        c.reason, c.soak
+                    );
+                    env_resets.push(name.clone());
+                    continue;
+                }
+                None => println!(
+                    "FAIL {name} ({secs:.1} s): the L2 guest reset itself (triple fault) before \
+                     its script finished, and the scenario documents no environment cause; \
+                     check: {why}"
+                ),
+            },
+            Verdict::Hang => {
+                println!("FAIL {name} ({secs:.1} s): hang (killed at its timeout): {why}")
+            }
+            Verdict::Fail => println!("FAIL {name} ({secs:.1} s): {why}"),
         }
+        println!("---- {name}: L2 console (last 40 lines) ----");
+        println!("{}", outcome.serial_tail(40));
+        println!("---- {name}: VMM stderr (last 40 lines) ----");
+        println!("{}", rig::tail_lines(&outcome.vmm_log, 40));
+        if !outcome.l1_log.trim().is_empty() {
+            println!("---- {name}: L1 kernel log during the scenario (last 20 lines) ----");
+            println!("{}", rig::tail_lines(&outcome.l1_log, 20));
+        }
+        println!("---- end of {name} ----");
+        failed.push(name.clone());
     }
     if outcomes.len() != cases.len() {
         println!(
@@ -155,18 +143,28 @@ fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
-    println!(
-        "guests: {} passed, {} failed{}",
-        cases.len() - failed.len(),
-        failed.len(),
-        if failed.is_empty() {
+    let list = |v: &[String]| {
+        if v.is_empty() {
             String::new()
         } else {
-            format!(": {}", failed.join(", "))
+            format!(" ({})", v.join(", "))
         }
+    };
+    println!(
+        "guests: {} passed, {} failed{}, {} environment failures (L1 froze or died){}, {} \
+         environment resets{}",
+        cases.len() - failed.len() - env_failed.len() - env_resets.len(),
+        failed.len(),
+        list(&failed),
+        env_failed.len(),
+        list(&env_failed),
+        env_resets.len(),
+        list(&env_resets),
     );
+    // An environment failure is not a pass either: the scenario's result is unknown.
+    let failed = !failed.is_empty() || !env_failed.is_empty();
     // Disk images stay for a look when something failed.
-    if failed.is_empty() {
+    if !failed {
         common::remove_scratch_dir();
         ExitCode::SUCCESS
     } else {

@@ -337,6 +337,7 @@ fn pci_config_cycles_and_acpi_poweroff() {
         nets: Vec::new(),
         seccomp: vmm::seccomp::SeccompMode::Off,
         log_level: log::LevelFilter::Warn,
+        watchdog: None,
     })
     .unwrap();
     load(

@@ -17,7 +17,14 @@ fn selftest(kind: &str, mode: &str) -> (Option<i32>, String) {
 
 #[test]
 fn forbidden_call_stops_the_vmm_in_every_thread_kind() {
-    for kind in ["main", "vcpu", "blk-worker", "poller", "tap-reader"] {
+    for kind in [
+        "main",
+        "vcpu",
+        "blk-worker",
+        "poller",
+        "tap-reader",
+        "watchdog",
+    ] {
         let (code, err) = selftest(kind, "on");
         assert!(err.contains("allowed call ok"), "{kind}: {err}");
         assert!(
@@ -42,6 +49,16 @@ fn forbidden_call_stops_the_vmm_in_every_thread_kind() {
             );
             // ... and may start a device worker thread that stacks its own filter.
             assert!(err.contains("worker thread filter installed"), "{err}");
+        }
+        if kind == "watchdog" {
+            // A report reads every thread's /proc files under the filter (this process has
+            // at least its main thread and the selftest thread).
+            let n: usize = err
+                .lines()
+                .find_map(|l| l.strip_prefix("seccomp selftest: watchdog read the state of "))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or_else(|| panic!("no watchdog line: {err}"));
+            assert!(n >= 2, "{err}");
         }
         assert_eq!(code, Some(159), "{kind}: {err}");
     }

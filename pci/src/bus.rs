@@ -112,6 +112,11 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Locks a device, recorded for the vmm's hang watchdog (see `lockwatch`).
+fn lock_device(d: &SharedDevice) -> lockwatch::Guard<'_, dyn PciDevice> {
+    lockwatch::lock(d)
+}
+
 fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
     l.read().unwrap_or_else(|e| e.into_inner())
 }
@@ -178,8 +183,9 @@ impl PciBus {
                 .position(Option::is_none)
                 .ok_or(PciError::BusFull)?,
         };
+        lockwatch::name(&*dev, format!("pci 00:{slot:02x}.0"));
         {
-            let mut guard = lock(&dev);
+            let mut guard = lock_device(&dev);
             let mut alloc = lock(&self.allocators);
             for bar in guard.bar_regions() {
                 let addr = match bar.kind {
@@ -348,7 +354,7 @@ impl PciBus {
             return;
         }
         match self.device(bus, dev, func) {
-            Some(d) => lock(&d).config_read(reg, data),
+            Some(d) => lock_device(&d).config_read(reg, data),
             None => data.fill(0xff),
         }
     }
@@ -364,7 +370,7 @@ impl PciBus {
         let Some(d) = self.device(bus, dev, func) else {
             return;
         };
-        let mut guard = lock(&d);
+        let mut guard = lock_device(&d);
         guard.config_write(reg, data);
         if overlaps(reg, data.len(), COMMAND, COMMAND + 2)
             || overlaps(reg, data.len(), BAR0, BAR_END)
@@ -419,7 +425,7 @@ impl PciBus {
             );
             return true;
         }
-        f(&mut *lock(&device), bar, offset);
+        f(&mut *lock_device(&device), bar, offset);
         true
     }
 }

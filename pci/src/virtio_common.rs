@@ -80,10 +80,7 @@ impl VirtioInterruptState {
     fn raise(&self, isr: u8, vector: u16) {
         self.isr.fetch_or(isr, Ordering::AcqRel);
         if vector != NO_VECTOR {
-            self.msix
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .trigger(vector);
+            lockwatch::lock(&self.msix).trigger(vector);
         }
     }
 }

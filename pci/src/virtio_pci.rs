@@ -14,7 +14,7 @@ use crate::msix::{MsixConfig, MSIX_CAP_CONTROL};
 use crate::virtio_common::{CommonAction, CommonConfig, VirtioInterruptState};
 use crate::PciError;
 use log::debug;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use virtio_dev::{ActivateError, VirtioDevice, VirtioInterrupt};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -182,10 +182,9 @@ impl VirtioPciDevice {
             msix.capability(VIRTIO_BAR, MSIX_TABLE_OFFSET as u32, MSIX_PBA_OFFSET as u32);
         let msix_cap = u16::from(config.add_capability(&cap, &wmask)?);
         let num_vectors = msix.num_vectors();
-        let interrupt = Arc::new(VirtioInterruptState::new(
-            num_queues,
-            Arc::new(Mutex::new(msix)),
-        ));
+        let msix = Arc::new(Mutex::new(msix));
+        lockwatch::name(&msix, format!("MSI-X of virtio device type {device_type}"));
+        let interrupt = Arc::new(VirtioInterruptState::new(num_queues, msix));
         let common = CommonConfig::new(
             device.device_features(),
             device.queue_max_sizes(),
@@ -233,11 +232,8 @@ impl VirtioPciDevice {
         self.interrupt.clone()
     }
 
-    fn msix(&self) -> MutexGuard<'_, MsixConfig> {
-        self.interrupt
-            .msix()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+    fn msix(&self) -> lockwatch::Guard<'_, MsixConfig> {
+        lockwatch::lock(self.interrupt.msix())
     }
 
     /// Make the ioeventfd registrations match where the notify area currently decodes.

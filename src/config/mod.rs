@@ -14,6 +14,7 @@ pub mod net;
 pub mod options;
 pub mod size;
 pub mod viommu;
+pub mod watchdog;
 
 use std::path::PathBuf;
 
@@ -27,6 +28,7 @@ pub use net::{NetBackendConfig, NetConfig};
 pub use options::OptionError;
 pub use size::{parse_cpus, parse_size, CpusError, SizeError};
 pub use viommu::{IommuChoice, ViommuOptions, VtdOptions};
+pub use watchdog::{WatchdogOptions, WATCHDOG_ENV};
 
 /// Default kernel command line.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
@@ -88,6 +90,8 @@ pub struct VmConfig {
     pub seccomp: SeccompMode,
     /// Log level (`--log-level`, else `RUST_LOG`, else warn).
     pub log_level: LevelFilter,
+    /// The hang watchdog (`--watchdog`, else `VMM_WATCHDOG`; `None`: off).
+    pub watchdog: Option<WatchdogOptions>,
 }
 
 impl VmConfig {
@@ -107,6 +111,7 @@ impl VmConfig {
             serial: SerialOutput::Stdout,
             seccomp: SeccompMode::On,
             log_level: LevelFilter::Warn,
+            watchdog: None,
         }
     }
 
@@ -215,6 +220,15 @@ pub enum ConfigError {
     /// `--viommu`.
     #[error("--viommu: {source}")]
     Viommu {
+        /// The value as given.
+        arg: String,
+        /// Why.
+        #[source]
+        source: OptionError,
+    },
+    /// `--watchdog` (or `VMM_WATCHDOG`).
+    #[error("--watchdog: {source}")]
+    Watchdog {
         /// The value as given.
         arg: String,
         /// Why.

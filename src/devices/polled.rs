@@ -17,7 +17,7 @@
 //! that is all it does (no polling, kicks stay on).
 
 use std::sync::atomic::{fence, AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -30,8 +30,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 type Shared = Arc<Mutex<Box<dyn VirtioDevice>>>;
 
-fn lock(d: &Shared) -> MutexGuard<'_, Box<dyn VirtioDevice>> {
-    d.lock().unwrap_or_else(|e| e.into_inner())
+fn lock(d: &Shared) -> lockwatch::Guard<'_, Box<dyn VirtioDevice>> {
+    lockwatch::lock(d)
 }
 
 /// Wake-up state between the vCPU thread and the poller.
@@ -190,9 +190,12 @@ impl Polled {
     /// after the last request; a zero `window` only continues notifications the device cut
     /// short.
     pub fn new(dev: Box<dyn VirtioDevice>, queue: u16, window: Duration) -> Polled {
+        let (ty, queue_sizes) = (dev.device_type(), dev.queue_max_sizes().to_vec());
+        let dev = Arc::new(Mutex::new(dev));
+        lockwatch::name(&dev, format!("polled virtio device type {ty}"));
         Polled {
-            queue_sizes: dev.queue_max_sizes().to_vec(),
-            dev: Arc::new(Mutex::new(dev)),
+            queue_sizes,
+            dev,
             queue,
             window,
             poller: None,

@@ -16,9 +16,47 @@ pub struct Case {
     /// Opt-in cases (QEMU as the L2 VMM, checks of the rig itself) test the rig and the images,
     /// not our vmm; they run only when a name filter selects them or `GUESTS_ALL=1`.
     pub opt_in: bool,
-    /// Times the scenario runs again when the L2 guest reset itself before its script ended
-    /// ([`rig::Outcome::guest_reset_itself`]); any other failure counts at once.
-    pub retries: u32,
+    /// Why this scenario's L2 guest may reset itself because of the environment, with the
+    /// soak figures that show it. Without one (every case for now) a guest reset fails the
+    /// scenario; with one it is reported as an environment reset, not a pass.
+    pub env_cause: Option<EnvCause>,
+}
+
+/// A documented environment cause of guest resets ([`Case::env_cause`]).
+#[derive(Clone, Copy, Debug)]
+pub struct EnvCause {
+    /// What in the environment resets the guest, and how that was shown.
+    pub reason: &'static str,
+    /// The soak figures (`make soak`: resets per 100 runs, ours and QEMU's, per cell).
+    pub soak: &'static str,
+}
+
+/// How one outcome is judged, from the evidence only (rig, console, exit status, check).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The check passed.
+    Pass,
+    /// The L2 guest reset itself before its script finished ([`rig::Outcome::guest_reset_itself`]).
+    GuestReset,
+    /// The VMM was killed at the scenario's timeout.
+    Hang,
+    /// L1 froze or died while the scenario ran: an environment failure ([`rig::L1Failure`]).
+    L1Failure,
+    /// The check failed otherwise (a wrong result, a VMM error, a guest error).
+    Fail,
+}
+
+/// The verdict for `o` under `case`, and the check's message when it did not pass.
+pub fn verdict(case: &Case, o: &Outcome) -> (Verdict, Option<String>) {
+    if let Some(f) = &o.l1_failure {
+        return (Verdict::L1Failure, Some(f.to_string()));
+    }
+    match (case.check)(o) {
+        Ok(()) => (Verdict::Pass, None),
+        Err(why) if o.guest_reset_itself(case.scenario.program) => (Verdict::GuestReset, Some(why)),
+        Err(why) if o.timed_out => (Verdict::Hang, Some(why)),
+        Err(why) => (Verdict::Fail, Some(why)),
+    }
 }
 
 impl Case {
@@ -31,7 +69,7 @@ impl Case {
             scenario,
             check: Box::new(check),
             opt_in: false,
-            retries: GUEST_RESET_RETRIES,
+            env_cause: None,
         }
     }
 
@@ -44,7 +82,7 @@ impl Case {
             scenario,
             check: Box::new(check),
             opt_in: true,
-            retries: GUEST_RESET_RETRIES,
+            env_cause: None,
         }
     }
 }
@@ -110,11 +148,6 @@ pub fn counter(c: &[(String, u64)], name: &str) -> Result<u64, String> {
         .map(|(_, v)| *v)
         .ok_or_else(|| format!("counter {name} missing"))
 }
-
-/// Times any case runs again when its L2 guest reset itself (a triple fault of the nested
-/// environment, which QEMU as the L2 VMM shows too: `qemu-net-dpdk-soak`). Seen in
-/// `net-dpdk-testpmd` and `stress-rebind-strict`, whose 2 vCPUs stay busy.
-pub const GUEST_RESET_RETRIES: u32 = 2;
 
 /// Whether a case runs in this invocation of the guests binary: name filters (arguments not
 /// starting with `-`) select by substring; with none, every default case runs, and the opt-in

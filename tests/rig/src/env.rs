@@ -56,11 +56,14 @@ pub struct RigConfig {
     pub verbose: bool,
     /// Extra seconds allowed for the L1 boot and shutdown on top of the scenario timeouts.
     pub l1_allowance_secs: u64,
+    /// Fresh L1 boots per batch after L1 froze or died (`RIG_L1_RESTARTS`, default
+    /// [`crate::MAX_L1_RESTARTS`]); past them the run fails.
+    pub max_l1_restarts: u32,
 }
 
 impl RigConfig {
     /// The configuration from the environment: `RIG_MODE`, `RIG_VMM` (binary to use instead of
-    /// building one), `RIG_NO_BUILD`, `RIG_KEEP`, `RIG_VERBOSE`, `RIG_ROOT`.
+    /// building one), `RIG_NO_BUILD`, `RIG_KEEP`, `RIG_VERBOSE`, `RIG_ROOT`, `RIG_L1_RESTARTS`.
     pub fn from_env() -> Result<Self, RigError> {
         let root = match std::env::var_os("RIG_ROOT") {
             Some(r) => PathBuf::from(r),
@@ -84,6 +87,12 @@ impl RigConfig {
             keep: flag("RIG_KEEP"),
             verbose: flag("RIG_VERBOSE"),
             l1_allowance_secs: 300,
+            max_l1_restarts: match std::env::var("RIG_L1_RESTARTS") {
+                Ok(v) => v.parse().map_err(|_| {
+                    RigError::Config(format!("RIG_L1_RESTARTS={v}: expected a number"))
+                })?,
+                Err(_) => crate::MAX_L1_RESTARTS,
+            },
             root,
         })
     }

@@ -33,33 +33,21 @@ pub enum RigError {
         /// The last lines of output (scenario output, else the L1 console).
         last_lines: String,
     },
-    /// L1 (nested mode) stopped making progress: a scenario ran past its timeout (which L1
-    /// itself enforces) by [`crate::nested::FREEZE_GRACE`] with L1 silent. Seen under QEMU TCG:
-    /// both L1 vCPUs halted for good. `done` holds the batch's outcomes before that scenario.
+    /// L1 (nested mode) froze or died before reporting every scenario of a batch: a scenario
+    /// ran past its timeout (which L1 itself enforces) by [`crate::nested::FREEZE_GRACE`] with
+    /// L1 silent (seen under QEMU TCG: both L1 vCPUs halted for good), or the L0 QEMU exited
+    /// (L1 panicked, powered off). `done` holds the batch's outcomes before the scenario it
+    /// happened under, `failed` that scenario's outcome ([`crate::Outcome::l1_failure`] set).
     #[error(
-        "rig: L1 froze while scenario '{running}' was running ({:.0} s without a result); last lines seen:\n{last_lines}",
-        after.as_secs_f64()
+        "rig: {} while scenario '{}' was running; last lines seen:\n{last_lines}",
+        failed.l1_failure.as_ref().map_or("L1 failed".into(), |f| f.to_string()),
+        failed.name
     )]
-    L1Froze {
-        /// Time since the scenario started.
-        after: Duration,
-        /// The scenario running.
-        running: String,
+    L1Failed {
         /// Outcomes of the scenarios of the batch that finished before it, in order.
         done: Vec<crate::Outcome>,
-        /// The last lines of output.
-        last_lines: String,
-    },
-    /// The L0 QEMU (nested mode) ended before reporting every scenario.
-    #[error(
-        "rig: L1 ended early ({status}) while {}; last lines seen:\n{last_lines}",
-        running.as_deref().map(|n| format!("scenario '{n}' was running")).unwrap_or_else(|| "no scenario was running".into())
-    )]
-    L1Ended {
-        /// How the L0 QEMU exited.
-        status: String,
-        /// The scenario running at that moment, if any.
-        running: Option<String>,
+        /// The scenario L1 failed under.
+        failed: Box<crate::Outcome>,
         /// The last lines of output.
         last_lines: String,
     },

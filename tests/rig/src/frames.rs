@@ -179,6 +179,14 @@ impl Frames {
         self.running
     }
 
+    /// What scenario `idx` printed so far (console, VMM stderr), e.g. when L1 died under it.
+    pub(crate) fn partial(&self, idx: usize) -> (String, String) {
+        self.partial
+            .get(&idx)
+            .map(|p| (p.serial.clone(), p.stderr.clone()))
+            .unwrap_or_default()
+    }
+
     /// The outcome of scenario `idx`, once finished.
     pub(crate) fn outcome(&self, idx: usize) -> Option<&Outcome> {
         self.outcomes.get(idx).and_then(Option::as_ref)

@@ -25,7 +25,10 @@ pub use cpio::{archive as cpio_archive, CpioFile};
 pub use env::{Mode, RigConfig, STATIC_TARGET};
 pub use error::RigError;
 pub use nested::{MAX_DISKS_PER_L1, MAX_VFIO_PER_L1};
-pub use scenario::{parse_guest_exit, tail_lines, Outcome, Program, Scenario, L2_SCRIPT_PATH};
+pub use scenario::{
+    parse_guest_exit, tail_lines, L1Failure, L1FailureKind, Outcome, Program, Scenario,
+    L2_SCRIPT_PATH,
+};
 
 /// The console lines strictly between the line `begin` and the next line `end` (both
 /// trimmed); `None` if either is missing.
@@ -42,8 +45,9 @@ pub fn section<'a>(serial: &'a str, begin: &str, end: &str) -> Option<Vec<&'a st
     None
 }
 
-/// Fresh L1 boots allowed per batch after L1 froze (nested mode).
-const MAX_L1_RESTARTS: u32 = 2;
+/// Fresh L1 boots allowed per batch after L1 froze or died (nested mode), unless
+/// [`RigConfig::max_l1_restarts`] says otherwise.
+pub const MAX_L1_RESTARTS: u32 = 2;
 
 /// Prints a progress line on stderr.
 pub fn progress(msg: &str) {
@@ -90,11 +94,13 @@ pub fn run_with(cfg: &RigConfig, scenarios: &[Scenario]) -> Result<Vec<Outcome>,
                     res = Err(RigError::io(format!("creating {}", dir.display()), e));
                     break;
                 }
-                // A frozen L1 (an environment fault of QEMU TCG) is replaced by a fresh one
-                // for the rest of the batch, the frozen scenario included, at most twice.
+                // An L1 that froze or died (an environment failure, not the scenario's own
+                // result) is replaced by a fresh one for the rest of the batch. The scenario it
+                // happened under gets an outcome saying so (`Outcome::l1_failure`, with L1's
+                // console tail); it is not run again.
                 let mut rest: Vec<usize> = batch;
                 let mut restarts = 0;
-                loop {
+                while !rest.is_empty() {
                     let list: Vec<&Scenario> = rest.iter().map(|&i| &scenarios[i]).collect();
                     let dir = if restarts == 0 {
                         dir.clone()
@@ -113,24 +119,25 @@ pub fn run_with(cfg: &RigConfig, scenarios: &[Scenario]) -> Result<Vec<Outcome>,
                             }
                             break;
                         }
-                        Err(RigError::L1Froze {
-                            after,
-                            running,
-                            done,
-                            ..
-                        }) if restarts < MAX_L1_RESTARTS => {
+                        Err(RigError::L1Failed { done, failed, .. })
+                            if restarts < cfg.max_l1_restarts =>
+                        {
                             restarts += 1;
-                            progress(&format!(
-                                "L1 froze while '{running}' ran ({:.0} s, no result); starting a \
-                                 fresh L1 for it and the {} scenario(s) after it",
-                                after.as_secs_f64(),
-                                rest.len() - done.len() - 1
-                            ));
                             let n = done.len();
-                            for (&i, o) in rest.iter().zip(done) {
+                            progress(&format!(
+                                "{} while '{}' ran: an environment failure for it; starting a \
+                                 fresh L1 for the {} scenario(s) after it",
+                                failed
+                                    .l1_failure
+                                    .as_ref()
+                                    .map_or("L1 failed".into(), |f| f.to_string()),
+                                failed.name,
+                                rest.len() - n - 1
+                            ));
+                            for (&i, o) in rest.iter().zip(done.into_iter().chain([*failed])) {
                                 all[i] = Some(o);
                             }
-                            rest.drain(..n);
+                            rest.drain(..(n + 1).min(rest.len()));
                         }
                         Err(e) => {
                             res = Err(e);

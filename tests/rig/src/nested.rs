@@ -18,7 +18,9 @@ use crate::env::RigConfig;
 use crate::error::RigError;
 use crate::frames::{Event, Frames, MAX_CAPTURE};
 use crate::progress;
-use crate::scenario::{expand, tail_lines, Outcome, Placeholders, Program, Scenario};
+use crate::scenario::{
+    expand, tail_lines, L1Failure, L1FailureKind, Outcome, Placeholders, Program, Scenario,
+};
 
 /// Disks one L1 boot gets at most (PCI slots on QEMU's q35 root bus, with room to spare).
 pub const MAX_DISKS_PER_L1: usize = 20;
@@ -410,13 +412,13 @@ fn drive(
         if let Some(i) = frames.running_index() {
             let over = batch[i].timeout + FREEZE_GRACE;
             if scenario_start.elapsed() > over {
-                let done = (0..i).map_while(|k| frames.outcome(k).cloned()).collect();
-                return Err(RigError::L1Froze {
-                    after: scenario_start.elapsed(),
-                    running: batch[i].name.clone(),
-                    done,
-                    last_lines: last_lines(&tail),
-                });
+                return Err(l1_failed(
+                    batch,
+                    &frames,
+                    L1FailureKind::Froze,
+                    console,
+                    last_lines(&tail),
+                ));
             }
         }
         let wait = (deadline - now).min(Duration::from_secs(5));
@@ -472,7 +474,7 @@ fn drive(
         }
     }
     let missing = frames.missing();
-    if !frames.done() || !missing.is_empty() {
+    if !missing.is_empty() {
         let status = match child.wait() {
             Ok(s) => s.to_string(),
             Err(e) => format!("wait failed: {e}"),
@@ -482,20 +484,60 @@ fn drive(
             last.push_str("\n--- L0 QEMU stderr ---\n");
             last.push_str(&tail_lines(&qemu_stderr, 15));
         }
-        if !missing.is_empty() {
-            last.push_str(&format!("\n(no result for: {})", missing.join(", ")));
-        }
-        return Err(RigError::L1Ended {
-            status,
-            running: frames.running().map(str::to_string),
-            last_lines: last,
-        });
+        last.push_str(&format!("\n(no result for: {})", missing.join(", ")));
+        return Err(l1_failed(
+            batch,
+            &frames,
+            L1FailureKind::Ended(status),
+            console,
+            last,
+        ));
     }
-    frames.into_outcomes().ok_or_else(|| RigError::L1Ended {
-        status: "finished".into(),
-        running: None,
-        last_lines: "outcomes missing".into(),
-    })
+    if !frames.done() {
+        progress("L1 ended without its done marker, after reporting every scenario");
+    }
+    frames
+        .into_outcomes()
+        .ok_or_else(|| RigError::Config("outcomes missing".into()))
+}
+
+/// Lines of L1's console kept as the evidence of an L1 failure.
+const L1_CONSOLE_TAIL: usize = 60;
+
+/// The error for an L1 that froze or died: the outcomes before the first scenario without
+/// one, and that scenario's outcome marked as an L1 failure (with what it printed so far).
+fn l1_failed(
+    batch: &[&Scenario],
+    frames: &Frames,
+    kind: L1FailureKind,
+    console: &Path,
+    last_lines: String,
+) -> RigError {
+    let done: Vec<Outcome> = (0..batch.len())
+        .map_while(|k| frames.outcome(k).cloned())
+        .collect();
+    let i = done.len().min(batch.len().saturating_sub(1));
+    let (serial, stderr) = frames.partial(i);
+    let mut failed = Outcome::new(
+        batch[i].name.clone(),
+        serial,
+        None,
+        stderr,
+        false,
+        Duration::ZERO,
+    );
+    failed.l1_failure = Some(L1Failure {
+        kind,
+        console_tail: std::fs::read_to_string(console)
+            .map(|c| tail_lines(&c, L1_CONSOLE_TAIL))
+            .unwrap_or_else(|e| format!("(L1 console unreadable: {e})")),
+        channel_tail: last_lines.clone(),
+    });
+    RigError::L1Failed {
+        done,
+        failed: Box::new(failed),
+        last_lines,
+    }
 }
 
 /// Progress lines for a finished scenario (with the console tail when it timed out).
@@ -565,6 +607,61 @@ mod tests {
                 vec!["0000:00:1a.0".to_string()]
             ]
         );
+    }
+
+    #[test]
+    fn an_l1_failure_keeps_earlier_outcomes_and_blames_the_running_scenario() {
+        let (a, b, c) = (
+            Scenario::vmm("a", "true"),
+            Scenario::vmm("b", "true"),
+            Scenario::vmm("c", "true"),
+        );
+        let mut f = Frames::new("@@T-", vec!["a".into(), "b".into(), "c".into()]);
+        for l in [
+            "@@T-BEGIN 000",
+            "GUEST-EXIT 0",
+            "@@T-END 000 status=0 timedout=0 ms=10",
+            "@@T-STDERR-BEGIN 000",
+            "@@T-STDERR-END 000",
+            "@@T-L1LOG-BEGIN 000",
+            "@@T-L1LOG-END 000",
+            "@@T-BEGIN 001",
+            "[    3.1] virtio_iommu virtio0: input address: 39 bits",
+        ] {
+            f.feed(l);
+        }
+        let dir = std::env::temp_dir().join(format!("rig-l1fail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let console = dir.join("l1-console.log");
+        std::fs::write(
+            &console,
+            "boot\nKernel panic - not syncing: corrupted stack end\n",
+        )
+        .unwrap();
+        let e = l1_failed(
+            &[&a, &b, &c],
+            &f,
+            L1FailureKind::Ended("exit status: 0".into()),
+            &console,
+            "tail".into(),
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        let RigError::L1Failed { done, failed, .. } = &e else {
+            panic!("{e}")
+        };
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].guest_exit, Some(0));
+        assert_eq!(failed.name, "b");
+        assert!(failed.serial.contains("input address"));
+        assert_eq!((failed.vmm_status, failed.guest_exit), (None, None));
+        let l1 = failed.l1_failure.as_ref().unwrap();
+        assert_eq!(l1.kind, L1FailureKind::Ended("exit status: 0".into()));
+        assert!(l1.console_tail.contains("Kernel panic"));
+        // Not a guest reset, whatever the program: L1 took the result with it.
+        assert!(!failed.guest_reset_itself(Program::Qemu));
+        assert!(e
+            .to_string()
+            .contains("L1 ended early (exit status: 0) while scenario 'b'"));
     }
 
     #[test]

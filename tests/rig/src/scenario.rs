@@ -327,6 +327,37 @@ fn expand_one(arg: &str, p: &Placeholders) -> Result<String, String> {
     Ok(out)
 }
 
+/// How L1 (nested mode) failed while a scenario ran: an environment failure, told apart from
+/// the scenario's own result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum L1FailureKind {
+    /// L1 went silent past the scenario's timeout plus [`crate::nested::FREEZE_GRACE`].
+    Froze,
+    /// The L0 QEMU exited (L1 panicked, powered off, reset) before reporting the scenario;
+    /// how QEMU exited.
+    Ended(String),
+}
+
+/// An L1 failure during a scenario, with the evidence.
+#[derive(Debug, Clone)]
+pub struct L1Failure {
+    /// What happened.
+    pub kind: L1FailureKind,
+    /// The last lines of L1's console (its kernel log: a panic, an RCU stall, ...).
+    pub console_tail: String,
+    /// The last lines of the rig channel (the scenario's console as it arrived).
+    pub channel_tail: String,
+}
+
+impl std::fmt::Display for L1Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            L1FailureKind::Froze => write!(f, "L1 froze"),
+            L1FailureKind::Ended(status) => write!(f, "L1 ended early ({status})"),
+        }
+    }
+}
+
 /// What one scenario produced.
 #[derive(Debug, Clone)]
 pub struct Outcome {
@@ -347,6 +378,9 @@ pub struct Outcome {
     /// L1's kernel log lines printed while the scenario ran (nested mode; empty in direct mode),
     /// e.g. KVM complaining about the VMM or the guest.
     pub l1_log: String,
+    /// Set when L1 froze or died while the scenario ran (nested mode): `serial` and `vmm_log`
+    /// then hold only what arrived before, and the scenario has no result of its own.
+    pub l1_failure: Option<L1Failure>,
 }
 
 impl Outcome {
@@ -369,6 +403,7 @@ impl Outcome {
             timed_out,
             duration,
             l1_log: String::new(),
+            l1_failure: None,
         }
     }
 
@@ -377,7 +412,8 @@ impl Outcome {
     /// fault. Under nested KVM on QEMU TCG this happens to L2 guests whose vCPUs stay busy,
     /// whichever VMM runs them (QEMU, run with `-no-reboot`, exits 0 on the reset).
     pub fn guest_reset_itself(&self, program: Program) -> bool {
-        !self.timed_out
+        self.l1_failure.is_none()
+            && !self.timed_out
             && self.guest_exit.is_none()
             && self.vmm_status == Some(0)
             && match program {
