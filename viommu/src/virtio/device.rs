@@ -206,6 +206,7 @@ impl Viommu {
         let Some(mut active) = self.active.take() else {
             return;
         };
+        self.counters.kick();
         let mem = active.mem.memory();
         let probe_size = self.negotiated(F_PROBE).then_some(self.config.probe_size);
         let mut served = 0usize;
@@ -237,6 +238,7 @@ impl Viommu {
             }
         }
         if wants_interrupt(&active.queue, &*mem, since) {
+            self.counters.interrupt();
             active.interrupt.signal_queue(REQUEST_QUEUE);
         }
         self.completions = completions;
