@@ -240,8 +240,8 @@ mod tests {
         assert_eq!(p[7], Some(2.0));
         assert_eq!(p[8], Some(0.0));
         // No vIOMMU line: the vIOMMU columns are absent, not zero.
-        let no = VmmTotals::parse(LOG.lines().take(2).collect::<Vec<_>>().join("\n").as_str())
-            .unwrap();
+        let no =
+            VmmTotals::parse(LOG.lines().take(2).collect::<Vec<_>>().join("\n").as_str()).unwrap();
         assert_eq!(no.per_io()[5], None);
         assert_eq!(VmmTotals::parse("nothing here"), None);
         // Two disks add up.

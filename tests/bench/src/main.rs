@@ -9,7 +9,9 @@
 //! Needs the static guest-bench and guest-vfio binaries (`make bench` builds them) and, unless
 //! `--skip-guest`, the rig's images and static vmm (RIG_* knobs apply).
 
+mod accounting;
 mod guest;
+mod html;
 mod micro;
 mod report;
 
@@ -17,8 +19,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use guest::{figures, Figures, GuestParams, GuestPrograms, Kind};
-use report::{Better, GuestRow, MicroRow, OverheadRow, Report};
+use guest::{figures, Figures, GuestParams, GuestPrograms, Kind, Workload};
+use report::{Better, GuestRow, MicroRow, OverheadRow, PerIoRow, Report, TotalsRow};
 use rig::{Mode, Program, RigConfig, STATIC_TARGET};
 
 struct Args {
@@ -29,8 +31,9 @@ struct Args {
     out: Option<PathBuf>,
 }
 
-const USAGE: &str = "usage: bench [--runs N] [--io-seconds S] [--vfio-4k N] [--vfio-2m N] \
-                     [--started UNIX_SECS] [--skip-guest] [--out DIR]";
+const USAGE: &str = "usage: bench [--runs N] [--quick] [--io-seconds S] [--vfio-4k N] \
+                     [--vfio-2m N] [--started UNIX_SECS] [--skip-guest] [--out DIR]
+  --quick: 4 read workloads instead of 16, 1 s each, fewer VFIO maps, no testpmd";
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
@@ -41,12 +44,23 @@ fn parse_args() -> Result<Args, String> {
             vfio_count_2m: 32,
             pmd_seconds: 10,
             timeout: Duration::from_secs(240),
+            workloads: Workload::matrix(),
+            skip_net: false,
         },
         started: None,
         skip_guest: false,
         out: None,
     };
-    let mut it = std::env::args().skip(1);
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    // --quick first: explicit options given with it still win.
+    if argv.iter().any(|a| a == "--quick") {
+        a.params.workloads = Workload::quick();
+        a.params.io_seconds = 1.0;
+        a.params.vfio_count_4k = 300;
+        a.params.vfio_count_2m = 8;
+        a.params.skip_net = true;
+    }
+    let mut it = argv.into_iter();
     while let Some(k) = it.next() {
         let mut val = |k: &str| it.next().ok_or(format!("{k} needs a value"));
         match k.as_str() {
@@ -62,6 +76,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--started" => a.started = Some(val(&k)?.parse().map_err(|_| "bad --started")?),
             "--skip-guest" => a.skip_guest = true,
+            "--quick" => {}
             "--out" => a.out = Some(PathBuf::from(val(&k)?)),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
@@ -76,6 +91,9 @@ fn parse_args() -> Result<Args, String> {
     if a.params.vfio_count_4k == 0 || a.params.vfio_count_2m == 0 {
         return Err("--vfio-4k/--vfio-2m: at least 1".into());
     }
+    // Each read workload adds its seconds plus the phase pauses and the warm-up.
+    a.params.timeout +=
+        Duration::from_secs_f64(a.params.workloads.len() as f64 * (a.params.io_seconds + 4.0));
     Ok(a)
 }
 
@@ -134,6 +152,15 @@ fn run_guests(
         dpdk: rig::dpdk::tarball_bytes(&cfg.root)?,
     };
     let scenarios = guest::all_scenarios(a.runs, &a.params, &progs);
+    eprintln!(
+        "bench: {} scenario(s): {} round(s) of {} (ours and QEMU interleaved), {} read workload(s) \
+         of {} s per disk scenario; the rig prints each scenario's start (n/total, elapsed)",
+        scenarios.len(),
+        a.runs,
+        scenarios.len() / a.runs.max(1),
+        a.params.workloads.len(),
+        a.params.io_seconds
+    );
     let t = Instant::now();
     let outcomes = rig::run_with(cfg, &scenarios).map_err(|e| format!("rig: {e}"))?;
     report.guest_seconds = Some(t.elapsed().as_secs_f64());
@@ -147,8 +174,9 @@ fn run_guests(
         }
     }
     for (i, o) in outcomes.iter().enumerate() {
-        let per_round = Kind::ALL.len() * 2;
-        let kind = Kind::ALL[(i % per_round) / 2];
+        let Some(kind) = guest::kind_of(&scenarios[i].name) else {
+            continue;
+        };
         let program = scenarios[i].program;
         let f = figures(kind, o);
         if let Some(p) = &f.problem {
@@ -166,7 +194,12 @@ fn run_guests(
 }
 
 /// Values of one figure for one program and kind, from clean runs only.
-fn values(r: &Results, kind: Kind, program: Program, get: fn(&Figures) -> Option<f64>) -> Vec<f64> {
+fn values(
+    r: &Results,
+    kind: Kind,
+    program: Program,
+    get: impl Fn(&Figures) -> Option<f64>,
+) -> Vec<f64> {
     r.iter()
         .filter(|(k, p, f)| *k == kind && *p == program && f.problem.is_none())
         .filter_map(|(_, _, f)| get(f))
@@ -179,7 +212,7 @@ fn per_run(
     r: &Results,
     kind: Kind,
     program: Program,
-    get: fn(&Figures) -> Option<f64>,
+    get: impl Fn(&Figures) -> Option<f64>,
 ) -> Vec<Option<f64>> {
     r.iter()
         .filter(|(k, p, _)| *k == kind && *p == program)
@@ -188,10 +221,10 @@ fn per_run(
 }
 
 /// ours/QEMU of each round where both produced the figure (the two ran back to back).
-fn paired(r: &Results, kind: Kind, get: fn(&Figures) -> Option<f64>) -> Vec<f64> {
-    per_run(r, kind, Program::Vmm, get)
+fn paired(r: &Results, kind: Kind, get: impl Fn(&Figures) -> Option<f64>) -> Vec<f64> {
+    per_run(r, kind, Program::Vmm, &get)
         .into_iter()
-        .zip(per_run(r, kind, Program::Qemu, get))
+        .zip(per_run(r, kind, Program::Qemu, &get))
         .filter_map(|(a, b)| report::ratio(a, b))
         .collect()
 }
@@ -317,6 +350,147 @@ fn guest_rows(r: &Results) -> Vec<GuestRow> {
         .collect()
 }
 
+/// The disk kinds, with the words the tables use for them.
+const DISK_KINDS: [(Kind, &str); 3] = [
+    (Kind::NoIommu, "no vIOMMU"),
+    (Kind::Lazy, "vIOMMU lazy"),
+    (Kind::Strict, "vIOMMU strict"),
+];
+
+/// The read workload `name`'s figures of one run.
+fn read_of<'a>(f: &'a Figures, name: &str) -> Option<&'a guest::ReadFig> {
+    f.reads.iter().find(|r| r.name == name)
+}
+
+/// Per workload and disk kind: IOPS (4 KiB) or MB/s (1 MiB), ours against QEMU.
+fn workload_rows(r: &Results, workloads: &[Workload]) -> Vec<GuestRow> {
+    let mut v = Vec::new();
+    for w in workloads {
+        let name = w.name();
+        for (kind, mode) in DISK_KINDS {
+            let large = w.is_large();
+            let get = |f: &Figures| {
+                let x = read_of(f, &name)?;
+                if large {
+                    x.mbps
+                } else {
+                    x.iops
+                }
+            };
+            v.push(GuestRow {
+                metric: format!("{name}, {mode}"),
+                unit: if large { "MB/s" } else { "IOPS" },
+                better: Better::Higher,
+                ours: values(r, kind, Program::Vmm, get),
+                qemu: values(r, kind, Program::Qemu, get),
+                paired: paired(r, kind, get),
+            });
+        }
+    }
+    v
+}
+
+/// The per-I/O columns of [`PerIoRow`] (per timed read of the workload).
+pub const PER_IO_COLUMNS: [&str; 9] = [
+    "blk requests",
+    "blk kicks",
+    "vIOMMU kicks",
+    "MAPs",
+    "UNMAPs",
+    "blk irqs",
+    "L1 exits",
+    "exits to VMM",
+    "MMIO writes",
+];
+
+/// Per workload, disk kind and VMM: the median per-I/O figures (guest-side counters and L1's
+/// KVM counters over the phase, divided by the timed reads) and the top exit reasons.
+fn per_io_rows(r: &Results, workloads: &[Workload]) -> Vec<PerIoRow> {
+    let mut v = Vec::new();
+    for w in workloads {
+        let name = w.name();
+        for (kind, mode) in DISK_KINDS {
+            for (program, vmm) in [(Program::Vmm, "ours"), (Program::Qemu, "QEMU")] {
+                let reads: Vec<&guest::ReadFig> = r
+                    .iter()
+                    .filter(|(k, p, f)| *k == kind && *p == program && f.problem.is_none())
+                    .filter_map(|(_, _, f)| read_of(f, &name))
+                    .collect();
+                if reads.is_empty() {
+                    continue;
+                }
+                let col = |get: &dyn Fn(&guest::ReadFig) -> Option<u64>| {
+                    let vals: Vec<f64> = reads.iter().filter_map(|x| x.per_io(get(x))).collect();
+                    report::median(&vals)
+                };
+                let a = |k: &'static str| move |x: &guest::ReadFig| x.acct.get(k).copied();
+                let l = |k: &'static str| move |x: &guest::ReadFig| x.l1.get(k).copied();
+                let values = vec![
+                    col(&a("reqs")),
+                    col(&a("blk_kicks")),
+                    col(&a("viommu_sync")),
+                    col(&a("viommu_map")),
+                    col(&a("viommu_unmap")),
+                    col(&a("irqs")),
+                    col(&l("exits")),
+                    col(&|x| Some(x.l1.get("io_exits")? + x.l1.get("mmio_exits")?)),
+                    col(&l("mmio_w")),
+                ];
+                // Exit reasons of the median run by L1 exits, per I/O.
+                let mut by_exits: Vec<&&guest::ReadFig> = reads.iter().collect();
+                by_exits.sort_by_key(|x| x.l1.get("exits").copied().unwrap_or(0));
+                let mid = by_exits[by_exits.len() / 2];
+                let reasons = accounting::exits_by_reason(&mid.l1)
+                    .into_iter()
+                    .take(4)
+                    .filter_map(|(n, c)| Some(format!("{n} {:.2}", mid.per_io(Some(c))?)))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                v.push(PerIoRow {
+                    workload: name.clone(),
+                    mode,
+                    vmm,
+                    buf: mid.buf.clone(),
+                    values,
+                    reasons,
+                });
+            }
+        }
+    }
+    v
+}
+
+/// Our vmm's exit lines per disk kind: whole-run figures per blk request (medians of runs).
+fn totals_rows(r: &Results) -> Vec<TotalsRow> {
+    DISK_KINDS
+        .iter()
+        .filter_map(|&(kind, mode)| {
+            let per: Vec<Vec<Option<f64>>> = r
+                .iter()
+                .filter(|(k, p, f)| *k == kind && *p == Program::Vmm && f.problem.is_none())
+                .filter_map(|(_, _, f)| Some(f.vmm_totals.as_ref()?.per_io()))
+                .collect();
+            if per.is_empty() {
+                return None;
+            }
+            let values = (0..accounting::PER_IO_FIELDS.len())
+                .map(|i| report::median(&per.iter().filter_map(|p| p[i]).collect::<Vec<_>>()))
+                .collect();
+            let requests = report::median(
+                &r.iter()
+                    .filter(|(k, p, f)| *k == kind && *p == Program::Vmm && f.problem.is_none())
+                    .filter_map(|(_, _, f)| Some(f.vmm_totals.as_ref()?.requests as f64))
+                    .collect::<Vec<_>>(),
+            );
+            Some(TotalsRow {
+                mode,
+                requests,
+                values,
+            })
+        })
+        .collect()
+}
+
 fn overhead_rows(r: &Results) -> Vec<OverheadRow> {
     let mut v = Vec::new();
     for (program, name) in [(Program::Vmm, "ours"), (Program::Qemu, "QEMU")] {
@@ -400,6 +574,9 @@ fn main() -> ExitCode {
     };
     report.load.1 = loadavg();
     report.guest = guest_rows(&results);
+    report.workloads = workload_rows(&results, &a.params.workloads);
+    report.per_io = per_io_rows(&results, &a.params.workloads);
+    report.totals = totals_rows(&results);
     report.overhead = overhead_rows(&results);
     report.micro = micro_rows(&cfg.root.join("target/criterion"));
     report.targets = report::targets(&report.guest, &report.overhead, &report.micro);
@@ -416,7 +593,8 @@ fn main() -> ExitCode {
     let md = report.markdown();
     let written = std::fs::create_dir_all(&out)
         .and_then(|()| std::fs::write(out.join("report.md"), &md))
-        .and_then(|()| std::fs::write(out.join("report.json"), report.json()));
+        .and_then(|()| std::fs::write(out.join("report.json"), report.json()))
+        .and_then(|()| std::fs::write(out.join("report.html"), html::page(&report)));
     {
         // A closed stdout (`make bench | head`) must not lose the files or the exit status.
         use std::io::Write;
@@ -424,9 +602,10 @@ fn main() -> ExitCode {
     }
     match written {
         Ok(()) => eprintln!(
-            "bench: wrote {} and {}",
+            "bench: wrote {}, {} and {}",
             out.join("report.md").display(),
-            out.join("report.json").display()
+            out.join("report.json").display(),
+            out.join("report.html").display()
         ),
         Err(e) => {
             eprintln!("bench: writing the report under {}: {e}", out.display());
