@@ -13,6 +13,7 @@ mod accounting;
 mod guest;
 mod html;
 mod micro;
+mod profile;
 mod report;
 
 use std::path::{Path, PathBuf};
@@ -25,6 +26,10 @@ use rig::{Mode, Program, RigConfig, STATIC_TARGET};
 
 struct Args {
     runs: usize,
+    /// `--profile NAME`: profile one scenario instead of benchmarking.
+    profile: Option<String>,
+    /// `--program vmm|qemu` (profile only).
+    program: Program,
     params: GuestParams,
     started: Option<u64>,
     skip_guest: bool,
@@ -33,11 +38,16 @@ struct Args {
 
 const USAGE: &str = "usage: bench [--runs N] [--quick] [--io-seconds S] [--vfio-4k N] \
                      [--vfio-2m N] [--started UNIX_SECS] [--skip-guest] [--out DIR]
-  --quick: 4 read workloads instead of 16, 1 s each, fewer VFIO maps, no testpmd";
+  --quick: 4 read workloads instead of 16, 1 s each, fewer VFIO maps, no testpmd
+       bench --profile SCENARIO [--program vmm|qemu] [--quick] [--io-seconds S]
+  --profile: one scenario with the VMM under perf in L1 (target/profile/; scenarios:
+             iommu-strict, iommu-lazy, no-iommu)";
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
         runs: 3,
+        profile: None,
+        program: Program::Vmm,
         params: GuestParams {
             io_seconds: 2.0,
             vfio_count_4k: 1000,
@@ -77,6 +87,14 @@ fn parse_args() -> Result<Args, String> {
             "--started" => a.started = Some(val(&k)?.parse().map_err(|_| "bad --started")?),
             "--skip-guest" => a.skip_guest = true,
             "--quick" => {}
+            "--profile" => a.profile = Some(val(&k)?),
+            "--program" => {
+                a.program = match val(&k)?.as_str() {
+                    "vmm" => Program::Vmm,
+                    "qemu" => Program::Qemu,
+                    p => return Err(format!("--program {p:?}: vmm or qemu")),
+                }
+            }
             "--out" => a.out = Some(PathBuf::from(val(&k)?)),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
@@ -90,6 +108,10 @@ fn parse_args() -> Result<Args, String> {
     }
     if a.params.vfio_count_4k == 0 || a.params.vfio_count_2m == 0 {
         return Err("--vfio-4k/--vfio-2m: at least 1".into());
+    }
+    // A profile runs the quick workload set unless --quick was given explicitly (same set).
+    if a.profile.is_some() {
+        a.params.workloads = Workload::quick();
     }
     // Each read workload adds its seconds plus the phase pauses and the warm-up.
     a.params.timeout +=
@@ -123,12 +145,9 @@ fn loadavg() -> String {
 /// Per kind and program, the figures of every run (scenario order).
 type Results = Vec<(Kind, Program, Figures)>;
 
-fn run_guests(
-    cfg: &RigConfig,
-    a: &Args,
-    out_dir: &Path,
-    report: &mut Report,
-) -> Result<Results, String> {
+/// The in-guest programs (static binaries built by `make bench-guest-programs`); the DPDK tree
+/// only when `dpdk`.
+fn programs(cfg: &RigConfig, dpdk: bool) -> Result<GuestPrograms, String> {
     let bin = |name: &str| {
         cfg.root
             .join("target")
@@ -146,11 +165,24 @@ fn run_guests(
             )
         })
     };
-    let progs = GuestPrograms {
+    Ok(GuestPrograms {
         bench: load(&bin("guest-bench"))?,
         vfio: load(&bin("guest-vfio"))?,
-        dpdk: rig::dpdk::tarball_bytes(&cfg.root)?,
-    };
+        dpdk: if dpdk {
+            rig::dpdk::tarball_bytes(&cfg.root)?
+        } else {
+            Vec::new()
+        },
+    })
+}
+
+fn run_guests(
+    cfg: &RigConfig,
+    a: &Args,
+    out_dir: &Path,
+    report: &mut Report,
+) -> Result<Results, String> {
+    let progs = programs(cfg, !a.params.skip_net)?;
     let scenarios = guest::all_scenarios(a.runs, &a.params, &progs);
     eprintln!(
         "bench: {} scenario(s): {} round(s) of {} (ours and QEMU interleaved), {} read workload(s) \
@@ -543,6 +575,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(name) = &a.profile {
+        let result = programs(&cfg, false)
+            .and_then(|progs| profile::run(&cfg, name, a.program, &a.params, &progs));
+        return match result {
+            Ok(dir) => {
+                eprintln!("profile: wrote {}", dir.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!(
+                    "profile: {e} (reports under {})",
+                    profile::out_dir(&cfg.root).display()
+                );
+                ExitCode::FAILURE
+            }
+        };
+    }
     let mut report = Report {
         guest_where: match cfg.mode {
             Mode::Direct => "hardware KVM (VMMs run on the host)".into(),

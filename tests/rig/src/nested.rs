@@ -458,7 +458,13 @@ fn drive(
             )),
             Some(Event::Started(i)) => {
                 scenario_start = Instant::now();
-                progress(&format!("[{}] started", batch[i].name));
+                progress(&format!(
+                    "[{}] started ({}/{} in this L1, {:.0} s since its boot)",
+                    batch[i].name,
+                    i + 1,
+                    batch.len(),
+                    started.elapsed().as_secs_f64()
+                ));
             }
             Some(Event::Finished(i)) => {
                 if let Some(o) = frames.outcome(i) {
