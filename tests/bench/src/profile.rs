@@ -2,8 +2,8 @@
 //! L1 (Debian's linux-perf, `guest-images/build.sh perf`, appended to L1 only here), and L1's
 //! KVM counters per workload phase. Writes `target/profile/<scenario>-<program>/`:
 //! `report.txt` (top symbols, per-thread shares, exits by reason per I/O, the per-I/O table),
-//! the raw perf reports (`threads.txt`, `symbols.txt`, `thread-symbols.txt`), L1's KVM debugfs
-//! counters at exit (`kvm-debugfs.txt`), the L2 console and the VMM's stderr.
+//! the raw perf reports (`threads.txt`, `symbols.txt`, `thread-symbols.txt`, `dsos.txt`), the
+//! L2 console, the VMM's stderr and L1's kernel log.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -29,7 +29,7 @@ pub const SCENARIOS: [(&str, Kind, &str); 3] = [
 ];
 
 /// The sections rig-l1stat prints after the VMM exits (`PROFILE-BEGIN <name>`).
-const SECTIONS: [&str; 4] = ["threads", "symbols", "thread-symbols", "kvm-debugfs"];
+const SECTIONS: [&str; 4] = ["threads", "symbols", "thread-symbols", "dsos"];
 
 /// The lines of section `name` (between `PROFILE-BEGIN name` and `PROFILE-END name`).
 pub fn section(serial: &str, name: &str) -> Option<String> {
@@ -212,7 +212,11 @@ pub fn summary(
     }
     if let Some((b, e)) = kvm_phases(&o.serial).get("whole-run") {
         let d = kvm_delta(b, e);
-        let _ = writeln!(s, "\n## L1 KVM over the whole run (boot included)\n");
+        let _ = writeln!(
+            s,
+            "\n## L1 KVM over the whole run (boot included; tracepoint counts: the debugfs \
+             sums cover live VMs only)\n"
+        );
         let words: Vec<String> = d
             .iter()
             .filter(|(k, v)| !k.starts_with("r_") && **v > 0)
