@@ -269,6 +269,75 @@ mod tests {
         assert!(kvm_delta(e, &back).is_empty());
     }
 
+    /// rig-l1stat itself (sh), over fake debugfs and tracefs trees, around a "VMM" that prints
+    /// two phase markers and bumps the counters in between.
+    #[test]
+    fn rig_l1stat_brackets_each_phase_with_l1_counters() {
+        let dir = std::env::temp_dir().join(format!("rig-l1stat-{}", std::process::id()));
+        let (d, t) = (dir.join("debug"), dir.join("tracing"));
+        std::fs::create_dir_all(d.join("kvm")).unwrap();
+        for h in ["kvm_exit", "kvm_mmio"] {
+            std::fs::create_dir_all(t.join("events/kvm").join(h)).unwrap();
+        }
+        let hist = |reason_npf: u64, mmio: u64| {
+            std::fs::write(
+                t.join("events/kvm/kvm_exit/hist"),
+                format!(
+                    "# event histogram\n\n{{ exit_reason:        120 }} hitcount:          3\n\
+                     {{ exit_reason:       1024 }} hitcount:  {reason_npf}\n\nTotals:\n    Hits: 9\n"
+                ),
+            )
+            .unwrap();
+            std::fs::write(
+                t.join("events/kvm/kvm_mmio/hist"),
+                format!(
+                    "{{ gpa: 4276092928 }} hitcount: 50\n{{ gpa: 3758096384 }} hitcount: {mmio}\n\
+                     \nTotals:\n    Hits: 1\n"
+                ),
+            )
+            .unwrap();
+        };
+        hist(10, 7);
+        std::fs::write(d.join("kvm/exits"), "100\n").unwrap();
+        std::fs::write(d.join("kvm/mmio_exits"), "40\n").unwrap();
+        // The "VMM": phase begin, the counters move, phase end.
+        let bump = format!(
+            "echo 'BENCH-PHASE begin w1'; sleep 0.3; echo 250 >{ex}; echo 90 >{mm}; \
+             printf '%s\\n' '{{ exit_reason:       1024 }} hitcount: 60' >{h}; \
+             echo 'BENCH-PHASE end w1'; sleep 0.3; echo tail; exit 3",
+            ex = d.join("kvm/exits").display(),
+            mm = d.join("kvm/mmio_exits").display(),
+            h = t.join("events/kvm/kvm_exit/hist").display(),
+        );
+        let out = std::process::Command::new("sh")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../guest-images/l1/rig-l1stat"
+            ))
+            .args(["sh", "-c", &bump])
+            .env("RIG_L1STAT_DEBUGFS", &d)
+            .env("RIG_L1STAT_TRACEFS", &t)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(out.status.code(), Some(3), "the VMM's status: {text}");
+        assert!(
+            text.contains("BENCH-PHASE end w1") && text.ends_with("tail\n"),
+            "{text}"
+        );
+        let p = kvm_phases(&text);
+        let (b, e) = p.get("w1").unwrap_or_else(|| panic!("no phase in {text}"));
+        assert_eq!(
+            b.values.get("mmio_w"),
+            Some(&7),
+            "the APIC page is left out: {text}"
+        );
+        let dl = kvm_delta(b, e);
+        assert_eq!((dl["exits"], dl["mmio_exits"]), (150, 50), "{text}");
+        assert_eq!(exits_by_reason(&dl), vec![("NPF".to_string(), 50)]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn exit_names() {
         assert_eq!(svm_exit_name(0x78), "HLT");

@@ -205,8 +205,9 @@ pub struct RunInfo {
     pub account: String,
 }
 
-/// Pause after a phase marker, so that an observer of the console sees it first.
-const PHASE_PAUSE: std::time::Duration = std::time::Duration::from_millis(300);
+/// Pause after a phase marker, so that an observer of the console sees it (and takes its
+/// snapshot, a process start in L1 under TCG) before the timed part starts or the next phase.
+const PHASE_PAUSE: std::time::Duration = std::time::Duration::from_millis(600);
 
 /// Open `a.dev` with O_DIRECT and time the reads; see [`crate::args::USAGE`].
 pub fn run(a: &ReadArgs) -> Result<ReadResult, Error> {
