@@ -383,8 +383,9 @@ impl Report {
             let _ = writeln!(
                 s,
                 "\n### Per I/O (per timed read; medians of the rounds)\n\n\
-                 Guest side (same for both VMMs): blk requests completed, kicks (virtio-pci \
-                 notifications of the disk; of the vIOMMU's request queue), virtio-iommu MAP and \
+                 Guest side (same for both VMMs): blk requests completed, kicks (the disk's: \
+                 virtio-pci notifications minus the vIOMMU's request-queue syncs, approximate \
+                 when a sync has nothing to send; the vIOMMU's: its syncs), virtio-iommu MAP and \
                  UNMAP requests, the disk's interrupts. L1 side (its KVM over the workload's \
                  phase, a little wider than the timed part): all exits of the L2 VM, exits to \
                  the VMM in userspace (PIO + MMIO), MMIO writes outside the LAPIC (kicks as \
