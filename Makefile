@@ -32,7 +32,7 @@ export VMM_SKIP_LOG := $(CURDIR)/target/skipped.txt
 TESTS_TIMED := SKIP_LOG=$(VMM_SKIP_LOG) $(TIMED)
 
 .PHONY: help all deps guest-image guest-image-dpdk vmm-static run test test-lint test-unit test-integration test-images \
-	test-guests soak bench bench-micro bench-guest-programs clean distclean
+	test-guests soak bench bench-micro bench-guest-programs profile clean distclean
 
 all: vmm-static guest-image
 
@@ -113,17 +113,34 @@ soak: vmm-static
 	exit $$rc
 
 ## bench: the vIOMMU side by side with QEMU: criterion microbenchmarks, then the same L2 guest
-## under our vmm and QEMU (interleaved, median of BENCH_RUNS); tables in target/bench/report.md
-## and report.json. `make bench BENCH_ARGS="--io-seconds 1"` passes options to the harness.
+## under our vmm and QEMU (interleaved, median of BENCH_RUNS); tables in target/bench/report.md,
+## report.json and report.html (charts). Disk scenarios run 16 read workloads (4 KiB/1 MiB,
+## random/sequential, heap/huge-page buffers, QD1/QD8) with per-I/O counters.
+## `make bench BENCH_QUICK=1`: 4 workloads of 1 s, no testpmd, no criterion run (about a third
+## of the time). `make bench BENCH_ARGS="--io-seconds 1"` passes options to the harness.
 BENCH_RUNS ?= 3
 BENCH_ARGS ?=
+BENCH_QUICK ?=
 bench:
 	@start=$$(date +%s); \
-	$(MAKE) --no-print-directory deps guest-image guest-image-dpdk vmm-static bench-guest-programs \
-		bench-micro && \
-	RIG_NO_BUILD=1 $(CARGO) run -q -p bench -- --runs $(BENCH_RUNS) --started $$start $(BENCH_ARGS); \
+	$(MAKE) --no-print-directory deps guest-image $(if $(BENCH_QUICK),,guest-image-dpdk) vmm-static \
+		bench-guest-programs $(if $(BENCH_QUICK),,bench-micro) && \
+	RIG_NO_BUILD=1 $(CARGO) run -q -p bench -- --runs $(BENCH_RUNS) --started $$start \
+		$(if $(BENCH_QUICK),--quick) $(BENCH_ARGS); \
 	rc=$$?; echo "==> make bench: $$( [ $$rc = 0 ] && echo ok || echo FAILED ) in $$(( $$(date +%s) - start )) s"; \
 	exit $$rc
+
+## profile: one real-guest scenario with the VMM under perf inside L1 (Debian's linux-perf for
+## the L1 kernel, added to L1 only here): top symbols, CPU per thread, L1's KVM exits by reason
+## per I/O, in target/profile/<scenario>-<program>/report.txt. SCENARIO=iommu-strict (default),
+## iommu-lazy or no-iommu; PROGRAM=qemu profiles QEMU instead; PROFILE_ARGS="--io-seconds 4".
+SCENARIO ?= iommu-strict
+PROFILE_ARGS ?=
+profile:
+	$(MAKE) --no-print-directory deps guest-image vmm-static bench-guest-programs
+	guest-images/build.sh perf
+	RIG_NO_BUILD=1 $(CARGO) run -q -p bench -- --profile $(SCENARIO) --program $(PROGRAM) \
+		$(PROFILE_ARGS)
 
 ## bench-guest-programs: the static in-guest programs (I/O timer, VFIO exerciser) for L2.
 bench-guest-programs:

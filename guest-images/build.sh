@@ -16,10 +16,14 @@
 # (the kernel wants an uncompressed cpio to start 4-byte aligned).
 # A second run with unchanged inputs does nothing.
 #
+#   .cache/images/l1-perf.cpio  (only with `build.sh perf`) Debian's linux-perf for the L1 kernel's
+#                               series (bookworm-backports) with the shared libraries it loads,
+#                               under /opt/perf, and /usr/bin/perf running it; appended to L1's
+#                               initramfs only by `make profile`
 #   .cache/images/l2-dpdk.tar.gz  (only with `build.sh dpdk`) dpdk-testpmd from bookworm's dpdk-dev,
 #                               its libraries and PMD plugins, unpacked at / by DPDK scenarios
 #
-# usage: guest-images/build.sh [images|qemu|dpdk|all]     (default: images)
+# usage: guest-images/build.sh [images|qemu|dpdk|perf|all]     (default: images)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -204,6 +208,94 @@ build_qemu_cpio() {
     pad512 "$out"
     echo "$stamp" >"$out.stamp"
     log "l1-qemu.cpio: $(du -h "$out" | cut -f1)"
+}
+
+# ---- perf for L1 -----------------------------------------------------------------------------
+
+# linux-perf's Depends and, recursively, theirs, restricted to shared-library packages
+# (interpreters, data and helper packages are left out: perf's perl/python scripting is not
+# used). One name per line. $1: the linux-perf version.
+perf_closure() {
+    local -A seen=()
+    local queue next p
+    queue=$(apt-cache depends "linux-perf=$1" | sed -n 's/^ *\(Pre\)\?Depends: //p' | grep -v '^<')
+    while [ -n "${queue// /}" ]; do
+        next=""
+        for p in $queue; do
+            case "$p" in
+                lib*-dev | lib*-stdlib | lib*-data | libperl*-modules*) continue ;;
+                lib* | zlib1g) ;;
+                *) continue ;;
+            esac
+            [ -z "${seen[$p]:-}" ] || continue
+            seen[$p]=1
+            next="$next $(apt-cache depends "$p" 2>/dev/null | sed -n 's/^ *\(Pre\)\?Depends: //p' | grep -v '^<' || true)"
+        done
+        queue=$next
+    done
+    printf '%s\n' "${!seen[@]}" | sort
+}
+
+# .cache/images/l1-perf.cpio: /opt/perf/bin/perf (Debian's linux-perf of the kernel's series),
+# the libraries the loader resolves for it (/opt/perf/lib, with the loader) and /usr/bin/perf, a
+# wrapper running it through that loader (L1's base image has no dynamic loader of its own).
+build_perf() {
+    local out=$IMAGES/l1-perf.cpio root=$WORK/l1-perf stage=$WORK/l1-perf-debs
+    local kver series ver stamp deb pkg lib libpath n=0
+    mkdir -p "$DEBS" "$IMAGES" "$WORK"
+    kver=$(cat "$IMAGES/kernel-version")
+    series=$(echo "$kver" | cut -d. -f1,2)
+    ver=$(apt-cache madison linux-perf 2>/dev/null | awk '{ print $3 }' | grep "^$series\." | sort -V | tail -n1 || true)
+    if [ -z "$ver" ]; then
+        deb=$(ls "$DEBS"/linux-perf_"$series".*.deb 2>/dev/null | sort -V | tail -n1 || true)
+        [ -n "$deb" ] || die "no linux-perf $series.* known to apt (bookworm-backports: make deps)"
+        ver=$(dpkg-deb -f "$deb" Version)
+    fi
+    stamp=$({ echo "$ver"; sed -n '/^# ---- perf for L1/,/^# ---- DPDK for L2/p' "$0"; } | sha256sum | cut -c1-16)
+    if [ -f "$out" ] && [ "$(cat "$out.stamp" 2>/dev/null)" = "$stamp" ]; then
+        log "l1-perf.cpio: up to date (linux-perf $ver for kernel $kver)"
+        return 0
+    fi
+    log "building l1-perf.cpio (linux-perf $ver for kernel $kver)"
+    rm -rf "$root" "$stage"
+    mkdir -p "$stage" "$root/opt/perf/bin" "$root/opt/perf/lib" "$root/usr/bin"
+    deb=$DEBS/linux-perf_${ver//:/%3a}_amd64.deb
+    if [ ! -f "$deb" ]; then
+        log "downloading linux-perf $ver"
+        (cd "$DEBS" && apt-get download -q "linux-perf=$ver" 2>&1 | grep -v "unsandboxed" >&2) ||
+            die "apt-get download linux-perf=$ver failed"
+    fi
+    dpkg-deb -x "$deb" "$stage"
+    for pkg in $(perf_closure "$ver"); do
+        dpkg-deb -x "$(fetch_deb "$pkg")" "$stage"
+        n=$((n + 1))
+    done
+    log "  linux-perf and $n library packages unpacked"
+    [ -x "$stage/usr/bin/perf" ] || die "no usr/bin/perf in linux-perf $ver"
+    [ -e "$stage/lib64/ld-linux-x86-64.so.2" ] || die "no dynamic loader in libc6"
+    cp "$stage/usr/bin/perf" "$root/opt/perf/bin/perf"
+    cp -L "$stage/lib64/ld-linux-x86-64.so.2" "$root/opt/perf/lib/"
+    # Exactly the libraries the staged loader resolves for perf, from the staged tree only.
+    libpath=$stage/lib/x86_64-linux-gnu:$stage/usr/lib/x86_64-linux-gnu
+    for lib in $("$stage/lib64/ld-linux-x86-64.so.2" --library-path "$libpath" --list "$stage/usr/bin/perf" |
+        awk '/=>/ { print $3 }'); do
+        case "$lib" in
+            "$stage"/*) cp -L "$lib" "$root/opt/perf/lib/" ;;
+            *) die "perf needs $lib, which is not in the staged packages" ;;
+        esac
+    done
+    cat >"$root/usr/bin/perf" <<'WRAP'
+#!/bin/sh
+# Debian's linux-perf through its own loader and libraries (guest-images/build.sh perf).
+exec /opt/perf/lib/ld-linux-x86-64.so.2 --library-path /opt/perf/lib /opt/perf/bin/perf "$@"
+WRAP
+    chmod 755 "$root/usr/bin/perf"
+    echo "$ver" >"$root/opt/perf/version"
+    make_cpio "$root" "$out"
+    pad512 "$out"
+    echo "$stamp" >"$out.stamp"
+    rm -rf "$stage"
+    log "l1-perf.cpio: $(du -h "$out" | cut -f1) ($(ls "$root/opt/perf/lib" | wc -l) files in /opt/perf/lib)"
 }
 
 # ---- DPDK for L2 -----------------------------------------------------------------------------
@@ -411,10 +503,15 @@ case "${1:-images}" in
         build_qemu_cpio
         ;;
     dpdk) build_dpdk ;;
+    perf)
+        build_images
+        BUSYBOX=$IMAGES/busybox
+        build_perf
+        ;;
     all)
         build_images
         BUSYBOX=$IMAGES/busybox
         build_qemu_cpio
         ;;
-    *) echo "usage: $0 [images|qemu|dpdk|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [images|qemu|dpdk|perf|all]" >&2; exit 2 ;;
 esac

@@ -112,7 +112,8 @@ const ERROR_NAMES: [&str; Status::COUNT - 1] = [
 /// The one-line counters summary printed on stderr at exit, e.g.
 /// `viommu: maps=12 unmaps=10 attaches=1 detaches=0 probes=1 faults=0 faults_delivered=0
 /// faults_dropped=0 malformed=0 errors=0 ioerr=0 unsupp=0 deverr=0 inval=0 range=0 noent=0
-/// fault=0 nomem=0` (one line).
+/// fault=0 nomem=0 kicks=9 interrupts=9` (one line; `kicks` are request-queue notifications
+/// served, `interrupts` the request-queue interrupts signalled).
 pub fn summary_line(s: &CounterSnapshot) -> String {
     let mut line = format!(
         "viommu: maps={} unmaps={} attaches={} detaches={} probes={} faults={} \
@@ -131,6 +132,7 @@ pub fn summary_line(s: &CounterSnapshot) -> String {
     for (name, n) in ERROR_NAMES.iter().zip(s.statuses.iter().skip(1)) {
         line.push_str(&format!(" {name}={n}"));
     }
+    line.push_str(&format!(" kicks={} interrupts={}", s.kicks, s.interrupts));
     line
 }
 
@@ -161,6 +163,8 @@ mod tests {
             faults_delivered: 2,
             faults_dropped: 1,
             malformed: 0,
+            kicks: 9,
+            interrupts: 4,
             ..CounterSnapshot::default()
         };
         s.statuses[Status::Ok as usize] = 14;
@@ -179,6 +183,7 @@ mod tests {
         assert_eq!(get("range"), Some(2));
         assert_eq!(get("nomem"), Some(1));
         assert_eq!(get("inval"), Some(0));
+        assert_eq!((get("kicks"), get("interrupts")), (Some(9), Some(4)));
         assert_eq!(parse_summary("virtio-iommu: maps=1"), None);
     }
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use viommu::spec::{F_BYPASS_CONFIG, F_MMIO, F_PROBE, VIRTIO_F_VERSION_1};
 use viommu::{Limits, ResvKind, ResvRegion, Status, ViommuConfig};
 use virtio_dev::VirtioDevice;
-use vm_memory::Bytes;
+use vm_memory::{Bytes, GuestAddress};
 
 const EP: u32 = 0x08; // 00:01.0
 const EP2: u32 = 0x10; // 00:02.0
@@ -41,6 +41,27 @@ fn attach_map_unmap_detach_happy_path() {
     assert_eq!((c.attaches, c.maps, c.unmaps, c.detaches), (1, 1, 1, 1));
     assert_eq!(c.status(Status::Ok), 4);
     assert_eq!(c.errors(), 0);
+}
+
+#[test]
+fn kicks_and_interrupts_are_counted_per_notification() {
+    let mut d = driver();
+    // Two requests behind one kick: one notification served, one interrupt.
+    for body in [attach(1, EP, 0), map(1, 0x10000, 0x1ffff, 0x40000, RW)] {
+        let b = d.alloc(body.len(), 0);
+        d.mem.write_slice(&body, GuestAddress(b)).unwrap();
+        let reply = d.alloc(4, 0xaa);
+        d.queue_req(&[(b, body.len() as u32, false), (reply, 4, true)]);
+    }
+    d.kick();
+    assert_eq!(d.used_req().len(), 2);
+    let c = d.dev.counters().snapshot();
+    assert_eq!((c.kicks, c.interrupts, c.attaches, c.maps), (1, 1, 1, 1));
+    // The driver turns interrupts off: the next kick is counted, no interrupt is.
+    d.set_no_interrupt(true);
+    assert_eq!(d.status(&unmap(1, 0x10000, 0x1ffff)), OK);
+    let c = d.dev.counters().snapshot();
+    assert_eq!((c.kicks, c.interrupts, c.unmaps), (2, 1, 1));
 }
 
 #[test]

@@ -1,8 +1,11 @@
 //! The guest benchmarks: one scenario per (kind, VMM, run), interleaved ours/QEMU inside one L1
 //! boot, and what each one's console says.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
+
+use crate::accounting::{self, kv_map, VmmTotals};
 
 use rig::dpdk::{self, Binding};
 use rig::{CpioFile, Outcome, Program, Scenario};
@@ -17,6 +20,95 @@ pub const DISK_MIB: u64 = 64;
 pub const GUEST_BENCH: &str = "/usr/bin/guest-bench";
 /// The in-guest VFIO exerciser.
 pub const GUEST_VFIO: &str = "/usr/bin/guest-vfio";
+/// Where rig-l1stat (guest-images/l1/rig-l1stat) sits in L1: every disk scenario's VMM runs
+/// under it, so that L1's KVM counters are taken around each workload.
+pub const L1STAT: &str = "/usr/bin/rig-l1stat";
+/// rig-l1stat itself.
+pub const L1STAT_SCRIPT: &str = include_str!("../../../guest-images/l1/rig-l1stat");
+
+/// One in-guest read workload (guest-bench read): block size, offsets, buffer, queue depth.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Workload {
+    /// Bytes per read.
+    pub bs: u64,
+    /// Random (else sequential) offsets.
+    pub random: bool,
+    /// 2 MiB-aligned / huge-page buffers (else heap buffers).
+    pub huge: bool,
+    /// Reads in flight.
+    pub qd: u32,
+}
+
+/// The workload the headline 4 KiB figures come from.
+pub const W_4K: Workload = Workload {
+    bs: 4096,
+    random: true,
+    huge: false,
+    qd: 1,
+};
+/// The workload the headline 1 MiB figures come from.
+pub const W_1M: Workload = Workload {
+    bs: 1 << 20,
+    random: false,
+    huge: false,
+    qd: 1,
+};
+
+impl Workload {
+    /// `4k-rand-anon-qd1` and the like (phase and table name).
+    pub fn name(&self) -> String {
+        format!(
+            "{}-{}-{}-qd{}",
+            if self.bs >= 1 << 20 {
+                format!("{}m", self.bs >> 20)
+            } else {
+                format!("{}k", self.bs >> 10)
+            },
+            if self.random { "rand" } else { "seq" },
+            if self.huge { "huge" } else { "anon" },
+            self.qd
+        )
+    }
+
+    /// Whether throughput (MB/s) rather than IOPS is the figure.
+    pub fn is_large(&self) -> bool {
+        self.bs >= 1 << 20
+    }
+
+    /// Every combination: 4 KiB and 1 MiB, random and sequential, heap and huge-page buffers,
+    /// QD1 and QD8 (16 workloads, the headline ones first).
+    pub fn matrix() -> Vec<Workload> {
+        let mut v = vec![W_4K, W_1M];
+        for bs in [4096, 1 << 20] {
+            for random in [true, false] {
+                for huge in [false, true] {
+                    for qd in [1, 8] {
+                        let w = Workload {
+                            bs,
+                            random,
+                            huge,
+                            qd,
+                        };
+                        if !v.contains(&w) {
+                            v.push(w);
+                        }
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    /// The quick set: the headline workloads, 4 KiB at QD8, 1 MiB from huge pages.
+    pub fn quick() -> Vec<Workload> {
+        vec![
+            W_4K,
+            W_1M,
+            Workload { qd: 8, ..W_4K },
+            Workload { huge: true, ..W_1M },
+        ]
+    }
+}
 
 /// What a scenario measures (and so how its VMM is set up).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +183,10 @@ pub struct GuestParams {
     pub pmd_seconds: u32,
     /// Per-scenario timeout.
     pub timeout: Duration,
+    /// The read workloads of every disk scenario, in order.
+    pub workloads: Vec<Workload>,
+    /// Leave the testpmd kinds out (quick mode).
+    pub skip_net: bool,
 }
 
 /// The in-guest programs, as read from the host (static binaries).
@@ -109,6 +205,13 @@ pub fn program_name(p: Program) -> &'static str {
         Program::Vmm => "vmm",
         Program::Qemu => "qemu",
     }
+}
+
+/// The kind of a scenario named by [`scenario_name`].
+pub fn kind_of(name: &str) -> Option<Kind> {
+    Kind::ALL
+        .into_iter()
+        .find(|k| name.starts_with(&format!("bench-{}-", k.name())))
 }
 
 /// The scenario name for `kind` under `program`, round `run`.
@@ -155,16 +258,34 @@ echo "BENCH-INIT $(dmesg | grep -m1 'Run /init as init process' | sed -n 's/^\[ 
 "#,
     );
     if kind.disk() {
-        s.push_str(&format!(
-            r#"[ -b /dev/vda ] || {{ echo "BENCH-ERROR no /dev/vda"; exit 10; }}
+        s.push_str(
+            r#"[ -b /dev/vda ] || { echo "BENCH-ERROR no /dev/vda"; exit 10; }
 rc=0
-{GUEST_BENCH} read --dev /dev/vda --bs 4096 --pattern rand --seconds {secs} >/tmp/r4k || rc=11
-sed 's/^/BENCH-READ-4K /' /tmp/r4k
-{GUEST_BENCH} read --dev /dev/vda --bs 1M --pattern seq --seconds {secs} >/tmp/r1m || rc=12
-sed 's/^/BENCH-READ-1M /' /tmp/r1m
+# Guest-side counters (guest-bench --account): kprobe histograms under events/rig/.
+T=/sys/kernel/tracing
+[ -d $T/events ] || mount -t tracefs tracefs $T 2>/dev/null
+for p in vp_notify:vp_notify viommu_map:viommu_map_pages viommu_unmap:viommu_unmap_pages \
+    viommu_sync:__viommu_sync_req; do
+    echo "p:rig/${p%%:*} ${p#*:}" >>$T/kprobe_events 2>/dev/null &&
+        echo 'hist:keys=common_pid' >$T/events/rig/${p%%:*}/trigger 2>/dev/null
+done
+echo 64 >/proc/sys/vm/nr_hugepages 2>/dev/null
+echo "BENCH-HUGEPAGES $(cat /proc/sys/vm/nr_hugepages 2>/dev/null)"
 "#,
-            secs = p.io_seconds
-        ));
+        );
+        for w in &p.workloads {
+            s.push_str(&format!(
+                "{GUEST_BENCH} read --dev /dev/vda --bs {bs} --pattern {pat} --qd {qd} --buf {buf} \\\n    \
+                 --seconds {secs} --phase {name} --account vda >/tmp/r || rc=11\n\
+                 sed 's/^/BENCH-READ {name} /' /tmp/r\n",
+                bs = w.bs,
+                pat = if w.random { "rand" } else { "seq" },
+                qd = w.qd,
+                buf = if w.huge { "huge" } else { "anon" },
+                secs = p.io_seconds,
+                name = w.name(),
+            ));
+        }
     }
     if kind == Kind::Strict {
         s.push_str(&format!(
@@ -237,6 +358,12 @@ pub fn scenario(
             "[ -e {DISK} ] || dd if=/dev/zero of={DISK} bs=1M count={DISK_MIB} 2>/dev/null"
         );
         s = s.l2_file(CpioFile::new(GUEST_BENCH, 0o755, progs.bench.clone()));
+        s.l1_files.push(CpioFile::new(
+            L1STAT,
+            0o755,
+            L1STAT_SCRIPT.as_bytes().to_vec(),
+        ));
+        s.l1_wrap = vec![L1STAT.to_string()];
     }
     if kind == Kind::Strict {
         s = s.l2_file(CpioFile::new(GUEST_VFIO, 0o755, progs.vfio.clone()));
@@ -249,6 +376,9 @@ pub fn all_scenarios(runs: usize, p: &GuestParams, progs: &GuestPrograms) -> Vec
     let mut v = Vec::new();
     for run in 0..runs {
         for kind in Kind::ALL {
+            if p.skip_net && kind.net().is_some() {
+                continue;
+            }
             for program in [Program::Vmm, Program::Qemu] {
                 v.push(scenario(kind, program, run, p, progs));
             }
@@ -278,6 +408,10 @@ pub struct Figures {
     pub unmaps_2m: Option<f64>,
     /// testpmd packets per second per direction.
     pub pps: Option<f64>,
+    /// Every read workload's figures, in run order.
+    pub reads: Vec<ReadFig>,
+    /// Our vmm's exit-line totals (None for QEMU or without a `blk:` line).
+    pub vmm_totals: Option<VmmTotals>,
     /// Why the run is not usable, if it is not.
     pub problem: Option<String>,
 }
@@ -307,8 +441,11 @@ pub fn figures(kind: Kind, o: &Outcome) -> Figures {
         ..Default::default()
     };
     if kind.disk() {
-        f.iops_4k = line(s, "BENCH-READ-4K").and_then(|l| kv(l, "iops"));
-        f.mbps_1m = line(s, "BENCH-READ-1M").and_then(|l| kv(l, "mbps"));
+        f.reads = read_figs(s);
+        let get = |w: Workload| f.reads.iter().find(|r| r.name == w.name());
+        f.iops_4k = get(W_4K).and_then(|r| r.iops);
+        f.mbps_1m = get(W_1M).and_then(|r| r.mbps);
+        f.vmm_totals = VmmTotals::parse(&o.vmm_log);
     }
     if kind == Kind::Strict {
         let v4 = line(s, "BENCH-VFIO-4K");
@@ -334,6 +471,67 @@ pub fn figures(kind: Kind, o: &Outcome) -> Figures {
         ));
     }
     f
+}
+
+/// One read workload's result: the rates, the guest-side counters (`acct_*` of guest-bench)
+/// and L1's KVM counters over the phase (rig-l1stat), as differences.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReadFig {
+    /// The workload's name ([`Workload::name`]).
+    pub name: String,
+    /// Reads per second.
+    pub iops: Option<f64>,
+    /// MB/s.
+    pub mbps: Option<f64>,
+    /// Timed reads.
+    pub requests: Option<f64>,
+    /// `anon`, `hugetlb` or `thp`: what the buffers were.
+    pub buf: String,
+    /// Guest-side counter differences (`reqs`, `irqs`, `blk_kicks`, `viommu_map`, ...).
+    pub acct: BTreeMap<String, u64>,
+    /// L1's KVM counter differences over the phase (`exits`, `r_0x400`, `mmio_w`, ...).
+    pub l1: BTreeMap<String, u64>,
+}
+
+impl ReadFig {
+    /// `counter / timed reads`.
+    pub fn per_io(&self, counter: Option<u64>) -> Option<f64> {
+        let n = self.requests.filter(|&n| n > 0.0)?;
+        counter.map(|c| c as f64 / n)
+    }
+}
+
+/// Every `BENCH-READ <name> ...` result of a console, with its phase's L1 counters.
+pub fn read_figs(serial: &str) -> Vec<ReadFig> {
+    let phases = accounting::kvm_phases(serial);
+    serial
+        .lines()
+        .filter_map(|l| {
+            let rest = l.trim().strip_prefix("BENCH-READ ")?;
+            let (name, rest) = rest.split_once(' ')?;
+            let acct = kv_map(rest)
+                .into_iter()
+                .filter_map(|(k, v)| Some((k.strip_prefix("acct_")?.to_string(), v)))
+                .collect();
+            let l1 = phases
+                .get(name)
+                .map(|(b, e)| accounting::kvm_delta(b, e))
+                .unwrap_or_default();
+            Some(ReadFig {
+                name: name.to_string(),
+                iops: kv(rest, "iops"),
+                mbps: kv(rest, "mbps"),
+                requests: kv(rest, "requests"),
+                buf: rest
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("buf="))
+                    .unwrap_or("")
+                    .to_string(),
+                acct,
+                l1,
+            })
+        })
+        .collect()
 }
 
 /// Reads a static in-guest program, stripped of its debug info when `strip` is available (the
@@ -362,6 +560,8 @@ mod tests {
             vfio_count_2m: 32,
             pmd_seconds: 5,
             timeout: Duration::from_secs(100),
+            workloads: Workload::matrix(),
+            skip_net: false,
         }
     }
 
@@ -374,6 +574,24 @@ mod tests {
     }
 
     #[test]
+    fn workload_matrix_covers_every_combination_once() {
+        let m = Workload::matrix();
+        assert_eq!(m.len(), 16);
+        assert_eq!((m[0], m[1]), (W_4K, W_1M));
+        let names: std::collections::BTreeSet<String> = m.iter().map(Workload::name).collect();
+        assert_eq!(names.len(), 16);
+        assert!(names.contains("1m-rand-huge-qd8") && names.contains("4k-seq-anon-qd1"));
+        assert!(Workload::quick().iter().all(|w| m.contains(w)));
+        let quick = GuestParams {
+            skip_net: true,
+            ..params()
+        };
+        let v = all_scenarios(1, &quick, &progs());
+        assert!(v.iter().all(|s| !s.name.contains("testpmd")));
+        assert_eq!(v.len(), 2 * (Kind::ALL.len() - 2));
+    }
+
+    #[test]
     fn scenarios_interleave_ours_and_qemu() {
         let v = all_scenarios(2, &params(), &progs());
         assert_eq!(v.len(), 2 * Kind::ALL.len() * 2);
@@ -382,6 +600,12 @@ mod tests {
             assert_eq!(pair[1].program, Program::Qemu);
         }
         assert_eq!(v[0].name, "bench-boot-vmm-0");
+        for (i, s) in v.iter().enumerate() {
+            assert_eq!(
+                kind_of(&s.name),
+                Some(Kind::ALL[(i % (2 * Kind::ALL.len())) / 2])
+            );
+        }
         assert_eq!(v[v.len() - 1].name, "bench-testpmd-viommu-qemu-1");
     }
 
@@ -403,6 +627,15 @@ mod tests {
         assert!(s.l2_cmdline().contains("iommu.strict=1"));
         assert_eq!(s.l2_files.len(), 2);
         assert!(s.l2_script.contains("guest-vfio maps"));
+        for w in Workload::matrix() {
+            assert!(s
+                .l2_script
+                .contains(&format!("--phase {} --account vda", w.name())));
+        }
+        assert_eq!(s.l1_wrap, vec![L1STAT.to_string()]);
+        assert_eq!(s.l1_files.len(), 1);
+        let b = scenario(Kind::Boot, Program::Vmm, 0, &p, &g);
+        assert!(b.l1_wrap.is_empty() && !b.l2_script.contains("guest-bench"));
         let l = scenario(Kind::Lazy, Program::Qemu, 0, &p, &g);
         assert!(!l.l2_cmdline().contains("strict"));
         assert!(!l.l2_script.contains("guest-vfio"));
@@ -458,8 +691,11 @@ GUEST-EXIT 0
     #[test]
     fn figures_come_from_the_marked_lines() {
         let serial = "noise\nBENCH-INIT 1.234567\n\
-            BENCH-READ-4K iops=1234.5 mbps=5.06 bs=4096 requests=2469 seconds=2.000 pattern=rand\n\
-            BENCH-READ-1M iops=80.0 mbps=83.89 bs=1048576 requests=160 seconds=2.0 pattern=seq\n\
+            L1-KVMSTAT begin 4k-rand-anon-qd1 exits=100 io_exits=5 r_0x400=10\n\
+            L1-KVMSTAT end 4k-rand-anon-qd1 exits=5038 io_exits=5 r_0x400=2479\n\
+            BENCH-READ 4k-rand-anon-qd1 iops=1234.5 mbps=5.06 bs=4096 requests=2469 seconds=2.000 \
+            pattern=rand qd=1 buf=anon acct_reqs=2469 acct_viommu_map=9876 acct_blk_kicks=2469\n\
+            BENCH-READ 1m-seq-anon-qd1 iops=80.0 mbps=83.89 bs=1048576 requests=160 seconds=2.0 pattern=seq\n\
             BENCH-VFIO-4K maps_per_s=2500 unmaps_per_s=3200 size=4096 count=500\n\
             BENCH-VFIO-2M maps_per_s=400 unmaps_per_s=nan size=2097152 count=32\nGUEST-EXIT 0\n";
         let o = Outcome::new(
@@ -478,6 +714,16 @@ GUEST-EXIT 0
         assert_eq!((f.maps_4k, f.unmaps_4k), (Some(2500.0), Some(3200.0)));
         assert_eq!((f.maps_2m, f.unmaps_2m), (Some(400.0), None));
         assert_eq!(f.problem, None);
+        assert_eq!(f.reads.len(), 2);
+        let r = &f.reads[0];
+        assert_eq!(
+            (r.name.as_str(), r.buf.as_str()),
+            ("4k-rand-anon-qd1", "anon")
+        );
+        assert_eq!(r.per_io(r.acct.get("viommu_map").copied()), Some(4.0));
+        assert_eq!(r.per_io(r.l1.get("exits").copied()), Some(2.0));
+        assert_eq!(r.l1.get("r_0x400"), Some(&2469));
+        assert!(f.reads[1].l1.is_empty() && f.reads[1].acct.is_empty());
         let lazy = figures(Kind::Lazy, &o);
         assert_eq!(lazy.maps_4k, None);
         let bad = Outcome::new(

@@ -9,44 +9,68 @@
 //! Needs the static guest-bench and guest-vfio binaries (`make bench` builds them) and, unless
 //! `--skip-guest`, the rig's images and static vmm (RIG_* knobs apply).
 
+mod accounting;
 mod guest;
+mod html;
 mod micro;
+mod profile;
 mod report;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use guest::{figures, Figures, GuestParams, GuestPrograms, Kind};
-use report::{Better, GuestRow, MicroRow, OverheadRow, Report};
+use guest::{figures, Figures, GuestParams, GuestPrograms, Kind, Workload};
+use report::{Better, GuestRow, MicroRow, OverheadRow, PerIoRow, Report, TotalsRow};
 use rig::{Mode, Program, RigConfig, STATIC_TARGET};
 
 struct Args {
     runs: usize,
+    /// `--profile NAME`: profile one scenario instead of benchmarking.
+    profile: Option<String>,
+    /// `--program vmm|qemu` (profile only).
+    program: Program,
     params: GuestParams,
     started: Option<u64>,
     skip_guest: bool,
     out: Option<PathBuf>,
 }
 
-const USAGE: &str = "usage: bench [--runs N] [--io-seconds S] [--vfio-4k N] [--vfio-2m N] \
-                     [--started UNIX_SECS] [--skip-guest] [--out DIR]";
+const USAGE: &str = "usage: bench [--runs N] [--quick] [--io-seconds S] [--vfio-4k N] \
+                     [--vfio-2m N] [--started UNIX_SECS] [--skip-guest] [--out DIR]
+  --quick: 4 read workloads instead of 16, 1 s each, fewer VFIO maps, no testpmd
+       bench --profile SCENARIO [--program vmm|qemu] [--quick] [--io-seconds S]
+  --profile: one scenario with the VMM under perf in L1 (target/profile/; scenarios:
+             iommu-strict, iommu-lazy, no-iommu)";
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
         runs: 3,
+        profile: None,
+        program: Program::Vmm,
         params: GuestParams {
             io_seconds: 2.0,
             vfio_count_4k: 1000,
             vfio_count_2m: 32,
             pmd_seconds: 10,
             timeout: Duration::from_secs(240),
+            workloads: Workload::matrix(),
+            skip_net: false,
         },
         started: None,
         skip_guest: false,
         out: None,
     };
-    let mut it = std::env::args().skip(1);
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    // --quick first: explicit options given with it still win.
+    if argv.iter().any(|a| a == "--quick") {
+        a.params.workloads = Workload::quick();
+        a.params.io_seconds = 1.0;
+        a.params.vfio_count_4k = 300;
+        a.params.vfio_count_2m = 8;
+        a.params.skip_net = true;
+    }
+    let mut it = argv.into_iter();
     while let Some(k) = it.next() {
         let mut val = |k: &str| it.next().ok_or(format!("{k} needs a value"));
         match k.as_str() {
@@ -62,6 +86,15 @@ fn parse_args() -> Result<Args, String> {
             }
             "--started" => a.started = Some(val(&k)?.parse().map_err(|_| "bad --started")?),
             "--skip-guest" => a.skip_guest = true,
+            "--quick" => {}
+            "--profile" => a.profile = Some(val(&k)?),
+            "--program" => {
+                a.program = match val(&k)?.as_str() {
+                    "vmm" => Program::Vmm,
+                    "qemu" => Program::Qemu,
+                    p => return Err(format!("--program {p:?}: vmm or qemu")),
+                }
+            }
             "--out" => a.out = Some(PathBuf::from(val(&k)?)),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
@@ -76,6 +109,13 @@ fn parse_args() -> Result<Args, String> {
     if a.params.vfio_count_4k == 0 || a.params.vfio_count_2m == 0 {
         return Err("--vfio-4k/--vfio-2m: at least 1".into());
     }
+    // A profile runs the quick workload set unless --quick was given explicitly (same set).
+    if a.profile.is_some() {
+        a.params.workloads = Workload::quick();
+    }
+    // Each read workload adds its seconds plus the phase pauses and the warm-up.
+    a.params.timeout +=
+        Duration::from_secs_f64(a.params.workloads.len() as f64 * (a.params.io_seconds + 4.0));
     Ok(a)
 }
 
@@ -105,12 +145,9 @@ fn loadavg() -> String {
 /// Per kind and program, the figures of every run (scenario order).
 type Results = Vec<(Kind, Program, Figures)>;
 
-fn run_guests(
-    cfg: &RigConfig,
-    a: &Args,
-    out_dir: &Path,
-    report: &mut Report,
-) -> Result<Results, String> {
+/// The in-guest programs (static binaries built by `make bench-guest-programs`); the DPDK tree
+/// only when `dpdk`.
+fn programs(cfg: &RigConfig, dpdk: bool) -> Result<GuestPrograms, String> {
     let bin = |name: &str| {
         cfg.root
             .join("target")
@@ -128,12 +165,34 @@ fn run_guests(
             )
         })
     };
-    let progs = GuestPrograms {
+    Ok(GuestPrograms {
         bench: load(&bin("guest-bench"))?,
         vfio: load(&bin("guest-vfio"))?,
-        dpdk: rig::dpdk::tarball_bytes(&cfg.root)?,
-    };
+        dpdk: if dpdk {
+            rig::dpdk::tarball_bytes(&cfg.root)?
+        } else {
+            Vec::new()
+        },
+    })
+}
+
+fn run_guests(
+    cfg: &RigConfig,
+    a: &Args,
+    out_dir: &Path,
+    report: &mut Report,
+) -> Result<Results, String> {
+    let progs = programs(cfg, !a.params.skip_net)?;
     let scenarios = guest::all_scenarios(a.runs, &a.params, &progs);
+    eprintln!(
+        "bench: {} scenario(s): {} round(s) of {} (ours and QEMU interleaved), {} read workload(s) \
+         of {} s per disk scenario; the rig prints each scenario's start (n/total, elapsed)",
+        scenarios.len(),
+        a.runs,
+        scenarios.len() / a.runs.max(1),
+        a.params.workloads.len(),
+        a.params.io_seconds
+    );
     let t = Instant::now();
     let outcomes = rig::run_with(cfg, &scenarios).map_err(|e| format!("rig: {e}"))?;
     report.guest_seconds = Some(t.elapsed().as_secs_f64());
@@ -147,8 +206,9 @@ fn run_guests(
         }
     }
     for (i, o) in outcomes.iter().enumerate() {
-        let per_round = Kind::ALL.len() * 2;
-        let kind = Kind::ALL[(i % per_round) / 2];
+        let Some(kind) = guest::kind_of(&scenarios[i].name) else {
+            continue;
+        };
         let program = scenarios[i].program;
         let f = figures(kind, o);
         if let Some(p) = &f.problem {
@@ -166,7 +226,12 @@ fn run_guests(
 }
 
 /// Values of one figure for one program and kind, from clean runs only.
-fn values(r: &Results, kind: Kind, program: Program, get: fn(&Figures) -> Option<f64>) -> Vec<f64> {
+fn values(
+    r: &Results,
+    kind: Kind,
+    program: Program,
+    get: impl Fn(&Figures) -> Option<f64>,
+) -> Vec<f64> {
     r.iter()
         .filter(|(k, p, f)| *k == kind && *p == program && f.problem.is_none())
         .filter_map(|(_, _, f)| get(f))
@@ -179,7 +244,7 @@ fn per_run(
     r: &Results,
     kind: Kind,
     program: Program,
-    get: fn(&Figures) -> Option<f64>,
+    get: impl Fn(&Figures) -> Option<f64>,
 ) -> Vec<Option<f64>> {
     r.iter()
         .filter(|(k, p, _)| *k == kind && *p == program)
@@ -188,10 +253,10 @@ fn per_run(
 }
 
 /// ours/QEMU of each round where both produced the figure (the two ran back to back).
-fn paired(r: &Results, kind: Kind, get: fn(&Figures) -> Option<f64>) -> Vec<f64> {
-    per_run(r, kind, Program::Vmm, get)
+fn paired(r: &Results, kind: Kind, get: impl Fn(&Figures) -> Option<f64>) -> Vec<f64> {
+    per_run(r, kind, Program::Vmm, &get)
         .into_iter()
-        .zip(per_run(r, kind, Program::Qemu, get))
+        .zip(per_run(r, kind, Program::Qemu, &get))
         .filter_map(|(a, b)| report::ratio(a, b))
         .collect()
 }
@@ -317,6 +382,147 @@ fn guest_rows(r: &Results) -> Vec<GuestRow> {
         .collect()
 }
 
+/// The disk kinds, with the words the tables use for them.
+const DISK_KINDS: [(Kind, &str); 3] = [
+    (Kind::NoIommu, "no vIOMMU"),
+    (Kind::Lazy, "vIOMMU lazy"),
+    (Kind::Strict, "vIOMMU strict"),
+];
+
+/// The read workload `name`'s figures of one run.
+fn read_of<'a>(f: &'a Figures, name: &str) -> Option<&'a guest::ReadFig> {
+    f.reads.iter().find(|r| r.name == name)
+}
+
+/// Per workload and disk kind: IOPS (4 KiB) or MB/s (1 MiB), ours against QEMU.
+fn workload_rows(r: &Results, workloads: &[Workload]) -> Vec<GuestRow> {
+    let mut v = Vec::new();
+    for w in workloads {
+        let name = w.name();
+        for (kind, mode) in DISK_KINDS {
+            let large = w.is_large();
+            let get = |f: &Figures| {
+                let x = read_of(f, &name)?;
+                if large {
+                    x.mbps
+                } else {
+                    x.iops
+                }
+            };
+            v.push(GuestRow {
+                metric: format!("{name}, {mode}"),
+                unit: if large { "MB/s" } else { "IOPS" },
+                better: Better::Higher,
+                ours: values(r, kind, Program::Vmm, get),
+                qemu: values(r, kind, Program::Qemu, get),
+                paired: paired(r, kind, get),
+            });
+        }
+    }
+    v
+}
+
+/// The per-I/O columns of [`PerIoRow`] (per timed read of the workload).
+pub const PER_IO_COLUMNS: [&str; 9] = [
+    "blk requests",
+    "blk kicks",
+    "vIOMMU kicks",
+    "MAPs",
+    "UNMAPs",
+    "blk irqs",
+    "L1 exits",
+    "exits to VMM",
+    "MMIO writes",
+];
+
+/// Per workload, disk kind and VMM: the median per-I/O figures (guest-side counters and L1's
+/// KVM counters over the phase, divided by the timed reads) and the top exit reasons.
+fn per_io_rows(r: &Results, workloads: &[Workload]) -> Vec<PerIoRow> {
+    let mut v = Vec::new();
+    for w in workloads {
+        let name = w.name();
+        for (kind, mode) in DISK_KINDS {
+            for (program, vmm) in [(Program::Vmm, "ours"), (Program::Qemu, "QEMU")] {
+                let reads: Vec<&guest::ReadFig> = r
+                    .iter()
+                    .filter(|(k, p, f)| *k == kind && *p == program && f.problem.is_none())
+                    .filter_map(|(_, _, f)| read_of(f, &name))
+                    .collect();
+                if reads.is_empty() {
+                    continue;
+                }
+                let col = |get: &dyn Fn(&guest::ReadFig) -> Option<u64>| {
+                    let vals: Vec<f64> = reads.iter().filter_map(|x| x.per_io(get(x))).collect();
+                    report::median(&vals)
+                };
+                let a = |k: &'static str| move |x: &guest::ReadFig| x.acct.get(k).copied();
+                let l = |k: &'static str| move |x: &guest::ReadFig| x.l1.get(k).copied();
+                let values = vec![
+                    col(&a("reqs")),
+                    col(&a("blk_kicks")),
+                    col(&a("viommu_sync")),
+                    col(&a("viommu_map")),
+                    col(&a("viommu_unmap")),
+                    col(&a("irqs")),
+                    col(&l("exits")),
+                    col(&|x| Some(x.l1.get("io_exits")? + x.l1.get("mmio_exits")?)),
+                    col(&l("mmio_w")),
+                ];
+                // Exit reasons of the median run by L1 exits, per I/O.
+                let mut by_exits: Vec<&&guest::ReadFig> = reads.iter().collect();
+                by_exits.sort_by_key(|x| x.l1.get("exits").copied().unwrap_or(0));
+                let mid = by_exits[by_exits.len() / 2];
+                let reasons = accounting::exits_by_reason(&mid.l1)
+                    .into_iter()
+                    .take(4)
+                    .filter_map(|(n, c)| Some(format!("{n} {:.2}", mid.per_io(Some(c))?)))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                v.push(PerIoRow {
+                    workload: name.clone(),
+                    mode,
+                    vmm,
+                    buf: mid.buf.clone(),
+                    values,
+                    reasons,
+                });
+            }
+        }
+    }
+    v
+}
+
+/// Our vmm's exit lines per disk kind: whole-run figures per blk request (medians of runs).
+fn totals_rows(r: &Results) -> Vec<TotalsRow> {
+    DISK_KINDS
+        .iter()
+        .filter_map(|&(kind, mode)| {
+            let per: Vec<Vec<Option<f64>>> = r
+                .iter()
+                .filter(|(k, p, f)| *k == kind && *p == Program::Vmm && f.problem.is_none())
+                .filter_map(|(_, _, f)| Some(f.vmm_totals.as_ref()?.per_io()))
+                .collect();
+            if per.is_empty() {
+                return None;
+            }
+            let values = (0..accounting::PER_IO_FIELDS.len())
+                .map(|i| report::median(&per.iter().filter_map(|p| p[i]).collect::<Vec<_>>()))
+                .collect();
+            let requests = report::median(
+                &r.iter()
+                    .filter(|(k, p, f)| *k == kind && *p == Program::Vmm && f.problem.is_none())
+                    .filter_map(|(_, _, f)| Some(f.vmm_totals.as_ref()?.requests as f64))
+                    .collect::<Vec<_>>(),
+            );
+            Some(TotalsRow {
+                mode,
+                requests,
+                values,
+            })
+        })
+        .collect()
+}
+
 fn overhead_rows(r: &Results) -> Vec<OverheadRow> {
     let mut v = Vec::new();
     for (program, name) in [(Program::Vmm, "ours"), (Program::Qemu, "QEMU")] {
@@ -369,6 +575,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(name) = &a.profile {
+        let result = programs(&cfg, false)
+            .and_then(|progs| profile::run(&cfg, name, a.program, &a.params, &progs));
+        return match result {
+            Ok(dir) => {
+                eprintln!("profile: wrote {}", dir.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!(
+                    "profile: {e} (reports under {})",
+                    profile::out_dir(&cfg.root).display()
+                );
+                ExitCode::FAILURE
+            }
+        };
+    }
     let mut report = Report {
         guest_where: match cfg.mode {
             Mode::Direct => "hardware KVM (VMMs run on the host)".into(),
@@ -400,6 +623,9 @@ fn main() -> ExitCode {
     };
     report.load.1 = loadavg();
     report.guest = guest_rows(&results);
+    report.workloads = workload_rows(&results, &a.params.workloads);
+    report.per_io = per_io_rows(&results, &a.params.workloads);
+    report.totals = totals_rows(&results);
     report.overhead = overhead_rows(&results);
     report.micro = micro_rows(&cfg.root.join("target/criterion"));
     report.targets = report::targets(&report.guest, &report.overhead, &report.micro);
@@ -416,7 +642,8 @@ fn main() -> ExitCode {
     let md = report.markdown();
     let written = std::fs::create_dir_all(&out)
         .and_then(|()| std::fs::write(out.join("report.md"), &md))
-        .and_then(|()| std::fs::write(out.join("report.json"), report.json()));
+        .and_then(|()| std::fs::write(out.join("report.json"), report.json()))
+        .and_then(|()| std::fs::write(out.join("report.html"), html::page(&report)));
     {
         // A closed stdout (`make bench | head`) must not lose the files or the exit status.
         use std::io::Write;
@@ -424,9 +651,10 @@ fn main() -> ExitCode {
     }
     match written {
         Ok(()) => eprintln!(
-            "bench: wrote {} and {}",
+            "bench: wrote {}, {} and {}",
             out.join("report.md").display(),
-            out.join("report.json").display()
+            out.join("report.json").display(),
+            out.join("report.html").display()
         ),
         Err(e) => {
             eprintln!("bench: writing the report under {}: {e}", out.display());

@@ -143,6 +143,35 @@ pub struct TargetRow {
     pub met: Option<bool>,
 }
 
+/// Per-I/O figures of one workload, disk kind and VMM (medians over the rounds), see
+/// `PER_IO_COLUMNS` in main.rs.
+#[derive(Clone, Debug)]
+pub struct PerIoRow {
+    /// Workload name.
+    pub workload: String,
+    /// Disk kind in words.
+    pub mode: &'static str,
+    /// "ours" or "QEMU".
+    pub vmm: &'static str,
+    /// What the buffers were (`anon`, `hugetlb`, `thp`).
+    pub buf: String,
+    /// One value per column.
+    pub values: Vec<Option<f64>>,
+    /// The top L1 exit reasons per I/O, in words.
+    pub reasons: String,
+}
+
+/// Our vmm's exit-line figures per blk request over a whole run of one disk kind.
+#[derive(Clone, Debug)]
+pub struct TotalsRow {
+    /// Disk kind in words.
+    pub mode: &'static str,
+    /// blk requests of the run (median).
+    pub requests: Option<f64>,
+    /// One value per `accounting::PER_IO_FIELDS` column.
+    pub values: Vec<Option<f64>>,
+}
+
 /// The whole report.
 #[derive(Clone, Debug, Default)]
 pub struct Report {
@@ -154,6 +183,12 @@ pub struct Report {
     pub runs: usize,
     /// Guest figures.
     pub guest: Vec<GuestRow>,
+    /// Every read workload per disk kind, ours against QEMU.
+    pub workloads: Vec<GuestRow>,
+    /// Per-I/O figures per workload, disk kind and VMM.
+    pub per_io: Vec<PerIoRow>,
+    /// Our vmm's exit lines per blk request, per disk kind.
+    pub totals: Vec<TotalsRow>,
     /// vIOMMU overhead per VMM.
     pub overhead: Vec<OverheadRow>,
     /// Microbenchmarks.
@@ -319,6 +354,93 @@ impl Report {
                 r.verdict()
             );
         }
+        if !self.workloads.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n### Read workloads (guest-bench: block size, offsets, buffer, queue depth)\n"
+            );
+            let _ = writeln!(
+                s,
+                "| workload, disk | unit | ours | QEMU | ours/QEMU | median of per-run ratios | \
+                 verdict |"
+            );
+            let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---|");
+            for r in &self.workloads {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {} | {} |",
+                    r.metric,
+                    r.unit,
+                    num(r.ours_median()),
+                    num(r.qemu_median()),
+                    num(r.ratio()),
+                    num(median(&r.paired)),
+                    r.verdict()
+                );
+            }
+        }
+        if !self.per_io.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n### Per I/O (per timed read; medians of the rounds)\n\n\
+                 Guest side (same for both VMMs): blk requests completed, kicks (the disk's: \
+                 virtio-pci notifications minus the vIOMMU's request-queue syncs, approximate \
+                 when a sync has nothing to send; the vIOMMU's: its syncs), virtio-iommu MAP and \
+                 UNMAP requests, the disk's interrupts. L1 side (its KVM over the workload's \
+                 phase, a little wider than the timed part): all exits of the L2 VM, exits to \
+                 the VMM in userspace (PIO + MMIO), MMIO writes outside the LAPIC (kicks as \
+                 L1 sees them), and the top exit reasons per I/O (SVM exit codes).\n"
+            );
+            let _ = writeln!(
+                s,
+                "| workload | disk | VMM | buf | {} | top L1 exits per I/O |",
+                crate::PER_IO_COLUMNS.join(" | ")
+            );
+            let _ = writeln!(
+                s,
+                "|---|---|---|---|{}---|",
+                "---:|".repeat(crate::PER_IO_COLUMNS.len())
+            );
+            for r in &self.per_io {
+                let vals: Vec<String> = r.values.iter().map(|v| num(*v)).collect();
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {} |",
+                    r.workload,
+                    r.mode,
+                    r.vmm,
+                    r.buf,
+                    vals.join(" | "),
+                    r.reasons
+                );
+            }
+        }
+        if !self.totals.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n### Our vmm's exit lines per blk request (whole run, boot included)\n"
+            );
+            let _ = writeln!(
+                s,
+                "| disk | requests | {} |",
+                crate::accounting::PER_IO_FIELDS.join(" | ")
+            );
+            let _ = writeln!(
+                s,
+                "|---|---:|{}",
+                "---:|".repeat(crate::accounting::PER_IO_FIELDS.len())
+            );
+            for t in &self.totals {
+                let vals: Vec<String> = t.values.iter().map(|v| num(*v)).collect();
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} |",
+                    t.mode,
+                    num(t.requests),
+                    vals.join(" | ")
+                );
+            }
+        }
         let _ = writeln!(
             s,
             "\n### vIOMMU overhead against no vIOMMU (same VMM, medians)\n"
@@ -385,7 +507,7 @@ impl Report {
         let _ = writeln!(s, "\n### Every run (ours / QEMU, in run order)\n");
         let _ = writeln!(s, "| figure | ours | QEMU | ours/QEMU per run |");
         let _ = writeln!(s, "|---|---|---|---|");
-        for r in &self.guest {
+        for r in self.guest.iter().chain(&self.workloads) {
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {} |",
@@ -439,6 +561,7 @@ impl Report {
         let rows: Vec<String> = self
             .guest
             .iter()
+            .chain(&self.workloads)
             .map(|r| {
                 format!(
                     "    {{\"metric\": {}, \"unit\": {}, \"better\": {}, \"ours\": {}, \"qemu\": {}, \
@@ -457,6 +580,29 @@ impl Report {
                     jarr(&r.qemu),
                     jarr(&r.paired),
                     jn(median(&r.paired))
+                )
+            })
+            .collect();
+        s.push_str(&rows.join(",\n"));
+        s.push_str("\n  ],\n  \"per_io\": [\n");
+        let rows: Vec<String> = self
+            .per_io
+            .iter()
+            .map(|r| {
+                let cols: Vec<String> = crate::PER_IO_COLUMNS
+                    .iter()
+                    .zip(&r.values)
+                    .map(|(c, v)| format!("{}: {}", q(c), jn(*v)))
+                    .collect();
+                format!(
+                    "    {{\"workload\": {}, \"disk\": {}, \"vmm\": {}, \"buf\": {}, {}, \
+                     \"top_exits\": {}}}",
+                    q(&r.workload),
+                    q(r.mode),
+                    q(r.vmm),
+                    q(&r.buf),
+                    cols.join(", "),
+                    q(&r.reasons)
                 )
             })
             .collect();

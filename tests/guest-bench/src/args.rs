@@ -1,17 +1,25 @@
 //! Command line: `guest-bench read --dev PATH --bs BYTES [--count N] [--seconds S]
-//! [--pattern rand|seq] [--span BYTES] [--seed N]`.
+//! [--pattern rand|seq] [--span BYTES] [--seed N] [--qd N] [--buf anon|huge] [--phase NAME]
+//! [--account DEV]`.
 
 use crate::Error;
 
 /// Usage text.
 pub const USAGE: &str = "\
 usage: guest-bench read --dev PATH --bs BYTES [--count N] [--seconds S] [--pattern rand|seq]
-                        [--span BYTES] [--seed N] [--warmup N]
+                        [--span BYTES] [--seed N] [--warmup N] [--qd N] [--buf anon|huge]
+                        [--phase NAME] [--account DEV]
   O_DIRECT reads of --bs bytes (a multiple of 512) at random (default) or sequential offsets
   within the first --span bytes of the device (default: the whole device), until --count
   requests are done or --seconds have passed (whichever first; default --seconds 3), after
-  --warmup untimed requests (default 8). Prints one line:
-    iops=... mbps=... bs=... requests=... seconds=... pattern=...";
+  --warmup untimed requests (default 8). --qd N: N threads reading at once (default 1), each
+  with its own buffer. --buf anon: buffers from the heap (default); huge: 2 MiB-aligned
+  buffers, hugetlbfs pages when the kernel has some reserved, else transparent huge pages.
+  --phase NAME: `BENCH-PHASE begin NAME` / `BENCH-PHASE end NAME` on stderr around the timed
+  part (with a pause after each, for an observer of the console). --account DEV: guest-side
+  counters of block device DEV (e.g. vda) before and after the timed part, their differences
+  in the result line (acct_*). Prints one line:
+    iops=... mbps=... bs=... requests=... seconds=... pattern=... qd=... buf=... [acct_...=...]";
 
 /// Offsets in the order they are read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,7 +49,27 @@ pub struct ReadArgs {
     pub seed: u64,
     /// Untimed requests first.
     pub warmup: u64,
+    /// Requests in flight (reader threads).
+    pub qd: u32,
+    /// Where the buffers come from.
+    pub buf: BufKind,
+    /// Phase name for the console markers (empty: no markers).
+    pub phase: String,
+    /// Block device name whose guest-side counters are taken (empty: none).
+    pub account: String,
 }
+
+/// Where the read buffers come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BufKind {
+    /// The heap, page-aligned (4 KiB pages, scattered physically).
+    Anon,
+    /// 2 MiB-aligned: hugetlbfs pages if reserved, else transparent huge pages.
+    Huge,
+}
+
+/// Most reader threads.
+pub const MAX_QD: u32 = 64;
 
 /// Largest block size accepted (the buffer is allocated once).
 pub const MAX_BS: u64 = 64 << 20;
@@ -76,6 +104,10 @@ pub fn parse(args: &[String]) -> Result<ReadArgs, Error> {
         span: 0,
         seed: 1,
         warmup: 8,
+        qd: 1,
+        buf: BufKind::Anon,
+        phase: String::new(),
+        account: String::new(),
     };
     let mut seen = std::collections::BTreeSet::new();
     let mut it = args[1..].iter();
@@ -112,6 +144,34 @@ pub fn parse(args: &[String]) -> Result<ReadArgs, Error> {
             "span" => a.span = size(v)?,
             "seed" => a.seed = size(v)?,
             "warmup" => a.warmup = size(v)?,
+            "qd" => {
+                a.qd = v
+                    .parse()
+                    .ok()
+                    .filter(|q| (1..=MAX_QD).contains(q))
+                    .ok_or_else(|| Error::Usage(format!("--qd {v}: 1..={MAX_QD}")))?
+            }
+            "buf" => {
+                a.buf = match v.as_str() {
+                    "anon" => BufKind::Anon,
+                    "huge" => BufKind::Huge,
+                    b => return Err(Error::Usage(format!("bad --buf {b:?}"))),
+                }
+            }
+            "phase" | "account" => {
+                if v.is_empty()
+                    || !v
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                {
+                    return Err(Error::Usage(format!("--{key} {v:?}: [A-Za-z0-9_-]+")));
+                }
+                if key == "phase" {
+                    a.phase = v.clone();
+                } else {
+                    a.account = v.clone();
+                }
+            }
             k => return Err(Error::Usage(format!("unknown option --{k}"))),
         }
     }
@@ -153,6 +213,11 @@ mod tests {
             (d.count, d.millis, d.pattern),
             (u64::MAX, 3000, Pattern::Random)
         );
+        assert_eq!((d.qd, d.buf), (1, BufKind::Anon));
+        assert!(d.phase.is_empty() && d.account.is_empty());
+        let q = p("read --dev x --bs 4K --qd 8 --buf huge --phase r4k-q8 --account vda").unwrap();
+        assert_eq!((q.qd, q.buf), (8, BufKind::Huge));
+        assert_eq!((q.phase.as_str(), q.account.as_str()), ("r4k-q8", "vda"));
     }
 
     #[test]
@@ -172,6 +237,11 @@ mod tests {
             "read --dev x --bs 4096 --frob 1",
             "read --dev x --bs 4096 --count",
             "read --dev x --bs 99999999999999999999",
+            "read --dev x --bs 4096 --qd 0",
+            "read --dev x --bs 4096 --qd 65",
+            "read --dev x --bs 4096 --buf tiny",
+            "read --dev x --bs 4096 --phase a/b",
+            "read --dev x --bs 4096 --account ../vda",
         ] {
             assert!(p(bad).is_err(), "{bad:?} accepted");
         }

@@ -5,6 +5,7 @@
 //! Built statically (`RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target
 //! x86_64-unknown-linux-gnu -p guest-bench`) and put into the L2 initramfs by the bench harness.
 
+pub mod account;
 pub mod args;
 pub mod read;
 

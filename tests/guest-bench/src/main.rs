@@ -17,10 +17,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match read::run(&a) {
-        Ok(r) => {
+    match read::run_info(&a) {
+        Ok((r, info)) => {
             println!(
-                "iops={:.1} mbps={:.2} bs={} requests={} seconds={:.3} pattern={}",
+                "iops={:.1} mbps={:.2} bs={} requests={} seconds={:.3} pattern={} qd={} buf={}{}",
                 r.iops(),
                 r.mbps(),
                 r.bs,
@@ -29,7 +29,10 @@ fn main() -> ExitCode {
                 match a.pattern {
                     Pattern::Random => "rand",
                     Pattern::Sequential => "seq",
-                }
+                },
+                a.qd,
+                info.buf,
+                info.account
             );
             ExitCode::SUCCESS
         }

@@ -2,9 +2,11 @@
 
 use std::alloc::Layout;
 use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Barrier, Mutex};
 
-use crate::args::{Pattern, ReadArgs};
-use crate::{now_ns, Error, XorShift};
+use crate::args::{BufKind, Pattern, ReadArgs};
+use crate::{account, now_ns, Error, XorShift};
 
 /// What one run measured.
 #[derive(Clone, Debug, PartialEq)]
@@ -29,29 +31,131 @@ impl ReadResult {
     }
 }
 
-/// A page-aligned heap buffer for O_DIRECT.
-struct Aligned {
+/// A read buffer for O_DIRECT: page-aligned heap memory, or a 2 MiB-aligned mapping.
+struct Buffer {
     ptr: *mut u8,
-    layout: Layout,
+    len: usize,
+    kind: Backing,
 }
 
-impl Aligned {
-    fn new(len: usize) -> Result<Self, Error> {
-        let layout = Layout::from_size_align(len, 4096)
-            .map_err(|_| Error::Size(format!("bad buffer size {len}")))?;
-        // SAFETY: `layout` has a non-zero size (bs >= 512 is checked by the parser).
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        if ptr.is_null() {
-            return Err(Error::Size(format!("cannot allocate {len} bytes")));
+/// What backs a [`Buffer`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backing {
+    /// `std::alloc` with 4 KiB alignment.
+    Heap(Layout),
+    /// An anonymous mapping of `map_len` bytes starting at `map_ptr` (hugetlbfs or THP).
+    Mapped {
+        map_ptr: *mut u8,
+        map_len: usize,
+        hugetlb: bool,
+    },
+}
+
+const HUGE: usize = 2 << 20;
+
+impl Buffer {
+    fn new(len: usize, kind: BufKind) -> Result<Self, Error> {
+        let b = match kind {
+            BufKind::Anon => {
+                let layout = Layout::from_size_align(len, 4096)
+                    .map_err(|_| Error::Size(format!("bad buffer size {len}")))?;
+                // SAFETY: `layout` has a non-zero size (bs >= 512 is checked by the parser).
+                let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+                if ptr.is_null() {
+                    return Err(Error::Size(format!("cannot allocate {len} bytes")));
+                }
+                Buffer {
+                    ptr,
+                    len,
+                    kind: Backing::Heap(layout),
+                }
+            }
+            BufKind::Huge => Self::huge(len)?,
+        };
+        // Fault every page in now, not during the timed reads.
+        for off in (0..len).step_by(4096) {
+            // SAFETY: `off < len`, inside the buffer.
+            unsafe { b.ptr.add(off).write_volatile(1) };
         }
-        Ok(Self { ptr, layout })
+        Ok(b)
+    }
+
+    /// 2 MiB-aligned: hugetlbfs pages when reserved, else an aligned anonymous mapping with
+    /// MADV_HUGEPAGE (transparent huge pages, when the kernel has them).
+    fn huge(len: usize) -> Result<Self, Error> {
+        let rounded = len.div_ceil(HUGE) * HUGE;
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+        // SAFETY: a fresh anonymous mapping; the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                rounded,
+                prot,
+                flags | libc::MAP_HUGETLB,
+                -1,
+                0,
+            )
+        };
+        if p != libc::MAP_FAILED {
+            return Ok(Buffer {
+                ptr: p.cast(),
+                len,
+                kind: Backing::Mapped {
+                    map_ptr: p.cast(),
+                    map_len: rounded,
+                    hugetlb: true,
+                },
+            });
+        }
+        let map_len = rounded + HUGE;
+        // SAFETY: as above.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), map_len, prot, flags, -1, 0) };
+        if p == libc::MAP_FAILED {
+            return Err(Error::Io(
+                format!("mmap {map_len} bytes"),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let skip = (HUGE - (p as usize % HUGE)) % HUGE;
+        // SAFETY: `skip < HUGE`, so the aligned start and `rounded` bytes lie in the mapping.
+        let ptr = unsafe { p.cast::<u8>().add(skip) };
+        // SAFETY: advice on our own mapping; failure (no THP) only loses the hint.
+        unsafe { libc::madvise(ptr.cast(), rounded, libc::MADV_HUGEPAGE) };
+        Ok(Buffer {
+            ptr,
+            len,
+            kind: Backing::Mapped {
+                map_ptr: p.cast(),
+                map_len,
+                hugetlb: false,
+            },
+        })
+    }
+
+    /// `anon`, `hugetlb` or `thp` (THP asked for; whether the kernel gave huge pages is its
+    /// business: see AnonHugePages in /proc/meminfo).
+    fn label(&self) -> &'static str {
+        match self.kind {
+            Backing::Heap(_) => "anon",
+            Backing::Mapped { hugetlb: true, .. } => "hugetlb",
+            Backing::Mapped { hugetlb: false, .. } => "thp",
+        }
     }
 }
 
-impl Drop for Aligned {
+impl Drop for Buffer {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout, freed once.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+        match self.kind {
+            // SAFETY: allocated in `new` with this layout, freed once.
+            Backing::Heap(layout) => unsafe { std::alloc::dealloc(self.ptr, layout) },
+            Backing::Mapped {
+                map_ptr, map_len, ..
+            } => {
+                // SAFETY: the mapping made in `huge`, unmapped once.
+                unsafe { libc::munmap(map_ptr.cast(), map_len) };
+            }
+        }
     }
 }
 
@@ -74,8 +178,44 @@ pub fn offset(pattern: Pattern, rng: &mut XorShift, i: u64, blocks: u64, bs: u64
     block * bs
 }
 
+fn read_at(fd: &Fd, buf: &Buffer, dev: &str, off: u64) -> Result<(), Error> {
+    // SAFETY: `buf` holds `buf.len` writable bytes; `fd` is open for reading.
+    let n = unsafe { libc::pread(fd.0, buf.ptr.cast(), buf.len, off as libc::off_t) };
+    if n < 0 {
+        return Err(Error::Io(
+            format!("pread {dev} at {off}"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    if n as usize != buf.len {
+        return Err(Error::Size(format!(
+            "short read at {off}: {n} of {}",
+            buf.len
+        )));
+    }
+    Ok(())
+}
+
+/// What one run measured, besides the rates.
+#[derive(Clone, Debug, Default)]
+pub struct RunInfo {
+    /// `anon`, `hugetlb` or `thp`.
+    pub buf: &'static str,
+    /// The `acct_*` words (empty without `--account`).
+    pub account: String,
+}
+
+/// Pause after a phase marker, so that an observer of the console sees it (and takes its
+/// snapshot, a process start in L1 under TCG) before the timed part starts or the next phase.
+const PHASE_PAUSE: std::time::Duration = std::time::Duration::from_millis(600);
+
 /// Open `a.dev` with O_DIRECT and time the reads; see [`crate::args::USAGE`].
 pub fn run(a: &ReadArgs) -> Result<ReadResult, Error> {
+    run_info(a).map(|(r, _)| r)
+}
+
+/// [`run`], with what the buffers were and the guest-side counters.
+pub fn run_info(a: &ReadArgs) -> Result<(ReadResult, RunInfo), Error> {
     let path = CString::new(a.dev.as_bytes())
         .map_err(|_| Error::Usage(format!("bad path {:?}", a.dev)))?;
     // SAFETY: `path` is a valid NUL-terminated string.
@@ -109,42 +249,100 @@ pub fn run(a: &ReadArgs) -> Result<ReadResult, Error> {
         )));
     }
     let len = usize::try_from(a.bs).map_err(|_| Error::Size("block size too large".into()))?;
-    let buf = Aligned::new(len)?;
-    let mut rng = XorShift::new(a.seed);
-    let read_at = |off: u64| -> Result<(), Error> {
-        // SAFETY: `buf` holds `len` writable bytes; `fd` is open for reading.
-        let n = unsafe { libc::pread(fd.0, buf.ptr.cast(), len, off as libc::off_t) };
-        if n < 0 {
-            return Err(Error::Io(
-                format!("pread {} at {off}", a.dev),
-                std::io::Error::last_os_error(),
-            ));
-        }
-        if n as usize != len {
-            return Err(Error::Size(format!("short read at {off}: {n} of {len}")));
-        }
-        Ok(())
-    };
-    for i in 0..a.warmup {
-        read_at(offset(a.pattern, &mut rng, i, blocks, a.bs))?;
-    }
+    let qd = a.qd.max(1) as usize;
     let limit = a.millis.saturating_mul(1_000_000);
-    let t0 = now_ns();
-    let mut done = 0u64;
-    let mut elapsed = 0u64;
-    while done < a.count {
-        read_at(offset(a.pattern, &mut rng, a.warmup + done, blocks, a.bs))?;
-        done += 1;
-        elapsed = now_ns().saturating_sub(t0);
-        if elapsed >= limit {
-            break;
+    // Timed requests are numbered from `warmup` on; sequential offsets follow the number.
+    let next = AtomicU64::new(a.warmup);
+    let done = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let failure: Mutex<Option<Error>> = Mutex::new(None);
+    let label: Mutex<&'static str> = Mutex::new("anon");
+    let ready = Barrier::new(qd + 1);
+    let go = Barrier::new(qd + 1);
+    let t0 = AtomicU64::new(0);
+    let fail = |e: Error| {
+        stop.store(true, Ordering::Relaxed);
+        if let Ok(mut f) = failure.lock() {
+            f.get_or_insert(e);
         }
+    };
+    let mut before = None;
+    let mut info = RunInfo::default();
+    std::thread::scope(|s| {
+        for t in 0..qd {
+            let (fd, next, done, stop, ready, go, t0, fail, label) =
+                (&fd, &next, &done, &stop, &ready, &go, &t0, &fail, &label);
+            s.spawn(move || {
+                let buf = Buffer::new(len, a.buf);
+                let mut rng = XorShift::new(a.seed.wrapping_add(t as u64));
+                if let Ok(b) = &buf {
+                    if let Ok(mut l) = label.lock() {
+                        *l = b.label();
+                    }
+                    // Warm-up: this thread's share, untimed.
+                    for i in (t as u64..a.warmup).step_by(qd) {
+                        if let Err(e) =
+                            read_at(fd, b, &a.dev, offset(a.pattern, &mut rng, i, blocks, a.bs))
+                        {
+                            fail(e);
+                            break;
+                        }
+                    }
+                }
+                ready.wait();
+                go.wait();
+                let b = match buf {
+                    Ok(b) => b,
+                    Err(e) => return fail(e),
+                };
+                let start = t0.load(Ordering::Relaxed);
+                while !stop.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i - a.warmup >= a.count {
+                        break;
+                    }
+                    let off = offset(a.pattern, &mut rng, i, blocks, a.bs);
+                    if let Err(e) = read_at(fd, &b, &a.dev, off) {
+                        return fail(e);
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                    if now_ns().saturating_sub(start) >= limit {
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        ready.wait();
+        if !a.phase.is_empty() {
+            eprintln!("BENCH-PHASE begin {}", a.phase);
+            std::thread::sleep(PHASE_PAUSE);
+        }
+        if !a.account.is_empty() {
+            before = Some(account::snapshot(&a.account));
+        }
+        t0.store(now_ns(), Ordering::Relaxed);
+        go.wait();
+    });
+    let elapsed = now_ns().saturating_sub(t0.load(Ordering::Relaxed));
+    if let Some(b) = &before {
+        info.account = account::delta_words(b, &account::snapshot(&a.account));
     }
-    Ok(ReadResult {
-        requests: done,
-        bs: a.bs,
-        nanos: elapsed,
-    })
+    if !a.phase.is_empty() {
+        eprintln!("BENCH-PHASE end {}", a.phase);
+        std::thread::sleep(PHASE_PAUSE);
+    }
+    if let Some(e) = failure.into_inner().ok().flatten() {
+        return Err(e);
+    }
+    info.buf = label.into_inner().unwrap_or("anon");
+    Ok((
+        ReadResult {
+            requests: done.load(Ordering::Relaxed),
+            bs: a.bs,
+            nanos: elapsed,
+        },
+        info,
+    ))
 }
 
 #[cfg(test)]
@@ -193,6 +391,10 @@ mod tests {
             span: 0,
             seed: 3,
             warmup: 2,
+            qd: 1,
+            buf: BufKind::Anon,
+            phase: String::new(),
+            account: String::new(),
         };
         match run(&a) {
             Ok(r) => {
@@ -201,6 +403,25 @@ mod tests {
             }
             Err(Error::Io(_, e)) if e.raw_os_error() == Some(libc::EINVAL) => {}
             Err(e) => panic!("{e}"),
+        }
+        for (qd, buf) in [(4, BufKind::Anon), (3, BufKind::Huge)] {
+            let q = ReadArgs {
+                qd,
+                buf,
+                ..a.clone()
+            };
+            match run_info(&q) {
+                Ok((r, info)) => {
+                    assert_eq!(
+                        r.requests, 50,
+                        "qd {qd}: the count is shared, not per thread"
+                    );
+                    assert!(["anon", "hugetlb", "thp"].contains(&info.buf));
+                    assert_eq!(info.buf == "anon", buf == BufKind::Anon);
+                }
+                Err(Error::Io(_, e)) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => panic!("{e}"),
+            }
         }
         let small = ReadArgs { bs: 2 << 20, ..a };
         assert!(matches!(

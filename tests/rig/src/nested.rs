@@ -160,9 +160,13 @@ fn l1_archive(cfg: &RigConfig, batch: &[&Scenario]) -> Result<Vec<u8>, RigError>
             run.push_str(&s.l1_setup);
             run.push('\n');
         }
-        run.push_str(&format!(
-            "cat /l2/initrd ./l2extra.cpio >{initrd}\nexec {program}"
-        ));
+        run.push_str(&format!("cat /l2/initrd ./l2extra.cpio >{initrd}\nexec"));
+        for w in &s.l1_wrap {
+            run.push(' ');
+            run.push_str(&shell_quote(w));
+        }
+        run.push(' ');
+        run.push_str(program);
         for a in &args {
             run.push(' ');
             run.push_str(&shell_quote(a));
@@ -184,6 +188,7 @@ fn l1_archive(cfg: &RigConfig, batch: &[&Scenario]) -> Result<Vec<u8>, RigError>
             0o644,
             s.l2_archive(),
         ));
+        files.extend(s.l1_files.iter().cloned());
     }
     Ok(crate::cpio::archive(&files))
 }
@@ -199,6 +204,11 @@ pub(crate) fn run_batch(
     let mut parts = vec![images.join("l1.cpio.gz"), images.join("l1-l2.cpio")];
     if batch.iter().any(|s| s.program == Program::Qemu) {
         parts.push(images.join("l1-qemu.cpio"));
+    }
+    for a in batch.iter().flat_map(|s| &s.l1_archives) {
+        if !parts.contains(a) {
+            parts.push(a.clone());
+        }
     }
     for p in &parts {
         let mut f = std::fs::File::open(p)
@@ -450,7 +460,13 @@ fn drive(
             )),
             Some(Event::Started(i)) => {
                 scenario_start = Instant::now();
-                progress(&format!("[{}] started", batch[i].name));
+                progress(&format!(
+                    "[{}] started ({}/{} in this L1, {:.0} s since its boot)",
+                    batch[i].name,
+                    i + 1,
+                    batch.len(),
+                    started.elapsed().as_secs_f64()
+                ));
             }
             Some(Event::Finished(i)) => {
                 if let Some(o) = frames.outcome(i) {
@@ -662,6 +678,34 @@ mod tests {
         assert!(e
             .to_string()
             .contains("L1 ended early (exit status: 0) while scenario 'b'"));
+    }
+
+    #[test]
+    fn wrapper_words_go_between_exec_and_the_program_and_l1_files_are_added() {
+        let cfg = RigConfig {
+            root: "/nonexistent".into(),
+            mode: crate::Mode::Nested,
+            vmm: "/nonexistent/vmm".into(),
+            build: false,
+            keep: false,
+            verbose: false,
+            l1_allowance_secs: 0,
+        };
+        let mut s = Scenario::qemu("w", "true");
+        s.l1_wrap = vec!["/usr/bin/rig-wrap".into(), "a b".into()];
+        s.l1_files
+            .push(CpioFile::new("/usr/bin/rig-wrap", 0o755, "#!/bin/sh\n"));
+        let a = l1_archive(&cfg, &[&s]).unwrap();
+        let text = String::from_utf8_lossy(&a);
+        assert!(
+            text.contains("exec '/usr/bin/rig-wrap' 'a b' /usr/bin/qemu-system-x86_64 '-machine'"),
+            "{text}"
+        );
+        assert!(text.contains("usr/bin/rig-wrap"));
+        let plain = l1_archive(&cfg, &[&Scenario::qemu("p", "true")]).unwrap();
+        assert!(
+            String::from_utf8_lossy(&plain).contains("exec /usr/bin/qemu-system-x86_64 '-machine'")
+        );
     }
 
     #[test]

@@ -57,6 +57,14 @@ pub struct Scenario {
     /// Extra arguments for the L0 QEMU (nested mode only), e.g. an emulated IOMMU for L1.
     /// Identical lists from several scenarios of one run are added once.
     pub l0_args: Vec<String>,
+    /// Files added to L1's initramfs for this scenario (nested mode only), e.g. helper scripts.
+    pub l1_files: Vec<CpioFile>,
+    /// Command words run in L1 in front of the program (nested mode only): the scenario runs
+    /// `exec WRAP... PROGRAM ARGS...`, e.g. a profiler or a filter of the console.
+    pub l1_wrap: Vec<String>,
+    /// Prebuilt cpio archives appended to L1's initramfs (nested mode only), e.g. the
+    /// profiling tools from `guest-images/build.sh perf`; each path is added once per L1 boot.
+    pub l1_archives: Vec<PathBuf>,
 }
 
 impl Scenario {
@@ -86,6 +94,9 @@ impl Scenario {
             timeout: Duration::from_secs(300),
             l1_setup: String::new(),
             l0_args: Vec::new(),
+            l1_files: Vec::new(),
+            l1_wrap: Vec::new(),
+            l1_archives: Vec::new(),
         }
     }
 

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Live counters, shared between the device, its endpoints and the fault reporter.
 #[derive(Debug, Default)]
 pub struct Counters {
+    kicks: AtomicU64,
+    interrupts: AtomicU64,
     maps: AtomicU64,
     unmaps: AtomicU64,
     attaches: AtomicU64,
@@ -21,6 +23,10 @@ pub struct Counters {
 /// A point-in-time copy of [`Counters`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CounterSnapshot {
+    /// Request-queue notifications served (driver kicks that reached the device).
+    pub kicks: u64,
+    /// Request-queue interrupts signalled to the driver.
+    pub interrupts: u64,
     /// MAP requests handled (any status).
     pub maps: u64,
     /// UNMAP requests handled.
@@ -60,6 +66,12 @@ fn bump(c: &AtomicU64) {
 }
 
 impl Counters {
+    pub(crate) fn kick(&self) {
+        bump(&self.kicks)
+    }
+    pub(crate) fn interrupt(&self) {
+        bump(&self.interrupts)
+    }
     pub(crate) fn map(&self) {
         bump(&self.maps)
     }
@@ -99,6 +111,8 @@ impl Counters {
             *d = r(s);
         }
         CounterSnapshot {
+            kicks: r(&self.kicks),
+            interrupts: r(&self.interrupts),
             maps: r(&self.maps),
             unmaps: r(&self.unmaps),
             attaches: r(&self.attaches),

@@ -282,6 +282,7 @@ impl Viommu {
         let Some(mut active) = self.active.take() else {
             return;
         };
+        self.counters.kick();
         let mem = active.mem.memory();
         let probe_size = self.negotiated(F_PROBE).then_some(self.config.probe_size);
         let since = active.queue.next_used();
@@ -317,6 +318,7 @@ impl Viommu {
                     .is_ok_and(|idx| idx.0 != active.queue.next_avail());
         }
         if wants_interrupt(&active.queue, &*mem, since) {
+            self.counters.interrupt();
             active.interrupt.signal_queue(REQUEST_QUEUE);
         }
         self.completions = completions;
