@@ -690,6 +690,7 @@ mod tests {
             keep: false,
             verbose: false,
             l1_allowance_secs: 0,
+            max_l1_restarts: 0,
         };
         let mut s = Scenario::qemu("w", "true");
         s.l1_wrap = vec!["/usr/bin/rig-wrap".into(), "a b".into()];
