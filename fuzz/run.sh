@@ -11,16 +11,19 @@ cd "$(dirname "$0")"
 SECONDS_EACH=${FUZZ_SECONDS:-60}
 # FUZZ_NO_BLK=1: leave out virtio_blk and the `vmm` crate (e.g. while it does not build).
 FEATURES=()
-ALL=(viommu_queue virtio_pci pci_config virtio_blk)
+ALL=(viommu_queue virtio_pci pci_config virtio_blk virtio_net shadow)
 if [ -n "${FUZZ_NO_BLK:-}" ]; then
     FEATURES=(--no-default-features)
-    ALL=(viommu_queue virtio_pci pci_config)
+    ALL=(viommu_queue virtio_pci pci_config shadow)
 fi
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then
     TARGETS=("${ALL[@]}")
 fi
-command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+# cargo-fuzz: from PATH, else installed once into the repository's ignored .cache/.
+CACHE_BIN="$(cd .. && pwd)/.cache/cargo-fuzz/bin"
+export PATH="$PATH:$CACHE_BIN"
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --root "$(dirname "$CACHE_BIN")"
 export RUSTC_BOOTSTRAP=1
 cargo run -q "${FEATURES[@]}" --bin seeds -- corpus
 mkdir -p artifacts/logs

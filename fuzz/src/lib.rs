@@ -12,6 +12,11 @@ pub mod viommu_queue;
 pub mod virtio_blk;
 pub mod virtio_pci;
 
+pub mod ring;
+pub mod shadow;
+#[cfg(feature = "blk")]
+pub mod virtio_net;
+
 /// Reads operands from a fuzz input; past the end every read returns 0.
 pub struct Input<'a> {
     data: &'a [u8],

@@ -14,6 +14,9 @@ pub mod irq;
 pub mod memory_slot;
 pub mod msi;
 pub mod msix;
+/// Test doubles (feature `test-utils`): a fake VFIO device and fake KVM memory slots.
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 mod vectors;
 pub mod vfio_backend;
 pub mod vfio_config;

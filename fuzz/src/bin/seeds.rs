@@ -16,8 +16,11 @@ fn main() {
             "viommu_queue" => vmm_fuzz::viommu_queue::run(&data),
             "virtio_pci" => vmm_fuzz::virtio_pci::run(&data),
             "pci_config" => vmm_fuzz::pci_config::run(&data),
+            "shadow" => vmm_fuzz::shadow::run(&data),
             #[cfg(feature = "blk")]
             "virtio_blk" => vmm_fuzz::virtio_blk::run(&data),
+            #[cfg(feature = "blk")]
+            "virtio_net" => vmm_fuzz::virtio_net::run(&data),
             t => panic!("unknown target {t}"),
         }
         return;
@@ -39,11 +42,18 @@ fn main() {
             vmm_fuzz::pci_config::seeds,
             vmm_fuzz::pci_config::run,
         ),
+        ("shadow", vmm_fuzz::shadow::seeds, vmm_fuzz::shadow::run),
         #[cfg(feature = "blk")]
         (
             "virtio_blk",
             vmm_fuzz::virtio_blk::seeds,
             vmm_fuzz::virtio_blk::run,
+        ),
+        #[cfg(feature = "blk")]
+        (
+            "virtio_net",
+            vmm_fuzz::virtio_net::seeds,
+            vmm_fuzz::virtio_net::run,
         ),
     ];
     for &(name, seeds, run) in targets {
