@@ -11,10 +11,10 @@ cd "$(dirname "$0")"
 SECONDS_EACH=${FUZZ_SECONDS:-60}
 # FUZZ_NO_BLK=1: leave out virtio_blk and the `vmm` crate (e.g. while it does not build).
 FEATURES=()
-ALL=(viommu_queue virtio_pci pci_config virtio_blk virtio_net shadow)
+ALL=(viommu_queue virtio_pci pci_config virtio_blk virtio_net shadow vfio_pci blk_iommu)
 if [ -n "${FUZZ_NO_BLK:-}" ]; then
     FEATURES=(--no-default-features)
-    ALL=(viommu_queue virtio_pci pci_config shadow)
+    ALL=(viommu_queue virtio_pci pci_config shadow vfio_pci)
 fi
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then

@@ -12,8 +12,11 @@ pub mod viommu_queue;
 pub mod virtio_blk;
 pub mod virtio_pci;
 
+#[cfg(feature = "blk")]
+pub mod blk_iommu;
 pub mod ring;
 pub mod shadow;
+pub mod vfio_pci;
 #[cfg(feature = "blk")]
 pub mod virtio_net;
 
