@@ -11,7 +11,7 @@ cd "$(dirname "$0")"
 SECONDS_EACH=${FUZZ_SECONDS:-60}
 # FUZZ_NO_BLK=1: leave out virtio_blk and the `vmm` crate (e.g. while it does not build).
 FEATURES=()
-ALL=(viommu_queue virtio_pci pci_config virtio_blk virtio_net shadow vfio_pci blk_iommu)
+ALL=(viommu_queue virtio_pci pci_config virtio_blk virtio_net shadow vfio_pci blk_iommu virtio_pci_devs)
 if [ -n "${FUZZ_NO_BLK:-}" ]; then
     FEATURES=(--no-default-features)
     ALL=(viommu_queue virtio_pci pci_config shadow vfio_pci)

@@ -19,6 +19,8 @@ pub mod shadow;
 pub mod vfio_pci;
 #[cfg(feature = "blk")]
 pub mod virtio_net;
+#[cfg(feature = "blk")]
+pub mod virtio_pci_devs;
 
 /// Reads operands from a fuzz input; past the end every read returns 0.
 pub struct Input<'a> {

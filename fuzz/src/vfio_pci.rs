@@ -37,7 +37,7 @@ struct Harness {
     ident: Vec<u8>,
     caps: Vec<(u16, u8, u8)>,
     /// MSI-X table and PBA (BAR, offset, bytes) as the fake describes them.
-    msix: Option<(u8, u64, u64)>,
+    msix: Option<[(u8, u64, u64); 2]>,
 }
 
 fn cfg_read(dev: &mut VfioPciDevice, off: u16, len: usize) -> u64 {
@@ -75,7 +75,7 @@ impl Harness {
             fake.irq_counts.insert(1, u32::from(inp.u8() % 6));
         }
         fake.fail_mmap = shape & 4 != 0;
-        let mut msix = Some((0u8, TABLE, 4 * 16u64));
+        let mut msix = Some([(0u8, TABLE, 4 * 16u64), (0, PBA, 8)]);
         if shape & 8 != 0 {
             // The MSI-X table somewhere else (maybe outside its BAR, or in the I/O BAR).
             let table = inp.u32();
@@ -83,7 +83,10 @@ impl Harness {
             let cfg = &mut fake.config.lock().unwrap();
             put32(cfg, usize::from(MSIX_CAP) + 4, table);
             put32(cfg, usize::from(MSIX_CAP) + 8, pba);
-            msix = Some(((table & 7) as u8, u64::from(table & !7), 4 * 16));
+            msix = Some([
+                ((table & 7) as u8, u64::from(table & !7), 4 * 16),
+                ((pba & 7) as u8, u64::from(pba & !7), 8),
+            ]);
         }
         let fake = Arc::new(fake);
         let msi = Arc::new(FakeMsi::default());
@@ -140,9 +143,9 @@ impl Harness {
                 Some(gpa),
                 "slot of BAR {bar} not where it decodes"
             );
-            if let Some((tbar, toff, tlen)) = self.msix {
-                if tbar == bar {
-                    for (o, l) in [(toff, tlen), (PBA, 8)] {
+            for (sbar, o, l) in self.msix.into_iter().flatten() {
+                if sbar == bar {
+                    {
                         let (ps, pe) = (o / PAGE * PAGE, (o + l).div_ceil(PAGE) * PAGE);
                         let (ms, me) = (m.1, m.1 + m.2);
                         assert!(
@@ -205,10 +208,11 @@ impl Harness {
             }
             4 | 5 => {
                 // MSI-X table / PBA write (or near them).
-                let (bar, base) = self.msix.map_or((0, TABLE), |m| (m.0, m.1));
-                let off = match inp.u8() {
-                    s @ 0..=0xbf => base + u64::from(s % 0x48),
-                    s => PBA + u64::from(s % 16),
+                let [(bar, base, _), (pbar, pba, _)] =
+                    self.msix.unwrap_or([(0, TABLE, 0), (0, PBA, 0)]);
+                let (bar, off) = match inp.u8() {
+                    s @ 0..=0xbf => (bar, base + u64::from(s % 0x48)),
+                    s => (pbar, pba + u64::from(s % 16)),
                 };
                 let len = [4, 4, 8, 2, 1, 3][usize::from(inp.u8() % 6)];
                 let v = inp.u64().to_le_bytes();
@@ -260,7 +264,7 @@ impl Harness {
             }
             _ => {
                 // Program an MSI-X entry and enable MSI-X (or MSI) in one go.
-                let (bar, base) = self.msix.map_or((0, TABLE), |m| (m.0, m.1));
+                let (bar, base) = self.msix.map_or((0, TABLE), |m| (m[0].0, m[0].1));
                 let e = u64::from(inp.u8() % 4);
                 let data = inp.u32();
                 self.dev

@@ -22,6 +22,8 @@ fn main() {
             #[cfg(feature = "blk")]
             "virtio_blk" => vmm_fuzz::virtio_blk::run(&data),
             #[cfg(feature = "blk")]
+            "virtio_pci_devs" => vmm_fuzz::virtio_pci_devs::run(&data),
+            #[cfg(feature = "blk")]
             "blk_iommu" => vmm_fuzz::blk_iommu::run(&data),
             #[cfg(feature = "blk")]
             "virtio_net" => vmm_fuzz::virtio_net::run(&data),
@@ -57,6 +59,12 @@ fn main() {
             "virtio_blk",
             vmm_fuzz::virtio_blk::seeds,
             vmm_fuzz::virtio_blk::run,
+        ),
+        #[cfg(feature = "blk")]
+        (
+            "virtio_pci_devs",
+            vmm_fuzz::virtio_pci_devs::seeds,
+            vmm_fuzz::virtio_pci_devs::run,
         ),
         #[cfg(feature = "blk")]
         (
