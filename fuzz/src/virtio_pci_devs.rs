@@ -83,11 +83,15 @@ struct Harness {
 
 fn identity(bus: &PciBus, slot: u8) -> Vec<u8> {
     let mut v = Vec::new();
-    for reg in [0u16, 8, 0x2c, 0x34, 0x0c] {
+    for reg in [0u16, 8, 0x2c, 0x34] {
         let mut b = [0u8; 4];
         bus.ecam_read(cfg_addr(slot, reg), &mut b);
         v.extend_from_slice(&b);
     }
+    // The header type (the cache line size and latency timer next to it are writable).
+    let mut h = [0u8; 1];
+    bus.ecam_read(cfg_addr(slot, 0x0e), &mut h);
+    v.push(h[0]);
     v
 }
 
