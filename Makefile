@@ -163,8 +163,9 @@ clean:
 distclean: clean
 	rm -rf .cache
 
-## fuzz: every cargo-fuzz target (fuzz/, its own workspace) for FUZZ_SECONDS each; fails on a
-## crash. `make fuzz FUZZ_SECONDS=600`, or `fuzz/run.sh <target>...` for some targets.
+## fuzz: every cargo-fuzz target (fuzz/, its own workspace) for FUZZ_SECONDS each; prints the
+## executions (and exec/s) of each target and the total, fails if any target crashed.
+## `make fuzz FUZZ_SECONDS=600`, or `fuzz/run.sh <target>...` for some targets.
 FUZZ_SECONDS ?= 60
 .PHONY: fuzz
 fuzz:

@@ -138,6 +138,7 @@ fn run(data: &[u8]) {
         max_endpoints: 4,
         max_mappings_per_domain: 1 << 12,
         max_total_mappings: 1 << 13,
+        ..Limits::default()
     };
     let config = UnitConfig {
         aw: if input.u8() & 1 == 0 {

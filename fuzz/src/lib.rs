@@ -12,6 +12,16 @@ pub mod viommu_queue;
 pub mod virtio_blk;
 pub mod virtio_pci;
 
+#[cfg(feature = "blk")]
+pub mod blk_iommu;
+pub mod ring;
+pub mod shadow;
+pub mod vfio_pci;
+#[cfg(feature = "blk")]
+pub mod virtio_net;
+#[cfg(feature = "blk")]
+pub mod virtio_pci_devs;
+
 /// Reads operands from a fuzz input; past the end every read returns 0.
 pub struct Input<'a> {
     data: &'a [u8],
