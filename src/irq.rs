@@ -143,31 +143,7 @@ impl RoutingTable {
         msg: Option<MsiMessage>,
         commit: impl FnOnce(&[kvm_irq_routing_entry]) -> io::Result<()>,
     ) -> io::Result<()> {
-        if !self.allocated.contains(&gsi) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("GSI {gsi} is not allocated"),
-            ));
-        }
-        let old = self.route(gsi);
-        if old == msg {
-            return Ok(());
-        }
-        self.put(gsi, msg);
-        let entries = self.entries();
-        let result = if entries.len() > MAX_ROUTES {
-            Err(io::Error::new(
-                io::ErrorKind::OutOfMemory,
-                format!("{} routes, KVM takes {MAX_ROUTES}", entries.len()),
-            ))
-        } else {
-            commit(&entries)
-        };
-        match result {
-            Ok(()) => self.committed(),
-            Err(_) => self.put(gsi, old),
-        }
-        result
+        self.set_routes(&[(gsi, msg)], commit)
     }
 
     /// Several route changes ([`RoutingTable::set_route`] each) handed to `commit` as one
