@@ -213,7 +213,7 @@ fn vtd_warnings(o: &Outcome) -> Vec<&str> {
 
 /// The unit saw invalidations, no fault and no error, logged no warning; mappings as the mode
 /// implies.
-fn vtd_counters_check(o: &Outcome, translated: bool) -> Result<(), String> {
+pub(crate) fn vtd_counters_check(o: &Outcome, translated: bool) -> Result<(), String> {
     let warnings = vtd_warnings(o);
     if !warnings.is_empty() {
         return Err(format!("the VMM logged:\n{}", warnings.join("\n")));
