@@ -32,7 +32,7 @@ total=0
 crashed=()
 for t in "${TARGETS[@]}"; do
     cargo fuzz build "${FEATURES[@]}" "$t"
-    mkdir -p "artifacts/$t"
+    mkdir -p "artifacts/$t" "corpus/$t"
     log="artifacts/logs/$t.$(date +%Y%m%d-%H%M%S).log"
     echo "==> fuzz $t for ${SECONDS_EACH}s (log $log)"
     rc=0
