@@ -89,9 +89,13 @@ fn unresolved(iova: GuestAddress, length: usize, reason: String) -> Error {
 /// it, a lookup per piece), then `IommuMemory` walks guest memory region by region;
 /// [`TranslatedMemory`] keeps a small per-memory cache of recent mappings tagged with the view
 /// generation and copies into the RAM region directly. Measured with `cargo bench -p viommu
-/// --features vm-memory-iommu --bench iommu_memory` (release, 64 one-page mappings, the 2-core development machine under
-/// load, so the ratios matter more than the absolute figures): an 8-byte read costs
-/// XXREAD; a 1500-byte copy across two mappings XXCOPY.
+/// --features vm-memory-iommu --bench iommu_memory` (release, 64 one-page mappings, the 2-core
+/// development machine with nothing else running): an 8-byte read costs 9.2 ns from guest-physical
+/// memory, 42.5 ns through [`TranslatedMemory`] and 97.2 ns through `IommuMemory`; a 1500-byte copy
+/// across two mappings 36.7 ns through [`TranslatedMemory`] (`read_into`) and 111.4 ns through
+/// `IommuMemory`. (vm-memory's `iommu` feature, which this one turns on, also makes plain
+/// guest-physical reads slower for the whole build: the `datapath` bench's `read_u64/direct` costs
+/// 3.5 ns without it; the vmm never enables it.)
 ///
 /// [`TranslatedMemory`]: crate::TranslatedMemory
 impl Iommu for EndpointHandle {
