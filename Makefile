@@ -78,7 +78,8 @@ test:
 ## test-lint (stage 0): rustfmt and clippy (warnings are errors) on every crate and target.
 test-lint:
 	$(TIMED) 0-lint bash -c '$(CARGO) fmt --all --check && \
-		$(CARGO) clippy --workspace --all-targets $(TEST_FEATURES) -- -D warnings'
+		$(CARGO) clippy --workspace --all-targets $(TEST_FEATURES) -- -D warnings && \
+		$(CARGO) clippy $(TEST_FEATURES) --test guests --test soak -- -D warnings'
 
 ## test-unit (stage 1): unit tests and doc tests of every crate; lists the tests that skipped.
 test-unit:

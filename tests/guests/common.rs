@@ -200,3 +200,65 @@ pub fn kernel_log_clean(o: &Outcome) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The `vtd:` counters line of the VMM's stderr, printed, as name -> value.
+pub(crate) fn vtd_counters(o: &Outcome) -> Result<Vec<(String, u64)>, String> {
+    let line = o
+        .vmm_log
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with("vtd: "))
+        .ok_or("no 'vtd:' counters line in the VMM's stderr")?;
+    println!("    {}: {}", o.name, line.trim());
+    line.trim()
+        .trim_start_matches("vtd: ")
+        .split_whitespace()
+        .map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| format!("unparseable counters line {line:?}"))
+}
+
+pub(crate) fn vtd_counter(c: &[(String, u64)], name: &str) -> Result<u64, String> {
+    c.iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| format!("counter {name} missing"))
+}
+
+/// VT-d warnings and errors in the VMM's log.
+pub(crate) fn vtd_warnings(o: &Outcome) -> Vec<&str> {
+    o.vmm_log
+        .lines()
+        .filter(|l| {
+            (l.starts_with("[vmm WARN") || l.starts_with("[vmm ERROR")) && l.contains("vtd")
+        })
+        .collect()
+}
+
+/// The unit saw invalidations, no fault and no error, logged no warning; mappings as the mode
+/// implies.
+pub(crate) fn vtd_counters_check(o: &Outcome, translated: bool) -> Result<(), String> {
+    let warnings = vtd_warnings(o);
+    if !warnings.is_empty() {
+        return Err(format!("the VMM logged:\n{}", warnings.join("\n")));
+    }
+    let c = vtd_counters(o)?;
+    for bad in ["errors", "faults"] {
+        let n = vtd_counter(&c, bad)?;
+        if n != 0 {
+            return Err(format!("{bad}={n} in the vtd counters line"));
+        }
+    }
+    if vtd_counter(&c, "invalidations")? == 0 {
+        return Err("no invalidation reached the unit".into());
+    }
+    let (maps, unmaps) = (vtd_counter(&c, "maps")?, vtd_counter(&c, "unmaps")?);
+    match translated {
+        true if maps == 0 || unmaps == 0 => Err(format!("maps={maps} unmaps={unmaps}, want > 0")),
+        false if maps != 0 => Err(format!("pass-through but maps={maps}")),
+        _ => Ok(()),
+    }
+}

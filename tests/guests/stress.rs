@@ -459,7 +459,7 @@ pub fn case(name: &str, shape: Shape) -> Case {
             .any(|l| l.trim_start().starts_with("vtd: "));
         let c = if shape.program == Program::Vmm && shape.viommu && vtd {
             // Behind the emulated VT-d (`vtd-stress`): its counters line, no warnings.
-            crate::vtd::vtd_counters_check(o, true)?;
+            crate::common::vtd_counters_check(o, true)?;
             "vtd counters clean".into()
         } else if shape.program == Program::Vmm && shape.viommu {
             counters_check(o)?
