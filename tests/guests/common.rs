@@ -262,3 +262,21 @@ pub(crate) fn vtd_counters_check(o: &Outcome, translated: bool) -> Result<(), St
         _ => Ok(()),
     }
 }
+
+/// The disk (the script's `VDA-BDF`/`VDA-GROUP`/`VDA-DOMAIN` lines) is at `bdf` when given and in
+/// an IOMMU group whose domain type is `want` (`DMA`, `DMA-FQ`, `identity`).
+pub(crate) fn disk_group_check(o: &Outcome, want: &str, bdf: Option<&str>) -> Result<(), String> {
+    let got = value(&o.serial, "VDA-BDF").ok_or("no VDA-BDF line")?;
+    if bdf.is_some_and(|b| b != got) {
+        return Err(format!("disk at {got}, want {bdf:?}"));
+    }
+    let group = value(&o.serial, "VDA-GROUP").ok_or("no VDA-GROUP line")?;
+    if group == "none" {
+        return Err(format!("disk {got} is in no IOMMU group"));
+    }
+    let ty = value(&o.serial, "VDA-DOMAIN").ok_or("no VDA-DOMAIN line")?;
+    if ty != want {
+        return Err(format!("group {group} has domain type {ty}, want {want}"));
+    }
+    Ok(())
+}

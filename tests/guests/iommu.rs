@@ -12,7 +12,8 @@ use rig::{Outcome, Program, Scenario};
 
 use crate::boot::{disk_script, make_disk, md5_hex, pattern, yes_pattern, DISK_SIZE, MIB};
 use crate::common::{
-    clean_exit, counter, counters, kernel_log_clean, nonce, scratch_dir, section, value, Case,
+    clean_exit, counter, counters, disk_group_check, kernel_log_clean, nonce, scratch_dir, section,
+    value, Case,
 };
 
 /// Where the disk sits in L2: the virtio-iommu takes the first free slot (00:01.0).
@@ -94,22 +95,7 @@ fn guest_iommu_check(o: &Outcome, mode: Mode) -> Result<(), String> {
             ));
         }
     }
-    let bdf = value(&o.serial, "VDA-BDF").ok_or("no VDA-BDF line")?;
-    if bdf != DISK_BDF {
-        return Err(format!("disk at {bdf}, want {DISK_BDF}"));
-    }
-    let group = value(&o.serial, "VDA-GROUP").ok_or("no VDA-GROUP line")?;
-    if group == "none" {
-        return Err(format!("disk {bdf} is in no IOMMU group"));
-    }
-    let ty = value(&o.serial, "VDA-DOMAIN").ok_or("no VDA-DOMAIN line")?;
-    if ty != mode.domain_type() {
-        return Err(format!(
-            "group {group} has domain type {ty}, want {}",
-            mode.domain_type()
-        ));
-    }
-    Ok(())
+    disk_group_check(o, mode.domain_type(), Some(DISK_BDF))
 }
 
 /// The VMM served what the mode implies, with no error status and no translation fault.

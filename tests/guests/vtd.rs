@@ -22,8 +22,8 @@ use rig::{Outcome, Program, Scenario};
 
 use crate::boot::{disk_script, make_disk, md5_hex, pattern, MIB};
 use crate::common::{
-    clean_exit, kernel_log_clean, nonce, scratch_dir, section, value, vtd_counter as get,
-    vtd_counters, vtd_counters_check, vtd_warnings, Case,
+    clean_exit, disk_group_check, kernel_log_clean, nonce, scratch_dir, section, value,
+    vtd_counter as get, vtd_counters, vtd_counters_check, vtd_warnings, Case,
 };
 use crate::iommu::round_trip_check;
 use crate::net::ARPING_SH;
@@ -157,26 +157,6 @@ fn dmar_check(o: &Outcome) -> Result<(), String> {
     }
 }
 
-/// The disk is in an IOMMU group of the mode's type (at `bdf` when given).
-fn disk_group_check(o: &Outcome, mode: Mode, bdf: Option<&str>) -> Result<(), String> {
-    let got = value(&o.serial, "VDA-BDF").ok_or("no VDA-BDF line")?;
-    if bdf.is_some_and(|b| b != got) {
-        return Err(format!("disk at {got}, want {bdf:?}"));
-    }
-    let group = value(&o.serial, "VDA-GROUP").ok_or("no VDA-GROUP line")?;
-    if group == "none" {
-        return Err(format!("disk {got} is in no IOMMU group"));
-    }
-    let ty = value(&o.serial, "VDA-DOMAIN").ok_or("no VDA-DOMAIN line")?;
-    if ty != mode.domain_type() {
-        return Err(format!(
-            "group {group} has domain type {ty}, want {}",
-            mode.domain_type()
-        ));
-    }
-    Ok(())
-}
-
 /// QEMU's arguments for the reference: its intel-iommu (caching mode, no interrupt remapping
 /// with the in-kernel irqchip) created before the disk, the disk behind it.
 fn qemu_vtd_args() -> Vec<String> {
@@ -225,7 +205,7 @@ fn disk_case(name: &str, mode: Mode, program: Program) -> Case {
         clean_exit(o)?;
         dmar_check(o)?;
         let bdf = (program == Program::Vmm).then_some(DISK_BDF);
-        disk_group_check(o, mode, bdf)?;
+        disk_group_check(o, mode.domain_type(), bdf)?;
         if mode == Mode::Rebind {
             for r in 1..=3 {
                 let key = format!("REBIND-{r}");
@@ -316,7 +296,7 @@ fn fault_case() -> Case {
         .timeout(Duration::from_secs(300));
     Case::new(scenario, move |o| {
         clean_exit(o)?;
-        disk_group_check(o, Mode::Strict, Some(DISK_BDF))?;
+        disk_group_check(o, Mode::Strict.domain_type(), Some(DISK_BDF))?;
         match value(&o.serial, "FEATURES-STATUS") {
             Some("0x0B") | Some("0x0b") => {}
             other => return Err(format!("FEATURES_OK not accepted: status {other:?}")),
