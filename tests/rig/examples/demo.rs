@@ -1,18 +1,20 @@
 //! `make run`: boots the demo L2 guest (the image's default script: PCI devices, IOMMU groups,
 //! relevant kernel log, a read from /dev/vda) through the rig and prints what it saw.
 //!
-//!   cargo run -p rig --example demo [-- qemu]     # `qemu`: QEMU as the L2 VMM, for comparison
+//!   cargo run -p rig --example demo [-- qemu|vtd]  # `qemu`: QEMU as the L2 VMM, for comparison;
+//!                                                 # `vtd`: our vmm with the emulated Intel VT-d
 
 use std::process::ExitCode;
 
 use rig::{Program, Scenario};
 
 fn main() -> ExitCode {
-    let program = match std::env::args().nth(1).as_deref() {
-        None | Some("vmm") => Program::Vmm,
-        Some("qemu") => Program::Qemu,
+    let (program, front_end) = match std::env::args().nth(1).as_deref() {
+        None | Some("vmm") => (Program::Vmm, "virtio"),
+        Some("vtd") => (Program::Vmm, "vtd"),
+        Some("qemu") => (Program::Qemu, "virtio"),
         Some(other) => {
-            eprintln!("demo: unknown program {other:?} (vmm or qemu)");
+            eprintln!("demo: unknown program {other:?} (vmm, vtd or qemu)");
             return ExitCode::from(2);
         }
     };
@@ -25,12 +27,22 @@ fn main() -> ExitCode {
     }
     let script = "#!/bin/sh\nexec sh /etc/rig/demo.sh\n";
     let scenario = match program {
-        // The disk sits behind our virtio-iommu (QEMU's default arguments do the same).
-        Program::Vmm => Scenario::vmm("demo", script).args(
-            Scenario::default_args(Program::Vmm, 1, 0, 0)
-                .into_iter()
-                .chain(["--viommu", "virtio", "--disk", "path={disk0},iommu=on"].map(String::from)),
-        ),
+        // The disk sits behind our virtio-iommu or VT-d (QEMU's default arguments: virtio-iommu).
+        Program::Vmm => {
+            let s = Scenario::vmm("demo", script).args(
+                Scenario::default_args(Program::Vmm, 1, 0, 0)
+                    .into_iter()
+                    .chain(
+                        ["--viommu", front_end, "--disk", "path={disk0},iommu=on"]
+                            .map(String::from),
+                    ),
+            );
+            if front_end == "vtd" {
+                s.cmdline_extra("intel_iommu=on")
+            } else {
+                s
+            }
+        }
         Program::Qemu => Scenario::qemu("demo-qemu", script),
     }
     .disk(&disk);
