@@ -136,19 +136,6 @@ pub enum Action {
     SendInvalidationEvent(MsiMessage),
 }
 
-/// Counts bad accesses and says which ones to log: the first few, then every power of two.
-#[derive(Clone, Copy, Debug, Default)]
-struct LogLimit {
-    count: u64,
-}
-
-impl LogLimit {
-    fn hit(&mut self) -> Option<u64> {
-        self.count = self.count.saturating_add(1);
-        (self.count <= 8 || self.count.is_power_of_two()).then_some(self.count)
-    }
-}
-
 /// The registers of one DRHD.
 #[derive(Clone, Debug)]
 pub struct Registers {
@@ -178,8 +165,6 @@ pub struct Registers {
     iedata: u32,
     ieaddr: u32,
     ieuaddr: u32,
-    bad_access: LogLimit,
-    bad_queue: LogLimit,
 }
 
 fn lo32(v: u64) -> u32 {
@@ -229,8 +214,6 @@ impl Registers {
             iedata: 0,
             ieaddr: 0,
             ieuaddr: 0,
-            bad_access: LogLimit::default(),
-            bad_queue: LogLimit::default(),
         }
     }
 
@@ -255,11 +238,9 @@ impl Registers {
     }
 
     fn bad_access(&mut self, what: &str, offset: u64, len: usize) {
-        if let Some(n) = self.bad_access.hit() {
-            log::warn!(
-                "vtd: ignored {what} of {len} bytes at register offset {offset:#x} ({n} so far)"
-            );
-        }
+        virtio_dev::guest_warn!(
+            "vtd: ignored {what} of {len} bytes at register offset {offset:#x}"
+        );
     }
 
     /// A guest read of `data.len()` bytes at `offset`.
@@ -565,9 +546,7 @@ impl Registers {
             }
         }
         if let Some(err) = &outcome.error {
-            if let Some(n) = self.bad_queue.hit() {
-                log::warn!("vtd: invalidation queue error: {err} ({n} so far)");
-            }
+            virtio_dev::guest_warn!("vtd: invalidation queue error: {err}");
             if self.faults.set_iqe() {
                 actions.push(Action::SendFaultEvent(self.fault_msi()));
             }

@@ -181,7 +181,6 @@ struct UnitState {
     contexts: BTreeMap<u16, Option<Binding>>,
     /// Paging domains live in the engine (space id = DID) and the table each is walked from.
     domains: BTreeMap<u16, PageTable>,
-    log_count: u64,
 }
 
 /// One emulated VT-d DMA-remapping unit. Cheap to clone (a handle on shared state): give one to
@@ -234,7 +233,6 @@ impl Unit {
             rate: RateLimiter::new(config.fault_rate),
             contexts: BTreeMap::new(),
             domains: BTreeMap::new(),
-            log_count: 0,
         }));
         // Set once, right here: cannot fail.
         let _ = faults.unit.set(Arc::downgrade(&state));
@@ -340,16 +338,9 @@ fn want_of(access: Access) -> Perm {
 }
 
 impl UnitState {
-    fn log_hit(&mut self) -> Option<u64> {
-        self.log_count = self.log_count.saturating_add(1);
-        (self.log_count <= 16 || self.log_count.is_power_of_two()).then_some(self.log_count)
-    }
-
     fn error(&mut self, what: std::fmt::Arguments<'_>) {
         self.counters.error();
-        if let Some(n) = self.log_hit() {
-            log::warn!("vtd: {what} ({n} messages so far)");
-        }
+        virtio_dev::guest_warn!("vtd: {what}");
     }
 
     fn reg32(&mut self, offset: u64) -> u32 {
@@ -567,14 +558,12 @@ impl UnitState {
             Ok(w) => {
                 self.counters.walk_reads(w.reads);
                 if let Some((iova, reason)) = w.first_invalid {
-                    if let Some(n) = self.log_hit() {
-                        log::warn!(
-                            "vtd: domain {did}: {} invalid table entries from {iova:#x} ({}); \
-                             not mapped ({n} messages so far)",
-                            w.invalid,
-                            reason.describe()
-                        );
-                    }
+                    virtio_dev::guest_warn!(
+                        "vtd: domain {did}: {} invalid table entries from {iova:#x} ({}); \
+                         not mapped",
+                        w.invalid,
+                        reason.describe()
+                    );
                 }
                 w.runs
             }
