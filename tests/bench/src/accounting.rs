@@ -37,6 +37,10 @@ pub struct VmmTotals {
     pub iommu_kicks: Option<u64>,
     /// viommu: request-queue interrupts.
     pub iommu_interrupts: Option<u64>,
+    /// vtd: invalidations processed (queued descriptors and register-based ones).
+    pub vtd_invalidations: Option<u64>,
+    /// vtd: guest page-table entries read by the invalidation walks.
+    pub vtd_walk_reads: Option<u64>,
 }
 
 impl VmmTotals {
@@ -62,6 +66,13 @@ impl VmmTotals {
                 t.unmaps = m.get("unmaps").copied();
                 t.iommu_kicks = m.get("kicks").copied();
                 t.iommu_interrupts = m.get("interrupts").copied();
+            } else if let Some(rest) = l.strip_prefix("vtd: ") {
+                // The VT-d's MAPs/UNMAPs are the engine changes its invalidations made.
+                let m = kv_map(rest);
+                t.maps = m.get("maps").copied();
+                t.unmaps = m.get("unmaps").copied();
+                t.vtd_invalidations = m.get("invalidations").copied();
+                t.vtd_walk_reads = m.get("walk_reads").copied();
             }
         }
         any.then_some(t)
@@ -84,12 +95,14 @@ impl VmmTotals {
             per(self.unmaps),
             per(self.iommu_kicks),
             per(self.iommu_interrupts),
+            per(self.vtd_invalidations),
+            per(self.vtd_walk_reads),
         ]
     }
 }
 
 /// Column names of [`VmmTotals::per_io`].
-pub const PER_IO_FIELDS: [&str; 9] = [
+pub const PER_IO_FIELDS: [&str; 11] = [
     "blk kicks",
     "descriptors",
     "segments",
@@ -99,6 +112,8 @@ pub const PER_IO_FIELDS: [&str; 9] = [
     "UNMAPs",
     "viommu kicks",
     "viommu irqs",
+    "VT-d invalidations",
+    "walk reads",
 ];
 
 /// SVM exit code names (AMD APM vol. 2, appendix C) for L1's `kvm_exit` histogram.
@@ -247,6 +262,23 @@ mod tests {
         // Two disks add up.
         let two = format!("{LOG}blk: disk=/x kicks=1 requests=0\n");
         assert_eq!(VmmTotals::parse(&two).unwrap().blk_kicks, 101);
+    }
+
+    #[test]
+    fn the_vtd_line_gives_invalidations_and_walk_reads_per_request() {
+        let log = format!(
+            "{}\nvtd: maps=600 unmaps=598 invalidations=1200 faults=0 errors=0 waits=1200 \
+             walk_reads=4800 faults_dropped=0\n",
+            LOG.lines().take(2).collect::<Vec<_>>().join("\n")
+        );
+        let t = VmmTotals::parse(&log).unwrap();
+        assert_eq!((t.maps, t.unmaps), (Some(600), Some(598)));
+        let p = t.per_io();
+        assert_eq!(p[5], Some(3.0));
+        assert_eq!(p[9], Some(6.0));
+        assert_eq!(p[10], Some(24.0));
+        // Behind the virtio-iommu the VT-d columns are absent.
+        assert_eq!(VmmTotals::parse(LOG).unwrap().per_io()[9], None);
     }
 
     #[test]

@@ -127,17 +127,25 @@ pub enum Kind {
     NetNone,
     /// The same behind the vIOMMU: the ports on vfio-pci, IOVA as VA.
     NetViommu,
+    /// The disk behind the emulated VT-d (ours `--viommu vtd`, QEMU's `intel-iommu,
+    /// caching-mode=on`), `intel_iommu=on iommu.strict=1`; afterwards bound to vfio-pci in L2
+    /// and the VFIO map/unmap rates measured, as [`Kind::Strict`].
+    VtdStrict,
+    /// testpmd behind the emulated VT-d: the ports on vfio-pci, IOVA as VA.
+    VtdNet,
 }
 
 impl Kind {
     /// Every kind, in the order they run within one round.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Boot,
         Kind::NoIommu,
         Kind::Lazy,
         Kind::Strict,
+        Kind::VtdStrict,
         Kind::NetNone,
         Kind::NetViommu,
+        Kind::VtdNet,
     ];
 
     /// Short name used in scenario names.
@@ -149,22 +157,48 @@ impl Kind {
             Kind::Strict => "io-strict-vfio",
             Kind::NetNone => "testpmd-none",
             Kind::NetViommu => "testpmd-viommu",
+            Kind::VtdStrict => "io-vtd-strict-vfio",
+            Kind::VtdNet => "testpmd-vtd",
         }
     }
 
+    /// Behind the virtio-iommu.
     fn viommu(self) -> bool {
         matches!(self, Kind::Lazy | Kind::Strict | Kind::NetViommu)
     }
 
+    /// Behind the emulated VT-d.
+    pub fn vtd(self) -> bool {
+        matches!(self, Kind::VtdStrict | Kind::VtdNet)
+    }
+
     fn disk(self) -> bool {
-        matches!(self, Kind::NoIommu | Kind::Lazy | Kind::Strict)
+        matches!(
+            self,
+            Kind::NoIommu | Kind::Lazy | Kind::Strict | Kind::VtdStrict
+        )
+    }
+
+    /// Strict invalidation, then the in-guest VFIO map/unmap rates.
+    fn strict_vfio(self) -> bool {
+        matches!(self, Kind::Strict | Kind::VtdStrict)
+    }
+
+    /// The guest kernel's extra command line.
+    fn cmdline(self) -> Option<&'static str> {
+        match self {
+            Kind::Strict => Some("iommu.strict=1"),
+            Kind::VtdStrict => Some("intel_iommu=on iommu.strict=1"),
+            Kind::VtdNet => Some("intel_iommu=on"),
+            _ => None,
+        }
     }
 
     /// The testpmd kinds: how L2 binds the ports and the IOVA mode.
     fn net(self) -> Option<(Binding, &'static str)> {
         match self {
             Kind::NetNone => Some((Binding::Uio, "pa")),
-            Kind::NetViommu => Some((Binding::Vfio, "va")),
+            Kind::NetViommu | Kind::VtdNet => Some((Binding::Vfio, "va")),
             _ => None,
         }
     }
@@ -221,9 +255,12 @@ pub fn scenario_name(kind: Kind, program: Program, run: usize) -> String {
 
 fn vmm_args(kind: Kind) -> Vec<String> {
     let mut a = Scenario::base_args(Program::Vmm, 1, 512, kind.viommu());
+    if kind.vtd() {
+        a.extend(["--viommu", "vtd"].map(String::from));
+    }
     if kind.disk() {
         a.push("--disk".into());
-        a.push(if kind.viommu() {
+        a.push(if kind.viommu() || kind.vtd() {
             format!("path={DISK},iommu=on")
         } else {
             format!("path={DISK}")
@@ -232,15 +269,54 @@ fn vmm_args(kind: Kind) -> Vec<String> {
     a
 }
 
+/// QEMU's VT-d, as the `qemu-vtd-strict` scenario runs it: caching mode (the guest tells it
+/// every change, as ours requires), no interrupt remapping (ours has none either).
+pub const QEMU_VTD: &str = "intel-iommu,intremap=off,caching-mode=on";
+
+/// Our vmm's arguments for the testpmd kinds: [`dpdk::vmm_args`], or behind our VT-d.
+fn vmm_net_args(kind: Kind) -> Vec<String> {
+    if !kind.vtd() {
+        return dpdk::vmm_args(2, 1024, kind.viommu());
+    }
+    let mut a = Scenario::base_args(Program::Vmm, 2, 1024, false);
+    a.extend(["--viommu", "vtd"].map(String::from));
+    for mac in [dpdk::MAC_A, dpdk::MAC_B] {
+        a.extend(["--net".to_string(), format!("hub=0,iommu=on,mac={mac}")]);
+    }
+    a
+}
+
+/// QEMU's for the testpmd kinds: [`dpdk::qemu_args`], or the ports behind its intel-iommu
+/// (created first).
+fn qemu_net_args(kind: Kind) -> Vec<String> {
+    if !kind.vtd() {
+        return dpdk::qemu_args(2, 1024, kind.viommu());
+    }
+    let mut a = Scenario::base_args(Program::Qemu, 2, 1024, false);
+    a.extend(["-device", QEMU_VTD].map(String::from));
+    for (i, mac) in [dpdk::MAC_A, dpdk::MAC_B].iter().enumerate() {
+        a.push("-netdev".into());
+        a.push(format!("hubport,id=n{i},hubid=0"));
+        a.push("-device".into());
+        a.push(format!(
+            "virtio-net-pci,netdev=n{i},mac={mac},romfile=,disable-legacy=on,iommu_platform=on"
+        ));
+    }
+    a
+}
+
 /// QEMU's command line as in test-environment.md section 6; with no vIOMMU the disk is the
 /// same modern virtio-blk without `iommu_platform`.
 fn qemu_args(kind: Kind) -> Vec<String> {
     let mut a = Scenario::base_args(Program::Qemu, 1, 512, kind.viommu());
+    if kind.vtd() {
+        a.extend(["-device", QEMU_VTD].map(String::from));
+    }
     if kind.disk() {
         a.push("-drive".into());
         a.push(format!("file={DISK},if=none,id=d0,format=raw"));
         a.push("-device".into());
-        a.push(if kind.viommu() {
+        a.push(if kind.viommu() || kind.vtd() {
             "virtio-blk-pci,drive=d0,iommu_platform=on,disable-legacy=on".into()
         } else {
             "virtio-blk-pci,drive=d0,disable-legacy=on".into()
@@ -265,7 +341,8 @@ rc=0
 T=/sys/kernel/tracing
 [ -d $T/events ] || mount -t tracefs tracefs $T 2>/dev/null
 for p in vp_notify:vp_notify viommu_map:viommu_map_pages viommu_unmap:viommu_unmap_pages \
-    viommu_sync:__viommu_sync_req; do
+    viommu_sync:__viommu_sync_req vtd_map:intel_iommu_map_pages \
+    vtd_unmap:intel_iommu_unmap_pages vtd_qi:qi_submit_sync; do
     echo "p:rig/${p%%:*} ${p#*:}" >>$T/kprobe_events 2>/dev/null &&
         echo 'hist:keys=common_pid' >$T/events/rig/${p%%:*}/trigger 2>/dev/null
 done
@@ -287,7 +364,7 @@ echo "BENCH-HUGEPAGES $(cat /proc/sys/vm/nr_hugepages 2>/dev/null)"
             ));
         }
     }
-    if kind == Kind::Strict {
+    if kind.strict_vfio() {
         s.push_str(&format!(
             r#"bdf=$(basename "$(dirname "$(readlink -f /sys/block/vda/device)")")
 d=/sys/bus/pci/devices/$bdf
@@ -324,20 +401,14 @@ pub fn scenario(
         let name = scenario_name(kind, program, run);
         let script = dpdk::testpmd_script(binding, &[mode], p.pmd_seconds);
         let (s, args) = match program {
-            Program::Vmm => (
-                Scenario::vmm(name, script),
-                dpdk::vmm_args(2, 1024, kind.viommu()),
-            ),
-            Program::Qemu => (
-                Scenario::qemu(name, script),
-                dpdk::qemu_args(2, 1024, kind.viommu()),
-            ),
+            Program::Vmm => (Scenario::vmm(name, script), vmm_net_args(kind)),
+            Program::Qemu => (Scenario::qemu(name, script), qemu_net_args(kind)),
         };
-        return s.args(args).timeout(p.timeout).l2_file(CpioFile::new(
-            dpdk::L2_TARBALL,
-            0o644,
-            progs.dpdk.clone(),
-        ));
+        let mut s = s.args(args).timeout(p.timeout);
+        if let Some(c) = kind.cmdline() {
+            s = s.cmdline_extra(c);
+        }
+        return s.l2_file(CpioFile::new(dpdk::L2_TARBALL, 0o644, progs.dpdk.clone()));
     }
     let args = match program {
         Program::Vmm => vmm_args(kind),
@@ -350,8 +421,8 @@ pub fn scenario(
     }
     .args(args)
     .timeout(p.timeout);
-    if kind == Kind::Strict {
-        s = s.cmdline_extra("iommu.strict=1");
+    if let Some(c) = kind.cmdline() {
+        s = s.cmdline_extra(c);
     }
     if kind.disk() {
         s.l1_setup = format!(
@@ -365,7 +436,7 @@ pub fn scenario(
         ));
         s.l1_wrap = vec![L1STAT.to_string()];
     }
-    if kind == Kind::Strict {
+    if kind.strict_vfio() {
         s = s.l2_file(CpioFile::new(GUEST_VFIO, 0o755, progs.vfio.clone()));
     }
     s
@@ -447,7 +518,7 @@ pub fn figures(kind: Kind, o: &Outcome) -> Figures {
         f.mbps_1m = get(W_1M).and_then(|r| r.mbps);
         f.vmm_totals = VmmTotals::parse(&o.vmm_log);
     }
-    if kind == Kind::Strict {
+    if kind.strict_vfio() {
         let v4 = line(s, "BENCH-VFIO-4K");
         let v2 = line(s, "BENCH-VFIO-2M");
         f.maps_4k = v4.and_then(|l| kv(l, "maps_per_s"));
@@ -588,7 +659,7 @@ mod tests {
         };
         let v = all_scenarios(1, &quick, &progs());
         assert!(v.iter().all(|s| !s.name.contains("testpmd")));
-        assert_eq!(v.len(), 2 * (Kind::ALL.len() - 2));
+        assert_eq!(v.len(), 2 * (Kind::ALL.len() - 3));
     }
 
     #[test]
@@ -606,7 +677,7 @@ mod tests {
                 Some(Kind::ALL[(i % (2 * Kind::ALL.len())) / 2])
             );
         }
-        assert_eq!(v[v.len() - 1].name, "bench-testpmd-viommu-qemu-1");
+        assert_eq!(v[v.len() - 1].name, "bench-testpmd-vtd-qemu-1");
     }
 
     #[test]
@@ -639,6 +710,40 @@ mod tests {
         let l = scenario(Kind::Lazy, Program::Qemu, 0, &p, &g);
         assert!(!l.l2_cmdline().contains("strict"));
         assert!(!l.l2_script.contains("guest-vfio"));
+    }
+
+    #[test]
+    fn vtd_kinds_put_the_devices_behind_the_vtd() {
+        let p = params();
+        let g = progs();
+        let args = |k, prog| scenario(k, prog, 0, &p, &g).effective_args().join(" ");
+        let ours = args(Kind::VtdStrict, Program::Vmm);
+        assert!(ours.contains(&format!("--viommu vtd --disk path={DISK},iommu=on")));
+        assert!(!ours.contains("virtio"), "{ours}");
+        let qemu = args(Kind::VtdStrict, Program::Qemu);
+        let (unit, disk) = (qemu.find(QEMU_VTD), qemu.find("virtio-blk-pci"));
+        assert!(
+            unit.is_some() && unit < disk,
+            "the unit before the disk: {qemu}"
+        );
+        assert!(qemu.contains("iommu_platform=on") && !qemu.contains("virtio-iommu"));
+        let s = scenario(Kind::VtdStrict, Program::Qemu, 0, &p, &g);
+        assert!(s.l2_cmdline().contains("intel_iommu=on iommu.strict=1"));
+        assert!(s.l2_script.contains("guest-vfio maps") && s.l2_script.contains("vtd_qi:"));
+        let net = scenario(Kind::VtdNet, Program::Vmm, 0, &p, &g);
+        let a = net.effective_args().join(" ");
+        assert_eq!(a.matches(",iommu=on,mac=").count(), 2, "{a}");
+        assert!(a.contains("--viommu vtd") && net.l2_cmdline().contains("intel_iommu=on"));
+        assert!(net.l2_script.contains("echo vfio-pci >"));
+        let q = args(Kind::VtdNet, Program::Qemu);
+        assert_eq!(q.matches("iommu_platform=on").count(), 2, "{q}");
+        assert!(q.contains(QEMU_VTD) && !q.contains("virtio-iommu"));
+        assert_eq!(
+            kind_of("bench-io-vtd-strict-vfio-qemu-0"),
+            Some(Kind::VtdStrict)
+        );
+        assert_eq!(kind_of("bench-io-strict-vfio-qemu-0"), Some(Kind::Strict));
+        assert_eq!(kind_of("bench-testpmd-vtd-vmm-2"), Some(Kind::VtdNet));
     }
 
     #[test]

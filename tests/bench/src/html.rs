@@ -260,7 +260,7 @@ pub fn page(r: &Report) -> String {
             ratio_chart("ours / QEMU, per round (dots) and median (bar)", &rows),
         );
     }
-    for mode in ["no vIOMMU", "vIOMMU lazy", "vIOMMU strict"] {
+    for mode in ["no vIOMMU", "vIOMMU lazy", "vIOMMU strict", "VT-d strict"] {
         for unit in ["IOPS", "MB/s"] {
             let suffix = format!(", {mode}");
             let sel: Vec<(&GuestRow, &str)> = r
@@ -286,9 +286,14 @@ pub fn page(r: &Report) -> String {
             );
         }
     }
-    // MAPs and kicks per I/O, strict, ours against QEMU.
+    // MAPs and kicks (VT-d: invalidation submissions) per I/O, strict, ours against QEMU.
     let col = |name: &str| crate::PER_IO_COLUMNS.iter().position(|c| *c == name);
-    for (name, mode) in [("MAPs", "vIOMMU strict"), ("blk kicks", "vIOMMU strict")] {
+    for (name, mode) in [
+        ("MAPs", "vIOMMU strict"),
+        ("blk kicks", "vIOMMU strict"),
+        ("MAPs", "VT-d strict"),
+        ("VT-d QI submits", "VT-d strict"),
+    ] {
         let Some(c) = col(name) else { continue };
         let mut labels: Vec<&str> = Vec::new();
         let mut ours: Vec<Vec<f64>> = Vec::new();

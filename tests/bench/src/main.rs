@@ -356,6 +356,55 @@ fn guest_rows(r: &Results) -> Vec<GuestRow> {
             |f| f.unmaps_2m,
         ),
         (
+            "boot to /init, disk behind the VT-d (strict)".into(),
+            "s",
+            Better::Lower,
+            Kind::VtdStrict,
+            |f| f.init_s,
+        ),
+        (
+            report::METRIC_VTD_IOPS.into(),
+            "IOPS",
+            Better::Higher,
+            Kind::VtdStrict,
+            |f| f.iops_4k,
+        ),
+        (
+            report::METRIC_VTD_MBPS.into(),
+            "MB/s",
+            Better::Higher,
+            Kind::VtdStrict,
+            |f| f.mbps_1m,
+        ),
+        (
+            report::METRIC_VTD_MAPS_4K.into(),
+            "maps/s",
+            Better::Higher,
+            Kind::VtdStrict,
+            |f| f.maps_4k,
+        ),
+        (
+            report::METRIC_VTD_UNMAPS_4K.into(),
+            "unmaps/s",
+            Better::Higher,
+            Kind::VtdStrict,
+            |f| f.unmaps_4k,
+        ),
+        (
+            report::METRIC_VTD_MAPS_2M.into(),
+            "maps/s",
+            Better::Higher,
+            Kind::VtdStrict,
+            |f| f.maps_2m,
+        ),
+        (
+            report::METRIC_VTD_UNMAPS_2M.into(),
+            "unmaps/s",
+            Better::Higher,
+            Kind::VtdStrict,
+            |f| f.unmaps_2m,
+        ),
+        (
             report::METRIC_PMD_NONE.into(),
             "pkt/s",
             Better::Higher,
@@ -367,6 +416,13 @@ fn guest_rows(r: &Results) -> Vec<GuestRow> {
             "pkt/s",
             Better::Higher,
             Kind::NetViommu,
+            |f| f.pps,
+        ),
+        (
+            report::METRIC_PMD_VTD.into(),
+            "pkt/s",
+            Better::Higher,
+            Kind::VtdNet,
             |f| f.pps,
         ),
     ];
@@ -383,10 +439,11 @@ fn guest_rows(r: &Results) -> Vec<GuestRow> {
 }
 
 /// The disk kinds, with the words the tables use for them.
-const DISK_KINDS: [(Kind, &str); 3] = [
+const DISK_KINDS: [(Kind, &str); 4] = [
     (Kind::NoIommu, "no vIOMMU"),
     (Kind::Lazy, "vIOMMU lazy"),
     (Kind::Strict, "vIOMMU strict"),
+    (Kind::VtdStrict, "VT-d strict"),
 ];
 
 /// The read workload `name`'s figures of one run.
@@ -423,10 +480,11 @@ fn workload_rows(r: &Results, workloads: &[Workload]) -> Vec<GuestRow> {
 }
 
 /// The per-I/O columns of [`PerIoRow`] (per timed read of the workload).
-pub const PER_IO_COLUMNS: [&str; 9] = [
+pub const PER_IO_COLUMNS: [&str; 10] = [
     "blk requests",
     "blk kicks",
     "vIOMMU kicks",
+    "VT-d QI submits",
     "MAPs",
     "UNMAPs",
     "blk irqs",
@@ -434,6 +492,14 @@ pub const PER_IO_COLUMNS: [&str; 9] = [
     "exits to VMM",
     "MMIO writes",
 ];
+
+/// `a + b` of a read's guest counters, `None` when neither was counted.
+fn sum(x: &guest::ReadFig, a: &str, b: &str) -> Option<u64> {
+    match (x.acct.get(a), x.acct.get(b)) {
+        (None, None) => None,
+        (a, b) => Some(a.copied().unwrap_or(0) + b.copied().unwrap_or(0)),
+    }
+}
 
 /// Per workload, disk kind and VMM: the median per-I/O figures (guest-side counters and L1's
 /// KVM counters over the phase, divided by the timed reads) and the top exit reasons.
@@ -461,8 +527,10 @@ fn per_io_rows(r: &Results, workloads: &[Workload]) -> Vec<PerIoRow> {
                     col(&a("reqs")),
                     col(&a("blk_kicks")),
                     col(&a("viommu_sync")),
-                    col(&a("viommu_map")),
-                    col(&a("viommu_unmap")),
+                    col(&a("vtd_qi")),
+                    // The front end's map/unmap calls: virtio-iommu's or intel-iommu's.
+                    col(&|x| sum(x, "viommu_map", "vtd_map")),
+                    col(&|x| sum(x, "viommu_unmap", "vtd_unmap")),
                     col(&a("irqs")),
                     col(&l("exits")),
                     col(&|x| Some(x.l1.get("io_exits")? + x.l1.get("mmio_exits")?)),

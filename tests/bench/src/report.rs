@@ -282,6 +282,45 @@ pub fn targets(guest: &[GuestRow], overhead: &[OverheadRow], micro: &[MicroRow])
         measured: format!("ours/QEMU = {}", num(r)),
         met: r.map(|r| r >= 1.0),
     });
+    // The VT-d's (issues 14 and 15).
+    let r = row(METRIC_VTD_IOPS).and_then(GuestRow::ratio);
+    t.push(TargetRow {
+        target: "VT-d 4 KiB read IOPS >= 1.5x QEMU intel-iommu's".into(),
+        measured: format!("ours/QEMU = {}", num(r)),
+        met: r.map(|r| r >= 1.5),
+    });
+    let r = row(METRIC_VTD_MBPS).and_then(GuestRow::ratio);
+    t.push(TargetRow {
+        target: "VT-d 1 MiB read MB/s >= QEMU intel-iommu's".into(),
+        measured: format!("ours/QEMU = {}", num(r)),
+        met: r.map(|r| r >= 1.0),
+    });
+    for m in [
+        METRIC_VTD_MAPS_4K,
+        METRIC_VTD_UNMAPS_4K,
+        METRIC_VTD_MAPS_2M,
+        METRIC_VTD_UNMAPS_2M,
+    ] {
+        let r = row(m).and_then(GuestRow::ratio);
+        t.push(TargetRow {
+            target: format!("{m} >= 2x QEMU intel-iommu's"),
+            measured: format!("ours/QEMU = {}", num(r)),
+            met: r.map(|r| r >= 2.0),
+        });
+    }
+    let vtd = row(METRIC_PMD_VTD).and_then(GuestRow::ours_median);
+    let own = ratio(vtd, none);
+    t.push(TargetRow {
+        target: "testpmd behind the VT-d >= 95% of our figure without an IOMMU".into(),
+        measured: format!("VT-d/none = {} ({})", num(own), pct(own)),
+        met: own.map(|r| r >= 0.95),
+    });
+    let r = row(METRIC_PMD_VTD).and_then(GuestRow::ratio);
+    t.push(TargetRow {
+        target: "testpmd behind the VT-d >= QEMU intel-iommu's".into(),
+        measured: format!("ours/QEMU = {}", num(r)),
+        met: r.map(|r| r >= 1.0),
+    });
     let worst = |prefix: &str| -> (Option<f64>, bool) {
         let v: Vec<&MicroRow> = micro.iter().filter(|m| m.id.starts_with(prefix)).collect();
         let all = !v.is_empty() && v.iter().all(|m| m.ns.is_some());
@@ -323,6 +362,20 @@ pub const METRIC_PMD_NONE: &str =
 /// testpmd behind the vIOMMU.
 pub const METRIC_PMD_VIOMMU: &str =
     "testpmd io forwarding per direction, vIOMMU (vfio-pci, IOVA=VA)";
+/// testpmd behind the VT-d.
+pub const METRIC_PMD_VTD: &str = "testpmd io forwarding per direction, VT-d (vfio-pci, IOVA=VA)";
+/// 4 KiB reads behind the VT-d.
+pub const METRIC_VTD_IOPS: &str = "4 KiB random read IOPS, VT-d strict";
+/// 1 MiB reads behind the VT-d.
+pub const METRIC_VTD_MBPS: &str = "1 MiB sequential read, VT-d strict";
+/// VFIO 4 KiB maps behind the VT-d.
+pub const METRIC_VTD_MAPS_4K: &str = "in-guest VFIO 4 KiB maps/s, VT-d";
+/// VFIO 4 KiB unmaps behind the VT-d.
+pub const METRIC_VTD_UNMAPS_4K: &str = "in-guest VFIO 4 KiB unmaps/s, VT-d";
+/// VFIO 2 MiB maps behind the VT-d.
+pub const METRIC_VTD_MAPS_2M: &str = "in-guest VFIO 2 MiB maps/s, VT-d";
+/// VFIO 2 MiB unmaps behind the VT-d.
+pub const METRIC_VTD_UNMAPS_2M: &str = "in-guest VFIO 2 MiB unmaps/s, VT-d";
 
 impl Report {
     /// The Markdown tables.

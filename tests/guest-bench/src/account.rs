@@ -4,7 +4,9 @@
 //! kprobe histograms the bench script sets up under `events/rig/` in tracefs: virtio-pci
 //! notifications (`vp_notify`: kicks of any virtqueue), virtio-iommu MAP and UNMAP requests
 //! (`viommu_map_pages`, `viommu_unmap_pages`) and request-queue syncs (`__viommu_sync_req`:
-//! one kick of the vIOMMU each).
+//! one kick of the vIOMMU each); behind a VT-d, intel-iommu's map and unmap calls
+//! (`intel_iommu_map_pages`, `intel_iommu_unmap_pages`) and queued-invalidation submissions
+//! (`qi_submit_sync`: one IQT write, the VT-d's kick, each).
 
 use std::collections::BTreeMap;
 
@@ -12,7 +14,15 @@ use std::collections::BTreeMap;
 pub const RIG_EVENTS: &str = "/sys/kernel/tracing/events/rig";
 
 /// The kprobe events read (name under [`RIG_EVENTS`]).
-pub const EVENTS: [&str; 4] = ["vp_notify", "viommu_map", "viommu_unmap", "viommu_sync"];
+pub const EVENTS: [&str; 7] = [
+    "vp_notify",
+    "viommu_map",
+    "viommu_unmap",
+    "viommu_sync",
+    "vtd_map",
+    "vtd_unmap",
+    "vtd_qi",
+];
 
 /// Counter name -> value at one moment.
 pub type Counters = BTreeMap<String, u64>;
