@@ -221,6 +221,8 @@ pub struct GuestParams {
     pub workloads: Vec<Workload>,
     /// Leave the testpmd kinds out (quick mode).
     pub skip_net: bool,
+    /// Only the kinds whose name contains one of these (`--kinds`); empty: every kind.
+    pub kinds: Vec<String>,
 }
 
 /// The in-guest programs, as read from the host (static binaries).
@@ -450,6 +452,9 @@ pub fn all_scenarios(runs: usize, p: &GuestParams, progs: &GuestPrograms) -> Vec
             if p.skip_net && kind.net().is_some() {
                 continue;
             }
+            if !p.kinds.is_empty() && !p.kinds.iter().any(|k| kind.name().contains(k.as_str())) {
+                continue;
+            }
             for program in [Program::Vmm, Program::Qemu] {
                 v.push(scenario(kind, program, run, p, progs));
             }
@@ -633,6 +638,7 @@ mod tests {
             timeout: Duration::from_secs(100),
             workloads: Workload::matrix(),
             skip_net: false,
+            kinds: Vec::new(),
         }
     }
 
@@ -660,6 +666,23 @@ mod tests {
         let v = all_scenarios(1, &quick, &progs());
         assert!(v.iter().all(|s| !s.name.contains("testpmd")));
         assert_eq!(v.len(), 2 * (Kind::ALL.len() - 3));
+        let vtd = GuestParams {
+            kinds: vec!["vtd".into()],
+            ..params()
+        };
+        let names: Vec<String> = all_scenarios(1, &vtd, &progs())
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "bench-io-vtd-strict-vfio-vmm-0",
+                "bench-io-vtd-strict-vfio-qemu-0",
+                "bench-testpmd-vtd-vmm-0",
+                "bench-testpmd-vtd-qemu-0"
+            ]
+        );
     }
 
     #[test]

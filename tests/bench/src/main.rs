@@ -37,8 +37,10 @@ struct Args {
 }
 
 const USAGE: &str = "usage: bench [--runs N] [--quick] [--io-seconds S] [--vfio-4k N] \
-                     [--vfio-2m N] [--started UNIX_SECS] [--skip-guest] [--out DIR]
+                     [--vfio-2m N] [--started UNIX_SECS] [--skip-guest] [--out DIR] [--kinds A,B]
   --quick: 4 read workloads instead of 16, 1 s each, fewer VFIO maps, no testpmd
+  --kinds: only the scenario kinds whose name contains A or B (boot, io-none, io-lazy,
+           io-strict-vfio, io-vtd-strict-vfio, testpmd-none, testpmd-viommu, testpmd-vtd)
        bench --profile SCENARIO [--program vmm|qemu] [--quick] [--io-seconds S]
   --profile: one scenario with the VMM under perf in L1 (target/profile/; scenarios:
              iommu-strict, iommu-lazy, no-iommu)";
@@ -56,6 +58,7 @@ fn parse_args() -> Result<Args, String> {
             timeout: Duration::from_secs(240),
             workloads: Workload::matrix(),
             skip_net: false,
+            kinds: Vec::new(),
         },
         started: None,
         skip_guest: false,
@@ -86,6 +89,9 @@ fn parse_args() -> Result<Args, String> {
             }
             "--started" => a.started = Some(val(&k)?.parse().map_err(|_| "bad --started")?),
             "--skip-guest" => a.skip_guest = true,
+            "--kinds" => {
+                a.params.kinds = val(&k)?.split(',').map(str::to_string).collect();
+            }
             "--quick" => {}
             "--profile" => a.profile = Some(val(&k)?),
             "--program" => {
