@@ -149,12 +149,13 @@ bench-guest-programs:
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --target $(STATIC_TARGET) \
 		-p guest-bench -p guest-vfio
 
-## bench-micro: the criterion benchmarks (viommu datapath, virtio-net forwarding), short
+## bench-micro: the criterion benchmarks (viommu datapath, virtio-net forwarding, VT-d invalidation), short
 ## (target/criterion/*/new/estimates.json).
 bench-micro:
 	$(CARGO) bench -p viommu --bench datapath -- --warm-up-time 0.5 --measurement-time 2 \
 		--noplot
 	$(CARGO) bench -p vmm --bench netpath -- --warm-up-time 0.5 --measurement-time 2 --noplot
+	$(CARGO) bench -p viommu --bench vtd -- --warm-up-time 0.5 --measurement-time 2 --noplot
 
 ## clean: build outputs (cargo target dir, images, rig work dirs); keeps downloaded packages.
 clean:

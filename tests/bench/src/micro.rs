@@ -1,5 +1,5 @@
 //! The criterion microbenchmarks' figures, read from `target/criterion/<group>/<N>/new/
-//! estimates.json` (written by `cargo bench -p viommu --bench datapath` and
+//! estimates.json` (written by `cargo bench -p viommu --bench datapath`, `--bench vtd` and
 //! `cargo bench --bench netpath`).
 
 use std::path::Path;
@@ -97,6 +97,16 @@ pub const MICRO: &[MicroSpec] = &[
     MicroSpec {
         id: "attach_replay/10000",
         what: "ATTACH of a host endpoint replaying 10 000 mappings (ns)",
+        target_ns: None,
+    },
+    MicroSpec {
+        id: "vtd_invalidation/psi_4k/1",
+        what: "VT-d 4 KiB map or unmap: PTE write, PSI + wait, walk, diff, engine, publish; 1 live mapping (ns)",
+        target_ns: None,
+    },
+    MicroSpec {
+        id: "vtd_invalidation/psi_4k/10000",
+        what: "VT-d 4 KiB map or unmap: PTE write, PSI + wait, walk, diff, engine, publish; 10 000 live mappings (ns)",
         target_ns: None,
     },
 ];
