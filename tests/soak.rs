@@ -4,8 +4,9 @@
 //!   make soak SOAK_RUNS=1 SOAK_ARGS="--cells rebind3-vmm"   # only cells whose name matches
 //!
 //! Cells: the two-disk rebind workload (`rebind3`) and `stress-rebind-strict`'s (`stress`),
-//! under our vmm and under QEMU, with and without the vIOMMU, 1 and 2 vCPUs: 16 cells, named
-//! like `rebind3-vmm-iommu-2cpu`. Each round runs every cell once, interleaved (our vmm and
+//! under our vmm and under QEMU, behind the virtio-iommu (`iommu`), behind the emulated VT-d
+//! (`vtd`: ours `--viommu vtd`, QEMU's `intel-iommu,caching-mode=on`) and without a vIOMMU
+//! (`noiommu`), 1 and 2 vCPUs: 24 cells, named like `rebind3-vmm-iommu-2cpu`. Each round runs every cell once, interleaved (our vmm and
 //! QEMU alternate) in the same L1 boots; an L1 that froze or died is replaced for the rest of
 //! the round. Our vmm runs with `--watchdog SECS,kmsg=on`.
 //!
@@ -103,7 +104,8 @@ struct Cell {
 fn all_cells(watchdog_secs: u64) -> Vec<Cell> {
     let mut v = Vec::new();
     for workload in [Workload::Rebind, Workload::Stress] {
-        for viommu in [true, false] {
+        // (vIOMMU, VT-d): virtio-iommu, emulated VT-d, none.
+        for (viommu, vtd) in [(true, false), (true, true), (false, false)] {
             for cpus in [2, 1] {
                 // Our vmm and QEMU next to each other: interleaved within every L1 boot.
                 for program in [Program::Vmm, Program::Qemu] {
@@ -115,7 +117,11 @@ fn all_cells(watchdog_secs: u64) -> Vec<Cell> {
                         } else {
                             "qemu"
                         },
-                        if viommu { "iommu" } else { "noiommu" }
+                        match (viommu, vtd) {
+                            (true, false) => "iommu",
+                            (true, true) => "vtd",
+                            _ => "noiommu",
+                        }
                     );
                     v.push(Cell {
                         name,
@@ -123,6 +129,7 @@ fn all_cells(watchdog_secs: u64) -> Vec<Cell> {
                             workload,
                             program,
                             viommu,
+                            vtd,
                             cpus,
                             watchdog_secs: Some(watchdog_secs),
                         },
