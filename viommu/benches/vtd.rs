@@ -181,6 +181,26 @@ fn invalidation(c: &mut Criterion) {
             guest.unit.counters().snapshot().summary_line()
         );
     }
+    // 2 MiB as a guest VFIO map of pinned anonymous memory arrives: 512 leaves with scattered
+    // GPAs (every other page, so no two are contiguous), one PSI with AM=9.
+    let (mut guest, slpt) = Guest::new(1);
+    let base = 0x2000_0000u64;
+    let slots: Vec<u64> = (0..512).map(|i| guest.leaf(slpt, base + (i << 12))).collect();
+    let mut mapped = false;
+    g.bench_function("psi_2m_scattered", |b| {
+        b.iter(|| {
+            for (i, &s) in slots.iter().enumerate() {
+                let gpa = DATA + ((i as u64) << 13);
+                guest.put(s, if mapped { 0 } else { gpa | 3 });
+            }
+            mapped = !mapped;
+            guest.submit(black_box(&[(2 | 3 << 4 | u64::from(DID) << 16, base | 9)]));
+        })
+    });
+    eprintln!(
+        "vtd_invalidation/psi_2m_scattered: {}",
+        guest.unit.counters().snapshot().summary_line()
+    );
     g.finish();
 }
 
