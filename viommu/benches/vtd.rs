@@ -185,7 +185,9 @@ fn invalidation(c: &mut Criterion) {
     // GPAs (every other page, so no two are contiguous), one PSI with AM=9.
     let (mut guest, slpt) = Guest::new(1);
     let base = 0x2000_0000u64;
-    let slots: Vec<u64> = (0..512).map(|i| guest.leaf(slpt, base + (i << 12))).collect();
+    let slots: Vec<u64> = (0..512)
+        .map(|i| guest.leaf(slpt, base + (i << 12)))
+        .collect();
     let mut mapped = false;
     g.bench_function("psi_2m_scattered", |b| {
         b.iter(|| {

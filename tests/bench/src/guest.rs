@@ -563,6 +563,9 @@ pub struct ReadFig {
     pub requests: Option<f64>,
     /// `anon`, `hugetlb` or `thp`: what the buffers were.
     pub buf: String,
+    /// Physically contiguous runs per read buffer in the guest (`buf_runs=`, guest-bench reads
+    /// its page frames): what one read into it must map, whichever VMM runs the guest.
+    pub buf_runs: Option<f64>,
     /// Guest-side counter differences (`reqs`, `irqs`, `blk_kicks`, `viommu_map`, ...).
     pub acct: BTreeMap<String, u64>,
     /// L1's KVM counter differences over the phase (`exits`, `r_0x400`, `mmio_w`, ...).
@@ -603,6 +606,7 @@ pub fn read_figs(serial: &str) -> Vec<ReadFig> {
                     .find_map(|w| w.strip_prefix("buf="))
                     .unwrap_or("")
                     .to_string(),
+                buf_runs: kv(rest, "buf_runs"),
                 acct,
                 l1,
             })

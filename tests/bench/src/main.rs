@@ -556,7 +556,15 @@ fn per_io_rows(r: &Results, workloads: &[Workload]) -> Vec<PerIoRow> {
                     workload: name.clone(),
                     mode,
                     vmm,
-                    buf: mid.buf.clone(),
+                    // The buffer and, median over the runs, its physical runs in the guest:
+                    // a heap buffer's contiguity is the guest allocator's luck, and it sets
+                    // the MAPs per read for every VMM alike.
+                    buf: match report::median(
+                        &reads.iter().filter_map(|x| x.buf_runs).collect::<Vec<_>>(),
+                    ) {
+                        Some(r) => format!("{} ({r:.0} runs)", mid.buf),
+                        None => mid.buf.clone(),
+                    },
                     values,
                     reasons,
                 });

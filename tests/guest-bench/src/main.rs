@@ -20,7 +20,7 @@ fn main() -> ExitCode {
     match read::run_info(&a) {
         Ok((r, info)) => {
             println!(
-                "iops={:.1} mbps={:.2} bs={} requests={} seconds={:.3} pattern={} qd={} buf={}{}",
+                "iops={:.1} mbps={:.2} bs={} requests={} seconds={:.3} pattern={} qd={} buf={}{}{}",
                 r.iops(),
                 r.mbps(),
                 r.bs,
@@ -32,6 +32,9 @@ fn main() -> ExitCode {
                 },
                 a.qd,
                 info.buf,
+                info.buf_runs
+                    .map(|r| format!(" buf_runs={r:.1}"))
+                    .unwrap_or_default(),
                 info.account
             );
             ExitCode::SUCCESS

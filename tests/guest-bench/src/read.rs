@@ -135,6 +135,33 @@ impl Buffer {
 
     /// `anon`, `hugetlb` or `thp` (THP asked for; whether the kernel gave huge pages is its
     /// business: see AnonHugePages in /proc/meminfo).
+    /// Physically contiguous runs the buffer's pages form (from `/proc/self/pagemap`, which
+    /// shows frame numbers to root only): how many pieces an IOMMU must map for one read into
+    /// it, whatever the VMM. `None` where the frames cannot be read.
+    fn phys_runs(&self) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open("/proc/self/pagemap").ok()?;
+        let first = self.ptr as u64 / 4096;
+        let pages = (self.len as u64).div_ceil(4096);
+        let mut raw = vec![0u8; usize::try_from(pages).ok()? * 8];
+        f.read_exact_at(&mut raw, first * 8).ok()?;
+        let mut runs = 0u64;
+        let mut prev: Option<u64> = None;
+        for e in raw.chunks_exact(8) {
+            let e = u64::from_le_bytes(e.try_into().ok()?);
+            // Bit 63: present; bits 0-54: the frame (0 when hidden from non-root).
+            let pfn = e & ((1 << 55) - 1);
+            if e >> 63 == 0 || pfn == 0 {
+                return None;
+            }
+            if prev.is_none_or(|p| p + 1 != pfn) {
+                runs += 1;
+            }
+            prev = Some(pfn);
+        }
+        Some(runs)
+    }
+
     fn label(&self) -> &'static str {
         match self.kind {
             Backing::Heap(_) => "anon",
@@ -203,6 +230,8 @@ pub struct RunInfo {
     pub buf: &'static str,
     /// The `acct_*` words (empty without `--account`).
     pub account: String,
+    /// Physically contiguous runs per buffer (mean over the QD buffers), where readable.
+    pub buf_runs: Option<f64>,
 }
 
 /// Pause after a phase marker, so that an observer of the console sees it (and takes its
@@ -257,6 +286,8 @@ pub fn run_info(a: &ReadArgs) -> Result<(ReadResult, RunInfo), Error> {
     let stop = AtomicBool::new(false);
     let failure: Mutex<Option<Error>> = Mutex::new(None);
     let label: Mutex<&'static str> = Mutex::new("anon");
+    // Physical runs over every buffer that could be measured, and how many could.
+    let runs = (AtomicU64::new(0), AtomicU64::new(0));
     let ready = Barrier::new(qd + 1);
     let go = Barrier::new(qd + 1);
     let t0 = AtomicU64::new(0);
@@ -270,14 +301,19 @@ pub fn run_info(a: &ReadArgs) -> Result<(ReadResult, RunInfo), Error> {
     let mut info = RunInfo::default();
     std::thread::scope(|s| {
         for t in 0..qd {
-            let (fd, next, done, stop, ready, go, t0, fail, label) =
-                (&fd, &next, &done, &stop, &ready, &go, &t0, &fail, &label);
+            let (fd, next, done, stop, ready, go, t0, fail, label, runs) = (
+                &fd, &next, &done, &stop, &ready, &go, &t0, &fail, &label, &runs,
+            );
             s.spawn(move || {
                 let buf = Buffer::new(len, a.buf);
                 let mut rng = XorShift::new(a.seed.wrapping_add(t as u64));
                 if let Ok(b) = &buf {
                     if let Ok(mut l) = label.lock() {
                         *l = b.label();
+                    }
+                    if let Some(n) = b.phys_runs() {
+                        runs.0.fetch_add(n, Ordering::Relaxed);
+                        runs.1.fetch_add(1, Ordering::Relaxed);
                     }
                     // Warm-up: this thread's share, untimed.
                     for i in (t as u64..a.warmup).step_by(qd) {
@@ -335,6 +371,8 @@ pub fn run_info(a: &ReadArgs) -> Result<(ReadResult, RunInfo), Error> {
         return Err(e);
     }
     info.buf = label.into_inner().unwrap_or("anon");
+    let measured = runs.1.load(Ordering::Relaxed);
+    info.buf_runs = (measured > 0).then(|| runs.0.load(Ordering::Relaxed) as f64 / measured as f64);
     Ok((
         ReadResult {
             requests: done.load(Ordering::Relaxed),
@@ -349,6 +387,18 @@ pub fn run_info(a: &ReadArgs) -> Result<(ReadResult, RunInfo), Error> {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn physical_runs_are_counted_where_frames_are_visible() {
+        let b = Buffer::new(64 << 10, BufKind::Anon).unwrap();
+        // SAFETY: plain getter.
+        let root = unsafe { libc::geteuid() } == 0;
+        match b.phys_runs() {
+            Some(n) => assert!(root && (1..=16).contains(&n), "{n} runs of 16 pages"),
+            // Without CAP_SYS_ADMIN the kernel shows frame 0: no figure rather than a wrong one.
+            None => assert!(!root, "root sees the frames"),
+        }
+    }
 
     #[test]
     fn offsets_stay_block_aligned_inside_the_span() {
