@@ -59,11 +59,16 @@ pub struct RigConfig {
     /// Fresh L1 boots per batch after L1 froze or died (`RIG_L1_RESTARTS`, default
     /// [`crate::MAX_L1_RESTARTS`]); past them the run fails.
     pub max_l1_restarts: u32,
+    /// L0 QEMU's TCG threading for L1 (`RIG_L1_TCG=multi|single`, default multi): `single`
+    /// runs both L1 vCPUs on one host thread, an experiment that takes MTTCG's cross-vCPU
+    /// races (IPIs, timers) out of the emulated SVM under L2.
+    pub l1_tcg_thread: &'static str,
 }
 
 impl RigConfig {
     /// The configuration from the environment: `RIG_MODE`, `RIG_VMM` (binary to use instead of
-    /// building one), `RIG_NO_BUILD`, `RIG_KEEP`, `RIG_VERBOSE`, `RIG_ROOT`, `RIG_L1_RESTARTS`.
+    /// building one), `RIG_NO_BUILD`, `RIG_KEEP`, `RIG_VERBOSE`, `RIG_ROOT`, `RIG_L1_RESTARTS`,
+    /// `RIG_L1_TCG`.
     pub fn from_env() -> Result<Self, RigError> {
         let root = match std::env::var_os("RIG_ROOT") {
             Some(r) => PathBuf::from(r),
@@ -92,6 +97,15 @@ impl RigConfig {
                     RigError::Config(format!("RIG_L1_RESTARTS={v}: expected a number"))
                 })?,
                 Err(_) => crate::MAX_L1_RESTARTS,
+            },
+            l1_tcg_thread: match std::env::var("RIG_L1_TCG").ok().as_deref() {
+                None | Some("") | Some("multi") => "multi",
+                Some("single") => "single",
+                Some(other) => {
+                    return Err(RigError::Config(format!(
+                        "RIG_L1_TCG={other}: expected multi or single"
+                    )))
+                }
             },
             root,
         })

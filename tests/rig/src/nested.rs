@@ -225,33 +225,28 @@ pub(crate) fn run_batch(
     let token = marker_token();
     let with_vfio = batch.iter().any(|s| !s.vfio_disks.is_empty());
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-machine",
-        "q35",
-        "-accel",
-        "tcg,thread=multi",
-        "-cpu",
-        "max",
-    ])
-    .args([
-        "-smp", "2", "-m", "3072", "-display", "none", "-monitor", "none",
-    ])
-    .args(["-no-reboot", "-nodefaults"])
-    .arg("-serial")
-    .arg(format!("file:{}", console.display()))
-    .args(["-serial", "stdio", "-kernel"])
-    .arg(images.join("vmlinuz"))
-    .arg("-initrd")
-    .arg(&initrd_path)
-    .arg("-append")
-    .arg(format!(
-        "console=ttyS0 panic=-1 loglevel=4 rigout=/dev/ttyS1 rigtoken={token}{}",
-        if with_vfio {
-            " intel_iommu=on iommu=pt"
-        } else {
-            ""
-        }
-    ));
+    cmd.args(["-machine", "q35", "-accel"])
+        .arg(format!("tcg,thread={}", cfg.l1_tcg_thread))
+        .args(["-cpu", "max"])
+        .args([
+            "-smp", "2", "-m", "3072", "-display", "none", "-monitor", "none",
+        ])
+        .args(["-no-reboot", "-nodefaults"])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .args(["-serial", "stdio", "-kernel"])
+        .arg(images.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(&initrd_path)
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 panic=-1 loglevel=4 rigout=/dev/ttyS1 rigtoken={token}{}",
+            if with_vfio {
+                " intel_iommu=on iommu=pt"
+            } else {
+                ""
+            }
+        ));
     let mut seen_l0: Vec<&Vec<String>> = Vec::new();
     for (idx, s) in batch.iter().enumerate() {
         for (d, path) in s.disks.iter().enumerate() {
@@ -691,6 +686,7 @@ mod tests {
             verbose: false,
             l1_allowance_secs: 0,
             max_l1_restarts: 0,
+            l1_tcg_thread: "multi",
         };
         let mut s = Scenario::qemu("w", "true");
         s.l1_wrap = vec!["/usr/bin/rig-wrap".into(), "a b".into()];
