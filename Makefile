@@ -135,7 +135,7 @@ bench:
 ## profile: one real-guest scenario with the VMM under perf inside L1 (Debian's linux-perf for
 ## the L1 kernel, added to L1 only here): top symbols, CPU per thread, L1's KVM exits by reason
 ## per I/O, in target/profile/<scenario>-<program>/report.txt. SCENARIO=iommu-strict (default),
-## iommu-lazy or no-iommu; PROGRAM=qemu profiles QEMU instead; PROFILE_ARGS="--io-seconds 4".
+## iommu-lazy, no-iommu, vtd-strict or vtd-vfio (VT-d reads, then in-guest VFIO maps); PROGRAM=qemu profiles QEMU instead; PROFILE_ARGS="--io-seconds 4".
 SCENARIO ?= iommu-strict
 PROFILE_ARGS ?=
 profile:

@@ -43,7 +43,7 @@ const USAGE: &str = "usage: bench [--runs N] [--quick] [--io-seconds S] [--vfio-
            io-strict-vfio, io-vtd-strict-vfio, testpmd-none, testpmd-viommu, testpmd-vtd)
        bench --profile SCENARIO [--program vmm|qemu] [--quick] [--io-seconds S]
   --profile: one scenario with the VMM under perf in L1 (target/profile/; scenarios:
-             iommu-strict, iommu-lazy, no-iommu)";
+             iommu-strict, iommu-lazy, no-iommu, vtd-strict, vtd-vfio)";
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {

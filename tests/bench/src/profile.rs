@@ -14,7 +14,7 @@ use crate::accounting::{self, exits_by_reason, kvm_delta, kvm_phases};
 use crate::guest::{self, figures, GuestParams, GuestPrograms, Kind, L1STAT};
 
 /// The scenarios `make profile` knows: name, disk kind, what it is.
-pub const SCENARIOS: [(&str, Kind, &str); 3] = [
+pub const SCENARIOS: [(&str, Kind, &str); 5] = [
     (
         "iommu-strict",
         Kind::Strict,
@@ -26,7 +26,20 @@ pub const SCENARIOS: [(&str, Kind, &str); 3] = [
         "the disk behind the vIOMMU, lazy invalidation",
     ),
     ("no-iommu", Kind::NoIommu, "the disk without a vIOMMU"),
+    (
+        "vtd-strict",
+        Kind::VtdStrict,
+        "the disk behind the emulated VT-d, intel_iommu=on iommu.strict=1",
+    ),
+    (
+        VTD_VFIO,
+        Kind::VtdStrict,
+        "the disk behind the emulated VT-d, then bound to vfio-pci in L2: in-guest VFIO maps",
+    ),
 ];
+
+/// The profile that keeps the whole bench script: the reads, then guest-vfio's maps and unmaps.
+const VTD_VFIO: &str = "vtd-vfio";
 
 /// The sections rig-l1stat prints after the VMM exits (`PROFILE-BEGIN <name>`).
 const SECTIONS: [&str; 4] = ["threads", "symbols", "thread-symbols", "dsos"];
@@ -82,9 +95,11 @@ pub fn run(
         ));
     }
     let mut s = guest::scenario(*kind, program, 0, params, progs);
-    // The read workloads only (strictness comes from the command line, not the script).
-    s.l2_script = guest::l2_script(Kind::Lazy, params);
-    s.l2_files.retain(|f| f.path == guest::GUEST_BENCH);
+    if name != VTD_VFIO {
+        // The read workloads only (strictness comes from the command line, not the script).
+        s.l2_script = guest::l2_script(Kind::Lazy, params);
+        s.l2_files.retain(|f| f.path == guest::GUEST_BENCH);
+    }
     s.name = format!("profile-{name}-{}", guest::program_name(program));
     s.l1_wrap = vec![L1STAT.to_string(), "--perf".to_string()];
     s.l1_files = vec![CpioFile::new(
