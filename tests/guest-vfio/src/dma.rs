@@ -78,6 +78,32 @@ impl DmaBuf {
     pub fn addr(&self) -> u64 {
         self.ptr.as_ptr() as u64
     }
+
+    /// Physically contiguous runs of the buffer's pages (`/proc/self/pagemap`; root sees the
+    /// frames): the IOMMU mappings one VFIO map of it becomes, whatever the VMM. `None` where
+    /// the frames cannot be read.
+    pub fn phys_runs(&self) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open("/proc/self/pagemap").ok()?;
+        let pages = self.len / 4096;
+        let mut raw = vec![0u8; pages * 8];
+        f.read_exact_at(&mut raw, self.addr() / 4096 * 8).ok()?;
+        let mut runs = 0;
+        let mut prev: Option<u64> = None;
+        for e in raw.chunks_exact(8) {
+            let e = u64::from_le_bytes(e.try_into().ok()?);
+            // Bit 63: present; bits 0-54: the frame (0 when hidden).
+            let pfn = e & ((1 << 55) - 1);
+            if e >> 63 == 0 || pfn == 0 {
+                return None;
+            }
+            if prev.is_none_or(|p| p + 1 != pfn) {
+                runs += 1;
+            }
+            prev = Some(pfn);
+        }
+        Some(runs)
+    }
 }
 
 impl Drop for DmaBuf {
