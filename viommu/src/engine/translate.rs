@@ -12,7 +12,7 @@
 use crate::engine::endpoint::EndpointHandle;
 use crate::engine::fault::Fault;
 use crate::engine::mapping::{Access, Mapping};
-use crate::engine::view::View;
+use crate::engine::view::{Hold, Slot, View};
 use std::cell::Cell;
 use std::iter::FusedIterator;
 use std::sync::Arc;
@@ -107,6 +107,9 @@ pub struct TranslatedMemory<M: GuestMemoryBackend = GuestMemoryMmap> {
     endpoint: EndpointHandle,
     pinned: Option<Arc<View>>,
     cache: Cache,
+    /// Where this memory's accesses announce themselves to a revoker (one per memory, never
+    /// shared between threads: the memory is not `Sync`).
+    slot: Arc<Slot>,
 }
 
 impl<M: GuestMemoryBackend> Clone for TranslatedMemory<M> {
@@ -116,6 +119,7 @@ impl<M: GuestMemoryBackend> Clone for TranslatedMemory<M> {
             endpoint: self.endpoint.clone(),
             pinned: self.pinned.clone(),
             cache: Cache::new(),
+            slot: self.endpoint.shared.register_slot(),
         }
     }
 }
@@ -146,6 +150,7 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
     /// The view of shared `mem` through `endpoint`.
     pub fn from_shared(mem: Arc<M>, endpoint: EndpointHandle) -> Self {
         TranslatedMemory {
+            slot: endpoint.shared.register_slot(),
             mem,
             endpoint,
             pinned: None,
@@ -163,6 +168,7 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
             endpoint: self.endpoint.clone(),
             pinned: Some(self.endpoint.shared.load_full()),
             cache: self.cache.clone(),
+            slot: self.endpoint.shared.register_slot(),
         }
     }
 }
@@ -274,14 +280,16 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
     /// Enter `view` for one access, or the endpoint's current view if `view` was revoked
     /// (held past the pin deadline: see [`View`]).
     #[inline]
-    fn enter<'v>(&self, view: ViewRef<'v>) -> Entered<'v> {
-        match view.get().try_enter() {
-            Some(counted) => Entered { view, counted },
+    fn enter<'v>(&'v self, view: ViewRef<'v>) -> Entered<'v> {
+        let slot = &*self.slot;
+        match view.get().enter_with(slot) {
+            Some(hold) => Entered { view, hold, slot },
             None => {
                 let (current, counted) = self.endpoint.shared.enter_current();
                 Entered {
                     view: ViewRef::Loaded(current),
-                    counted,
+                    hold: if counted { Hold::Counted } else { Hold::Free },
+                    slot,
                 }
             }
         }
@@ -451,8 +459,10 @@ impl ViewRef<'_> {
 /// accesses in progress through the views it revokes); exits on drop.
 struct Entered<'a> {
     view: ViewRef<'a>,
-    /// The gate counted this access (not for a view that handed addresses out).
-    counted: bool,
+    /// How the access holds the view (announced in the memory's slot, counted on the view's
+    /// gate, or neither for a view that handed addresses out).
+    hold: Hold,
+    slot: &'a Slot,
 }
 
 impl Entered<'_> {
@@ -465,9 +475,7 @@ impl Entered<'_> {
 impl Drop for Entered<'_> {
     #[inline]
     fn drop(&mut self) {
-        if self.counted {
-            self.view.get().exit();
-        }
+        self.view.get().leave(self.hold, self.slot);
     }
 }
 
