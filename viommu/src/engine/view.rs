@@ -29,6 +29,13 @@
 //! without a slot of their own still do (one nested in another on the same memory, those
 //! that fall back to the current view of a revoked one, `vm-memory`'s `Iommu` glue).
 //!
+//! A device's round of work (`TranslatedMemory::pin_view`, one blk request or one net batch)
+//! announces itself once at the pin and withdraws at its end: all its accesses, including
+//! the file I/O blk does straight into guest memory with slices taken from the view, count as
+//! in progress. Blocking work that touches no guest memory (blk's flush) runs in
+//! `PinnedView::outside`, with the announcement withdrawn, so a revocation past the deadline
+//! does not wait for it; the round's later accesses then see the current mappings.
+//!
 //! A view from which guest-physical addresses were taken out (`TranslatedMemory::translate`,
 //! `translate_quiet`, [`View::translate`]: a device's prepared rings, a host mapper) cannot
 //! be revoked that way, since its holder reaches memory without entering the gate: for it,
@@ -81,6 +88,12 @@ impl Slot {
         self.view.load(Ordering::Relaxed) != 0
     }
 
+    /// Whether the owner's access in progress goes through `view`.
+    #[inline]
+    pub(crate) fn holds(&self, view: &View) -> bool {
+        self.view.load(Ordering::Relaxed) == view as *const View as usize
+    }
+
     /// End the access in progress: its memory operations happen before a revoker sees it end.
     #[inline]
     fn clear(&self) {
@@ -89,10 +102,10 @@ impl Slot {
 }
 
 /// How one access holds its view (what ends it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Hold {
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Hold<'s> {
     /// Announced in the memory's [`Slot`]: clear it.
-    Slot,
+    Slot(&'s Slot),
     /// Counted on the view's gate: [`View::exit`].
     Counted,
     /// Not counted: the view handed addresses out and is never revoked.
@@ -192,7 +205,7 @@ impl View {
     /// it is free, else counted on the gate like [`Self::try_enter`]; `None` (nothing started)
     /// if revoked. End it with [`Self::leave`].
     #[inline]
-    pub(crate) fn enter_with(&self, slot: &Slot) -> Option<Hold> {
+    pub(crate) fn enter_with<'s>(&self, slot: &'s Slot) -> Option<Hold<'s>> {
         if self.gate.state.load(Ordering::Relaxed) & RAW != 0 {
             return Some(Hold::Free);
         }
@@ -211,14 +224,14 @@ impl View {
             slot.clear();
             return (s & RAW != 0).then_some(Hold::Free);
         }
-        Some(Hold::Slot)
+        Some(Hold::Slot(slot))
     }
 
     /// End an access started with [`Self::enter_with`].
     #[inline]
-    pub(crate) fn leave(&self, hold: Hold, slot: &Slot) {
+    pub(crate) fn leave(&self, hold: Hold<'_>) {
         match hold {
-            Hold::Slot => slot.clear(),
+            Hold::Slot(slot) => slot.clear(),
             Hold::Counted => self.exit(),
             Hold::Free => {}
         }
@@ -518,17 +531,17 @@ mod tests {
         let slot = ep.register_slot();
         let pinned = ep.load_full();
         // Announced in the slot, not on the gate; a nested access is counted on the gate.
-        assert_eq!(pinned.enter_with(&slot), Some(Hold::Slot));
+        assert!(matches!(pinned.enter_with(&slot), Some(Hold::Slot(s)) if std::ptr::eq(s, &*slot)));
         assert_eq!(pinned.accesses(), 0);
-        assert_eq!(pinned.enter_with(&slot), Some(Hold::Counted));
+        assert!(matches!(pinned.enter_with(&slot), Some(Hold::Counted)));
         assert_eq!(pinned.accesses(), 1);
-        pinned.leave(Hold::Counted, &slot);
+        pinned.leave(Hold::Counted);
         let (p2, s2) = (pinned.clone(), slot.clone());
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(150));
-            p2.leave(Hold::Slot, &s2);
+            p2.leave(Hold::Slot(&s2));
             // After the revocation: nothing starts through the old view.
-            let after = p2.enter_with(&s2);
+            let after = p2.enter_with(&s2).is_some();
             drop(p2);
             after
         });
@@ -537,7 +550,10 @@ mod tests {
         let took = t0.elapsed();
         assert!(took >= Duration::from_millis(150), "{took:?}");
         assert!(pinned.revoked());
-        assert_eq!(t.join().unwrap(), None);
+        assert!(
+            !t.join().unwrap(),
+            "an access started through a revoked view"
+        );
         assert!(!slot.busy());
     }
 
@@ -561,7 +577,7 @@ mod tests {
                 while !st.load(Ordering::Relaxed) {
                     if let Some(hold) = p2.enter_with(&slot) {
                         pg.fetch_add(1, Ordering::Relaxed);
-                        p2.leave(hold, &slot);
+                        p2.leave(hold);
                     }
                 }
             });
