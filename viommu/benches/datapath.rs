@@ -9,8 +9,9 @@
 //! - `translate_hit/N`: an 8-byte DMA read at a mapped IOVA through [`TranslatedMemory`] (the
 //!   datapath of an emulated device behind the vIOMMU), N live mappings, same IOVA every time.
 //! - `translate_alternating/N`: the same alternating between two far-apart mappings.
-//! - `read_u64/direct` and `read_u64/pinned`: the same 8-byte read from guest-physical memory
-//!   and through a pinned view (what a device behind the vIOMMU does per ring access).
+//! - `read_u64/direct`, `read_u64/pinned` and `read_u64/round`: the same 8-byte read from
+//!   guest-physical memory, through a pinned copy (`pin`: each access marked in progress) and
+//!   through one round's pinned view (`pin_view`, what blk and net do: marked once per round).
 //! - `attach_replay/10000`: ATTACH of a host endpoint to a domain holding 10 000 mappings, which
 //!   replays every mapping to the endpoint's host mapper (the DETACH that resets it is untimed).
 //!
@@ -214,6 +215,12 @@ fn translate(c: &mut Criterion) {
         let pinned = tm.pin();
         read.bench_function("pinned", |b| {
             b.iter(|| black_box(pinned.read_obj::<u64>(black_box(*iova)).unwrap()))
+        });
+        // Through one round's pinned view (`pin_view`, what blk and net do per round): the
+        // round is marked in progress once, not per access.
+        let round = tm.pin_view();
+        read.bench_function("round", |b| {
+            b.iter(|| black_box(round.read_obj::<u64>(black_box(*iova)).unwrap()))
         });
     }
     read.finish();

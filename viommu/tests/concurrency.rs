@@ -713,3 +713,77 @@ fn unmap_past_the_deadline_waits_for_an_access_in_progress() {
     assert_eq!(t.join().unwrap(), 4);
     assert_eq!(d.read(0x50000, 4), vec![9; 4]);
 }
+
+/// A device's round of work (`pin_view`) announces itself once for all its accesses: an
+/// UNMAP past the deadline waits for the round while it may access memory, and revokes the
+/// view only while the round stepped out (`PinnedView::outside`, a flush of the backing file)
+/// or ended; the round's accesses after stepping back in see the UNMAP.
+#[test]
+fn a_pinned_round_is_revoked_only_while_it_stepped_out() {
+    for stepped_out in [true, false] {
+        let cfg = ViommuConfig {
+            bypass: false,
+            ..Default::default()
+        };
+        let (mut d, h) = Driver::new(cfg, &[EP], None);
+        d.dev.set_pin_deadline(Duration::from_millis(200));
+        assert_eq!(d.status(&attach(1, EP, 0)), OK);
+        assert_eq!(d.status(&map(1, 0x10000, 0x10fff, 0x50000, RW)), OK);
+        assert_eq!(d.status(&map(1, 0x20000, 0x20fff, 0x60000, RW)), OK);
+        let tm = TranslatedMemory::new(d.mem.clone(), h[0].clone());
+        let (started, started_rx) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            let round = tm.pin_view();
+            let mut b = [0u8; 4];
+            round.read_slice(&mut b, GuestAddress(0x10000)).unwrap();
+            started.send(()).unwrap();
+            // Blocking work, stuck until released (at most 10 s).
+            let block = || {
+                let _ = release_rx.recv_timeout(Duration::from_secs(10));
+            };
+            if stepped_out {
+                round.outside(block);
+            } else {
+                block();
+            }
+            let data = round.write_slice(&[7; 4], GuestAddress(0x10000));
+            let status = round.write_slice(&[1], GuestAddress(0x20000));
+            (data.is_ok(), status.is_ok())
+        });
+        started_rx.recv().unwrap();
+        // Let the round go after 800 ms whatever the UNMAP does.
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(800));
+            let _ = release.send(());
+        });
+        let t0 = Instant::now();
+        assert_eq!(d.status(&unmap(1, 0x10000, 0x10fff)), OK);
+        let took = t0.elapsed();
+        let (data_written, status_written) = t.join().unwrap();
+        releaser.join().unwrap();
+        assert!(
+            status_written,
+            "the still-mapped status byte was not written"
+        );
+        if stepped_out {
+            assert!(
+                took >= Duration::from_millis(200) && took < Duration::from_millis(800),
+                "UNMAP took {took:?}: it must revoke the stepped-out round past the deadline"
+            );
+            assert!(
+                !data_written,
+                "a round wrote through the old view after the UNMAP"
+            );
+            assert_eq!(d.read(0x50000, 4), vec![0; 4]);
+        } else {
+            assert!(
+                took >= Duration::from_millis(800),
+                "UNMAP took {took:?}: it completed while the round could still access memory"
+            );
+            // The round's write happened before the UNMAP completed, as the guest may see.
+            assert!(data_written);
+            assert_eq!(d.read(0x50000, 4), vec![7; 4]);
+        }
+    }
+}

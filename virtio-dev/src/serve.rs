@@ -128,6 +128,7 @@ mod tests {
     use super::*;
     use crate::test_ring::{mem, Ring, QSIZE};
     use virtio_bindings::virtio_ring::VRING_USED_F_NO_NOTIFY;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     #[test]
     fn every_chain_is_handled_completed_in_order_and_one_interrupt_decided() {
@@ -208,6 +209,94 @@ mod tests {
             .recv_timeout(std::time::Duration::from_secs(10))
             .expect("serve_queue spun on an out-of-range avail index");
         assert_eq!(got, (false, 0));
+    }
+
+    /// Guest memory that runs `hook` once, just before the device writes the EVENT_IDX
+    /// `avail_event` word (the moment it re-enables notifications).
+    struct Hooked<'a> {
+        mem: &'a GuestMemoryMmap,
+        avail_event: GuestAddress,
+        hook: std::cell::RefCell<Option<Box<dyn FnMut() + 'a>>>,
+    }
+
+    impl GuestMemory for Hooked<'_> {
+        type PhysicalMemory = GuestMemoryMmap;
+        type Bitmap = ();
+
+        fn check_range(
+            &self,
+            addr: GuestAddress,
+            count: usize,
+            access: vm_memory::Permissions,
+        ) -> bool {
+            self.mem.check_range(addr, count, access)
+        }
+
+        fn get_slices<'b>(
+            &'b self,
+            addr: GuestAddress,
+            count: usize,
+            access: vm_memory::Permissions,
+        ) -> vm_memory::GuestMemoryResult<
+            impl vm_memory::guest_memory::GuestMemorySliceIterator<'b, vm_memory::bitmap::BS<'b, ()>>,
+        > {
+            if addr == self.avail_event && access == vm_memory::Permissions::Write {
+                if let Some(mut hook) = self.hook.borrow_mut().take() {
+                    hook();
+                }
+            }
+            self.mem.get_slices(addr, count, access)
+        }
+
+        fn physical_memory(&self) -> Option<&Self::PhysicalMemory> {
+            Some(self.mem)
+        }
+    }
+
+    #[test]
+    fn a_chain_added_just_as_the_device_re_enables_notifications_is_not_lost() {
+        // EVENT_IDX: the driver posts a chain after the device's last pop but before its
+        // avail_event write is visible. The driver then sees the old avail_event and does not
+        // kick; only the device's re-read after re-enabling can find the chain.
+        let m = mem();
+        let mut r = Ring::new(&m);
+        r.post(1);
+        let mut q = r.queue(true);
+        let avail_event = GuestAddress(q.used_ring() + 4 + 8 * u64::from(QSIZE));
+        let kicked = std::cell::Cell::new(None);
+        let ring = std::cell::RefCell::new(&mut r);
+        let hooked = Hooked {
+            mem: &m,
+            avail_event,
+            hook: std::cell::RefCell::new(Some(Box::new(|| {
+                let event: u16 = m.read_obj(avail_event).unwrap();
+                let mut ring = ring.borrow_mut();
+                let old: u16 = m.read_obj(GuestAddress(q_avail_idx_at())).unwrap();
+                ring.post(1);
+                // Linux's virtqueue_kick_prepare: vring_need_event(avail_event, new, old).
+                kicked.set(Some(crate::need_event(event, old.wrapping_add(1), old)));
+            }))),
+        };
+        let mut served = 0;
+        let irq = serve_queue(&mut q, &hooked, "test", |_, _| {
+            served += 1;
+            0
+        });
+        assert_eq!(kicked.get(), Some(false), "the driver must not have kicked");
+        assert_eq!(
+            served, 2,
+            "the chain added during the re-enable was left behind"
+        );
+        assert_eq!(q.next_used(), 2);
+        assert!(irq);
+        // And once the device is idle, a new chain makes the driver kick (avail_event is ours).
+        let event: u16 = m.read_obj(avail_event).unwrap();
+        assert!(crate::need_event(event, 3, 2));
+    }
+
+    /// Where the test ring's available index lives.
+    fn q_avail_idx_at() -> u64 {
+        0x2000 + 2
     }
 
     #[test]

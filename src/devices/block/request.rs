@@ -29,6 +29,11 @@ const HEADER_BYTES: u64 = std::mem::size_of::<virtio_blk_outhdr>() as u64;
 /// old view, so a pin covers a single request.
 const CHAINS_PER_PIN: usize = 1;
 
+/// Runs blocking work that touches no guest memory (a flush of the file): behind the vIOMMU
+/// outside the round's view ([`Buffers::outside`]), so that an UNMAP past the pin deadline
+/// need not wait for it.
+type Outside<'a> = &'a dyn Fn(&mut dyn FnMut());
+
 /// Most iovecs per preadv/pwritev call (Linux's IOV_MAX).
 const MAX_IOVECS: usize = 1024;
 
@@ -252,7 +257,7 @@ impl BlockBackend {
     }
 
     /// Process one chain (given as its descriptors); returns the used length.
-    fn execute<M: GuestMemory + ?Sized>(&self, mem: &M, descs: &[Desc]) -> u32 {
+    fn execute<M: GuestMemory + ?Sized>(&self, mem: &M, descs: &[Desc], outside: Outside) -> u32 {
         let stats = &*self.stats;
         BlockStats::add(&stats.requests, 1);
         BlockStats::add(&stats.descriptors, descs.len() as u64);
@@ -292,7 +297,7 @@ impl BlockBackend {
         };
         let w_total: u64 = writable.iter().map(|s| s.len).sum();
         let data_in = w_total - 1; // bytes before the status byte
-        let (status, written) = match self.request(mem, &readable, &writable, data_in) {
+        let (status, written) = match self.request(mem, &readable, &writable, data_in, outside) {
             Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
             Err(ReqError::Unsupported(t)) => {
                 BlockStats::add(&stats.errors, 1);
@@ -321,6 +326,7 @@ impl BlockBackend {
         readable: &[Seg],
         writable: &[Seg],
         data_in: u64,
+        outside: Outside,
     ) -> Result<u64, ReqError> {
         let r_total: u64 = readable.iter().map(|s| s.len).sum();
         if r_total < HEADER_BYTES {
@@ -359,7 +365,9 @@ impl BlockBackend {
             }
             VIRTIO_BLK_T_FLUSH => {
                 if !self.readonly {
-                    self.file.sync_data()?;
+                    let mut r = Ok(());
+                    outside(&mut || r = self.file.sync_data());
+                    r?;
                 }
                 BlockStats::add(&self.stats.flushes, 1);
                 Ok(0)
@@ -398,7 +406,7 @@ impl BlockBackend {
         BlockStats::add(&self.stats.kicks, 1);
         let mut descs = Vec::new();
         let interrupt = serve_queue(queue, mem, "virtio-blk", |q, chain| {
-            self.serve_chain(q, chain, mem, &mut descs)
+            self.serve_chain(q, chain, mem, &mut descs, &|f| f())
         });
         BlockStats::add(&self.stats.interrupts, u64::from(interrupt));
         interrupt
@@ -433,6 +441,7 @@ impl BlockBackend {
         chain: DescriptorChain<&R>,
         mem: &M,
         descs: &mut Vec<Desc>,
+        outside: Outside,
     ) -> u32 {
         let max = usize::from(queue.size()).max(1) * 2;
         descs.clear();
@@ -445,7 +454,7 @@ impl BlockBackend {
             }
             descs.push((d.addr(), d.len(), d.is_write_only()));
         }
-        self.execute(mem, descs)
+        self.execute(mem, descs, outside)
     }
 }
 
@@ -465,7 +474,8 @@ impl ChainHandler for Requests<'_> {
         chain: DescriptorChain<&R>,
         bufs: &B,
     ) -> u32 {
-        self.backend.serve_chain(queue, chain, bufs, self.descs)
+        self.backend
+            .serve_chain(queue, chain, bufs, self.descs, &|f| bufs.outside(f))
     }
 }
 

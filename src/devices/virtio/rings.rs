@@ -33,6 +33,11 @@ pub trait Buffers: GuestMemory {
     fn read_buf(&self, buf: &mut [u8], at: GuestAddress) -> Result<(), GuestMemoryError>;
     /// Write `data` at `at`.
     fn write_buf(&self, data: &[u8], at: GuestAddress) -> Result<(), GuestMemoryError>;
+    /// Run `f`, blocking work that touches no guest memory through this memory (behind the
+    /// vIOMMU outside the round's pinned view: `PinnedView::outside`).
+    fn outside(&self, f: &mut dyn FnMut()) {
+        f()
+    }
 }
 
 impl Buffers for GuestMemoryMmap {
@@ -50,6 +55,9 @@ impl Buffers for PinnedView<'_> {
     }
     fn write_buf(&self, data: &[u8], at: GuestAddress) -> Result<(), GuestMemoryError> {
         self.write_from(data, at)
+    }
+    fn outside(&self, f: &mut dyn FnMut()) {
+        PinnedView::outside(self, f)
     }
 }
 

@@ -262,11 +262,20 @@ fn vmm_args(kind: Kind) -> Vec<String> {
     }
     if kind.disk() {
         a.push("--disk".into());
-        a.push(if kind.viommu() || kind.vtd() {
+        let mut disk = if kind.viommu() || kind.vtd() {
             format!("path={DISK},iommu=on")
         } else {
             format!("path={DISK}")
-        });
+        };
+        // `BENCH_VMM_DISK_OPTS=notify=thread make profile ...`: extra --disk options of ours
+        // (e.g. the worker thread instead of inline serving), to compare their counts.
+        if let Ok(extra) = std::env::var("BENCH_VMM_DISK_OPTS") {
+            if !extra.is_empty() {
+                disk.push(',');
+                disk.push_str(&extra);
+            }
+        }
+        a.push(disk);
     }
     a
 }

@@ -4,6 +4,7 @@
 //! [`state::Engine`] in neutral words and turns its answers into its own.
 
 pub(crate) mod arch;
+mod barrier;
 pub(crate) mod endpoint;
 pub(crate) mod fault;
 pub(crate) mod geometry;

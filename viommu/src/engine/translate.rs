@@ -12,7 +12,7 @@
 use crate::engine::endpoint::EndpointHandle;
 use crate::engine::fault::Fault;
 use crate::engine::mapping::{Access, Mapping};
-use crate::engine::view::View;
+use crate::engine::view::{Hold, Slot, View};
 use std::cell::Cell;
 use std::iter::FusedIterator;
 use std::sync::Arc;
@@ -107,6 +107,9 @@ pub struct TranslatedMemory<M: GuestMemoryBackend = GuestMemoryMmap> {
     endpoint: EndpointHandle,
     pinned: Option<Arc<View>>,
     cache: Cache,
+    /// Where this memory's accesses announce themselves to a revoker (one per memory, never
+    /// shared between threads: the memory is not `Sync`).
+    slot: Arc<Slot>,
 }
 
 impl<M: GuestMemoryBackend> Clone for TranslatedMemory<M> {
@@ -116,6 +119,7 @@ impl<M: GuestMemoryBackend> Clone for TranslatedMemory<M> {
             endpoint: self.endpoint.clone(),
             pinned: self.pinned.clone(),
             cache: Cache::new(),
+            slot: self.endpoint.shared.register_slot(),
         }
     }
 }
@@ -146,6 +150,7 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
     /// The view of shared `mem` through `endpoint`.
     pub fn from_shared(mem: Arc<M>, endpoint: EndpointHandle) -> Self {
         TranslatedMemory {
+            slot: endpoint.shared.register_slot(),
             mem,
             endpoint,
             pinned: None,
@@ -163,6 +168,7 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
             endpoint: self.endpoint.clone(),
             pinned: Some(self.endpoint.shared.load_full()),
             cache: self.cache.clone(),
+            slot: self.endpoint.shared.register_slot(),
         }
     }
 }
@@ -274,14 +280,21 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
     /// Enter `view` for one access, or the endpoint's current view if `view` was revoked
     /// (held past the pin deadline: see [`View`]).
     #[inline]
-    fn enter<'v>(&self, view: ViewRef<'v>) -> Entered<'v> {
-        match view.get().try_enter() {
-            Some(counted) => Entered { view, counted },
+    fn enter<'v>(&'v self, view: ViewRef<'v>) -> Entered<'v> {
+        if let ViewRef::Held(_) = view {
+            // The round announced it once for all its accesses.
+            return Entered {
+                view,
+                hold: Hold::Free,
+            };
+        }
+        match view.get().enter_with(&self.slot) {
+            Some(hold) => Entered { view, hold },
             None => {
                 let (current, counted) = self.endpoint.shared.enter_current();
                 Entered {
                     view: ViewRef::Loaded(current),
-                    counted,
+                    hold: if counted { Hold::Counted } else { Hold::Free },
                 }
             }
         }
@@ -382,10 +395,19 @@ impl<M: GuestMemoryBackend> TranslatedMemory<M> {
     /// translation cache, which stays warm from batch to batch) instead of copying it like
     /// [`Self::pin`]: one reference count for the whole batch. An unmap or a detach completes
     /// only after the batch dropped it.
+    ///
+    /// The round announces itself in this memory's slot once, at the pin, for all its
+    /// accesses (see [`View`]): a removal of access past the pin deadline waits for the round
+    /// to end, or to step out with [`PinnedView::outside`] for blocking work that touches no
+    /// guest memory through it. A round that cannot announce itself (another is in progress
+    /// on this memory) marks each access instead.
     pub fn pin_view(&self) -> PinnedView<'_, M> {
+        let view = self.endpoint.shared.load_full();
+        let held = Cell::new(announce(&view, &self.slot));
         PinnedView {
             mem: self,
-            view: self.endpoint.shared.load_full(),
+            view,
+            held,
         }
     }
 
@@ -434,14 +456,31 @@ enum Place<'a, R> {
 
 enum ViewRef<'a> {
     Pinned(&'a View),
+    /// Pinned, and entered once by the round for all its accesses (see
+    /// [`TranslatedMemory::pin_view`]).
+    Held(&'a View),
     Loaded(arc_swap::Guard<Arc<View>>),
+}
+
+/// Start a round's one announced access through `view` in `slot`: whether its accesses are
+/// covered (announced, or a view that handed addresses out and is never revoked). False
+/// when the slot is busy or the view was revoked: each access then enters on its own.
+fn announce(view: &View, slot: &Slot) -> bool {
+    match view.enter_with(slot) {
+        Some(Hold::Slot(_)) | Some(Hold::Free) => true,
+        Some(hold @ Hold::Counted) => {
+            view.leave(hold);
+            false
+        }
+        None => false,
+    }
 }
 
 impl ViewRef<'_> {
     #[inline]
     fn get(&self) -> &View {
         match self {
-            ViewRef::Pinned(v) => v,
+            ViewRef::Pinned(v) | ViewRef::Held(v) => v,
             ViewRef::Loaded(g) => g,
         }
     }
@@ -451,8 +490,9 @@ impl ViewRef<'_> {
 /// accesses in progress through the views it revokes); exits on drop.
 struct Entered<'a> {
     view: ViewRef<'a>,
-    /// The gate counted this access (not for a view that handed addresses out).
-    counted: bool,
+    /// How the access holds the view (announced in the memory's slot, counted on the view's
+    /// gate, or neither for a view that handed addresses out).
+    hold: Hold<'a>,
 }
 
 impl Entered<'_> {
@@ -465,9 +505,7 @@ impl Entered<'_> {
 impl Drop for Entered<'_> {
     #[inline]
     fn drop(&mut self) {
-        if self.counted {
-            self.view.get().exit();
-        }
+        self.view.get().leave(self.hold);
     }
 }
 
@@ -591,9 +629,48 @@ where
 pub struct PinnedView<'a, M: GuestMemoryBackend = GuestMemoryMmap> {
     mem: &'a TranslatedMemory<M>,
     view: Arc<View>,
+    /// The round holds the view announced in the memory's slot (or needs not: a raw view).
+    held: Cell<bool>,
+}
+
+impl<M: GuestMemoryBackend> Drop for PinnedView<'_, M> {
+    fn drop(&mut self) {
+        self.withdraw();
+    }
 }
 
 impl<M: GuestMemoryBackend> PinnedView<'_, M> {
+    /// The view, as the accesses of the round see it.
+    #[inline]
+    fn view_ref(&self) -> ViewRef<'_> {
+        if self.held.get() {
+            ViewRef::Held(&self.view)
+        } else {
+            ViewRef::Pinned(&self.view)
+        }
+    }
+
+    /// End the round's announcement (if it holds the slot with this view).
+    fn withdraw(&self) {
+        if self.held.replace(false) && self.mem.slot.holds(&self.view) {
+            self.view.leave(Hold::Slot(&self.mem.slot));
+        }
+    }
+
+    /// Run `f`, blocking work that touches no guest memory through this view (a flush of the
+    /// backing file), with the round's announcement withdrawn: a removal of access past the
+    /// pin deadline may revoke the view meanwhile, and the accesses after `f` then see the
+    /// endpoint's current mappings.
+    pub fn outside<R>(&self, f: impl FnOnce() -> R) -> R {
+        let was = self.held.get();
+        self.withdraw();
+        let r = f();
+        if was {
+            self.held.set(announce(&self.view, &self.mem.slot));
+        }
+        r
+    }
+
     /// Generation of the pinned view.
     #[inline]
     pub fn generation(&self) -> u64 {
@@ -608,19 +685,17 @@ impl<M: GuestMemoryBackend> PinnedView<'_, M> {
     /// See [`TranslatedMemory::translate_quiet`].
     pub fn translate_quiet(&self, iova: u64, len: u64, access: Access) -> Option<Vec<(u64, u64)>> {
         self.mem
-            .translate_with(ViewRef::Pinned(&self.view), iova, len, access, false)
+            .translate_with(self.view_ref(), iova, len, access, false)
     }
 
     /// See [`TranslatedMemory::read_into`].
     pub fn read_into(&self, buf: &mut [u8], iova: GuestAddress) -> GuestMemoryResult<()> {
-        self.mem
-            .read_into_view(ViewRef::Pinned(&self.view), buf, iova)
+        self.mem.read_into_view(self.view_ref(), buf, iova)
     }
 
     /// See [`TranslatedMemory::write_from`].
     pub fn write_from(&self, data: &[u8], iova: GuestAddress) -> GuestMemoryResult<()> {
-        self.mem
-            .write_from_view(ViewRef::Pinned(&self.view), data, iova)
+        self.mem.write_from_view(self.view_ref(), data, iova)
     }
 }
 
@@ -632,8 +707,7 @@ where
     type Bitmap = <M::R as GuestMemoryRegion>::B;
 
     fn check_range(&self, addr: GuestAddress, count: usize, access: Permissions) -> bool {
-        let view = ViewRef::Pinned(&self.view);
-        TranslatedSlices::new(self.mem, view, addr, count, access).all(|s| s.is_ok())
+        TranslatedSlices::new(self.mem, self.view_ref(), addr, count, access).all(|s| s.is_ok())
     }
 
     fn get_slices<'a>(
@@ -642,8 +716,13 @@ where
         count: usize,
         access: Permissions,
     ) -> GuestMemoryResult<impl GuestMemorySliceIterator<'a, bitmap::BS<'a, Self::Bitmap>>> {
-        let view = ViewRef::Pinned(&self.view);
-        Ok(TranslatedSlices::new(self.mem, view, addr, count, access))
+        Ok(TranslatedSlices::new(
+            self.mem,
+            self.view_ref(),
+            addr,
+            count,
+            access,
+        ))
     }
 
     fn physical_memory(&self) -> Option<&Self::PhysicalMemory> {

@@ -17,6 +17,25 @@
 //!    memory copies and slices handed to `vm-memory` alike), which does not depend on the
 //!    backend, and completes. This is logged at error level.
 //!
+//! # What an access costs
+//! A device's memory (`TranslatedMemory`, and the `PinnedView`s it lends for rounds of work)
+//! owns a [`Slot`], registered with the endpoint once when the memory is created: an access
+//! through it stores the view's address in the slot, checks the view's gate word with a plain
+//! load, and clears the slot at its end. No atomic read-modify-write, and the slot's cache line
+//! is the device thread's own. The revoker pays instead: it sets the revoked bit, runs the heavy
+//! side of an asymmetric barrier ([`super::barrier`], one `membarrier` system call), and waits
+//! until no slot names the view. An access either saw the revocation or is seen by the revoker:
+//! the same guarantee as counting every access on the shared gate word, which the accesses
+//! without a slot of their own still do (one nested in another on the same memory, those
+//! that fall back to the current view of a revoked one, `vm-memory`'s `Iommu` glue).
+//!
+//! A device's round of work (`TranslatedMemory::pin_view`, one blk request or one net batch)
+//! announces itself once at the pin and withdraws at its end: all its accesses, including
+//! the file I/O blk does straight into guest memory with slices taken from the view, count as
+//! in progress. Blocking work that touches no guest memory (blk's flush) runs in
+//! `PinnedView::outside`, with the announcement withdrawn, so a revocation past the deadline
+//! does not wait for it; the round's later accesses then see the current mappings.
+//!
 //! A view from which guest-physical addresses were taken out (`TranslatedMemory::translate`,
 //! `translate_quiet`, [`View::translate`]: a device's prepared rings, a host mapper) cannot
 //! be revoked that way, since its holder reaches memory without entering the gate: for it,
@@ -30,7 +49,7 @@ use super::mapping::{Access, Mapping, Miss};
 use super::table::{lookup, Table};
 use arc_swap::ArcSwap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 /// How long removing access waits for a device to let go of an old view before revoking it.
@@ -51,6 +70,46 @@ const COUNT: usize = !(REVOKED | RAW);
 #[derive(Debug, Default)]
 struct Gate {
     state: AtomicUsize,
+}
+
+/// The access in progress through one device memory (see the module doc): the address of the
+/// view it goes through, 0 when none. Written only by the thread owning the memory, read by a
+/// revoker; on a cache line of its own.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct Slot {
+    view: AtomicUsize,
+}
+
+impl Slot {
+    /// Whether an access of the owner is in progress (the owner's own view of it).
+    #[inline]
+    fn busy(&self) -> bool {
+        self.view.load(Ordering::Relaxed) != 0
+    }
+
+    /// Whether the owner's access in progress goes through `view`.
+    #[inline]
+    pub(crate) fn holds(&self, view: &View) -> bool {
+        self.view.load(Ordering::Relaxed) == view as *const View as usize
+    }
+
+    /// End the access in progress: its memory operations happen before a revoker sees it end.
+    #[inline]
+    fn clear(&self) {
+        self.view.store(0, Ordering::Release);
+    }
+}
+
+/// How one access holds its view (what ends it).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Hold<'s> {
+    /// Announced in the memory's [`Slot`]: clear it.
+    Slot(&'s Slot),
+    /// Counted on the view's gate: [`View::exit`].
+    Counted,
+    /// Not counted: the view handed addresses out and is never revoked.
+    Free,
 }
 
 /// How an endpoint's accesses are treated.
@@ -142,6 +201,42 @@ impl View {
         self.gate.state.fetch_sub(1, Ordering::Release);
     }
 
+    /// Start one access through the view announced in `slot` (the accessing memory's own) if
+    /// it is free, else counted on the gate like [`Self::try_enter`]; `None` (nothing started)
+    /// if revoked. End it with [`Self::leave`].
+    #[inline]
+    pub(crate) fn enter_with<'s>(&self, slot: &'s Slot) -> Option<Hold<'s>> {
+        if self.gate.state.load(Ordering::Relaxed) & RAW != 0 {
+            return Some(Hold::Free);
+        }
+        if slot.busy() {
+            // Nested in another access of the same memory: count this one.
+            return self
+                .try_enter()
+                .map(|counted| if counted { Hold::Counted } else { Hold::Free });
+        }
+        slot.view
+            .store(self as *const View as usize, Ordering::Relaxed);
+        // Pairs with the revoker's heavy barrier: it sees the slot, or we see REVOKED.
+        super::barrier::light();
+        let s = self.gate.state.load(Ordering::Acquire);
+        if s & REVOKED != 0 {
+            slot.clear();
+            return (s & RAW != 0).then_some(Hold::Free);
+        }
+        Some(Hold::Slot(slot))
+    }
+
+    /// End an access started with [`Self::enter_with`].
+    #[inline]
+    pub(crate) fn leave(&self, hold: Hold<'_>) {
+        match hold {
+            Hold::Slot(slot) => slot.clear(),
+            Hold::Counted => self.exit(),
+            Hold::Free => {}
+        }
+    }
+
     /// Guest-physical addresses from this view are used outside the engine's accesses. Only
     /// from inside an access started with [`Self::try_enter`].
     #[inline]
@@ -160,7 +255,7 @@ impl View {
 
     /// Revoke; whether addresses had been handed out (then the revocation does not hold).
     fn revoke(&self) -> bool {
-        self.gate.state.fetch_or(REVOKED, Ordering::AcqRel) & RAW != 0
+        self.gate.state.fetch_or(REVOKED, Ordering::SeqCst) & RAW != 0
     }
 
     fn accesses(&self) -> usize {
@@ -182,6 +277,9 @@ pub struct EndpointShared {
     /// (pinned for a request): a later unmap must wait for them too, not only for the view it
     /// replaces. Holds only views still referenced, so it is bounded by what devices pin.
     retired: Mutex<Vec<Arc<View>>>,
+    /// The slots of the device memories translating through this endpoint (see the module
+    /// doc); dead ones are pruned when a memory registers.
+    slots: Mutex<Vec<Weak<Slot>>>,
     /// Where translation faults go.
     pub(crate) faults: Arc<dyn FaultSink>,
 }
@@ -191,12 +289,35 @@ const SLOW_READER: Duration = Duration::from_millis(100);
 
 impl EndpointShared {
     pub(crate) fn new(id: u32, initial: View, faults: Arc<dyn FaultSink>) -> Self {
+        // The revoker's barrier needs the process registered before any thread is confined.
+        super::barrier::init();
         EndpointShared {
             id,
             view: ArcSwap::from_pointee(initial),
             retired: Mutex::new(Vec::new()),
+            slots: Mutex::new(Vec::new()),
             faults,
         }
+    }
+
+    /// A slot for a new device memory translating through this endpoint (one per
+    /// `TranslatedMemory`, created with it: not per access or per pin round).
+    pub(crate) fn register_slot(&self) -> Arc<Slot> {
+        let slot = Arc::new(Slot::default());
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.retain(|s| s.strong_count() > 0);
+        slots.push(Arc::downgrade(&slot));
+        slot
+    }
+
+    /// Whether an access announced in a slot is in progress through `view`.
+    fn slot_holds(&self, view: &Arc<View>) -> bool {
+        let at = Arc::as_ptr(view) as usize;
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .iter()
+            .filter_map(Weak::upgrade)
+            .any(|s| s.view.load(Ordering::Acquire) == at)
     }
 
     /// Borrow the current view (lock-free; keep it short).
@@ -232,38 +353,53 @@ impl EndpointShared {
         if sync {
             let until = Instant::now().checked_add(deadline);
             for v in retired.drain(..) {
-                wait_unshared(self.id, v, until, deadline);
+                self.wait_unshared(v, until, deadline);
             }
         } else {
             retired.retain(|v| Arc::strong_count(v) > 1);
         }
     }
-}
 
-/// Wait until no device can use `old`: it is the last reference (`ArcSwap::swap` has already
-/// converted every outstanding lock-free guard into a counted reference, so the strong count
-/// is exact), or, past `until`, it is revoked and no access through it is in progress.
-fn wait_unshared(endpoint: u32, old: Arc<View>, until: Option<Instant>, deadline: Duration) {
-    let what = ViewOf(endpoint);
-    if wait_for(|| Arc::strong_count(&old) == 1, until, &what) {
-        return;
-    }
-    let raw = old.revoke();
-    if !raw {
-        wait_for(|| old.accesses() == 0, None, &what);
-    }
-    if !raw && !old.raw() {
+    /// Wait until no device can use `old`: it is the last reference (`ArcSwap::swap` has
+    /// already converted every outstanding lock-free guard into a counted reference, so the
+    /// strong count is exact), or, past `until`, it is revoked and no access through it is in
+    /// progress (counted on its gate or announced in a slot).
+    fn wait_unshared(&self, old: Arc<View>, until: Option<Instant>, deadline: Duration) {
+        let endpoint = self.id;
+        let what = ViewOf(endpoint);
+        if wait_for(|| Arc::strong_count(&old) == 1, until, &what) {
+            return;
+        }
+        let raw = old.revoke();
+        if !raw && !super::barrier::heavy() {
+            log::error!(
+                "virtio-iommu: endpoint {endpoint:#x}: membarrier failed; waiting for the \
+                 device holding an old view to let go instead of revoking it"
+            );
+            wait_for(|| Arc::strong_count(&old) == 1, None, &what);
+            return;
+        }
+        if !raw {
+            wait_for(
+                || old.accesses() == 0 && !self.slot_holds(&old),
+                None,
+                &what,
+            );
+        }
+        if !raw && !old.raw() {
+            log::error!(
+                "virtio-iommu: endpoint {endpoint:#x}: a device held an old view past \
+                 {deadline:?} (a stuck backend?); revoked it: its further accesses see the \
+                 current mappings"
+            );
+            return;
+        }
         log::error!(
             "virtio-iommu: endpoint {endpoint:#x}: a device held an old view past {deadline:?} \
-             (a stuck backend?); revoked it: its further accesses see the current mappings"
+             and took addresses out of it: cannot revoke, waiting for it to let go"
         );
-        return;
+        wait_for(|| Arc::strong_count(&old) == 1, None, &what);
     }
-    log::error!(
-        "virtio-iommu: endpoint {endpoint:#x}: a device held an old view past {deadline:?} and \
-         took addresses out of it: cannot revoke, waiting for it to let go"
-    );
-    wait_for(|| Arc::strong_count(&old) == 1, None, &what);
 }
 
 /// "view of endpoint E", for the logs.
@@ -385,6 +521,78 @@ mod tests {
             }
             assert!(!ep.load().revoked());
             t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn an_access_announced_in_a_slot_holds_off_the_revoker_and_none_starts_after() {
+        let faults: Arc<dyn FaultSink> = Arc::new(NoSink);
+        let ep = Arc::new(EndpointShared::new(1, View::new(0, Mode::Bypass), faults));
+        let slot = ep.register_slot();
+        let pinned = ep.load_full();
+        // Announced in the slot, not on the gate; a nested access is counted on the gate.
+        assert!(matches!(pinned.enter_with(&slot), Some(Hold::Slot(s)) if std::ptr::eq(s, &*slot)));
+        assert_eq!(pinned.accesses(), 0);
+        assert!(matches!(pinned.enter_with(&slot), Some(Hold::Counted)));
+        assert_eq!(pinned.accesses(), 1);
+        pinned.leave(Hold::Counted);
+        let (p2, s2) = (pinned.clone(), slot.clone());
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(150));
+            p2.leave(Hold::Slot(&s2));
+            // After the revocation: nothing starts through the old view.
+            let after = p2.enter_with(&s2).is_some();
+            drop(p2);
+            after
+        });
+        let t0 = Instant::now();
+        ep.publish(View::new(1, Mode::Deny), true, Duration::from_millis(20));
+        let took = t0.elapsed();
+        assert!(took >= Duration::from_millis(150), "{took:?}");
+        assert!(pinned.revoked());
+        assert!(
+            !t.join().unwrap(),
+            "an access started through a revoked view"
+        );
+        assert!(!slot.busy());
+    }
+
+    #[test]
+    fn no_slot_access_goes_on_after_a_revocation_completes() {
+        // A device thread keeps entering the pinned view through its slot and writing a
+        // "guest page" while entered; once publish returns, no write may happen any more.
+        let faults: Arc<dyn FaultSink> = Arc::new(NoSink);
+        for _ in 0..20 {
+            let ep = Arc::new(EndpointShared::new(
+                1,
+                View::new(0, Mode::Bypass),
+                faults.clone(),
+            ));
+            let slot = ep.register_slot();
+            let pinned = ep.load_full();
+            let page = Arc::new(AtomicUsize::new(0));
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (p2, pg, st) = (pinned.clone(), page.clone(), stop.clone());
+            let t = std::thread::spawn(move || {
+                while !st.load(Ordering::Relaxed) {
+                    if let Some(hold) = p2.enter_with(&slot) {
+                        pg.fetch_add(1, Ordering::Relaxed);
+                        p2.leave(hold);
+                    }
+                }
+            });
+            std::thread::sleep(Duration::from_millis(5));
+            ep.publish(View::new(1, Mode::Deny), true, Duration::from_millis(1));
+            let at = page.load(Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(5));
+            assert_eq!(
+                page.load(Ordering::SeqCst),
+                at,
+                "written after the revocation"
+            );
+            stop.store(true, Ordering::Relaxed);
+            t.join().unwrap();
+            drop(pinned);
         }
     }
 
