@@ -34,6 +34,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+#[path = "snapshot.rs"]
+mod snapshot;
+
 /// Host mapper calls (VFIO map/unmap) after which a notification stops serving requests; the
 /// rest is served by the next one (see the module doc).
 pub const HOST_CALLS_PER_NOTIFY: u64 = 4096;
