@@ -208,7 +208,12 @@ fn hostile_engine_content_gets_a_clear_error() {
         ),
         (
             "overlap",
-            hostile(true, &eps, &[(1, 0, &[page(0, true), page(0, false)])], None),
+            hostile(
+                true,
+                &eps,
+                &[(1, 0, &[page(0, true), page(0, false)])],
+                None,
+            ),
         ),
         (
             "misaligned",
@@ -244,14 +249,27 @@ fn hostile_engine_content_gets_a_clear_error() {
             ),
         ),
         ("kind", hostile(true, &eps, &[(1, 9, &one)], None)),
-        ("identity with mappings", hostile(true, &eps, &[(1, 1, &one)], None)),
+        (
+            "identity with mappings",
+            hostile(true, &eps, &[(1, 1, &one)], None),
+        ),
         (
             "endpoint in an unsaved domain",
-            hostile(true, &[(EP, Some(2), false), (EP2, None, false)], &[(1, 0, &one)], None),
+            hostile(
+                true,
+                &[(EP, Some(2), false), (EP2, None, false)],
+                &[(1, 0, &one)],
+                None,
+            ),
         ),
         (
             "domain without endpoint",
-            hostile(true, &[(EP, None, false), (EP2, None, false)], &[(1, 0, &one)], None),
+            hostile(
+                true,
+                &[(EP, None, false), (EP2, None, false)],
+                &[(1, 0, &one)],
+                None,
+            ),
         ),
         (
             "other endpoints",
@@ -259,7 +277,12 @@ fn hostile_engine_content_gets_a_clear_error() {
         ),
         (
             "assigned on one side only",
-            hostile(true, &[(EP, Some(1), true), (EP2, None, false)], &[(1, 0, &one)], None),
+            hostile(
+                true,
+                &[(EP, Some(1), true), (EP2, None, false)],
+                &[(1, 0, &one)],
+                None,
+            ),
         ),
     ];
     for (what, blob) in cases {
@@ -336,7 +359,9 @@ fn virtio_iommu_round_trip_keeps_domains_queues_counters_and_bypass() {
     assert_eq!(dev.domains().domain_bypass(2), Some(true));
     assert!(!dev.domains().bypass());
     assert_eq!(
-        h.view().translate(0x10008, Access::Write).map(|m| m.gpa_of(0x10008)),
+        h.view()
+            .translate(0x10008, Access::Write)
+            .map(|m| m.gpa_of(0x10008)),
         Ok(0x40008)
     );
     assert_eq!(dev.save_state(), blob);

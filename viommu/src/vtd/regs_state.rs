@@ -16,7 +16,12 @@ impl Registers {
     pub(crate) fn encode_state(&self, w: &mut Writer) {
         w.u64(self.cap);
         w.u64(self.ecap);
-        for b in [self.translation, self.queue_enabled, self.cfi, self.root_latched] {
+        for b in [
+            self.translation,
+            self.queue_enabled,
+            self.cfi,
+            self.root_latched,
+        ] {
             w.bool(b);
         }
         w.u64(self.rtaddr);
@@ -75,11 +80,16 @@ impl Registers {
             (k, v) => return Err(invalid(format!("root table {k}/{v:#x}"))),
         };
         if s.root.is_some() != s.root_latched {
-            return Err(invalid("root table latched without one (or the reverse)".into()));
+            return Err(invalid(
+                "root table latched without one (or the reverse)".into(),
+            ));
         }
         s.ccmd = r.u64()?;
         if s.ccmd & !((CCMD_WRITABLE & !CCMD_ICC) | 3 << CCMD_CAIG_SHIFT) != 0 {
-            return Err(invalid(format!("CCMD {:#x} (a command in progress?)", s.ccmd)));
+            return Err(invalid(format!(
+                "CCMD {:#x} (a command in progress?)",
+                s.ccmd
+            )));
         }
         s.iva = r.u64()?;
         if s.iva & !IVA_WRITABLE != 0 {
@@ -87,7 +97,10 @@ impl Registers {
         }
         s.iotlb = r.u64()?;
         if s.iotlb & !((IOTLB_WRITABLE & !IOTLB_IVT) | 3 << IOTLB_IAIG_SHIFT) != 0 {
-            return Err(invalid(format!("IOTLB {:#x} (a command in progress?)", s.iotlb)));
+            return Err(invalid(format!(
+                "IOTLB {:#x} (a command in progress?)",
+                s.iotlb
+            )));
         }
         s.faults = FaultLog::decode_state(r)?;
         s.fedata = r.u32()?;
@@ -115,7 +128,9 @@ impl Registers {
         s.ieaddr = r.u32()?;
         s.ieuaddr = r.u32()?;
         if s.iedata & !EVENT_DATA_MASK != 0 || s.ieaddr & !EVENT_ADDR_MASK != 0 {
-            return Err(invalid("invalidation event data/address reserved bits".into()));
+            return Err(invalid(
+                "invalidation event data/address reserved bits".into(),
+            ));
         }
         Ok(s)
     }

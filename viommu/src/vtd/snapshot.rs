@@ -205,7 +205,10 @@ impl Unit {
                 SpaceKind::Paging => u16::try_from(sp.id).is_ok_and(|d| domains.contains_key(&d)),
             };
             if !ok {
-                return Err(invalid(format!("engine space {} has no domain table", sp.id)));
+                return Err(invalid(format!(
+                    "engine space {} has no domain table",
+                    sp.id
+                )));
             }
         }
         for did in domains.keys() {
@@ -233,3 +236,7 @@ impl Unit {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "snapshot_tests.rs"]
+mod tests;
