@@ -12,6 +12,12 @@ const HEADER: usize = 4 + 4 + 2 + 8;
 
 /// CRC-32 (IEEE 802.3, reflected, as zlib's `crc32`).
 pub fn crc32(data: &[u8]) -> u32 {
+    !crc32_update(!0, data)
+}
+
+/// Feed `data` into a running CRC-32 register (start with `!0`, finish with `!`): the CRC
+/// of a stream written piece by piece.
+pub fn crc32_update(state: u32, data: &[u8]) -> u32 {
     const TABLE: [u32; 256] = {
         let mut t = [0u32; 256];
         let mut i = 0;
@@ -31,11 +37,11 @@ pub fn crc32(data: &[u8]) -> u32 {
         }
         t
     };
-    let mut c = !0u32;
+    let mut c = state;
     for &b in data {
         c = TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
     }
-    !c
+    c
 }
 
 /// Frame `payload` as a blob of `kind`.

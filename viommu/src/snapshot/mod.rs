@@ -13,7 +13,7 @@
 
 pub mod codec;
 
-pub use codec::{crc32, frame, unframe, Reader, Writer, FORMAT_VERSION, MAGIC};
+pub use codec::{crc32, crc32_update, frame, unframe, Reader, Writer, FORMAT_VERSION, MAGIC};
 
 /// Why a saved state was refused. Nothing was changed when restore returns one, except as
 /// each `restore_state` documents (the engine is reset to no domains).

@@ -1,0 +1,214 @@
+//! Snapshot and restore end to end on the host's /dev/kvm with a tiny guest: the guest stops
+//! half way, its vCPU, in-kernel irqchip, PIT, clock and RAM are saved to a directory, a new
+//! VM restored from it runs the second half. When /dev/kvm (or one of the state ioctls) is
+//! unusable the test reports itself skipped (`vmm::skip`), never passed.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{kvm_msr_entry, Msrs};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vmm::bus::BusDevice;
+use vmm::lifecycle::{ExitReason, VmControl};
+use vmm::snapshot::vcpu::{msr_list, VcpuState};
+use vmm::snapshot::{Manifest, SnapshotDir, SnapshotError, VmState, FORMAT_VERSION};
+use vmm::vcpu::Vcpu;
+use vmm::vm::{Vm, VmConfig};
+
+const CODE: u64 = 0x1000;
+const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+
+/// Port 0x500: every write stops the VM (the guest's "snapshot me" and "done").
+struct Stop(Arc<VmControl>, Arc<Mutex<u32>>);
+
+impl BusDevice for Stop {
+    fn read(&mut self, _: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&mut self, _: u64, _: &[u8]) {
+        *self.1.lock().unwrap() += 1;
+        self.0.request_stop(ExitReason::Halted);
+    }
+}
+
+fn vm() -> (Vm, Arc<Mutex<u32>>) {
+    let vm = Vm::new(VmConfig {
+        cpus: 1,
+        memory: 64 << 20,
+        irqchip: true,
+    })
+    .unwrap();
+    let stops = Arc::new(Mutex::new(0));
+    vm.buses
+        .pio
+        .insert(
+            0x500,
+            1,
+            Arc::new(Mutex::new(Stop(vm.control.clone(), stops.clone()))),
+        )
+        .unwrap();
+    (vm, stops)
+}
+
+fn real_mode(vcpu: &Vcpu) {
+    let mut s = vcpu.fd.get_sregs().unwrap();
+    s.cs.base = 0;
+    s.cs.selector = 0;
+    vcpu.fd.set_sregs(&s).unwrap();
+    let mut r = vcpu.fd.get_regs().unwrap();
+    r.rip = CODE;
+    r.rflags = 2;
+    vcpu.fd.set_regs(&r).unwrap();
+}
+
+fn manifest() -> Manifest {
+    Manifest {
+        version: FORMAT_VERSION,
+        cpus: 1,
+        memory: 64 << 20,
+        irqchip: true,
+        config: "tiny".into(),
+        devices: vec![],
+    }
+}
+
+/// A state ioctl this KVM does not implement: the test cannot run here.
+fn unsupported(e: &SnapshotError) -> bool {
+    matches!(e, SnapshotError::Kvm(_, errno) if *errno == libc::ENOTTY || *errno == libc::ENOSYS)
+}
+
+#[test]
+fn a_tiny_guest_resumes_from_its_snapshot_in_a_new_vm() {
+    const TEST: &str = "kvm_snapshot::a_tiny_guest_resumes_from_its_snapshot_in_a_new_vm";
+    let Some(kvm) = vmm::skip::kvm_or_skip(TEST) else {
+        return;
+    };
+    let (src, _) = vm();
+    #[rustfmt::skip]
+    let code = [
+        0xb8, 0x34, 0x12,       // mov ax, 0x1234
+        0xa3, 0x00, 0x30,       // mov [0x3000], ax
+        0xbb, 0x78, 0x56,       // mov bx, 0x5678
+        0xba, 0x00, 0x05,       // mov dx, 0x500
+        0xee,                   // out dx, al        <- snapshot here
+        0x8b, 0x0e, 0x00, 0x30, // mov cx, [0x3000]
+        0x01, 0xd9,             // add cx, bx
+        0x89, 0x0e, 0x02, 0x30, // mov [0x3002], cx
+        0xee,                   // out dx, al        <- done
+        0xeb, 0xfe,             // jmp $
+    ];
+    src.memory
+        .memory()
+        .write_slice(&code, GuestAddress(CODE))
+        .unwrap();
+    let mut vcpus = src.create_vcpus().unwrap();
+    real_mode(&vcpus[0]);
+    assert_eq!(vcpus[0].run(), ExitReason::Halted);
+    // Something of every kind to carry over: an MSR, the LAPIC's TPR.
+    let msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_IA32_SYSENTER_ESP,
+        data: 0xfeed_f00d,
+        ..Default::default()
+    }])
+    .unwrap();
+    assert_eq!(vcpus[0].fd.set_msrs(&msrs).unwrap(), 1);
+    let mut lapic = vcpus[0].fd.get_lapic().unwrap();
+    lapic.regs[0x80] = 0x30; // TPR
+    vcpus[0].fd.set_lapic(&lapic).unwrap();
+
+    let dir = std::env::temp_dir().join(format!("vmm-kvm-snapshot-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let snap = SnapshotDir::new(&dir);
+    snap.create().unwrap();
+    let list = msr_list(&kvm).unwrap();
+    let state = match VcpuState::save(0, &vcpus[0].fd, &list, true) {
+        Ok(s) => s,
+        Err(e) if unsupported(&e) => {
+            vmm::skip::skipped(TEST, &format!("this KVM lacks a vCPU state ioctl: {e}"));
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let vm_state = match VmState::save(&src.fd, true) {
+        Ok(s) => s,
+        Err(e) if unsupported(&e) => {
+            vmm::skip::skipped(TEST, &format!("this KVM lacks a VM state ioctl: {e}"));
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    snap.write_vcpu(&state).unwrap();
+    snap.write_vm(&vm_state).unwrap();
+    let pages = snap.write_memory(&*src.memory.memory()).unwrap();
+    assert!(pages >= 2, "code and data pages saved ({pages})");
+    snap.write_manifest(&manifest()).unwrap();
+    drop(vcpus);
+    drop(src);
+
+    // A new VM, as `vmm --restore` builds it: same configuration, then the saved state.
+    let (dst, stops) = vm();
+    snap.read_manifest(&manifest()).unwrap();
+    let mismatch = Manifest {
+        memory: 128 << 20,
+        ..manifest()
+    };
+    assert!(matches!(
+        snap.read_manifest(&mismatch),
+        Err(SnapshotError::Mismatch(_))
+    ));
+    snap.read_memory(&*dst.memory.memory()).unwrap();
+    snap.read_vm().unwrap().restore(&dst.fd, true).unwrap();
+    let mut vcpus = dst.create_vcpus().unwrap();
+    snap.read_vcpu(0)
+        .unwrap()
+        .restore(&vcpus[0].fd, true)
+        .unwrap();
+    let again = VcpuState::save(0, &vcpus[0].fd, &list, true).unwrap();
+    assert_eq!(again.regs.rip, state.regs.rip);
+    assert_eq!(again.lapic.unwrap().regs[0x80], 0x30);
+    assert!(again
+        .msrs
+        .iter()
+        .any(|&(i, v)| i == MSR_IA32_SYSENTER_ESP && v == 0xfeed_f00d));
+
+    assert_eq!(vcpus[0].run(), ExitReason::Halted);
+    assert_eq!(*stops.lock().unwrap(), 1, "only the second stop ran here");
+    let r = vcpus[0].fd.get_regs().unwrap();
+    assert_eq!(
+        r.rcx & 0xffff,
+        0x68ac,
+        "bx from the registers + [0x3000] from RAM"
+    );
+    let v: u16 = dst.memory.memory().read_obj(GuestAddress(0x3002)).unwrap();
+    assert_eq!(v, 0x68ac);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn kvm_refuses_a_hostile_vcpu_state_with_an_error() {
+    const TEST: &str = "kvm_snapshot::kvm_refuses_a_hostile_vcpu_state_with_an_error";
+    let Some(kvm) = vmm::skip::kvm_or_skip(TEST) else {
+        return;
+    };
+    let (vm, _) = vm();
+    let vcpus = vm.create_vcpus().unwrap();
+    let list = msr_list(&kvm).unwrap();
+    let mut s = match VcpuState::save(0, &vcpus[0].fd, &list, true) {
+        Ok(s) => s,
+        Err(e) if unsupported(&e) => {
+            vmm::skip::skipped(TEST, &format!("this KVM lacks a vCPU state ioctl: {e}"));
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    // An MSR no CPU has: refused with the index named.
+    s.msrs.push((0xdead_0000, 1));
+    let e = s.restore(&vcpus[0].fd, true).unwrap_err().to_string();
+    assert!(e.contains("0xdead0000"), "{e}");
+    s.msrs.pop();
+    // Saved without an irqchip, restored with one.
+    s.lapic = None;
+    assert!(matches!(
+        s.restore(&vcpus[0].fd, true),
+        Err(SnapshotError::Mismatch(_))
+    ));
+}
