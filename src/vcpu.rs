@@ -293,7 +293,9 @@ impl Vcpu {
 
     /// Run until the VM stops; returns the reason this vCPU saw (or the VM's).
     pub fn run(&mut self) -> ExitReason {
+        self.control.pause.register(self.id);
         let reason = self.run_loop();
+        self.control.pause.unregister(self.id);
         self.probe.stopped();
         reason
     }
@@ -302,6 +304,10 @@ impl Vcpu {
         loop {
             if self.control.stopping() {
                 break;
+            }
+            if self.control.pause.requested() {
+                self.control.pause.park(self.id, &self.fd);
+                continue;
             }
             self.probe.entering_run();
             let stop = match self.fd.run() {

@@ -212,3 +212,97 @@ fn kvm_refuses_a_hostile_vcpu_state_with_an_error() {
         Err(SnapshotError::Mismatch(_))
     ));
 }
+
+/// The whole control path on a running guest: `vmm ctl` pause (the guest's counter stops),
+/// snapshot, resume (it counts on), stop; then a new VM restored from the snapshot counts on
+/// from the paused value.
+#[test]
+fn pause_snapshot_resume_through_the_control_socket_then_restore() {
+    use vmm::snapshot::api::{ctl, ApiServer};
+    use vmm::snapshot::controller::{restore, Controller};
+    const TEST: &str =
+        "kvm_snapshot::pause_snapshot_resume_through_the_control_socket_then_restore";
+    let Some(kvm) = vmm::skip::kvm_or_skip(TEST) else {
+        return;
+    };
+    #[rustfmt::skip]
+    let code = [
+        0xff, 0x06, 0x00, 0x30, // inc word [0x3000]
+        0xeb, 0xfa,             // jmp back to the inc
+    ];
+    let counter = |vm: &Vm| -> u16 { vm.memory.memory().read_obj(GuestAddress(0x3000)).unwrap() };
+    let (src, _) = vm();
+    src.memory
+        .memory()
+        .write_slice(&code, GuestAddress(CODE))
+        .unwrap();
+    let vcpus = src.create_vcpus().unwrap();
+    real_mode(&vcpus[0]);
+    let list = msr_list(&kvm).unwrap();
+    let controller = Controller::new(
+        src.control.clone(),
+        src.fd.clone(),
+        src.memory.clone(),
+        list.clone(),
+        manifest(),
+    );
+    let sock = std::env::temp_dir().join(format!("vmm-kvm-snapshot-{}.sock", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("vmm-kvm-snapshot-ctl-{}", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut server = ApiServer::start(&sock, Arc::new(controller)).unwrap();
+    let s = sock.display().to_string();
+    let run = |args: &[&str]| {
+        let mut v = vec![s.clone()];
+        v.extend(args.iter().map(|a| a.to_string()));
+        ctl(&v)
+    };
+    let control = src.control.clone();
+    let runner = std::thread::spawn(move || vmm::vm::run_vcpus(vcpus, &control));
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(run(&["snapshot", dir.to_str().unwrap()])
+        .unwrap_err()
+        .contains("paused first"));
+    run(&["pause"]).unwrap();
+    assert_eq!(run(&["info"]).unwrap(), r#"{"state":"Paused"}"#);
+    let at_pause = counter(&src);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(counter(&src), at_pause, "no vCPU runs while paused");
+    match run(&["snapshot", dir.to_str().unwrap()]) {
+        Ok(_) => {}
+        Err(e) if e.contains("errno 25") || e.contains("errno 38") => {
+            src.control.request_stop(ExitReason::PowerOff);
+            let _ = runner.join();
+            vmm::skip::skipped(TEST, &format!("this KVM lacks a state ioctl: {e}"));
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    }
+    assert!(run(&["snapshot", dir.to_str().unwrap()])
+        .unwrap_err()
+        .contains("already holds"));
+    run(&["resume"]).unwrap();
+    let t = std::time::Instant::now();
+    while counter(&src) == at_pause && t.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_ne!(counter(&src), at_pause, "the guest runs again after resume");
+    src.control.request_stop(ExitReason::PowerOff);
+    assert_eq!(runner.join().unwrap().unwrap(), ExitReason::PowerOff);
+    server.stop();
+
+    let (dst, _) = vm();
+    let vcpus = dst.create_vcpus().unwrap();
+    restore(&dir, &dst.fd, &dst.memory.memory(), &vcpus, &manifest()).unwrap();
+    assert_eq!(counter(&dst), at_pause, "RAM as it was when paused");
+    let control = dst.control.clone();
+    let runner = std::thread::spawn(move || vmm::vm::run_vcpus(vcpus, &control));
+    let t = std::time::Instant::now();
+    while counter(&dst) == at_pause && t.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_ne!(counter(&dst), at_pause, "the restored guest counts on");
+    dst.control.request_stop(ExitReason::PowerOff);
+    runner.join().unwrap().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -11,7 +11,10 @@
 //! Every file is size-capped before it is read, every value checked before it is used; KVM
 //! checks what it loads. See docs/snapshot.md.
 
+pub mod api;
+pub mod controller;
 pub mod memory;
+pub mod pause;
 pub mod vcpu;
 
 use kvm_bindings::{
