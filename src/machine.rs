@@ -92,6 +92,9 @@ pub enum MachineError {
     /// A VFIO passthrough device could not be opened or attached.
     #[error("vfio")]
     Vfio(#[from] VfioError),
+    /// `--restore` or `--api-socket` failed.
+    #[error("snapshot")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 /// Why a virtio disk or port could not be attached.
@@ -546,6 +549,13 @@ impl Machine {
 
     /// Write ACPI tables, load the kernel, and run all vCPUs until the guest stops.
     pub fn boot(mut self) -> Result<ExitReason, MachineError> {
+        let snapshots = crate::snapshot::machine::Plan::new(
+            &self.config,
+            self.vtd.as_ref().map(|v| v.unit.clone()),
+        );
+        if self.config.restore.is_some() {
+            snapshots.check_restorable()?;
+        }
         self.plug_iommu()?;
         self.describe_vtd()?;
         let mem = self.vm.memory.memory();
@@ -571,6 +581,13 @@ impl Machine {
         drop(mem);
         let vcpus = self.vm.create_vcpus()?;
         self.vm.configure_boot_vcpu(&vcpus, &info)?;
+        if let Some(dir) = &self.config.restore {
+            crate::snapshot::machine::restore_machine(dir, &self.vm, &vcpus, &snapshots)?;
+        }
+        let _api = match &self.config.api_socket {
+            Some(path) => Some(crate::snapshot::machine::serve(path, &self.vm, &snapshots)?),
+            None => None,
+        };
         // Started before the main thread's seccomp filter; it installs its own.
         let watchdog = match &self.config.watchdog {
             Some(w) => Some(

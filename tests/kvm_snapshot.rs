@@ -306,3 +306,100 @@ fn pause_snapshot_resume_through_the_control_socket_then_restore() {
     runner.join().unwrap().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The machine's snapshot plan on a tiny guest with the legacy devices: the guest programs
+/// COM1's scratch register and the CMOS, pauses, is saved through the control socket the
+/// machine starts, and a new VM with the same configuration restores the devices too.
+#[test]
+fn the_machine_plan_saves_and_restores_the_legacy_devices() {
+    use vmm::snapshot::api::ctl;
+    use vmm::snapshot::machine::{restore_machine, serve, Plan};
+    const TEST: &str = "kvm_snapshot::the_machine_plan_saves_and_restores_the_legacy_devices";
+    if vmm::skip::kvm_or_skip(TEST).is_none() {
+        return;
+    }
+    let mut cfg = vmm::config::VmConfig::new("k".into());
+    cfg.cpus = 1;
+    cfg.memory = 64 << 20;
+    let plan = Plan::new(&cfg, None);
+    let machine_vm = || {
+        let vm = Vm::new(VmConfig {
+            cpus: 1,
+            memory: 64 << 20,
+            irqchip: true,
+        })
+        .unwrap();
+        vm.add_legacy_devices(Box::new(std::io::sink())).unwrap();
+        vm
+    };
+    #[rustfmt::skip]
+    let code = [
+        0xba, 0xff, 0x03,       // mov dx, 0x3ff (COM1 scratch)
+        0xb0, 0xa5,             // mov al, 0xa5
+        0xee,                   // out dx, al
+        0xb0, 0x40, 0xe6, 0x70, // mov al, 0x40; out 0x70, al (CMOS index)
+        0xb0, 0x3c, 0xe6, 0x71, // mov al, 0x3c; out 0x71, al (NVRAM[0x40])
+        0xff, 0x06, 0x00, 0x30, // inc word [0x3000]
+        0xeb, 0xfa,             // jmp back to the inc
+    ];
+    let src = machine_vm();
+    src.memory
+        .memory()
+        .write_slice(&code, GuestAddress(CODE))
+        .unwrap();
+    let vcpus = src.create_vcpus().unwrap();
+    real_mode(&vcpus[0]);
+    let id = std::process::id();
+    let sock = std::env::temp_dir().join(format!("vmm-kvm-plan-{id}.sock"));
+    let dir = std::env::temp_dir().join(format!("vmm-kvm-plan-{id}"));
+    let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_dir_all(&dir);
+    let server = serve(&sock, &src, &plan).unwrap();
+    let control = src.control.clone();
+    let runner = std::thread::spawn(move || vmm::vm::run_vcpus(vcpus, &control));
+    let s = sock.display().to_string();
+    let t = std::time::Instant::now();
+    while src
+        .memory
+        .memory()
+        .read_obj::<u16>(GuestAddress(0x3000))
+        .unwrap()
+        == 0
+        && t.elapsed() < std::time::Duration::from_secs(5)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    ctl(&[s.clone(), "pause".into()]).unwrap();
+    match ctl(&[s.clone(), "snapshot".into(), dir.display().to_string()]) {
+        Ok(_) => {}
+        Err(e) if e.contains("errno 25") || e.contains("errno 38") => {
+            src.control.request_stop(ExitReason::PowerOff);
+            let _ = runner.join();
+            vmm::skip::skipped(TEST, &format!("this KVM lacks a state ioctl: {e}"));
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    }
+    src.control.request_stop(ExitReason::PowerOff);
+    runner.join().unwrap().unwrap();
+    drop(server);
+
+    let dst = machine_vm();
+    let vcpus = dst.create_vcpus().unwrap();
+    restore_machine(&dir, &dst, &vcpus, &plan).unwrap();
+    let legacy = dst.legacy.get().unwrap();
+    let mut v = [0u8];
+    vmm::bus::BusDevice::read(&mut *legacy.serial.lock().unwrap(), 7, &mut v);
+    assert_eq!(v[0], 0xa5, "COM1 scratch register restored");
+    vmm::bus::BusDevice::write(&mut *legacy.cmos.lock().unwrap(), 0, &[0x40]);
+    vmm::bus::BusDevice::read(&mut *legacy.cmos.lock().unwrap(), 1, &mut v);
+    assert_eq!(v[0], 0x3c, "CMOS NVRAM restored");
+    // Another configuration is refused, naming the difference.
+    let mut other = cfg.clone();
+    other.cpus = 2;
+    let e = restore_machine(&dir, &dst, &vcpus, &Plan::new(&other, None))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("vCPUs"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,7 +1,7 @@
 //! Guest RAM in a snapshot: the region layout, then every page that is not all zero as
-//! `(gpa, 4 KiB)`, an end marker and a CRC-32 of the whole file. Restore writes into a VM
-//! whose RAM is fresh (zero): the layout must match, pages must be aligned, in order and
-//! inside a region.
+//! `(gpa, 4 KiB)`, an end marker and a CRC-32 of the whole file. Restore writes every saved
+//! page and zeroes the rest (the VM restored into may have loaded a kernel): the layout must
+//! match, pages must be aligned, in order and inside a region.
 
 use super::SnapshotError;
 use std::io::{Read, Write};
@@ -43,6 +43,27 @@ impl<R: Read> Crc<R> {
 
 fn regions<M: GuestMemoryBackend>(mem: &M) -> Vec<(u64, u64)> {
     mem.iter().map(|r| (r.start_addr().0, r.len())).collect()
+}
+
+/// Zero guest RAM from `from` up to (not including) `to`, within the regions of `layout`.
+fn zero<M: GuestMemory>(
+    mem: &M,
+    layout: &[(u64, u64)],
+    from: u64,
+    to: u64,
+) -> Result<(), SnapshotError> {
+    static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+    for &(start, len) in layout {
+        let (a, b) = (from.max(start), to.min(start + len));
+        let mut at = a;
+        while at < b {
+            let n = (b - at).min(ZEROS.len() as u64) as usize;
+            mem.write_slice(&ZEROS[..n], GuestAddress(at))
+                .map_err(|e| SnapshotError::Invalid(format!("zeroing RAM at {at:#x}: {e}")))?;
+            at += n as u64;
+        }
+    }
+    Ok(())
 }
 
 /// Write `mem` to `out`; returns the number of pages written.
@@ -136,11 +157,13 @@ where
             )));
         };
         r.get(&mut page)?;
+        zero(mem, &layout, next, gpa)?;
         mem.write_slice(&page[..n], GuestAddress(gpa))
             .map_err(|e| SnapshotError::Invalid(format!("writing RAM at {gpa:#x}: {e}")))?;
         next = gpa + PAGE as u64;
         pages += 1;
     }
+    zero(mem, &layout, next, u64::MAX)?;
     let want = !r.crc;
     let mut b = [0u8; 4];
     r.inner
@@ -182,7 +205,15 @@ mod tests {
         let mut file = Vec::new();
         assert_eq!(save(&src, &mut file).unwrap(), 2);
         let dst = ram();
+        dst.write_slice(b"stale", GuestAddress(0x8000)).unwrap();
+        dst.write_slice(b"stale", GuestAddress((1 << 32) + 0x1000))
+            .unwrap();
         assert_eq!(restore(&dst, &file[..]).unwrap(), 2);
+        for at in [0x8000, (1 << 32) + 0x1000] {
+            let mut z = [1u8; 5];
+            dst.read_slice(&mut z, GuestAddress(at)).unwrap();
+            assert_eq!(z, [0; 5], "pages not saved are zero after restore");
+        }
         let mut b = [0u8; 5];
         dst.read_slice(&mut b, GuestAddress(0x3003)).unwrap();
         assert_eq!(&b, b"hello");

@@ -13,6 +13,8 @@
 
 pub mod api;
 pub mod controller;
+pub mod legacy;
+pub mod machine;
 pub mod memory;
 pub mod pause;
 pub mod vcpu;
@@ -230,7 +232,7 @@ impl SnapshotDir {
     }
 
     /// Read and check the manifest against this build and `expected` (cpus, memory, irqchip,
-    /// configuration of the VM restored into; `devices` is ignored).
+    /// configuration and device blobs of the VM restored into).
     pub fn read_manifest(&self, expected: &Manifest) -> Result<Manifest, SnapshotError> {
         let m: Manifest = read_json(&self.path("manifest.json"))?;
         if m.version != FORMAT_VERSION {
@@ -259,6 +261,12 @@ impl SnapshotDir {
             mismatches.push(format!(
                 "devices saved as `{}`, given `{}`",
                 m.config, expected.config
+            ));
+        }
+        if m.devices != expected.devices {
+            mismatches.push(format!(
+                "device states saved {:?}, this VM has {:?}",
+                m.devices, expected.devices
             ));
         }
         if !mismatches.is_empty() {
