@@ -155,6 +155,9 @@ struct PendingVtd {
     endpoints: Vec<u16>,
 }
 
+/// The virtio-iommu's slot and function once plugged (its state is saved in snapshots).
+type PluggedIommu = (u8, Arc<Mutex<VirtioPciDevice>>);
+
 /// The virtio-iommu between creation and boot: endpoints are registered while disks are
 /// added, the device is plugged (and the VIOT built) at boot.
 struct PendingIommu {
@@ -519,9 +522,9 @@ impl Machine {
 
     /// Plug the pending virtio-iommu at its reserved slot and add the VIOT describing it and
     /// its endpoints.
-    fn plug_iommu(&mut self) -> Result<(), MachineError> {
+    fn plug_iommu(&mut self) -> Result<Option<PluggedIommu>, MachineError> {
         let Some(iommu) = self.iommu.take() else {
-            return Ok(());
+            return Ok(None);
         };
         // Always wrapped: its thread continues a notification cut short at the device's
         // per-notification budget (and polls when `poll` is set).
@@ -534,9 +537,10 @@ impl Machine {
             self.vm.ioevent_manager(),
         )
         .map_err(ViommuSetupError::from)?;
+        let dev = Arc::new(Mutex::new(dev));
         let slot = self
             .pci
-            .add_device_at(iommu.slot, Arc::new(Mutex::new(dev)))
+            .add_device_at(iommu.slot, dev.clone())
             .map_err(ViommuSetupError::from)?;
         let table = viot::build(viot::bdf(0, slot, 0), &iommu.endpoints);
         self.add_acpi_table(table);
@@ -544,19 +548,21 @@ impl Machine {
             "virtio-iommu at PCI 00:{slot:02x}.0, endpoints {:x?}",
             iommu.endpoints
         );
-        Ok(())
+        Ok(Some((slot, dev)))
     }
 
     /// Write ACPI tables, load the kernel, and run all vCPUs until the guest stops.
     pub fn boot(mut self) -> Result<ExitReason, MachineError> {
-        let snapshots = crate::snapshot::machine::Plan::new(
+        let mut snapshots = crate::snapshot::machine::Plan::new(
             &self.config,
             self.vtd.as_ref().map(|v| v.unit.clone()),
         );
+        if let Some((slot, dev)) = self.plug_iommu()? {
+            snapshots.set_viommu(self.pci.clone(), slot, dev);
+        }
         if self.config.restore.is_some() {
             snapshots.check_restorable()?;
         }
-        self.plug_iommu()?;
         self.describe_vtd()?;
         let mem = self.vm.memory.memory();
         let rsdp = acpi::write(

@@ -458,6 +458,14 @@ impl VirtioDevice for Viommu {
         queue == REQUEST_QUEUE && self.pending && self.active.is_some()
     }
 
+    fn save_state(&self) -> Option<Vec<u8>> {
+        Some(Viommu::save_state(self))
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
+        Viommu::restore_state(self, state).map_err(|e| e.to_string())
+    }
+
     fn queue_notify(&mut self, queue: u16) {
         match queue {
             REQUEST_QUEUE => self.process_requests(),
