@@ -100,7 +100,7 @@ impl Viommu {
     /// configuration and endpoints, activated by its transport as it was when saved (or not
     /// activated if it was not). Everything is checked before anything changes, except the
     /// domains, which are rebuilt through the engine's own checks: on error the device holds
-    /// no domains.
+    /// no domains and keeps its `config.bypass`.
     pub fn restore_state(&mut self, blob: &[u8]) -> Result<()> {
         let payload = unframe(KIND, blob)?;
         let mut r = Reader::new(payload);
@@ -158,7 +158,11 @@ impl Viommu {
                 "virtio-iommu event queue usable on one side only".into(),
             ));
         }
-        self.domains.engine_mut().apply_state(&engine)?;
+        let bypass = self.domains.bypass();
+        if let Err(e) = self.domains.engine_mut().apply_state(&engine) {
+            self.domains.set_bypass(bypass);
+            return Err(e);
+        }
         if let (Some(a), Some((avail, used))) = (self.active.as_mut(), request) {
             a.queue.set_next_avail(avail);
             a.queue.set_next_used(used);

@@ -156,7 +156,7 @@ impl Unit {
     /// and endpoints, fresh from [`Unit::new`] (no domains). Everything is checked before
     /// anything changes, except the domains, rebuilt through the engine's checks (every
     /// mapping replayed into the host mappers, views published): on error the unit is left
-    /// with no domains and its reset registers.
+    /// in its reset state (no domains, reset registers, every endpoint identity).
     pub fn restore_state(&self, blob: &[u8]) -> Result<()> {
         let payload = unframe(KIND, blob)?;
         let mut st = self.lock();
@@ -220,7 +220,11 @@ impl Unit {
                 return Err(invalid(format!("domain table {did} with no live domain")));
             }
         }
-        st.engine.apply_state(&engine)?;
+        if let Err(e) = st.engine.apply_state(&engine) {
+            // Back to the reset state: translation off, every endpoint identity.
+            st.engine.set_default_identity(true);
+            return Err(e);
+        }
         st.regs = regs;
         st.contexts = contexts;
         st.domains = domains;

@@ -201,6 +201,8 @@ fn truncated_corrupt_and_mismatched_blobs_are_refused() {
         let dst = Guest::over(src.mem.clone());
         assert!(dst.unit.restore_state(&blob[..cut]).is_err(), "cut {cut}");
         assert_eq!(dst.unit.domain_mappings(5), None);
+        // Still the reset state: translation off, the endpoint identity.
+        assert!(dst.disk.view().translate(0x1234_5000, Access::Read).is_ok());
     }
     for i in (0..blob.len()).step_by(5) {
         let mut bad = blob.clone();
