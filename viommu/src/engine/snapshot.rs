@@ -161,7 +161,10 @@ impl EngineState {
     }
 
     /// Decode, allocating no more than `limits` allow.
-    pub(crate) fn decode(r: &mut Reader<'_>, limits: &crate::Limits) -> Result<Self> {
+    pub(crate) fn decode(
+        r: &mut Reader<'_>,
+        limits: &crate::engine::limits::Limits,
+    ) -> Result<Self> {
         let default_identity = r.bool()?;
         let geometry = Geometry {
             page_size_mask: r.u64()?,
@@ -254,7 +257,7 @@ impl Engine {
     }
 
     /// The caps on guest-created state (what a decoded state may hold).
-    pub(crate) fn limits(&self) -> crate::Limits {
+    pub(crate) fn limits(&self) -> crate::engine::limits::Limits {
         self.limits
     }
 

@@ -3,10 +3,12 @@
 //! over the same guest memory; corrupt and hostile blobs refused.
 
 use super::super::{MsiSender, Unit, UnitConfig};
+use crate::engine::endpoint::EndpointHandle;
+use crate::engine::mapping::Access;
+use crate::engine::translate::TranslatedMemory;
 use crate::snapshot::SnapshotError;
 use crate::vtd::caps::{AddressWidth, FAULT_RECORD_OFFSET};
 use crate::vtd::regs::{offset, MsiMessage};
-use crate::{Access, EndpointHandle};
 use std::sync::{Arc, Mutex};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -114,7 +116,7 @@ impl Guest {
         assert_eq!(self.unit.domain_mappings(5).map(|m| m.len()), Some(2));
         // A DMA to an unmapped IOVA: a fault record.
         let mut b = [0u8; 4];
-        let dev = crate::TranslatedMemory::from_atomic(&self.mem, self.disk.clone());
+        let dev = TranslatedMemory::from_atomic(&self.mem, self.disk.clone());
         assert!(dev.read_slice(&mut b, GuestAddress(0x8000)).is_err());
         self.unit.read(offset::FSTS, &mut b);
         assert_ne!(u32::from_le_bytes(b) & 2, 0, "PPF");
