@@ -63,7 +63,15 @@ usage: vmm --kernel BZIMAGE [options]
                         SECS seconds, log one report (each vCPU's last exit, the device
                         locks held, every VMM thread's kernel state); kmsg=on copies it to
                         /dev/kmsg
-  -h, --help            show this help";
+  --api-socket PATH     control socket (HTTP on a Unix socket, cloud-hypervisor's
+                        vm.pause, vm.resume, vm.snapshot, vm.info); needs --seccomp off|log
+  --restore DIR         resume the snapshot in DIR instead of booting (the same options as
+                        the VM it was taken of: they are checked against it)
+  -h, --help            show this help
+
+usage: vmm ctl SOCKET pause|resume|info|snapshot DIR
+                        drive a VM started with --api-socket SOCKET (snapshot: pause first;
+                        see docs/snapshot.md)";
 
 /// Parsed command line.
 #[derive(Debug, PartialEq, Eq)]
@@ -73,6 +81,8 @@ pub enum Command {
     Run(VmConfig),
     /// Print help.
     Help,
+    /// `vmm ctl SOCKET COMMAND [ARG]`: a client of the control socket.
+    Ctl(Vec<String>),
     /// Hidden, for tests (`--seccomp-selftest KIND`): install the filter of thread kind KIND
     /// on a thread, make an allowed call, then a forbidden one (socket), and report.
     SeccompSelftest(ThreadKind, SeccompMode),
@@ -87,6 +97,10 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, ConfigE
         .ok()
         .and_then(|l| config::parse_level(&l))
         .unwrap_or(LevelFilter::Warn);
+    let args: Vec<String> = args.into_iter().collect();
+    if args.first().is_some_and(|a| a == "ctl") {
+        return Ok(Command::Ctl(args[1..].to_vec()));
+    }
     let mut it = args.into_iter();
     while let Some(arg) = it.next() {
         if arg == "-h" || arg == "--help" {
@@ -169,6 +183,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, ConfigE
                 let arg = value()?;
                 c.watchdog = Some(watchdog(&arg)?);
             }
+            "--api-socket" => c.api_socket = Some(PathBuf::from(value()?)),
+            "--restore" => c.restore = Some(PathBuf::from(value()?)),
             "--log-level" => {
                 let v = value()?;
                 c.log_level = config::parse_level(&v).ok_or(ConfigError::LogLevel(v))?;

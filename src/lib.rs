@@ -28,6 +28,7 @@ pub mod pci_host;
 pub mod report;
 pub mod seccomp;
 pub mod skip;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vfio;
 pub mod viot;

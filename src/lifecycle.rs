@@ -44,6 +44,8 @@ pub struct VmControl {
     stopping: AtomicBool,
     /// Signalled once when a stop is requested.
     pub stop_evt: EventFd,
+    /// Where vCPUs park while the VM is paused (`vmm ctl PATH pause`).
+    pub pause: crate::snapshot::pause::PauseGate,
 }
 
 impl VmControl {
@@ -53,6 +55,7 @@ impl VmControl {
             reason: Mutex::new(None),
             stopping: AtomicBool::new(false),
             stop_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            pause: Default::default(),
         })
     }
 
@@ -63,6 +66,7 @@ impl VmControl {
             log::info!("VM stopping: {reason:?}");
             *r = Some(reason);
             self.stopping.store(true, Ordering::SeqCst);
+            self.pause.stop();
             let _ = self.stop_evt.write(1);
         }
     }

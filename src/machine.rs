@@ -92,6 +92,9 @@ pub enum MachineError {
     /// A VFIO passthrough device could not be opened or attached.
     #[error("vfio")]
     Vfio(#[from] VfioError),
+    /// `--restore` or `--api-socket` failed.
+    #[error("snapshot")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 /// Why a virtio disk or port could not be attached.
@@ -151,6 +154,9 @@ struct PendingVtd {
     unit: Unit,
     endpoints: Vec<u16>,
 }
+
+/// The virtio-iommu's slot and function once plugged (its state is saved in snapshots).
+type PluggedIommu = (u8, Arc<Mutex<VirtioPciDevice>>);
 
 /// The virtio-iommu between creation and boot: endpoints are registered while disks are
 /// added, the device is plugged (and the VIOT built) at boot.
@@ -516,9 +522,9 @@ impl Machine {
 
     /// Plug the pending virtio-iommu at its reserved slot and add the VIOT describing it and
     /// its endpoints.
-    fn plug_iommu(&mut self) -> Result<(), MachineError> {
+    fn plug_iommu(&mut self) -> Result<Option<PluggedIommu>, MachineError> {
         let Some(iommu) = self.iommu.take() else {
-            return Ok(());
+            return Ok(None);
         };
         // Always wrapped: its thread continues a notification cut short at the device's
         // per-notification budget (and polls when `poll` is set).
@@ -531,9 +537,10 @@ impl Machine {
             self.vm.ioevent_manager(),
         )
         .map_err(ViommuSetupError::from)?;
+        let dev = Arc::new(Mutex::new(dev));
         let slot = self
             .pci
-            .add_device_at(iommu.slot, Arc::new(Mutex::new(dev)))
+            .add_device_at(iommu.slot, dev.clone())
             .map_err(ViommuSetupError::from)?;
         let table = viot::build(viot::bdf(0, slot, 0), &iommu.endpoints);
         self.add_acpi_table(table);
@@ -541,12 +548,21 @@ impl Machine {
             "virtio-iommu at PCI 00:{slot:02x}.0, endpoints {:x?}",
             iommu.endpoints
         );
-        Ok(())
+        Ok(Some((slot, dev)))
     }
 
     /// Write ACPI tables, load the kernel, and run all vCPUs until the guest stops.
     pub fn boot(mut self) -> Result<ExitReason, MachineError> {
-        self.plug_iommu()?;
+        let mut snapshots = crate::snapshot::machine::Plan::new(
+            &self.config,
+            self.vtd.as_ref().map(|v| v.unit.clone()),
+        );
+        if let Some((slot, dev)) = self.plug_iommu()? {
+            snapshots.set_viommu(self.pci.clone(), slot, dev);
+        }
+        if self.config.restore.is_some() {
+            snapshots.check_restorable()?;
+        }
         self.describe_vtd()?;
         let mem = self.vm.memory.memory();
         let rsdp = acpi::write(
@@ -571,6 +587,13 @@ impl Machine {
         drop(mem);
         let vcpus = self.vm.create_vcpus()?;
         self.vm.configure_boot_vcpu(&vcpus, &info)?;
+        if let Some(dir) = &self.config.restore {
+            crate::snapshot::machine::restore_machine(dir, &self.vm, &vcpus, &snapshots)?;
+        }
+        let _api = match &self.config.api_socket {
+            Some(path) => Some(crate::snapshot::machine::serve(path, &self.vm, &snapshots)?),
+            None => None,
+        };
         // Started before the main thread's seccomp filter; it installs its own.
         let watchdog = match &self.config.watchdog {
             Some(w) => Some(

@@ -15,6 +15,20 @@ fn main() -> ExitCode {
         Ok(Command::SeccompSelftest(kind, mode)) => {
             return ExitCode::from(vmm::seccomp::selftest(kind, mode) as u8);
         }
+        Ok(Command::Ctl(args)) => {
+            return match vmm::snapshot::api::ctl(&args) {
+                Ok(out) => {
+                    if !out.is_empty() {
+                        println!("{out}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vmm ctl: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
         Ok(Command::Help) => {
             println!("{}", cli::USAGE);
             return ExitCode::SUCCESS;

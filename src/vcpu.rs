@@ -293,15 +293,42 @@ impl Vcpu {
 
     /// Run until the VM stops; returns the reason this vCPU saw (or the VM's).
     pub fn run(&mut self) -> ExitReason {
+        self.control.pause.register(self.id);
         let reason = self.run_loop();
+        self.control.pause.unregister(self.id);
         self.probe.stopped();
         reason
+    }
+
+    /// Finish the I/O or MMIO exit just handled before the state is read: KVM completes it
+    /// (an IN's value into RAX, RIP past the instruction) only on the next `KVM_RUN`, so enter
+    /// it once with `immediate_exit` set, which returns at once with EINTR (the KVM API's way
+    /// to bring a vCPU to a consistent state before saving it).
+    fn complete_pending_exit(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => log::warn!(
+                "vCPU {}: completing the last exit before a pause: {e}",
+                self.id
+            ),
+            Ok(exit) => log::warn!(
+                "vCPU {}: unexpected exit {exit:?} completing the last exit before a pause",
+                self.id
+            ),
+        }
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     fn run_loop(&mut self) -> ExitReason {
         loop {
             if self.control.stopping() {
                 break;
+            }
+            if self.control.pause.requested() {
+                self.complete_pending_exit();
+                self.control.pause.park(self.id, &self.fd);
+                continue;
             }
             self.probe.entering_run();
             let stop = match self.fd.run() {

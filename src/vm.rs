@@ -89,6 +89,8 @@ pub struct Vm {
     /// The configuration it was built from.
     pub config: VmConfig,
     msi: Mutex<Option<Arc<KvmMsiIrqManager>>>,
+    /// COM1 and the CMOS, once added (their state is saved in snapshots).
+    pub legacy: std::sync::OnceLock<crate::snapshot::legacy::LegacyDevices>,
 }
 
 impl Vm {
@@ -145,6 +147,7 @@ impl Vm {
             control: Arc::new(VmControl::new().map_err(|e| VmError::Io("eventfd", e))?),
             config,
             msi: Mutex::new(None),
+            legacy: std::sync::OnceLock::new(),
         })
     }
 
@@ -175,10 +178,14 @@ impl Vm {
                 .register_irqfd(&irq, COM1_IRQ)
                 .map_err(|e| VmError::Kvm("KVM_IRQFD (serial)", e))?;
         }
-        let serial = SerialDevice::new(irq, serial_out);
+        let serial = Arc::new(Mutex::new(SerialDevice::new(irq, serial_out)));
+        let cmos = Arc::new(Mutex::new(Cmos::new()));
         let pio = &self.buses.pio;
-        pio.insert(COM1_PORT.into(), 8, Arc::new(Mutex::new(serial)))?;
-        pio.insert(0x70, 2, Arc::new(Mutex::new(Cmos::new())))?;
+        pio.insert(COM1_PORT.into(), 8, serial.clone())?;
+        pio.insert(0x70, 2, cmos.clone())?;
+        let _ = self
+            .legacy
+            .set(crate::snapshot::legacy::LegacyDevices { serial, cmos });
         pio.insert(
             0x60,
             5,

@@ -338,6 +338,8 @@ fn pci_config_cycles_and_acpi_poweroff() {
         seccomp: vmm::seccomp::SeccompMode::Off,
         log_level: log::LevelFilter::Warn,
         watchdog: None,
+        api_socket: None,
+        restore: None,
     })
     .unwrap();
     load(

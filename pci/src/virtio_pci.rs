@@ -459,6 +459,9 @@ impl Drop for VirtioPciDevice {
     }
 }
 
+#[path = "virtio_pci_state.rs"]
+mod state;
+
 #[cfg(test)]
 #[path = "virtio_pci_tests.rs"]
 mod tests;

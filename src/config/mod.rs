@@ -92,6 +92,10 @@ pub struct VmConfig {
     pub log_level: LevelFilter,
     /// The hang watchdog (`--watchdog`, else `VMM_WATCHDOG`; `None`: off).
     pub watchdog: Option<WatchdogOptions>,
+    /// The control socket (`--api-socket PATH`; see `vmm::snapshot::api`).
+    pub api_socket: Option<PathBuf>,
+    /// Restore the snapshot in this directory instead of booting (`--restore DIR`).
+    pub restore: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -112,6 +116,8 @@ impl VmConfig {
             seccomp: SeccompMode::On,
             log_level: LevelFilter::Warn,
             watchdog: None,
+            api_socket: None,
+            restore: None,
         }
     }
 
@@ -120,6 +126,9 @@ impl VmConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.viommu.is_some() && self.vtd.is_some() {
             return Err(ConfigError::TwoIommus);
+        }
+        if self.api_socket.is_some() && self.seccomp == SeccompMode::On {
+            return Err(ConfigError::ApiSocketSeccomp);
         }
         if self.vtd.is_some() {
             if let Some(d) = self.devices.iter().find(|d| d.iommu) {
@@ -276,6 +285,10 @@ pub enum ConfigError {
     /// Both a virtio-iommu and a VT-d (the configuration API allows it, the command line not).
     #[error("one vIOMMU at a time: virtio or vtd")]
     TwoIommus,
+    /// `--api-socket` with `--seccomp on`: the control thread and the vCPU state ioctls have
+    /// no filter rules yet.
+    #[error("--api-socket needs --seccomp off or --seccomp log (no filter rules for the control socket yet)")]
+    ApiSocketSeccomp,
 }
 
 #[cfg(test)]

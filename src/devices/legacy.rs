@@ -101,6 +101,17 @@ impl Cmos {
         Cmos { index: 0, nvram }
     }
 
+    /// The index register and NVRAM (snapshot; the clock follows the host's).
+    pub fn state(&self) -> (u8, [u8; 128]) {
+        (self.index, self.nvram)
+    }
+
+    /// Load a saved index register and NVRAM (restore).
+    pub fn set_state(&mut self, index: u8, nvram: [u8; 128]) {
+        self.index = index & 0x7f;
+        self.nvram = nvram;
+    }
+
     fn time_reg(&self, reg: u8) -> Option<u8> {
         // SAFETY: time() with a null pointer only returns the time; gmtime_r writes to the
         // local `tm` we own.

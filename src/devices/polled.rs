@@ -304,6 +304,14 @@ impl VirtioDevice for Polled {
         // Continued here (see the module doc).
         false
     }
+
+    fn save_state(&self) -> Option<Vec<u8>> {
+        lock(&self.dev).save_state()
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
+        lock(&self.dev).restore_state(state)
+    }
 }
 
 #[cfg(test)]

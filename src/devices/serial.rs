@@ -40,6 +40,33 @@ impl SerialDevice {
     }
 }
 
+impl SerialDevice {
+    /// The UART's registers and receive FIFO (snapshot).
+    pub fn state(&self) -> vm_superio::serial::SerialState {
+        self.serial.state()
+    }
+
+    /// Load saved registers and FIFO (restore); refused when the FIFO is over 64 bytes.
+    pub fn set_state(&mut self, state: &vm_superio::serial::SerialState) -> io::Result<()> {
+        if state.in_buffer.len() > 64 {
+            return Err(io::Error::other(format!(
+                "serial FIFO of {} bytes (at most 64)",
+                state.in_buffer.len()
+            )));
+        }
+        let irq = self.serial.interrupt_evt().0.try_clone()?;
+        let out = std::mem::replace(self.serial.writer_mut(), Box::new(io::sink()));
+        self.serial = Serial::from_state(
+            state,
+            EventFdTrigger(irq),
+            vm_superio::serial::NoEvents,
+            out,
+        )
+        .map_err(|e| io::Error::other(format!("serial state: {e:?}")))?;
+        Ok(())
+    }
+}
+
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if let Some(first) = data.first_mut() {

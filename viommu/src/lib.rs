@@ -56,6 +56,7 @@
 #![deny(missing_docs)]
 
 pub(crate) mod engine;
+pub mod snapshot;
 pub(crate) mod virtio;
 pub mod vtd;
 

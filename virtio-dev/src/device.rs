@@ -81,6 +81,16 @@ pub trait VirtioDevice: Send {
     fn queue_pending(&self, _queue: u16) -> bool {
         false
     }
+    /// The device's own state for a snapshot (the VM paused, nothing in flight), or `None`
+    /// when it cannot save it (the default): the transport's state is saved around it.
+    fn save_state(&self) -> Option<Vec<u8>> {
+        None
+    }
+    /// Load a state from [`VirtioDevice::save_state`], after the transport re-activated the
+    /// device with the saved features and queues. Refuses what it cannot check.
+    fn restore_state(&mut self, _state: &[u8]) -> Result<(), String> {
+        Err("this device cannot restore a saved state".into())
+    }
 }
 
 /// Fill `data` from the device configuration structure `space` at `offset`; bytes past its end

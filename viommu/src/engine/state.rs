@@ -27,6 +27,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[path = "snapshot.rs"]
+pub(crate) mod snapshot;
+
 /// Why the engine refused an operation. Nothing changed when it returns one.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {

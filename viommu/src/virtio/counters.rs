@@ -126,6 +126,25 @@ impl Counters {
         }
     }
 
+    /// Set every counter to `s` (restore of saved state).
+    pub(crate) fn restore(&self, s: &CounterSnapshot) {
+        let w = |c: &AtomicU64, v: u64| c.store(v, Ordering::Relaxed);
+        w(&self.kicks, s.kicks);
+        w(&self.interrupts, s.interrupts);
+        w(&self.maps, s.maps);
+        w(&self.unmaps, s.unmaps);
+        w(&self.attaches, s.attaches);
+        w(&self.detaches, s.detaches);
+        w(&self.probes, s.probes);
+        w(&self.faults, s.faults);
+        w(&self.faults_delivered, s.faults_delivered);
+        w(&self.faults_dropped, s.faults_dropped);
+        w(&self.malformed, s.malformed);
+        for (c, v) in self.statuses.iter().zip(s.statuses.iter()) {
+            w(c, *v);
+        }
+    }
+
     /// Write one `info` line with every counter (call at exit).
     pub fn log_summary(&self) {
         let s = self.snapshot();

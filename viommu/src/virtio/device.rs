@@ -34,6 +34,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+#[path = "snapshot.rs"]
+mod snapshot;
+
 /// Host mapper calls (VFIO map/unmap) after which a notification stops serving requests; the
 /// rest is served by the next one (see the module doc).
 pub const HOST_CALLS_PER_NOTIFY: u64 = 4096;
@@ -453,6 +456,14 @@ impl VirtioDevice for Viommu {
 
     fn queue_pending(&self, queue: u16) -> bool {
         queue == REQUEST_QUEUE && self.pending && self.active.is_some()
+    }
+
+    fn save_state(&self) -> Option<Vec<u8>> {
+        Some(Viommu::save_state(self))
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
+        Viommu::restore_state(self, state).map_err(|e| e.to_string())
     }
 
     fn queue_notify(&mut self, queue: u16) {

@@ -78,6 +78,27 @@ impl FaultReporter {
     pub(crate) fn set_queue(&self, queue: Option<EventQueue>) {
         self.lock().queue = queue;
     }
+
+    /// The event queue's next available and next used indexes, once activated.
+    pub(crate) fn queue_positions(&self) -> Option<(u16, u16)> {
+        let st = self.lock();
+        st.queue
+            .as_ref()
+            .map(|q| (q.queue.next_avail(), q.queue.next_used()))
+    }
+
+    /// Move the event queue to saved indexes; false when it is not activated.
+    pub(crate) fn set_queue_positions(&self, next_avail: u16, next_used: u16) -> bool {
+        let mut st = self.lock();
+        match st.queue.as_mut() {
+            Some(q) => {
+                q.queue.set_next_avail(next_avail);
+                q.queue.set_next_used(next_used);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 impl FaultSink for FaultReporter {

@@ -85,6 +85,16 @@ impl Domains {
         }
     }
 
+    /// The engine (saved state).
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The engine (restore).
+    pub(crate) fn engine_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+
     /// Which optional request flags the negotiated features allow.
     pub fn set_negotiated(&mut self, bypass_config: bool, mmio: bool) {
         self.bypass_flag_allowed = bypass_config;

@@ -67,6 +67,19 @@ impl Counters {
         add(&self.errors, 1);
     }
 
+    /// Set every counter to `s` (restore of saved state).
+    pub(crate) fn restore(&self, s: &CounterSnapshot) {
+        let set = |c: &AtomicU64, v: u64| c.store(v, Ordering::Relaxed);
+        set(&self.maps, s.maps);
+        set(&self.unmaps, s.unmaps);
+        set(&self.invalidations, s.invalidations);
+        set(&self.waits, s.waits);
+        set(&self.walk_reads, s.walk_reads);
+        set(&self.faults, s.faults);
+        set(&self.faults_dropped, s.faults_dropped);
+        set(&self.errors, s.errors);
+    }
+
     /// The current values.
     pub fn snapshot(&self) -> CounterSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);

@@ -16,6 +16,9 @@
 
 use super::caps::FAULT_RECORDS;
 
+#[path = "fault_state.rs"]
+mod state;
+
 /// FSTS.PFO: primary fault overflow (write 1 to clear).
 pub const FSTS_PFO: u32 = 1 << 0;
 /// FSTS.PPF: primary pending fault (read-only, some record has F set).

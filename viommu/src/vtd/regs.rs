@@ -26,6 +26,9 @@ use super::invalidation::{
 use super::queue::{QueueOutcome, QueueState};
 use super::tables::RootTable;
 
+#[path = "regs_state.rs"]
+mod state;
+
 /// Register offsets (VT-d spec chapter 11, Linux `iommu.h`).
 pub mod offset {
     /// Version.

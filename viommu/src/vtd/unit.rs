@@ -710,6 +710,9 @@ impl UnitState {
     }
 }
 
+#[path = "snapshot.rs"]
+mod snapshot;
+
 #[cfg(test)]
 #[path = "unit_tests.rs"]
 mod tests;
