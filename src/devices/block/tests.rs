@@ -833,3 +833,51 @@ fn rings_are_reached_through_the_iommu_too() {
     assert!(r.is_err());
     assert!(iommu.counters().snapshot().faults >= 1);
 }
+
+/// Issue 16: a read whose file I/O is slow (longer than the pin deadline) while the guest
+/// UNMAPs its data buffer. The request writes straight into the guest slices it translated
+/// (preadv), so the UNMAP may complete only once that write is over: otherwise the device
+/// writes through a translation the guest saw removed, into memory it may already reuse.
+#[test]
+fn unmap_waits_for_a_read_in_its_file_io_past_the_pin_deadline() {
+    use std::time::{Duration, Instant};
+    let (dk, mut b) = backend(8, false);
+    let want = std::fs::read(&dk.path).unwrap()[1024..2048].to_vec();
+    let m = big_mem();
+    let (mut io, eps) = MockIommu::new(&m, IOMMU_BASE, &[EP]);
+    io.attach(1, EP);
+    for &(iova, size, gpa, flags) in &MAPS {
+        io.map(1, iova, size, gpa, flags);
+    }
+    io.dev.set_pin_deadline(Duration::from_millis(100));
+    let (in_io, in_io_rx) = std::sync::mpsc::channel();
+    let in_io = std::sync::Mutex::new(in_io);
+    b.before_transfer = Some(Box::new(move || {
+        let _ = in_io.lock().unwrap().send(());
+        // The file I/O takes longer than the pin deadline.
+        std::thread::sleep(Duration::from_millis(600));
+    }));
+    let ep = eps[0].clone();
+    std::thread::scope(|s| {
+        let (b, m) = (&b, &m);
+        let reader = s.spawn(move || translated_read(b, m, &ep, 0x6000_0000, 0x7000_0000));
+        in_io_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the read reached its file I/O");
+        let t0 = Instant::now();
+        io.unmap(1, 0x6000_0000, 0x1000);
+        let took = t0.elapsed();
+        // What the buffer holds when the guest sees the UNMAP complete: the device may not
+        // write it any more from here on, so the read's data must already be there.
+        let mut got = vec![0u8; 1024];
+        m.read_slice(&mut got, GuestAddress(0x2000)).unwrap();
+        let (len, st) = reader.join().unwrap();
+        assert!(
+            got == want,
+            "UNMAP completed after {took:?} before the read finished writing the buffer \
+             through the old translation"
+        );
+        // It ran against the view it started with.
+        assert_eq!((len, st), (1025, S_OK));
+    });
+}
