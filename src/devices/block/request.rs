@@ -20,7 +20,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions, Volatile
 
 use super::{BlockStats, ID_BYTES, MAX_REQUEST_BYTES, SECTOR_SIZE};
 use crate::config::BlockConfig;
-use crate::devices::virtio::{Buffers, ChainHandler, Desc, DeviceMemory};
+use crate::devices::virtio::{Buffers, ChainHandler, Desc, DeviceMemory, Served};
 
 /// `struct virtio_blk_outhdr`: type, ioprio, sector.
 const HEADER_BYTES: u64 = std::mem::size_of::<virtio_blk_outhdr>() as u64;
@@ -441,22 +441,25 @@ impl BlockBackend {
 
     /// Serve `queue` after a kick through the device's memory (behind the vIOMMU: one pinned
     /// view per request, so each runs against one consistent view and an UNMAP completes only
-    /// after it finished); `descs` is scratch kept between kicks. Returns true if the driver
-    /// wants an interrupt.
+    /// after it finished), at most one round of the queue's size: a driver refilling the
+    /// queue as fast as it is served cannot keep one notification (a vCPU exit, inline) busy
+    /// for ever; `more` in the result says the rest waits for the next call. `descs` is
+    /// scratch kept between kicks.
     pub(super) fn serve(
         &self,
         mem: &DeviceMemory,
         queue: &mut Queue,
         descs: &mut Vec<Desc>,
-    ) -> bool {
+    ) -> Served {
         BlockStats::add(&self.stats.kicks, 1);
         let mut requests = Requests {
             backend: self,
             descs,
         };
-        let interrupt = mem.serve(queue, None, CHAINS_PER_PIN, &mut requests);
-        BlockStats::add(&self.stats.interrupts, u64::from(interrupt));
-        interrupt
+        let budget = usize::from(queue.size());
+        let served = mem.serve(queue, None, CHAINS_PER_PIN, budget, &mut requests);
+        BlockStats::add(&self.stats.interrupts, u64::from(served.interrupt));
+        served
     }
 
     /// Serve one chain of `queue`: its descriptors (at most twice the queue size; a longer
