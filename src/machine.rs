@@ -396,7 +396,14 @@ impl Machine {
             };
             let blk = Block::with_endpoint(disk.clone(), endpoint)?;
             let stats = blk.stats().clone();
-            let slot = m.plug_virtio(slot, Box::new(blk))?;
+            // Inline, a notification serves one round of the queue; the continuation thread
+            // serves the rest (see `devices::polled`).
+            let model: Box<dyn VirtioDevice> = if disk.inline {
+                Box::new(Polled::continuing(Box::new(blk)))
+            } else {
+                Box::new(blk)
+            };
+            let slot = m.plug_virtio(slot, model)?;
             m.disk_stats.push((disk.path.display().to_string(), stats));
             Ok(slot)
         };
@@ -465,7 +472,10 @@ impl Machine {
             let dev = Net::new(net.clone(), endpoint, &m.hubs)?;
             let mac = dev.mac();
             m.net_ports.push((mac, dev.port().clone()));
-            Ok((m.plug_virtio(slot, Box::new(dev))?, mac))
+            // TX and control are served inline, one round per notification; the
+            // continuation thread serves the rest (see `devices::polled`).
+            let model = Box::new(Polled::continuing(Box::new(dev)));
+            Ok((m.plug_virtio(slot, model)?, mac))
         };
         let (slot, mac) = attach(self).map_err(|source| MachineError::Net {
             name: name.clone(),

@@ -75,7 +75,8 @@ pub enum ThreadKind {
     /// A vCPU: KVM_RUN and every device exit served inline (virtio-blk file I/O, the
     /// virtio-iommu with its VFIO DMA calls, virtio-net TX, MSI-X and BAR reprogramming).
     Vcpu,
-    /// A virtio-blk worker (`notify=thread`): eventfds, file I/O, irqfds.
+    /// A virtio-blk worker (`notify=thread`), or the continuation thread of an inline
+    /// virtio-blk or virtio-net (`devices::polled`): eventfds, file I/O, irqfds.
     BlockWorker,
     /// The virtio-iommu request-queue poller (`--viommu virtio,poll=US`): request processing
     /// incl. VFIO DMA calls, sleeps, irqfds.

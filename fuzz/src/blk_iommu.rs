@@ -121,7 +121,7 @@ fn window_of(gpa: u64) -> Option<usize> {
 
 impl Harness {
     fn new(readonly: bool) -> Self {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("RAM");
+        let mem = crate::ram(&[(GuestAddress(0), MEM_SIZE)]);
         let mut iommu = Viommu::new(ViommuConfig {
             queue_size: QSIZE,
             bypass: false,
@@ -520,7 +520,7 @@ impl Harness {
         self.write_desc(2, Self::iova(s), 1, 2, 0);
         self.publish(0, 1);
         self.blk.queue_notify(0);
-        if std::env::var_os("VMM_FUZZ_DEBUG").is_some() {
+        if crate::debug() {
             eprintln!(
                 "blk_iommu: access {:?}, stats {:?}",
                 self.access,

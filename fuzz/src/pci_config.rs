@@ -12,7 +12,7 @@ use crate::{Enc, Input};
 use pci::{PciBus, VirtioPciDevice};
 use std::sync::{Arc, Mutex};
 use viommu::{Viommu, ViommuConfig};
-use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryAtomic};
 
 const SLOTS: [u8; 3] = [0, 1, 5];
 
@@ -67,8 +67,7 @@ fn len_sel(inp: &mut Input) -> usize {
 
 impl Harness {
     fn new() -> Self {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1_0000)])
-            .expect("guest memory");
+        let mem = crate::ram(&[(GuestAddress(0), 0x1_0000)]);
         let msi = Arc::new(FakeMsi::default());
         let io = Arc::new(FakeIoEvents::default());
         let bus = PciBus::new(WINDOWS);

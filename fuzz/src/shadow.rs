@@ -147,7 +147,7 @@ impl Harness {
             .iter()
             .map(|&(a, l)| (GuestAddress(a), l as usize))
             .collect();
-        let mem = GuestMemoryMmap::<()>::from_ranges(&ranges).expect("RAM");
+        let mem = crate::ram(&ranges);
         let rec = Arc::new(FailingSpace::default());
         let bars = vec![
             Arc::new(FuzzBar {

@@ -313,7 +313,7 @@ pub fn run(data: &[u8]) {
         h.step(&mut inp);
         steps += 1;
     }
-    if std::env::var_os("VMM_FUZZ_DEBUG").is_some() {
+    if crate::debug() {
         eprintln!(
             "vfio_pci: {steps} steps, {} slots, {} MSI vectors ({} routes), VFIO irqs {:?}, {} SET_IRQS",
             h.slots.active().len(),

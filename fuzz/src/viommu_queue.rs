@@ -153,7 +153,7 @@ impl Harness {
     fn new(features: u64) -> Self {
         let ranges: Vec<(GuestAddress, usize)> =
             RAM.iter().map(|&(a, l)| (GuestAddress(a), l)).collect();
-        let mem = GuestMemoryMmap::<()>::from_ranges(&ranges).expect("guest memory");
+        let mem = crate::ram(&ranges);
         let mut dev = Viommu::new(config()).expect("config");
         let rec = Arc::new(FailingMapper::default());
         let mut handles: Vec<EndpointHandle> = Vec::new();
@@ -183,7 +183,7 @@ impl Harness {
             req: ring(REQ_RING),
             evt: ring(EVT_RING),
             data_next: DATA,
-            trace: std::env::var_os("VMM_FUZZ_DEBUG").is_some(),
+            trace: crate::debug(),
         };
         h.activate(features, QSIZE, None);
         h
@@ -627,7 +627,7 @@ pub fn run(data: &[u8]) {
         steps += 1;
     }
     h.check_host_mirror();
-    if std::env::var_os("VMM_FUZZ_DEBUG").is_some() {
+    if crate::debug() {
         eprintln!(
             "viommu_queue: {steps} steps, {:?}, host ops {}, injected {}, double fault {}",
             h.dev.counters().snapshot(),

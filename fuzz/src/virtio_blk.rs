@@ -213,15 +213,20 @@ fn avail_index_invalid<M: GuestMemory>(m: &M, q: &Queue) -> bool {
     }
 }
 
-fn snapshot(mem: &GuestMemoryMmap) -> Vec<Vec<u8>> {
-    UNTOUCHED
-        .iter()
-        .map(|&(a, l)| {
-            let mut v = vec![0u8; l as usize];
-            mem.read_slice(&mut v, GuestAddress(a)).expect("RAM");
-            v
-        })
-        .collect()
+/// Copy the RAM no writable mapping targets into `into` (buffers reused from input to input).
+fn snapshot(mem: &GuestMemoryMmap, into: &mut Vec<Vec<u8>>) {
+    into.resize_with(UNTOUCHED.len(), Vec::new);
+    for (buf, &(a, l)) in into.iter_mut().zip(UNTOUCHED.iter()) {
+        buf.resize(l as usize, 0);
+        mem.read_slice(buf, GuestAddress(a)).expect("RAM");
+    }
+}
+
+thread_local! {
+    /// The snapshots before and after a run behind the IOMMU.
+    static SNAPSHOTS: std::cell::RefCell<[Vec<Vec<u8>>; 2]> = const {
+        std::cell::RefCell::new([Vec::new(), Vec::new()])
+    };
 }
 
 /// Run one fuzz input.
@@ -235,7 +240,7 @@ pub fn run(data: &[u8]) {
         0..=0x7f => 16,
         s => 1u16 << (s % 9),
     };
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("RAM");
+    let mem = crate::ram(&[(GuestAddress(0), MEM_SIZE)]);
     let mut q = Queue::new(256).expect("queue");
     q.set_size(size);
     let _ = q.try_set_desc_table_address(GuestAddress(DESC));
@@ -251,16 +256,20 @@ pub fn run(data: &[u8]) {
     let mut steps = 0;
     if behind_iommu {
         let (_iommu, ep) = crate::viommu_queue::program_endpoint(&mem, IOMMU_RING, 0x08, &MAPS);
-        let before = snapshot(&mem);
+        SNAPSHOTS.with(|s| snapshot(&mem, &mut s.borrow_mut()[0]));
         let tm = TranslatedMemory::new(mem.clone(), ep);
         while !inp.is_empty() && steps < 256 {
             step(&tm, &mut q, &mut r, backend, &mut inp);
             steps += 1;
         }
-        assert!(
-            snapshot(&mem) == before,
-            "device wrote RAM no writable mapping targets"
-        );
+        SNAPSHOTS.with(|s| {
+            let [before, after] = &mut *s.borrow_mut();
+            snapshot(&mem, after);
+            assert!(
+                after == before,
+                "device wrote RAM no writable mapping targets"
+            );
+        });
     } else {
         while !inp.is_empty() && steps < 256 {
             step(&mem, &mut q, &mut r, backend, &mut inp);

@@ -147,7 +147,7 @@ fn raw_addr(inp: &mut Input) -> u64 {
 
 impl Harness {
     fn new(iommu: bool) -> Self {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("RAM");
+        let mem = crate::ram(&[(GuestAddress(0), MEM_SIZE)]);
         let (viommu, ep, space) = if iommu {
             let (v, ep) = crate::viommu_queue::program_endpoint(
                 &mem,
@@ -250,7 +250,7 @@ impl Harness {
     }
 
     fn tx(&mut self, inp: &mut Input) {
-        let trace = std::env::var_os("VMM_FUZZ_DEBUG").is_some();
+        let trace = crate::debug();
         let len = match inp.u8() {
             0..=0xef => usize::from(inp.u16() % 2048),
             _ => MAX_FRAME_BYTES + usize::from(inp.u8() % 4) - 2,
@@ -452,7 +452,7 @@ impl Harness {
         if q == TX_QUEUE {
             let seen = self.rings[1].used_seen;
             let used = self.rings[1].take_used(&self.space);
-            if std::env::var_os("VMM_FUZZ_DEBUG").is_some() {
+            if crate::debug() {
                 eprintln!(
                     "TX kick: used {seen}..{} ({} entries), frames +{} errors +{}, avail {} outstanding {}",
                     self.rings[1].used_seen,
@@ -471,7 +471,7 @@ impl Harness {
             if let Some(e) = &mut self.tx_expect {
                 if self.active {
                     let e = std::mem::take(e);
-                    if std::env::var_os("VMM_FUZZ_DEBUG").is_some() {
+                    if crate::debug() {
                         for (i, (a, b)) in e.iter().zip(&sent).enumerate() {
                             if let Some(at) = a.iter().zip(b).position(|(x, y)| x != y) {
                                 eprintln!(
@@ -575,7 +575,7 @@ impl Harness {
 
     fn step(&mut self, inp: &mut Input) {
         let o = inp.u8() % op::COUNT;
-        if std::env::var_os("VMM_FUZZ_DEBUG").is_some() {
+        if crate::debug() {
             let s = self.port.stats().snapshot();
             eprintln!(
                 "op {o}: tx used {} (+{} unseen), frames {} errors {} base {}; size {} active {}",
@@ -717,7 +717,7 @@ pub fn run(data: &[u8]) {
         h.step(&mut inp);
         steps += 1;
     }
-    if std::env::var_os("VMM_FUZZ_DEBUG").is_some() {
+    if crate::debug() {
         eprintln!(
             "virtio_net: {steps} steps, active {}, exact checks {}, {:?}",
             h.active,

@@ -106,8 +106,7 @@ fn identity(bus: &PciBus, slot: u8) -> Vec<u8> {
 
 impl Harness {
     fn new(decode: bool) -> Self {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
-            .expect("guest memory");
+        let mem = crate::ram(&[(GuestAddress(0), MEM_SIZE)]);
         let msi = Arc::new(FakeMsi::default());
         let io = Arc::new(FakeIoEvents::default());
         let mut iommu = Viommu::new(ViommuConfig {
@@ -194,7 +193,7 @@ impl Harness {
         if skip & 4 == 0 {
             self.write(0x14, 1, 1 | 2 | 4 | 8);
         }
-        if std::env::var_os("VMM_FUZZ_DEBUG").is_some() {
+        if crate::debug() {
             let activated = self.dev.lock().map(|d| d.activated()).unwrap_or(false);
             eprintln!("virtio_pci: init (skip {skip:#x}): activated {activated}");
         }
@@ -342,7 +341,7 @@ pub fn run(data: &[u8]) {
         h.step(&mut inp);
         steps += 1;
     }
-    if std::env::var_os("VMM_FUZZ_DEBUG").is_some() {
+    if crate::debug() {
         let activated = h.dev.lock().map(|d| d.activated()).unwrap_or(false);
         eprintln!(
             "virtio_pci: {steps} steps, activated {activated}, {} vectors, {} routes",

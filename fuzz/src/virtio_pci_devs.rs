@@ -23,7 +23,7 @@ use pci::{PciBus, VirtioPciDevice};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
-use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryAtomic};
 use vmm::config::{BlockConfig, NetBackendConfig, NetConfig};
 use vmm::devices::block::Block;
 use vmm::devices::net::{Net, NetPort, BACKLOG_FRAMES, HDR_BYTES, MAX_FRAME_BYTES};
@@ -101,7 +101,7 @@ fn sized(inp: &mut Input) -> usize {
 
 impl Harness {
     fn new(decode: bool) -> Self {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("RAM");
+        let mem = crate::ram(&[(GuestAddress(0), MEM_SIZE)]);
         let msi = Arc::new(FakeMsi::default());
         let io = Arc::new(FakeIoEvents::default());
         let cfg = BlockConfig::parse(&format!("path={}", disk().display())).expect("config");

@@ -14,9 +14,12 @@
 //! budget ([`VirtioDevice::queue_pending`]; the virtio-iommu bounds the work it does under its
 //! lock per exit): the driver already kicked and waits for those chains, so the poller serves
 //! the rest, one budget at a time, releasing the device lock in between. With a zero `window`
-//! that is all it does (no polling, kicks stay on).
+//! that is all it does (no polling, kicks stay on). [`Polled::continuing`] is that alone, for
+//! any queue of the device: the inline virtio-blk and virtio-net serve one round of a queue's
+//! size per notification, so a guest refilling a queue as fast as it is served cannot keep a
+//! vCPU in one exit for ever; this thread serves the rest.
 
-use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -41,8 +44,14 @@ struct Signal {
     cv: Condvar,
     sleeping: AtomicBool,
     stop: AtomicBool,
-    /// A notification was cut short: serve again even if the avail index did not move.
-    more: AtomicBool,
+    /// Queues (bit `q` for queue `q`) whose notification was cut short: serve them again
+    /// even if their avail index did not move.
+    more: AtomicU64,
+}
+
+/// Bit of queue `q` in [`Signal::more`] (queues past 63 are finished inline).
+fn queue_bit(q: u16) -> Option<u64> {
+    1u64.checked_shl(u32::from(q)).filter(|_| q < 64)
 }
 
 impl Signal {
@@ -54,9 +63,10 @@ impl Signal {
         }
     }
 
-    /// Wake the poller even if it is not asleep yet (a continuation must never be lost).
-    fn kick(&self) {
-        self.more.store(true, Ordering::Release);
+    /// Wake the poller even if it is not asleep yet, to continue the queues of `bits` (a
+    /// continuation must never be lost).
+    fn kick(&self, bits: u64) {
+        self.more.fetch_or(bits, Ordering::AcqRel);
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.0 = true;
         self.cv.notify_one();
@@ -113,15 +123,33 @@ fn serve(dev: &Shared, queue: u16) -> bool {
     d.queue_pending(queue)
 }
 
+/// Serve, one budget each, the queues whose notification was cut short; the ones still not
+/// done stay marked. Whether any was marked.
+fn continue_pending(dev: &Shared, signal: &Signal) -> bool {
+    let marked = signal.more.swap(0, Ordering::AcqRel);
+    let mut left = marked;
+    while left != 0 {
+        let q = left.trailing_zeros() as u16;
+        left &= left - 1;
+        if signal.stop.load(Ordering::Acquire) {
+            break;
+        }
+        if serve(dev, q) {
+            signal.more.fetch_or(1 << q, Ordering::AcqRel);
+        }
+    }
+    marked != 0
+}
+
 fn poll_loop(
     dev: Shared,
     signal: Arc<Signal>,
     mem: GuestMemoryMmap,
-    ring: Ring,
-    queue: u16,
+    polled: Option<(Ring, u16)>,
     window: Duration,
+    kind: crate::seccomp::ThreadKind,
 ) {
-    if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Poller) {
+    if let Err(e) = crate::seccomp::apply(kind) {
         log::error!(
             "polled queue: {}; serving on kicks only",
             crate::report::Chain(&e)
@@ -129,14 +157,14 @@ fn poll_loop(
         return;
     }
     while signal.wait() {
-        if window.is_zero() {
-            // Continuation only: serve what the last notification left, one budget at a time.
-            signal.more.store(false, Ordering::Release);
-            while !signal.stop.load(Ordering::Acquire) && serve(&dev, queue) {
+        let Some((ring, queue)) = polled.filter(|_| !window.is_zero()) else {
+            // Continuation only: serve what the last notifications left, one budget at a time.
+            while !signal.stop.load(Ordering::Acquire) && continue_pending(&dev, &signal) {
                 std::thread::yield_now();
             }
             continue;
-        }
+        };
+        let own = 1u64 << queue;
         set_no_notify(&mem, ring, true);
         fence(Ordering::SeqCst);
         let mut seen = None;
@@ -146,8 +174,15 @@ fn poll_loop(
             if signal.stop.load(Ordering::Acquire) {
                 return;
             }
+            let marked = signal.more.swap(0, Ordering::AcqRel);
+            if marked & !own != 0 {
+                // Other queues cut short: continue them (one budget each) as well.
+                signal.more.fetch_or(marked & !own, Ordering::AcqRel);
+                continue_pending(&dev, &signal);
+                last_work = Instant::now();
+            }
             let idx = avail_idx(&mem, ring);
-            if idx.is_none() || idx != seen || signal.more.swap(false, Ordering::AcqRel) {
+            if idx.is_none() || idx != seen || marked & own != 0 {
                 seen = idx;
                 if serve(&dev, queue) && idx.is_some() {
                     // Cut short at the device's budget: go again even though the index is
@@ -165,7 +200,7 @@ fn poll_loop(
             if spins & 63 == 0 && last_work.elapsed() > window {
                 set_no_notify(&mem, ring, false);
                 fence(Ordering::SeqCst);
-                if avail_idx(&mem, ring) != seen {
+                if avail_idx(&mem, ring) != seen || signal.more.load(Ordering::Acquire) != 0 {
                     set_no_notify(&mem, ring, true);
                     continue;
                 }
@@ -176,20 +211,45 @@ fn poll_loop(
     }
 }
 
-/// An inline virtio device with queue `queue` polled adaptively (see the module doc).
+/// An inline virtio device with queue `queue` polled adaptively, or only continued (see the
+/// module doc).
 pub struct Polled {
     dev: Shared,
     queue_sizes: Vec<u16>,
-    queue: u16,
+    /// The polled queue (none: continuation only).
+    queue: Option<u16>,
     window: Duration,
+    /// The seccomp filter of the thread: what serving the device needs.
+    kind: crate::seccomp::ThreadKind,
     poller: Option<Poller>,
 }
 
 impl Polled {
     /// Wrap `dev` (which must serve inline) and poll its queue `queue` for up to `window`
     /// after the last request; a zero `window` only continues notifications the device cut
-    /// short.
+    /// short. The thread runs under the poller's seccomp filter (the virtio-iommu).
     pub fn new(dev: Box<dyn VirtioDevice>, queue: u16, window: Duration) -> Polled {
+        Polled::with(dev, Some(queue), window, crate::seccomp::ThreadKind::Poller)
+    }
+
+    /// Wrap `dev` (which must serve inline): its thread only continues the notifications of
+    /// any queue that the device cut short at its budget, under the block worker's seccomp
+    /// filter (file I/O; virtio-blk and virtio-net).
+    pub fn continuing(dev: Box<dyn VirtioDevice>) -> Polled {
+        Polled::with(
+            dev,
+            None,
+            Duration::ZERO,
+            crate::seccomp::ThreadKind::BlockWorker,
+        )
+    }
+
+    fn with(
+        dev: Box<dyn VirtioDevice>,
+        queue: Option<u16>,
+        window: Duration,
+        kind: crate::seccomp::ThreadKind,
+    ) -> Polled {
         let (ty, queue_sizes) = (dev.device_type(), dev.queue_max_sizes().to_vec());
         let dev = Arc::new(Mutex::new(dev));
         lockwatch::name(&dev, format!("polled virtio device type {ty}"));
@@ -198,6 +258,7 @@ impl Polled {
             dev,
             queue,
             window,
+            kind,
             poller: None,
         }
     }
@@ -248,27 +309,28 @@ impl VirtioDevice for Polled {
         interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
         self.stop_poller();
-        let qc = queues.get(usize::from(self.queue)).copied();
+        let qc = self
+            .queue
+            .and_then(|q| Some((queues.get(usize::from(q)).copied()?, q)));
         lock(&self.dev).activate(mem.clone(), acked_features, queues, kicks, interrupt)?;
-        let Some(qc) = qc else {
+        // The polled queue's ring words; none (or unusable): no polling, continuation only.
+        let polled = qc.and_then(|(qc, q)| {
+            let ring = Ring {
+                avail_idx: qc.avail_ring.checked_add(2)?,
+                used_flags: qc.used_ring,
+            };
+            Some((ring, q))
+        });
+        if self.queue.is_some() && polled.is_none() {
             return Ok(());
-        };
-        let (Some(avail_idx), Some(used_flags)) =
-            (qc.avail_ring.checked_add(2), Some(qc.used_ring))
-        else {
-            return Ok(());
-        };
-        let ring = Ring {
-            avail_idx,
-            used_flags,
-        };
+        }
         let signal = Arc::new(Signal::default());
         let (dev, sig) = (self.dev.clone(), signal.clone());
         let snapshot = (*mem.memory()).clone();
-        let (queue, window) = (self.queue, self.window);
+        let (window, kind) = (self.window, self.kind);
         let thread = std::thread::Builder::new()
             .name("vq-poll".into())
-            .spawn(move || poll_loop(dev, sig, snapshot, ring, queue, window))?;
+            .spawn(move || poll_loop(dev, sig, snapshot, polled, window, kind))?;
         self.poller = Some(Poller { signal, thread });
         Ok(())
     }
@@ -284,18 +346,16 @@ impl VirtioDevice for Polled {
 
     fn queue_notify(&mut self, queue: u16) {
         let pending = serve(&self.dev, queue);
-        if queue != self.queue {
-            return;
-        }
-        match &self.poller {
-            Some(p) if !p.thread.is_finished() => {
+        match (&self.poller, queue_bit(queue)) {
+            (Some(p), Some(bit)) if !p.thread.is_finished() => {
                 if pending {
-                    p.signal.kick();
-                } else if !self.window.is_zero() {
+                    p.signal.kick(bit);
+                } else if self.queue == Some(queue) && !self.window.is_zero() {
                     p.signal.wake();
                 }
             }
-            // No poller thread (it could not start): finish inline.
+            // No thread (it could not start), or a queue it cannot be told about: finish
+            // inline.
             _ => while pending && serve(&self.dev, queue) {},
         }
     }

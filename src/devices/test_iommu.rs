@@ -96,4 +96,10 @@ impl<'a> MockIommu<'a> {
         let st = self.drv.map(&mut self.dev, domain, iova, size, gpa, flags);
         assert_eq!(st.unwrap(), Status::Ok, "map {iova:#x} in {domain}");
     }
+
+    /// UNMAP `size` bytes at `iova` in `domain` (must succeed).
+    pub fn unmap(&mut self, domain: u32, iova: u64, size: u64) {
+        let st = self.drv.unmap(&mut self.dev, domain, iova, size);
+        assert_eq!(st.unwrap(), Status::Ok, "unmap {iova:#x} in {domain}");
+    }
 }

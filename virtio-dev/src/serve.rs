@@ -50,6 +50,12 @@ impl Batch {
         }
     }
 
+    /// Whether the driver wants an interrupt for what this batch completed so far (when a
+    /// batch is cut short: the rest comes later, the completions should not wait for it).
+    pub fn interrupt_so_far<M: GuestMemory>(&self, queue: &Queue, mem: &M) -> bool {
+        wants_interrupt(queue, mem, self.since)
+    }
+
     /// Serve up to `max` chains of `queue`, reaching its rings through `mem`. `f` gets each
     /// chain (its descriptors are read through `mem`) and returns the chain's used length; the
     /// chain is then completed in order, even if `f` found it malformed. An available index the

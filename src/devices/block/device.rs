@@ -33,24 +33,31 @@ struct Queues {
     interrupt: Arc<dyn VirtioInterrupt>,
     /// Scratch for one chain's descriptors.
     descs: Vec<Desc>,
+    /// Per queue: the last serve stopped at its budget with chains possibly left.
+    pending: Vec<bool>,
 }
 
 impl Queues {
-    /// Serve queue `i` (after a kick); signal the driver if it wants it.
-    fn serve(&mut self, backend: &BlockBackend, i: usize) {
+    /// Serve queue `i` (after a kick) for one budget (a round of the queue's size); signal
+    /// the driver if it wants it. Returns whether chains may be left for another call.
+    fn serve(&mut self, backend: &BlockBackend, i: usize) -> bool {
         let Queues {
             mem,
             queues,
             interrupt,
             descs,
+            pending,
         } = self;
-        let Some(q) = queues.get_mut(i) else {
+        let (Some(q), Some(left)) = (queues.get_mut(i), pending.get_mut(i)) else {
             virtio_dev::guest_warn!("virtio-blk: notify for absent queue {i}");
-            return;
+            return false;
         };
-        if backend.serve(mem, q, descs) {
+        let served = backend.serve(mem, q, descs);
+        if served.interrupt {
             interrupt.signal_queue(i as u16);
         }
+        *left = served.more;
+        served.more
     }
 }
 
@@ -142,6 +149,15 @@ impl Block {
         }
     }
 
+    /// Tests: a slow or refilling backend (see `BlockBackend::before_transfer`); before
+    /// activation.
+    #[cfg(test)]
+    pub(super) fn set_before_transfer(&mut self, f: Box<dyn Fn() + Send + Sync>) {
+        if let Some(b) = Arc::get_mut(&mut self.backend) {
+            b.before_transfer = Some(f);
+        }
+    }
+
     /// Whether a worker thread serves the queues (for tests).
     #[cfg(test)]
     pub(super) fn has_worker(&self) -> bool {
@@ -153,6 +169,18 @@ impl Drop for Block {
     fn drop(&mut self) {
         self.stop_worker();
     }
+}
+
+/// Whether the stop eventfd was written (without consuming it).
+fn stop_requested(stop: &EventFd) -> bool {
+    let mut fd = libc::pollfd {
+        fd: stop.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; a zero timeout never blocks.
+    let r = unsafe { libc::poll(&mut fd, 1, 0) };
+    r > 0 && fd.revents != 0
 }
 
 /// Wait on the kick eventfds and the stop eventfd; serve queues until stopped.
@@ -189,7 +217,13 @@ fn worker_loop(backend: Arc<BlockBackend>, mut queues: Queues, kicks: Vec<EventF
                 continue;
             }
             let _ = kick.read();
-            queues.serve(&backend, i);
+            // One budget at a time, looking for a stop request in between (a reset waits
+            // for this thread).
+            while queues.serve(&backend, i) {
+                if stop_requested(&stop) {
+                    return;
+                }
+            }
         }
     }
 }
@@ -244,6 +278,7 @@ impl VirtioDevice for Block {
         )?;
         let queues = Queues {
             queues: mem.build_queues(&queues, QUEUE_SIZE, event_idx)?,
+            pending: vec![false; queues.len()],
             mem,
             interrupt,
             descs: Vec::new(),
@@ -270,9 +305,20 @@ impl VirtioDevice for Block {
         self.config.inline
     }
 
+    /// Inline: one budget per notification (see [`BlockBackend::serve`]); what is left is
+    /// reported by [`VirtioDevice::queue_pending`] for the VMM's continuation thread
+    /// (`devices::polled`) to serve.
     fn queue_notify(&mut self, queue: u16) {
         if let Some(st) = self.inline.as_mut() {
             st.serve(&self.backend, usize::from(queue));
         }
+    }
+
+    fn queue_pending(&self, queue: u16) -> bool {
+        self.inline
+            .as_ref()
+            .and_then(|st| st.pending.get(usize::from(queue)))
+            .copied()
+            .unwrap_or(false)
     }
 }

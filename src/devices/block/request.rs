@@ -20,7 +20,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions, Volatile
 
 use super::{BlockStats, ID_BYTES, MAX_REQUEST_BYTES, SECTOR_SIZE};
 use crate::config::BlockConfig;
-use crate::devices::virtio::{Buffers, ChainHandler, Desc, DeviceMemory};
+use crate::devices::virtio::{Buffers, ChainHandler, Desc, DeviceMemory, Served};
 
 /// `struct virtio_blk_outhdr`: type, ioprio, sector.
 const HEADER_BYTES: u64 = std::mem::size_of::<virtio_blk_outhdr>() as u64;
@@ -78,6 +78,10 @@ pub struct BlockBackend {
     readonly: bool,
     id: [u8; ID_BYTES],
     stats: Arc<BlockStats>,
+    /// Tests: called between taking a read's or write's guest slices and the file I/O (a slow
+    /// backend).
+    #[cfg(test)]
+    pub(super) before_transfer: Option<Box<dyn Fn() + Send + Sync>>,
 }
 
 /// `addr + off`, failing (instead of wrapping) past the end of the address space.
@@ -120,29 +124,41 @@ enum Dir {
     GuestToFile,
 }
 
-/// The guest memory behind `len` bytes of `segs` after `skip`, as host slices (translated
-/// through the vIOMMU for a translated memory; each slice inside one RAM region), checked for
-/// the access `dir` needs. Fails as an access through `mem` would (a fault behind a vIOMMU).
-fn guest_slices<'m, M: GuestMemory + ?Sized>(
-    mem: &'m M,
+/// Run `io` on the guest memory behind `len` bytes of `segs` after `skip`, as host slices
+/// (translated through the vIOMMU for a translated memory; each slice inside one RAM region),
+/// checked for the access `dir` needs. Fails as an access through `mem` would (a fault behind a
+/// vIOMMU). The slice iterators stay alive until `io` returns: behind the vIOMMU each holds
+/// its view's gate open (an access in progress), so a removal of access that outlives the pin
+/// deadline still waits for the file I/O writing or reading through the old translation
+/// instead of completing under it (see `viommu::View`).
+fn with_guest_slices<M, F>(
+    mem: &M,
     segs: &[Seg],
     skip: u64,
     len: u64,
     dir: Dir,
-) -> Result<Vec<VolatileSlice<'m, vm_memory::bitmap::BS<'m, M::Bitmap>>>, ReqError> {
+    io: F,
+) -> Result<(), ReqError>
+where
+    M: GuestMemory + ?Sized,
+    F: FnOnce(&[VolatileSlice<'_, vm_memory::bitmap::BS<'_, M::Bitmap>>]) -> Result<(), ReqError>,
+{
     let access = match dir {
         Dir::FileToGuest => Permissions::Write,
         Dir::GuestToFile => Permissions::Read,
     };
+    let mut held = Vec::new();
     let mut out = Vec::new();
     walk(segs, skip, len, |addr, n, _| {
         let n = usize::try_from(n).map_err(|_| ReqError::TooLarge(n))?;
         let mut got = 0usize;
-        for s in mem.get_slices(addr, n, access)? {
+        let mut slices = mem.get_slices(addr, n, access)?;
+        for s in slices.by_ref() {
             let s = s?;
             got += s.len();
             out.push(s);
         }
+        held.push(slices);
         if got != n {
             return Err(ReqError::Memory(
                 vm_memory::GuestMemoryError::InvalidGuestAddress(addr),
@@ -150,7 +166,10 @@ fn guest_slices<'m, M: GuestMemory + ?Sized>(
         }
         Ok(())
     })?;
-    Ok(out)
+    let r = io(&out);
+    drop(out);
+    drop(held);
+    r
 }
 
 /// Transfer between the file at `off` and guest memory `slices`, in order, with one
@@ -243,6 +262,8 @@ impl BlockBackend {
             readonly: cfg.readonly,
             id,
             stats: Arc::default(),
+            #[cfg(test)]
+            before_transfer: None,
         })
     }
 
@@ -346,8 +367,10 @@ impl BlockBackend {
             VIRTIO_BLK_T_IN => {
                 let off = self.check_range(sector, data_in)?;
                 // Straight into guest memory, the whole chain in one preadv.
-                let slices = guest_slices(mem, writable, 0, data_in, Dir::FileToGuest)?;
-                transfer_vectored(&self.file, &slices, off, Dir::FileToGuest)?;
+                with_guest_slices(mem, writable, 0, data_in, Dir::FileToGuest, |slices| {
+                    self.slow_backend();
+                    transfer_vectored(&self.file, slices, off, Dir::FileToGuest)
+                })?;
                 BlockStats::add(&self.stats.reads, 1);
                 BlockStats::add(&self.stats.read_bytes, data_in);
                 Ok(data_in)
@@ -357,8 +380,11 @@ impl BlockBackend {
                     return Err(ReqError::ReadOnly);
                 }
                 let off = self.check_range(sector, data_out)?;
-                let slices = guest_slices(mem, readable, HEADER_BYTES, data_out, Dir::GuestToFile)?;
-                transfer_vectored(&self.file, &slices, off, Dir::GuestToFile)?;
+                let dir = Dir::GuestToFile;
+                with_guest_slices(mem, readable, HEADER_BYTES, data_out, dir, |slices| {
+                    self.slow_backend();
+                    transfer_vectored(&self.file, slices, off, dir)
+                })?;
                 BlockStats::add(&self.stats.writes, 1);
                 BlockStats::add(&self.stats.written_bytes, data_out);
                 Ok(0)
@@ -381,6 +407,15 @@ impl BlockBackend {
                 Ok(n)
             }
             t => Err(ReqError::Unsupported(t)),
+        }
+    }
+
+    /// Tests: the slow backend hook (see `before_transfer`).
+    #[inline]
+    fn slow_backend(&self) {
+        #[cfg(test)]
+        if let Some(f) = &self.before_transfer {
+            f();
         }
     }
 
@@ -414,22 +449,25 @@ impl BlockBackend {
 
     /// Serve `queue` after a kick through the device's memory (behind the vIOMMU: one pinned
     /// view per request, so each runs against one consistent view and an UNMAP completes only
-    /// after it finished); `descs` is scratch kept between kicks. Returns true if the driver
-    /// wants an interrupt.
+    /// after it finished), at most one round of the queue's size: a driver refilling the
+    /// queue as fast as it is served cannot keep one notification (a vCPU exit, inline) busy
+    /// for ever; `more` in the result says the rest waits for the next call. `descs` is
+    /// scratch kept between kicks.
     pub(super) fn serve(
         &self,
         mem: &DeviceMemory,
         queue: &mut Queue,
         descs: &mut Vec<Desc>,
-    ) -> bool {
+    ) -> Served {
         BlockStats::add(&self.stats.kicks, 1);
         let mut requests = Requests {
             backend: self,
             descs,
         };
-        let interrupt = mem.serve(queue, None, CHAINS_PER_PIN, &mut requests);
-        BlockStats::add(&self.stats.interrupts, u64::from(interrupt));
-        interrupt
+        let budget = usize::from(queue.size());
+        let served = mem.serve(queue, None, CHAINS_PER_PIN, budget, &mut requests);
+        BlockStats::add(&self.stats.interrupts, u64::from(served.interrupt));
+        served
     }
 
     /// Serve one chain of `queue`: its descriptors (at most twice the queue size; a longer
@@ -509,17 +547,21 @@ mod vectored_tests {
             })
             .collect();
         let total = 1500 * 8;
-        let slices = guest_slices(&m, &segs, 0, total, Dir::FileToGuest).unwrap();
-        assert_eq!(slices.len(), 1500);
-        transfer_vectored(&file, &slices, 0, Dir::FileToGuest).unwrap();
+        with_guest_slices(&m, &segs, 0, total, Dir::FileToGuest, |slices| {
+            assert_eq!(slices.len(), 1500);
+            transfer_vectored(&file, slices, 0, Dir::FileToGuest)
+        })
+        .unwrap();
         for (i, s) in segs.iter().enumerate() {
             let mut got = [0u8; 8];
             m.read_slice(&mut got, s.addr).unwrap();
             assert_eq!(got, data[i * 8..i * 8 + 8], "segment {i}");
         }
         // Back out to the file, after the header-like skip of 4 bytes, at offset 100.
-        let slices = guest_slices(&m, &segs, 4, total - 4, Dir::GuestToFile).unwrap();
-        transfer_vectored(&file, &slices, 100, Dir::GuestToFile).unwrap();
+        with_guest_slices(&m, &segs, 4, total - 4, Dir::GuestToFile, |slices| {
+            transfer_vectored(&file, slices, 100, Dir::GuestToFile)
+        })
+        .unwrap();
         let after = std::fs::read(&path).unwrap();
         assert_eq!(
             after[100..100 + total as usize - 4],
@@ -537,9 +579,11 @@ mod vectored_tests {
             addr: GuestAddress(0x100),
             len: 4096,
         }];
-        let slices = guest_slices(&m, &segs, 0, 4096, Dir::FileToGuest).unwrap();
+        let r = with_guest_slices(&m, &segs, 0, 4096, Dir::FileToGuest, |slices| {
+            transfer_vectored(&file, slices, 0, Dir::FileToGuest)
+        });
         assert!(matches!(
-            transfer_vectored(&file, &slices, 0, Dir::FileToGuest),
+            r,
             Err(ReqError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof
         ));
         // What was there arrived.
@@ -551,7 +595,12 @@ mod vectored_tests {
             addr: GuestAddress(0xf000),
             len: 0x2000,
         }];
-        assert!(guest_slices(&m, &past, 0, 0x2000, Dir::FileToGuest).is_err());
+        let mut ran = false;
+        let r = with_guest_slices(&m, &past, 0, 0x2000, Dir::FileToGuest, |_| {
+            ran = true;
+            Ok(())
+        });
+        assert!(r.is_err() && !ran, "no I/O on memory outside guest RAM");
         std::fs::remove_file(&path).unwrap();
     }
 }

@@ -12,7 +12,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_dev::{read_config_space, ActivateError, QueueConfig, VirtioDevice, VirtioInterrupt};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -46,6 +46,10 @@ struct Active {
     interrupt: Arc<dyn VirtioInterrupt>,
     /// Scratch for one chain's descriptors.
     descs: Vec<Desc>,
+    /// TX and control: the last notification stopped at its budget with chains possibly
+    /// left (see [`VirtioDevice::queue_pending`]).
+    tx_pending: bool,
+    ctrl_pending: bool,
 }
 
 /// The virtio-net device model.
@@ -134,6 +138,8 @@ impl Net {
         self.port.stop();
     }
 
+    /// Serve TX for one budget (a round of the queue's size: a driver refilling the ring as
+    /// fast as it is served cannot keep one notification busy for ever).
     fn serve_tx(&mut self) {
         let Net {
             active,
@@ -152,18 +158,22 @@ impl Net {
             stats: port.stats(),
             descs: &mut a.descs,
         };
-        let irq = a.mem.serve(
+        let budget = usize::from(a.tx.size());
+        let served = a.mem.serve(
             &mut a.tx,
             Some(&mut a.tx_rings),
             CHAINS_PER_PIN,
+            budget,
             &mut chains,
         );
         tx_batch.flush(backend);
-        if irq {
+        a.tx_pending = served.more;
+        if served.interrupt {
             a.interrupt.signal_queue(TX_QUEUE);
         }
     }
 
+    /// Serve the control queue for one budget (as TX).
     fn serve_ctrl(&mut self) {
         let Some(a) = self.active.as_mut() else {
             return;
@@ -175,7 +185,12 @@ impl Net {
             stats: self.port.stats(),
             descs: &mut a.descs,
         };
-        if a.mem.serve(q, Some(rings), CHAINS_PER_PIN, &mut chains) {
+        let budget = usize::from(q.size());
+        let served = a
+            .mem
+            .serve(q, Some(rings), CHAINS_PER_PIN, budget, &mut chains);
+        a.ctrl_pending = served.more;
+        if served.interrupt {
             a.interrupt.signal_queue(CTRL_QUEUE);
         }
     }
@@ -262,6 +277,8 @@ impl VirtioDevice for Net {
             }),
             interrupt,
             descs: Vec::new(),
+            tx_pending: false,
+            ctrl_pending: false,
         });
         Ok(())
     }
@@ -283,6 +300,16 @@ impl VirtioDevice for Net {
             }
             CTRL_QUEUE => self.serve_ctrl(),
             q => virtio_dev::guest_warn!("virtio-net: notify for absent queue {q}"),
+        }
+    }
+
+    /// TX or control cut short at its budget: the VMM's continuation thread
+    /// (`devices::polled`) calls `queue_notify` again.
+    fn queue_pending(&self, queue: u16) -> bool {
+        match (&self.active, queue) {
+            (Some(a), TX_QUEUE) => a.tx_pending,
+            (Some(a), CTRL_QUEUE) => a.ctrl_pending,
+            _ => false,
         }
     }
 }

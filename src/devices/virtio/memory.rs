@@ -141,36 +141,62 @@ impl DeviceMemory {
         }
     }
 
-    /// Serve `queue` to the end with `handler` (the shared serve loop): in one round on
-    /// guest-physical memory; behind the vIOMMU in rounds of at most `per_pin` chains, each
-    /// under a fresh pin, the rings reached directly when `rings` (the queue's
-    /// [`QueueRings`], for devices that walk chains with [`super::rings::walk_chain`]) allows.
-    /// Returns whether the driver wants an interrupt.
+    /// Serve at most `budget` chains of `queue` with `handler` (the shared serve loop; one
+    /// notification's work, see [`Served`]): in one round on guest-physical memory; behind the
+    /// vIOMMU in rounds of at most `per_pin` chains, each under a fresh pin, the rings reached
+    /// directly when `rings` (the queue's [`QueueRings`], for devices that walk chains with
+    /// [`super::rings::walk_chain`]) allows.
     pub fn serve<H: ChainHandler>(
         &self,
         queue: &mut Queue,
         mut rings: Option<&mut QueueRings>,
         per_pin: usize,
+        budget: usize,
         handler: &mut H,
-    ) -> bool {
-        let max = match self {
+    ) -> Served {
+        let per_round = match self {
             DeviceMemory::Direct(_) => usize::MAX,
             DeviceMemory::Translated(_) => per_pin.max(1),
         };
+        let mut left = budget.max(1);
         let mut batch = Batch::new(queue, H::DEVICE);
         loop {
+            let max = per_round.min(left);
             let round = Round {
                 queue: &mut *queue,
                 rings: rings.as_deref_mut(),
                 batch: &mut batch,
                 max,
+                last: max == left,
                 handler: &mut *handler,
             };
-            if let Progress::Done { interrupt } = self.pinned(round) {
-                return interrupt;
+            match self.pinned(round) {
+                (Progress::Done { interrupt }, _) => {
+                    return Served {
+                        interrupt,
+                        more: false,
+                    }
+                }
+                (Progress::More, so_far) if max == left => {
+                    return Served {
+                        interrupt: so_far,
+                        more: true,
+                    }
+                }
+                (Progress::More, _) => left -= max,
             }
         }
     }
+}
+
+/// What one notification's [`DeviceMemory::serve`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Served {
+    /// The driver wants an interrupt for the chains completed.
+    pub interrupt: bool,
+    /// The budget ran out with chains possibly left (driver notifications still off): serve
+    /// again soon, without waiting for a notification (`VirtioDevice::queue_pending`).
+    pub more: bool,
 }
 
 /// One round of [`DeviceMemory::serve`].
@@ -179,11 +205,14 @@ struct Round<'a, H> {
     rings: Option<&'a mut QueueRings>,
     batch: &'a mut Batch,
     max: usize,
+    /// The budget ends with this round: if cut short, decide the interrupt for the chains
+    /// completed so far (through this round's memory).
+    last: bool,
     handler: &'a mut H,
 }
 
 impl<H: ChainHandler> Pinned for Round<'_, H> {
-    type Output = Progress;
+    type Output = (Progress, bool);
 
     fn prepare(&mut self, view: &PinnedView) -> bool {
         match self.rings.as_deref_mut() {
@@ -192,10 +221,13 @@ impl<H: ChainHandler> Pinned for Round<'_, H> {
         }
     }
 
-    fn run<R: GuestMemory, B: Buffers>(self, rings: &R, bufs: &B) -> Progress {
+    fn run<R: GuestMemory, B: Buffers>(self, rings: &R, bufs: &B) -> (Progress, bool) {
         let handler = self.handler;
-        self.batch.serve(self.queue, rings, self.max, |q, chain| {
+        let p = self.batch.serve(self.queue, rings, self.max, |q, chain| {
             handler.chain(q, chain, bufs)
-        })
+        });
+        let so_far =
+            p == Progress::More && self.last && self.batch.interrupt_so_far(self.queue, rings);
+        (p, so_far)
     }
 }

@@ -11,5 +11,5 @@
 pub mod memory;
 pub mod rings;
 
-pub use memory::{ChainHandler, DeviceMemory, Pinned};
+pub use memory::{ChainHandler, DeviceMemory, Pinned, Served};
 pub use rings::{chain_descs, walk_chain, Buffers, Desc, QueueRings};

@@ -510,7 +510,10 @@ impl Drop for Entered<'_> {
 }
 
 /// The slices of one IOVA range, translated lazily; the view is loaded (and entered: the
-/// slices are used while the iterator lives) once at creation.
+/// slices are used while the iterator lives) once at creation. The slices' lifetime is the
+/// memory's, not the iterator's: a caller that keeps them (blk's preadv into guest memory)
+/// must keep the iterator alive as long, or a removal of access past the pin deadline stops
+/// waiting for it.
 pub struct TranslatedSlices<'a, M: GuestMemoryBackend> {
     owner: &'a TranslatedMemory<M>,
     view: Entered<'a>,
